@@ -1,0 +1,1 @@
+# attention kernels: see csrc/attention.c (filled in by the CPU kernels work)

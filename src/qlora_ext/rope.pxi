@@ -1,0 +1,1 @@
+# rope kernels: see csrc/rope.c (filled in by the CPU kernels work)
