@@ -152,7 +152,8 @@ def quantize_nf4(x, blocksize: int = 64, double_quant: bool = False, dtype: str 
     if kind == "float32":
         bad = k.nf4_quantize_f32(flat, b, packed, absmax, nt)
     else:
-        bad = k.nf4_quantize_half(flat, _DTYPE_CODES[kind], b, packed, absmax, nt)
+        # float16 travels as its uint16 bit pattern (the memoryview has no 'e' format)
+        bad = k.nf4_quantize_half(flat.view(np.uint16), _DTYPE_CODES[kind], b, packed, absmax, nt)
     if bad >= 0:
         idx = np.unravel_index(int(bad), shape) if shape else ()
         value = flat[bad] if kind != "bfloat16" else "non-finite bfloat16"

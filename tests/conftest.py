@@ -1,0 +1,31 @@
+"""Shared fixtures: SIMD-path parametrisation so every kernel test runs on each path the CPU has."""
+import os
+
+import pytest
+
+import qlora_ext
+
+
+def _available_levels():
+    best = qlora_ext.cpu_features()["best"]
+    order = {"scalar": ["scalar"], "avx2": ["scalar", "avx2"], "avx512": ["scalar", "avx2", "avx512"],
+             "neon": ["scalar", "neon"]}
+    return order[best]
+
+
+@pytest.fixture(params=_available_levels())
+def simd_level(request, monkeypatch):
+    """Runs the test once per SIMD path (QLORA_EXT_CPU caps the dispatch)."""
+    monkeypatch.setenv("QLORA_EXT_CPU", request.param)
+    feats = qlora_ext.refresh_cpu_features()
+    assert feats["active"] == request.param
+    yield request.param
+    monkeypatch.delenv("QLORA_EXT_CPU", raising=False)
+    qlora_ext.refresh_cpu_features()
+
+
+@pytest.fixture(autouse=True)
+def _restore_cpu_level():
+    yield
+    if "QLORA_EXT_CPU" not in os.environ:
+        qlora_ext.refresh_cpu_features()
