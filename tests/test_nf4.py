@@ -220,3 +220,18 @@ def test_bitsandbytes_double_quant(blocksize):
 def test_bitsandbytes_dynamic_code():
     torch, F = _bnb()
     np.testing.assert_array_equal(dynamic_code(), F.create_dynamic_map(signed=True).numpy())
+
+
+def test_streaming_store_path_matches_cached_path(simd_level):
+    """Outputs over 64 MiB use non-temporal stores when 16-byte aligned; an output shifted
+    by one float takes the ordinary store path: both must agree bit for bit."""
+    n = (64 << 20) // 4 + 4099
+    x = np.random.default_rng(8).standard_normal(n).astype(np.float32)
+    t = qx.quantize_nf4(x, blocksize=64)
+    aligned = qx.dequantize_nf4(t)
+    backing = np.empty(n + 1, np.float32)
+    shifted = backing[1:]
+    assert shifted.ctypes.data % 16 != 0
+    qx.dequantize_nf4(t, out=shifted)
+    np.testing.assert_array_equal(aligned, shifted)
+    np.testing.assert_array_equal(aligned[:4096], qx.dequantize_nf4(qx.quantize_nf4(x[:4096], blocksize=64)))
