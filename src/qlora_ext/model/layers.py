@@ -1,0 +1,288 @@
+"""One decoder layer, forward next to backward: the attention block on the CPU (numpy BLAS for
+the projections, the C kernels for norms, RoPE and attention) and the FFN on the backend.
+
+Shape letters: B batch, T tokens, N = B*T rows, H hidden, Hq/Hkv heads, D head dim, r LoRA rank.
+Backward functions return gradients (they never add into caller state) except the LoRA
+grads, which are *added* into the `grads` dict the caller zeroed once per step."""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..backend import FfnLora
+from .lora import ATTN_PROJECTIONS, FFN_PROJECTIONS, PROJECTIONS, LoraPair, peft_name
+
+
+class PhaseTimer:
+    """Exclusive seconds per phase (embed, norms, projections, dequant, attention, rope, ffn,
+    loss, lm_head), accumulated until reset(); a phase nested in another (dequant inside
+    projections) is subtracted from its parent, so the shares add up to the total.  The
+    profiler reads `times`."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+        self._stack: list[str] = []
+
+    @contextmanager
+    def __call__(self, name: str):
+        self._stack.append(name)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            self._stack.pop()
+            self.times[name] = self.times.get(name, 0.0) + dt
+            if self._stack:
+                parent = self._stack[-1]
+                self.times[parent] = self.times.get(parent, 0.0) - dt
+
+    def reset(self) -> dict:
+        out, self.times = self.times, {}
+        return out
+
+
+def dropout_mask(seed: int, step: int, layer: int, proj: str, shape, p: float) -> np.ndarray:
+    """Inverted-dropout multiplier (0 or 1/(1-p)) [N, in], reproducible from (seed, step,
+    layer, proj) so that gradient checkpointing recomputes the same mask."""
+    rng = np.random.default_rng([seed, step, layer, PROJECTIONS.index(proj)])
+    keep = rng.random(shape, dtype=np.float32) >= p
+    return keep.astype(np.float32) * np.float32(1.0 / (1.0 - p))
+
+
+@dataclass
+class LinearCtx:
+    """What a LoRA linear keeps for backward: the adapter input (after dropout) xd [N, in]
+    and u = scale * xd Aᵀ [N, r]; both None without an adapter."""
+
+    xd: np.ndarray | None = None
+    u: np.ndarray | None = None
+    mask: np.ndarray | None = None
+
+
+def lora_linear_forward(x, W, bias, pair: LoraPair | None, mask=None, keep=True):
+    """x [N, in], W [out, in] -> y [N, out] = x Wᵀ + bias + scale (xd Aᵀ) Bᵀ, xd = x * mask."""
+    y = x @ W.T
+    if bias is not None:
+        y += bias
+    if pair is None:
+        return y, None
+    xd = x if mask is None else x * mask
+    u = xd @ pair.A.T
+    u *= np.float32(pair.scale)
+    y += u @ pair.B.T
+    return y, (LinearCtx(xd, u, mask) if keep else None)
+
+
+def lora_linear_backward(dy, W, pair: LoraPair | None, ctx: LinearCtx | None):
+    """dy [N, out] -> (dx [N, in], dA [r, in] | None, dB [out, r] | None)."""
+    dx = dy @ W
+    if pair is None:
+        return dx, None, None
+    dB = dy.T @ ctx.u                     # [out, r]  (u already carries the scale)
+    du = dy @ pair.B                      # [N, r]
+    du *= np.float32(pair.scale)
+    dA = du.T @ ctx.xd                    # [r, in]
+    dxd = du @ pair.A                     # [N, in]
+    if ctx.mask is not None:
+        dxd *= ctx.mask
+    dx += dxd
+    return dx, dA, dB
+
+
+def _bias(lw, proj):
+    """Qwen2's q/k/v bias [out] or None (keyed 'q_proj' or 'q')."""
+    if not lw.bias:
+        return None
+    b = lw.bias.get(proj)
+    return lw.bias.get(proj[0]) if b is None else b
+
+
+@dataclass
+class LayerActivations:
+    """Saved by layer_forward(keep=True) for layer_backward.  All float32."""
+
+    x: np.ndarray                 # [N, H] layer input
+    rstd1: np.ndarray             # [N]
+    h1: np.ndarray                # [N, H] input_layernorm(x)
+    lin: dict                     # proj -> LinearCtx (adapted attention projections only)
+    q_pre: np.ndarray | None      # [N*Hq, D] before q_norm (qk_norm models)
+    k_pre: np.ndarray | None      # [N*Hkv, D]
+    q_rstd: np.ndarray | None     # [N*Hq]
+    k_rstd: np.ndarray | None     # [N*Hkv]
+    q: np.ndarray                 # [B, T, Hq, D] after RoPE
+    k: np.ndarray                 # [B, T, Hkv, D] after RoPE
+    v: np.ndarray                 # [B, T, Hkv, D]
+    attn: np.ndarray              # [B, T, Hq, D]
+    lse: np.ndarray               # [B, Hq, T]
+    x2: np.ndarray                # [N, H] after the attention residual
+    rstd2: np.ndarray             # [N]
+    ffn_ctx: object = None        # the backend's context
+
+
+@dataclass
+class StepInputs:
+    """Per-call data every layer needs."""
+
+    B: int
+    T: int
+    positions: np.ndarray         # [T] int64
+    mask: np.ndarray | None       # [B, T] int32, 1 = real token
+    step: int = 0                 # dropout masks derive from it
+    training: bool = False        # dropout only when training
+
+
+class DecoderLayers:
+    """Runs the layers of a ModelState with LoRA weights on a kernel module and an FFN backend."""
+
+    def __init__(self, state, lora, backend, kernels, timer: PhaseTimer, threads=None, seed=0):
+        self.state, self.lora, self.backend, self.k = state, lora, backend, kernels
+        self.timer, self.threads, self.seed = timer, threads, seed
+        cfg = state.config
+        self.cfg = cfg
+        self.Hq, self.Hkv, self.D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.eps = float(cfg.rms_norm_eps)
+        self.tables = kernels.rope_tables(self.D, int(cfg.max_position_embeddings),
+                                          float(cfg.rope_theta), cfg.rope_scaling)
+        self._buffers: dict = {}
+
+    def ensure_positions(self, n: int) -> None:
+        """Grow the RoPE tables when a sequence is longer than max_position_embeddings."""
+        if n > self.tables.cos.shape[0]:
+            self.tables = self.k.rope_tables(self.D, n, float(self.cfg.rope_theta), self.cfg.rope_scaling)
+
+    # -- weights, dequantized just in time into buffers reused across layers
+    def weight(self, l: int, name: str) -> np.ndarray:
+        """float32 [out, in]; an NF4 weight is dequantized into a buffer per projection that
+        remembers its layer, so a backward (or checkpointed recompute) right after the same
+        layer's forward reuses it."""
+        lw = self.state.layers[l]
+        w = lw.proj[name]
+        if isinstance(w, np.ndarray):
+            return w
+        held = self._buffers.get(name)
+        if held is not None and held[0] == l:
+            return held[1]
+        buf = held[1] if held is not None and held[1].shape == tuple(w.shape) else \
+            np.empty(tuple(w.shape), dtype=np.float32)
+        self._buffers.pop(name, None)
+        with self.timer("dequant"):
+            out = lw.weight(name, out=buf)
+        self._buffers[name] = (l, out)
+        return out
+
+    def _mask_for(self, inp: StepInputs, l: int, proj: str, shape):
+        p = float(self.lora.config.dropout) if self.lora is not None else 0.0
+        if not inp.training or p == 0.0 or self.lora.get(l, proj) is None:
+            return None
+        return dropout_mask(self.seed, inp.step, l, proj, shape, p)
+
+    def _pair(self, l, proj):
+        return None if self.lora is None else self.lora.get(l, proj)
+
+    def ffn_lora(self, l: int, inp: StepInputs) -> FfnLora | None:
+        if self.lora is None:
+            return None
+        pairs = {p: self.lora.get(l, p) for p in FFN_PROJECTIONS if self.lora.get(l, p) is not None}
+        if not pairs:
+            return None
+        drop = float(self.lora.config.dropout) if inp.training else 0.0
+        # one seed per (step, layer): the backend draws its masks from it
+        seed = int(np.random.default_rng([self.seed, inp.step, l, 7]).integers(2**31))
+        return FfnLora(pairs, drop, seed)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, l: int, x: np.ndarray, inp: StepInputs, keep: bool):
+        """x [N, H] -> (y [N, H], LayerActivations | None)."""
+        tm, k, lw = self.timer, self.k, self.state.layers[l]
+        B, T, Hq, Hkv, D = inp.B, inp.T, self.Hq, self.Hkv, self.D
+        with tm("norms"):
+            h1, rstd1 = k.rmsnorm_forward(x, lw.input_layernorm, self.eps)
+        lin, outs = {}, {}
+        with tm("projections"):
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                bias = _bias(lw, proj)
+                y, c = lora_linear_forward(h1, self.weight(l, proj), bias, self._pair(l, proj),
+                                           self._mask_for(inp, l, proj, h1.shape), keep)
+                outs[proj], lin[proj] = y, c
+        q = outs["q_proj"].reshape(B, T, Hq, D)
+        kk = outs["k_proj"].reshape(B, T, Hkv, D)
+        v = outs["v_proj"].reshape(B, T, Hkv, D)
+        q_pre = k_pre = q_rstd = k_rstd = None
+        if lw.q_norm is not None:
+            with tm("norms"):
+                q_pre, k_pre = q.reshape(-1, D), kk.reshape(-1, D)
+                qn, q_rstd = k.rmsnorm_forward(q_pre, lw.q_norm, self.eps)
+                kn, k_rstd = k.rmsnorm_forward(k_pre, lw.k_norm, self.eps)
+                q, kk = qn.reshape(B, T, Hq, D), kn.reshape(B, T, Hkv, D)
+        with tm("rope"):
+            k.rope_forward(q, inp.positions, self.tables)
+            k.rope_forward(kk, inp.positions, self.tables)
+        with tm("attention"):
+            attn, lse = k.attention_forward(q, kk, v, inp.mask, threads=self.threads)
+        a2 = attn.reshape(B * T, Hq * D)
+        with tm("projections"):
+            o, lin["o_proj"] = lora_linear_forward(a2, self.weight(l, "o_proj"), None,
+                                                   self._pair(l, "o_proj"),
+                                                   self._mask_for(inp, l, "o_proj", a2.shape), keep)
+        x2 = o
+        x2 += x
+        with tm("norms"):
+            h2, rstd2 = k.rmsnorm_forward(x2, lw.post_attention_layernorm, self.eps)
+        with tm("ffn"):
+            f, ffn_ctx = self.backend.ffn_forward(l, h2, self.ffn_lora(l, inp), need_backward=keep)
+        y = x2 + f   # not in place: a backend may hand back a buffer it reuses
+        if not keep:
+            return y, None
+        lin = {p: c for p, c in lin.items() if c is not None}
+        acts = LayerActivations(x, rstd1, h1, lin, q_pre, k_pre, q_rstd, k_rstd, q, kk, v, attn, lse,
+                                x2, rstd2, ffn_ctx)
+        return y, acts
+
+    # ------------------------------------------------------------------ backward
+    def backward(self, l: int, acts: LayerActivations, dy: np.ndarray, inp: StepInputs, grads: dict):
+        """dy [N, H] (grad of the layer output) -> dx [N, H]; adds LoRA grads into `grads`."""
+        tm, k, lw = self.timer, self.k, self.state.layers[l]
+        B, T, Hq, Hkv, D = inp.B, inp.T, self.Hq, self.Hkv, self.D
+        with tm("ffn"):
+            fg = self.backend.ffn_backward(l, acts.ffn_ctx, dy)
+        acts.ffn_ctx = None
+        for proj, (dA, dB) in fg.lora.items():
+            grads[peft_name(l, proj, "A")] += dA
+            grads[peft_name(l, proj, "B")] += dB
+        with tm("norms"):
+            dx2, _ = k.rmsnorm_backward(acts.x2, lw.post_attention_layernorm, acts.rstd2, fg.dx)
+        dx2 += dy
+        with tm("projections"):
+            da = self._linear_backward(l, "o_proj", dx2, acts, grads)
+        with tm("attention"):
+            dq, dk, dv = k.attention_backward(acts.q, acts.k, acts.v, acts.attn, acts.lse,
+                                              da.reshape(B, T, Hq, D), inp.mask, threads=self.threads)
+        with tm("rope"):
+            k.rope_backward(dq, inp.positions, self.tables)
+            k.rope_backward(dk, inp.positions, self.tables)
+        dq, dk = dq.reshape(B * T, Hq * D), dk.reshape(B * T, Hkv * D)
+        if acts.q_pre is not None:
+            with tm("norms"):
+                dq, _ = k.rmsnorm_backward(acts.q_pre, lw.q_norm, acts.q_rstd, dq.reshape(-1, D))
+                dk, _ = k.rmsnorm_backward(acts.k_pre, lw.k_norm, acts.k_rstd, dk.reshape(-1, D))
+                dq, dk = dq.reshape(B * T, Hq * D), dk.reshape(B * T, Hkv * D)
+        with tm("projections"):
+            dh1 = self._linear_backward(l, "q_proj", dq, acts, grads)
+            dh1 += self._linear_backward(l, "k_proj", dk, acts, grads)
+            dh1 += self._linear_backward(l, "v_proj", dv.reshape(B * T, Hkv * D), acts, grads)
+        with tm("norms"):
+            dx, _ = k.rmsnorm_backward(acts.x, lw.input_layernorm, acts.rstd1, dh1)
+        dx += dx2
+        return dx
+
+    def _linear_backward(self, l, proj, dy, acts, grads):
+        pair = self._pair(l, proj)
+        dx, dA, dB = lora_linear_backward(dy, self.weight(l, proj), pair, acts.lin.get(proj))
+        if dA is not None:
+            grads[peft_name(l, proj, "A")] += dA
+            grads[peft_name(l, proj, "B")] += dB
+        return dx
