@@ -1,0 +1,220 @@
+"""The training step: gradient accumulation by summed token loss, optional all-reduce across
+ranks, global-norm clipping, AdamW with a warmup/decay schedule.
+
+Exactness: each micro-batch returns the *sum* of its token losses and the gradient of that
+sum; the sums and the counted targets are added over micro-batches (and, with a `comm`,
+over ranks) before one division.  The update therefore equals the one for the mean loss
+over the whole global batch, however it is split into micro-batches or ranks.
+
+Distributed slot: `comm` is any object with `rank`, `size` and
+`allreduce_sum(arrays, scalars) -> list[float]` that sums the float32 `arrays` in place
+across ranks and returns the summed `scalars`.  Only rank 0 writes (see `is_writer`)."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+
+from .optim import AdamW
+from .schedule import check_schedule, lr_at
+
+
+def _help(text: str, default):
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class TrainConfig:
+    lr: float = _help("peak learning rate of AdamW", 2e-4)
+    betas: tuple = _help("AdamW (beta1, beta2)", (0.9, 0.999))
+    eps: float = _help("AdamW epsilon, added to sqrt(v)", 1e-8)
+    weight_decay: float = _help("decoupled weight decay (torch.optim.AdamW semantics)", 0.0)
+    warmup: int = _help("updates over which the lr rises linearly to `lr`", 0)
+    schedule: str = _help("lr after warmup: constant, linear (to 0) or cosine (to 0)", "constant")
+    grad_clip: float | None = _help("clip the global L2 norm of the gradients to this; None or 0 = off", 1.0)
+    grad_accum: int = _help("micro-batches per optimizer update when feeding Trainer.step()", 1)
+    seed: int = _help("seed for data order (and any randomness in the model)", 0)
+    total_steps: int | None = _help("number of updates in the run; needed by linear/cosine", None)
+
+    def __post_init__(self):
+        self.betas = tuple(float(b) for b in self.betas)
+        if len(self.betas) != 2:
+            raise ValueError(f"TrainConfig.betas must be two numbers, got {self.betas!r}")
+        if not isinstance(self.grad_accum, int) or self.grad_accum < 1:
+            raise ValueError(f"TrainConfig.grad_accum must be a positive int, got {self.grad_accum!r}")
+        if self.grad_clip is not None and not self.grad_clip >= 0:
+            raise ValueError(f"TrainConfig.grad_clip must be >= 0 or None, got {self.grad_clip!r}")
+        if not self.lr >= 0:
+            raise ValueError(f"TrainConfig.lr must be >= 0, got {self.lr!r}")
+        check_schedule(self.schedule, self.warmup, self.total_steps)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field {sorted(unknown)[0]!r}")
+        return cls(**d)
+
+
+class Trainer:
+    """Drives `model` (the qlora_ext Model API: loss_and_grads, count_tokens, loss,
+    parameters) with AdamW.  `step` counts optimizer updates done so far."""
+
+    def __init__(self, model, config: TrainConfig | None = None, comm=None):
+        self.model = model
+        self.config = config or TrainConfig()
+        self.comm = comm
+        self.params = model.parameters()
+        if not self.params:
+            raise ValueError("the model has no trainable parameters (was it loaded with lora=None?)")
+        c = self.config
+        self.optimizer = AdamW(self.params, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
+        self.step_count = 0
+        self.last_loss = float("nan")
+        self.last_grad_norm = float("nan")
+        self.last_tokens = 0
+        self.last_lr = float("nan")
+        # Accumulators of the update being built: summed grads (f32, fixed parameter order),
+        # summed token loss, counted targets, micro-batches seen.
+        self._grad_sum = {n: np.zeros_like(p) for n, p in self.params.items()}
+        self._loss_sum = 0.0
+        self._tokens = 0
+        self._micro = 0
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.comm is None else int(self.comm.rank)
+
+    @property
+    def world_size(self) -> int:
+        return 1 if self.comm is None else int(self.comm.size)
+
+    @property
+    def is_writer(self) -> bool:
+        """Only rank 0 writes metrics, checkpoints and adapters."""
+        return self.rank == 0
+
+    def current_lr(self) -> float:
+        c = self.config
+        return lr_at(self.step_count, c.lr, c.warmup, c.schedule, c.total_steps)
+
+    # -- accumulation --------------------------------------------------------------------------
+    def accumulate(self, input_ids, labels, attention_mask=None) -> float:
+        """Forward+backward of one micro-batch; adds its summed loss and grads to the update
+        being built.  Returns the micro-batch's own mean loss (nan if it has no targets)."""
+        n = int(self.model.count_tokens(labels))
+        if n > 0:
+            loss_sum, grads = self.model.loss_and_grads(input_ids, labels, attention_mask, reduction="sum")
+            for name, acc in self._grad_sum.items():
+                g = grads.get(name)
+                if g is None:
+                    raise ValueError(f"the model returned no gradient for trainable parameter {name!r}")
+                acc += g
+            self._loss_sum += float(loss_sum)
+            self._tokens += n
+        self._micro += 1
+        return float(loss_sum) / n if n > 0 else float("nan")
+
+    def apply_update(self) -> float:
+        """Average the accumulated sums (over micro-batches and ranks), clip, step AdamW.
+        Returns the mean token loss of the whole update (nan and no update if no rank had
+        a counted target).  A rank with no micro-batch (a global batch smaller than the number
+        of ranks) still joins the all-reduce with zeros."""
+        grads = list(self._grad_sum.values())
+        loss_sum, tokens = self._loss_sum, float(self._tokens)
+        if self.comm is not None:
+            loss_sum, tokens = self.comm.allreduce_sum(grads, [loss_sum, tokens])
+        tokens = int(round(tokens))
+        lr = self.current_lr()
+        if tokens == 0:
+            loss = float("nan")
+            self.last_grad_norm = float("nan")
+        else:
+            inv = np.float32(1.0 / tokens)
+            for g in grads:
+                g *= inv
+            self.last_grad_norm = self._clip(grads)
+            self.optimizer.step(self._grad_sum, lr=lr)
+            loss = loss_sum / tokens
+        self.step_count += 1
+        self.last_loss = loss
+        self.last_tokens = tokens
+        self.last_lr = lr
+        self._reset_accumulators()
+        return loss
+
+    def _clip(self, grads: list) -> float:
+        """Global L2 norm (accumulated in float64, fixed order); scale as torch's
+        clip_grad_norm_: coef = max_norm / (norm + 1e-6), applied only when < 1."""
+        norm = math.sqrt(sum(float(np.dot(g.ravel().astype(np.float64), g.ravel().astype(np.float64))) for g in grads))
+        clip = self.config.grad_clip
+        if clip and norm > 0:
+            coef = clip / (norm + 1e-6)
+            if coef < 1.0:
+                c32 = np.float32(coef)
+                for g in grads:
+                    g *= c32
+        return norm
+
+    def _reset_accumulators(self):
+        for g in self._grad_sum.values():
+            g[...] = 0.0
+        self._loss_sum = 0.0
+        self._tokens = 0
+        self._micro = 0
+
+    # -- public steps ----------------------------------------------------------------------------
+    def step(self, input_ids, labels, attention_mask=None) -> float:
+        """Feed one micro-batch.  Every `grad_accum`-th call applies the update and returns the
+        mean loss of the whole update; the calls in between return their micro-batch's loss."""
+        micro_loss = self.accumulate(input_ids, labels, attention_mask)
+        if self._micro >= self.config.grad_accum:
+            return self.apply_update()
+        return micro_loss
+
+    def train_step(self, micro_batches) -> float:
+        """One optimizer update over this rank's `micro_batches` (an iterable of
+        (input_ids, labels[, attention_mask]) tuples, any number of them)."""
+        if self._micro:
+            raise ValueError("train_step() called while step() has a partial accumulation pending")
+        for mb in micro_batches:
+            self.accumulate(*mb)
+        return self.apply_update()
+
+    def evaluate(self, batches) -> float:
+        """Mean token loss over `batches` ((input_ids, labels[, attention_mask]) tuples),
+        summed over ranks when distributed.  nan if nothing is counted."""
+        loss_sum, tokens = 0.0, 0
+        for b in batches:
+            input_ids, labels = b[0], b[1]
+            mask = b[2] if len(b) > 2 else None
+            n = int(self.model.count_tokens(labels))
+            if n:
+                loss_sum += float(self.model.loss(input_ids, labels, mask, reduction="sum"))
+                tokens += n
+        if self.comm is not None:
+            loss_sum, tokens = self.comm.allreduce_sum([], [loss_sum, float(tokens)])
+        return loss_sum / tokens if tokens else float("nan")
+
+    # -- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """JSON-able trainer state (the optimizer's arrays are separate: optimizer_state())."""
+        if self._micro:
+            raise ValueError("cannot save trainer state in the middle of a gradient accumulation")
+        return {"step": self.step_count, "last_loss": self.last_loss, "config": self.config.to_dict()}
+
+    def load_state_dict(self, state: dict, optimizer_state: dict) -> None:
+        self.optimizer.load_state_dict(optimizer_state)
+        self.step_count = int(state["step"])
+        self.last_loss = float(state.get("last_loss", float("nan")))
+        self._reset_accumulators()
+
+    def optimizer_state(self) -> dict:
+        return self.optimizer.state_dict()

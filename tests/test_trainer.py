@@ -1,0 +1,226 @@
+import math
+import threading
+
+import numpy as np
+import pytest
+
+from fake_lm import VOCAB, FakeLM
+from qlora_ext.train.trainer import TrainConfig, Trainer
+
+
+def random_batch(rng, rows, T, ignore_frac=0.3):
+    ids = rng.integers(0, VOCAB, size=(rows, T))
+    labels = ids.copy()
+    labels[rng.random((rows, T)) < ignore_frac] = -100
+    return ids, labels
+
+
+def test_trainconfig_has_help_and_validates():
+    from dataclasses import fields
+
+    assert all(f.metadata.get("help") for f in fields(TrainConfig))
+    c = TrainConfig(schedule="cosine", total_steps=10, warmup=2)
+    assert TrainConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError, match="grad_accum"):
+        TrainConfig(grad_accum=0)
+    with pytest.raises(ValueError, match="needs total_steps"):
+        TrainConfig(schedule="linear")
+    with pytest.raises(ValueError, match="unknown TrainConfig field 'lr_max'"):
+        TrainConfig.from_dict({"lr_max": 1})
+
+
+def test_single_step_matches_float64_adamw_on_mean_loss():
+    rng = np.random.default_rng(0)
+    ids, labels = random_batch(rng, 3, 9)
+    m = FakeLM()
+    w0 = {k: v.astype(np.float64) for k, v in m.params.items()}
+    t = Trainer(m, TrainConfig(lr=1e-2, grad_clip=None))
+    loss = t.step(ids, labels)
+    ref_loss, g = _with_params(m, w0).loss_and_grads(ids, labels)
+    assert loss == pytest.approx(ref_loss, rel=1e-12)
+    # First AdamW step with bias correction moves every coordinate by lr * g / (|g| + eps').
+    for k in w0:
+        gk = g[k].astype(np.float64)
+        step = 1e-2 * gk / (np.abs(gk) + 1e-8)
+        np.testing.assert_allclose(m.params[k], w0[k] - step, rtol=1e-5, atol=1e-7)
+
+
+def _with_params(model, params):
+    clone = FakeLM()
+    clone.E = model.E
+    clone.params = {k: v.astype(np.float32) for k, v in params.items()}
+    return clone
+
+
+def test_grad_accum_equals_whole_batch():
+    """Summed loss + token counts: micro-batches of uneven size give the update of the whole batch."""
+    rng = np.random.default_rng(1)
+    ids, labels = random_batch(rng, 7, 11)
+    a, b = FakeLM(), FakeLM()
+    ta = Trainer(a, TrainConfig(lr=1e-2, grad_clip=0.5))
+    tb = Trainer(b, TrainConfig(lr=1e-2, grad_clip=0.5, grad_accum=3))
+    for _ in range(3):
+        la = ta.train_step([(ids, labels)])
+        lb = tb.train_step([(ids[:1], labels[:1]), (ids[1:5], labels[1:5]), (ids[5:], labels[5:])])
+        assert lb == pytest.approx(la, rel=1e-6)  # weights differ by f32 rounding after step 1
+    for k in a.params:
+        np.testing.assert_allclose(b.params[k], a.params[k], rtol=1e-6, atol=1e-7)
+
+
+def test_step_applies_update_every_grad_accum_calls():
+    rng = np.random.default_rng(2)
+    m = FakeLM()
+    t = Trainer(m, TrainConfig(lr=1e-2, grad_accum=3))
+    w0 = m.params["lm.w"].copy()
+    batches = [random_batch(rng, 2, 6) for _ in range(3)]
+    l0 = t.step(*batches[0])
+    l1 = t.step(*batches[1])
+    assert t.step_count == 0 and np.array_equal(m.params["lm.w"], w0)
+    ref = FakeLM()
+    sums = [ref.loss(*b, reduction="sum") for b in batches]
+    counts = [ref.count_tokens(b[1]) for b in batches]
+    assert l0 == pytest.approx(sums[0] / counts[0]) and l1 == pytest.approx(sums[1] / counts[1])
+    l2 = t.step(*batches[2])
+    assert t.step_count == 1 and not np.array_equal(m.params["lm.w"], w0)
+    assert l2 == pytest.approx(sum(sums) / sum(counts), rel=1e-12)
+    with pytest.raises(ValueError, match="partial accumulation"):
+        t.step(*batches[0])
+        t.train_step([batches[1]])
+
+
+def test_grad_clip_scales_to_max_norm():
+    rng = np.random.default_rng(3)
+    ids, labels = random_batch(rng, 4, 10)
+    m = FakeLM()
+    _, g = FakeLM().loss_and_grads(ids, labels)
+    norm = math.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in g.values()))
+    t = Trainer(m, TrainConfig(lr=0.0, grad_clip=norm / 4))
+    t.step(ids, labels)
+    assert t.last_grad_norm == pytest.approx(norm, rel=1e-6)
+    # lr=0: weights unchanged, and the moments hold (1 - b1) * clipped grads.
+    clipped = np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in t.optimizer.exp_avg.values())) / 0.1
+    assert clipped == pytest.approx(norm / 4, rel=1e-5)
+
+
+def test_no_counted_tokens_skips_the_update():
+    m = FakeLM()
+    t = Trainer(m, TrainConfig(lr=1e-2))
+    w0 = m.params["lm.w"].copy()
+    ids = np.zeros((2, 5), np.int64)
+    loss = t.step(ids, np.full((2, 5), -100))
+    assert math.isnan(loss) and t.step_count == 1 and np.array_equal(m.params["lm.w"], w0)
+    assert m.calls == 0
+
+
+def test_schedule_drives_lr():
+    rng = np.random.default_rng(4)
+    t = Trainer(FakeLM(), TrainConfig(lr=1.0, warmup=2, schedule="linear", total_steps=4))
+    lrs = []
+    for _ in range(4):
+        t.step(*random_batch(rng, 1, 5, 0.0))
+        lrs.append(t.last_lr)
+    assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.5])
+
+
+def test_state_dict_resume_is_bit_exact():
+    rng = np.random.default_rng(5)
+    batches = [random_batch(rng, 2, 8) for _ in range(6)]
+    cfg = TrainConfig(lr=5e-3, weight_decay=0.1, schedule="cosine", total_steps=6, warmup=1)
+    a = FakeLM()
+    ta = Trainer(a, cfg)
+    for b in batches:
+        ta.step(*b)
+    b_model = FakeLM()
+    tb = Trainer(b_model, cfg)
+    for b in batches[:3]:
+        tb.step(*b)
+    state = tb.state_dict()
+    opt = {k: v.copy() for k, v in tb.optimizer_state().items()}
+    saved = {k: v.copy() for k, v in b_model.params.items()}
+    c = FakeLM()
+    for k in c.params:
+        c.params[k][...] = saved[k]
+    tc = Trainer(c, TrainConfig.from_dict(state["config"]))
+    tc.load_state_dict(state, opt)
+    for b in batches[3:]:
+        tc.step(*b)
+    for k in a.params:
+        np.testing.assert_array_equal(c.params[k], a.params[k])
+
+
+def test_evaluate_is_token_weighted_mean():
+    rng = np.random.default_rng(6)
+    m = FakeLM()
+    batches = [random_batch(rng, 2, 7), random_batch(rng, 1, 3)]
+    t = Trainer(m, TrainConfig())
+    total = sum(m.loss(*b, reduction="sum") for b in batches)
+    count = sum(m.count_tokens(b[1]) for b in batches)
+    assert t.evaluate(batches) == pytest.approx(total / count, rel=1e-12)
+
+
+class ThreadComm:
+    """In-process stand-in for an MPI communicator: ranks are threads; allreduce_sum sums
+    the arrays in place (in rank order, so every rank gets identical bits)."""
+
+    def __init__(self, size):
+        self.size = size
+        self.barrier = threading.Barrier(size)
+        self.slots = [None] * size
+
+    def for_rank(self, rank):
+        comm = self
+
+        class View:
+            size = comm.size
+
+            def __init__(self):
+                self.rank = rank
+
+            def allreduce_sum(self, arrays, scalars):
+                comm.slots[rank] = ([a.copy() for a in arrays], list(scalars))
+                comm.barrier.wait()
+                for i, a in enumerate(arrays):
+                    a[...] = sum(comm.slots[r][0][i] for r in range(comm.size))
+                out = [sum(comm.slots[r][1][i] for r in range(comm.size)) for i in range(len(scalars))]
+                comm.barrier.wait()
+                return out
+
+        return View()
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_comm_slot_gives_single_process_result(ranks):
+    """The distributed slot: each rank trains its disjoint slice of every global batch
+    (one global batch of 2 rows is smaller than 3 ranks); weights equal the single-process ones."""
+    from qlora_ext.train.data import Batch
+
+    rng = np.random.default_rng(7)
+    globals_ = []
+    for rows in (5, 4, 2):
+        ids, labels = random_batch(rng, rows, 9)
+        globals_.append(Batch(ids, labels, np.ones_like(ids)))
+    cfg = TrainConfig(lr=1e-2, grad_clip=1.0)
+    single = FakeLM()
+    ts = Trainer(single, cfg)
+    single_losses = [ts.train_step(b.micro_batches(2)) for b in globals_]
+
+    comm = ThreadComm(ranks)
+    models = [FakeLM() for _ in range(ranks)]
+    losses = [[] for _ in range(ranks)]
+
+    def run(r):
+        t = Trainer(models[r], cfg, comm=comm.for_rank(r))
+        assert t.is_writer == (r == 0)
+        for b in globals_:
+            losses[r].append(t.train_step(b.shard(r, ranks).micro_batches(2)))
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(ranks)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for r in range(ranks):
+        assert losses[r] == pytest.approx(single_losses, rel=1e-6)
+        for k in single.params:
+            np.testing.assert_array_equal(models[r].params[k], models[0].params[k])
+            np.testing.assert_allclose(models[r].params[k], single.params[k], rtol=1e-6, atol=1e-7)
