@@ -15,7 +15,7 @@
 #endif
 
 enum { QX_LEVEL_SCALAR = 0, QX_LEVEL_AVX2 = 1, QX_LEVEL_AVX512 = 2, QX_LEVEL_NEON = 3 };
-enum { QX_OK = 0, QX_E_NONFINITE = -1, QX_E_SIZE = -2, QX_E_ARG = -3 };
+enum { QX_OK = 0, QX_E_NONFINITE = -1, QX_E_SIZE = -2, QX_E_ARG = -3, QX_E_NOMEM = -4 };
 enum { QX_F32 = 0, QX_F16 = 1, QX_BF16 = 2 };
 
 #if defined(__x86_64__) || defined(_M_X64)

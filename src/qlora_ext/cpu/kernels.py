@@ -1,0 +1,219 @@
+"""CPU kernels of a layer's attention block: causal GQA attention, RoPE and RMSNorm, forward
+and backward.  Checks live here (every bad input raises ValueError before any memory is
+touched); the loops live in csrc/{attention,rope,rmsnorm}.c behind the Cython contracts in
+src/qlora_ext/{attention,rope,rmsnorm}.pxi.
+
+Shape letters: B batch, T tokens, Hq query heads, Hkv key/value heads, D head_dim,
+N rows, C channels, P table positions.  Arrays are float32 and C-contiguous."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .._native import default_threads, kernels
+
+
+def _threads(threads) -> int:
+    if threads is None:
+        return default_threads()
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise ValueError(f"threads={threads!r}: expected a positive integer or None")
+    return int(threads)
+
+
+def _f32(name: str, a, ndim: int, letters: str) -> np.ndarray:
+    """a must be a C-contiguous float32 ndarray of ndim dimensions (named by letters)."""
+    if not isinstance(a, np.ndarray):
+        raise ValueError(f"{name}: expected a numpy float32 array [{letters}], got {type(a).__name__}")
+    if a.dtype != np.float32:
+        raise ValueError(f"{name}: expected dtype float32, got {a.dtype}")
+    if a.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions [{letters}], got shape {a.shape}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name}: expected a C-contiguous array (use np.ascontiguousarray)")
+    return a
+
+
+def _same_shape(name: str, a: np.ndarray, shape: tuple, letters: str) -> None:
+    if a.shape != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)} [{letters}], got {a.shape}")
+
+
+# ---- RMSNorm ------------------------------------------------------------------------------
+
+def rmsnorm_forward(x: np.ndarray, weight: np.ndarray, eps: float, threads=None):
+    """x [N, C], weight [C] -> (y [N, C], rstd [N]); rstd = 1/sqrt(mean(x^2) + eps),
+    y = weight * (x * rstd) (HF's float32 order).  For per-head q/k norm pass x as [N*H, D]."""
+    _f32("x", x, 2, "N, C")
+    _f32("weight", weight, 1, "C")
+    N, C = x.shape
+    if C == 0:
+        raise ValueError("x: C (the normalised dimension) must be >= 1")
+    _same_shape("weight", weight, (C,), "C")
+    eps = float(eps)
+    if not (eps >= 0.0 and math.isfinite(eps)):
+        raise ValueError(f"eps={eps!r}: expected a finite value >= 0")
+    nt = _threads(threads)
+    y = np.empty_like(x)
+    rstd = np.empty(N, np.float32)
+    kernels().rmsnorm_forward(x, weight, eps, y, rstd, nt)
+    return y, rstd
+
+
+def rmsnorm_backward(x: np.ndarray, weight: np.ndarray, rstd: np.ndarray, dy: np.ndarray,
+                     weight_grad: bool = False, threads=None):
+    """x, dy [N, C], weight [C], rstd [N] (from rmsnorm_forward) -> (dx [N, C], dweight [C]
+    or None).  dweight = sum_n dy * x * rstd, returned only when weight_grad is true."""
+    _f32("x", x, 2, "N, C")
+    N, C = x.shape
+    if C == 0:
+        raise ValueError("x: C (the normalised dimension) must be >= 1")
+    _same_shape("weight", _f32("weight", weight, 1, "C"), (C,), "C")
+    _same_shape("rstd", _f32("rstd", rstd, 1, "N"), (N,), "N")
+    _same_shape("dy", _f32("dy", dy, 2, "N, C"), (N, C), "N, C")
+    nt = _threads(threads)
+    dx = np.empty_like(x)
+    dw = np.empty(C, np.float32) if weight_grad else None
+    kernels().rmsnorm_backward(x, weight, rstd, dy, dx, dw, nt)
+    return dx, dw
+
+
+# ---- RoPE ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RopeTables:
+    """cos, sin: float32 [P, D/2] for positions 0..P-1 (the second half of HF's [P, D] tables
+    repeats the first, so only one half is kept)."""
+
+    cos: np.ndarray
+    sin: np.ndarray
+
+    @property
+    def head_dim(self) -> int:
+        return 2 * self.cos.shape[1]
+
+    @property
+    def max_positions(self) -> int:
+        return self.cos.shape[0]
+
+
+def _rope_type(scaling) -> str:
+    if scaling is None:
+        return "default"
+    if not isinstance(scaling, dict):
+        raise ValueError(f"rope scaling: expected None or a dict (config rope_scaling), got {scaling!r}")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ("default", "linear", "llama3"):
+        raise ValueError(f"rope scaling: rope_type {kind!r} is not supported "
+                         "(expected 'default', 'linear' or 'llama3')")
+    return kind
+
+
+def _scaling_value(scaling: dict, key: str) -> float:
+    if key not in scaling:
+        raise ValueError(f"rope scaling {scaling.get('rope_type', scaling.get('type'))!r}: missing {key!r}")
+    v = scaling[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"rope scaling: {key}={v!r}, expected a positive number")
+    return float(v)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling=None) -> np.ndarray:
+    """Inverse frequencies [D/2] float32, computed in float32 in the same order of operations
+    as transformers.modeling_rope_utils (default, linear, llama3), so they match HF's."""
+    f32 = np.float32
+    D = int(head_dim)
+    # HF: 1.0 / (base ** (arange(0, dim, 2).float() / dim)) in float32.  torch's float32 pow
+    # rounds correctly (numpy's float32 power does not always), so take it in float64, round once.
+    exps = np.arange(0, D, 2, dtype=np.int64).astype(f32) / f32(D)
+    powers = (np.float64(f32(theta)) ** exps.astype(np.float64)).astype(f32)
+    inv = (f32(1.0) / powers).astype(f32)
+    kind = _rope_type(scaling)
+    if kind == "linear":
+        inv = (inv / f32(_scaling_value(scaling, "factor"))).astype(f32)
+    elif kind == "llama3":
+        factor = f32(_scaling_value(scaling, "factor"))
+        low = f32(_scaling_value(scaling, "low_freq_factor"))
+        high = f32(_scaling_value(scaling, "high_freq_factor"))
+        if high == low:
+            raise ValueError("rope scaling llama3: high_freq_factor must differ from low_freq_factor")
+        old_len = f32(_scaling_value(scaling, "original_max_position_embeddings"))
+        low_wavelen = f32(old_len / low)
+        high_wavelen = f32(old_len / high)
+        wavelen = (f32(2 * math.pi) / inv).astype(f32)
+        inv_l = np.where(wavelen > low_wavelen, inv / factor, inv).astype(f32)
+        smooth = ((old_len / wavelen - low) / (high - low)).astype(f32)
+        smoothed = ((f32(1) - smooth) * inv_l / factor + smooth * inv_l).astype(f32)
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv = np.where(medium, smoothed, inv_l).astype(f32)
+    return inv
+
+
+def rope_tables(head_dim: int, max_positions: int, theta: float, scaling=None) -> RopeTables:
+    """cos/sin tables [max_positions, head_dim/2] for HF rotate_half RoPE.
+
+    scaling: None or the config's rope_scaling / rope_parameters dict ("default", "linear"
+    with factor, "llama3" with factor, low_freq_factor, high_freq_factor,
+    original_max_position_embeddings).  As in HF, inv_freq and the angle position * inv_freq
+    are float32; cos and sin of that float32 angle are taken in float64 and rounded once."""
+    if isinstance(head_dim, bool) or not isinstance(head_dim, (int, np.integer)) or head_dim < 2 or head_dim % 2:
+        raise ValueError(f"head_dim={head_dim!r}: expected an even integer >= 2")
+    if isinstance(max_positions, bool) or not isinstance(max_positions, (int, np.integer)) or max_positions < 1:
+        raise ValueError(f"max_positions={max_positions!r}: expected an integer >= 1")
+    theta = float(theta)
+    if not (math.isfinite(theta) and theta > 0):
+        raise ValueError(f"theta={theta!r}: expected a positive number")
+    inv = rope_inv_freq(int(head_dim), theta, scaling)
+    pos = np.arange(int(max_positions), dtype=np.float32)
+    angle = (pos[:, None] * inv[None, :]).astype(np.float32).astype(np.float64)
+    return RopeTables(cos=np.ascontiguousarray(np.cos(angle).astype(np.float32)),
+                      sin=np.ascontiguousarray(np.sin(angle).astype(np.float32)))
+
+
+def _rope_args(name: str, x, positions, tables: RopeTables):
+    _f32(name, x, 4, "B, T, H, D")
+    B, T, H, D = x.shape
+    if not isinstance(tables, RopeTables):
+        raise ValueError(f"tables: expected a RopeTables from rope_tables(), got {type(tables).__name__}")
+    if D % 2:
+        raise ValueError(f"{name}: head_dim D={D} must be even")
+    if tables.head_dim != D:
+        raise ValueError(f"tables: built for head_dim {tables.head_dim}, {name} has D={D}")
+    for tname in ("cos", "sin"):
+        t = getattr(tables, tname)
+        _f32(f"tables.{tname}", t, 2, "P, D/2")
+        _same_shape(f"tables.{tname}", t, tables.cos.shape, "P, D/2")
+    pos = np.asarray(positions)
+    if pos.dtype.kind not in "iu":
+        raise ValueError(f"positions: expected an integer array, got dtype {pos.dtype}")
+    if pos.ndim == 1:
+        _same_shape("positions", pos, (T,), "T")
+        pos = pos[None, :]
+    elif pos.ndim == 2:
+        _same_shape("positions", pos, (B, T), "B, T")
+    else:
+        raise ValueError(f"positions: expected shape [B, T] or [T], got {pos.shape}")
+    P = tables.max_positions
+    if pos.size and (pos.min() < 0 or pos.max() >= P):
+        raise ValueError(f"positions: values must lie in [0, {P}) (the table's range), "
+                         f"got min {pos.min()} max {pos.max()}")
+    return np.ascontiguousarray(pos, dtype=np.int64)
+
+
+def rope_forward(x: np.ndarray, positions, tables: RopeTables, threads=None) -> np.ndarray:
+    """Rotate x [B, T, H, D] in place (HF rotate_half): x1' = x1 cos - x2 sin,
+    x2' = x2 cos + x1 sin at each token's position; positions int [B, T] or [T].
+    Returns x."""
+    pos = _rope_args("x", x, positions, tables)
+    kernels().rope_apply(x, pos, tables.cos, tables.sin, 1, _threads(threads))
+    return x
+
+
+def rope_backward(dx: np.ndarray, positions, tables: RopeTables, threads=None) -> np.ndarray:
+    """Gradient of rope_forward, in place on dx [B, T, H, D] (the transpose rotation).
+    Returns dx."""
+    pos = _rope_args("dx", dx, positions, tables)
+    kernels().rope_apply(dx, pos, tables.cos, tables.sin, -1, _threads(threads))
+    return dx
