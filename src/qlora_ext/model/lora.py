@@ -96,3 +96,127 @@ class LoraWeights:
 
     def num_parameters(self) -> int:
         return sum(p.A.size + p.B.size for p in self.pairs.values())
+
+
+# ------------------------------------------------------------------ PEFT adapter files
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+LM_HEAD_NAME = "base_model.model.lm_head.weight"
+
+
+def _parse_peft_name(name: str):
+    """base_model.model.model.layers.{i}.{module}.{proj}.lora_{A|B}[.default].weight
+    -> (i, proj, 'A'|'B'), or None for other names."""
+    parts = name.split(".")
+    if parts[-1] == "weight" and len(parts) >= 2 and parts[-2] == "default":
+        parts = parts[:-2] + ["weight"]
+    if (len(parts) != 9 or parts[:4] != ["base_model", "model", "model", "layers"]
+            or parts[-2] not in ("lora_A", "lora_B") or not parts[4].isdigit()):
+        return None
+    proj = parts[6]
+    if proj not in PROJECTIONS or parts[5] != _module_of(proj):
+        return None
+    return int(parts[4]), proj, parts[-2][-1]
+
+
+def save_peft_adapter(directory, lora: LoraWeights, base_model: str = "", lm_head=None) -> None:
+    """Write adapter_config.json + adapter_model.safetensors as PEFT does (names without the
+    '.default' adapter suffix; a trained LM head as modules_to_save)."""
+    import json
+    import os
+
+    from .safetensors_io import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    c = lora.config
+    cfg = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model or None,
+        "r": int(c.r), "lora_alpha": float(c.alpha), "lora_dropout": float(c.dropout),
+        "use_rslora": bool(c.use_rslora), "target_modules": list(c.target_modules), "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "modules_to_save": ["lm_head"] if lm_head is not None else None,
+        "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
+    }
+    tensors = dict(lora.named_parameters())
+    if lm_head is not None:
+        tensors[LM_HEAD_NAME] = lm_head
+    # weights first, config last: a directory with a config has complete weights
+    save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    tmp = os.path.join(directory, ADAPTER_CONFIG + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2)
+    os.replace(tmp, os.path.join(directory, ADAPTER_CONFIG))
+
+
+def load_peft_adapter(directory, layer_shapes: list[dict], lm_head_shape=None):
+    """Read a PEFT LoRA adapter for a model whose projections have layer_shapes[l][proj] =
+    (out, in).  r, alpha, dropout, rsLoRA and targets come from adapter_config.json.
+    Returns (LoraWeights, lm_head [V, H] or None)."""
+    import json
+    import os
+
+    from .safetensors_io import SafetensorsFile
+
+    cpath = os.path.join(directory, ADAPTER_CONFIG)
+    wpath = os.path.join(directory, ADAPTER_WEIGHTS)
+    try:
+        with open(cpath, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise OSError(f"{cpath}: no adapter config (expected a PEFT adapter directory)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cpath}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{cpath}: peft_type {cfg.get('peft_type') if isinstance(cfg, dict) else None!r}, expected 'LORA'")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(key):
+            raise ValueError(f"{cpath}: {key} is not supported (one r and alpha for every module)")
+    if cfg.get("bias", "none") != "none":
+        raise ValueError(f"{cpath}: bias {cfg.get('bias')!r} is not supported, expected 'none'")
+    targets = cfg.get("target_modules")
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, list):
+        raise ValueError(f"{cpath}: target_modules must be a list of module names, got {targets!r}")
+    try:
+        config = LoraConfig(r=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", cfg["r"])),
+                            target_modules=tuple(targets), dropout=float(cfg.get("lora_dropout", 0.0)),
+                            use_rslora=bool(cfg.get("use_rslora", False)))
+    except KeyError as e:
+        raise ValueError(f"{cpath}: required key {e.args[0]!r} is missing") from None
+    except ValueError as e:
+        raise ValueError(f"{cpath}: {e}") from None
+    if not os.path.exists(wpath):
+        raise OSError(f"{wpath}: adapter weights not found")
+    found: dict = {}
+    lm_head = None
+    with SafetensorsFile(wpath) as f:
+        for name in f.keys():
+            if name.replace(".modules_to_save.default", "") == LM_HEAD_NAME:
+                lm_head = f.get(name)
+                if lm_head_shape is not None and lm_head.shape != tuple(lm_head_shape):
+                    raise ValueError(f"{wpath}: {name} has shape {lm_head.shape}, expected {tuple(lm_head_shape)}")
+                continue
+            parsed = _parse_peft_name(name)
+            if parsed is None:
+                raise ValueError(f"{wpath}: unexpected tensor {name!r}; expected LoRA tensors such as "
+                                 f"{peft_name(0, 'q_proj', 'A')!r}")
+            l, proj, which = parsed
+            if l >= len(layer_shapes):
+                raise ValueError(f"{wpath}: {name} is for layer {l}, the model has {len(layer_shapes)} layers")
+            if proj not in config.target_modules:
+                raise ValueError(f"{wpath}: {name} adapts {proj}, which is not in target_modules {targets}")
+            out_f, in_f = layer_shapes[l][proj]
+            arr = np.ascontiguousarray(f.get(name), dtype=np.float32)
+            want = (config.r, in_f) if which == "A" else (out_f, config.r)
+            if arr.shape != want:
+                raise ValueError(f"{wpath}: {name} has shape {arr.shape}, expected {want}")
+            found.setdefault((l, proj), {})[which] = arr
+    pairs = {}
+    for key, ab in found.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{wpath}: layer {key[0]} {key[1]} has lora_{''.join(ab)} but not both A and B")
+        pairs[key] = LoraPair(ab["A"], ab["B"], config.scale)
+    if not pairs:
+        raise ValueError(f"{wpath}: no LoRA tensors found")
+    return LoraWeights(config, pairs), lm_head

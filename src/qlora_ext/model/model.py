@@ -9,10 +9,8 @@ import numpy as np
 
 from . import reference_kernels
 from .layers import DecoderLayers, PhaseTimer, StepInputs
-from .lora import PROJECTIONS, LoraConfig, LoraWeights
+from .lora import LM_HEAD_NAME, PROJECTIONS, LoraConfig, LoraWeights
 from .loss import IGNORE_INDEX, cross_entropy, shifted_targets
-
-LM_HEAD_NAME = "base_model.model.lm_head.weight"
 
 
 def default_kernels():

@@ -1,0 +1,118 @@
+"""The acceptance tests of the model: logits, loss and LoRA gradients against HF transformers +
+PEFT (torch autograd) on tiny Qwen3 / Qwen2 / Llama models, fp32 and NF4 base, with adapters
+on all 7 projections and non-zero B.  Tolerances: logits 1e-4 relative to the largest logit,
+loss 1e-5 relative, grads 1e-3 relative to the largest grad of each tensor."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from hf_reference import peft_grads, peft_twin, randomize_lora, state_from_hf, tiny_hf_model  # noqa: E402
+
+from qlora_ext.model.lora import LoraConfig  # noqa: E402
+from qlora_ext.model.model import Model  # noqa: E402
+
+V = 97
+
+
+def _batch(seed=0, B=2, T=11, pad_right=True):
+    """ids, labels (with -100 on a prefix and on padding) and an attention mask with padding."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, V, (B, T))
+    labels = ids.copy()
+    labels[0, :3] = -100
+    mask = np.ones_like(ids)
+    if B > 1:
+        if pad_right:
+            mask[1, T - 3:] = 0
+        else:
+            mask[1, :3] = 0
+        labels[1][mask[1] == 0] = -100
+        if not pad_right:
+            # the first real token would be predicted from a pad position, whose attention
+            # row sees no key: undefined (HF attends uniformly, we output zeros)
+            labels[1, 3] = -100
+    return ids, labels, mask
+
+
+def _rel(a, b):
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def _check(model, pm, ids, labels, mask, grad_tol=1e-3):
+    loss_ref, g_ref, logits_ref = peft_grads(pm, ids, labels, mask)
+    logits = model.forward(ids, mask)
+    real = mask.astype(bool)
+    assert logits.dtype == np.float32 and logits.shape == logits_ref.shape
+    assert _rel(logits[real], logits_ref[real]) <= 1e-4
+    loss, grads = model.loss_and_grads(ids, labels, mask)
+    assert abs(loss - loss_ref) <= 1e-5 * abs(loss_ref)
+    assert abs(model.loss(ids, labels, mask) - loss_ref) <= 1e-5 * abs(loss_ref)
+    assert set(grads) == set(g_ref)
+    for name, g in grads.items():
+        assert g.dtype == np.float32
+        assert _rel(g, g_ref[name]) <= grad_tol, name
+    return loss, grads
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+@pytest.mark.parametrize("model_type", ["qwen3", "qwen2", "llama"])
+def test_parity_logits_loss_grads(model_type, quantize):
+    hf = tiny_hf_model(model_type, seed=3, tie=model_type == "llama")
+    state = state_from_hf(hf, quantize=quantize)    # NF4: hf now holds the dequantized weights
+    model = Model(state, LoraConfig(r=4, alpha=8))
+    randomize_lora(model, seed=1)
+    pm = peft_twin(hf, model)
+    _check(model, pm, *_batch(0))
+
+
+def test_parity_left_padding_and_double_quant():
+    hf = tiny_hf_model("qwen3", seed=4)
+    state = state_from_hf(hf, quantize="nf4", double_quant=True)
+    model = Model(state, LoraConfig(r=3, alpha=5, use_rslora=True))
+    randomize_lora(model, seed=2)
+    _check(model, peft_twin(hf, model), *_batch(1, pad_right=False))
+
+
+def test_parity_subset_targets_gradient_checkpointing_lm_head():
+    import peft
+
+    hf = tiny_hf_model("llama", seed=5)
+    state = state_from_hf(hf)
+    model = Model(state, LoraConfig(r=2, alpha=4, target_modules=("q", "v", "down")),
+                  gradient_checkpointing=True, train_lm_head=True)
+    randomize_lora(model, seed=3, scale=0.05)
+    lc = model.lora_config
+    pc = peft.LoraConfig(r=lc.r, lora_alpha=lc.alpha, target_modules=list(lc.target_modules),
+                         modules_to_save=["lm_head"], task_type="CAUSAL_LM")
+    pm = peft.get_peft_model(hf, pc)
+    named = dict(pm.named_parameters())
+    with torch.no_grad():
+        for name, arr in model.parameters().items():
+            key = (name.replace("lm_head.weight", "lm_head.modules_to_save.default.weight")
+                   .replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"))
+            named[key].copy_(torch.from_numpy(arr))
+    ids, labels, mask = _batch(2)
+    loss_ref, g_ref, _ = peft_grads(pm, ids, labels, mask)
+    g_ref = {k.replace(".modules_to_save", ""): v for k, v in g_ref.items()}
+    loss, grads = model.loss_and_grads(ids, labels, mask)
+    assert abs(loss - loss_ref) <= 1e-5 * loss_ref
+    assert set(grads) == set(g_ref) and "base_model.model.lm_head.weight" in grads
+    for name, g in grads.items():
+        assert _rel(g, g_ref[name]) <= 1e-3, name
+
+
+def test_zero_b_equals_base_model_exactly():
+    hf = tiny_hf_model("qwen2", seed=6)
+    state = state_from_hf(hf, quantize="nf4")
+    model = Model(state, LoraConfig(r=4, alpha=8))          # B starts at zero
+    ids, _, mask = _batch(3)
+    with_adapters = model.forward(ids, mask)
+    pairs, model.lora.pairs = model.lora.pairs, {}
+    base = model.forward(ids, mask)
+    model.lora.pairs = pairs
+    assert np.array_equal(with_adapters, base)
+    ref = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.detach().numpy()
+    assert _rel(base[mask.astype(bool)], ref[mask.astype(bool)]) <= 1e-4
