@@ -1,0 +1,203 @@
+"""Tokenizer: a `tokenizers.Tokenizer` plus special ids and the chat template.
+
+Built from an HF directory (tokenizer.json + tokenizer_config.json) or from a GGUF file's
+vocabulary (tokenizer.ggml.*).  The chat template is rendered by a sandboxed Jinja2
+environment; nothing else from a model directory is ever executed."""
+from __future__ import annotations
+
+import json
+import os
+
+# Pre-tokenizer split patterns keyed by GGUF `tokenizer.ggml.pre` (how the vocabulary's
+# merges were learned).  Each is followed by byte-level mapping without its own regex.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
+           "smaug-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
+# pre-tokenizers that are GPT-2's regex after splitting digits one by one
+_DIGITS_THEN_GPT2 = ("smollm",)
+
+# GGUF token types
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+
+class Tokenizer:
+    def __init__(self, backend, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                 chat_template: str | None = None, source: str = ""):
+        self.backend = backend
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        self.chat_template = chat_template
+        self.source = source
+        self._compiled = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str):
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, i: int):
+        return self.backend.id_to_token(i)
+
+    @property
+    def bos_token(self):
+        return None if self.bos_token_id is None else self.id_to_token(self.bos_token_id)
+
+    @property
+    def eos_token(self):
+        e = self.eos_token_id[0] if isinstance(self.eos_token_id, (list, tuple)) else self.eos_token_id
+        return None if e is None else self.id_to_token(e)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list:
+        if not isinstance(text, str):
+            raise ValueError(f"encode expects a str, got {type(text).__name__}")
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts, add_special_tokens: bool = False) -> list:
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = False, **kwargs) -> str:
+        """Render the model's chat template (sandboxed Jinja2, as transformers renders it:
+        trim_blocks, lstrip_blocks, `raise_exception`, `tojson`)."""
+        if not self.chat_template:
+            raise ValueError(f"{self.source or 'tokenizer'}: no chat template (tokenizer_config.json "
+                             "'chat_template' or GGUF 'tokenizer.chat_template')")
+        if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
+            raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
+        if self._compiled is None:
+            self._compiled = _compile_template(self.chat_template, self.source)
+        return self._compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+
+    # ---- construction ----
+
+    @classmethod
+    def from_dir(cls, path) -> "Tokenizer":
+        """From tokenizer.json (+ tokenizer_config.json and config.json for special ids)."""
+        from tokenizers import Tokenizer as Backend
+
+        d = os.fspath(path)
+        tj = os.path.join(d, "tokenizer.json")
+        if not os.path.isfile(tj):
+            raise OSError(f"{tj}: tokenizer.json not found")
+        try:
+            backend = Backend.from_file(tj)
+        except Exception as e:  # tokenizers raises its own Exception type
+            raise ValueError(f"{tj}: cannot parse tokenizer ({e})") from None
+        cfg = _read_json(os.path.join(d, "tokenizer_config.json"))
+        model_cfg = _read_json(os.path.join(d, "config.json"))
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # named templates: take "default"
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        jt = os.path.join(d, "chat_template.jinja")
+        if template is None and os.path.isfile(jt):
+            with open(jt, encoding="utf-8") as f:
+                template = f.read()
+
+        def special(key):
+            tok = cfg.get(key)
+            if isinstance(tok, dict):
+                tok = tok.get("content")
+            if isinstance(tok, str):
+                i = backend.token_to_id(tok)
+                if i is not None:
+                    return i
+            return model_cfg.get(f"{key}_id")
+
+        return cls(backend, bos_token_id=special("bos_token"), eos_token_id=special("eos_token"),
+                   pad_token_id=special("pad_token"), chat_template=template, source=tj)
+
+    @classmethod
+    def from_gguf_metadata(cls, md: dict, source: str = "") -> "Tokenizer":
+        """Rebuild the tokenizer from GGUF metadata (tokenizer.ggml.model "gpt2": byte-level BPE)."""
+        from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
+        from tokenizers import Tokenizer as Backend
+        from tokenizers.models import BPE
+
+        kind = md.get("tokenizer.ggml.model")
+        tokens = md.get("tokenizer.ggml.tokens")
+        if kind is None or tokens is None:
+            raise ValueError(f"{source}: no tokenizer in the GGUF metadata (tokenizer.ggml.model/tokens missing)")
+        if kind != "gpt2":
+            raise ValueError(f"{source}: tokenizer.ggml.model {kind!r} is not supported; expected 'gpt2' "
+                             "(byte-level BPE)")
+        merges = md.get("tokenizer.ggml.merges")
+        if merges is None:
+            raise ValueError(f"{source}: tokenizer.ggml.merges is missing for a BPE tokenizer")
+        types = md.get("tokenizer.ggml.token_type")
+        if types is not None and len(types) != len(tokens):
+            raise ValueError(f"{source}: tokenizer.ggml.token_type has {len(types)} entries, tokens {len(tokens)}")
+        vocab = {t: i for i, t in enumerate(tokens)}
+        pairs = []
+        for m in merges:
+            a, sep, b = m.partition(" ")
+            if not sep:
+                raise ValueError(f"{source}: tokenizer.ggml.merges entry {m!r} is not 'left right'")
+            pairs.append((a, b))
+        backend = Backend(BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+        pre = md.get("tokenizer.ggml.pre", "default")
+        if pre in _SPLITS:
+            backend.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        elif pre in _DIGITS_THEN_GPT2:
+            backend.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+        else:  # GPT-2's own regex
+            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        backend.decoder = decoders.ByteLevel()
+        if types is not None:
+            added = [AddedToken(tokens[i], special=int(t) == _CONTROL, normalized=False)
+                     for i, t in enumerate(types) if int(t) in (_CONTROL, _USER_DEFINED)]
+            backend.add_tokens(added)
+        bos = md.get("tokenizer.ggml.bos_token_id")
+        eos = md.get("tokenizer.ggml.eos_token_id")
+        if md.get("tokenizer.ggml.add_bos_token") and bos is not None:
+            backend.post_processor = processors.TemplateProcessing(
+                single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B", special_tokens=[(tokens[bos], bos)])
+        else:
+            backend.post_processor = processors.ByteLevel(trim_offsets=False)
+        return cls(backend, bos_token_id=bos, eos_token_id=eos,
+                   pad_token_id=md.get("tokenizer.ggml.padding_token_id"),
+                   chat_template=md.get("tokenizer.chat_template"), source=source)
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return d
+
+
+def _compile_template(source_text: str, where: str):
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(f"chat template: {message}")
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(source_text)
+    except TemplateError as e:
+        raise ValueError(f"{where}: chat template does not compile ({e})") from None
