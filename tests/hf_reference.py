@@ -77,6 +77,22 @@ def state_from_hf(m, quantize=None, blocksize=64, double_quant=False) -> ModelSt
                       quantize=quantize, double_quant=double_quant, blocksize=blocksize)
 
 
+def hf_from_checkpoint(path, state):
+    """transformers' model of checkpoint `path`, with the projections replaced by the
+    dequantized NF4 values when `state` (qlora_ext's load of the same path) is quantized."""
+    import torch
+    import transformers
+
+    m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                          attn_implementation="eager").eval()
+    with torch.no_grad():
+        for i, lw in enumerate(state.layers):
+            for p in PROJECTIONS:
+                mod = "self_attn" if p in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+                getattr(getattr(m.model.layers[i], mod), p).weight.copy_(torch.from_numpy(lw.weight(p)))
+    return m
+
+
 def randomize_lora(model, seed=0, scale=0.2):
     """Non-zero B (and fresh A) so that the adapters matter."""
     rng = np.random.default_rng(seed)

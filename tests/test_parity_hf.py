@@ -9,7 +9,11 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from hf_reference import peft_grads, peft_twin, randomize_lora, state_from_hf, tiny_hf_model  # noqa: E402
+from hf_reference import (hf_from_checkpoint, peft_grads, peft_twin, randomize_lora,  # noqa: E402
+                          state_from_hf, tiny_hf_model)
+from model_factory import make_tiny_checkpoint  # noqa: E402
+
+from qlora_ext.model.api import load_model  # noqa: E402
 
 from qlora_ext.model.lora import LoraConfig  # noqa: E402
 from qlora_ext.model.model import Model  # noqa: E402
@@ -59,13 +63,22 @@ def _check(model, pm, ids, labels, mask, grad_tol=1e-3):
 
 @pytest.mark.parametrize("quantize", [None, "nf4"])
 @pytest.mark.parametrize("model_type", ["qwen3", "qwen2", "llama"])
-def test_parity_logits_loss_grads(model_type, quantize):
-    hf = tiny_hf_model(model_type, seed=3, tie=model_type == "llama")
-    state = state_from_hf(hf, quantize=quantize)    # NF4: hf now holds the dequantized weights
-    model = Model(state, LoraConfig(r=4, alpha=8))
+def test_parity_logits_loss_grads(tmp_path, model_type, quantize):
+    """Through the public path: make_tiny_checkpoint -> load_model -> HF from_pretrained."""
+    path = make_tiny_checkpoint(tmp_path / "ckpt", model_type=model_type, seed=3, vocab_size=V)
+    model = load_model(path, lora=LoraConfig(r=4, alpha=8), quantize=quantize, device="cpu")
     randomize_lora(model, seed=1)
+    hf = hf_from_checkpoint(path, model.state)
     pm = peft_twin(hf, model)
     _check(model, pm, *_batch(0))
+
+
+def test_parity_random_hf_weights():
+    """Larger weights and biases than the checkpoint factory's (HF model as the source)."""
+    hf = tiny_hf_model("qwen2", seed=7)
+    model = Model(state_from_hf(hf, quantize="nf4"), LoraConfig(r=4, alpha=8))
+    randomize_lora(model, seed=1)
+    _check(model, peft_twin(hf, model), *_batch(0))
 
 
 def test_parity_left_padding_and_double_quant():
