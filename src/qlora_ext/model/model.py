@@ -5,6 +5,8 @@ the LM head when trained), with the conventions of HF transformers + PEFT.
 Shape letters: B batch, T tokens, N = B*T, H hidden, V vocab."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 
 from . import reference_kernels
@@ -13,15 +15,23 @@ from .lora import LM_HEAD_NAME, PROJECTIONS, LoraConfig, LoraWeights
 from .loss import IGNORE_INDEX, cross_entropy, shifted_targets
 
 
+_KERNEL_GROUPS = (("attention_forward", "attention_backward"),
+                  ("rope_tables", "rope_forward", "rope_backward"),
+                  ("rmsnorm_forward", "rmsnorm_backward"))
+
+
 def default_kernels():
-    """The compiled CPU kernels when they load, else the numpy reference (slow, correct)."""
+    """The compiled CPU kernels, group by group (a group's functions share data such as the
+    RoPE tables); a group the build lacks falls back to the numpy reference (slow, correct)."""
     try:
-        from ..cpu import kernels as k
-        k.rmsnorm_forward  # noqa: B018 - the module may exist before every kernel does
-        k.attention_forward
-        return k
-    except (ImportError, AttributeError):
+        from ..cpu import kernels as compiled
+    except ImportError:
         return reference_kernels
+    chosen = {}
+    for group in _KERNEL_GROUPS:
+        src = compiled if all(hasattr(compiled, f) for f in group) else reference_kernels
+        chosen.update({f: getattr(src, f) for f in group})
+    return SimpleNamespace(**chosen)
 
 
 class Model:
