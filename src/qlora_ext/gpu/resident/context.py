@@ -1,0 +1,290 @@
+"""The GPU context of the resident mode: one wgpu device, WGSL shaders loaded by name from
+shaders/, pipelines and bind groups created once and cached by content, and one command
+encoder that records every dispatch of a step until `submit()`.
+
+This is a thin stand-in for the ffn engineer's device/pipeline code in qlora_ext.gpu (not yet
+committed when this was written); it keeps the same ideas (adapter limits requested, shaders
+by name, caches) so that switching to theirs later only changes this file.
+
+A `GpuTensor` is a storage buffer plus a shape and a dtype (f32, i32 or u32): the kernels'
+buffer-in/buffer-out forms take and return these without any host round trip."""
+from __future__ import annotations
+
+import os
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+_DTYPES = {"f32": np.float32, "i32": np.int32, "u32": np.uint32}
+# The WebGPU limit on workgroups per dimension (wgpu 0.32 enforces it: GPU.md).
+MAX_GROUPS = 65535
+_BIND_GROUP_CACHE = 1024
+
+
+def _shader_dirs():
+    env = os.environ.get("QLORA_EXT_SHADERS")
+    here = Path(__file__).resolve()
+    dirs = [Path(env)] if env else []
+    # Source tree: <root>/src/qlora_ext/gpu/resident/context.py -> <root>/shaders;
+    # installed wheel: shaders next to the package.
+    dirs += [here.parents[4] / "shaders", here.parents[2] / "shaders"]
+    return dirs
+
+
+def load_shader_source(name: str) -> str:
+    """The text of shaders/<name>.wgsl (QLORA_EXT_SHADERS overrides the folder)."""
+    for d in _shader_dirs():
+        p = d / f"{name}.wgsl"
+        if p.is_file():
+            return p.read_text()
+    raise OSError(f"shader {name!r}: no {name}.wgsl in any of {[str(d) for d in _shader_dirs()]}")
+
+
+@dataclass
+class GpuTensor:
+    """A storage buffer holding a C-ordered array of `shape` and `dtype` ('f32', 'i32', 'u32')."""
+
+    buffer: object
+    shape: tuple
+    dtype: str = "f32"
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= int(s)
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * self.size
+
+
+class GpuContext:
+    """One device, its pipelines and one pending command encoder.
+
+    Kernels call `dispatch(...)`, which records a compute pass into the pending encoder;
+    `submit()` sends it.  Reading a tensor back (`to_numpy`) submits first."""
+
+    def __init__(self, adapter=None):
+        import wgpu
+
+        self.wgpu = wgpu
+        if adapter is None:
+            adapter = find_adapter()
+            if adapter is None:
+                raise OSError("no wgpu adapter found (need Vulkan, Metal or DX12; Mesa lavapipe works)")
+        self.adapter = adapter
+        limits = adapter.limits
+        want = {k: limits[k] for k in ("max-storage-buffer-binding-size", "max-buffer-size",
+                                       "max-compute-workgroup-storage-size",
+                                       "max-compute-invocations-per-workgroup",
+                                       "max-storage-buffers-per-shader-stage") if k in limits}
+        self.device = adapter.request_device_sync(required_limits=want)
+        self.limits = dict(self.device.limits)
+        self.queue = self.device.queue
+        self._modules = {}
+        self._pipelines = {}
+        self._layouts = {}
+        # Bounded LRU (key: layout + buffer ids; value keeps the buffers alive so ids stay
+        # unique): a step's groups repeat, while numpy-form calls make short-lived buffers.
+        self._bind_groups = OrderedDict()
+        self._uniforms = {}
+        self._encoder = None
+
+    # ---- buffers ---------------------------------------------------------------------------
+    def empty(self, shape, dtype: str = "f32") -> GpuTensor:
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
+        shape = tuple(int(s) for s in shape)
+        n = int(np.prod(shape, dtype=np.int64))
+        nbytes = max(4 * n, 16)
+        lim = self.limits["max-storage-buffer-binding-size"]
+        if nbytes > lim:
+            raise ValueError(f"tensor of shape {shape}: {nbytes} bytes exceeds the adapter's "
+                             f"storage binding limit of {lim} bytes")
+        u = self.wgpu.BufferUsage
+        buf = self.device.create_buffer(size=(nbytes + 15) // 16 * 16,
+                                        usage=u.STORAGE | u.COPY_SRC | u.COPY_DST)
+        return GpuTensor(buf, shape, dtype)
+
+    def zeros(self, shape, dtype: str = "f32") -> GpuTensor:
+        t = self.empty(shape, dtype)
+        self.encoder().clear_buffer(t.buffer)
+        return t
+
+    def upload(self, a: np.ndarray, dtype: str | None = None) -> GpuTensor:
+        a = np.asarray(a)
+        if dtype is None:
+            dtype = {np.dtype(np.float32): "f32", np.dtype(np.int32): "i32",
+                     np.dtype(np.uint32): "u32"}.get(a.dtype)
+            if dtype is None:
+                raise ValueError(f"upload: dtype {a.dtype} has no GPU form (float32, int32, uint32)")
+        a = np.ascontiguousarray(a, dtype=_DTYPES[dtype])
+        t = self.empty(a.shape, dtype)
+        self.write(t, a)
+        return t
+
+    def write(self, t: GpuTensor, a: np.ndarray) -> None:
+        a = np.ascontiguousarray(a, dtype=_DTYPES[t.dtype])
+        if a.size != t.size:
+            raise ValueError(f"write: {a.size} elements into a tensor of shape {t.shape}")
+        if a.size:
+            # Recorded work that reads t must see the old contents: flush it first.
+            self.submit()
+            self.queue.write_buffer(t.buffer, 0, a)
+
+    def to_numpy(self, t: GpuTensor) -> np.ndarray:
+        self.submit()
+        if t.size == 0:
+            return np.zeros(t.shape, _DTYPES[t.dtype])
+        raw = self.queue.read_buffer(t.buffer, 0, t.nbytes)
+        return np.frombuffer(raw, dtype=_DTYPES[t.dtype]).reshape(t.shape).copy()
+
+    # ---- pipelines -------------------------------------------------------------------------
+    def _module(self, name: str, consts: tuple):
+        key = (name, consts)
+        m = self._modules.get(key)
+        if m is None:
+            src = load_shader_source(name)
+            # Consts a shader needs at compile time (array sizes of private memory) are prepended;
+            # tile sizes stay WGSL `override`s set per pipeline.
+            head = "".join(f"const {k}: u32 = {int(v)}u;\n" for k, v in consts)
+            try:
+                m = self.device.create_shader_module(code=head + src, label=name)
+            except Exception as e:  # noqa: BLE001 - show the source on demand, re-raise as is
+                if os.environ.get("QLORA_EXT_SHADER_DEBUG"):
+                    lines = (head + src).splitlines()
+                    print("\n".join(f"{i + 1:4d} {s}" for i, s in enumerate(lines)))
+                raise OSError(f"shader {name!r} failed to compile: {e}") from e
+            self._modules[key] = m
+        return m
+
+    def _layout(self, kinds: str):
+        """kinds: one letter per binding, r = read-only storage, w = read-write storage,
+        u = uniform."""
+        lay = self._layouts.get(kinds)
+        if lay is None:
+            w = self.wgpu
+            types = {"r": w.BufferBindingType.read_only_storage, "w": w.BufferBindingType.storage,
+                     "u": w.BufferBindingType.uniform}
+            bgl = self.device.create_bind_group_layout(entries=[
+                {"binding": i, "visibility": w.ShaderStage.COMPUTE, "buffer": {"type": types[k]}}
+                for i, k in enumerate(kinds)])
+            lay = (bgl, self.device.create_pipeline_layout(bind_group_layouts=[bgl]))
+            self._layouts[kinds] = lay
+        return lay
+
+    def pipeline(self, name: str, entry: str, kinds: str, consts: dict | None = None,
+                 overrides: dict | None = None):
+        consts_t = tuple(sorted((consts or {}).items()))
+        over_t = tuple(sorted((overrides or {}).items()))
+        key = (name, entry, kinds, consts_t, over_t)
+        p = self._pipelines.get(key)
+        if p is None:
+            bgl, pl = self._layout(kinds)
+            compute = {"module": self._module(name, consts_t), "entry_point": entry}
+            if over_t:
+                compute["constants"] = dict(over_t)
+            p = (self.device.create_compute_pipeline(layout=pl, compute=compute), bgl)
+            self._pipelines[key] = p
+        return p
+
+    def uniform(self, fmt: str, *values) -> object:
+        """A uniform buffer holding struct.pack(fmt, *values), cached by its bytes: the shapes
+        and flags of a step repeat, so steady-state steps create no buffers."""
+        data = struct.pack("<" + fmt, *values)
+        data += b"\0" * (-len(data) % 16)
+        buf = self._uniforms.get(data)
+        if buf is None:
+            u = self.wgpu.BufferUsage
+            buf = self.device.create_buffer_with_data(data=data, usage=u.UNIFORM)
+            self._uniforms[data] = buf
+        return buf
+
+    # ---- recording -------------------------------------------------------------------------
+    def encoder(self):
+        if self._encoder is None:
+            self._encoder = self.device.create_command_encoder()
+        return self._encoder
+
+    def dispatch(self, pipeline, buffers, groups) -> None:
+        """Record one compute pass: `buffers` bound at 0.. in order, `groups` (x[, y[, z]])."""
+        pipe, bgl = pipeline
+        bufs = [b.buffer if isinstance(b, GpuTensor) else b for b in buffers]
+        key = (id(bgl),) + tuple(id(b) for b in bufs)
+        hit = self._bind_groups.get(key)
+        if hit is not None:
+            self._bind_groups.move_to_end(key)
+            bg = hit[0]
+        else:
+            bg = self.device.create_bind_group(layout=bgl, entries=[
+                {"binding": i, "resource": {"buffer": b, "offset": 0, "size": b.size}}
+                for i, b in enumerate(bufs)])
+            # Keep the buffers alive with the group so that ids stay unique while cached.
+            self._bind_groups[key] = (bg, bufs)
+            if len(self._bind_groups) > _BIND_GROUP_CACHE:
+                self._bind_groups.popitem(last=False)
+        g = tuple(int(x) for x in groups) + (1, 1)
+        if min(g[:3]) == 0:
+            return
+        if max(g[:3]) > MAX_GROUPS:
+            raise ValueError(f"dispatch of {g[:3]} workgroups: at most {MAX_GROUPS} per dimension")
+        cp = self.encoder().begin_compute_pass()
+        cp.set_pipeline(pipe)
+        cp.set_bind_group(0, bg)
+        cp.dispatch_workgroups(g[0], g[1], g[2])
+        cp.end()
+
+    def submit(self) -> None:
+        if self._encoder is not None:
+            self.queue.submit([self._encoder.finish()])
+            self._encoder = None
+
+    def forget_bind_groups(self) -> None:
+        """Drop cached bind groups (and the buffers they keep alive); call after freeing
+        per-step tensors that will not come back."""
+        self._bind_groups.clear()
+
+
+def grid_2d(n_groups: int) -> tuple:
+    """Split n_groups workgroups over (x, y) with x <= 65535; shaders rebuild the linear id as
+    wid.x + wid.y * num_workgroups.x and skip ids >= n_groups."""
+    if n_groups <= MAX_GROUPS:
+        return (n_groups, 1)
+    y = (n_groups + MAX_GROUPS - 1) // MAX_GROUPS
+    x = (n_groups + y - 1) // y
+    return (x, y)
+
+
+def find_adapter():
+    """The first wgpu adapter (a real GPU if there is one, else a software one), or None."""
+    try:
+        import wgpu
+    except ImportError:
+        return None
+    try:
+        ads = wgpu.gpu.enumerate_adapters_sync()
+    except Exception:  # noqa: BLE001 - no driver at all is the same as no adapter
+        return None
+    if not ads:
+        return None
+    rank = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "CPU": 3}
+    vk_first = {"Vulkan": 0, "Metal": 0, "D3D12": 0}
+    ads = sorted(ads, key=lambda a: (rank.get(a.info.get("adapter_type"), 4),
+                                     vk_first.get(a.info.get("backend_type"), 1)))
+    return ads[0]
+
+
+_default = None
+
+
+def default_context() -> GpuContext:
+    """A process-wide context on the best adapter, made on first use."""
+    global _default
+    if _default is None:
+        _default = GpuContext()
+    return _default

@@ -1,0 +1,263 @@
+"""Elementwise and row-wise layer kernels of the GPU-resident mode: RMSNorm (also per-head q/k
+norm), RoPE, SwiGLU, embedding gather and the residual add, forward next to backward.
+
+Each op has two forms:
+- `<op>_gpu(ctx, ...)`: GpuTensor in, GpuTensor out; only records dispatches into ctx's
+  pending encoder (no host round trip) -- what the step engine chains;
+- `<op>(...)`: numpy in, numpy out, checked at the boundary (tests, one-off use).
+
+Shape letters: N rows, C channels, B batch, T tokens, H heads, D head_dim, P table positions,
+V vocabulary, F FFN width.  Same conventions as qlora_ext.cpu.kernels."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .context import GpuContext, GpuTensor, default_context, grid_2d
+
+
+def _ctx(ctx):
+    return default_context() if ctx is None else ctx
+
+
+def _f32(name: str, a, ndim: int, letters: str) -> np.ndarray:
+    if not isinstance(a, np.ndarray):
+        raise ValueError(f"{name}: expected a numpy float32 array [{letters}], got {type(a).__name__}")
+    if a.dtype != np.float32:
+        raise ValueError(f"{name}: expected dtype float32, got {a.dtype}")
+    if a.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions [{letters}], got shape {a.shape}")
+    return np.ascontiguousarray(a)
+
+
+def _shape(name: str, a, shape: tuple, letters: str) -> None:
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)} [{letters}], got {tuple(a.shape)}")
+
+
+def _elementwise_groups(n: int, wg: int) -> tuple:
+    return grid_2d((n + wg - 1) // wg)
+
+
+# ---- RMSNorm --------------------------------------------------------------------------------
+
+_RMS_WG = 128
+
+
+def rmsnorm_forward_gpu(ctx: GpuContext, x: GpuTensor, weight: GpuTensor, eps: float,
+                        y: GpuTensor | None = None, rstd: GpuTensor | None = None):
+    """x [N, C], weight [C] -> (y [N, C], rstd [N]).  y and rstd may be given (reused)."""
+    N, C = x.shape
+    y = ctx.empty((N, C)) if y is None else y
+    rstd = ctx.empty((N,)) if rstd is None else rstd
+    pipe = ctx.pipeline("resident_rmsnorm", "forward", "urrww", overrides={"WG": _RMS_WG})
+    ctx.dispatch(pipe, [ctx.uniform("IIfI", N, C, eps, 0), x, weight, y, rstd], grid_2d(N))
+    return y, rstd
+
+
+def rmsnorm_backward_gpu(ctx: GpuContext, x: GpuTensor, weight: GpuTensor, rstd: GpuTensor,
+                         dy: GpuTensor, dx: GpuTensor | None = None, accumulate: bool = False):
+    """x, dy [N, C], weight [C], rstd [N] -> dx [N, C]; with accumulate, dx += the gradient."""
+    N, C = x.shape
+    if dx is None:
+        if accumulate:
+            raise ValueError("rmsnorm_backward_gpu: accumulate=True needs dx")
+        dx = ctx.empty((N, C))
+    pipe = ctx.pipeline("resident_rmsnorm", "backward", "urrwwr", overrides={"WG": _RMS_WG})
+    ctx.dispatch(pipe, [ctx.uniform("IIfI", N, C, 0.0, int(accumulate)), x, weight, dx, rstd, dy],
+                 grid_2d(N))
+    return dx
+
+
+def rmsnorm_dweight_gpu(ctx: GpuContext, x: GpuTensor, rstd: GpuTensor, dy: GpuTensor,
+                        weight: GpuTensor, dweight: GpuTensor | None = None,
+                        accumulate: bool = False):
+    """dweight [C] (+)= sum_n dy * x * rstd (weight is only bound, not read)."""
+    N, C = x.shape
+    dweight = ctx.empty((C,)) if dweight is None else dweight
+    pipe = ctx.pipeline("resident_rmsnorm", "dweight", "urrwwr", overrides={"WG": _RMS_WG})
+    ctx.dispatch(pipe, [ctx.uniform("IIfI", N, C, 0.0, int(accumulate)), x, weight, dweight, rstd, dy],
+                 grid_2d((C + _RMS_WG - 1) // _RMS_WG))
+    return dweight
+
+
+def _eps(eps) -> float:
+    eps = float(eps)
+    if not (eps >= 0.0 and math.isfinite(eps)):
+        raise ValueError(f"eps={eps!r}: expected a finite value >= 0")
+    return eps
+
+
+def rmsnorm_forward(x: np.ndarray, weight: np.ndarray, eps: float, ctx=None):
+    """x [N, C], weight [C] -> (y [N, C], rstd [N]), as qlora_ext.cpu.kernels.rmsnorm_forward."""
+    x = _f32("x", x, 2, "N, C")
+    N, C = x.shape
+    if C == 0:
+        raise ValueError("x: C (the normalised dimension) must be >= 1")
+    weight = _f32("weight", weight, 1, "C")
+    _shape("weight", weight, (C,), "C")
+    eps = _eps(eps)
+    ctx = _ctx(ctx)
+    y, rstd = rmsnorm_forward_gpu(ctx, ctx.upload(x), ctx.upload(weight), eps)
+    return ctx.to_numpy(y), ctx.to_numpy(rstd)
+
+
+def rmsnorm_backward(x: np.ndarray, weight: np.ndarray, rstd: np.ndarray, dy: np.ndarray,
+                     weight_grad: bool = False, ctx=None):
+    """x, dy [N, C], weight [C], rstd [N] -> (dx [N, C], dweight [C] or None)."""
+    x = _f32("x", x, 2, "N, C")
+    N, C = x.shape
+    if C == 0:
+        raise ValueError("x: C (the normalised dimension) must be >= 1")
+    weight = _f32("weight", weight, 1, "C")
+    _shape("weight", weight, (C,), "C")
+    rstd = _f32("rstd", rstd, 1, "N")
+    _shape("rstd", rstd, (N,), "N")
+    dy = _f32("dy", dy, 2, "N, C")
+    _shape("dy", dy, (N, C), "N, C")
+    ctx = _ctx(ctx)
+    gx, gw, gr, gdy = ctx.upload(x), ctx.upload(weight), ctx.upload(rstd), ctx.upload(dy)
+    dx = rmsnorm_backward_gpu(ctx, gx, gw, gr, gdy)
+    dw = rmsnorm_dweight_gpu(ctx, gx, gr, gdy, gw) if weight_grad else None
+    return ctx.to_numpy(dx), (ctx.to_numpy(dw) if weight_grad else None)
+
+
+# ---- RoPE -----------------------------------------------------------------------------------
+
+_ROPE_WG = 64
+
+
+def rope_apply_gpu(ctx: GpuContext, x: GpuTensor, positions: GpuTensor, cos: GpuTensor,
+                   sin: GpuTensor, sign: int = 1) -> GpuTensor:
+    """Rotate x [B, T, H, D] in place; positions i32 [B*T]; cos, sin [P, D/2].
+    sign +1: forward; -1: backward (apply to dx)."""
+    B, T, H, D = x.shape
+    half = D // 2
+    n = B * T * H * half
+    pipe = ctx.pipeline("resident_rope", "apply", "uwrrr", overrides={"WG": _ROPE_WG})
+    ctx.dispatch(pipe, [ctx.uniform("IIIIf", n, H, half, cos.shape[0], float(sign)),
+                        x, positions, cos, sin], _elementwise_groups(n, _ROPE_WG))
+    return x
+
+
+def _rope_np(name: str, x, positions, tables, sign: int, ctx):
+    # The CPU module's checks define the contract (shape, even D, table range): reuse them.
+    from ...cpu.kernels import _rope_args
+
+    x = _f32(name, x, 4, "B, T, H, D")
+    pos = _rope_args(name, x, positions, tables)
+    B, T, H, D = x.shape
+    pos = np.ascontiguousarray(np.broadcast_to(pos, (B, T)), dtype=np.int32).reshape(-1)
+    ctx = _ctx(ctx)
+    gx = ctx.upload(x)
+    rope_apply_gpu(ctx, gx, ctx.upload(pos), ctx.upload(tables.cos), ctx.upload(tables.sin), sign)
+    return ctx.to_numpy(gx)
+
+
+def rope_forward(x: np.ndarray, positions, tables, ctx=None) -> np.ndarray:
+    """x [B, T, H, D], positions int [B, T] or [T], tables (qlora_ext.cpu.kernels.rope_tables)
+    -> rotated copy of x (HF rotate_half)."""
+    return _rope_np("x", x, positions, tables, 1, ctx)
+
+
+def rope_backward(dx: np.ndarray, positions, tables, ctx=None) -> np.ndarray:
+    """Gradient of rope_forward: dx [B, T, H, D] -> rotated back copy."""
+    return _rope_np("dx", dx, positions, tables, -1, ctx)
+
+
+# ---- SwiGLU ---------------------------------------------------------------------------------
+
+_EW_WG = 64
+
+
+def swiglu_forward_gpu(ctx: GpuContext, g: GpuTensor, u: GpuTensor, h: GpuTensor | None = None):
+    """g, u [N, F] -> h = silu(g) * u [N, F]."""
+    n = g.size
+    h = ctx.empty(g.shape) if h is None else h
+    pipe = ctx.pipeline("resident_swiglu", "forward", "urrw", overrides={"WG": _EW_WG})
+    ctx.dispatch(pipe, [ctx.uniform("I", n), g, u, h], _elementwise_groups(n, _EW_WG))
+    return h
+
+
+def swiglu_backward_gpu(ctx: GpuContext, g: GpuTensor, u: GpuTensor, dh: GpuTensor,
+                        dg: GpuTensor | None = None, du: GpuTensor | None = None):
+    """g, u, dh [N, F] -> (dg, du) [N, F]."""
+    n = g.size
+    dg = ctx.empty(g.shape) if dg is None else dg
+    du = ctx.empty(g.shape) if du is None else du
+    pipe = ctx.pipeline("resident_swiglu", "backward", "urrwwr", overrides={"WG": _EW_WG})
+    ctx.dispatch(pipe, [ctx.uniform("I", n), g, u, dg, du, dh], _elementwise_groups(n, _EW_WG))
+    return dg, du
+
+
+def _same_f32(names, arrays):
+    out = [_f32(names[0], arrays[0], np.ndim(arrays[0]), "N, F")]
+    for nm, a in zip(names[1:], arrays[1:]):
+        a = _f32(nm, a, out[0].ndim, "N, F")
+        _shape(nm, a, out[0].shape, "same as " + names[0])
+        out.append(a)
+    return out
+
+
+def swiglu_forward(g: np.ndarray, u: np.ndarray, ctx=None) -> np.ndarray:
+    """g, u [..., F] -> silu(g) * u."""
+    g, u = _same_f32(("g", "u"), (g, u))
+    ctx = _ctx(ctx)
+    return ctx.to_numpy(swiglu_forward_gpu(ctx, ctx.upload(g), ctx.upload(u)))
+
+
+def swiglu_backward(g: np.ndarray, u: np.ndarray, dh: np.ndarray, ctx=None):
+    """g, u, dh [..., F] -> (dg, du)."""
+    g, u, dh = _same_f32(("g", "u", "dh"), (g, u, dh))
+    ctx = _ctx(ctx)
+    dg, du = swiglu_backward_gpu(ctx, ctx.upload(g), ctx.upload(u), ctx.upload(dh))
+    return ctx.to_numpy(dg), ctx.to_numpy(du)
+
+
+# ---- embedding gather -----------------------------------------------------------------------
+
+def embedding_gather_gpu(ctx: GpuContext, ids: GpuTensor, table: GpuTensor,
+                         out: GpuTensor | None = None) -> GpuTensor:
+    """ids i32 [N], table [V, C] -> out [N, C] (rows of table); ids outside [0, V) give zeros."""
+    (N,), (V, C) = ids.shape, table.shape
+    out = ctx.empty((N, C)) if out is None else out
+    n = N * C
+    pipe = ctx.pipeline("resident_embedding", "gather", "urrw", overrides={"WG": _EW_WG})
+    ctx.dispatch(pipe, [ctx.uniform("III", n, C, V), ids, table, out], _elementwise_groups(n, _EW_WG))
+    return out
+
+
+def embedding_gather(ids, table: np.ndarray, ctx=None) -> np.ndarray:
+    """ids int [...], table [V, C] -> [..., C]."""
+    ids = np.asarray(ids)
+    if ids.dtype.kind not in "iu":
+        raise ValueError(f"ids: expected an integer array, got dtype {ids.dtype}")
+    table = _f32("table", table, 2, "V, C")
+    V = table.shape[0]
+    if ids.size and (ids.min() < 0 or ids.max() >= V):
+        raise ValueError(f"ids: values must lie in [0, {V}) (the vocabulary), "
+                         f"got min {ids.min()} max {ids.max()}")
+    ctx = _ctx(ctx)
+    flat = np.ascontiguousarray(ids.reshape(-1), dtype=np.int32)
+    out = embedding_gather_gpu(ctx, ctx.upload(flat, "i32"), ctx.upload(table))
+    return ctx.to_numpy(out).reshape(ids.shape + (table.shape[1],))
+
+
+# ---- residual add ---------------------------------------------------------------------------
+
+def add_gpu(ctx: GpuContext, dst: GpuTensor, src: GpuTensor, alpha: float = 1.0) -> GpuTensor:
+    """dst += alpha * src (same number of elements), in place; returns dst."""
+    if dst.size != src.size:
+        raise ValueError(f"add_gpu: dst has shape {dst.shape}, src {src.shape}")
+    n = dst.size
+    pipe = ctx.pipeline("resident_add", "axpy", "uwr", overrides={"WG": _EW_WG})
+    ctx.dispatch(pipe, [ctx.uniform("If", n, float(alpha)), dst, src], _elementwise_groups(n, _EW_WG))
+    return dst
+
+
+def residual_add(x: np.ndarray, r: np.ndarray, alpha: float = 1.0, ctx=None) -> np.ndarray:
+    """x + alpha * r for same-shaped float32 arrays."""
+    x, r = _same_f32(("x", "r"), (x, r))
+    ctx = _ctx(ctx)
+    return ctx.to_numpy(add_gpu(ctx, ctx.upload(x), ctx.upload(r), alpha))

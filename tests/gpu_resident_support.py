@@ -1,0 +1,29 @@
+"""Shared pieces of the GPU-resident tests: the wgpu context (skip with a reason when no adapter
+exists) and the error measure used against float64 references."""
+import numpy as np
+import pytest
+
+
+def resident_context():
+    """A GpuContext on the first adapter (lavapipe in CI), or skip."""
+    pytest.importorskip("wgpu", reason="wgpu is not installed")
+    from qlora_ext.gpu.resident.context import default_context, find_adapter
+
+    if find_adapter() is None:
+        pytest.skip("no wgpu adapter (install Mesa lavapipe or run on a GPU)")
+    return default_context()
+
+
+def rel_err(got, ref, scale=None) -> float:
+    """max |got - ref| / max |ref|: the error relative to the output's scale (elementwise
+    relative error is meaningless where a value crosses zero).  `scale` replaces max |ref|
+    where the result is a small difference of larger terms (then the terms set the scale)."""
+    got = np.asarray(got, np.float64)
+    ref = np.asarray(ref, np.float64)
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    if ref.size == 0:
+        return 0.0
+    if scale is None:
+        scale = float(np.abs(ref).max())
+    scale = max(float(scale), 1e-30)
+    return float(np.abs(got - ref).max()) / scale
