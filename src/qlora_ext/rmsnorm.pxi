@@ -7,11 +7,6 @@ cdef extern from "rmsnorm.h" nogil:
                             int nthreads)
 
 
-cdef int _check_mem(int rc, str what) except -1:
-    if rc == -4:
-        raise MemoryError(f"{what}: out of memory for the kernel's work buffers")
-    return _check(rc, what)
-
 
 def rmsnorm_forward(const float[:, ::1] x, const float[::1] weight, float eps,
                     float[:, ::1] y, float[::1] rstd, int nthreads=0):

@@ -217,3 +217,64 @@ def rope_backward(dx: np.ndarray, positions, tables: RopeTables, threads=None) -
     pos = _rope_args("dx", dx, positions, tables)
     kernels().rope_apply(dx, pos, tables.cos, tables.sin, -1, _threads(threads))
     return dx
+
+
+# ---- causal GQA attention -------------------------------------------------------------------
+
+def _attn_args(q, k, v, mask):
+    _f32("q", q, 4, "B, T, Hq, D")
+    _f32("k", k, 4, "B, T, Hkv, D")
+    _f32("v", v, 4, "B, T, Hkv, D")
+    B, T, Hq, D = q.shape
+    if B < 1 or T < 1 or Hq < 1:
+        raise ValueError(f"q: expected B, T, Hq >= 1, got shape {q.shape}")
+    if D < 2 or D % 2:
+        raise ValueError(f"q: head_dim D={D} must be even and >= 2")
+    Hkv = k.shape[2]
+    if Hkv < 1 or k.shape != (B, T, Hkv, D):
+        raise ValueError(f"k: expected shape (B, T, Hkv, D) = ({B}, {T}, Hkv, {D}), got {k.shape}")
+    if Hq % Hkv:
+        raise ValueError(f"k: Hq={Hq} query heads are not a multiple of Hkv={Hkv} key/value heads")
+    _same_shape("v", v, k.shape, "B, T, Hkv, D")
+    if mask is not None:
+        if not isinstance(mask, np.ndarray) or mask.dtype not in (np.bool_, np.uint8):
+            raise ValueError(f"mask: expected a bool or uint8 numpy array [B, T], got "
+                             f"{getattr(mask, 'dtype', type(mask).__name__)}")
+        _same_shape("mask", mask, (B, T), "B, T")
+        mask = np.ascontiguousarray(mask).view(np.uint8)
+        if mask.max(initial=0) > 1:
+            raise ValueError("mask: uint8 values must be 0 (padding) or 1 (real token)")
+    return B, T, Hq, Hkv, D, mask
+
+
+def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask=None, threads=None):
+    """Causal self-attention with grouped-query heads.
+
+    q [B, T, Hq, D], k, v [B, T, Hkv, D]: query head h uses key/value head h // (Hq // Hkv);
+    scale 1/sqrt(D); mask [B, T] bool/uint8 (1 = real token, 0 = padding key nobody attends)
+    or None.  Returns (out [B, T, Hq, D], lse [B, Hq, T]), lse the log-sum-exp of each row's
+    scaled scores (what attention_backward needs).  A query row with no key to attend (left
+    padding) gets out = 0 and lse = -inf.  Work memory O(T * D) per head."""
+    B, T, Hq, Hkv, D, mask = _attn_args(q, k, v, mask)
+    nt = _threads(threads)
+    out = np.empty_like(q)
+    lse = np.empty((B, Hq, T), np.float32)
+    kernels().attention_forward(q, k, v, mask, out, lse, nt)
+    return out, lse
+
+
+def attention_backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray,
+                       lse: np.ndarray, dout: np.ndarray, mask=None, threads=None):
+    """Gradients (dq [B, T, Hq, D], dk, dv [B, T, Hkv, D]) of attention_forward for the
+    upstream gradient dout [B, T, Hq, D], given its out and lse.  Scores are recomputed tile
+    by tile (flash-attention style); memory stays O(T * D) per head."""
+    B, T, Hq, Hkv, D, mask = _attn_args(q, k, v, mask)
+    _same_shape("out", _f32("out", out, 4, "B, T, Hq, D"), q.shape, "B, T, Hq, D")
+    _same_shape("dout", _f32("dout", dout, 4, "B, T, Hq, D"), q.shape, "B, T, Hq, D")
+    _same_shape("lse", _f32("lse", lse, 3, "B, Hq, T"), (B, Hq, T), "B, Hq, T")
+    nt = _threads(threads)
+    dq = np.empty_like(q)
+    dk = np.empty_like(k)
+    dv = np.empty_like(v)
+    kernels().attention_backward(q, k, v, out, lse, dout, mask, dq, dk, dv, nt)
+    return dq, dk, dv
