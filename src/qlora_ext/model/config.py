@@ -33,7 +33,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
-    extra: dict = field(default_factory=dict, repr=False)  # other config.json keys, kept for to_hf
+    extra: dict = field(default_factory=dict, repr=False, compare=False)  # other config.json keys, kept for to_hf
 
     def __post_init__(self):
         self.validate()
@@ -144,7 +144,7 @@ class ModelConfig:
         known = {"model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                  "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
                  "rope_scaling", "rope_parameters", "max_position_embeddings", "tie_word_embeddings",
-                 "attention_bias", "bos_token_id", "eos_token_id", "pad_token_id", "architectures"}
+                 "attention_bias", "bos_token_id", "eos_token_id", "pad_token_id", "architectures", "hidden_act"}
         return cls(
             model_type=family,
             vocab_size=req("vocab_size"),

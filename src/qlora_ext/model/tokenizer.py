@@ -74,8 +74,13 @@ class Tokenizer:
             raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
         if self._compiled is None:
             self._compiled = _compile_template(self.chat_template, self.source)
-        return self._compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+        from jinja2 import TemplateError
+
+        try:
+            return self._compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+        except TemplateError as e:  # includes the sandbox's SecurityError
+            raise ValueError(f"{self.source or 'tokenizer'}: chat template failed: {e}") from None
 
     # ---- construction ----
 
