@@ -1,0 +1,120 @@
+// fp32 GEMM of the GPU-resident mode (LM head and its backward, where the weight is not NF4):
+//   C[M, N] = alpha * op(A) @ op(B) + (accumulate ? C : 0)
+//   op(A) is [M, K]: A stored [M, K] (trans_a = 0) or [K, M] (trans_a = 1);
+//   op(B) is [K, N]: B stored [K, N] (trans_b = 0) or [N, K] (trans_b = 1);
+// all row-major f32, starting at element offsets a_off, b_off, c_off of their buffers (so a
+// chunk of rows is addressed without binding a sub-range).
+// Workgroup (TN/4, TM/4) threads computes a TM x TN block of C, 4 x 4 outputs per thread,
+// staging TK-deep slices of op(A) and op(B) in workgroup memory; grid
+// (ceil(N / TN), ceil(M / TM)).  Out-of-range elements load as 0 and are not stored.
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    trans_a: u32,
+    trans_b: u32,
+    accumulate: u32,
+    alpha: f32,
+    a_off: u32,
+    b_off: u32,
+    c_off: u32,
+}
+
+override TM: u32 = 64u;
+override TN: u32 = 64u;
+override TK: u32 = 16u;
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read_write> c: array<f32>;
+
+var<workgroup> a_s: array<f32, TK * TM>;   // [TK][TM]
+var<workgroup> b_s: array<f32, TK * TN>;   // [TK][TN]
+
+fn load_a(row: u32, kk: u32) -> f32 {
+    if (row >= p.m || kk >= p.k) {
+        return 0.0;
+    }
+    if (p.trans_a != 0u) {
+        return a[p.a_off + kk * p.m + row];
+    }
+    return a[p.a_off + row * p.k + kk];
+}
+
+fn load_b(kk: u32, col: u32) -> f32 {
+    if (col >= p.n || kk >= p.k) {
+        return 0.0;
+    }
+    if (p.trans_b != 0u) {
+        return b[p.b_off + col * p.k + kk];
+    }
+    return b[p.b_off + kk * p.n + col];
+}
+
+@compute @workgroup_size(TN / 4u, TM / 4u)
+fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+        @builtin(local_invocation_index) li: u32) {
+    let nthreads = (TN / 4u) * (TM / 4u);
+    let row0 = wid.y * TM;
+    let col0 = wid.x * TN;
+    var acc: array<vec4<f32>, 4>;
+    for (var r = 0u; r < 4u; r = r + 1u) {
+        acc[r] = vec4<f32>(0.0);
+    }
+    for (var k0 = 0u; k0 < p.k; k0 = k0 + TK) {
+        for (var e = li; e < TK * TM; e = e + nthreads) {
+            // Consecutive threads take consecutive k for A stored [M, K] (coalesced reads),
+            // consecutive rows when A is stored [K, M].
+            var kk: u32;
+            var mm: u32;
+            if (p.trans_a != 0u) {
+                kk = e / TM;
+                mm = e % TM;
+            } else {
+                kk = e % TK;
+                mm = e / TK;
+            }
+            a_s[kk * TM + mm] = load_a(row0 + mm, k0 + kk);
+        }
+        for (var e = li; e < TK * TN; e = e + nthreads) {
+            var kk: u32;
+            var nn: u32;
+            if (p.trans_b != 0u) {
+                kk = e % TK;
+                nn = e / TK;
+            } else {
+                kk = e / TN;
+                nn = e % TN;
+            }
+            b_s[kk * TN + nn] = load_b(k0 + kk, col0 + nn);
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < TK; kk = kk + 1u) {
+            let bv = vec4<f32>(b_s[kk * TN + lid.x * 4u], b_s[kk * TN + lid.x * 4u + 1u],
+                               b_s[kk * TN + lid.x * 4u + 2u], b_s[kk * TN + lid.x * 4u + 3u]);
+            for (var r = 0u; r < 4u; r = r + 1u) {
+                acc[r] = acc[r] + a_s[kk * TM + lid.y * 4u + r] * bv;
+            }
+        }
+        workgroupBarrier();
+    }
+    for (var r = 0u; r < 4u; r = r + 1u) {
+        let row = row0 + lid.y * 4u + r;
+        if (row >= p.m) {
+            continue;
+        }
+        for (var cc = 0u; cc < 4u; cc = cc + 1u) {
+            let col = col0 + lid.x * 4u + cc;
+            if (col < p.n) {
+                let idx = p.c_off + row * p.n + col;
+                var val = p.alpha * acc[r][cc];
+                if (p.accumulate != 0u) {
+                    val = val + c[idx];
+                }
+                c[idx] = val;
+            }
+        }
+    }
+}
