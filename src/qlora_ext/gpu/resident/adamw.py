@@ -1,0 +1,93 @@
+"""AdamW on the GPU (resident mode) over one flat buffer of all LoRA parameters, with
+torch.optim.AdamW semantics (bias correction, decoupled weight decay) as
+qlora_ext.train.optim.AdamW.  Shader: shaders/resident_adamw.wgsl."""
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+
+from .context import GpuContext, GpuTensor, default_context, grid_2d
+
+_WG = 64
+
+
+class AdamWGpu:
+    """Moments m, v [n] live on the GPU; step() records one update of param [n] from grad [n]."""
+
+    def __init__(self, ctx: GpuContext, n: int, lr: float = 2e-4, betas=(0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0):
+        if not lr >= 0.0:
+            raise ValueError(f"AdamW lr must be >= 0, got {lr!r}")
+        b1, b2 = (float(b) for b in betas)
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ValueError(f"AdamW betas must be in [0, 1), got {betas!r}")
+        if not eps > 0.0:
+            raise ValueError(f"AdamW eps must be > 0, got {eps!r}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"AdamW weight_decay must be >= 0, got {weight_decay!r}")
+        self.ctx, self.n = ctx, int(n)
+        self.lr, self.betas, self.eps, self.weight_decay = float(lr), (b1, b2), float(eps), float(weight_decay)
+        self.step_count = 0
+        self.m = ctx.zeros((self.n,))
+        self.v = ctx.zeros((self.n,))
+        # Per-step scalars change every step: one uniform buffer rewritten, not one per step.
+        u = ctx.wgpu.BufferUsage
+        self._params = ctx.device.create_buffer(size=48, usage=u.UNIFORM | u.COPY_DST)
+
+    def step(self, param: GpuTensor, grad: GpuTensor, lr: float | None = None) -> None:
+        if param.size != self.n or grad.size != self.n:
+            raise ValueError(f"AdamWGpu.step: expected {self.n} elements, got param {param.shape}, "
+                             f"grad {grad.shape}")
+        lr = self.lr if lr is None else float(lr)
+        self.step_count += 1
+        t = self.step_count
+        b1, b2 = self.betas
+        data = struct.pack("<Iffffffff", self.n, b1, b2, 1.0 - b1, 1.0 - b2, self.eps,
+                           1.0 - lr * self.weight_decay, lr / (1.0 - b1 ** t),
+                           math.sqrt(1.0 - b2 ** t))
+        ctx = self.ctx
+        # The pending encoder may hold the previous step's update, which must see its own values.
+        ctx.submit()
+        ctx.queue.write_buffer(self._params, 0, data + b"\0" * (48 - len(data)))
+        pipe = ctx.pipeline("resident_adamw", "step", "uwrww", overrides={"WG": _WG})
+        ctx.dispatch(pipe, [self._params, param, grad, self.m, self.v],
+                     grid_2d((self.n + _WG - 1) // _WG))
+
+    def state_dict(self) -> dict:
+        """{"step": int64 0-d, "exp_avg": f32 [n], "exp_avg_sq": f32 [n]} (downloads)."""
+        return {"step": np.array(self.step_count, np.int64), "exp_avg": self.ctx.to_numpy(self.m),
+                "exp_avg_sq": self.ctx.to_numpy(self.v)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            if key not in state:
+                raise ValueError(f"optimizer state has no {key!r} entry")
+        for key, t in (("exp_avg", self.m), ("exp_avg_sq", self.v)):
+            a = np.asarray(state[key], np.float32)
+            if a.shape != (self.n,):
+                raise ValueError(f"optimizer state {key!r} has shape {a.shape}, expected ({self.n},)")
+            self.ctx.write(t, a)
+        self.step_count = int(np.asarray(state["step"]))
+
+
+def adamw_steps(param: np.ndarray, grads, lr: float = 2e-4, betas=(0.9, 0.999), eps: float = 1e-8,
+                weight_decay: float = 0.0, ctx=None):
+    """numpy: run len(grads) AdamW steps on a copy of param (flat float32) from the given
+    gradients; returns (param, exp_avg, exp_avg_sq)."""
+    if not isinstance(param, np.ndarray) or param.dtype != np.float32 or param.ndim != 1:
+        raise ValueError(f"param: expected a flat float32 array, got "
+                         f"{getattr(param, 'dtype', type(param).__name__)} {getattr(param, 'shape', '')}")
+    ctx = default_context() if ctx is None else ctx
+    opt = AdamWGpu(ctx, param.size, lr, betas, eps, weight_decay)
+    p = ctx.upload(param)
+    g = ctx.empty(param.shape)
+    for i, gi in enumerate(grads):
+        gi = np.asarray(gi)
+        if gi.shape != param.shape:
+            raise ValueError(f"grads[{i}]: expected shape {param.shape}, got {gi.shape}")
+        ctx.write(g, gi.astype(np.float32))
+        opt.step(p, g)
+    st = opt.state_dict()
+    return ctx.to_numpy(p), st["exp_avg"], st["exp_avg_sq"]
