@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..backend import FfnLora
+from ..nf4 import dequantize_nf4
 from .lora import ATTN_PROJECTIONS, FFN_PROJECTIONS, PROJECTIONS, LoraPair, peft_name
 
 
@@ -130,7 +131,7 @@ class StepInputs:
     B: int
     T: int
     positions: np.ndarray         # [T] int64
-    mask: np.ndarray | None       # [B, T] int32, 1 = real token
+    mask: np.ndarray | None       # [B, T] uint8, 1 = real token (None: no padding)
     step: int = 0                 # dropout masks derive from it
     training: bool = False        # dropout only when training
 
@@ -170,7 +171,9 @@ class DecoderLayers:
             np.empty(tuple(w.shape), dtype=np.float32)
         self._buffers.pop(name, None)
         with self.timer("dequant"):
-            out = lw.weight(name, out=buf)
+            # one thread: an OpenMP team started while OpenBLAS's threads still spin after
+            # the last sgemm fights them for the cores (15 ms instead of 0.02 ms for 576x576)
+            out = dequantize_nf4(w, out=buf, threads=1)
         self._buffers[name] = (l, out)
         return out
 
@@ -200,7 +203,7 @@ class DecoderLayers:
         tm, k, lw = self.timer, self.k, self.state.layers[l]
         B, T, Hq, Hkv, D = inp.B, inp.T, self.Hq, self.Hkv, self.D
         with tm("norms"):
-            h1, rstd1 = k.rmsnorm_forward(x, lw.input_layernorm, self.eps)
+            h1, rstd1 = k.rmsnorm_forward(x, lw.input_layernorm, self.eps, threads=self.threads)
         lin, outs = {}, {}
         with tm("projections"):
             for proj in ("q_proj", "k_proj", "v_proj"):
@@ -215,12 +218,12 @@ class DecoderLayers:
         if lw.q_norm is not None:
             with tm("norms"):
                 q_pre, k_pre = q.reshape(-1, D), kk.reshape(-1, D)
-                qn, q_rstd = k.rmsnorm_forward(q_pre, lw.q_norm, self.eps)
-                kn, k_rstd = k.rmsnorm_forward(k_pre, lw.k_norm, self.eps)
+                qn, q_rstd = k.rmsnorm_forward(q_pre, lw.q_norm, self.eps, threads=self.threads)
+                kn, k_rstd = k.rmsnorm_forward(k_pre, lw.k_norm, self.eps, threads=self.threads)
                 q, kk = qn.reshape(B, T, Hq, D), kn.reshape(B, T, Hkv, D)
         with tm("rope"):
-            k.rope_forward(q, inp.positions, self.tables)
-            k.rope_forward(kk, inp.positions, self.tables)
+            k.rope_forward(q, inp.positions, self.tables, threads=self.threads)
+            k.rope_forward(kk, inp.positions, self.tables, threads=self.threads)
         with tm("attention"):
             attn, lse = k.attention_forward(q, kk, v, inp.mask, threads=self.threads)
         a2 = attn.reshape(B * T, Hq * D)
@@ -231,7 +234,7 @@ class DecoderLayers:
         x2 = o
         x2 += x
         with tm("norms"):
-            h2, rstd2 = k.rmsnorm_forward(x2, lw.post_attention_layernorm, self.eps)
+            h2, rstd2 = k.rmsnorm_forward(x2, lw.post_attention_layernorm, self.eps, threads=self.threads)
         with tm("ffn"):
             f, ffn_ctx = self.backend.ffn_forward(l, h2, self.ffn_lora(l, inp), need_backward=keep)
         y = x2 + f   # not in place: a backend may hand back a buffer it reuses
@@ -254,7 +257,7 @@ class DecoderLayers:
             grads[peft_name(l, proj, "A")] += dA
             grads[peft_name(l, proj, "B")] += dB
         with tm("norms"):
-            dx2, _ = k.rmsnorm_backward(acts.x2, lw.post_attention_layernorm, acts.rstd2, fg.dx)
+            dx2, _ = k.rmsnorm_backward(acts.x2, lw.post_attention_layernorm, acts.rstd2, fg.dx, threads=self.threads)
         dx2 += dy
         with tm("projections"):
             da = self._linear_backward(l, "o_proj", dx2, acts, grads)
@@ -262,20 +265,20 @@ class DecoderLayers:
             dq, dk, dv = k.attention_backward(acts.q, acts.k, acts.v, acts.attn, acts.lse,
                                               da.reshape(B, T, Hq, D), inp.mask, threads=self.threads)
         with tm("rope"):
-            k.rope_backward(dq, inp.positions, self.tables)
-            k.rope_backward(dk, inp.positions, self.tables)
+            k.rope_backward(dq, inp.positions, self.tables, threads=self.threads)
+            k.rope_backward(dk, inp.positions, self.tables, threads=self.threads)
         dq, dk = dq.reshape(B * T, Hq * D), dk.reshape(B * T, Hkv * D)
         if acts.q_pre is not None:
             with tm("norms"):
-                dq, _ = k.rmsnorm_backward(acts.q_pre, lw.q_norm, acts.q_rstd, dq.reshape(-1, D))
-                dk, _ = k.rmsnorm_backward(acts.k_pre, lw.k_norm, acts.k_rstd, dk.reshape(-1, D))
+                dq, _ = k.rmsnorm_backward(acts.q_pre, lw.q_norm, acts.q_rstd, dq.reshape(-1, D), threads=self.threads)
+                dk, _ = k.rmsnorm_backward(acts.k_pre, lw.k_norm, acts.k_rstd, dk.reshape(-1, D), threads=self.threads)
                 dq, dk = dq.reshape(B * T, Hq * D), dk.reshape(B * T, Hkv * D)
         with tm("projections"):
             dh1 = self._linear_backward(l, "q_proj", dq, acts, grads)
             dh1 += self._linear_backward(l, "k_proj", dk, acts, grads)
             dh1 += self._linear_backward(l, "v_proj", dv.reshape(B * T, Hkv * D), acts, grads)
         with tm("norms"):
-            dx, _ = k.rmsnorm_backward(acts.x, lw.input_layernorm, acts.rstd1, dh1)
+            dx, _ = k.rmsnorm_backward(acts.x, lw.input_layernorm, acts.rstd1, dh1, threads=self.threads)
         dx += dx2
         return dx
 

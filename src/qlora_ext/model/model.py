@@ -51,6 +51,11 @@ class Model:
         self.backend.prepare(state)
         self.gradient_checkpointing = bool(gradient_checkpointing)
         self.threads = threads
+        # C kernel threads.  Default 1: these kernels run between sgemms, and an OpenMP team
+        # started while OpenBLAS's threads still spin fights them for the cores (measured on
+        # 2 shared cores: RoPE + norms + attention of SmolLM2 at seq 256 took 3.3 s with 2
+        # threads, 0.09 s with 1).  BLAS keeps its own setting.
+        self.kernel_threads = 1 if threads is None else int(threads)
         self.seed = int(seed)
         self.kernels = kernels if kernels is not None else default_kernels()
         self.timer = PhaseTimer()
@@ -63,7 +68,7 @@ class Model:
         self.step = 0           # advanced per loss_and_grads call; dropout masks derive from it
         self.optimizer_bytes = 0  # the trainer reports its moments here for memory_report()
         self._layers = DecoderLayers(state, self.lora, self.backend, self.kernels, self.timer,
-                                     threads=threads, seed=self.seed)
+                                     threads=self.kernel_threads, seed=self.seed)
 
     def _layer_shapes(self) -> list[dict]:
         return [{p: tuple(lw.proj[p].shape) for p in PROJECTIONS} for lw in self.state.layers]
@@ -98,7 +103,7 @@ class Model:
                 raise ValueError(f"attention_mask has shape {np.shape(attention_mask)}, expected {(B, T)}")
             if not np.isin(m, (0, 1)).all():
                 raise ValueError("attention_mask must hold only 0 and 1")
-            mask = None if m.all() else np.ascontiguousarray(m, dtype=np.int32)
+            mask = None if m.all() else np.ascontiguousarray(m, dtype=np.uint8)
         lab = None
         if labels is not None:
             lab = np.asarray(labels)
@@ -121,7 +126,8 @@ class Model:
 
     def _final_norm(self, x):
         with self.timer("norms"):
-            return self.kernels.rmsnorm_forward(x, self.state.norm, float(self.config.rms_norm_eps))
+            return self.kernels.rmsnorm_forward(x, self.state.norm, float(self.config.rms_norm_eps),
+                                                threads=self.kernel_threads)
 
     # ------------------------------------------------------------------ forward
     def _hidden(self, input_ids, attention_mask):
@@ -195,7 +201,6 @@ class Model:
             y, acts = self._layers.forward(l, x, inp, keep=keep)
             saved.append(acts if keep else x)
             x = y
-        eps = float(self.config.rms_norm_eps)
         h, rstd = self._final_norm(x)
         dW = grads.get(LM_HEAD_NAME)
         total, dh_rows = cross_entropy(h[rows], self.lm_head_weight, tgt[rows], scale, dW=dW, timer=self.timer)
@@ -203,7 +208,7 @@ class Model:
         dh = np.zeros((inp.B * inp.T, dh_rows.shape[1]), dtype=np.float32)
         dh[rows] = dh_rows
         with self.timer("norms"):
-            dx, _ = self.kernels.rmsnorm_backward(x, self.state.norm, rstd, dh)
+            dx, _ = self.kernels.rmsnorm_backward(x, self.state.norm, rstd, dh, threads=self.kernel_threads)
         del dh, dh_rows, x
         for l in reversed(range(L)):
             acts = saved[l]

@@ -1,5 +1,5 @@
 """Slow, always-correct numpy versions of the CPU kernels the model calls (attention, RoPE,
-RMSNorm), with the same signatures and in-place conventions as `qlora_ext.cpu.kernels`.
+RMSNorm), with the same signatures (`threads` accepted and ignored) and in-place conventions as `qlora_ext.cpu.kernels`.
 
 They compute in float64 and hand back float32.  The model falls back to them when the
 compiled kernels are not available, and the tests use them as the reference.
@@ -114,7 +114,7 @@ def _cos_sin(positions, tables, shape):
     return c[:, :, None, :].astype(np.float64), s[:, :, None, :].astype(np.float64)
 
 
-def rope_forward(x, positions, tables):
+def rope_forward(x, positions, tables, threads=None):
     """In place on x [B,T,H,D]: rotate_half convention (first half, second half)."""
     h = x.shape[-1] // 2
     c, s = _cos_sin(positions, tables, x.shape)
@@ -124,7 +124,7 @@ def rope_forward(x, positions, tables):
     return x
 
 
-def rope_backward(dx, positions, tables):
+def rope_backward(dx, positions, tables, threads=None):
     """In place on dx [B,T,H,D]: the transpose rotation."""
     h = dx.shape[-1] // 2
     c, s = _cos_sin(positions, tables, dx.shape)
@@ -135,7 +135,7 @@ def rope_backward(dx, positions, tables):
 
 
 # --------------------------------------------------------------------------- RMSNorm
-def rmsnorm_forward(x, weight, eps):
+def rmsnorm_forward(x, weight, eps, threads=None):
     """x [N,C] -> (y [N,C] = x * rstd * weight, rstd [N])."""
     x64 = x.astype(np.float64)
     rstd = 1.0 / np.sqrt((x64 * x64).mean(axis=-1) + eps)
@@ -143,7 +143,7 @@ def rmsnorm_forward(x, weight, eps):
     return y.astype(np.float32), rstd.astype(np.float32)
 
 
-def rmsnorm_backward(x, weight, rstd, dy, weight_grad=False):
+def rmsnorm_backward(x, weight, rstd, dy, weight_grad=False, threads=None):
     """(dx [N,C], dweight [C] or None)."""
     x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
     xhat = x64 * rstd.astype(np.float64)[:, None]
