@@ -200,3 +200,14 @@ def test_cpu_ffn_bad_input():
     wrong.layers[1].proj["down_proj"] = np.zeros((32, 47), np.float32)
     with pytest.raises(ValueError, match="layer 1 down_proj"):
         be.prepare(wrong)
+
+
+def test_select_backend_falls_back_to_cpu_without_real_gpu(monkeypatch):
+    from qlora_ext.device import select_backend
+    from qlora_ext.gpu import context
+
+    monkeypatch.setattr(context, "pick_adapter", lambda allow_software: None)
+    assert isinstance(select_backend("auto"), CpuFfnBackend)
+    assert isinstance(select_backend("cpu", threads=2), CpuFfnBackend)
+    with pytest.raises(context.GpuError, match="no adapter"):
+        select_backend("gpu")

@@ -1,0 +1,320 @@
+// gemm.wgsl: register-tiled fp32 GEMM; B optionally NF4, dequantized while it is staged in
+// workgroup memory; optional LoRA term added in the epilogue.
+//
+//   C[M, N]  (= or +=)  A[M, K] · op(B)  +  T[M, R] · op(L)
+//
+//   A  fp32, row-major, row stride lda, first element at a_off (elements).
+//   B  stored row-major: B_T = true  -> stored [N, K] (an HF weight W[out, in] in x · Wᵀ);
+//                        B_T = false -> stored [K, N] (W in dy · W).   Row stride ldb.
+//      B_NF4: the stored matrix is one or two NF4 tensors stacked by rows (gate over up):
+//      stored rows < split are part 0 (words from 0, blocks from 0), the rest part 1 (words
+//      from code_off1, blocks from abs_off1).  Element e of a part (row-major, row length ldb)
+//      sits in word e/8, byte (e/2)%4 (little-endian), high nibble when e is even; its value is
+//      NF4_CODE[nibble] * absmax[e >> bs_shift], the same float32 product as dequantize_nf4.
+//   L  LORA = 1: stored [N, R] (LoRA B in the forward);  LORA = 2: stored [R, N] (LoRA A in the
+//      backward).  T [M, R] row stride ldt, first element at t_off.  The LoRA scale is folded
+//      into T or L by the host.
+//   C  row stride ldc, first element at c_off.  fp32 B starts at element b_off.
+//
+// Tiling: a workgroup of WGX × WGY threads owns a BM × BN tile of C (BM = WGY·TM, BN = WGX·TN);
+// each thread holds TM × TN accumulators (TM, TN multiples of 4) whose rows are 4-row groups
+// spaced WGY·4 apart and whose columns are vec4 groups spaced WGX·4 apart, so a warp's vec4
+// reads of workgroup memory hit consecutive addresses.  K advances BK at a time through two
+// workgroup buffers: tile t+1 is fetched into registers (NF4: the raw code word and its block
+// scale) while tile t is multiplied, then stored, dequantized, into the other buffer; one
+// barrier per K tile.  The *_VEC constants select vec4 (fp32) / whole-word (NF4) loads and
+// stores; the host sets them only when strides, offsets and extents are multiples of 4 (8).
+
+struct Params {
+    M: u32, N: u32, K: u32, lda: u32,
+    ldb: u32, ldc: u32, a_off: u32, c_off: u32,
+    R: u32, ldt: u32, t_off: u32, split: u32,
+    code_off1: u32, abs_off1: u32, bs_shift: u32, b_off: u32,
+}
+
+override WGX: u32 = 8u;
+override WGY: u32 = 8u;
+override TM: u32 = 4u;
+override TN: u32 = 4u;
+override BK: u32 = 8u;
+override B_T: bool = true;
+override B_NF4: bool = false;
+override A_VEC: bool = false;
+override B_VEC: bool = false;
+override C_VEC: bool = false;
+override LORA: u32 = 0u;
+override ACCUM: bool = false;
+
+override BM: u32 = WGY * TM;
+override BN: u32 = WGX * TN;
+override NT: u32 = WGX * WGY;
+override TM4: u32 = TM / 4u;
+override TN4: u32 = TN / 4u;
+// per-thread loads of one K tile: A and fp32 B in vec4s, NF4 B in 8-element words
+override A_LOADS: u32 = (BM * BK / 4u + NT - 1u) / NT;
+override B_LOADS: u32 = select((BN * BK / 4u + NT - 1u) / NT, (BN * BK / 8u + NT - 1u) / NT, B_NF4);
+
+@group(0) @binding(0) var<uniform> P: Params;
+@group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> bf: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> codes: array<u32>;
+@group(0) @binding(4) var<storage, read> absmax: array<f32>;
+@group(0) @binding(5) var<storage, read> lt: array<f32>;
+@group(0) @binding(6) var<storage, read> ll: array<f32>;
+@group(0) @binding(7) var<storage, read_write> c: array<vec4<f32>>;
+
+var<workgroup> As: array<vec4<f32>, 2u * BK * BM / 4u>;   // [2][BK][BM]
+var<workgroup> Bs: array<vec4<f32>, 2u * BK * BN / 4u>;   // [2][BK][BN]
+var<workgroup> lut: array<f32, 16>;
+
+const NF4_CODE = array<f32, 16>(
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0);
+
+fn a_at(i: u32) -> f32 { return a[i >> 2u][i & 3u]; }
+fn bf_at(i: u32) -> f32 { return bf[i >> 2u][i & 3u]; }
+
+// NF4 element `col` of stored row `row` (both in range): the part's word and its block scale
+fn nf4_elem(row: u32, col: u32) -> f32 {
+    let p1 = row >= P.split;
+    let e = select(row, row - P.split, p1) * P.ldb + col;
+    let w = codes[select(0u, P.code_off1, p1) + (e >> 3u)];
+    let sh = ((e >> 1u) & 3u) * 8u + select(0u, 4u, (e & 1u) == 0u);
+    return lut[(w >> sh) & 15u] * absmax[select(0u, P.abs_off1, p1) + (e >> P.bs_shift)];
+}
+
+// The 8 elements of an NF4 word: element j in byte j/2, high nibble first
+fn nf4_word(w: u32, s: f32, j: u32) -> f32 {
+    return lut[(w >> ((j >> 1u) * 8u + select(0u, 4u, (j & 1u) == 0u))) & 15u] * s;
+}
+
+fn store_a(buf: u32, m: u32, k: u32, v: f32) {
+    let i = buf * BK * BM + k * BM + m;
+    As[i >> 2u][i & 3u] = v;
+}
+
+fn store_b(buf: u32, k: u32, n: u32, v: f32) {
+    let i = buf * BK * BN + k * BN + n;
+    Bs[i >> 2u][i & 3u] = v;
+}
+
+@compute @workgroup_size(WGX, WGY)
+fn main(@builtin(workgroup_id) wid: vec3<u32>,
+        @builtin(local_invocation_id) lid: vec3<u32>,
+        @builtin(local_invocation_index) li: u32) {
+    let tx = lid.x;
+    let ty = lid.y;
+    let m0 = wid.y * BM;
+    let n0 = wid.x * BN;
+    let M = P.M;
+    let N = P.N;
+    let K = P.K;
+    let ntiles = (K + BK - 1u) / BK;
+
+    if (li < 16u) {
+        lut[li] = NF4_CODE[li];
+    }
+    workgroupBarrier();
+
+    var acc: array<vec4<f32>, 32>;
+    for (var i = 0u; i < TM4 * 4u * TN4; i++) {
+        acc[i] = vec4<f32>(0.0);
+    }
+    // prefetch registers: A (vec4), B (vec4 fp32, or NF4 word bits + scale in .x/.y)
+    var ra: array<vec4<f32>, 8>;
+    var rb: array<vec4<f32>, 8>;
+
+    for (var t = 0u; t <= ntiles; t++) {
+        // -- fetch K tile t into registers (t == ntiles: nothing left to fetch) ---------------
+        if (t < ntiles) {
+            let k0 = t * BK;
+            for (var i = 0u; i < A_LOADS; i++) {
+                let idx = li + i * NT;
+                let m = idx / (BK / 4u);
+                let kq = idx % (BK / 4u);
+                let row = m0 + m;
+                let k = k0 + kq * 4u;
+                var v = vec4<f32>(0.0);
+                if (idx < BM * BK / 4u && row < M) {
+                    let base = P.a_off + row * P.lda + k;
+                    if (A_VEC) {
+                        if (k < K) { v = a[base >> 2u]; }
+                    } else {
+                        for (var j = 0u; j < 4u; j++) {
+                            if (k + j < K) { v[j] = a_at(base + j); }
+                        }
+                    }
+                }
+                ra[i] = v;
+            }
+            for (var i = 0u; i < B_LOADS; i++) {
+                let idx = li + i * NT;
+                var v = vec4<f32>(0.0);
+                if (B_NF4) {
+                    // one word = 8 elements along the stored row
+                    var row: u32; var col: u32; var ok: bool;
+                    if (B_T) {
+                        let n = idx / (BK / 8u);
+                        row = n0 + n; col = k0 + (idx % (BK / 8u)) * 8u;
+                        ok = idx < BN * BK / 8u && row < N;
+                    } else {
+                        let kr = idx / (BN / 8u);
+                        row = k0 + kr; col = n0 + (idx % (BN / 8u)) * 8u;
+                        ok = idx < BN * BK / 8u && row < K;
+                    }
+                    if (ok && B_VEC && col < P.ldb) {
+                        let p1 = row >= P.split;
+                        let e = select(row, row - P.split, p1) * P.ldb + col;
+                        v.x = bitcast<f32>(codes[select(0u, P.code_off1, p1) + (e >> 3u)]);
+                        v.y = absmax[select(0u, P.abs_off1, p1) + (e >> P.bs_shift)];
+                    }
+                    // !B_VEC: elements are read one by one at store time (below)
+                } else if (B_T) {
+                    let n = idx / (BK / 4u);
+                    let row = n0 + n;
+                    let k = k0 + (idx % (BK / 4u)) * 4u;
+                    if (idx < BN * BK / 4u && row < N) {
+                        let base = P.b_off + row * P.ldb + k;
+                        if (B_VEC) {
+                            if (k < K) { v = bf[base >> 2u]; }
+                        } else {
+                            for (var j = 0u; j < 4u; j++) {
+                                if (k + j < K) { v[j] = bf_at(base + j); }
+                            }
+                        }
+                    }
+                } else {
+                    let kr = idx / (BN / 4u);
+                    let row = k0 + kr;
+                    let n = n0 + (idx % (BN / 4u)) * 4u;
+                    if (idx < BN * BK / 4u && row < K) {
+                        let base = P.b_off + row * P.ldb + n;
+                        if (B_VEC) {
+                            if (n < N) { v = bf[base >> 2u]; }
+                        } else {
+                            for (var j = 0u; j < 4u; j++) {
+                                if (n + j < N) { v[j] = bf_at(base + j); }
+                            }
+                        }
+                    }
+                }
+                rb[i] = v;
+            }
+        }
+
+        // -- multiply K tile t - 1 (in buffer (t - 1) & 1) ------------------------------------
+        if (t > 0u) {
+            let cur = (t - 1u) & 1u;
+            for (var kk = 0u; kk < BK; kk++) {
+                let abase = (cur * BK * BM + kk * BM) / 4u;
+                let bbase = (cur * BK * BN + kk * BN) / 4u;
+                var av: array<vec4<f32>, 4>;
+                var bv: array<vec4<f32>, 4>;
+                for (var r = 0u; r < TM4; r++) { av[r] = As[abase + r * WGY + ty]; }
+                for (var q = 0u; q < TN4; q++) { bv[q] = Bs[bbase + q * WGX + tx]; }
+                for (var r = 0u; r < TM4; r++) {
+                    for (var i = 0u; i < 4u; i++) {
+                        let s = vec4<f32>(av[r][i]);
+                        for (var q = 0u; q < TN4; q++) {
+                            let o = (r * 4u + i) * TN4 + q;
+                            acc[o] = fma(s, bv[q], acc[o]);
+                        }
+                    }
+                }
+            }
+        }
+
+        // -- store the fetched tile t into buffer t & 1 ---------------------------------------
+        if (t < ntiles) {
+            let k0 = t * BK;
+            let nxt = t & 1u;
+            for (var i = 0u; i < A_LOADS; i++) {
+                let idx = li + i * NT;
+                if (idx < BM * BK / 4u) {
+                    let m = idx / (BK / 4u);
+                    let kq = idx % (BK / 4u);
+                    for (var j = 0u; j < 4u; j++) { store_a(nxt, m, kq * 4u + j, ra[i][j]); }
+                }
+            }
+            for (var i = 0u; i < B_LOADS; i++) {
+                let idx = li + i * NT;
+                if (B_NF4) {
+                    if (idx < BN * BK / 8u) {
+                        var row: u32; var col: u32; var ok: bool; var kb: u32; var nb: u32;
+                        if (B_T) {
+                            nb = idx / (BK / 8u); kb = (idx % (BK / 8u)) * 8u;
+                            row = n0 + nb; col = k0 + kb; ok = row < N;
+                        } else {
+                            kb = idx / (BN / 8u); nb = (idx % (BN / 8u)) * 8u;
+                            row = k0 + kb; col = n0 + nb; ok = row < K;
+                        }
+                        let w = bitcast<u32>(rb[i].x);
+                        let s = rb[i].y;
+                        for (var j = 0u; j < 8u; j++) {
+                            var v = 0.0;
+                            if (ok && col + j < P.ldb) {
+                                if (B_VEC) { v = nf4_word(w, s, j); } else { v = nf4_elem(row, col + j); }
+                            }
+                            if (B_T) { store_b(nxt, kb + j, nb, v); } else { store_b(nxt, kb, nb + j, v); }
+                        }
+                    }
+                } else if (B_T) {
+                    if (idx < BN * BK / 4u) {
+                        let n = idx / (BK / 4u);
+                        let kq = idx % (BK / 4u);
+                        for (var j = 0u; j < 4u; j++) { store_b(nxt, kq * 4u + j, n, rb[i][j]); }
+                    }
+                } else {
+                    if (idx < BN * BK / 4u) {
+                        let kr = idx / (BN / 4u);
+                        let nq = idx % (BN / 4u);
+                        Bs[(nxt * BK * BN + kr * BN) / 4u + nq] = rb[i];
+                    }
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+
+    // -- epilogue: LoRA term, accumulate, store ----------------------------------------------
+    for (var r = 0u; r < TM4; r++) {
+        for (var i = 0u; i < 4u; i++) {
+            let row = m0 + r * WGY * 4u + ty * 4u + i;
+            if (row >= M) { continue; }
+            for (var q = 0u; q < TN4; q++) {
+                let col = n0 + q * WGX * 4u + tx * 4u;
+                if (col >= N) { continue; }
+                var v = acc[(r * 4u + i) * TN4 + q];
+                if (LORA != 0u) {
+                    for (var j = 0u; j < P.R; j++) {
+                        let tv = lt[P.t_off + row * P.ldt + j];
+                        var l4 = vec4<f32>(0.0);
+                        for (var e = 0u; e < 4u; e++) {
+                            if (col + e < N) {
+                                if (LORA == 1u) { l4[e] = ll[(col + e) * P.R + j]; }
+                                else { l4[e] = ll[j * N + col + e]; }
+                            }
+                        }
+                        v = fma(vec4<f32>(tv), l4, v);
+                    }
+                }
+                let base = P.c_off + row * P.ldc + col;
+                if (C_VEC) {
+                    if (ACCUM) { v += c[base >> 2u]; }
+                    c[base >> 2u] = v;
+                } else {
+                    for (var e = 0u; e < 4u; e++) {
+                        if (col + e < N) {
+                            let ci = base + e;
+                            var o = v[e];
+                            if (ACCUM) { o += c[ci >> 2u][ci & 3u]; }
+                            c[ci >> 2u][ci & 3u] = o;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,482 @@
+"""wgpu FFN backend: a layer's gate/up/SwiGLU/down (+ LoRA) forward and backward on the GPU.
+
+Shapes, N = all token rows of the batch (processed in row chunks that keep every buffer under
+the adapter's binding limit), H = hidden, I = intermediate, r* = LoRA ranks (0 = not adapted):
+    x, y, dy, dx [N, H];  gu, dgu [N, 2I] (gate | up);  h, dh [N, I]
+    Wgu = [Wg; Wu] [2I, H] (NF4: two tensors, one buffer);  Wd [H, I]
+    ts_gu = x [sg·Ag; su·Au]ᵀ [N, rg+ru];  ts_d = h (sd·Ad)ᵀ [N, rd]       (scaled LoRA inputs)
+    forward:  gu = x Wguᵀ + ts_gu Lguᵀ   (Lgu = blockdiag(Bg, Bu) [2I, rg+ru], fused epilogue)
+              h = silu(g)·u;   y = h Wdᵀ + ts_d Bdᵀ
+    backward: dts_d = dy (sd·Bd);  dh = dy Wd + dts_d Ad;   dgu = SwiGLU'(gu, dh)
+              dts_gu = [dg (sg·Bg), du (su·Bu)];   dx = dgu Wgu + dts_gu [Ag; Au]
+              dB = doutᵀ ts,  dA = dtsᵀ drop(z)   (lora_grad.wgsl)
+With dropout > 0 the dropped inputs drop(x) (per proj) and drop(h) are materialized in the
+forward and kept for the backward, and the LoRA input gradients are masked separately.
+
+Per layer and direction: one command encoder, one submit, one readback (y; or dx and all LoRA
+grads in one buffer).  Weights stream by default: each layer's NF4 codes and absmax go up as
+they are (4-bit) through two reused MAP_WRITE staging buffers; right after layer l is submitted
+the host writes layer l±1 into the other staging buffer while the GPU computes (the overlap),
+and the next layer's encoder starts with the staging→device copy.  resident=True uploads all
+layers once in prepare().  Activations the backward needs (x, gu, LoRA inputs) stay on the GPU
+between a layer's forward and backward."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..backend import FfnBackend, FfnGrads, FfnLora
+from ..cpu.ffn import (FFN_PROJ, check_ffn_input, check_lora, dropout_keep_scale, dropout_key,
+                       dropout_threshold)
+from ..nf4 import NF4Tensor, dequantize_nf4
+from . import kernels as K
+from .context import GpuContext, GpuError, read_staging, write_staging
+from .kernels import Nf4B, Operand
+
+F32 = 4
+
+
+@dataclass
+class _LayerPlan:
+    """Where one layer's FFN weights sit in its upload (byte offsets) and on the device."""
+
+    nf4: bool
+    pieces: list            # [(name, byte offset in the layer's blob, ndarray)]
+    sizes: dict             # device buffer name -> bytes
+    offsets: dict           # device buffer name -> byte offset of that buffer's data in the blob
+    gu: object = None       # Nf4B template (buffers filled per slot) or None
+    d: object = None
+    blocksize: int = 64
+    total: int = 0
+
+
+class _Slot:
+    """Device buffers holding one layer's FFN weights."""
+
+    def __init__(self, ctx, sizes: dict, tag: str):
+        self.bufs = {k: ctx.buffer(v, what=f"{tag} {k}") for k, v in sizes.items()}
+        self.layer = None
+
+
+class WgpuFfnBackend(FfnBackend):
+    name = "wgpu"
+
+    def __init__(self, ctx: GpuContext | None = None, resident: bool = False, tiles=None,
+                 max_rows: int | None = None, allow_software: bool = True):
+        self.ctx = ctx if ctx is not None else GpuContext(allow_software=allow_software)
+        self.resident = bool(resident)
+        self.tiles = (tiles or K.tiles_for(self.ctx)).check(self.ctx)
+        self.max_rows = max_rows  # tests force row chunking with a small value
+        self.state = None
+        self.name = f"wgpu ({self.ctx.info['name']})"
+
+    # -- weights -------------------------------------------------------------------------------
+    def prepare(self, state) -> None:
+        cfg = state.config
+        H, I = int(cfg.hidden_size), int(cfg.intermediate_size)
+        self.hidden, self.inter, self.state = H, I, state
+        self.shapes = {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+        self.plans = []
+        for l, layer in enumerate(state.layers):
+            for p in FFN_PROJ:
+                w = layer.proj[p]
+                if tuple(w.shape) != self.shapes[p]:
+                    raise ValueError(f"layer {l} {p}: weight shape {tuple(w.shape)}, expected {self.shapes[p]}")
+                if not isinstance(w, NF4Tensor) and (not isinstance(w, np.ndarray) or w.dtype != np.float32):
+                    raise ValueError(f"layer {l} {p}: expected NF4Tensor or float32 ndarray, got {type(w).__name__}")
+            self.plans.append(self._plan(layer.proj))
+        biggest = max(p.total for p in self.plans)
+        if self.resident:
+            self.slots = []
+            for l, plan in enumerate(self.plans):
+                slot = _Slot(self.ctx, plan.sizes, f"layer {l}")
+                for name, off, arr in plan.pieces:
+                    raw = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+                    pad = np.zeros((raw.size + 3) // 4 * 4, np.uint8)
+                    pad[: raw.size] = raw
+                    self.ctx.device.queue.write_buffer(slot.bufs[name], off - plan.offsets[name], pad)
+                slot.layer = l
+                self.slots.append(slot)
+        else:
+            sizes = {}
+            for plan in self.plans:
+                for k, v in plan.sizes.items():
+                    sizes[k] = max(sizes.get(k, 0), v)
+            self.slots = [_Slot(self.ctx, sizes, f"weight slot {i}") for i in range(2)]
+            self.staging = [self.ctx.staging(biggest, True, f"weight upload {i}") for i in range(2)]
+            self.staged = [None, None]  # layer held by each staging buffer
+
+    def _plan(self, proj) -> _LayerPlan:
+        wg, wu, wd = proj["gate_proj"], proj["up_proj"], proj["down_proj"]
+        nf4 = (all(isinstance(w, NF4Tensor) for w in (wg, wu, wd))
+               and wg.blocksize == wu.blocksize == wd.blocksize)
+        H, I = self.hidden, self.inter
+        pieces, sizes, offsets = [], {}, {}
+        cursor = 0
+
+        def put(name, parts):
+            nonlocal cursor
+            offsets[name] = cursor
+            start = cursor
+            for arr in parts:
+                pieces.append((name, cursor, arr))
+                cursor += (arr.nbytes + 7) // 8 * 8  # mapped writes need 8-byte offsets
+            sizes[name] = cursor - start
+            cursor = (cursor + 255) // 256 * 256
+
+        if nf4:
+            put("gu_codes", [wg.packed, wu.packed])
+            put("gu_abs", [np.ascontiguousarray(wg.absmax, np.float32), np.ascontiguousarray(wu.absmax, np.float32)])
+            put("d_codes", [wd.packed])
+            put("d_abs", [np.ascontiguousarray(wd.absmax, np.float32)])
+            plan = _LayerPlan(True, pieces, sizes, offsets, blocksize=wg.blocksize, total=cursor)
+            starts = [off for name, off, _ in pieces if name in ("gu_codes", "gu_abs")]
+            plan.gu = (I, (starts[1] - starts[0]) // 4, (starts[3] - starts[2]) // 4)
+        else:
+            # fp32 weights (or a mix): dequantized on the host, uploaded as fp32
+            f = [dequantize_nf4(w) if isinstance(w, NF4Tensor) else w for w in (wg, wu, wd)]
+            put("gu_f32", [f[0], f[1]])
+            put("d_f32", [f[2]])
+            plan = _LayerPlan(False, pieces, sizes, offsets, total=cursor)
+        return plan
+
+    def _b_operands(self, layer: int, slot: _Slot):
+        """(B for gate|up [2I, H], B for down [H, I]) as kernel operands."""
+        plan = self.plans[layer]
+        H, I = self.hidden, self.inter
+        if plan.nf4:
+            split, cw, aw = plan.gu
+            gu = Nf4B(slot.bufs["gu_codes"], slot.bufs["gu_abs"], H, split, cw, aw, plan.blocksize)
+            d = Nf4B(slot.bufs["d_codes"], slot.bufs["d_abs"], I, 1 << 31, 0, 0, plan.blocksize)
+            return gu, d
+        return Operand(slot.bufs["gu_f32"], 0, H), Operand(slot.bufs["d_f32"], 0, I)
+
+    def _stage(self, layer: int) -> None:
+        """Write layer's weights into its staging buffer (host memcpy; no GPU wait unless the
+        buffer's last copy is still queued)."""
+        s = layer % 2
+        if self.staged[s] == layer:
+            return
+        plan = self.plans[layer]
+        write_staging(self.staging[s], [(off, arr) for _, off, arr in plan.pieces])
+        self.staged[s] = layer
+
+    def _weights(self, rec, layer: int) -> _Slot:
+        if self.state is None:
+            raise ValueError("WgpuFfnBackend: call prepare(state) first")
+        if not 0 <= layer < len(self.plans):
+            raise ValueError(f"layer {layer} out of range [0, {len(self.plans)})")
+        if self.resident:
+            return self.slots[layer]
+        slot = self.slots[layer % 2]
+        if slot.layer != layer:
+            self._stage(layer)
+            plan = self.plans[layer]
+            st = self.staging[layer % 2]
+            for name, size in plan.sizes.items():
+                rec.copy(st, plan.offsets[name], slot.bufs[name], 0, size)
+            slot.layer = layer
+        return slot
+
+    def prefetch(self, layer: int) -> None:
+        if not self.resident and self.state is not None and 0 <= layer < len(self.plans):
+            if self.slots[layer % 2].layer != layer:
+                self._stage(layer)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _chunks(self, n: int):
+        H, I = self.hidden, self.inter
+        widest = max(2 * I, H) * F32
+        rows = max(1, self.ctx.max_binding // widest)
+        rows = min(rows, int(self.ctx.limits["max-compute-workgroups-per-dimension"]))
+        if self.max_rows:
+            rows = min(rows, self.max_rows)
+        return [(r, min(n, r + rows)) for r in range(0, n, rows)]
+
+    def _ranks(self, lora):
+        pairs = lora.pairs if lora is not None else {}
+        return {p: (pairs[p].A.shape[0] if p in pairs else 0) for p in FFN_PROJ}
+
+    def _upload_small(self, arrays: dict):
+        """Small per-call arrays (LoRA weights) -> one buffer; returns (buffer, element offsets)."""
+        offs, cur, parts = {}, 0, []
+        for k, a in arrays.items():
+            a = np.ascontiguousarray(a, np.float32).reshape(-1)
+            offs[k] = cur
+            parts.append(a)
+            cur += (a.size + 63) // 64 * 64
+        buf = self.ctx.buffer(max(cur, 1) * F32, what="LoRA weights")
+        blob = np.zeros(max(cur, 1), np.float32)
+        for k, a in zip(offs, parts):
+            blob[offs[k]: offs[k] + a.size] = a
+        self.ctx.device.queue.write_buffer(buf, 0, blob)
+        return buf, offs
+
+    def _upload_rows(self, rec, arr: np.ndarray, what: str):
+        """[N, C] float32 -> per-chunk device buffers through one MAP_WRITE staging buffer."""
+        st = self._act_staging(arr.nbytes, what)
+        write_staging(st, [(0, arr)])
+        out = []
+        for r0, r1 in self._chunk_list:
+            b = self.ctx.buffer((r1 - r0) * arr.shape[1] * F32, what=f"{what} rows {r0}:{r1}")
+            rec.copy(st, r0 * arr.shape[1] * F32, b, 0, (r1 - r0) * arr.shape[1] * F32)
+            out.append(b)
+        return out
+
+    def _act_staging(self, nbytes, what):
+        cache = self.__dict__.setdefault("_act_st", {})
+        key = ("w", what)
+        st = cache.get(key)
+        if st is None or st.size < nbytes:
+            st = cache[key] = self.ctx.staging(max(nbytes, 256), True, what)
+        return st
+
+    def _readback(self, nbytes):
+        st = self.__dict__.get("_rb")
+        if st is None or st.size < nbytes:
+            st = self._rb = self.ctx.staging(max(nbytes, 256), False, "readback")
+        return st
+
+    # -- forward -------------------------------------------------------------------------------
+    def ffn_forward(self, layer: int, x: np.ndarray, lora: FfnLora | None, need_backward: bool = True):
+        if self.state is None:
+            raise ValueError("WgpuFfnBackend: call prepare(state) first")
+        x = check_ffn_input(x, self.hidden)
+        check_lora(lora, self.shapes)
+        ctx, H, I, T = self.ctx, self.hidden, self.inter, self.tiles
+        N = x.shape[0]
+        r = self._ranks(lora)
+        rgu, rd = r["gate_proj"] + r["up_proj"], r["down_proj"]
+        drop = lora is not None and lora.dropout > 0
+        self._chunk_list = self._chunks(N)
+        rec = K.Recorder(ctx)
+        slot = self._weights(rec, layer)
+        b_gu, b_d = self._b_operands(layer, slot)
+
+        lw = {}
+        if lora is not None:
+            pr = lora.pairs
+            if rgu:
+                sa = [pr[p].A * np.float32(pr[p].scale) for p in ("gate_proj", "up_proj") if p in pr]
+                lw["sA_gu"] = np.concatenate(sa, 0)                      # [rg+ru, H]
+                L = np.zeros((2 * I, rgu), np.float32)                   # blockdiag(Bg, Bu)
+                if r["gate_proj"]:
+                    L[:I, : r["gate_proj"]] = pr["gate_proj"].B
+                if r["up_proj"]:
+                    L[I:, r["gate_proj"]:] = pr["up_proj"].B
+                lw["L_gu"] = L
+            if rd:
+                lw["sA_d"] = pr["down_proj"].A * np.float32(pr["down_proj"].scale)  # [rd, I]
+                lw["B_d"] = pr["down_proj"].B                                       # [H, rd]
+        lbuf, lo = self._upload_small(lw) if lw else (None, {})
+
+        xs = self._upload_rows(rec, x, "x")
+        rb = self._readback(N * H * F32)
+        chunks = []
+        for ci, (r0, r1) in enumerate(self._chunk_list):
+            M = r1 - r0
+            c = {"x": xs[ci], "r0": r0, "M": M}
+            c["gu"] = ctx.buffer(M * 2 * I * F32, what="gate|up activations")
+            h = ctx.buffer(M * I * F32, what="SwiGLU output")
+            y = ctx.buffer(M * H * F32, what="FFN output")
+            lora_gu = lora_d = None
+            if rgu:
+                c["ts_gu"] = ctx.buffer(M * rgu * F32, what="LoRA gate|up inputs")
+                if drop:
+                    col = 0
+                    for p in ("gate_proj", "up_proj"):
+                        if not r[p]:
+                            continue
+                        zd = c[f"xd_{p}"] = ctx.buffer(M * H * F32, what=f"dropped x for {p}")
+                        K.dropout(rec, M, H, Operand(c["x"], 0, H), Operand(zd, 0, H),
+                                  dropout_key(lora.seed, layer, p), dropout_threshold(lora.dropout),
+                                  float(dropout_keep_scale(lora.dropout)), r0)
+                        K.gemm(rec, T, M, r[p], H, Operand(zd, 0, H), Operand(lbuf, lo["sA_gu"] + col * H, H),
+                               Operand(c["ts_gu"], col, rgu), b_t=True)
+                        col += r[p]
+                else:
+                    K.gemm(rec, T, M, rgu, H, Operand(c["x"], 0, H), Operand(lbuf, lo["sA_gu"], H),
+                           Operand(c["ts_gu"], 0, rgu), b_t=True)
+                lora_gu = (Operand(c["ts_gu"], 0, rgu), rgu, _sub(lbuf, lo["L_gu"], 2 * I * rgu), 1)
+            K.gemm(rec, T, M, 2 * I, H, Operand(c["x"], 0, H), b_gu, Operand(c["gu"], 0, 2 * I),
+                   b_t=True, lora=lora_gu)
+            K.swiglu_forward(rec, M, I, c["gu"], h)
+            if rd:
+                c["ts_d"] = ctx.buffer(M * rd * F32, what="LoRA down inputs")
+                z = h
+                if drop:
+                    z = c["hd"] = ctx.buffer(M * I * F32, what="dropped h")
+                    K.dropout(rec, M, I, Operand(h, 0, I), Operand(z, 0, I),
+                              dropout_key(lora.seed, layer, "down_proj"), dropout_threshold(lora.dropout),
+                              float(dropout_keep_scale(lora.dropout)), r0)
+                K.gemm(rec, T, M, rd, I, Operand(z, 0, I), Operand(lbuf, lo["sA_d"], I),
+                       Operand(c["ts_d"], 0, rd), b_t=True)
+                lora_d = (Operand(c["ts_d"], 0, rd), rd, _sub(lbuf, lo["B_d"], H * rd), 1)
+            K.gemm(rec, T, M, H, I, Operand(h, 0, I), b_d, Operand(y, 0, H), b_t=True, lora=lora_d)
+            rec.copy(y, 0, rb, r0 * H * F32, M * H * F32)
+            c["_tmp"] = [h, y]
+            chunks.append(c)
+        rec.submit()
+        # the GPU computes this layer now; meanwhile stage the next layer's weights
+        self.prefetch(layer + 1)
+        out = np.empty((N, H), np.float32)
+        read_staging(rb, N * H * F32, out)
+        for c in chunks:
+            ctx.release(*c.pop("_tmp"))
+        ctx.release(lbuf)
+        if not need_backward:
+            for c in chunks:
+                ctx.release(*[v for k, v in c.items() if k not in ("r0", "M")])
+            return out, None
+        return out, _GpuCtx(layer, N, lora, r, chunks)
+
+    # -- backward ------------------------------------------------------------------------------
+    def ffn_backward(self, layer: int, gctx, dy: np.ndarray) -> FfnGrads:
+        if not isinstance(gctx, _GpuCtx):
+            raise ValueError("ffn_backward needs the ctx of ffn_forward(..., need_backward=True)")
+        if gctx.layer != layer:
+            raise ValueError(f"ffn_backward for layer {layer} got the ctx of layer {gctx.layer}")
+        if gctx.chunks is None:
+            raise ValueError("this ctx was already used by ffn_backward")
+        dy = check_ffn_input(dy, self.hidden, "dy")
+        if dy.shape[0] != gctx.N:
+            raise ValueError(f"dy has {dy.shape[0]} rows, the forward had {gctx.N}")
+        ctx, H, I, T = self.ctx, self.hidden, self.inter, self.tiles
+        N, lora, r = gctx.N, gctx.lora, gctx.r
+        rg, ru, rd = r["gate_proj"], r["up_proj"], r["down_proj"]
+        rgu = rg + ru
+        drop = lora is not None and lora.dropout > 0
+        self._chunk_list = [(c["r0"], c["r0"] + c["M"]) for c in gctx.chunks]
+        rec = K.Recorder(ctx)
+        slot = self._weights(rec, layer)
+        b_gu, b_d = self._b_operands(layer, slot)
+        pr = lora.pairs if lora is not None else {}
+        lw = {}
+        if rd:
+            lw["sB_d"] = pr["down_proj"].B * np.float32(pr["down_proj"].scale)   # [H, rd]
+            lw["A_d"] = pr["down_proj"].A                                        # [rd, I]
+        for p in ("gate_proj", "up_proj"):
+            if r[p]:
+                lw[f"sB_{p}"] = pr[p].B * np.float32(pr[p].scale)               # [I, r]
+        if rgu:
+            lw["A_gu"] = np.concatenate([pr[p].A for p in ("gate_proj", "up_proj") if r[p]], 0)  # [rgu, H]
+        lbuf, lo = self._upload_small(lw) if lw else (None, {})
+
+        # grads, packed after dx in the readback: per proj dA [r, in] then dB [out, r]
+        gofs, cur = {}, 0
+        for p in FFN_PROJ:
+            if r[p]:
+                o, i = self.shapes[p]
+                gofs[p] = (cur, cur + r[p] * i)
+                cur += r[p] * i + o * r[p]
+        gbuf = ctx.buffer(max(cur, 1) * F32, what="LoRA grads") if cur else None
+        rb = self._readback((N * H + cur) * F32)
+
+        dys = self._upload_rows(rec, dy, "dy")
+        tmp = []
+        for ci, c in enumerate(gctx.chunks):
+            M, r0, acc = c["M"], c["r0"], ci > 0
+            dyc = dys[ci]
+            dh = ctx.buffer(M * I * F32, what="dh")
+            dgu = ctx.buffer(M * 2 * I * F32, what="dgu")
+            dx = ctx.buffer(M * H * F32, what="dx")
+            tmp += [dyc, dh, dgu, dx]
+            lora_dh = None
+            if rd:
+                dts_d = ctx.buffer(M * rd * F32, what="LoRA down dts")
+                tmp.append(dts_d)
+                K.gemm(rec, T, M, rd, H, Operand(dyc, 0, H), Operand(lbuf, lo["sB_d"], rd),
+                       Operand(dts_d, 0, rd), b_t=False)
+                if not drop:
+                    lora_dh = (Operand(dts_d, 0, rd), rd, _sub(lbuf, lo["A_d"], rd * I), 2)
+            K.gemm(rec, T, M, I, H, Operand(dyc, 0, H), b_d, Operand(dh, 0, I), b_t=False, lora=lora_dh)
+            if rd:
+                if drop:
+                    pd = ctx.buffer(M * I * F32, what="LoRA down dz")
+                    tmp.append(pd)
+                    K.gemm(rec, T, M, I, rd, Operand(dts_d, 0, rd), Operand(lbuf, lo["A_d"], I),
+                           Operand(pd, 0, I), b_t=False)
+                    K.dropout(rec, M, I, Operand(pd, 0, I), Operand(dh, 0, I),
+                              dropout_key(lora.seed, layer, "down_proj"), dropout_threshold(lora.dropout),
+                              float(dropout_keep_scale(lora.dropout)), r0, add=True)
+                    z = c["hd"]
+                else:
+                    z = ctx.buffer(M * I * F32, what="recomputed h")
+                    tmp.append(z)
+                    K.swiglu_forward(rec, M, I, c["gu"], z)
+                ga, gb = gofs["down_proj"]
+                K.lora_grad(rec, M, rd, H, Operand(c["ts_d"], 0, rd), Operand(dyc, 0, H), gbuf, gb,
+                            trans_out=True, accum=acc)
+                K.lora_grad(rec, M, rd, I, Operand(dts_d, 0, rd), Operand(z, 0, I), gbuf, ga,
+                            trans_out=False, accum=acc)
+            K.swiglu_backward(rec, M, I, c["gu"], dh, dgu)
+            lora_dx = None
+            if rgu:
+                dts_gu = ctx.buffer(M * rgu * F32, what="LoRA gate|up dts")
+                tmp.append(dts_gu)
+                col = 0
+                for p, a_off in (("gate_proj", 0), ("up_proj", I)):
+                    if r[p]:
+                        K.gemm(rec, T, M, r[p], I, Operand(dgu, a_off, 2 * I), Operand(lbuf, lo[f"sB_{p}"], r[p]),
+                               Operand(dts_gu, col, rgu), b_t=False)
+                        col += r[p]
+                if not drop:
+                    lora_dx = (Operand(dts_gu, 0, rgu), rgu, _sub(lbuf, lo["A_gu"], rgu * H), 2)
+            K.gemm(rec, T, M, H, 2 * I, Operand(dgu, 0, 2 * I), b_gu, Operand(dx, 0, H), b_t=False, lora=lora_dx)
+            col = 0
+            for p, y_off in (("gate_proj", 0), ("up_proj", I)):
+                if not r[p]:
+                    continue
+                if drop:
+                    pz = ctx.buffer(M * H * F32, what=f"LoRA {p} dz")
+                    tmp.append(pz)
+                    K.gemm(rec, T, M, H, r[p], Operand(dts_gu, col, rgu), Operand(lbuf, lo["A_gu"] + col * H, H),
+                           Operand(pz, 0, H), b_t=False)
+                    K.dropout(rec, M, H, Operand(pz, 0, H), Operand(dx, 0, H), dropout_key(lora.seed, layer, p),
+                              dropout_threshold(lora.dropout), float(dropout_keep_scale(lora.dropout)), r0, add=True)
+                ga, gb = gofs[p]
+                K.lora_grad(rec, M, r[p], I, Operand(c["ts_gu"], col, rgu), Operand(dgu, y_off, 2 * I), gbuf, gb,
+                            trans_out=True, accum=acc)
+                z = c[f"xd_{p}"] if drop else c["x"]
+                K.lora_grad(rec, M, r[p], H, Operand(dts_gu, col, rgu), Operand(z, 0, H), gbuf, ga,
+                            trans_out=False, accum=acc)
+                col += r[p]
+            rec.copy(dx, 0, rb, r0 * H * F32, M * H * F32)
+        if cur:
+            rec.copy(gbuf, 0, rb, N * H * F32, cur * F32)
+        rec.submit()
+        self.prefetch(layer - 1)
+        flat = np.empty(N * H + cur, np.float32)
+        read_staging(rb, flat.nbytes, flat)
+        ctx.release(*tmp, lbuf, gbuf)
+        for c in gctx.chunks:
+            ctx.release(*[v for k, v in c.items() if k not in ("r0", "M")])
+        gctx.chunks = None
+        grads = {}
+        for p in FFN_PROJ:
+            if r[p]:
+                o, i = self.shapes[p]
+                ga, gb = gofs[p]
+                base = N * H
+                grads[p] = (flat[base + ga: base + ga + r[p] * i].reshape(r[p], i),
+                            flat[base + gb: base + gb + o * r[p]].reshape(o, r[p]))
+        return FfnGrads(dx=flat[: N * H].reshape(N, H), lora=grads)
+
+    def close(self) -> None:
+        self.state = None
+        self.slots = []
+        self.ctx.trim()
+
+
+def _sub(buf, off_elems: int, n_elems: int):
+    """A binding of n_elems floats starting at element off_elems (offsets are 64-float aligned)."""
+    return (buf, off_elems * F32, max(n_elems, 1) * F32 if n_elems * F32 >= 16 else 16)
+
+
+class _GpuCtx:
+    """Device buffers a layer's backward needs, per row chunk: x, gu, ts_gu, ts_d (and the
+    dropped inputs when dropout is on)."""
+
+    def __init__(self, layer, N, lora, r, chunks):
+        self.layer, self.N, self.lora, self.r, self.chunks = layer, N, lora, r, chunks

@@ -1,0 +1,242 @@
+"""WGSL kernels (gemm, swiglu, dropout, lora_grad) against float64 numpy, on whatever wgpu
+adapter exists (lavapipe in CI).  Shapes are deliberately not multiples of the tiles."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import qlora_ext as qx
+from qlora_ext.cpu.ffn import apply_dropout, dropout_keep_scale, dropout_threshold
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    from qlora_ext.gpu.context import GpuContext, GpuError, pick_adapter
+
+    if pick_adapter(allow_software=True) is None:
+        pytest.skip("no wgpu adapter (install a Vulkan driver such as Mesa lavapipe)")
+    try:
+        return GpuContext()
+    except GpuError as e:
+        pytest.skip(f"wgpu adapter unusable: {e}")
+
+
+def up(ctx, a):
+    raw = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    pad = np.zeros((raw.size + 3) // 4 * 4, np.uint8)
+    pad[: raw.size] = raw
+    b = ctx.buffer(pad.nbytes)
+    ctx.device.queue.write_buffer(b, 0, pad)
+    return b
+
+
+def down(ctx, b, n):
+    return np.frombuffer(ctx.device.queue.read_buffer(b), np.float32)[:n].copy()
+
+
+def rel(a, ref):
+    return float(np.max(np.abs(a - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+def run(ctx, fn):
+    from qlora_ext.gpu.context import Recorder
+
+    rec = Recorder(ctx)
+    fn(rec)
+    rec.submit()
+
+
+TILES = [None, (4, 8, 4, 8, 8), (8, 4, 8, 4, 16)]
+
+
+def tiles_of(ctx, t):
+    from qlora_ext.gpu import kernels as K
+
+    return K.tiles_for(ctx) if t is None else K.GemmTiles(*t).check(ctx)
+
+
+@pytest.mark.parametrize("tiles", TILES)
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (37, 45, 23), (33, 64, 40), (70, 13, 97)])
+@pytest.mark.parametrize("b_t", [True, False])
+def test_gemm_fp32(ctx, tiles, M, N, K, b_t):
+    from qlora_ext.gpu import kernels as Kk
+    from qlora_ext.gpu.kernels import Operand
+
+    rng = np.random.default_rng(M * 1000 + N)
+    A = rng.standard_normal((M, K)).astype(np.float32)
+    B = rng.standard_normal((N, K) if b_t else (K, N)).astype(np.float32)
+    ab, bb, cb = up(ctx, A), up(ctx, B), ctx.buffer(M * N * 4)
+    run(ctx, lambda rec: Kk.gemm(rec, tiles_of(ctx, tiles), M, N, K, Operand(ab, 0, K),
+                                 Operand(bb, 0, B.shape[1]), Operand(cb, 0, N), b_t=b_t))
+    ref = A.astype(np.float64) @ (B.T if b_t else B).astype(np.float64)
+    assert rel(down(ctx, cb, M * N).reshape(M, N), ref) <= 1e-5
+
+
+@pytest.mark.parametrize("mode", [1, 2])
+@pytest.mark.parametrize("vec", [True, False])
+def test_gemm_offsets_lora_accum(ctx, mode, vec):
+    """Sub-matrices (offsets, strides), the LoRA epilogue and accumulation."""
+    from qlora_ext.gpu import kernels as Kk
+    from qlora_ext.gpu.kernels import Operand
+
+    rng = np.random.default_rng(7)
+    M, N, K, R = 29, 36 if vec else 35, 44 if vec else 43, 5
+    lda, ldc, a_off, c_off, b_off = K + 8, N + 4, 8, 12, 4
+    A = rng.standard_normal((M + 1, lda)).astype(np.float32)
+    B = rng.standard_normal((K, N)).astype(np.float32)
+    T = rng.standard_normal((M, R + 3)).astype(np.float32)
+    L = rng.standard_normal((N, R) if mode == 1 else (R, N)).astype(np.float32)
+    C0 = rng.standard_normal((M + 1, ldc)).astype(np.float32)
+    Bflat = np.concatenate([np.zeros(b_off, np.float32), B.reshape(-1)])
+    ab, bb, tb, lb = up(ctx, A.reshape(-1)[a_off:]), up(ctx, Bflat), up(ctx, T), up(ctx, L)
+    cb = up(ctx, C0.reshape(-1))
+    run(ctx, lambda rec: Kk.gemm(rec, Kk.tiles_for(ctx), M, N, K, Operand(ab, 0, lda), Operand(bb, b_off, N),
+                                 Operand(cb, c_off, ldc), b_t=False, lora=(Operand(tb, 1, R + 3), R, lb, mode),
+                                 accum=True))
+    A64 = A.reshape(-1)[a_off:][: M * lda].reshape(M, lda)[:, :K].astype(np.float64)
+    Lm = (L.T if mode == 1 else L).astype(np.float64)
+    ref_flat = C0.reshape(-1).astype(np.float64).copy()
+    block = A64 @ B + T[:, 1:1 + R].astype(np.float64) @ Lm
+    got = down(ctx, cb, C0.size)
+    for i in range(M):
+        s = c_off + i * ldc
+        ref_flat[s: s + N] += block[i]
+    assert rel(got, ref_flat) <= 1e-5
+    # outside the written rows/columns nothing changed
+    mask = np.ones(C0.size, bool)
+    for i in range(M):
+        mask[c_off + i * ldc: c_off + i * ldc + N] = False
+    assert np.array_equal(got[mask], C0.reshape(-1)[mask])
+
+
+def nf4_stack(ctx, tensors):
+    """Upload one or two NF4 tensors the way the FFN backend does; returns the Nf4B operand."""
+    from qlora_ext.gpu.kernels import Nf4B
+
+    codes = [np.concatenate([t.packed, np.zeros((-t.packed.size) % 8, np.uint8)]) for t in tensors]
+    absm = [np.concatenate([t.absmax, np.zeros((-t.absmax.size) % 2, np.float32)]) for t in tensors]
+    cb, ab = up(ctx, np.concatenate(codes)), up(ctx, np.concatenate(absm))
+    split = tensors[0].shape[0] if len(tensors) == 2 else 1 << 31
+    return Nf4B(cb, ab, tensors[0].shape[1], split, codes[0].size // 4, absm[0].size, tensors[0].blocksize)
+
+
+@pytest.mark.parametrize("tiles", TILES)
+@pytest.mark.parametrize("shapes", [[(48, 64)], [(40, 24)], [(13, 21), (11, 21)], [(24, 40), (16, 40)]])
+@pytest.mark.parametrize("b_t", [True, False])
+def test_gemm_nf4_reads_exact_dequant(ctx, tiles, shapes, b_t):
+    """A = identity makes the GEMM output the weights it dequantized: bit-for-bit dequantize_nf4,
+    through the whole-word (cols % 8 == 0) and the per-element paths, one or two stacked parts."""
+    from qlora_ext.gpu import kernels as Kk
+    from qlora_ext.gpu.kernels import Operand
+
+    rng = np.random.default_rng(len(shapes) * 100 + shapes[0][0])
+    ts = [qx.quantize_nf4(rng.standard_normal(s).astype(np.float32), blocksize=32 if s[1] % 8 else 64)
+          for s in shapes]
+    W = np.concatenate([qx.dequantize_nf4(t) for t in ts], 0)   # stored [rows, cols]
+    b = nf4_stack(ctx, ts)
+    rows, cols = W.shape
+    if b_t:      # C[cols, rows] = I · Wᵀ
+        M, N, K = cols, rows, cols
+    else:        # C[rows, cols] = I · W
+        M, N, K = rows, cols, rows
+    eye = up(ctx, np.eye(M, K, dtype=np.float32))
+    cb = ctx.buffer(M * N * 4)
+    run(ctx, lambda rec: Kk.gemm(rec, tiles_of(ctx, tiles), M, N, K, Operand(eye, 0, K), b,
+                                 Operand(cb, 0, N), b_t=b_t))
+    got = down(ctx, cb, M * N).reshape(M, N)
+    assert np.array_equal(got, W.T if b_t else W)
+
+
+@pytest.mark.parametrize("b_t", [True, False])
+def test_gemm_nf4_matches_float64(ctx, b_t):
+    from qlora_ext.gpu import kernels as Kk
+    from qlora_ext.gpu.kernels import Operand
+
+    rng = np.random.default_rng(3)
+    ts = [qx.quantize_nf4(rng.standard_normal((40, 56)).astype(np.float32)),
+          qx.quantize_nf4(rng.standard_normal((24, 56)).astype(np.float32))]
+    W = np.concatenate([qx.dequantize_nf4(t) for t in ts], 0).astype(np.float64)
+    M = 19
+    K, N = (56, 64) if b_t else (64, 56)
+    A = rng.standard_normal((M, K)).astype(np.float32)
+    ab, cb = up(ctx, A), ctx.buffer(M * N * 4)
+    run(ctx, lambda rec: Kk.gemm(rec, Kk.tiles_for(ctx), M, N, K, Operand(ab, 0, K), nf4_stack(ctx, ts),
+                                 Operand(cb, 0, N), b_t=b_t))
+    ref = A.astype(np.float64) @ (W.T if b_t else W)
+    assert rel(down(ctx, cb, M * N).reshape(M, N), ref) <= 1e-5
+
+
+def test_swiglu_forward_backward(ctx):
+    from qlora_ext.gpu import kernels as Kk
+
+    rng = np.random.default_rng(5)
+    M, I = 7, 301
+    gu = (rng.standard_normal((M, 2 * I)) * 4).astype(np.float32)
+    dh = rng.standard_normal((M, I)).astype(np.float32)
+    gb, db, hb, dgb = up(ctx, gu), up(ctx, dh), ctx.buffer(M * I * 4), ctx.buffer(M * 2 * I * 4)
+    run(ctx, lambda rec: (Kk.swiglu_forward(rec, M, I, gb, hb), Kk.swiglu_backward(rec, M, I, gb, db, dgb)))
+    g, u = gu[:, :I].astype(np.float64), gu[:, I:].astype(np.float64)
+    sig = 1 / (1 + np.exp(-g))
+    assert rel(down(ctx, hb, M * I).reshape(M, I), g * sig * u) <= 1e-5
+    ref = np.concatenate([dh * u * sig * (1 + g * (1 - sig)), dh * g * sig], 1)
+    assert rel(down(ctx, dgb, M * 2 * I).reshape(M, 2 * I), ref) <= 1e-5
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
+def test_dropout_mask_equals_cpu(ctx, p):
+    from qlora_ext.gpu import kernels as Kk
+    from qlora_ext.gpu.kernels import Operand
+
+    rng = np.random.default_rng(11)
+    rows, cols, row0, key = 9, 77, 5, 0xDEADBEEF
+    full = rng.standard_normal((row0 + rows, cols)).astype(np.float32)
+    zb, ob = up(ctx, full[row0:]), ctx.buffer(rows * cols * 4)
+    run(ctx, lambda rec: Kk.dropout(rec, rows, cols, Operand(zb, 0, cols), Operand(ob, 0, cols), key,
+                                    dropout_threshold(p), float(dropout_keep_scale(p)), row0))
+    ref = apply_dropout(full, p, key)[row0:] if p else full[row0:]
+    assert np.array_equal(down(ctx, ob, rows * cols).reshape(rows, cols), ref)
+
+
+@pytest.mark.parametrize("trans_out", [False, True])
+def test_lora_grad(ctx, trans_out):
+    from qlora_ext.gpu import kernels as Kk
+    from qlora_ext.gpu.kernels import Operand
+
+    rng = np.random.default_rng(13)
+    M, P, Q, ldx, ldy = 45, 19, 70, 23, 75
+    X = rng.standard_normal((M, ldx)).astype(np.float32)
+    Y = rng.standard_normal((M, ldy)).astype(np.float32)
+    G0 = rng.standard_normal(P * Q + 3).astype(np.float32)
+    xb, yb, gb = up(ctx, X), up(ctx, Y), up(ctx, G0)
+    run(ctx, lambda rec: Kk.lora_grad(rec, M, P, Q, Operand(xb, 2, ldx), Operand(yb, 5, ldy), gb, 3,
+                                      trans_out=trans_out, accum=True))
+    ref = X[:, 2:2 + P].astype(np.float64).T @ Y[:, 5:5 + Q].astype(np.float64)
+    if trans_out:
+        ref = ref.T
+    got = down(ctx, gb, G0.size)
+    assert np.array_equal(got[:3], G0[:3])
+    assert rel(got[3:], G0[3:].astype(np.float64) + ref.reshape(-1)) <= 1e-5
+
+
+def test_gpu_errors_name_adapter_and_size(ctx):
+    from qlora_ext.gpu.context import GpuError
+
+    with pytest.raises(GpuError, match=r"adapter .*bytes"):
+        ctx.buffer(ctx.max_binding + 1024, what="too big")
+    with pytest.raises(ValueError, match="tiles"):
+        from qlora_ext.gpu.kernels import GemmTiles
+
+        GemmTiles(8, 8, 3, 4, 8).check(ctx)
+
+
+def test_shader_compile_error_lists_source(ctx, monkeypatch, capsys, tmp_path):
+    from qlora_ext.gpu import context as C
+
+    monkeypatch.setenv("QLORA_EXT_WGSL_DEBUG", "1")
+    (tmp_path / "broken.wgsl").write_text("@compute @workgroup_size(1)\nfn main() { let x: u32 = 1.5; }\n")
+    monkeypatch.setattr(C, "shader_dir", lambda: tmp_path)
+    with pytest.raises(C.GpuError, match="broken.wgsl"):
+        ctx.module("broken")
+    assert "   2  fn main()" in capsys.readouterr().err
