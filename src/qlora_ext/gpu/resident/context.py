@@ -94,6 +94,7 @@ class GpuContext:
         self._bind_groups = OrderedDict()
         self._uniforms = {}
         self._encoder = None
+        self._sync_buf = None
 
     # ---- buffers ---------------------------------------------------------------------------
     def empty(self, shape, dtype: str = "f32") -> GpuTensor:
@@ -243,6 +244,15 @@ class GpuContext:
         if self._encoder is not None:
             self.queue.submit([self._encoder.finish()])
             self._encoder = None
+
+    def sync(self) -> None:
+        """Submit and wait until the GPU has finished (wgpu 0.32's on_submitted_work_done_sync
+        is broken: GPU.md; a 4-byte read back waits for the queue instead)."""
+        self.submit()
+        if self._sync_buf is None:
+            u = self.wgpu.BufferUsage
+            self._sync_buf = self.device.create_buffer(size=16, usage=u.STORAGE | u.COPY_SRC)
+        self.queue.read_buffer(self._sync_buf, 0, 4)
 
     def forget_bind_groups(self) -> None:
         """Drop cached bind groups (and the buffers they keep alive); call after freeing

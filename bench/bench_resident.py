@@ -1,0 +1,153 @@
+"""GPU-resident kernels: causal GQA flash attention forward + backward and the LM head with
+chunked cross-entropy (forward + backward), each against PyTorch on the same machine in the
+same run (SDPA / F.cross_entropy; on CUDA when torch sees a GPU, else on the CPU cores).
+Rates: TFLOP/s (attention: FlashAttention's count, causal = half of 4*B*H*T^2*D per matmul
+pair, backward = 2.5x forward) and tokens/s (LM head).
+Default sizes are small so that CI runs this on lavapipe as a test; the attention target
+shape (Qwen3: Hq 32, Hkv 8, D 128) runs with
+  QLORA_EXT_RESIDENT_BENCH="B=1,T=1024,HQ=32,HKV=8,D=128,C=2560,V=151936" \
+  PYTHONPATH=src pytest bench/bench_resident.py --benchmark-enable --benchmark-only"""
+import os
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+_DEFAULT = {"B": 1, "T": 64, "HQ": 4, "HKV": 2, "D": 32, "C": 64, "V": 1000}
+
+
+def _sizes():
+    s = dict(_DEFAULT)
+    spec = os.environ.get("QLORA_EXT_RESIDENT_BENCH", "")
+    for item in filter(None, spec.split(",")):
+        key, _, val = item.partition("=")
+        if key.strip().upper() not in s:
+            raise ValueError(f"QLORA_EXT_RESIDENT_BENCH: unknown key {key!r} (expected {sorted(s)})")
+        s[key.strip().upper()] = int(val)
+    return s
+
+
+S = _sizes()
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    pytest.importorskip("wgpu")
+    from qlora_ext.gpu.resident.context import default_context, find_adapter
+
+    if find_adapter() is None:
+        pytest.skip("no wgpu adapter")
+    return default_context()
+
+
+def _rate(benchmark, **rates):
+    """extra_info[name] = amount / median seconds (skipped when timing is disabled, where the
+    benchmark ran once as a test)."""
+    if benchmark.stats is None:
+        return
+    med = benchmark.stats.stats.median
+    benchmark.extra_info.update({k: v / med for k, v in rates.items()})
+
+
+def _attn_flops():
+    fwd = 4 * S["B"] * S["HQ"] * S["T"] * S["T"] * S["D"] / 2
+    return 3.5 * fwd
+
+
+def _attn_inputs():
+    g = np.random.default_rng(0)
+    B, T, HQ, HKV, D = S["B"], S["T"], S["HQ"], S["HKV"], S["D"]
+    return (g.standard_normal((B, T, HQ, D)).astype(np.float32),
+            g.standard_normal((B, T, HKV, D)).astype(np.float32),
+            g.standard_normal((B, T, HKV, D)).astype(np.float32),
+            g.standard_normal((B, T, HQ, D)).astype(np.float32))
+
+
+@pytest.mark.benchmark(group="resident-attention-fwd-bwd")
+def test_attention_fwd_bwd_gpu(benchmark, ctx):
+    from qlora_ext.gpu.resident.attention import attention_backward_gpu, attention_forward_gpu
+
+    q, k, v, do = (ctx.upload(a) for a in _attn_inputs())
+    o, lse = attention_forward_gpu(ctx, q, k, v)
+    dq, dk, dv = attention_backward_gpu(ctx, q, k, v, o, lse, do)
+
+    def step():
+        attention_forward_gpu(ctx, q, k, v, o=o, lse=lse)
+        attention_backward_gpu(ctx, q, k, v, o, lse, do, dq=dq, dk=dk, dv=dv)
+        ctx.sync()
+
+    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+    assert np.isfinite(ctx.to_numpy(dq)).all()
+    _rate(benchmark, TFLOP_per_s=_attn_flops() / 1e12)
+    benchmark.extra_info.update(adapter=ctx.adapter.info.get("device", ""), **S)
+
+
+@pytest.mark.benchmark(group="resident-attention-fwd-bwd")
+def test_attention_fwd_bwd_torch_sdpa(benchmark):
+    torch = pytest.importorskip("torch")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v, do = (torch.from_numpy(a).to(dev).transpose(1, 2) for a in _attn_inputs())
+    q, k, v = (t.contiguous().requires_grad_(True) for t in (q, k, v))
+    do = do.contiguous()
+
+    def step():
+        q.grad = k.grad = v.grad = None
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        o.backward(do)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+    _rate(benchmark, TFLOP_per_s=_attn_flops() / 1e12)
+    benchmark.extra_info.update(device=dev, **S)
+
+
+def _head_inputs():
+    g = np.random.default_rng(1)
+    N = S["B"] * S["T"]
+    hidden = g.standard_normal((S["B"], S["T"], S["C"])).astype(np.float32)
+    w = (g.standard_normal((S["V"], S["C"])) / np.sqrt(S["C"])).astype(np.float32)
+    labels = g.integers(0, S["V"], size=(S["B"], S["T"])).astype(np.int32)
+    return N, hidden, w, labels
+
+
+@pytest.mark.benchmark(group="resident-lm-head-ce")
+def test_lm_head_ce_gpu(benchmark, ctx):
+    from qlora_ext.gpu.resident.cross_entropy import LmHeadLoss
+
+    N, hidden, w, labels = _head_inputs()
+    head = LmHeadLoss(ctx, N, S["C"], S["V"])
+    gh, gw = ctx.upload(hidden.reshape(N, -1)), ctx.upload(w)
+    gl, dh = ctx.upload(labels.reshape(-1), "i32"), ctx.empty((N, S["C"]))
+
+    def step():
+        head.record(gh, gw, gl, S["T"], 1.0 / (N - S["B"]), dhidden=dh)
+        ctx.sync()
+
+    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+    _rate(benchmark, tokens_per_s=N)
+    benchmark.extra_info.update(chunk_rows=head.R, adapter=ctx.adapter.info.get("device", ""), **S)
+
+
+@pytest.mark.benchmark(group="resident-lm-head-ce")
+def test_lm_head_ce_torch(benchmark):
+    torch = pytest.importorskip("torch")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    N, hidden, w, labels = _head_inputs()
+    h = torch.from_numpy(hidden).to(dev).requires_grad_(True)
+    wt = torch.from_numpy(w).to(dev)
+    lab = torch.from_numpy(labels).long().to(dev)
+
+    def step():
+        h.grad = None
+        logits = h @ wt.T
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, S["V"]),
+                                                 lab[:, 1:].reshape(-1), ignore_index=-100)
+        loss.backward()
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+    _rate(benchmark, tokens_per_s=N)
+    benchmark.extra_info.update(device=dev, **S)
