@@ -198,8 +198,9 @@ class DecoderLayers:
         return FfnLora(pairs, drop, seed)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, l: int, x: np.ndarray, inp: StepInputs, keep: bool):
-        """x [N, H] -> (y [N, H], LayerActivations | None)."""
+    def forward(self, l: int, x: np.ndarray, inp: StepInputs, keep: bool, cache=None):
+        """x [N, H] -> (y [N, H], LayerActivations | None).  With a KVCache (generation, B = 1,
+        no backward) the new keys/values are appended and attention covers the cached ones."""
         tm, k, lw = self.timer, self.k, self.state.layers[l]
         B, T, Hq, Hkv, D = inp.B, inp.T, self.Hq, self.Hkv, self.D
         with tm("norms"):
@@ -225,7 +226,12 @@ class DecoderLayers:
             k.rope_forward(q, inp.positions, self.tables, threads=self.threads)
             k.rope_forward(kk, inp.positions, self.tables, threads=self.threads)
         with tm("attention"):
-            attn, lse = k.attention_forward(q, kk, v, inp.mask, threads=self.threads)
+            if cache is not None and cache.length > 0:
+                attn, lse = cache.attend(l, q, kk, v), None
+            else:
+                attn, lse = k.attention_forward(q, kk, v, inp.mask, threads=self.threads)
+                if cache is not None:
+                    cache.store(l, kk, v)
         a2 = attn.reshape(B * T, Hq * D)
         with tm("projections"):
             o, lin["o_proj"] = lora_linear_forward(a2, self.weight(l, "o_proj"), None,
