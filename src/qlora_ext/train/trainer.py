@@ -211,6 +211,14 @@ class Trainer:
         return {"step": self.step_count, "last_loss": self.last_loss, "config": self.config.to_dict()}
 
     def load_state_dict(self, state: dict, optimizer_state: dict) -> None:
+        """Restore after model.load_adapter(checkpoint): that may have replaced the model's
+        arrays, so the live parameters are fetched again (same names required)."""
+        params = self.model.parameters()
+        if list(params) != list(self.optimizer.params):
+            missing = sorted(set(self.optimizer.params) ^ set(params))
+            raise ValueError(f"the model's trainable parameters changed since the Trainer was built "
+                             f"(e.g. {missing[0] if missing else 'order'!r}); is the adapter from another LoRA config?")
+        self.params = self.optimizer.params = params
         self.optimizer.load_state_dict(optimizer_state)
         self.step_count = int(state["step"])
         self.last_loss = float(state.get("last_loss", float("nan")))

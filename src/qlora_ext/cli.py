@@ -1,0 +1,400 @@
+"""The `qlora-ext` command: train, eval, generate, info (profile: see SUBCOMMANDS).
+
+Errors the user can fix (bad data, bad flags, a missing model) print one line,
+`qlora-ext: error: <file>:<line>: <what>`, and exit with status 2; Ctrl-C during training
+saves a checkpoint and exits with status 130."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m"
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+
+# Settings of `train` that define a run: stored in every checkpoint, and taken from it on
+# --resume unless given again on the command line (command line > checkpoint > defaults).
+TRAIN_DEFAULTS = {
+    "model": DEFAULT_MODEL, "data": None, "eval_data": None, "steps": None, "epochs": None,
+    "seq_len": 256, "batch_size": 4, "grad_accum": 1, "lr": 1e-3, "warmup": 0, "schedule": "constant",
+    "weight_decay": 0.0, "grad_clip": 1.0, "lora_rank": 16, "lora_alpha": 32.0, "lora_dropout": 0.0,
+    "targets": "q,k,v,o,gate,up,down", "pack": False, "seed": 0, "device": "auto", "quantize": "nf4",
+    "gradient_checkpointing": False, "eval_accuracy": None,
+}
+DEFAULT_STEPS = 60  # with the shipped dataset and batch 4: ~0.6 epoch, a few minutes on 2 cores
+
+
+def load_model(path, lora=None, device="auto", quantize="nf4", threads=None, seed=0,
+               gradient_checkpointing=False, progress=None):
+    """The one place the CLI builds a model (tests replace it with a stand-in)."""
+    from .model.api import load_model as _load
+
+    return _load(path, lora=lora, quantize=None if quantize == "none" else quantize, device=device,
+                 gradient_checkpointing=gradient_checkpointing, threads=threads, progress=progress, seed=seed)
+
+
+def _say(args, *parts) -> None:
+    if not getattr(args, "quiet", False):
+        print(*parts, flush=True)
+
+
+def _progress(total, desc, args):
+    from .progress import Progress
+
+    return Progress(total, desc, unit="step", enabled=False if args.quiet else None)
+
+
+def _eval_report(trainer, eval_loader, pairs, n_acc, args, label) -> dict:
+    from .train.loop import exact_match
+
+    out = {}
+    if eval_loader is not None:
+        loss = trainer.evaluate(b.as_tuple() for b in eval_loader)
+        out["eval_loss"] = loss
+        out["eval_ppl"] = math.exp(loss) if loss < 50 else float("inf")
+    if pairs and n_acc:
+        with _progress(min(n_acc, len(pairs)), f"accuracy ({label})", args) as p:
+            acc, outputs = exact_match(trainer.model, pairs[:n_acc], progress=p)
+        out["accuracy"] = acc
+        out["sample"] = outputs[0]
+    parts = [f"eval {label}:"]
+    if "eval_loss" in out:
+        parts.append(f"loss {out['eval_loss']:.4f}  perplexity {out['eval_ppl']:.2f}")
+    if "accuracy" in out:
+        n = min(n_acc, len(pairs))
+        parts.append(f"exact-match accuracy {out['accuracy']:.1%} ({round(out['accuracy'] * n)}/{n})"
+                     f"  first answer: {out['sample']!r}")
+    if len(parts) > 1:
+        _say(args, "  ".join(parts))
+    return out
+
+
+def _resolved_train_settings(args) -> tuple:
+    """(settings dict, checkpoint to resume from or None, out dir)."""
+    from .train.checkpoint import latest_checkpoint, load_checkpoint
+
+    given = {k: getattr(args, k) for k in TRAIN_DEFAULTS if getattr(args, k) is not None}
+    ckpt, saved = None, {}
+    if args.resume:
+        ckpt = latest_checkpoint(args.resume)
+        if ckpt is None:
+            raise OSError(f"{args.resume}: no complete checkpoint-<step>/ directory to resume from")
+        saved = load_checkpoint(ckpt)[0].get("run", {})
+    settings = {**TRAIN_DEFAULTS, **{k: v for k, v in saved.items() if k in TRAIN_DEFAULTS}, **given}
+    if args.steps is not None and args.epochs is not None:
+        raise ValueError("give --steps or --epochs, not both")
+    if args.steps is not None or args.epochs is not None:  # a new length replaces the saved one
+        settings["steps"], settings["epochs"] = args.steps, args.epochs
+    out = args.out or args.resume
+    if not out:
+        raise ValueError("train needs --out DIR (or --resume DIR)")
+    return settings, ckpt, Path(out)
+
+
+def cmd_train(args) -> int:
+    from .data import dataset_path
+    from .model.lora import LoraConfig
+    from .train.checkpoint import save_adapter_atomic
+    from .train.data import DataLoader, generation_pairs, load_examples
+    from .train.loop import MetricsLog, fit, restore
+    from .train.trainer import TrainConfig, Trainer
+
+    s, ckpt, out = _resolved_train_settings(args)
+    shipped = s["data"] is None
+    data = s["data"] or str(dataset_path("train"))
+    eval_data = s["eval_data"] or (str(dataset_path("eval")) if shipped else None)
+    for name in ("seq_len", "batch_size", "grad_accum", "lora_rank"):
+        if s[name] < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {s[name]}")
+    if s["steps"] is not None and s["steps"] < 1:
+        raise ValueError(f"--steps must be >= 1, got {s['steps']}")
+    if s["epochs"] is not None and not s["epochs"] > 0:
+        raise ValueError(f"--epochs must be > 0, got {s['epochs']}")
+    lora = LoraConfig(r=s["lora_rank"], alpha=s["lora_alpha"], dropout=s["lora_dropout"],
+                      target_modules=tuple(t.strip() for t in s["targets"].split(",") if t.strip()))
+    t0 = time.perf_counter()
+    model = load_model(s["model"], lora=lora, device=s["device"], quantize=s["quantize"], threads=args.threads,
+                       seed=s["seed"], gradient_checkpointing=s["gradient_checkpointing"],
+                       progress=False if args.quiet else None)
+    tok = model.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad[0] if isinstance(pad, (list, tuple)) else pad
+    examples, stats = load_examples(data, tok, s["seq_len"])
+    rows_per_batch = s["batch_size"] * s["grad_accum"]
+    loader = DataLoader(examples, s["seq_len"], rows_per_batch, seed=s["seed"], pack=s["pack"], pad_id=pad)
+    if s["steps"] is not None:
+        total = s["steps"]
+    elif s["epochs"] is not None:
+        total = max(1, math.ceil(s["epochs"] * loader.batches_per_epoch))
+    else:
+        total = DEFAULT_STEPS if shipped else loader.batches_per_epoch
+    n_params = sum(a.size for a in model.parameters().values())
+    _say(args, f"model: {s['model']} loaded in {time.perf_counter() - t0:.1f}s; LoRA r={lora.r} alpha={lora.alpha:g} "
+               f"on {','.join(lora.target_modules)}: {n_params:,} trainable parameters")
+    _say(args, f"data: {data}: {stats.examples} examples, {stats.tokens:,} tokens"
+               + (f", {stats.truncated} truncated to {s['seq_len']}" if stats.truncated else "")
+               + (f", {stats.dropped} dropped (no target)" if stats.dropped else "")
+               + f"; {total} steps of {rows_per_batch} rows ({total / loader.batches_per_epoch:.2f} epochs)")
+    config = TrainConfig(lr=s["lr"], warmup=s["warmup"], schedule=s["schedule"], weight_decay=s["weight_decay"],
+                         grad_clip=s["grad_clip"], grad_accum=s["grad_accum"], seed=s["seed"], total_steps=total)
+    trainer = Trainer(model, config)
+    eval_loader = pairs = None
+    if eval_data:
+        ev, _ = load_examples(eval_data, tok, s["seq_len"])
+        eval_loader = DataLoader(ev, s["seq_len"], s["batch_size"], pad_id=pad, shuffle=False)
+        pairs = generation_pairs(eval_data, tok)
+    n_acc = s["eval_accuracy"] if s["eval_accuracy"] is not None else (len(pairs or ()) if shipped else 0)
+    elapsed, before = 0.0, None
+    if ckpt is not None:
+        state = restore(trainer, loader, ckpt)
+        elapsed = float(state.get("elapsed", 0.0))
+        _say(args, f"resumed from {ckpt} (step {trainer.step_count})")
+    elif eval_data:
+        before = _eval_report(trainer, eval_loader, pairs, n_acc, args, "before")
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=trainer.step_count if ckpt else None)
+    run = dict(s, steps=s["steps"], data=data, eval_data=eval_data)
+
+    stop = {"flag": False}
+
+    def on_sigint(signum, frame):
+        if stop["flag"]:  # a second Ctrl-C: give up at once (checkpoints stay atomic)
+            raise KeyboardInterrupt
+        stop["flag"] = True
+        print("\nqlora-ext: interrupted; saving a checkpoint after this step (Ctrl-C again to quit now)",
+              file=sys.stderr, flush=True)
+
+    old = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        with _progress(total, "train", args) as bar:
+            bar.update(trainer.step_count)
+            result = fit(trainer, loader, total, s["batch_size"], out_dir=out, save_every=args.save_every,
+                         keep_last=args.keep_last, metrics=metrics, progress=bar,
+                         should_stop=lambda: stop["flag"], run=run, elapsed=elapsed)
+    finally:
+        signal.signal(signal.SIGINT, old)
+        metrics.close()
+    if result["status"] == "stopped":
+        print(f"qlora-ext: stopped at step {result['step']}; checkpoint saved in {out}; "
+              f"continue with --resume {out}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    save_adapter_atomic(model, out)
+    tokens_s = sum_tokens(out / "metrics.jsonl") / result["elapsed"] if result["elapsed"] else float("nan")
+    _say(args, f"trained {result['step']} steps in {result['elapsed']:.1f}s ({tokens_s:.0f} tokens/s); "
+               f"final loss {trainer.last_loss:.4f}; adapter saved to {out}")
+    after = _eval_report(trainer, eval_loader, pairs, n_acc, args, "after") if eval_data else None
+    if before is not None or after is not None:
+        (out / "eval.json").write_text(json.dumps({"before": before, "after": after}, indent=1))
+    return 0
+
+
+def sum_tokens(metrics_path) -> int:
+    total = 0
+    for line in Path(metrics_path).read_text().splitlines():
+        total += json.loads(line).get("tokens") or 0
+    return total
+
+
+def _model_with_adapter(args):
+    model = load_model(args.model, lora=None, device=args.device, threads=args.threads,
+                       progress=False if args.quiet else None)
+    if args.adapter:
+        model.load_adapter(args.adapter)
+    return model
+
+
+def cmd_eval(args) -> int:
+    from .data import dataset_path
+    from .train.data import DataLoader, generation_pairs, load_examples
+    from .train.trainer import Trainer
+
+    data = args.data or str(dataset_path("eval"))
+    model = _model_with_adapter(args)
+    tok = model.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad[0] if isinstance(pad, (list, tuple)) else pad
+    examples, stats = load_examples(data, tok, args.seq_len)
+    loader = DataLoader(examples, args.seq_len, args.batch_size, pad_id=pad, shuffle=False)
+    loss = Trainer(model).evaluate(b.as_tuple() for b in loader)
+    line = f"loss {loss:.4f}  perplexity {math.exp(loss) if loss < 50 else float('inf'):.2f}  " \
+           f"({stats.examples} examples, {stats.tokens:,} tokens)"
+    n_acc = args.accuracy if args.accuracy is not None else (40 if args.data is None else 0)
+    if n_acc:
+        from .train.loop import exact_match
+
+        pairs = generation_pairs(data, tok)[:n_acc]
+        acc, _ = exact_match(model, pairs)
+        line += f"  exact-match accuracy {acc:.1%} ({round(acc * len(pairs))}/{len(pairs)})"
+    print(line)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    model = _model_with_adapter(args)
+    tok = model.tokenizer
+    if args.chat:
+        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+        ids = tok.encode(text, add_special_tokens=False)
+    else:
+        ids = tok.encode(args.prompt, add_special_tokens=True)
+    eos = tok.eos_token_id
+    stop = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else None)
+    out = model.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_p=args.top_p, seed=args.seed, stop_ids=stop)
+    print(tok.decode(out, skip_special_tokens=True))
+    return 0
+
+
+def cmd_info(args) -> int:
+    from . import __version__
+
+    info = {"version": __version__, "python": sys.version.split()[0]}
+    try:
+        from . import cpu_features
+
+        info["cpu_features"] = cpu_features()
+    except ImportError as e:
+        info["cpu_features"] = f"unavailable: {e}"
+    try:
+        from .device import adapter_info
+    except ImportError:
+        info["gpu_adapter"] = "unavailable: this build has no qlora_ext.device module"
+    else:
+        try:
+            info["gpu_adapter"] = adapter_info()
+        except Exception as e:  # a broken driver must not break `info`, whose job is to report it
+            info["gpu_adapter"] = f"unavailable: {type(e).__name__}: {e}"
+    try:
+        from .model.loading import resolve_model_path
+
+        info["default_model"] = resolve_model_path(DEFAULT_MODEL)
+    except OSError as e:
+        info["default_model"] = f"missing: {e}"
+    from .data import dataset_path
+
+    info["dataset"] = {split: str(dataset_path(split)) for split in ("train", "eval")}
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+    else:
+        for k, v in info.items():
+            print(f"{k}: {json.dumps(v, default=str) if isinstance(v, dict) else v}")
+    return 0
+
+
+def _add_model_args(p, adapter=True):
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"HF model directory, .gguf file, or a known name (default {DEFAULT_MODEL})")
+    if adapter:
+        p.add_argument("--adapter", help="PEFT adapter directory (e.g. a train --out DIR)")
+    p.add_argument("--device", default="auto", choices=("auto", "gpu", "cpu"), help="where the FFN runs")
+    p.add_argument("--threads", type=int, help="CPU threads for the kernels (default: all cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_train_command(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a LoRA adapter on a JSONL file",
+                       description="Fine-tune LoRA adapters on an NF4 base model. Without --data, the shipped "
+                                   "'records' dataset is used, with eval loss and exact-match accuracy "
+                                   "before and after.")
+    d = TRAIN_DEFAULTS
+    # defaults are None here so that --resume can tell given flags from saved settings
+    p.add_argument("--model", help=f"model directory, .gguf or known name (default {d['model']})")
+    p.add_argument("--data", help='JSONL with "text", "prompt"+"completion" or "messages" (default: shipped dataset)')
+    p.add_argument("--eval-data", help="JSONL for eval loss (and accuracy) before and after")
+    p.add_argument("--out", help="output directory (adapter, checkpoint-<step>/, metrics.jsonl)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=int, help=f"optimizer updates (default: {DEFAULT_STEPS} on the shipped dataset, else 1 epoch)")
+    g.add_argument("--epochs", type=float, help="passes over the data (instead of --steps)")
+    p.add_argument("--seq-len", type=int, help=f"max tokens per row (default {d['seq_len']})")
+    p.add_argument("--batch-size", type=int, help=f"rows per micro-batch (default {d['batch_size']})")
+    p.add_argument("--grad-accum", type=int, help=f"micro-batches per update (default {d['grad_accum']})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {d['lr']:g})")
+    p.add_argument("--warmup", type=int, help="warmup updates (default 0)")
+    p.add_argument("--schedule", choices=("constant", "linear", "cosine"), help="lr after warmup (default constant)")
+    p.add_argument("--weight-decay", type=float, help="AdamW decoupled weight decay (default 0)")
+    p.add_argument("--grad-clip", type=float, help="global grad-norm clip, 0 = off (default 1.0)")
+    p.add_argument("--lora-rank", type=int, help=f"LoRA r (default {d['lora_rank']})")
+    p.add_argument("--lora-alpha", type=float, help=f"LoRA alpha (default {d['lora_alpha']:g})")
+    p.add_argument("--lora-dropout", type=float, help="dropout on the adapter input (default 0)")
+    p.add_argument("--targets", help=f"projections to adapt (default {d['targets']})")
+    p.add_argument("--pack", action="store_const", const=True, help="pack examples into full rows instead of padding")
+    p.add_argument("--quantize", choices=("nf4", "none"), help="base weights format (default nf4)")
+    p.add_argument("--gradient-checkpointing", action="store_const", const=True, help="recompute activations")
+    p.add_argument("--eval-accuracy", type=int, metavar="N",
+                   help="exact-match accuracy on the first N eval examples (default: all, shipped dataset only)")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (always at the end)")
+    p.add_argument("--keep-last", type=int, help="keep only the newest K checkpoints")
+    p.add_argument("--resume", metavar="DIR", help="continue from the newest complete checkpoint in DIR")
+    p.add_argument("--device", choices=("auto", "gpu", "cpu"), help="where the FFN runs (default auto)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--seed", type=int, help="seed for LoRA init, data order, dropout (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary lines")
+    p.set_defaults(func=cmd_train)
+
+
+def add_eval_command(sub) -> None:
+    p = sub.add_parser("eval", help="loss and perplexity of a model (+ adapter) on a JSONL file")
+    _add_model_args(p)
+    p.add_argument("--data", help="JSONL file (default: the shipped eval split)")
+    p.add_argument("--seq-len", type=int, default=TRAIN_DEFAULTS["seq_len"])
+    p.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS["batch_size"])
+    p.add_argument("--accuracy", type=int, metavar="N",
+                   help="also greedy exact-match accuracy on the first N examples (default: 40 on the shipped split)")
+    p.set_defaults(func=cmd_eval)
+
+
+def add_generate_command(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, help="sampling seed")
+    p.set_defaults(func=cmd_generate)
+
+
+def add_info_command(sub) -> None:
+    p = sub.add_parser("info", help="version, CPU features, GPU adapter, default model")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+
+# Each entry adds one subcommand (a parser with set_defaults(func=...)).  `profile` joins
+# here as one more add_*_command function.
+SUBCOMMANDS = [add_train_command, add_eval_command, add_generate_command, add_info_command]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, status 2, as for every other usage error
+        self.exit(EXIT_USAGE, f"qlora-ext {self.prog.split()[-1]}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="qlora-ext", description="QLoRA fine-tuning on CPU and any WebGPU GPU")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as e:
+        msg = " ".join(str(e).split())  # one line
+        print(f"qlora-ext: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("qlora-ext: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
