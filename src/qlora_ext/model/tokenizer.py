@@ -131,9 +131,11 @@ class Tokenizer:
         tokens = md.get("tokenizer.ggml.tokens")
         if kind is None or tokens is None:
             raise ValueError(f"{source}: no tokenizer in the GGUF metadata (tokenizer.ggml.model/tokens missing)")
+        if kind == "llama":
+            return cls._from_gguf_sentencepiece(md, source)
         if kind != "gpt2":
             raise ValueError(f"{source}: tokenizer.ggml.model {kind!r} is not supported; expected 'gpt2' "
-                             "(byte-level BPE)")
+                             "(byte-level BPE) or 'llama' (SentencePiece BPE)")
         merges = md.get("tokenizer.ggml.merges")
         if merges is None:
             raise ValueError(f"{source}: tokenizer.ggml.merges is missing for a BPE tokenizer")
@@ -172,6 +174,47 @@ class Tokenizer:
         else:
             backend.post_processor = processors.ByteLevel(trim_offsets=False)
         return cls(backend, bos_token_id=bos, eos_token_id=eos,
+                   pad_token_id=md.get("tokenizer.ggml.padding_token_id"),
+                   chat_template=md.get("tokenizer.chat_template"), source=source)
+
+    @classmethod
+    def _from_gguf_sentencepiece(cls, md: dict, source: str) -> "Tokenizer":
+        """tokenizer.ggml.model "llama": SentencePiece BPE over pieces with scores, "▁" for
+        spaces, <0xXX> byte tokens for anything outside the vocabulary.  The merges are
+        recovered from the vocabulary: every split of a piece into two pieces, the merged
+        piece's score giving the priority."""
+        from tokenizers import AddedToken, decoders, normalizers
+        from tokenizers import Tokenizer as Backend
+        from tokenizers.models import BPE
+
+        tokens = list(md["tokenizer.ggml.tokens"])
+        scores = md.get("tokenizer.ggml.scores")
+        types = md.get("tokenizer.ggml.token_type")
+        if scores is None or len(scores) != len(tokens):
+            raise ValueError(f"{source}: tokenizer.ggml.scores must give one score per token for a SentencePiece vocabulary")
+        if types is None or len(types) != len(tokens):
+            raise ValueError(f"{source}: tokenizer.ggml.token_type must give one type per token")
+        vocab = {t: i for i, t in enumerate(tokens)}
+        mergeable = {t for t, ty in zip(tokens, types) if int(ty) in (_NORMAL, _USER_DEFINED)}
+        merges = []
+        for piece in mergeable:
+            for k in range(1, len(piece)):
+                a, b = piece[:k], piece[k:]
+                if a in mergeable and b in mergeable:
+                    merges.append((-float(scores[vocab[piece]]), vocab[a], vocab[b], a, b))
+        merges.sort()
+        unk_id = md.get("tokenizer.ggml.unknown_token_id", 0)
+        backend = Backend(BPE(vocab=vocab, merges=[(a, b) for *_, a, b in merges],
+                              unk_token=tokens[unk_id], fuse_unk=True, byte_fallback=True))
+        prefix = md.get("tokenizer.ggml.add_space_prefix", True)
+        steps = [normalizers.Prepend("\u2581")] if prefix else []
+        backend.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "\u2581")])
+        dec = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        backend.decoder = decoders.Sequence(dec + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+        backend.add_tokens([AddedToken(tokens[i], special=int(t) in (_CONTROL, _UNKNOWN), normalized=False)
+                            for i, t in enumerate(types) if int(t) in (_CONTROL, _UNKNOWN, _USER_DEFINED)])
+        return cls(backend, bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
+                   eos_token_id=md.get("tokenizer.ggml.eos_token_id"),
                    pad_token_id=md.get("tokenizer.ggml.padding_token_id"),
                    chat_template=md.get("tokenizer.chat_template"), source=source)
 
