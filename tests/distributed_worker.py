@@ -64,7 +64,6 @@ class EmulatedShards:
 
 def run_train(spec: dict, comm) -> None:
     from qlora_ext.cpu.ffn import CpuFfnBackend
-    from qlora_ext.model import reference_kernels
     from qlora_ext.model.loading import load_state
     from qlora_ext.model.lora import LoraConfig
     from qlora_ext.model.model import Model
@@ -79,9 +78,8 @@ def run_train(spec: dict, comm) -> None:
             comm.check_in_sync(self)
             return loss
 
-    kernels = reference_kernels if spec.get("kernels") == "reference" else None
     model = Model(load_state(spec["model"], quantize=None), LoraConfig(r=4, alpha=8), CpuFfnBackend(),
-                  threads=1, seed=3, kernels=kernels)
+                  threads=1, seed=3)
     examples = make_examples(spec["examples"], model.config.vocab_size, 7, tuple(spec.get("ignore", ())))
     loader = DataLoader(examples, 16, spec["batch_rows"], seed=0, shuffle=spec.get("shuffle", False), pad_id=0)
     config = TrainConfig(lr=spec.get("lr", 1e-2), grad_clip=spec.get("grad_clip", 1.0), total_steps=spec["steps"])

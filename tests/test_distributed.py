@@ -43,8 +43,7 @@ needs_mpi = pytest.mark.skipif(not (_have_mpi4py() and _mpiexec()),
 # 12 rows of 3..12 tokens in file order, global batches of 5 rows: 5, 5, 2 (an uneven last
 # batch, smaller than 3 ranks).  Rows 0 and 1 have no target, so in the first batch rank 0
 # of 2 (rows 0-1) and of 3 (row 0) has no counted token.
-BASE = {"mode": "train", "examples": 12, "ignore": [0, 1, 11], "batch_rows": 5, "steps": 6, "lr": 1e-2,
-        "kernels": "reference"}
+BASE = {"mode": "train", "examples": 12, "ignore": [0, 1, 11], "batch_rows": 5, "steps": 6, "lr": 1e-2}
 RANKS = (2, 3)
 
 
