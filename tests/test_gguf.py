@@ -103,7 +103,44 @@ def build_q6_k(nb):
     return np.stack(rows), ref
 
 
-BUILDERS = {"Q4_0": build_q4_0, "Q4_1": build_q4_1, "Q8_0": build_q8_0, "Q4_K": build_q4_k, "Q6_K": build_q6_k}
+def build_q5(nb, with_min):
+    d = RNG.uniform(-0.1, 0.1, nb).astype(np.float16)
+    m = RNG.uniform(-1, 0, nb).astype(np.float16)
+    qh = RNG.integers(0, 2**32, nb, dtype=np.uint64).astype("<u4")
+    qs = RNG.integers(0, 256, (nb, 16), dtype=np.uint8)
+    head = [f16_bytes(d), f16_bytes(m)] if with_min else [f16_bytes(d)]
+    raw = np.concatenate(head + [qh.reshape(-1, 1).view(np.uint8), qs], axis=1)
+    ref = np.empty((nb, 32))
+    for i in range(nb):
+        h = int(qh[i])
+        for j in range(16):
+            q0 = (int(qs[i, j]) & 15) | (((h >> j) & 1) << 4)
+            q1 = (int(qs[i, j]) >> 4) | (((h >> (j + 16)) & 1) << 4)
+            for k, q in ((j, q0), (j + 16, q1)):
+                ref[i, k] = float(d[i]) * q + float(m[i]) if with_min else float(d[i]) * (q - 16)
+    return raw, ref
+
+
+def build_q5_k(nb):
+    rows, ref = [], np.empty((nb, 256))
+    for i in range(nb):
+        d, dmin = np.float16(RNG.uniform(0, 0.01)), np.float16(RNG.uniform(0, 0.01))
+        sc, mn = RNG.integers(0, 64, 8), RNG.integers(0, 64, 8)
+        q = RNG.integers(0, 32, 256)  # 5-bit codes, output order
+        qs = np.zeros(128, np.uint8)
+        qh = np.zeros(32, np.uint8)
+        for j in range(8):  # sub-block j: nibble of qs[32 * (j // 2) + l], bit j of qh[l]
+            for l in range(32):
+                c = int(q[32 * j + l])
+                qs[32 * (j // 2) + l] |= (c & 15) << (4 * (j % 2))
+                qh[l] |= (c >> 4) << j
+                ref[i, 32 * j + l] = float(d) * sc[j] * c - float(dmin) * mn[j]
+        rows.append(np.concatenate([f16_bytes(d)[0], f16_bytes(dmin)[0], pack_k4_scales(sc, mn), qh, qs]))
+    return np.stack(rows), ref
+
+
+BUILDERS = {"Q4_0": build_q4_0, "Q4_1": build_q4_1, "Q8_0": build_q8_0, "Q4_K": build_q4_k, "Q6_K": build_q6_k,
+            "Q5_0": lambda nb: build_q5(nb, False), "Q5_1": lambda nb: build_q5(nb, True), "Q5_K": build_q5_k}
 
 
 @pytest.mark.parametrize("tname", sorted(BUILDERS))
@@ -216,8 +253,8 @@ def test_corrupt_headers(tmp_path, corrupt, message):
 
 
 def test_unsupported_tensor_type_named(tmp_path):
-    p = write_gguf(tmp_path / "q5.gguf", {}, {"w": ("Q5_0", (1, 32), bytes(22))})
-    with GGUFFile(p) as g, pytest.raises(ValueError, match=r"'w' has ggml type Q5_0, which is not supported"):
+    p = write_gguf(tmp_path / "q3.gguf", {}, {"w": ("Q3_K", (1, 256), bytes(110))})
+    with GGUFFile(p) as g, pytest.raises(ValueError, match=r"'w' has ggml type Q3_K, which is not supported"):
         g.get("w")
 
 

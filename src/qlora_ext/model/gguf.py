@@ -1,5 +1,5 @@
 """GGUF reading (llama.cpp's single-file format): header, metadata, tensor table, and numpy
-dequantizers for F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q4_K/Q6_K.
+dequantizers for F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q5_K/Q6_K.
 
 Layout (version 2 and 3, little-endian): magic "GGUF", u32 version, u64 tensor count, u64
 metadata count; metadata entries (string key, u32 type, value); tensor infos (string name,
@@ -33,7 +33,7 @@ GGML_TYPES = {
     14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292), 30: ("BF16", 1, 2),
 }
 GGML_TYPE_IDS = {v[0]: k for k, v in GGML_TYPES.items()}
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 QK_K = 256
 
 
@@ -271,6 +271,23 @@ def _dequant_q4_1(b: np.ndarray) -> np.ndarray:
     return _f16(b, 0) * _nibbles(b[:, 4:20]) + _f16(b, 2)
 
 
+def _fifth_bits(qh: np.ndarray) -> np.ndarray:
+    """[nb, 4] bytes = a little-endian u32 per block -> [nb, 32] bit j of it, as 0 or 16."""
+    bits = np.unpackbits(qh, axis=1, bitorder="little")  # bit j of the u32 at column j
+    return bits.astype(np.float32) * 16.0
+
+
+def _dequant_q5_0(b: np.ndarray) -> np.ndarray:
+    # block: f16 d, u32 qh (5th bits), 16 bytes of nibbles; x = d * (q - 16), element j < 16
+    # from the low nibble of byte j and bit j of qh, element j + 16 from the high nibble and bit j + 16
+    return _f16(b, 0) * (_nibbles(b[:, 6:22]) + _fifth_bits(b[:, 2:6]) - 16.0)
+
+
+def _dequant_q5_1(b: np.ndarray) -> np.ndarray:
+    # block: f16 d, f16 m, u32 qh, 16 bytes of nibbles; x = d * q + m
+    return _f16(b, 0) * (_nibbles(b[:, 8:24]) + _fifth_bits(b[:, 4:8])) + _f16(b, 2)
+
+
 def _k4_scales_mins(s: np.ndarray) -> tuple:
     """12 packed bytes [nb, 12] -> 8 six-bit scales and 8 six-bit mins, each [nb, 8].
     Sub-blocks 0..3: low 6 bits of bytes 0..3 (scale) and 4..7 (min); sub-blocks 4..7: low
@@ -297,6 +314,20 @@ def _dequant_q4_k(b: np.ndarray) -> np.ndarray:
     return ((d * sc)[:, :, None] * q - (dmin * mn)[:, :, None]).reshape(nb, QK_K)
 
 
+def _dequant_q5_k(b: np.ndarray) -> np.ndarray:
+    # as Q4_K plus qh[32] (after the scales) holding each element's 5th bit: sub-block j
+    # takes bit j of qh[l] for its element l; x = d * sc[j] * q - dmin * mn[j]
+    nb = b.shape[0]
+    d, dmin = _f16(b, 0), _f16(b, 2)
+    sc, mn = _k4_scales_mins(b[:, 4:16])
+    qh = b[:, 16:48]
+    qs = b[:, 48:176].reshape(nb, 4, 32)
+    lo = np.stack([qs & 0x0F, qs >> 4], axis=2).reshape(nb, 8, 32)
+    hi = np.stack([(qh >> j) & 1 for j in range(8)], axis=1)  # [nb, 8, 32]
+    q = (lo | (hi << 4)).astype(np.float32)
+    return ((d * sc)[:, :, None] * q - (dmin * mn)[:, :, None]).reshape(nb, QK_K)
+
+
 def _dequant_q6_k(b: np.ndarray) -> np.ndarray:
     # super-block of 256 = 16 sub-blocks of 16: ql[128] (low 4 bits), qh[64] (high 2 bits),
     # int8 scales[16], f16 d; x = d * scale[sub] * (q - 32).  Per half of 128 outputs
@@ -314,8 +345,8 @@ def _dequant_q6_k(b: np.ndarray) -> np.ndarray:
     return (d * scales[:, sub]) * q.reshape(nb, QK_K)
 
 
-_BLOCK_DEQUANT = {"Q8_0": _dequant_q8_0, "Q4_0": _dequant_q4_0, "Q4_1": _dequant_q4_1,
-                  "Q4_K": _dequant_q4_k, "Q6_K": _dequant_q6_k}
+_BLOCK_DEQUANT = {"Q8_0": _dequant_q8_0, "Q4_0": _dequant_q4_0, "Q4_1": _dequant_q4_1, "Q5_0": _dequant_q5_0,
+                  "Q5_1": _dequant_q5_1, "Q4_K": _dequant_q4_k, "Q5_K": _dequant_q5_k, "Q6_K": _dequant_q6_k}
 
 
 def dequantize(raw: np.ndarray, type_name: str, out: np.ndarray | None = None) -> np.ndarray:
