@@ -38,6 +38,7 @@ def load_model(path, lora=None, device="auto", quantize="nf4", threads=None, see
 
 
 def _say(args, *parts) -> None:
+    """Informational lines (off with --quiet); results are printed regardless."""
     if not getattr(args, "quiet", False):
         print(*parts, flush=True)
 
@@ -69,7 +70,7 @@ def _eval_report(trainer, eval_loader, pairs, n_acc, args, label) -> dict:
         parts.append(f"exact-match accuracy {out['accuracy']:.1%} ({round(out['accuracy'] * n)}/{n})"
                      f"  first answer: {out['sample']!r}")
     if len(parts) > 1:
-        _say(args, "  ".join(parts))
+        print("  ".join(parts), flush=True)
     return out
 
 
@@ -99,8 +100,9 @@ def cmd_train(args) -> int:
     from .data import dataset_path
     from .model.lora import LoraConfig
     from .train.checkpoint import save_adapter_atomic
-    from .train.data import DataLoader, generation_pairs, load_examples
+    from .train.data import DataLoader, check_records, generation_pairs, load_examples
     from .train.loop import MetricsLog, fit, restore
+    from .train.schedule import check_schedule
     from .train.trainer import TrainConfig, Trainer
 
     s, ckpt, out = _resolved_train_settings(args)
@@ -114,6 +116,11 @@ def cmd_train(args) -> int:
         raise ValueError(f"--steps must be >= 1, got {s['steps']}")
     if s["epochs"] is not None and not s["epochs"] > 0:
         raise ValueError(f"--epochs must be > 0, got {s['epochs']}")
+    if s["steps"] is not None:
+        check_schedule(s["schedule"], s["warmup"], s["steps"])  # before the model loads
+    for path in (data, eval_data):
+        if path:
+            check_records(path)  # bad data fails before the model loads
     lora = LoraConfig(r=s["lora_rank"], alpha=s["lora_alpha"], dropout=s["lora_dropout"],
                       target_modules=tuple(t.strip() for t in s["targets"].split(",") if t.strip()))
     t0 = time.perf_counter()
@@ -184,7 +191,7 @@ def cmd_train(args) -> int:
         return EXIT_INTERRUPTED
     save_adapter_atomic(model, out)
     tokens_s = sum_tokens(out / "metrics.jsonl") / result["elapsed"] if result["elapsed"] else float("nan")
-    _say(args, f"trained {result['step']} steps in {result['elapsed']:.1f}s ({tokens_s:.0f} tokens/s); "
+    print(f"trained {result['step']} steps in {result['elapsed']:.1f}s ({tokens_s:.0f} tokens/s); "
                f"final loss {trainer.last_loss:.4f}; adapter saved to {out}")
     after = _eval_report(trainer, eval_loader, pairs, n_acc, args, "after") if eval_data else None
     if before is not None or after is not None:
@@ -332,7 +339,7 @@ def add_train_command(sub) -> None:
     p.add_argument("--device", choices=("auto", "gpu", "cpu"), help="where the FFN runs (default auto)")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--seed", type=int, help="seed for LoRA init, data order, dropout (default 0)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary lines")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no setup lines (results still print)")
     p.set_defaults(func=cmd_train)
 
 

@@ -95,6 +95,22 @@ def record_kind(obj, path, lineno) -> str:
                                   f'got keys {sorted(obj)[:5]}')
 
 
+def check_records(path) -> int:
+    """Validate every record of a JSONL file without a tokenizer (so that bad data fails
+    before a model loads); returns the number of records."""
+    records = read_jsonl(path)
+    for lineno, obj in records:
+        kind = record_kind(obj, path, lineno)
+        if kind == "text":
+            _need_str(obj, "text", path, lineno)
+        elif kind == "prompt":
+            _need_str(obj, "prompt", path, lineno)
+            _need_str(obj, "completion", path, lineno)
+        else:
+            _check_messages(obj["messages"], path, lineno)
+    return len(records)
+
+
 def chat_segments(tokenizer, messages, path, lineno) -> list:
     """The chat-template rendering of `messages` cut into (text, is_assistant) segments.
 
