@@ -1,0 +1,323 @@
+"""The GPU-resident step engine: a qlora_ext Model's whole training step on one wgpu device.
+
+At construction the base (NF4 codes + absmax, or fp32 projections), norms, embeddings, LM
+head, RoPE tables and one flat buffer of every LoRA parameter go up once.  Per step only the
+token ids, labels and mask go up; the loss comes down (`train_step`), or the loss and the
+flat gradient (`loss_and_grads`, for checks against the CPU model).
+
+Per projection the NF4 weight is dequantized into an fp32 scratch buffer (one per shape,
+reused; weights.py) and multiplied by the fp32 tiled GEMM; LoRA terms use the same GEMM on
+the flat parameter buffer at each tensor's offset.  (The ffn engineer's fused NF4-dequant
+GEMM can replace `WeightScratch.fp32` + `gemm_gpu` here once it is committed.)
+
+Shape letters: B batch, T tokens, N = B*T, H hidden, Hq/Hkv heads, D head dim, F FFN width,
+r LoRA rank, V vocab.  Not supported yet (ValueError at construction): attention biases
+(Qwen2), LoRA dropout, a trained LM head."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...model.lora import PROJECTIONS, peft_name
+from .adamw import AdamWGpu
+from .attention import attention_backward_gpu, attention_forward_gpu
+from .context import GpuContext, GpuTensor, default_context
+from .cross_entropy import IGNORE_INDEX, LmHeadLoss
+from .gemm import gemm_gpu
+from .layer_ops import (add_gpu, embedding_gather_gpu, rmsnorm_backward_gpu, rmsnorm_forward_gpu,
+                        rope_apply_gpu, swiglu_backward_gpu, swiglu_forward_gpu)
+from .weights import WeightScratch, upload_weight
+
+
+@dataclass
+class _Lora:
+    """Offsets (elements) of A [r, in] and B [out, r] in the flat parameter buffer."""
+
+    a_off: int
+    b_off: int
+    r: int
+    scale: float
+
+
+class _Acts:
+    """One layer's saved activations (all [N, ...] f32 GpuTensors)."""
+
+    def __init__(self, ctx: GpuContext, N, H, Hq, Hkv, D, F, B, T, loras: dict, qk_norm: bool):
+        e = ctx.empty
+        self.x = e((N, H))                   # layer input
+        self.h1, self.rstd1 = e((N, H)), e((N,))
+        self.q_pre = e((N, Hq * D)) if qk_norm else None
+        self.k_pre = e((N, Hkv * D)) if qk_norm else None
+        self.q_rstd = e((N * Hq,)) if qk_norm else None
+        self.k_rstd = e((N * Hkv,)) if qk_norm else None
+        self.q, self.k, self.v = e((B, T, Hq, D)), e((B, T, Hkv, D)), e((B, T, Hkv, D))
+        self.attn, self.lse = e((B, T, Hq, D)), e((B, Hq, T))
+        self.x2 = e((N, H))
+        self.h2, self.rstd2 = e((N, H)), e((N,))
+        self.g, self.u, self.m = e((N, F)), e((N, F)), e((N, F))
+        self.lora_u = {p: e((N, lo.r)) for p, lo in loras.items()}   # scale * x Aᵀ
+
+
+class ResidentEngine:
+    """model: a qlora_ext.model.model.Model (its base state, LoRA config and weights)."""
+
+    def __init__(self, model, ctx: GpuContext | None = None, gradient_checkpointing: bool = False,
+                 lr: float = 2e-4, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        self.ctx = ctx = default_context() if ctx is None else ctx
+        cfg = model.config
+        st = model.state
+        if any(lw.bias for lw in st.layers):
+            raise ValueError("resident engine: attention biases (Qwen2) are not supported yet")
+        if float(model.lora_config.dropout) != 0.0:
+            raise ValueError(f"resident engine: LoRA dropout {model.lora_config.dropout} is not "
+                             "supported yet (use dropout=0)")
+        if model.train_lm_head:
+            raise ValueError("resident engine: a trained LM head is not supported yet")
+        self.model = model
+        self.L = len(st.layers)
+        self.H, self.V = int(cfg.hidden_size), int(cfg.vocab_size)
+        self.Hq, self.Hkv, self.D = int(cfg.num_attention_heads), int(cfg.num_key_value_heads), int(cfg.head_dim)
+        self.F = int(st.layers[0].proj["gate_proj"].shape[0])
+        self.eps = float(cfg.rms_norm_eps)
+        self.qk_norm = st.layers[0].q_norm is not None
+        self.checkpointing = bool(gradient_checkpointing)
+        up = ctx.upload
+        self.embed = up(st.embed_tokens)
+        self.lm_w = self.embed if st.lm_head is None else up(st.lm_head)
+        self.norm = up(st.norm)
+        self.scratch = WeightScratch(ctx)
+        self.layers = []
+        for lw in st.layers:
+            d = {"ln1": up(lw.input_layernorm), "ln2": up(lw.post_attention_layernorm),
+                 "proj": {p: upload_weight(ctx, lw.proj[p]) for p in PROJECTIONS}}
+            if self.qk_norm:
+                d["q_norm"], d["k_norm"] = up(lw.q_norm), up(lw.k_norm)
+            self.layers.append(d)
+        # One flat buffer of all trainable parameters, in model.parameters() order.
+        params = model.parameters()
+        self.names = list(params)
+        self.offsets, off = {}, 0
+        for n, a in params.items():
+            self.offsets[n] = (off, a.shape)
+            off += a.size
+        self.n_params = off
+        self.params = up(np.concatenate([a.reshape(-1) for a in params.values()]).astype(np.float32))
+        self.grads = ctx.zeros((self.n_params,))
+        self.loras = []
+        for l in range(self.L):
+            per = {}
+            for p in PROJECTIONS:
+                pair = model.lora.get(l, p)
+                if pair is not None:
+                    per[p] = _Lora(self.offsets[peft_name(l, p, "A")][0], self.offsets[peft_name(l, p, "B")][0],
+                                   int(pair.A.shape[0]), float(pair.scale))
+            self.loras.append(per)
+        self.optimizer = AdamWGpu(ctx, self.n_params, lr, betas, eps, weight_decay)
+        self._shapes = {}
+
+    # ---- LoRA linear ----------------------------------------------------------------------
+    def _linear_forward(self, l, proj, x: GpuTensor, y: GpuTensor, u: GpuTensor | None):
+        """y [N, out] = x Wᵀ + (scale x Aᵀ) Bᵀ; u [N, r] keeps scale x Aᵀ for backward."""
+        ctx, pr = self.ctx, self.layers[l]["proj"][proj]
+        out, inn = pr.shape
+        N = x.shape[0]
+        gemm_gpu(ctx, x, self.scratch.fp32(pr), y, N, out, inn, trans_b=True)
+        lo = self.loras[l].get(proj)
+        if lo is not None:
+            gemm_gpu(ctx, x, self.params, u, N, lo.r, inn, trans_b=True, alpha=lo.scale, b_off=lo.a_off)
+            gemm_gpu(ctx, u, self.params, y, N, out, lo.r, trans_b=True, accumulate=True, b_off=lo.b_off)
+
+    def _linear_backward(self, l, proj, dy: GpuTensor, x: GpuTensor, u: GpuTensor | None,
+                         dx: GpuTensor, accumulate: bool, du: GpuTensor):
+        """dx (+)= dy W + scale (dy B) A; dA += (scale dy B)ᵀ x, dB += dyᵀ u into self.grads."""
+        ctx, pr = self.ctx, self.layers[l]["proj"][proj]
+        out, inn = pr.shape
+        N = dy.shape[0]
+        gemm_gpu(ctx, dy, self.scratch.fp32(pr), dx, N, inn, out, accumulate=accumulate)
+        lo = self.loras[l].get(proj)
+        if lo is not None:
+            r = lo.r
+            gemm_gpu(ctx, dy, u, self.grads, out, r, N, trans_a=True, accumulate=True, c_off=lo.b_off)
+            gemm_gpu(ctx, dy, self.params, du, N, r, out, alpha=lo.scale, b_off=lo.b_off)
+            gemm_gpu(ctx, du, x, self.grads, r, inn, N, trans_a=True, accumulate=True, c_off=lo.a_off)
+            gemm_gpu(ctx, du, self.params, dx, N, inn, r, accumulate=True, b_off=lo.a_off)
+
+    # ---- per-shape buffers ----------------------------------------------------------------
+    def _bufs(self, B, T):
+        key = (B, T)
+        s = self._shapes.get(key)
+        if s is None:
+            ctx, N = self.ctx, B * T
+            H, Hq, Hkv, D, F = self.H, self.Hq, self.Hkv, self.D, self.F
+            n_acts = 1 if self.checkpointing else self.L
+            s = {
+                "acts": [_Acts(ctx, N, H, Hq, Hkv, D, F, B, T, self.loras[l], self.qk_norm)
+                         for l in range(n_acts)],
+                "inputs": [ctx.empty((N, H)) for _ in range(self.L)] if self.checkpointing else None,
+                "ids": ctx.empty((N,), "i32"), "labels": ctx.empty((N,), "i32"),
+                "pos": ctx.upload(np.tile(np.arange(T, dtype=np.int32), B), "i32"),
+                "mask": ctx.empty((B, T), "u32"),
+                "x": ctx.empty((N, H)), "xf": ctx.empty((N, H)), "rstdf": ctx.empty((N,)),
+                "gy": ctx.empty((N, H)), "gx": ctx.empty((N, H)),
+                "dx2": ctx.empty((N, H)), "dh": ctx.empty((N, H)),
+                "dm": ctx.empty((N, F)), "dg": ctx.empty((N, F)), "du": ctx.empty((N, F)),
+                "da": ctx.empty((N, Hq * D)), "dq": ctx.empty((B, T, Hq, D)),
+                "dk": ctx.empty((B, T, Hkv, D)), "dv": ctx.empty((B, T, Hkv, D)),
+                "delta": ctx.empty((B, Hq, T)), "dlora": ctx.empty((N, max(
+                    [lo.r for per in self.loras for lo in per.values()] or [1]))),
+                "head": LmHeadLoss(ctx, N, H, self.V),
+            }
+            if self.qk_norm:
+                s["dqn"], s["dkn"] = ctx.empty((N * Hq, D)), ctx.empty((N * Hkv, D))
+            self._shapes[key] = s
+        return s
+
+    def _tables(self, T):
+        k = self.model._layers
+        k.ensure_positions(T)
+        tab = k.tables
+        if getattr(self, "_tab_src", None) is not tab:
+            self._tab_src = tab
+            self.cos, self.sin = self.ctx.upload(tab.cos), self.ctx.upload(tab.sin)
+
+    # ---- layer ----------------------------------------------------------------------------
+    def _layer_forward(self, l, a: _Acts, x: GpuTensor, y: GpuTensor, s, B, T, mask):
+        """x [N, H] (copied into a.x) -> y [N, H]."""
+        ctx, w = self.ctx, self.layers[l]
+        N, Hq, Hkv, D = B * T, self.Hq, self.Hkv, self.D
+        if x is not a.x:
+            ctx.encoder().copy_buffer_to_buffer(x.buffer, 0, a.x.buffer, 0, x.nbytes)
+        rmsnorm_forward_gpu(ctx, a.x, w["ln1"], self.eps, a.h1, a.rstd1)
+        qdst = a.q_pre if self.qk_norm else a.q
+        kdst = a.k_pre if self.qk_norm else a.k
+        self._linear_forward(l, "q_proj", a.h1, qdst, a.lora_u.get("q_proj"))
+        self._linear_forward(l, "k_proj", a.h1, kdst, a.lora_u.get("k_proj"))
+        self._linear_forward(l, "v_proj", a.h1, a.v, a.lora_u.get("v_proj"))
+        if self.qk_norm:
+            rmsnorm_forward_gpu(ctx, _view(a.q_pre, (N * Hq, D)), w["q_norm"], self.eps, _view(a.q, (N * Hq, D)), a.q_rstd)
+            rmsnorm_forward_gpu(ctx, _view(a.k_pre, (N * Hkv, D)), w["k_norm"], self.eps, _view(a.k, (N * Hkv, D)), a.k_rstd)
+        rope_apply_gpu(ctx, a.q, s["pos"], self.cos, self.sin, 1)
+        rope_apply_gpu(ctx, a.k, s["pos"], self.cos, self.sin, 1)
+        attention_forward_gpu(ctx, a.q, a.k, a.v, mask, a.attn, a.lse)
+        self._linear_forward(l, "o_proj", _view(a.attn, (N, Hq * D)), a.x2, a.lora_u.get("o_proj"))
+        add_gpu(ctx, a.x2, a.x)
+        rmsnorm_forward_gpu(ctx, a.x2, w["ln2"], self.eps, a.h2, a.rstd2)
+        self._linear_forward(l, "gate_proj", a.h2, a.g, a.lora_u.get("gate_proj"))
+        self._linear_forward(l, "up_proj", a.h2, a.u, a.lora_u.get("up_proj"))
+        swiglu_forward_gpu(ctx, a.g, a.u, a.m)
+        self._linear_forward(l, "down_proj", a.m, y, a.lora_u.get("down_proj"))
+        add_gpu(ctx, y, a.x2)
+
+    def _layer_backward(self, l, a: _Acts, dy: GpuTensor, dx: GpuTensor, s, B, T, mask):
+        """dy [N, H] -> dx [N, H] (dx may not alias dy); LoRA grads added into self.grads."""
+        ctx, w = self.ctx, self.layers[l]
+        N, Hq, Hkv, D = B * T, self.Hq, self.Hkv, self.D
+        dl, enc = s["dlora"], ctx.encoder
+        self._linear_backward(l, "down_proj", dy, a.m, a.lora_u.get("down_proj"), s["dm"], False, dl)
+        swiglu_backward_gpu(ctx, a.g, a.u, s["dm"], s["dg"], s["du"])
+        self._linear_backward(l, "gate_proj", s["dg"], a.h2, a.lora_u.get("gate_proj"), s["dh"], False, dl)
+        self._linear_backward(l, "up_proj", s["du"], a.h2, a.lora_u.get("up_proj"), s["dh"], True, dl)
+        dx2 = s["dx2"]
+        enc().copy_buffer_to_buffer(dy.buffer, 0, dx2.buffer, 0, dy.nbytes)
+        rmsnorm_backward_gpu(ctx, a.x2, w["ln2"], a.rstd2, s["dh"], dx2, accumulate=True)
+        self._linear_backward(l, "o_proj", dx2, _view(a.attn, (N, Hq * D)), a.lora_u.get("o_proj"),
+                              s["da"], False, dl)
+        dq, dk, dv = s["dq"], s["dk"], s["dv"]
+        attention_backward_gpu(ctx, a.q, a.k, a.v, a.attn, a.lse, _view(s["da"], (B, T, Hq, D)), mask,
+                               dq, dk, dv, s["delta"])
+        rope_apply_gpu(ctx, dq, s["pos"], self.cos, self.sin, -1)
+        rope_apply_gpu(ctx, dk, s["pos"], self.cos, self.sin, -1)
+        if self.qk_norm:
+            # Gradients through the per-head q/k norms, into their own buffers.
+            rmsnorm_backward_gpu(ctx, _view(a.q_pre, (N * Hq, D)), w["q_norm"], a.q_rstd,
+                                 _view(dq, (N * Hq, D)), s["dqn"])
+            rmsnorm_backward_gpu(ctx, _view(a.k_pre, (N * Hkv, D)), w["k_norm"], a.k_rstd,
+                                 _view(dk, (N * Hkv, D)), s["dkn"])
+            dq, dk = s["dqn"], s["dkn"]
+        dh = s["dh"]
+        self._linear_backward(l, "q_proj", _view(dq, (N, Hq * D)), a.h1, a.lora_u.get("q_proj"), dh, False, dl)
+        self._linear_backward(l, "k_proj", _view(dk, (N, Hkv * D)), a.h1, a.lora_u.get("k_proj"), dh, True, dl)
+        self._linear_backward(l, "v_proj", _view(dv, (N, Hkv * D)), a.h1, a.lora_u.get("v_proj"), dh, True, dl)
+        enc().copy_buffer_to_buffer(dx2.buffer, 0, dx.buffer, 0, dx2.nbytes)
+        rmsnorm_backward_gpu(ctx, a.x, w["ln1"], a.rstd1, dh, dx, accumulate=True)
+
+    # ---- step -----------------------------------------------------------------------------
+    def _record(self, input_ids, labels, attention_mask, want_grad: bool):
+        """Upload the batch and record forward (+ backward); returns (stats tensor, count)."""
+        ids, inp, lab = self.model._inputs(input_ids, attention_mask, labels)
+        B, T = ids.shape
+        ctx, N = self.ctx, B * T
+        s = self._bufs(B, T)
+        self._tables(T)
+        ctx.write(s["ids"], ids.reshape(-1).astype(np.int32))
+        ctx.write(s["labels"], lab.reshape(-1).astype(np.int32))
+        mask = None
+        if inp.mask is not None:
+            ctx.write(s["mask"], inp.mask.astype(np.uint32))
+            mask = s["mask"]
+        count = int(np.count_nonzero(lab[:, 1:] != IGNORE_INDEX))
+        x = s["x"]
+        embedding_gather_gpu(ctx, s["ids"], self.embed, x)
+        for l in range(self.L):
+            a = s["acts"][0 if self.checkpointing else l]
+            if self.checkpointing:
+                ctx.encoder().copy_buffer_to_buffer(x.buffer, 0, s["inputs"][l].buffer, 0, x.nbytes)
+            self._layer_forward(l, a, x, x, s, B, T, mask)
+        rmsnorm_forward_gpu(ctx, x, self.norm, self.eps, s["xf"], s["rstdf"])
+        if want_grad:
+            ctx.encoder().clear_buffer(self.grads.buffer)
+        dh = s["dh"] if want_grad else None
+        stats = s["head"].record(s["xf"], self.lm_w, s["labels"], T, 1.0 / count if count else 0.0, dhidden=dh)
+        if not want_grad or count == 0:
+            return stats, count
+        # Ping-pong: each layer's backward reads dy and writes dx, then they swap.
+        dy, dx = s["gy"], s["gx"]
+        rmsnorm_backward_gpu(ctx, x, self.norm, s["rstdf"], dh, dy)
+        for l in reversed(range(self.L)):
+            a = s["acts"][0 if self.checkpointing else l]
+            if self.checkpointing:
+                # Recompute this layer's activations from its saved input (the output goes
+                # to x, which nothing reads any more).
+                self._layer_forward(l, a, s["inputs"][l], x, s, B, T, mask)
+            self._layer_backward(l, a, dy, dx, s, B, T, mask)
+            dy, dx = dx, dy
+        return stats, count
+
+    def loss_and_grads(self, input_ids, labels, attention_mask=None):
+        """(mean loss, {PEFT name: float32 grad}) like Model.loss_and_grads (downloads grads)."""
+        stats, count = self._record(input_ids, labels, attention_mask, want_grad=True)
+        loss_sum, _ = self.ctx.to_numpy(stats)
+        g = self.ctx.to_numpy(self.grads)
+        grads = {n: g[o:o + int(np.prod(sh))].reshape(sh).copy() for n, (o, sh) in self.offsets.items()}
+        return (float(loss_sum) / count if count else float("nan")), grads
+
+    def loss(self, input_ids, labels, attention_mask=None) -> float:
+        stats, count = self._record(input_ids, labels, attention_mask, want_grad=False)
+        loss_sum, _ = self.ctx.to_numpy(stats)
+        return float(loss_sum) / count if count else float("nan")
+
+    def train_step(self, input_ids, labels, attention_mask=None, lr: float | None = None) -> float:
+        """Forward, backward and AdamW on the GPU; only the 8-byte loss statistics come down."""
+        stats, count = self._record(input_ids, labels, attention_mask, want_grad=True)
+        if count:
+            self.optimizer.step(self.params, self.grads, lr)
+        loss_sum, _ = self.ctx.to_numpy(stats)
+        return float(loss_sum) / count if count else float("nan")
+
+    def parameters(self) -> dict:
+        """{PEFT name: float32 array} downloaded from the flat buffer."""
+        p = self.ctx.to_numpy(self.params)
+        return {n: p[o:o + int(np.prod(sh))].reshape(sh).copy() for n, (o, sh) in self.offsets.items()}
+
+    def sync_to_model(self) -> None:
+        """Copy the trained LoRA weights into the CPU model (for save_adapter)."""
+        self.model.set_parameters(self.parameters())
+
+
+def _view(t: GpuTensor, shape) -> GpuTensor:
+    """The same buffer seen with another shape (sizes must agree)."""
+    n = int(np.prod(shape))
+    if n > t.size:
+        raise ValueError(f"view {shape} of a tensor of shape {t.shape}")
+    return GpuTensor(t.buffer, tuple(shape), t.dtype)
