@@ -198,3 +198,15 @@ def test_residual_add_2d_grid(ctx):
     x = np.arange(n, dtype=np.float32) % 1000
     r = np.ones(n, np.float32)
     np.testing.assert_array_equal(residual_add(x, r, ctx=ctx), x + 1)
+
+
+@pytest.mark.parametrize("N,C", [(1, 1), (5, 7), (13, 67)])
+def test_bias_add(ctx, N, C):
+    from qlora_ext.gpu.resident.layer_ops import bias_add
+
+    g = _rng(N * C)
+    y = g.standard_normal((N, C)).astype(np.float32)
+    b = g.standard_normal(C).astype(np.float32)
+    assert rel_err(bias_add(y, b, ctx=ctx), y.astype(np.float64) + b) <= 1e-6
+    with pytest.raises(ValueError, match="bias"):
+        bias_add(y, np.ones(C + 1, np.float32), ctx=ctx)

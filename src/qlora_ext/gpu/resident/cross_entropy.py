@@ -36,27 +36,29 @@ class LmHeadLoss:
 
     def record(self, hidden: GpuTensor, w_lm: GpuTensor, labels: GpuTensor, T: int,
                grad_scale: float, dhidden: GpuTensor | None = None,
-               dw_lm: GpuTensor | None = None) -> GpuTensor:
-        """hidden [N, C] (final-normed), w_lm [V, C], labels i32 [N] (flattened [B, T]).
-        Records the loss into self.stats; with dhidden [N, C] writes d(grad_scale * loss_sum)
-        /dhidden, with dw_lm [V, C] *adds* d(...)/dW into it.  Returns self.stats."""
+               dw_lm: GpuTensor | None = None, w_off: int = 0, dw_off: int = 0) -> GpuTensor:
+        """hidden [N, C] (final-normed), w_lm [V, C] (at element offset w_off of its buffer),
+        labels i32 [N] (flattened [B, T]).  Records the loss into self.stats; with dhidden
+        [N, C] writes d(grad_scale * loss_sum)/dhidden, with dw_lm [V, C] (at dw_off) *adds*
+        d(...)/dW into it.  Returns self.stats."""
         ctx, N, C, V, R = self.ctx, self.N, self.C, self.V, self.R
         want = dhidden is not None or dw_lm is not None
         pipe = ctx.pipeline("resident_cross_entropy", "rows", "urwwww", overrides={"WG": _WG})
         for r0 in range(0, N, R):
             rows = min(R, N - r0)
             # logits[rows, V] = hidden[r0:r0+rows] @ w_lmᵀ
-            gemm_gpu(ctx, hidden, w_lm, self.logits, rows, V, C, trans_b=True, a_off=r0 * C)
+            gemm_gpu(ctx, hidden, w_lm, self.logits, rows, V, C, trans_b=True, a_off=r0 * C,
+                     b_off=w_off)
             par = ctx.uniform("IIIIIf", r0, rows, V, T, int(want), float(grad_scale))
             ctx.dispatch(pipe, [par, labels, self.logits, self.losses, self.counted, self.stats],
                          grid_2d(rows))
             if dhidden is not None:
                 # dhidden[r0:r0+rows] = dlogits @ w_lm
-                gemm_gpu(ctx, self.logits, w_lm, dhidden, rows, C, V, c_off=r0 * C)
+                gemm_gpu(ctx, self.logits, w_lm, dhidden, rows, C, V, b_off=w_off, c_off=r0 * C)
             if dw_lm is not None:
                 # dW[V, C] += dlogitsᵀ @ hidden[r0:r0+rows]
                 gemm_gpu(ctx, self.logits, hidden, dw_lm, V, C, rows, trans_a=True,
-                         accumulate=True, b_off=r0 * C)
+                         accumulate=True, b_off=r0 * C, c_off=dw_off)
         red = ctx.pipeline("resident_cross_entropy", "reduce", "urwwww", overrides={"WG": _WG})
         ctx.dispatch(red, [ctx.uniform("IIIIIf", 0, N, V, T, 0, 0.0), labels, self.logits,
                            self.losses, self.counted, self.stats], (1,))

@@ -11,21 +11,21 @@ the flat parameter buffer at each tensor's offset.  (The ffn engineer's fused NF
 GEMM can replace `WeightScratch.fp32` + `gemm_gpu` here once it is committed.)
 
 Shape letters: B batch, T tokens, N = B*T, H hidden, Hq/Hkv heads, D head dim, F FFN width,
-r LoRA rank, V vocab.  Not supported yet (ValueError at construction): attention biases
-(Qwen2), LoRA dropout, a trained LM head."""
+r LoRA rank, V vocab.  Not supported yet (ValueError at construction): LoRA dropout (the
+CPU model draws its masks from numpy's generator, which the GPU cannot reproduce)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 
-from ...model.lora import PROJECTIONS, peft_name
+from ...model.lora import LM_HEAD_NAME, PROJECTIONS, peft_name
 from .adamw import AdamWGpu
 from .attention import attention_backward_gpu, attention_forward_gpu
 from .context import GpuContext, GpuTensor, default_context
 from .cross_entropy import IGNORE_INDEX, LmHeadLoss
 from .gemm import gemm_gpu
-from .layer_ops import (add_gpu, embedding_gather_gpu, rmsnorm_backward_gpu, rmsnorm_forward_gpu,
+from .layer_ops import (add_gpu, bias_add_gpu, embedding_gather_gpu, rmsnorm_backward_gpu, rmsnorm_forward_gpu,
                         rope_apply_gpu, swiglu_backward_gpu, swiglu_forward_gpu)
 from .weights import WeightScratch, upload_weight
 
@@ -67,13 +67,9 @@ class ResidentEngine:
         self.ctx = ctx = default_context() if ctx is None else ctx
         cfg = model.config
         st = model.state
-        if any(lw.bias for lw in st.layers):
-            raise ValueError("resident engine: attention biases (Qwen2) are not supported yet")
         if float(model.lora_config.dropout) != 0.0:
             raise ValueError(f"resident engine: LoRA dropout {model.lora_config.dropout} is not "
                              "supported yet (use dropout=0)")
-        if model.train_lm_head:
-            raise ValueError("resident engine: a trained LM head is not supported yet")
         self.model = model
         self.L = len(st.layers)
         self.H, self.V = int(cfg.hidden_size), int(cfg.vocab_size)
@@ -93,6 +89,9 @@ class ResidentEngine:
                  "proj": {p: upload_weight(ctx, lw.proj[p]) for p in PROJECTIONS}}
             if self.qk_norm:
                 d["q_norm"], d["k_norm"] = up(lw.q_norm), up(lw.k_norm)
+            # Qwen2's q/k/v biases (frozen), keyed by projection.
+            d["bias"] = {p: up(lw.bias.get(p, lw.bias.get(p[0]))) for p in ("q_proj", "k_proj", "v_proj")
+                         if lw.bias and (p in lw.bias or p[0] in lw.bias)}
             self.layers.append(d)
         # One flat buffer of all trainable parameters, in model.parameters() order.
         params = model.parameters()
@@ -104,6 +103,9 @@ class ResidentEngine:
         self.n_params = off
         self.params = up(np.concatenate([a.reshape(-1) for a in params.values()]).astype(np.float32))
         self.grads = ctx.zeros((self.n_params,))
+        # A trained LM head is one more tensor of the flat buffers (model.parameters() holds
+        # it, untied from the embeddings as PEFT's modules_to_save does).
+        self.head_off = self.offsets[LM_HEAD_NAME][0] if LM_HEAD_NAME in self.offsets else None
         self.loras = []
         for l in range(self.L):
             per = {}
@@ -123,6 +125,9 @@ class ResidentEngine:
         out, inn = pr.shape
         N = x.shape[0]
         gemm_gpu(ctx, x, self.scratch.fp32(pr), y, N, out, inn, trans_b=True)
+        bias = self.layers[l]["bias"].get(proj)
+        if bias is not None:
+            bias_add_gpu(ctx, y, bias)
         lo = self.loras[l].get(proj)
         if lo is not None:
             gemm_gpu(ctx, x, self.params, u, N, lo.r, inn, trans_b=True, alpha=lo.scale, b_off=lo.a_off)
@@ -268,7 +273,13 @@ class ResidentEngine:
         if want_grad:
             ctx.encoder().clear_buffer(self.grads.buffer)
         dh = s["dh"] if want_grad else None
-        stats = s["head"].record(s["xf"], self.lm_w, s["labels"], T, 1.0 / count if count else 0.0, dhidden=dh)
+        scale = 1.0 / count if count else 0.0
+        if self.head_off is None:
+            stats = s["head"].record(s["xf"], self.lm_w, s["labels"], T, scale, dhidden=dh)
+        else:
+            stats = s["head"].record(s["xf"], self.params, s["labels"], T, scale, dhidden=dh,
+                                     dw_lm=self.grads if want_grad else None,
+                                     w_off=self.head_off, dw_off=self.head_off)
         if not want_grad or count == 0:
             return stats, count
         # Ping-pong: each layer's backward reads dy and writes dx, then they swap.

@@ -252,8 +252,28 @@ def add_gpu(ctx: GpuContext, dst: GpuTensor, src: GpuTensor, alpha: float = 1.0)
         raise ValueError(f"add_gpu: dst has shape {dst.shape}, src {src.shape}")
     n = dst.size
     pipe = ctx.pipeline("resident_add", "axpy", "uwr", overrides={"WG": _EW_WG})
-    ctx.dispatch(pipe, [ctx.uniform("If", n, float(alpha)), dst, src], _elementwise_groups(n, _EW_WG))
+    ctx.dispatch(pipe, [ctx.uniform("IfI", n, float(alpha), 1), dst, src], _elementwise_groups(n, _EW_WG))
     return dst
+
+
+def bias_add_gpu(ctx: GpuContext, y: GpuTensor, bias: GpuTensor) -> GpuTensor:
+    """y [N, C] += bias [C] on every row, in place; returns y."""
+    C = bias.size
+    if C == 0 or y.size % C:
+        raise ValueError(f"bias_add_gpu: y of shape {y.shape} is not rows of the bias size {C}")
+    n = y.size
+    pipe = ctx.pipeline("resident_add", "bias_rows", "uwr", overrides={"WG": _EW_WG})
+    ctx.dispatch(pipe, [ctx.uniform("IfI", n, 1.0, C), y, bias], _elementwise_groups(n, _EW_WG))
+    return y
+
+
+def bias_add(y: np.ndarray, bias: np.ndarray, ctx=None) -> np.ndarray:
+    """numpy: y [N, C] + bias [C]."""
+    y = _f32("y", y, 2, "N, C")
+    bias = _f32("bias", bias, 1, "C")
+    _shape("bias", bias, (y.shape[1],), "C")
+    ctx = _ctx(ctx)
+    return ctx.to_numpy(bias_add_gpu(ctx, ctx.upload(y), ctx.upload(bias)))
 
 
 def residual_add(x: np.ndarray, r: np.ndarray, alpha: float = 1.0, ctx=None) -> np.ndarray:
