@@ -89,6 +89,31 @@ def test_engine_train_steps_match_cpu_adamw(ctx, tmp_path):
     got = engine.parameters()
     for n, a in model.parameters().items():
         assert rel_err(got[n], a) <= 1e-4, n
+    # The optimizer state has the CPU AdamW's format: a checkpoint resumes in either mode.
+    gpu_state, cpu_state = engine.optimizer_state(), opt.state_dict()
+    assert set(gpu_state) == set(cpu_state) and int(gpu_state["step"]) == 3
+    for k in cpu_state:
+        if k != "step":
+            assert rel_err(gpu_state[k], cpu_state[k]) <= 1e-4, k
+    resumed = ResidentEngine(model, ctx=ctx, lr=1e-2, weight_decay=0.01)
+    resumed.set_parameters(got)
+    resumed.load_optimizer_state(gpu_state)
+    assert resumed.train_step(ids, labels) == engine.train_step(ids, labels)
+    np.testing.assert_array_equal(resumed.ctx.to_numpy(resumed.params), engine.ctx.to_numpy(engine.params))
+    with pytest.raises(ValueError, match="exp_avg"):
+        resumed.load_optimizer_state({"step": 1})
+
+
+def test_engine_memory_report(ctx, tmp_path):
+    from qlora_ext.gpu.resident.engine import ResidentEngine
+
+    model = _model(tmp_path, "qwen3", "nf4")
+    full = ResidentEngine(model, ctx=ctx).memory_report(2, 16)
+    ckpt = ResidentEngine(model, ctx=ctx, gradient_checkpointing=True).memory_report(2, 16)
+    # NF4 codes are half a byte per weight: the resident part is far below fp32 weights.
+    fp32_weights = sum(4 * np.prod(lw.shape(p)) for lw in model.state.layers for p in lw.proj)
+    assert 0 < full["resident"] < fp32_weights
+    assert ckpt["activations"] < full["activations"]
 
 
 def test_engine_rejects_unsupported(ctx, tmp_path):

@@ -95,6 +95,9 @@ class GpuContext:
         self._uniforms = {}
         self._encoder = None
         self._sync_buf = None
+        # Bytes of every storage buffer made through empty() (never decreases: callers keep
+        # what they allocate); memory reports take differences of it.
+        self.allocated_bytes = 0
 
     # ---- buffers ---------------------------------------------------------------------------
     def empty(self, shape, dtype: str = "f32") -> GpuTensor:
@@ -110,6 +113,7 @@ class GpuContext:
         u = self.wgpu.BufferUsage
         buf = self.device.create_buffer(size=(nbytes + 15) // 16 * 16,
                                         usage=u.STORAGE | u.COPY_SRC | u.COPY_DST)
+        self.allocated_bytes += buf.size
         return GpuTensor(buf, shape, dtype)
 
     def zeros(self, shape, dtype: str = "f32") -> GpuTensor:

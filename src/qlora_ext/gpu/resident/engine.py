@@ -65,6 +65,7 @@ class ResidentEngine:
     def __init__(self, model, ctx: GpuContext | None = None, gradient_checkpointing: bool = False,
                  lr: float = 2e-4, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
         self.ctx = ctx = default_context() if ctx is None else ctx
+        start_bytes = ctx.allocated_bytes
         cfg = model.config
         st = model.state
         if float(model.lora_config.dropout) != 0.0:
@@ -116,7 +117,8 @@ class ResidentEngine:
                                    int(pair.A.shape[0]), float(pair.scale))
             self.loras.append(per)
         self.optimizer = AdamWGpu(ctx, self.n_params, lr, betas, eps, weight_decay)
-        self._shapes = {}
+        self._shapes, self._shape_bytes = {}, {}
+        self._resident_bytes = ctx.allocated_bytes - start_bytes
 
     # ---- LoRA linear ----------------------------------------------------------------------
     def _linear_forward(self, l, proj, x: GpuTensor, y: GpuTensor, u: GpuTensor | None):
@@ -154,6 +156,7 @@ class ResidentEngine:
         s = self._shapes.get(key)
         if s is None:
             ctx, N = self.ctx, B * T
+            start_bytes = ctx.allocated_bytes
             H, Hq, Hkv, D, F = self.H, self.Hq, self.Hkv, self.D, self.F
             n_acts = 1 if self.checkpointing else self.L
             s = {
@@ -176,6 +179,7 @@ class ResidentEngine:
             if self.qk_norm:
                 s["dqn"], s["dkn"] = ctx.empty((N * Hq, D)), ctx.empty((N * Hkv, D))
             self._shapes[key] = s
+            self._shape_bytes[key] = ctx.allocated_bytes - start_bytes
         return s
 
     def _tables(self, T):
@@ -324,6 +328,58 @@ class ResidentEngine:
     def sync_to_model(self) -> None:
         """Copy the trained LoRA weights into the CPU model (for save_adapter)."""
         self.model.set_parameters(self.parameters())
+
+    def set_parameters(self, values: dict) -> None:
+        """Upload {PEFT name: array} (every trainable name) into the flat buffer (resume)."""
+        missing = [n for n in self.names if n not in values]
+        if missing:
+            raise ValueError(f"set_parameters: no value for {missing[0]!r} ({len(missing)} missing)")
+        flat = np.empty(self.n_params, np.float32)
+        for n, (o, sh) in self.offsets.items():
+            a = np.asarray(values[n], np.float32)
+            if a.shape != sh:
+                raise ValueError(f"parameter {n}: shape {a.shape}, expected {sh}")
+            flat[o:o + a.size] = a.reshape(-1)
+        self.ctx.write(self.params, flat)
+
+    # ---- optimizer state, in qlora_ext.train.optim.AdamW's format --------------------------
+    def optimizer_state(self) -> dict:
+        """{"step", "<name>.exp_avg", "<name>.exp_avg_sq"}: the CPU AdamW's state_dict, so a
+        checkpoint from either mode resumes in the other (downloads the moments)."""
+        st = self.optimizer.state_dict()
+        out = {"step": st["step"]}
+        for n, (o, sh) in self.offsets.items():
+            k = int(np.prod(sh))
+            out[f"{n}.exp_avg"] = st["exp_avg"][o:o + k].reshape(sh)
+            out[f"{n}.exp_avg_sq"] = st["exp_avg_sq"][o:o + k].reshape(sh)
+        return out
+
+    def load_optimizer_state(self, state: dict) -> None:
+        flat = {"step": state.get("step")}
+        if flat["step"] is None:
+            raise ValueError("optimizer state has no 'step' entry")
+        for kind in ("exp_avg", "exp_avg_sq"):
+            buf = np.empty(self.n_params, np.float32)
+            for n, (o, sh) in self.offsets.items():
+                key = f"{n}.{kind}"
+                if key not in state:
+                    raise ValueError(f"optimizer state lacks {key!r} (was it saved for another LoRA config?)")
+                a = np.asarray(state[key], np.float32)
+                if a.shape != sh:
+                    raise ValueError(f"optimizer state {key!r} has shape {a.shape}, parameter has {sh}")
+                buf[o:o + a.size] = a.reshape(-1)
+            flat[kind] = buf
+        self.optimizer.load_state_dict(flat)
+
+    # ---- memory ---------------------------------------------------------------------------
+    def memory_report(self, B: int | None = None, T: int | None = None) -> dict:
+        """GPU bytes: resident weights + parameters + optimizer state ("resident"), and with
+        B, T the per-batch-shape buffers (saved activations, gradients, logits chunk)."""
+        rep = {"resident": self._resident_bytes}
+        if B is not None and T is not None:
+            self._bufs(B, T)
+            rep["activations"] = self._shape_bytes[(B, T)]
+        return rep
 
 
 def _view(t: GpuTensor, shape) -> GpuTensor:
