@@ -13,12 +13,13 @@
  *
  * Threads: the forward splits over (b, query head, query tile): each writes its own rows.
  * The backward splits over (b, kv head, key tile): a thread owns dK/dV of its key tile for
- * all query heads of the group (no race), and adds its dQ share into the query tile under a
- * per-(b, head, query tile) lock. */
+ * all query heads of the group (no race), and adds its dQ share into each query tile in
+ * key-tile order (a per-tile turn counter), so results do not depend on the thread count. */
 #include "attention.h"
 
 #include <math.h>
 #include <stdlib.h>
+#include <sched.h>
 #include <string.h>
 
 #if QX_X86
@@ -544,6 +545,20 @@ int qx_attention_forward(const float *q, const float *k, const float *v, const u
 }
 
 /* ==== backward =========================================================================== */
+/* Wait until dQ tile `slot` has received the shares of key tiles 0 .. jt-1.  Items are handed
+ * out in increasing order and a share only waits for earlier key tiles, whose items are
+ * already running, so this always ends; it rarely waits at all, because items of one key
+ * tile index cover every (b, kv head) before the next index starts. */
+static void wait_turn(const int64_t *turn, int64_t jt) {
+  unsigned spins = 0;
+  while (__atomic_load_n(turn, __ATOMIC_ACQUIRE) != jt) {
+#if QX_X86
+    __builtin_ia32_pause();
+#endif
+    if (++spins % 1024 == 0) sched_yield(); /* the writer may be descheduled (busy host) */
+  }
+}
+
 int qx_attention_backward(const float *q, const float *k, const float *v, const float *out,
                           const float *lse, const float *dout, const uint8_t *mask, int64_t B,
                           int64_t T, int64_t Hq, int64_t Hkv, int64_t D, float *dq, float *dk,
@@ -555,30 +570,22 @@ int qx_attention_backward(const float *q, const float *k, const float *v, const 
   const int64_t items = B * Hkv * nkt;
   const int nt = thread_count(nthreads, items);
 
-  /* Di (B, Hq, T) = rowsum(dout * out): the softmax backward's per-row term */
+  /* Di (B, Hq, T) = rowsum(dout * out): the softmax backward's per-row term.
+   * turn (B, Hq, nqt): the next key tile whose dQ share a query tile takes.  Shares are
+   * added in key-tile order, so dq is bit-for-bit the same for any thread count. */
   const size_t di_len = (size_t)(B * Hq * T);
   const size_t per_thread = (size_t)(2 * D * BC + 2 * BC * D + 2 * BR * BC + BR * D);
   float *work = (float *)malloc((di_len + (size_t)nt * per_thread) * sizeof(float));
+  int64_t *turn = (int64_t *)calloc((size_t)(B * Hq * nqt), sizeof(int64_t));
   float *bias = key_bias(mask, B, T);
-#ifdef _OPENMP
-  const int64_t nlocks = B * Hq * nqt;
-  omp_lock_t *locks = (omp_lock_t *)malloc((size_t)nlocks * sizeof(omp_lock_t));
-#else
-  void *locks = work; /* no threads: nothing to lock */
-#endif
-  if (!work || (mask && !bias) || !locks) {
+  if (!work || !turn || (mask && !bias)) {
     free(work);
+    free(turn);
     free(bias);
-#ifdef _OPENMP
-    free(locks);
-#endif
     return QX_E_NOMEM;
   }
-#ifdef _OPENMP
-  for (int64_t i = 0; i < nlocks; i++) omp_init_lock(&locks[i]);
-#endif
   float *Di = work;
-  memset(dq, 0, (size_t)(B * T * Hq * D) * sizeof(float));
+  int64_t next_item = 0;
 
 #pragma omp parallel num_threads(nt)
   {
@@ -604,9 +611,13 @@ int qx_attention_backward(const float *q, const float *k, const float *v, const 
     float *dS = P + BR * BC;       /* (BR, BC) dP, then dS */
     float *dQt = dS + BR * BC;     /* (BR, D) this key tile's share of dQ */
 
-    /* earliest key tiles first: they see the most query rows */
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < items; item++) {
+    /* items in increasing order (wait_turn relies on it): key tile index major, so the
+     * earliest key tiles, which see the most query rows, start first */
+    for (;;) {
+      int64_t item;
+#pragma omp atomic capture
+      item = next_item++;
+      if (item >= items) break;
       const int64_t jt = item / (B * Hkv), bk = item % (B * Hkv);
       const int64_t b = bk / Hkv, kvh = bk % Hkv;
       const int64_t j0 = jt * BC, ncols = min64(BC, T - j0);
@@ -630,15 +641,17 @@ int qx_attention_backward(const float *q, const float *k, const float *v, const 
           for (int64_t r = 0; r < rows; r++) ops.row_ds(P + r * BC, dS + r * BC, ncols, di[r], scale);
           ops.gemm(ncols, D, rows, dS, 1, BC, qi, Hq * D, dK, D, 1);      /* dK += dS^T Q */
           ops.gemm(rows, D, ncols, dS, BC, 1, kj, Hkv * D, dQt, D, 0);    /* dQ_i share = dS K */
+          /* key tile 0 sees every query row, so its share initialises dq */
           float *dqi = dq + ((b * T + i0) * Hq + h) * D;
-#ifdef _OPENMP
-          omp_set_lock(&locks[(b * Hq + h) * nqt + it]);
-#endif
-          for (int64_t r = 0; r < rows; r++)
-            for (int64_t d = 0; d < D; d++) dqi[r * Hq * D + d] += dQt[r * D + d];
-#ifdef _OPENMP
-          omp_unset_lock(&locks[(b * Hq + h) * nqt + it]);
-#endif
+          int64_t *slot = turn + (b * Hq + h) * nqt + it;
+          wait_turn(slot, jt);
+          for (int64_t r = 0; r < rows; r++) {
+            float *dst = dqi + r * Hq * D;
+            const float *src = dQt + r * D;
+            if (jt == 0) memcpy(dst, src, (size_t)D * sizeof(float));
+            else for (int64_t d = 0; d < D; d++) dst[d] += src[d];
+          }
+          __atomic_store_n(slot, jt + 1, __ATOMIC_RELEASE);
         }
       }
       for (int64_t c = 0; c < ncols; c++) {
@@ -647,11 +660,8 @@ int qx_attention_backward(const float *q, const float *k, const float *v, const 
       }
     }
   }
-#ifdef _OPENMP
-  for (int64_t i = 0; i < nlocks; i++) omp_destroy_lock(&locks[i]);
-  free(locks);
-#endif
   free(work);
+  free(turn);
   free(bias);
   return QX_OK;
 }
