@@ -208,26 +208,28 @@ int qx_rmsnorm_forward(const float *x, const float *weight, int64_t N, int64_t C
   return QX_OK;
 }
 
+/* dweight partial sums cover fixed blocks of rows, added in block order at the end, so the
+ * result does not depend on the thread count. */
+enum { DW_ROWS = 256 };
+
 int qx_rmsnorm_backward(const float *x, const float *weight, const float *rstd, const float *dy,
                         int64_t N, int64_t C, float *dx, float *dweight, int nthreads) {
   if (N < 0 || C <= 0) return QX_E_ARG;
   const int level = qx_cpu_level();
-  const int nt = rows_threads(nthreads, N, C);
-  /* one float64 partial dweight row per thread, summed at the end */
+  const int64_t nblocks = (N + DW_ROWS - 1) / DW_ROWS;
+  int nt = rows_threads(nthreads, N, C);
+  if (nt > nblocks) nt = (int)(nblocks > 0 ? nblocks : 1);
+  /* one float64 partial dweight row per block of DW_ROWS rows */
   double *part = NULL;
   if (dweight) {
-    part = (double *)calloc((size_t)nt * (size_t)C, sizeof(double));
+    part = (double *)calloc((size_t)(nblocks > 0 ? nblocks : 1) * (size_t)C, sizeof(double));
     if (!part) return QX_E_NOMEM;
   }
-#pragma omp parallel num_threads(nt)
-  {
-#ifdef _OPENMP
-    double *dw = part ? part + (size_t)omp_get_thread_num() * (size_t)C : NULL;
-#else
-    double *dw = part;
-#endif
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t blk = 0; blk < nblocks; blk++) {
+    double *dw = part ? part + (size_t)blk * (size_t)C : NULL;
+    const int64_t n1 = (blk + 1) * DW_ROWS < N ? (blk + 1) * DW_ROWS : N;
+    for (int64_t n = blk * DW_ROWS; n < n1; n++) {
       const float *xr = x + n * C, *dyr = dy + n * C;
       const float r = rstd[n];
       float dot, k;
@@ -249,7 +251,7 @@ int qx_rmsnorm_backward(const float *x, const float *weight, const float *rstd, 
   if (dweight) {
     for (int64_t c = 0; c < C; c++) {
       double s = 0.0;
-      for (int t = 0; t < nt; t++) s += part[(size_t)t * (size_t)C + c];
+      for (int64_t blk = 0; blk < nblocks; blk++) s += part[(size_t)blk * (size_t)C + c];
       dweight[c] = (float)s;
     }
     free(part);
