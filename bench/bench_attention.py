@@ -6,7 +6,7 @@ our forward + backward is faster than torch SDPA forward + backward.
 Threads: QLORA_EXT_THREADS if set, else all cores, for both (torch.set_num_threads).
 FLOPs counted: forward 2 products (Q K^T, P V), backward 5 (Q K^T again, dO V^T, P^T dO,
 dS K, dS^T Q), each 2 * T^2 * D per head halved by causality: 7 * B * Hq * T^2 * D in all.
-Run: PYTHONPATH=src pytest bench/bench_attention.py --benchmark-only"""
+Run: PYTHONPATH=src python -m pytest bench/bench_attention.py --benchmark-enable --benchmark-only"""
 import numpy as np
 import pytest
 

@@ -1,7 +1,7 @@
 """RMSNorm and RoPE forward + backward throughput, against the same math in PyTorch ops (HF's
 LlamaRMSNorm and apply_rotary_pos_emb formulas) on the same cores, same run.
 Rates: Gelem/s over the activation's elements.
-Run: PYTHONPATH=src pytest bench/bench_norms.py --benchmark-only"""
+Run: PYTHONPATH=src python -m pytest bench/bench_norms.py --benchmark-enable --benchmark-only"""
 import numpy as np
 import pytest
 
