@@ -139,3 +139,31 @@ def test_nf4_dequant_bit_equal_to_cpu(ctx, shape, blocksize, double_quant):
     t = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
     got = ctx.to_numpy(WeightScratch(ctx).fp32(upload_weight(ctx, t)))
     np.testing.assert_array_equal(got, dequantize_nf4(t))
+
+
+def test_engine_kernel_times_in_profiler(ctx, tmp_path):
+    """Per-kernel GPU times from timestamp queries reach the profiler's phase table."""
+    from qlora_ext.gpu.resident.context import GpuContext
+    from qlora_ext.gpu.resident.engine import ResidentEngine
+    from qlora_ext.profile import Profiler
+
+    if not ctx.has_timestamps:
+        pytest.skip("adapter without timestamp-query")
+    tctx = GpuContext(ctx.adapter)   # its own device: timing stays off for the other tests
+    model = _model(tmp_path, "qwen3", "nf4")
+    engine = ResidentEngine(model, ctx=tctx)
+    ids, labels = _batch(model.config.vocab_size)
+    tctx.enable_timing()
+    prof = Profiler()
+    prof.start()
+    with prof.step():
+        engine.train_step(ids, labels)
+        times = tctx.kernel_times(prof)
+    prof.stop()
+    for k in ("attention_fwd.forward", "attention_bwd.dkdv", "gemm.gemm", "nf4.dequant",
+              "cross_entropy.rows", "adamw.step", "rope.apply", "rmsnorm.backward"):
+        assert k in times and times[k][0] > 0 and times[k][1] >= 1, k
+    assert times["attention_fwd.forward"][1] == model.config.num_hidden_layers
+    assert "attention_fwd.forward" in prof.table()
+    with pytest.raises(ValueError, match="timing is off"):
+        ctx.kernel_times()

@@ -83,7 +83,10 @@ class GpuContext:
                                        "max-compute-workgroup-storage-size",
                                        "max-compute-invocations-per-workgroup",
                                        "max-storage-buffers-per-shader-stage") if k in limits}
-        self.device = adapter.request_device_sync(required_limits=want)
+        # timestamp-query when the adapter has it: per-kernel GPU times (enable_timing).
+        feats = [f for f in ("timestamp-query",) if f in adapter.features]
+        self.device = adapter.request_device_sync(required_limits=want, required_features=feats)
+        self.has_timestamps = bool(feats)
         self.limits = dict(self.device.limits)
         self.queue = self.device.queue
         self._modules = {}
@@ -98,6 +101,7 @@ class GpuContext:
         # Bytes of every storage buffer made through empty() (never decreases: callers keep
         # what they allocate); memory reports take differences of it.
         self.allocated_bytes = 0
+        self._timing = None
 
     # ---- buffers ---------------------------------------------------------------------------
     def empty(self, shape, dtype: str = "f32") -> GpuTensor:
@@ -194,7 +198,8 @@ class GpuContext:
             compute = {"module": self._module(name, consts_t), "entry_point": entry}
             if over_t:
                 compute["constants"] = dict(over_t)
-            p = (self.device.create_compute_pipeline(layout=pl, compute=compute), bgl)
+            p = (self.device.create_compute_pipeline(layout=pl, compute=compute), bgl,
+                 name.removeprefix("resident_") + "." + entry)
             self._pipelines[key] = p
         return p
 
@@ -218,7 +223,7 @@ class GpuContext:
 
     def dispatch(self, pipeline, buffers, groups) -> None:
         """Record one compute pass: `buffers` bound at 0.. in order, `groups` (x[, y[, z]])."""
-        pipe, bgl = pipeline
+        pipe, bgl, label = pipeline
         bufs = [b.buffer if isinstance(b, GpuTensor) else b for b in buffers]
         key = (id(bgl),) + tuple(id(b) for b in bufs)
         hit = self._bind_groups.get(key)
@@ -238,7 +243,10 @@ class GpuContext:
             return
         if max(g[:3]) > MAX_GROUPS:
             raise ValueError(f"dispatch of {g[:3]} workgroups: at most {MAX_GROUPS} per dimension")
-        cp = self.encoder().begin_compute_pass()
+        if self._timing is not None:
+            cp = self._timing.begin_pass(self, label)
+        else:
+            cp = self.encoder().begin_compute_pass()
         cp.set_pipeline(pipe)
         cp.set_bind_group(0, bg)
         cp.dispatch_workgroups(g[0], g[1], g[2])
@@ -248,6 +256,25 @@ class GpuContext:
         if self._encoder is not None:
             self.queue.submit([self._encoder.finish()])
             self._encoder = None
+
+    # ---- per-kernel GPU time ---------------------------------------------------------------
+    def enable_timing(self, on: bool = True) -> None:
+        """Time every compute pass with timestamp queries (needs the adapter's timestamp-query
+        feature); kernel_times() then returns GPU seconds per kernel."""
+        if on and not self.has_timestamps:
+            raise OSError("this adapter has no timestamp-query feature: per-kernel GPU times "
+                          "are unavailable")
+        self.submit()
+        self._timing = _PassTimer(self) if on else None
+
+    def kernel_times(self, profiler=None) -> dict:
+        """{kernel: (seconds, passes)} accumulated since timing was enabled (waits for the GPU).
+        With a qlora_ext.profile.Profiler, also records each pass as a "gpu" span, placed on
+        the host clock by anchoring the last pass's end at the moment the wait returned."""
+        if self._timing is None:
+            raise ValueError("kernel_times: timing is off (call enable_timing() first)")
+        self._timing.collect(self, profiler)
+        return dict(self._timing.totals)
 
     def sync(self) -> None:
         """Submit and wait until the GPU has finished (wgpu 0.32's on_submitted_work_done_sync
@@ -262,6 +289,52 @@ class GpuContext:
         """Drop cached bind groups (and the buffers they keep alive); call after freeing
         per-step tensors that will not come back."""
         self._bind_groups.clear()
+
+
+class _PassTimer:
+    """Begin/end timestamps of each compute pass in a query set; resolved on collect() or
+    when the set is full.  Timestamps are taken as nanoseconds (WebGPU's unit; Vulkan's
+    timestampPeriod is 1 ns on NVIDIA and lavapipe)."""
+
+    CAPACITY = 4096  # queries = 2 per pass
+
+    def __init__(self, ctx: GpuContext):
+        w = ctx.wgpu
+        self.qs = ctx.device.create_query_set(type=w.QueryType.timestamp, count=self.CAPACITY)
+        self.resolve = ctx.device.create_buffer(size=8 * self.CAPACITY,
+                                                usage=w.BufferUsage.QUERY_RESOLVE | w.BufferUsage.COPY_SRC)
+        self.labels: list[str] = []
+        self.totals: dict = {}
+
+    def begin_pass(self, ctx: GpuContext, label: str):
+        if 2 * (len(self.labels) + 1) > self.CAPACITY:
+            self.collect(ctx, None)
+        i = len(self.labels)
+        self.labels.append(label)
+        return ctx.encoder().begin_compute_pass(timestamp_writes={
+            "query_set": self.qs, "beginning_of_pass_write_index": 2 * i,
+            "end_of_pass_write_index": 2 * i + 1})
+
+    def collect(self, ctx: GpuContext, profiler) -> None:
+        import time
+
+        n = len(self.labels)
+        if n == 0:
+            return
+        ctx.encoder().resolve_query_set(self.qs, 0, 2 * n, self.resolve, 0)
+        ctx.submit()
+        raw = ctx.queue.read_buffer(self.resolve, 0, 16 * n)
+        t_host = time.perf_counter()
+        ticks = np.frombuffer(raw, dtype=np.uint64).reshape(n, 2).astype(np.int64)
+        for label, (t0, t1) in zip(self.labels, ticks):
+            sec, cnt = self.totals.get(label, (0.0, 0))
+            self.totals[label] = (sec + max(int(t1 - t0), 0) * 1e-9, cnt + 1)
+        if profiler is not None:
+            last = int(ticks[:, 1].max())
+            for label, (t0, t1) in zip(self.labels, ticks):
+                profiler.record(label, "gpu", t_host - (last - int(t0)) * 1e-9,
+                                t_host - (last - int(t1)) * 1e-9)
+        self.labels = []
 
 
 def grid_2d(n_groups: int) -> tuple:
