@@ -27,6 +27,8 @@ def _inputs(T):
 
 
 def _rate(benchmark, T, products):
+    if benchmark.stats is None:  # --benchmark-disable: ran once as a test, nothing timed
+        return
     s = benchmark.stats.stats.median
     flop = products * B * HQ * T * T * D
     benchmark.extra_info.update(GFLOP_per_s=flop / s / 1e9, T=T, heads=HQ, kv_heads=HKV,

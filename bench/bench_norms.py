@@ -14,6 +14,8 @@ RB, RT, RH, RD = 1, 2048, 16, 128  # RoPE on q (B, T, H, D)
 
 
 def _rate(benchmark, elems):
+    if benchmark.stats is None:  # --benchmark-disable: ran once as a test, nothing timed
+        return
     benchmark.extra_info.update(Gelem_per_s=elems / benchmark.stats.stats.median / 1e9,
                                 threads=THREADS)
 
