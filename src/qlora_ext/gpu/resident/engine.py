@@ -27,7 +27,7 @@ from .cross_entropy import IGNORE_INDEX, LmHeadLoss
 from .gemm import gemm_gpu
 from .layer_ops import (add_gpu, bias_add_gpu, embedding_gather_gpu, rmsnorm_backward_gpu, rmsnorm_forward_gpu,
                         rope_apply_gpu, swiglu_backward_gpu, swiglu_forward_gpu)
-from .weights import WeightScratch, upload_weight
+from .weights import StreamedLayers, WeightScratch, upload_weight
 
 
 @dataclass
@@ -63,7 +63,13 @@ class ResidentEngine:
     """model: a qlora_ext.model.model.Model (its base state, LoRA config and weights)."""
 
     def __init__(self, model, ctx: GpuContext | None = None, gradient_checkpointing: bool = False,
-                 lr: float = 2e-4, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+                 lr: float = 2e-4, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 weights: str = "resident"):
+        """weights: "resident" (the whole base uploaded once) or "stream" (the base stays on
+        the host; each layer's projections go up before its forward and again before its
+        backward: for GPUs too small for the NF4 base)."""
+        if weights not in ("resident", "stream"):
+            raise ValueError(f"weights={weights!r}: expected 'resident' or 'stream'")
         self.ctx = ctx = default_context() if ctx is None else ctx
         start_bytes = ctx.allocated_bytes
         cfg = model.config
@@ -86,14 +92,16 @@ class ResidentEngine:
         self.scratch = WeightScratch(ctx)
         self.layers = []
         for lw in st.layers:
-            d = {"ln1": up(lw.input_layernorm), "ln2": up(lw.post_attention_layernorm),
-                 "proj": {p: upload_weight(ctx, lw.proj[p]) for p in PROJECTIONS}}
+            d = {"ln1": up(lw.input_layernorm), "ln2": up(lw.post_attention_layernorm)}
+            if weights == "resident":
+                d["proj"] = {p: upload_weight(ctx, lw.proj[p]) for p in PROJECTIONS}
             if self.qk_norm:
                 d["q_norm"], d["k_norm"] = up(lw.q_norm), up(lw.k_norm)
             # Qwen2's q/k/v biases (frozen), keyed by projection.
             d["bias"] = {p: up(lw.bias.get(p, lw.bias.get(p[0]))) for p in ("q_proj", "k_proj", "v_proj")
                          if lw.bias and (p in lw.bias or p[0] in lw.bias)}
             self.layers.append(d)
+        self.streamed = StreamedLayers(ctx, st.layers, PROJECTIONS) if weights == "stream" else None
         # One flat buffer of all trainable parameters, in model.parameters() order.
         params = model.parameters()
         self.names = list(params)
@@ -120,10 +128,15 @@ class ResidentEngine:
         self._shapes, self._shape_bytes = {}, {}
         self._resident_bytes = ctx.allocated_bytes - start_bytes
 
+    def _proj(self, l, proj):
+        if self.streamed is not None:
+            return self.streamed.load(l)[proj]
+        return self.layers[l]["proj"][proj]
+
     # ---- LoRA linear ----------------------------------------------------------------------
     def _linear_forward(self, l, proj, x: GpuTensor, y: GpuTensor, u: GpuTensor | None):
         """y [N, out] = x Wᵀ + (scale x Aᵀ) Bᵀ; u [N, r] keeps scale x Aᵀ for backward."""
-        ctx, pr = self.ctx, self.layers[l]["proj"][proj]
+        ctx, pr = self.ctx, self._proj(l, proj)
         out, inn = pr.shape
         N = x.shape[0]
         gemm_gpu(ctx, x, self.scratch.fp32(pr), y, N, out, inn, trans_b=True)
@@ -138,7 +151,7 @@ class ResidentEngine:
     def _linear_backward(self, l, proj, dy: GpuTensor, x: GpuTensor, u: GpuTensor | None,
                          dx: GpuTensor, accumulate: bool, du: GpuTensor):
         """dx (+)= dy W + scale (dy B) A; dA += (scale dy B)ᵀ x, dB += dyᵀ u into self.grads."""
-        ctx, pr = self.ctx, self.layers[l]["proj"][proj]
+        ctx, pr = self.ctx, self._proj(l, proj)
         out, inn = pr.shape
         N = dy.shape[0]
         gemm_gpu(ctx, dy, self.scratch.fp32(pr), dx, N, inn, out, accumulate=accumulate)

@@ -25,17 +25,63 @@ class ResidentWeight:
     blocksize: int = 64
 
 
-def upload_weight(ctx: GpuContext, w) -> ResidentWeight:
-    """An NF4Tensor (double quant: its dequantized absmax) or a float32 [out, in] array."""
+def host_arrays(w) -> dict:
+    """What goes up for one projection: {"packed": u32 words, "absmax": f32} for an NF4Tensor
+    (double quant: its dequantized absmax), {"fp32": f32 [out, in]} for a float array."""
     if isinstance(w, NF4Tensor):
         raw = np.ascontiguousarray(w.packed, dtype=np.uint8)
         raw = np.concatenate([raw, np.zeros(-raw.size % 4, np.uint8)])
-        return ResidentWeight(tuple(w.shape), packed=ctx.upload(raw.view(np.uint32), "u32"),
-                              absmax=ctx.upload(np.ascontiguousarray(w.absmax, np.float32)),
-                              blocksize=int(w.blocksize))
+        return {"packed": raw.view(np.uint32), "absmax": np.ascontiguousarray(w.absmax, np.float32)}
     if not isinstance(w, np.ndarray) or w.ndim != 2:
         raise ValueError(f"weight: expected an NF4Tensor or a 2-D float array, got {type(w).__name__}")
-    return ResidentWeight(tuple(w.shape), fp32=ctx.upload(np.ascontiguousarray(w, np.float32)))
+    return {"fp32": np.ascontiguousarray(w, np.float32)}
+
+
+def upload_weight(ctx: GpuContext, w) -> ResidentWeight:
+    """An NF4Tensor or a float32 [out, in] array, uploaded once."""
+    arrs = host_arrays(w)
+    if "fp32" in arrs:
+        return ResidentWeight(tuple(w.shape), fp32=ctx.upload(arrs["fp32"]))
+    return ResidentWeight(tuple(w.shape), packed=ctx.upload(arrs["packed"], "u32"),
+                          absmax=ctx.upload(arrs["absmax"]), blocksize=int(w.blocksize))
+
+
+class StreamedLayers:
+    """Base weights kept on the host and streamed into one set of per-projection device
+    slots a layer at a time, for models whose NF4 base does not fit on the GPU.
+
+    load(l) first submits the recorded work (which reads the slots' previous contents), then
+    queues the writes; queue order makes the next dispatches see layer l."""
+
+    def __init__(self, ctx: GpuContext, layers: list, names):
+        self.ctx = ctx
+        self.host = [{p: host_arrays(lw.proj[p]) for p in names} for lw in layers]
+        self.slots = {}
+        for p in names:
+            w = layers[0].proj[p]
+            a = self.host[0][p]
+            for l, hl in enumerate(self.host):
+                if {k: v.shape for k, v in hl[p].items()} != {k: v.shape for k, v in a.items()}:
+                    raise ValueError(f"streamed weights: layer {l} {p} differs in shape or format "
+                                     "from layer 0 (one slot per projection needs equal shapes)")
+            if "fp32" in a:
+                self.slots[p] = ResidentWeight(tuple(w.shape), fp32=ctx.empty(a["fp32"].shape))
+            else:
+                self.slots[p] = ResidentWeight(tuple(w.shape), packed=ctx.empty(a["packed"].shape, "u32"),
+                                               absmax=ctx.empty(a["absmax"].shape),
+                                               blocksize=int(w.blocksize))
+        self.loaded = None
+        self.bytes_streamed = 0
+
+    def load(self, l: int) -> dict:
+        """{proj: ResidentWeight} holding layer l (streamed unless already there)."""
+        if self.loaded != l:
+            for p, slot in self.slots.items():
+                for k, a in self.host[l][p].items():
+                    self.ctx.write(getattr(slot, k), a)
+                    self.bytes_streamed += a.nbytes
+            self.loaded = l
+        return self.slots
 
 
 class WeightScratch:
