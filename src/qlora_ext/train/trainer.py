@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
+from .distributed import flat_zeros_like
 from .optim import AdamW
 from .schedule import check_schedule, lr_at
 
@@ -82,8 +83,9 @@ class Trainer:
         self.last_tokens = 0
         self.last_lr = float("nan")
         # Accumulators of the update being built: summed grads (f32, fixed parameter order),
-        # summed token loss, counted targets, micro-batches seen.
-        self._grad_sum = {n: np.zeros_like(p) for n, p in self.params.items()}
+        # summed token loss, counted targets, micro-batches seen.  The grads are views of one
+        # flat buffer, which an MPI all-reduce sums in place (no packing copy per step).
+        self._grad_sum = flat_zeros_like(self.params)
         self._loss_sum = 0.0
         self._tokens = 0
         self._micro = 0
