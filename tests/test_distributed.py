@@ -248,3 +248,12 @@ def test_stuck_rank_times_out(tiny_model, tmp_path):
     p = run(spec, 2, check=False)
     assert p.returncode != 0 and time.monotonic() - t0 < 60
     assert re.search(r"rank 0: .* waited more than 2 s for the other ranks", p.stderr), p.stderr
+
+
+def test_trainer_gradients_are_reduced_in_place():
+    """The Trainer accumulates into views of one flat buffer: no packing copy per step."""
+    from fake_lm import FakeLM
+    from qlora_ext.train.trainer import Trainer
+
+    grads = list(Trainer(FakeLM())._grad_sum.values())
+    assert not dist._FlatBuckets(grads, bucket_elems=1 << 20).copies

@@ -113,6 +113,10 @@ class SingleProcess:
     def describe(self) -> str:
         return "single process"
 
+    def default_threads(self):
+        """None: a lone process uses every core."""
+        return None
+
     @contextmanager
     def guard(self):
         yield self
@@ -270,6 +274,11 @@ class MpiComm:
         lib = " ".join(self.MPI.Get_library_version().splitlines()[0].split())
         ranks = ", ".join(f"rank {r} = pid {pid} on {host}" for r, (pid, host, _) in enumerate(self.peers))
         return f"MPI job of {self.size} ranks ({lib}): {ranks}"
+
+    def default_threads(self) -> int:
+        """CPU threads for this rank when the user gave none: the host's cores shared out
+        among the ranks on it (each rank using all of them would oversubscribe N-fold)."""
+        return max(1, (os.cpu_count() or 1) // self.local_size)
 
     def device_index(self, n_devices: int) -> int:
         """Which of this host's n_devices GPU adapters this rank uses: local rank modulo
@@ -430,6 +439,15 @@ class MpiComm:
 
 
 _COMM = None
+
+
+def abort_job(cause: str, status: int = 1) -> None:
+    """Under MPI (once get_comm() has built an MpiComm): print `rank N: cause` and stop every
+    rank.  Otherwise return, and the caller reports and exits as usual.  For code paths
+    that turn an exception into an exit status, which would otherwise leave the other
+    ranks waiting."""
+    if isinstance(_COMM, MpiComm):
+        _COMM.abort(cause, status)
 
 
 def get_comm(bucket_bytes: int = DEFAULT_BUCKET_BYTES, timeout_s: float | None = None, announce: bool = True):
