@@ -107,3 +107,16 @@ def test_select_backend_and_adapter_info(gpu_ctx):
     assert isinstance(auto, CpuFfnBackend if info["software"] else WgpuFfnBackend)
     with pytest.raises(ValueError, match="device must be"):
         select_backend("tpu")
+
+
+def test_gpu_ffn_per_shape_tiles(gpu_ctx):
+    """Different tiles for different GEMMs of one layer (the TileChooser on a real GPU)."""
+    from qlora_ext.gpu.ffn import WgpuFfnBackend
+    from qlora_ext.gpu.kernels import GemmTiles, TileChooser
+
+    state = fake_state(H, I, n_layers=1)
+    chooser = TileChooser(gpu_ctx, big=GemmTiles(8, 8, 8, 8, 8), small=GemmTiles(4, 8, 4, 4, 8), min_groups=2)
+    assert chooser(13, 144) is chooser.big and chooser(13, 4) is chooser.small
+    be = WgpuFfnBackend(gpu_ctx, tiles=chooser)
+    be.prepare(state)
+    check_backend(be, state, 0, 13, make_lora(H, I, 4), tol=1e-5)

@@ -298,7 +298,7 @@ class Recorder:
         self.params = []
         self.keep = []
 
-    def dispatch(self, shader, entry, kinds, constants, params: bytes, buffers, grid):
+    def dispatch(self, shader, entry, kinds, constants, params: bytes, buffers, grid, label: str = ""):
         """buffers: for bindings 1.. (binding 0 is the uniform): buffer or (buffer, offset, size)."""
         gx, gy, gz = (tuple(grid) + (1, 1))[:3]
         lim = int(self.ctx.limits["max-compute-workgroups-per-dimension"])
@@ -310,29 +310,42 @@ class Recorder:
         self.params.append(params)
         slot = len(self.params) - 1
         self.ops.append(("dispatch", pipe, bgl, slot, [b if isinstance(b, tuple) else (b, 0, b.size) for b in buffers],
-                         (gx, gy, gz)))
+                         (gx, gy, gz), f"{shader}:{entry} grid={gx}x{gy} {label}"))
 
     def copy(self, src, src_off, dst, dst_off, nbytes):
         if nbytes:
             self.ops.append(("copy", src, src_off, dst, dst_off, (nbytes + 3) // 4 * 4))
 
     def submit(self):
+        ubuf, align = self._write_params()
+        try:
+            self._encode_submit(self.ops, ubuf, align)
+        finally:
+            if ubuf is not None:
+                self.ctx.release(ubuf)  # reused only by later submits, which the queue orders after this one
+        self.ops, self.params = [], []
+
+    def _write_params(self):
         ctx = self.ctx
         align = max(ctx.uniform_align, 64)
-        ubuf = None
-        if self.params:
-            blob = bytearray(align * len(self.params))
-            for i, p in enumerate(self.params):
-                blob[i * align: i * align + len(p)] = p
-            wgpu = ctx.wgpu
-            ubuf = ctx.buffer(len(blob), wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST, "dispatch params")
-            ctx.device.queue.write_buffer(ubuf, 0, bytes(blob))
+        if not self.params:
+            return None, align
+        blob = bytearray(align * len(self.params))
+        for i, p in enumerate(self.params):
+            blob[i * align: i * align + len(p)] = p
+        wgpu = ctx.wgpu
+        ubuf = ctx.buffer(len(blob), wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST, "dispatch params")
+        ctx.device.queue.write_buffer(ubuf, 0, bytes(blob))
+        return ubuf, align
+
+    def _encode_submit(self, ops, ubuf, align):
+        ctx = self.ctx
         enc = ctx.device.create_command_encoder()
         cpass = None
         try:
-            for op in self.ops:
+            for op in ops:
                 if op[0] == "dispatch":
-                    _, pipe, bgl, slot, bufs, grid = op
+                    _, pipe, bgl, slot, bufs, grid, _label = op
                     if cpass is None:
                         cpass = enc.begin_compute_pass()
                     bg = ctx.bind_group(bgl, ((ubuf, slot * align, 64),) + tuple(bufs))
@@ -351,11 +364,7 @@ class Recorder:
         except GpuError:
             raise
         except Exception as e:
-            raise GpuError(f"{ctx.describe()}: submitting {len(self.ops)} commands failed: {e}") from e
-        finally:
-            if ubuf is not None:
-                ctx.release(ubuf)  # reused only by later submits, which the queue orders after this one
-        self.ops, self.params = [], []
+            raise GpuError(f"{ctx.describe()}: submitting {len(ops)} commands failed: {e}") from e
 
 
 def pack(fmt: str, *vals) -> bytes:

@@ -5,7 +5,8 @@ the adapter's binding limit), H = hidden, I = intermediate, r* = LoRA ranks (0 =
     x, y, dy, dx [N, H];  gu, dgu [N, 2I] (gate | up);  h, dh [N, I]
     Wgu = [Wg; Wu] [2I, H] (NF4: two tensors, one buffer);  Wd [H, I]
     ts_gu = x [sg·Ag; su·Au]ᵀ [N, rg+ru];  ts_d = h (sd·Ad)ᵀ [N, rd]       (scaled LoRA inputs)
-    forward:  gu = x Wguᵀ + ts_gu Lguᵀ   (Lgu = blockdiag(Bg, Bu) [2I, rg+ru], fused epilogue)
+    forward:  gu = x Wguᵀ + ts_gu Lguᵀ   (Lgu = blockdiag(Bg, Bu) [2I, rg+ru], fused epilogue;
+              the host uploads Lguᵀ and Bdᵀ so that the epilogue reads L rows contiguously)
               h = silu(g)·u;   y = h Wdᵀ + ts_d Bdᵀ
     backward: dts_d = dy (sd·Bd);  dh = dy Wd + dts_d Ad;   dgu = SwiGLU'(gu, dh)
               dts_gu = [dg (sg·Bg), du (su·Bu)];   dx = dgu Wgu + dts_gu [Ag; Au]
@@ -66,7 +67,8 @@ class WgpuFfnBackend(FfnBackend):
                  max_rows: int | None = None, allow_software: bool = True):
         self.ctx = ctx if ctx is not None else GpuContext(allow_software=allow_software)
         self.resident = bool(resident)
-        self.tiles = (tiles or K.tiles_for(self.ctx)).check(self.ctx)
+        # tiles: a GemmTiles for every GEMM, or by default a TileChooser (per-shape choice)
+        self.tiles = tiles.check(self.ctx) if tiles is not None else K.TileChooser(self.ctx)
         self.max_rows = max_rows  # tests force row chunking with a small value
         self.state = None
         self.name = f"wgpu ({self.ctx.info['name']})"
@@ -260,15 +262,16 @@ class WgpuFfnBackend(FfnBackend):
             if rgu:
                 sa = [pr[p].A * np.float32(pr[p].scale) for p in ("gate_proj", "up_proj") if p in pr]
                 lw["sA_gu"] = np.concatenate(sa, 0)                      # [rg+ru, H]
-                L = np.zeros((2 * I, rgu), np.float32)                   # blockdiag(Bg, Bu)
+                # blockdiag(Bg, Bu)ᵀ [rg+ru, 2I]: stored [R, N] so the epilogue's loads coalesce
+                L = np.zeros((rgu, 2 * I), np.float32)
                 if r["gate_proj"]:
-                    L[:I, : r["gate_proj"]] = pr["gate_proj"].B
+                    L[: r["gate_proj"], :I] = pr["gate_proj"].B.T
                 if r["up_proj"]:
-                    L[I:, r["gate_proj"]:] = pr["up_proj"].B
+                    L[r["gate_proj"]:, I:] = pr["up_proj"].B.T
                 lw["L_gu"] = L
             if rd:
                 lw["sA_d"] = pr["down_proj"].A * np.float32(pr["down_proj"].scale)  # [rd, I]
-                lw["B_d"] = pr["down_proj"].B                                       # [H, rd]
+                lw["B_dT"] = pr["down_proj"].B.T                                    # [rd, H]
         lbuf, lo = self._upload_small(lw) if lw else (None, {})
 
         xs = self._upload_rows(rec, x, "x")
@@ -298,7 +301,7 @@ class WgpuFfnBackend(FfnBackend):
                 else:
                     K.gemm(rec, T, M, rgu, H, Operand(c["x"], 0, H), Operand(lbuf, lo["sA_gu"], H),
                            Operand(c["ts_gu"], 0, rgu), b_t=True)
-                lora_gu = (Operand(c["ts_gu"], 0, rgu), rgu, _sub(lbuf, lo["L_gu"], 2 * I * rgu), 1)
+                lora_gu = (Operand(c["ts_gu"], 0, rgu), rgu, _sub(lbuf, lo["L_gu"], 2 * I * rgu), 2)
             K.gemm(rec, T, M, 2 * I, H, Operand(c["x"], 0, H), b_gu, Operand(c["gu"], 0, 2 * I),
                    b_t=True, lora=lora_gu)
             K.swiglu_forward(rec, M, I, c["gu"], h)
@@ -312,7 +315,7 @@ class WgpuFfnBackend(FfnBackend):
                               float(dropout_keep_scale(lora.dropout)), r0)
                 K.gemm(rec, T, M, rd, I, Operand(z, 0, I), Operand(lbuf, lo["sA_d"], I),
                        Operand(c["ts_d"], 0, rd), b_t=True)
-                lora_d = (Operand(c["ts_d"], 0, rd), rd, _sub(lbuf, lo["B_d"], H * rd), 1)
+                lora_d = (Operand(c["ts_d"], 0, rd), rd, _sub(lbuf, lo["B_dT"], H * rd), 2)
             K.gemm(rec, T, M, H, I, Operand(h, 0, I), b_d, Operand(y, 0, H), b_t=True, lora=lora_d)
             rec.copy(y, 0, rb, r0 * H * F32, M * H * F32)
             c["_tmp"] = [h, y]

@@ -61,11 +61,36 @@ def tiles_for(ctx) -> GemmTiles:
         return t.check(ctx)
     if ctx.info["software"]:
         return GemmTiles(8, 8, 4, 4, 8).check(ctx)
-    big = GemmTiles(16, 16, 8, 8, 16)
+    # 128 x 128 tiles, 8 x 8 per thread, BK 8: the best of the sweep in bench_gemm.py on an
+    # NVIDIA H200 (Vulkan): 27 TFLOP/s fp32 at M=2048, N=19456, K=2560 (cuBLAS fp32: 47.7)
+    big = GemmTiles(16, 16, 8, 8, 8)
     try:
         return big.check(ctx)
     except ValueError:
         return GemmTiles(16, 16, 4, 4, 8).check(ctx)
+
+
+class TileChooser:
+    """Tiles per GEMM shape: `big` unless its grid would leave the GPU part idle (fewer than
+    `min_groups` workgroups: the N = hidden GEMMs at small M, and the rank-r LoRA GEMMs), then
+    `small`.  QLORA_EXT_GEMM_TILES / QLORA_EXT_GEMM_TILES_SMALL override (benchmarks)."""
+
+    def __init__(self, ctx, big: GemmTiles | None = None, small: GemmTiles | None = None, min_groups: int = 512):
+        self.big = (big or tiles_for(ctx)).check(ctx)
+        env = os.environ.get("QLORA_EXT_GEMM_TILES_SMALL")
+        if small is None and env:
+            small = GemmTiles(*[int(v) for v in env.split(",")])
+        if small is None:
+            small = GemmTiles(8, 8, 4, 4, 8) if ctx.info["software"] else GemmTiles(16, 16, 4, 4, 8)
+        self.small = small.check(ctx)
+        self.min_groups = int(os.environ.get("QLORA_EXT_GEMM_MIN_GROUPS", min_groups))
+
+    def __call__(self, M: int, N: int) -> GemmTiles:
+        groups = -(-M // self.big.bm) * -(-N // self.big.bn)
+        return self.big if groups >= self.min_groups else self.small
+
+    def check(self, ctx):
+        return self
 
 
 @dataclass
@@ -92,13 +117,15 @@ class Nf4B:
     blocksize: int
 
 
-def gemm(rec: Recorder, tiles: GemmTiles, M: int, N: int, K: int, a: Operand, b, c: Operand,
+def gemm(rec: Recorder, tiles, M: int, N: int, K: int, a: Operand, b, c: Operand,
          b_t: bool, lora=None, accum: bool = False) -> None:
     """C[M, N] (+)= A[M, K] · op(B) (+ T · op(L)).
 
     b: Operand (fp32; stored [N, K] if b_t else [K, N], row stride b.ld) or Nf4B.
     lora: None or (T: Operand [M, R], R, L buffer, mode) with mode 1: L stored [N, R], 2: [R, N]."""
     ctx = rec.ctx
+    if isinstance(tiles, TileChooser):
+        tiles = tiles(M, N)
     nf4 = isinstance(b, Nf4B)
     dummy = ctx.dummy()
     if nf4:
@@ -126,7 +153,9 @@ def gemm(rec: Recorder, tiles: GemmTiles, M: int, N: int, K: int, a: Operand, b,
     params = pack("16I", M, N, K, a.ld, ldb, c.ld, a.off, c.off, *lfields, nf4_fields[0],
                   nf4_fields[1], nf4_fields[2], nf4_fields[3], b_off)
     grid = ((N + tiles.bn - 1) // tiles.bn, (M + tiles.bm - 1) // tiles.bm)
-    rec.dispatch("gemm", "main", GEMM_KINDS, consts, params, (a.buf,) + bufs_b + bufs_l + (c.buf,), grid)
+    rec.dispatch("gemm", "main", GEMM_KINDS, consts, params, (a.buf,) + bufs_b + bufs_l + (c.buf,), grid,
+                 f"M={M} N={N} K={K} {'nf4' if nf4 else 'fp32'} {'NT' if b_t else 'NN'} lora={mode} "
+                 f"tiles={tiles.bm}x{tiles.bn}")
 
 
 def swiglu_forward(rec: Recorder, M: int, I: int, gu, h) -> None:
