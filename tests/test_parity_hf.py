@@ -129,3 +129,21 @@ def test_zero_b_equals_base_model_exactly():
     assert np.array_equal(with_adapters, base)
     ref = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.detach().numpy()
     assert _rel(base[mask.astype(bool)], ref[mask.astype(bool)]) <= 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_type,quantize", [("qwen3", "nf4"), ("llama", None)])
+def test_parity_wgpu_backend(tmp_path, model_type, quantize):
+    """The FFN on the wgpu backend (lavapipe where no GPU): same tolerances."""
+    from qlora_ext.gpu.context import GpuError, pick_adapter
+
+    if pick_adapter(allow_software=True) is None:
+        pytest.skip("no wgpu adapter (install a Vulkan driver such as Mesa lavapipe)")
+    path = make_tiny_checkpoint(tmp_path / "ckpt", model_type=model_type, seed=5, vocab_size=V)
+    try:
+        model = load_model(path, lora=LoraConfig(r=4, alpha=8), quantize=quantize, device="gpu")
+    except GpuError as e:
+        pytest.skip(f"wgpu adapter unusable: {e}")
+    assert model.backend.name != "cpu"
+    randomize_lora(model, seed=1)
+    _check(model, peft_twin(hf_from_checkpoint(path, model.state), model), *_batch(0))

@@ -2,25 +2,9 @@
 -> a Model with LoRA adapters on an FFN backend."""
 from __future__ import annotations
 
+from ..device import select_backend
 from .lora import LoraConfig
 from .model import Model
-
-DEVICES = ("auto", "gpu", "cpu")
-
-
-def select_backend(device: str = "auto", resident: bool = False):
-    """The FFN backend for `device`; the device module decides between wgpu and CPU."""
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
-    try:
-        from ..device import select_backend as select
-    except ImportError:
-        # the device module (GPU detection) is optional for a CPU-only run
-        if device == "gpu":
-            raise ValueError("device='gpu': the wgpu backend is not available in this build") from None
-        from ..cpu.ffn import CpuFfnBackend
-        return CpuFfnBackend()
-    return select(device=device, resident=resident)
 
 
 def load_model(path, lora: LoraConfig | None = None, quantize: str | None = "nf4", double_quant: bool = False,
