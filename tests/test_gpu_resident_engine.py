@@ -49,14 +49,16 @@ def _compare(model, engine, ids, labels, mask=None, tol=2e-5):
     assert worst <= tol, worst
 
 
-@pytest.mark.parametrize("model_type,quantize,train_head", [("qwen3", "nf4", False), ("llama", None, False),
-                                                            ("qwen2", "nf4", False), ("llama", "nf4", True)])
-def test_engine_matches_cpu_model(ctx, tmp_path, model_type, quantize, train_head):
-    """qwen3: q/k norm; llama: tied embeddings (untied when the head trains); qwen2: biases."""
+@pytest.mark.parametrize("model_type,quantize,train_head,gemm", [
+    ("qwen3", "nf4", False, "fused"), ("qwen3", "nf4", False, "dequant"), ("llama", None, False, "fused"),
+    ("llama", None, False, "dequant"), ("qwen2", "nf4", False, "fused"), ("llama", "nf4", True, "fused")])
+def test_engine_matches_cpu_model(ctx, tmp_path, model_type, quantize, train_head, gemm):
+    """qwen3: q/k norm; llama: tied embeddings (untied when the head trains); qwen2: biases;
+    both GEMM paths (the FFN backend's fused NF4 GEMM, and dequant + resident_gemm)."""
     from qlora_ext.gpu.resident.engine import ResidentEngine
 
     model = _model(tmp_path, model_type, quantize, train_lm_head=train_head)
-    engine = ResidentEngine(model, ctx=ctx)
+    engine = ResidentEngine(model, ctx=ctx, gemm=gemm)
     ids, labels = _batch(model.config.vocab_size)
     _compare(model, engine, ids, labels)
 
@@ -167,7 +169,7 @@ def test_engine_kernel_times_in_profiler(ctx, tmp_path):
         engine.train_step(ids, labels)
         times = tctx.kernel_times(prof)
     prof.stop()
-    for k in ("attention_fwd.forward", "attention_bwd.dkdv", "gemm.gemm", "nf4.dequant",
+    for k in ("attention_fwd.forward", "attention_bwd.dkdv", "gemm.gemm", "gemm.main",
               "cross_entropy.rows", "adamw.step", "rope.apply", "rmsnorm.backward"):
         assert k in times and times[k][0] > 0 and times[k][1] >= 1, k
     assert times["attention_fwd.forward"][1] == model.config.num_hidden_layers

@@ -224,16 +224,18 @@ class GpuContext:
     def dispatch(self, pipeline, buffers, groups) -> None:
         """Record one compute pass: `buffers` bound at 0.. in order, `groups` (x[, y[, z]])."""
         pipe, bgl, label = pipeline
-        bufs = [b.buffer if isinstance(b, GpuTensor) else b for b in buffers]
-        key = (id(bgl),) + tuple(id(b) for b in bufs)
+        # Entries: GpuTensor, a wgpu buffer, or (buffer, byte offset, byte size) for a range.
+        bufs = [(b.buffer, 0, b.buffer.size) if isinstance(b, GpuTensor) else
+                (b if isinstance(b, tuple) else (b, 0, b.size)) for b in buffers]
+        key = (id(bgl),) + tuple((id(b), o, n) for b, o, n in bufs)
         hit = self._bind_groups.get(key)
         if hit is not None:
             self._bind_groups.move_to_end(key)
             bg = hit[0]
         else:
             bg = self.device.create_bind_group(layout=bgl, entries=[
-                {"binding": i, "resource": {"buffer": b, "offset": 0, "size": b.size}}
-                for i, b in enumerate(bufs)])
+                {"binding": i, "resource": {"buffer": b, "offset": o, "size": n}}
+                for i, (b, o, n) in enumerate(bufs)])
             # Keep the buffers alive with the group so that ids stay unique while cached.
             self._bind_groups[key] = (bg, bufs)
             if len(self._bind_groups) > _BIND_GROUP_CACHE:

@@ -5,10 +5,11 @@ head, RoPE tables and one flat buffer of every LoRA parameter go up once.  Per s
 token ids, labels and mask go up; the loss comes down (`train_step`), or the loss and the
 flat gradient (`loss_and_grads`, for checks against the CPU model).
 
-Per projection the NF4 weight is dequantized into an fp32 scratch buffer (one per shape,
-reused; weights.py) and multiplied by the fp32 tiled GEMM; LoRA terms use the same GEMM on
-the flat parameter buffer at each tensor's offset.  (The ffn engineer's fused NF4-dequant
-GEMM can replace `WeightScratch.fp32` + `gemm_gpu` here once it is committed.)
+Per projection product, by default one dispatch of the FFN backend's fused GEMM (NF4
+dequantized while staged, LoRA up-projection in the epilogue; fused_gemm.py); the rank-r LoRA
+products and gradients use resident_gemm on the flat parameter buffer at each tensor's
+offset.  gemm="dequant" instead dequantizes into an fp32 scratch (weights.py) and uses
+resident_gemm throughout.
 
 Shape letters: B batch, T tokens, N = B*T, H hidden, Hq/Hkv heads, D head dim, F FFN width,
 r LoRA rank, V vocab.  Not supported yet (ValueError at construction): LoRA dropout (the
@@ -24,6 +25,7 @@ from .adamw import AdamWGpu
 from .attention import attention_backward_gpu, attention_forward_gpu
 from .context import GpuContext, GpuTensor, default_context
 from .cross_entropy import IGNORE_INDEX, LmHeadLoss
+from .fused_gemm import PARAM_ALIGN, fused_gemm_gpu
 from .gemm import gemm_gpu
 from .layer_ops import (add_gpu, bias_add_gpu, embedding_gather_gpu, rmsnorm_backward_gpu, rmsnorm_forward_gpu,
                         rope_apply_gpu, swiglu_backward_gpu, swiglu_forward_gpu)
@@ -64,12 +66,18 @@ class ResidentEngine:
 
     def __init__(self, model, ctx: GpuContext | None = None, gradient_checkpointing: bool = False,
                  lr: float = 2e-4, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 weights: str = "resident"):
+                 weights: str = "resident", gemm: str = "fused"):
         """weights: "resident" (the whole base uploaded once) or "stream" (the base stays on
         the host; each layer's projections go up before its forward and again before its
-        backward: for GPUs too small for the NF4 base)."""
+        backward: for GPUs too small for the NF4 base).  gemm: "fused" (shaders/gemm.wgsl of
+        the FFN backend: NF4 dequantized in the tile loads, LoRA up-projection in the
+        epilogue) or "dequant" (resident_nf4 into an fp32 scratch, then resident_gemm)."""
         if weights not in ("resident", "stream"):
             raise ValueError(f"weights={weights!r}: expected 'resident' or 'stream'")
+        if gemm not in ("fused", "dequant"):
+            raise ValueError(f"gemm={gemm!r}: expected 'fused' (the ffn engineer's NF4 GEMM with "
+                             "the LoRA epilogue) or 'dequant' (NF4 -> fp32 scratch, then resident_gemm)")
+        self.fused = gemm == "fused"
         self.ctx = ctx = default_context() if ctx is None else ctx
         start_bytes = ctx.allocated_bytes
         cfg = model.config
@@ -105,12 +113,17 @@ class ResidentEngine:
         # One flat buffer of all trainable parameters, in model.parameters() order.
         params = model.parameters()
         self.names = list(params)
+        # Each tensor starts at a multiple of PARAM_ALIGN elements (the fused GEMM binds LoRA
+        # matrices as aligned sub-ranges); the zero padding stays zero under AdamW.
         self.offsets, off = {}, 0
         for n, a in params.items():
             self.offsets[n] = (off, a.shape)
-            off += a.size
+            off += -(-a.size // PARAM_ALIGN) * PARAM_ALIGN
         self.n_params = off
-        self.params = up(np.concatenate([a.reshape(-1) for a in params.values()]).astype(np.float32))
+        flat = np.zeros(off, np.float32)
+        for n, a in params.items():
+            flat[self.offsets[n][0]:self.offsets[n][0] + a.size] = a.reshape(-1)
+        self.params = up(flat)
         self.grads = ctx.zeros((self.n_params,))
         # A trained LM head is one more tensor of the flat buffers (model.parameters() holds
         # it, untied from the embeddings as PEFT's modules_to_save does).
@@ -139,14 +152,20 @@ class ResidentEngine:
         ctx, pr = self.ctx, self._proj(l, proj)
         out, inn = pr.shape
         N = x.shape[0]
-        gemm_gpu(ctx, x, self.scratch.fp32(pr), y, N, out, inn, trans_b=True)
-        bias = self.layers[l]["bias"].get(proj)
-        if bias is not None:
-            bias_add_gpu(ctx, y, bias)
         lo = self.loras[l].get(proj)
         if lo is not None:
             gemm_gpu(ctx, x, self.params, u, N, lo.r, inn, trans_b=True, alpha=lo.scale, b_off=lo.a_off)
-            gemm_gpu(ctx, u, self.params, y, N, out, lo.r, trans_b=True, accumulate=True, b_off=lo.b_off)
+        if self.fused:
+            # one dispatch: NF4 dequantized in the tile loads, u Bᵀ in the epilogue
+            lora = None if lo is None else (u, lo.r, self.params, lo.b_off, 1)
+            fused_gemm_gpu(ctx, N, out, inn, x, pr, y, b_t=True, lora=lora)
+        else:
+            gemm_gpu(ctx, x, self.scratch.fp32(pr), y, N, out, inn, trans_b=True)
+            if lo is not None:
+                gemm_gpu(ctx, u, self.params, y, N, out, lo.r, trans_b=True, accumulate=True, b_off=lo.b_off)
+        bias = self.layers[l]["bias"].get(proj)
+        if bias is not None:
+            bias_add_gpu(ctx, y, bias)
 
     def _linear_backward(self, l, proj, dy: GpuTensor, x: GpuTensor, u: GpuTensor | None,
                          dx: GpuTensor, accumulate: bool, du: GpuTensor):
@@ -154,14 +173,19 @@ class ResidentEngine:
         ctx, pr = self.ctx, self._proj(l, proj)
         out, inn = pr.shape
         N = dy.shape[0]
-        gemm_gpu(ctx, dy, self.scratch.fp32(pr), dx, N, inn, out, accumulate=accumulate)
         lo = self.loras[l].get(proj)
         if lo is not None:
             r = lo.r
             gemm_gpu(ctx, dy, u, self.grads, out, r, N, trans_a=True, accumulate=True, c_off=lo.b_off)
             gemm_gpu(ctx, dy, self.params, du, N, r, out, alpha=lo.scale, b_off=lo.b_off)
             gemm_gpu(ctx, du, x, self.grads, r, inn, N, trans_a=True, accumulate=True, c_off=lo.a_off)
-            gemm_gpu(ctx, du, self.params, dx, N, inn, r, accumulate=True, b_off=lo.a_off)
+        if self.fused:
+            lora = None if lo is None else (du, lo.r, self.params, lo.a_off, 2)
+            fused_gemm_gpu(ctx, N, inn, out, dy, pr, dx, b_t=False, lora=lora, accumulate=accumulate)
+        else:
+            gemm_gpu(ctx, dy, self.scratch.fp32(pr), dx, N, inn, out, accumulate=accumulate)
+            if lo is not None:
+                gemm_gpu(ctx, du, self.params, dx, N, inn, lo.r, accumulate=True, b_off=lo.a_off)
 
     # ---- per-shape buffers ----------------------------------------------------------------
     def _bufs(self, B, T):

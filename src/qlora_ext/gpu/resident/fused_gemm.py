@@ -1,0 +1,83 @@
+"""Thin adapter to the ffn engineer's register-tiled GEMM (shaders/gemm.wgsl, host side in
+qlora_ext.gpu.kernels.gemm) for the resident engine's context: NF4 weights dequantized while
+staged in workgroup memory, LoRA term in the epilogue, one dispatch per projection product.
+
+Their `gemm()` records into their own Recorder/device; the resident engine keeps everything
+in one GpuContext (one device, one encoder per step), so this module re-packs the same
+parameter block for the same shader through GpuContext.dispatch.  It relies on gemm.wgsl's
+binding order (uniform, a, bf, codes, absmax, lt, ll, c) and 16-u32 parameter block as
+committed in 4d3e69c; tests/test_gpu_resident_engine.py checks the result against the CPU.
+
+The LoRA matrix L has no element offset in that shader, so it is bound as a sub-range of the
+flat parameter buffer: the engine aligns every tensor there to 64 elements (256 bytes, the
+usual min-storage-buffer-offset-alignment)."""
+from __future__ import annotations
+
+from ..kernels import GemmTiles
+from .context import GpuContext, GpuTensor
+from .weights import ResidentWeight
+
+# Element alignment of LoRA tensors in the flat parameter buffer (256 bytes).
+PARAM_ALIGN = 64
+_KINDS = "urrrrrrw"
+
+
+def _tiles(ctx: GpuContext, M: int, N: int) -> GemmTiles:
+    """The ffn engineer's measured choice: 128 x 128 tiles (8 x 8 per thread) on real GPUs when
+    the grid has >= 512 workgroups, else 64 x 64; 32 x 32 on software adapters."""
+    if getattr(ctx, "software", None) is None:
+        info = ctx.adapter.info
+        ctx.software = str(info.get("adapter_type", "")).lower() == "cpu" or any(
+            n in str(info.get("device", "")).lower() for n in ("llvmpipe", "lavapipe", "swiftshader"))
+    if ctx.software:
+        return GemmTiles(8, 8, 4, 4, 8)
+    big = GemmTiles(16, 16, 8, 8, 8)
+    if -(-M // big.bm) * -(-N // big.bn) >= 512:
+        return big
+    return GemmTiles(16, 16, 4, 4, 8)
+
+
+def _dummy(ctx: GpuContext):
+    d = getattr(ctx, "_gemm_dummy", None)
+    if d is None:
+        d = ctx._gemm_dummy = ctx.empty((4,))
+    return d
+
+
+def fused_gemm_gpu(ctx: GpuContext, M: int, N: int, K: int, a: GpuTensor, w: ResidentWeight,
+                   c: GpuTensor, b_t: bool, lora=None, accumulate: bool = False) -> None:
+    """C[M, N] (+)= A[M, K] · op(W) (+ T · op(L)); A, C contiguous from element 0.
+
+    w: [out, in]; b_t=True: op(W) = Wᵀ (N = out, K = in), False: op(W) = W (N = in, K = out).
+    lora: None or (T [M, R] GpuTensor, R, params GpuTensor, l_off elements, mode): mode 1 ->
+    L stored [N, R] (LoRA B, forward), mode 2 -> L stored [R, N] (LoRA A, backward); the scale
+    must already be in T.  l_off must be a multiple of PARAM_ALIGN."""
+    tiles = _tiles(ctx, M, N)
+    d = _dummy(ctx)
+    if w.fp32 is not None:
+        ldb = K if b_t else N
+        b_vec = ldb % 4 == 0 and (K if b_t else N) % 4 == 0
+        nf4_fields = (1 << 31, 0, 0, 0)
+        bufs_b = [w.fp32, d, d]
+        nf4 = False
+    else:
+        ldb = w.shape[1]
+        b_vec = ldb % 8 == 0
+        nf4_fields = (1 << 31, 0, 0, w.blocksize.bit_length() - 1)
+        bufs_b = [d, w.packed, w.absmax]
+        nf4 = True
+    if lora is not None:
+        t, R, params, l_off, mode = lora
+        if l_off % PARAM_ALIGN:
+            raise ValueError(f"fused_gemm_gpu: LoRA offset {l_off} is not a multiple of {PARAM_ALIGN}")
+        n_l = R * N
+        bufs_l = [t, (params.buffer, 4 * l_off, 4 * ((n_l + 3) // 4 * 4))]
+        lfields = (R, R, 0)
+    else:
+        mode, lfields, bufs_l = 0, (0, 0, 0), [d, d]
+    consts = dict(tiles.constants(), B_T=bool(b_t), B_NF4=nf4, A_VEC=K % 4 == 0, B_VEC=bool(b_vec),
+                  C_VEC=N % 4 == 0, LORA=mode, ACCUM=bool(accumulate))
+    par = ctx.uniform("16I", M, N, K, K, ldb, N, 0, 0, *lfields, *nf4_fields, 0)
+    pipe = ctx.pipeline("gemm", "main", _KINDS, overrides=consts)
+    ctx.dispatch(pipe, [par, a] + bufs_b + bufs_l + [c],
+                 ((N + tiles.bn - 1) // tiles.bn, (M + tiles.bm - 1) // tiles.bm))
