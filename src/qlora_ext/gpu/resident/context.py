@@ -97,6 +97,7 @@ class GpuContext:
         self._bind_groups = OrderedDict()
         self._uniforms = {}
         self._encoder = None
+        self._pass = None
         self._sync_buf = None
         # Bytes of every storage buffer made through empty() (never decreases: callers keep
         # what they allocate); memory reports take differences of it.
@@ -217,9 +218,16 @@ class GpuContext:
 
     # ---- recording -------------------------------------------------------------------------
     def encoder(self):
+        """The pending command encoder, for copies and clears (ends an open compute pass)."""
+        self._end_pass()
         if self._encoder is None:
             self._encoder = self.device.create_command_encoder()
         return self._encoder
+
+    def _end_pass(self) -> None:
+        if self._pass is not None:
+            self._pass.end()
+            self._pass = None
 
     def dispatch(self, pipeline, buffers, groups) -> None:
         """Record one compute pass: `buffers` bound at 0.. in order, `groups` (x[, y[, z]])."""
@@ -246,15 +254,22 @@ class GpuContext:
         if max(g[:3]) > MAX_GROUPS:
             raise ValueError(f"dispatch of {g[:3]} workgroups: at most {MAX_GROUPS} per dimension")
         if self._timing is not None:
+            # one pass per dispatch: timestamps are taken at pass boundaries
             cp = self._timing.begin_pass(self, label)
         else:
-            cp = self.encoder().begin_compute_pass()
+            # consecutive dispatches share a pass (wgpu orders their storage accesses; a
+            # pass per dispatch costs host time per kernel)
+            if self._pass is None:
+                self._pass = self.encoder().begin_compute_pass()
+            cp = self._pass
         cp.set_pipeline(pipe)
         cp.set_bind_group(0, bg)
         cp.dispatch_workgroups(g[0], g[1], g[2])
-        cp.end()
+        if self._timing is not None:
+            cp.end()
 
     def submit(self) -> None:
+        self._end_pass()
         if self._encoder is not None:
             self.queue.submit([self._encoder.finish()])
             self._encoder = None
