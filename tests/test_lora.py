@@ -97,3 +97,21 @@ def test_adapter_interop_with_peft(tmp_path):
     assert np.abs(got - theirs).max() <= 1e-4 * np.abs(theirs).max()
     assert os.path.exists(tmp_path / "ours" / "adapter_model.safetensors")
     assert peft_name(1, "down_proj", "B") in other.parameters()
+
+
+def test_model_load_adapter_keeps_live_arrays(tmp_path):
+    from model_factory import make_tiny_checkpoint
+
+    from qlora_ext.model.api import load_model
+
+    path = make_tiny_checkpoint(tmp_path / "ck", model_type="llama", seed=1)
+    m = load_model(path, lora=LoraConfig(r=2, alpha=4), device="cpu", train_lm_head=True)
+    live = m.parameters()
+    saved = {k: np.random.default_rng(0).standard_normal(v.shape).astype(np.float32) for k, v in live.items()}
+    m.set_parameters(saved)
+    m.save_adapter(tmp_path / "a")
+    m.set_parameters({k: np.zeros_like(v) for k, v in saved.items()})
+    m.load_adapter(tmp_path / "a")
+    after = m.parameters()
+    for k in live:
+        assert after[k] is live[k] and np.array_equal(live[k], saved[k]), k

@@ -247,11 +247,24 @@ class Model:
         from .lora import load_peft_adapter
         shapes = self._layer_shapes()
         lora, lm_head = load_peft_adapter(directory, shapes, lm_head_shape=tuple(self.state.lm_head_weight.shape))
+        same = (set(lora.pairs) == set(self.lora.pairs)
+                and all(lora.pairs[k].A.shape == p.A.shape for k, p in self.lora.pairs.items()))
+        if same:
+            # copy into the live arrays: an optimizer holding them (a resumed trainer) stays valid
+            for k, p in self.lora.pairs.items():
+                p.A[...] = lora.pairs[k].A
+                p.B[...] = lora.pairs[k].B
+                p.scale = lora.pairs[k].scale
+            self.lora.config = lora.config
+        else:
+            self.lora = lora
+            self._layers.lora = lora
         self.lora_config = lora.config
-        self.lora = lora
-        self._layers.lora = lora
         if lm_head is not None:
-            self.lm_head = lm_head
+            if self.lm_head is not None:
+                self.lm_head[...] = lm_head
+            else:
+                self.lm_head = lm_head
 
     def _base_name(self) -> str:
         return str(getattr(self.state, "source", None) or getattr(self.state, "path", None) or "")
