@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -54,7 +55,7 @@ def _eval_report(trainer, eval_loader, pairs, n_acc, args, label) -> dict:
 
     out = {}
     if eval_loader is not None:
-        loss = trainer.evaluate(b.as_tuple() for b in eval_loader)
+        loss = trainer.evaluate(b.shard(trainer.rank, trainer.world_size).as_tuple() for b in eval_loader)
         out["eval_loss"] = loss
         out["eval_ppl"] = math.exp(loss) if loss < 50 else float("inf")
     if pairs and n_acc:
@@ -103,8 +104,12 @@ def cmd_train(args) -> int:
     from .train.data import DataLoader, check_records, generation_pairs, load_examples
     from .train.loop import MetricsLog, fit, restore
     from .train.schedule import check_schedule
+    from .train.distributed import get_comm
     from .train.trainer import TrainConfig, Trainer
 
+    comm = get_comm()  # under mpiexec: MPI starts on every rank before anything can fail on one
+    if comm.rank:  # rank 0 alone talks; every rank's errors still reach stderr
+        args.quiet, sys.stdout = True, open(os.devnull, "w")
     s, ckpt, out = _resolved_train_settings(args)
     shipped = s["data"] is None
     data = s["data"] or str(dataset_path("train"))
@@ -124,8 +129,8 @@ def cmd_train(args) -> int:
     lora = LoraConfig(r=s["lora_rank"], alpha=s["lora_alpha"], dropout=s["lora_dropout"],
                       target_modules=tuple(t.strip() for t in s["targets"].split(",") if t.strip()))
     t0 = time.perf_counter()
-    model = load_model(s["model"], lora=lora, device=s["device"], quantize=s["quantize"], threads=args.threads,
-                       seed=s["seed"], gradient_checkpointing=s["gradient_checkpointing"],
+    model = load_model(s["model"], lora=lora, device=s["device"], quantize=s["quantize"],
+                       threads=args.threads if args.threads is not None else comm.default_threads(), seed=s["seed"], gradient_checkpointing=s["gradient_checkpointing"],
                        progress=False if args.quiet else None)
     tok = model.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -148,7 +153,7 @@ def cmd_train(args) -> int:
                + f"; {total} steps of {rows_per_batch} rows ({total / loader.batches_per_epoch:.2f} epochs)")
     config = TrainConfig(lr=s["lr"], warmup=s["warmup"], schedule=s["schedule"], weight_decay=s["weight_decay"],
                          grad_clip=s["grad_clip"], grad_accum=s["grad_accum"], seed=s["seed"], total_steps=total)
-    trainer = Trainer(model, config)
+    trainer = Trainer(model, config, comm=comm)
     eval_loader = pairs = None
     if eval_data:
         ev, _ = load_examples(eval_data, tok, s["seq_len"])
@@ -162,8 +167,10 @@ def cmd_train(args) -> int:
         _say(args, f"resumed from {ckpt} (step {trainer.step_count})")
     elif eval_data:
         before = _eval_report(trainer, eval_loader, pairs, n_acc, args, "before")
+    comm.sync_trainer(trainer, loader)  # all ranks continue from rank 0's weights, moments, position
     out.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=trainer.step_count if ckpt else None)
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=trainer.step_count if ckpt else None) \
+        if trainer.is_writer else None
     run = dict(s, steps=s["steps"], data=data, eval_data=eval_data)
 
     stop = {"flag": False}
@@ -181,20 +188,23 @@ def cmd_train(args) -> int:
             bar.update(trainer.step_count)
             result = fit(trainer, loader, total, s["batch_size"], out_dir=out, save_every=args.save_every,
                          keep_last=args.keep_last, metrics=metrics, progress=bar,
-                         should_stop=lambda: stop["flag"], run=run, elapsed=elapsed)
+                         should_stop=lambda: comm.any_true(stop["flag"]), run=run, elapsed=elapsed)
     finally:
         signal.signal(signal.SIGINT, old)
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
     if result["status"] == "stopped":
         print(f"qlora-ext: stopped at step {result['step']}; checkpoint saved in {out}; "
               f"continue with --resume {out}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    save_adapter_atomic(model, out)
-    tokens_s = sum_tokens(out / "metrics.jsonl") / result["elapsed"] if result["elapsed"] else float("nan")
+    if trainer.is_writer:
+        save_adapter_atomic(model, out)
+    tokens_s = sum_tokens(out / "metrics.jsonl") / result["elapsed"] \
+        if result["elapsed"] and trainer.is_writer else float("nan")
     print(f"trained {result['step']} steps in {result['elapsed']:.1f}s ({tokens_s:.0f} tokens/s); "
                f"final loss {trainer.last_loss:.4f}; adapter saved to {out}")
     after = _eval_report(trainer, eval_loader, pairs, n_acc, args, "after") if eval_data else None
-    if before is not None or after is not None:
+    if trainer.is_writer and (before is not None or after is not None):
         (out / "eval.json").write_text(json.dumps({"before": before, "after": after}, indent=1))
     return 0
 
@@ -391,14 +401,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from .train.distributed import abort_job
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, OSError) as e:
         msg = " ".join(str(e).split())  # one line
+        abort_job(f"qlora-ext: error: {msg}", EXIT_USAGE)  # under mpiexec: name the rank, stop all
         print(f"qlora-ext: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
+        abort_job("qlora-ext: interrupted", EXIT_INTERRUPTED)
         print("qlora-ext: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
