@@ -257,3 +257,46 @@ def test_trainer_gradients_are_reduced_in_place():
 
     grads = list(Trainer(FakeLM())._grad_sum.values())
     assert not dist._FlatBuckets(grads, bucket_elems=1 << 20).copies
+
+
+@needs_mpi
+def test_cli_train_under_mpiexec_equals_single_process(tiny_model, tmp_path):
+    """`mpiexec -n 2 qlora-ext train`: one metrics line per step, one summary, one adapter,
+    equal to the single-process command (each rank's shard is one of its micro-batches)."""
+    data, ev = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"add {i} {i % 5}:", "completion": f" {i + i % 5}"}) + "\n"
+                            for i in range(13)))
+    ev.write_text("".join(json.dumps({"text": f"the {i} then {i + 1}"}) + "\n" for i in range(5)))
+    args = ["train", "--model", tiny_model, "--data", data, "--eval-data", ev, "--eval-accuracy", "1",
+            "--steps", "3", "--batch-size", "2", "--grad-accum", "2", "--seq-len", "24", "--lora-rank", "4",
+            "--lr", "1e-2", "--device", "cpu", "--threads", "1", "--save-every", "2"]
+    outs = {}
+    for ranks in (None, 2):
+        out = tmp_path / f"out{ranks}"
+        cmd = [sys.executable, "-m", "qlora_ext.cli"] + [str(a) for a in args] + ["--out", str(out)]
+        if ranks:
+            cmd = [_mpiexec(), "-n", str(ranks)] + cmd
+        p = subprocess.run(cmd, env=dict(_env(), QLORA_EXT_PROGRESS="0"), capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert p.stdout.count("trained 3 steps") == 1 and p.stdout.count("eval after:") == 1, p.stdout
+        outs[ranks] = out
+    single, mpi = outs[None], outs[2]
+    assert rel_err(read_safetensors(mpi / "adapter_model.safetensors"),
+                   read_safetensors(single / "adapter_model.safetensors")) <= 1e-6
+    assert_metrics_match(metrics(mpi), metrics(single), rel=1e-6)
+    assert [c.name for c in list_checkpoints(mpi)] == ["checkpoint-2", "checkpoint-3"]
+    e1, e2 = (json.loads((o / "eval.json").read_text()) for o in (single, mpi))
+    for when in ("before", "after"):
+        assert e2[when]["eval_loss"] == pytest.approx(e1[when]["eval_loss"], rel=1e-6)
+
+
+@needs_mpi
+def test_cli_error_under_mpiexec_names_the_rank_and_stops(tiny_model, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": 3}\n')
+    p = subprocess.run([_mpiexec(), "-n", "2", sys.executable, "-m", "qlora_ext.cli", "train", "--model", tiny_model,
+                        "--data", str(bad), "--out", str(tmp_path / "o"), "--steps", "1"],
+                       env=_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    assert re.search(r"rank [01]: qlora-ext: error: .*bad.jsonl:2: field \"text\" must be a string", p.stderr), p.stderr
