@@ -154,3 +154,21 @@ def test_get_unknown_name(tmp_path):
     save_file({"w": np.ones(3, np.float32)}, tmp_path / "a.safetensors")
     with SafetensorsFile(tmp_path / "a.safetensors") as f, pytest.raises(KeyError, match="'nope'"):
         f.get("nope")
+
+
+def test_unaligned_data_section(tmp_path):
+    """A header whose length is odd puts bf16 data at odd addresses: still read correctly."""
+    from qlora_ext import quantize_nf4
+
+    x = RNG.standard_normal(301).astype(np.float32)
+    bits = f32_to_bf16_bits(x)
+    p = write_raw(tmp_path / "odd.safetensors", {"w": {"dtype": "BF16", "shape": [301], "data_offsets": [0, 602]}},
+                  bits.tobytes(), pad=False)
+    if read_header(p)["data_start"] % 2 == 0:  # make the data start odd
+        raw = json.dumps({"w": {"dtype": "BF16", "shape": [301], "data_offsets": [0, 602]}}).encode() + b" "
+        p.write_bytes(struct.pack("<Q", len(raw)) + raw + bits.tobytes())
+    assert read_header(p)["data_start"] % 2 == 1
+    with SafetensorsFile(p) as f:
+        np.testing.assert_array_equal(f.get("w"), bf16_to_f32(bits))
+        np.testing.assert_array_equal(quantize_nf4(f.get_raw("w"), dtype="bfloat16").packed,
+                                      quantize_nf4(bits, dtype="bfloat16").packed)
