@@ -1,13 +1,16 @@
 """GPU-resident kernels: causal GQA flash attention forward + backward and the LM head with
 chunked cross-entropy (forward + backward), each against PyTorch on the same machine in the
 same run (SDPA / F.cross_entropy; on CUDA when torch sees a GPU, else on the CPU cores).
+Also the whole resident training step (ResidentEngine.train_step) against the CPU Model's
+step (loss_and_grads + AdamW) on the same model.
 Rates: TFLOP/s (attention: FlashAttention's count, causal = half of 4*B*H*T^2*D per matmul
-pair, backward = 2.5x forward) and tokens/s (LM head).
+pair, backward = 2.5x forward) and tokens/s (LM head, train step).
 Default sizes are small so that CI runs this on lavapipe as a test; the attention target
 shape (Qwen3: Hq 32, Hkv 8, D 128) runs with
   QLORA_EXT_RESIDENT_BENCH="B=1,T=1024,HQ=32,HKV=8,D=128,C=2560,V=151936" \
   PYTHONPATH=src pytest bench/bench_resident.py --benchmark-enable --benchmark-only"""
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -151,3 +154,65 @@ def test_lm_head_ce_torch(benchmark):
     benchmark.pedantic(step, rounds=5, warmup_rounds=1)
     _rate(benchmark, tokens_per_s=N)
     benchmark.extra_info.update(device=dev, **S)
+
+
+# ---- whole training step -----------------------------------------------------------------
+# Model shape for the step benchmark: the tiny test model by default; any ModelConfig field
+# through QLORA_EXT_RESIDENT_MODEL, e.g. a Qwen3-0.6B shape:
+#   QLORA_EXT_RESIDENT_MODEL="hidden_size=1024,intermediate_size=3072,num_hidden_layers=28,
+#     num_attention_heads=16,num_key_value_heads=8,head_dim=128,vocab_size=151936,
+#     max_position_embeddings=4096" QLORA_EXT_RESIDENT_BENCH="B=4,T=1024"
+def _model_overrides():
+    out = {}
+    for item in filter(None, os.environ.get("QLORA_EXT_RESIDENT_MODEL", "").replace("\n", "").split(",")):
+        k, _, v = item.partition("=")
+        out[k.strip()] = float(v) if "." in v or "e-" in v else int(v)
+    return out
+
+
+@pytest.fixture(scope="module")
+def step_model(tmp_path_factory):
+    tests_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests")
+    if tests_dir not in sys.path:
+        sys.path.insert(0, tests_dir)
+    from model_factory import make_tiny_checkpoint
+
+    from qlora_ext.model.api import load_model
+    from qlora_ext.model.lora import LoraConfig
+
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("resident_step"), model_type="qwen3",
+                                **_model_overrides())
+    model = load_model(path, lora=LoraConfig(r=16, alpha=32), quantize="nf4", device="cpu")
+    g = np.random.default_rng(0)
+    ids = g.integers(0, model.config.vocab_size, size=(S["B"], S["T"]))
+    return model, ids
+
+
+@pytest.mark.benchmark(group="resident-train-step")
+def test_train_step_resident_gpu(benchmark, ctx, step_model):
+    from qlora_ext.gpu.resident.engine import ResidentEngine
+
+    model, ids = step_model
+    engine = ResidentEngine(model, ctx=ctx)
+    loss = engine.train_step(ids, ids)
+    assert np.isfinite(loss)
+    benchmark.pedantic(lambda: engine.train_step(ids, ids), rounds=3, warmup_rounds=1)
+    _rate(benchmark, tokens_per_s=ids.size)
+    benchmark.extra_info.update(adapter=ctx.adapter.info.get("device", ""),
+                                gpu_bytes=engine.memory_report(*ids.shape), **S)
+
+
+@pytest.mark.benchmark(group="resident-train-step")
+def test_train_step_cpu_model_reference(benchmark, step_model):
+    from qlora_ext.train.optim import AdamW
+
+    model, ids = step_model
+    opt = AdamW(model.parameters(), lr=2e-4)
+
+    def step():
+        _, grads = model.loss_and_grads(ids, ids)
+        opt.step(grads)
+
+    benchmark.pedantic(step, rounds=3, warmup_rounds=1)
+    _rate(benchmark, tokens_per_s=ids.size)
+    benchmark.extra_info.update(device="cpu", **S)
