@@ -11,9 +11,11 @@
 //      from code_off1, blocks from abs_off1).  Element e of a part (row-major, row length ldb)
 //      sits in word e/8, byte (e/2)%4 (little-endian), high nibble when e is even; its value is
 //      NF4_CODE[nibble] * absmax[e >> bs_shift], the same float32 product as dequantize_nf4.
-//   L  LORA = 1: stored [N, R] (LoRA B in the forward);  LORA = 2: stored [R, N] (LoRA A in the
-//      backward).  T [M, R] row stride ldt, first element at t_off.  The LoRA scale is folded
-//      into T or L by the host.
+//   L  LORA = 1: stored [N, R];  LORA = 2: stored [R, N].  T [M, R] row stride ldt, first
+//      element at t_off.  The LoRA scale is folded into T or L by the host.  The LoRA term runs
+//      as ceil(R / BK) extra K tiles after the main ones (A tile from T, B tile from L), so the
+//      epilogue stays a plain store: a loop over R there kept the accumulators out of registers
+//      (12x slower on an H200).
 //   C  row stride ldc, first element at c_off.  fp32 B starts at element b_off.
 //
 // Tiling: a workgroup of WGX × WGY threads owns a BM × BN tile of C (BM = WGY·TM, BN = WGX·TN);
@@ -53,6 +55,7 @@ override TN4: u32 = TN / 4u;
 // per-thread loads of one K tile: A and fp32 B in vec4s, NF4 B in 8-element words
 override A_LOADS: u32 = (BM * BK / 4u + NT - 1u) / NT;
 override B_LOADS: u32 = select((BN * BK / 4u + NT - 1u) / NT, (BN * BK / 8u + NT - 1u) / NT, B_NF4);
+override L_LOADS: u32 = (BN * BK / 4u + NT - 1u) / NT;   // a LoRA tile of L, in vec4s
 
 @group(0) @binding(0) var<uniform> P: Params;
 @group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
@@ -111,7 +114,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     let M = P.M;
     let N = P.N;
     let K = P.K;
-    let ntiles = (K + BK - 1u) / BK;
+    let ntm = (K + BK - 1u) / BK;                                   // tiles of A · op(B)
+    let ntiles = ntm + select(0u, (P.R + BK - 1u) / BK, LORA != 0u); // + tiles of T · op(L)
 
     if (li < 16u) {
         lut[li] = NF4_CODE[li];
@@ -128,7 +132,38 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
 
     for (var t = 0u; t <= ntiles; t++) {
         // -- fetch K tile t into registers (t == ntiles: nothing left to fetch) ---------------
-        if (t < ntiles) {
+        if (t >= ntm && t < ntiles) {
+            // LoRA tile: A from T [M, R], B from L, k = (t - ntm) * BK + ...
+            let kl0 = (t - ntm) * BK;
+            for (var i = 0u; i < A_LOADS; i++) {
+                let idx = li + i * NT;
+                let m = idx / (BK / 4u);
+                let k = kl0 + (idx % (BK / 4u)) * 4u;
+                let row = m0 + m;
+                var v = vec4<f32>(0.0);
+                if (idx < BM * BK / 4u && row < M) {
+                    for (var j = 0u; j < 4u; j++) {
+                        if (k + j < P.R) { v[j] = lt[P.t_off + row * P.ldt + k + j]; }
+                    }
+                }
+                ra[i] = v;
+            }
+            for (var i = 0u; i < L_LOADS; i++) {
+                let idx = li + i * NT;
+                let kr = idx / (BN / 4u);
+                let row = kl0 + kr;
+                let n = n0 + (idx % (BN / 4u)) * 4u;
+                var v = vec4<f32>(0.0);
+                if (idx < BN * BK / 4u && row < P.R) {
+                    for (var j = 0u; j < 4u; j++) {
+                        if (n + j < N) {
+                            if (LORA == 1u) { v[j] = ll[(n + j) * P.R + row]; } else { v[j] = ll[row * N + n + j]; }
+                        }
+                    }
+                }
+                rb[i] = v;
+            }
+        } else if (t < ntiles) {
             let k0 = t * BK;
             for (var i = 0u; i < A_LOADS; i++) {
                 let idx = li + i * NT;
@@ -238,6 +273,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
                     for (var j = 0u; j < 4u; j++) { store_a(nxt, m, kq * 4u + j, ra[i][j]); }
                 }
             }
+            if (t >= ntm) {
+                for (var i = 0u; i < L_LOADS; i++) {
+                    let idx = li + i * NT;
+                    if (idx < BN * BK / 4u) {
+                        Bs[(nxt * BK * BN + (idx / (BN / 4u)) * BN) / 4u + idx % (BN / 4u)] = rb[i];
+                    }
+                }
+            } else {
             for (var i = 0u; i < B_LOADS; i++) {
                 let idx = li + i * NT;
                 if (B_NF4) {
@@ -274,43 +317,31 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
                     }
                 }
             }
+            }
         }
         workgroupBarrier();
     }
 
-    // -- epilogue: LoRA term, accumulate, store ----------------------------------------------
+    // -- epilogue: accumulate, store (static accumulator indices only) ---------------------------
     for (var r = 0u; r < TM4; r++) {
         for (var i = 0u; i < 4u; i++) {
             let row = m0 + r * WGY * 4u + ty * 4u + i;
-            if (row >= M) { continue; }
             for (var q = 0u; q < TN4; q++) {
                 let col = n0 + q * WGX * 4u + tx * 4u;
-                if (col >= N) { continue; }
-                var v = acc[(r * 4u + i) * TN4 + q];
-                if (LORA != 0u) {
-                    for (var j = 0u; j < P.R; j++) {
-                        let tv = lt[P.t_off + row * P.ldt + j];
-                        var l4 = vec4<f32>(0.0);
+                if (row < M && col < N) {
+                    var v = acc[(r * 4u + i) * TN4 + q];
+                    let base = P.c_off + row * P.ldc + col;
+                    if (C_VEC) {
+                        if (ACCUM) { v += c[base >> 2u]; }
+                        c[base >> 2u] = v;
+                    } else {
                         for (var e = 0u; e < 4u; e++) {
                             if (col + e < N) {
-                                if (LORA == 1u) { l4[e] = ll[(col + e) * P.R + j]; }
-                                else { l4[e] = ll[j * N + col + e]; }
+                                let ci = base + e;
+                                var o = v[e];
+                                if (ACCUM) { o += c[ci >> 2u][ci & 3u]; }
+                                c[ci >> 2u][ci & 3u] = o;
                             }
-                        }
-                        v = fma(vec4<f32>(tv), l4, v);
-                    }
-                }
-                let base = P.c_off + row * P.ldc + col;
-                if (C_VEC) {
-                    if (ACCUM) { v += c[base >> 2u]; }
-                    c[base >> 2u] = v;
-                } else {
-                    for (var e = 0u; e < 4u; e++) {
-                        if (col + e < N) {
-                            let ci = base + e;
-                            var o = v[e];
-                            if (ACCUM) { o += c[ci >> 2u][ci & 3u]; }
-                            c[ci >> 2u][ci & 3u] = o;
                         }
                     }
                 }
