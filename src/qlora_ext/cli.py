@@ -129,8 +129,11 @@ def cmd_train(args) -> int:
     lora = LoraConfig(r=s["lora_rank"], alpha=s["lora_alpha"], dropout=s["lora_dropout"],
                       target_modules=tuple(t.strip() for t in s["targets"].split(",") if t.strip()))
     t0 = time.perf_counter()
+    # Each rank its own dropout stream (the seed also draws LoRA A, but sync_trainer below
+    # gives every rank rank 0's adapters); rank 0 keeps the single-process seed.
     model = load_model(s["model"], lora=lora, device=s["device"], quantize=s["quantize"],
-                       threads=args.threads if args.threads is not None else comm.default_threads(), seed=s["seed"], gradient_checkpointing=s["gradient_checkpointing"],
+                       threads=args.threads if args.threads is not None else comm.default_threads(),
+                       seed=s["seed"] + 7919 * comm.rank, gradient_checkpointing=s["gradient_checkpointing"],
                        progress=False if args.quiet else None)
     tok = model.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
