@@ -11,7 +11,9 @@
  *             dK += dS^T Q      dQ += dS K
  * Kt / Vt are K / V tiles packed transposed (D, BC), so that S and dP vectorise over keys.
  *
- * Threads: the forward splits over (b, query head, query tile): each writes its own rows.
+ * Threads: every loop hands out work dynamically, so a thread the OS deschedules (a busy
+ * host) does not hold the others up at a barrier.
+ * The forward splits over (b, query head, query tile): each writes its own rows.
  * The backward splits over (b, kv head, key tile): a thread owns dK/dV of its key tile for
  * all query heads of the group (no race), and adds its dQ share into each query tile in
  * key-tile order (a per-tile turn counter), so results do not depend on the thread count. */
@@ -487,7 +489,7 @@ int qx_attention_forward(const float *q, const float *k, const float *v, const u
 
 #pragma omp parallel num_threads(nt)
   {
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < B * Hkv * nkt; i++) {
       const int64_t bk = i / nkt, jt = i % nkt, b = bk / Hkv, kvh = bk % Hkv;
       const int64_t j0 = jt * BC;
@@ -589,7 +591,7 @@ int qx_attention_backward(const float *q, const float *k, const float *v, const 
 
 #pragma omp parallel num_threads(nt)
   {
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 16)
     for (int64_t bt = 0; bt < B * T; bt++) {
       const int64_t b = bt / T, t = bt % T;
       for (int64_t h = 0; h < Hq; h++) {

@@ -186,7 +186,7 @@ int qx_rmsnorm_forward(const float *x, const float *weight, int64_t N, int64_t C
   if (N < 0 || C <= 0 || !(eps >= 0.0f)) return QX_E_ARG;
   const int level = qx_cpu_level();
   const int nt = rows_threads(nthreads, N, C);
-#pragma omp parallel for schedule(static) num_threads(nt)
+#pragma omp parallel for schedule(dynamic, 32) num_threads(nt)
   for (int64_t n = 0; n < N; n++) {
     const float *xr = x + n * C;
     float ss, r;
@@ -225,7 +225,7 @@ int qx_rmsnorm_backward(const float *x, const float *weight, const float *rstd, 
     part = (double *)calloc((size_t)(nblocks > 0 ? nblocks : 1) * (size_t)C, sizeof(double));
     if (!part) return QX_E_NOMEM;
   }
-#pragma omp parallel for schedule(static) num_threads(nt)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
   for (int64_t blk = 0; blk < nblocks; blk++) {
     double *dw = part ? part + (size_t)blk * (size_t)C : NULL;
     const int64_t n1 = (blk + 1) * DW_ROWS < N ? (blk + 1) * DW_ROWS : N;

@@ -75,7 +75,7 @@ int qx_rope_apply(float *x, const int64_t *positions, int64_t pos_bstride, int64
   const float sign = (float)direction;
   int nt = qx_threads(nthreads);
   if (rows * H * D < (int64_t)1 << 15) nt = 1;
-#pragma omp parallel for schedule(static) num_threads(nt)
+#pragma omp parallel for schedule(dynamic, 16) num_threads(nt)
   for (int64_t r = 0; r < rows; r++) {
     const int64_t b = r / T, t = r % T;
     const int64_t p = positions[b * pos_bstride + t];
