@@ -289,28 +289,46 @@ class ResidentEngine:
         rmsnorm_backward_gpu(ctx, a.x, w["ln1"], a.rstd1, dh, dx, accumulate=True)
 
     # ---- step -----------------------------------------------------------------------------
-    def _record(self, input_ids, labels, attention_mask, want_grad: bool):
-        """Upload the batch and record forward (+ backward); returns (stats tensor, count)."""
+    def _forward_layers(self, input_ids, attention_mask, labels, keep: bool):
+        """Upload the batch, record embedding + all layers + final norm (into s["xf"]).
+        keep=False reuses one activation set for every layer (nothing kept for backward)."""
         ids, inp, lab = self.model._inputs(input_ids, attention_mask, labels)
         B, T = ids.shape
-        ctx, N = self.ctx, B * T
+        ctx = self.ctx
         s = self._bufs(B, T)
         self._tables(T)
         ctx.write(s["ids"], ids.reshape(-1).astype(np.int32))
-        ctx.write(s["labels"], lab.reshape(-1).astype(np.int32))
+        if lab is not None:
+            ctx.write(s["labels"], lab.reshape(-1).astype(np.int32))
         mask = None
         if inp.mask is not None:
             ctx.write(s["mask"], inp.mask.astype(np.uint32))
             mask = s["mask"]
-        count = int(np.count_nonzero(lab[:, 1:] != IGNORE_INDEX))
         x = s["x"]
         embedding_gather_gpu(ctx, s["ids"], self.embed, x)
         for l in range(self.L):
-            a = s["acts"][0 if self.checkpointing else l]
-            if self.checkpointing:
+            a = s["acts"][0 if (self.checkpointing or not keep) else l]
+            if self.checkpointing and keep:
                 ctx.encoder().copy_buffer_to_buffer(x.buffer, 0, s["inputs"][l].buffer, 0, x.nbytes)
             self._layer_forward(l, a, x, x, s, B, T, mask)
         rmsnorm_forward_gpu(ctx, x, self.norm, self.eps, s["xf"], s["rstdf"])
+        return B, T, lab, mask, s
+
+    def forward(self, input_ids, attention_mask=None) -> np.ndarray:
+        """int [B, T] -> float32 logits [B, T, V], like Model.forward (the logits come down)."""
+        B, T, _, _, s = self._forward_layers(input_ids, attention_mask, None, keep=False)
+        ctx, N = self.ctx, B * T
+        logits = ctx.empty((N, self.V))
+        w, off = (self.lm_w, 0) if self.head_off is None else (self.params, self.head_off)
+        gemm_gpu(ctx, s["xf"], w, logits, N, self.V, self.H, trans_b=True, b_off=off)
+        return ctx.to_numpy(logits).reshape(B, T, self.V)
+
+    def _record(self, input_ids, labels, attention_mask, want_grad: bool):
+        """Upload the batch and record forward (+ backward); returns (stats tensor, count)."""
+        B, T, lab, mask, s = self._forward_layers(input_ids, attention_mask, labels, keep=want_grad)
+        ctx, N = self.ctx, B * T
+        x = s["x"]
+        count = int(np.count_nonzero(lab[:, 1:] != IGNORE_INDEX))
         if want_grad:
             ctx.encoder().clear_buffer(self.grads.buffer)
         dh = s["dh"] if want_grad else None
