@@ -132,8 +132,8 @@ def test_zero_b_equals_base_model_exactly():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("model_type,quantize", [("qwen3", "nf4"), ("llama", None)])
-def test_parity_wgpu_backend(tmp_path, model_type, quantize):
+@pytest.mark.parametrize("model_type,quantize,gc", [("qwen3", "nf4", True), ("llama", None, False)])
+def test_parity_wgpu_backend(tmp_path, model_type, quantize, gc):
     """The FFN on the wgpu backend (lavapipe where no GPU): same tolerances."""
     from qlora_ext.gpu.context import GpuError, pick_adapter
 
@@ -141,7 +141,8 @@ def test_parity_wgpu_backend(tmp_path, model_type, quantize):
         pytest.skip("no wgpu adapter (install a Vulkan driver such as Mesa lavapipe)")
     path = make_tiny_checkpoint(tmp_path / "ckpt", model_type=model_type, seed=5, vocab_size=V)
     try:
-        model = load_model(path, lora=LoraConfig(r=4, alpha=8), quantize=quantize, device="gpu")
+        model = load_model(path, lora=LoraConfig(r=4, alpha=8), quantize=quantize, device="gpu",
+                           gradient_checkpointing=gc)
     except GpuError as e:
         pytest.skip(f"wgpu adapter unusable: {e}")
     assert model.backend.name != "cpu"

@@ -243,6 +243,9 @@ class DecoderLayers:
             h2, rstd2 = k.rmsnorm_forward(x2, lw.post_attention_layernorm, self.eps, threads=self.threads)
         with tm("ffn"):
             f, ffn_ctx = self.backend.ffn_forward(l, h2, self.ffn_lora(l, inp), need_backward=keep)
+            if l + 1 < len(self.state.layers):
+                # a streaming GPU backend uploads the next layer while the CPU runs its attention
+                self.backend.prefetch(l + 1)
         y = x2 + f   # not in place: a backend may hand back a buffer it reuses
         if not keep:
             return y, None
@@ -258,6 +261,8 @@ class DecoderLayers:
         B, T, Hq, Hkv, D = inp.B, inp.T, self.Hq, self.Hkv, self.D
         with tm("ffn"):
             fg = self.backend.ffn_backward(l, acts.ffn_ctx, dy)
+            if l > 0:
+                self.backend.prefetch(l - 1)
         acts.ffn_ctx = None
         for proj, (dA, dB) in fg.lora.items():
             grads[peft_name(l, proj, "A")] += dA
