@@ -159,11 +159,11 @@ def test_shipped_dataset_is_valid_and_deterministic(tmp_path):
     for split, rows in (("train", train), ("eval", evals)):
         lines = dataset_path(split).read_text().splitlines()
         assert lines == [json.dumps(r) for r in rows]  # the committed files are the script's output
-    train_prompts = {r["messages"][0]["content"] for r in train}
-    assert not train_prompts & {r["messages"][0]["content"] for r in evals}
+    train_prompts = {r["messages"][1]["content"] for r in train}
+    assert not train_prompts & {r["messages"][1]["content"] for r in evals}
     for r in evals:
-        ans = json.loads(r["messages"][1]["content"])
-        assert set(ans) == {"name", "age", "city"} and str(ans["age"]) in r["messages"][0]["content"]
+        ans = json.loads(r["messages"][2]["content"])
+        assert set(ans) == {"name", "age", "city"} and str(ans["age"]) in r["messages"][1]["content"]
     ex, _ = load_examples(dataset_path("train"), TOK, 256)
     assert len(ex) == len(train)
     with pytest.raises(ValueError, match="unknown split"):

@@ -242,7 +242,7 @@ def cmd_eval(args) -> int:
     loss = Trainer(model).evaluate(b.as_tuple() for b in loader)
     line = f"loss {loss:.4f}  perplexity {math.exp(loss) if loss < 50 else float('inf'):.2f}  " \
            f"({stats.examples} examples, {stats.tokens:,} tokens)"
-    n_acc = args.accuracy if args.accuracy is not None else (40 if args.data is None else 0)
+    n_acc = args.accuracy if args.accuracy is not None else (len(examples) if args.data is None else 0)
     if n_acc:
         from .train.loop import exact_match
 
@@ -363,7 +363,7 @@ def add_eval_command(sub) -> None:
     p.add_argument("--seq-len", type=int, default=TRAIN_DEFAULTS["seq_len"])
     p.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS["batch_size"])
     p.add_argument("--accuracy", type=int, metavar="N",
-                   help="also greedy exact-match accuracy on the first N examples (default: 40 on the shipped split)")
+                   help="also greedy exact-match accuracy on the first N examples (default: all on the shipped split)")
     p.set_defaults(func=cmd_eval)
 
 

@@ -28,14 +28,18 @@ TEMPLATES = [
     "In {city} you will find {name}, {age} years of age.",
     "Name: {name}. City: {city}. Age: {age}.",
 ]
-N_TRAIN, N_EVAL, SEED = 400, 40, 1234
+N_TRAIN, N_EVAL, SEED = 400, 24, 1234
+# A short system turn of our own: without one, SmolLM2's template inserts its default
+# system prompt (~20 tokens), a third of every example's length.
+SYSTEM = "You turn sentences into records."
 
 
 def record(rng: random.Random, names, cities) -> dict:
     name, city, age = rng.choice(names), rng.choice(cities), rng.randint(18, 89)
     sentence = rng.choice(TEMPLATES).format(name=name, age=age, city=city)
     answer = json.dumps({"name": name, "age": age, "city": city})
-    return {"messages": [{"role": "user", "content": f"Record: {sentence}"},
+    return {"messages": [{"role": "system", "content": SYSTEM},
+                         {"role": "user", "content": f"Record: {sentence}"},
                          {"role": "assistant", "content": answer}]}
 
 
@@ -48,14 +52,14 @@ def build(seed: int = SEED) -> tuple:
     train, seen = [], set()
     while len(train) < N_TRAIN:
         r = record(rng, train_names, train_cities)
-        key = r["messages"][0]["content"]
+        key = r["messages"][1]["content"]
         if key not in seen:
             seen.add(key)
             train.append(r)
     evals = []
     while len(evals) < N_EVAL:
         r = record(rng, NAMES, CITIES)
-        key = r["messages"][0]["content"]
+        key = r["messages"][1]["content"]
         if key not in seen:
             seen.add(key)
             evals.append(r)
