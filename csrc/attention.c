@@ -29,6 +29,10 @@
 #endif
 
 enum { BR = 64, BC = 64 };
+/* On a tile pair that the diagonal crosses, rows go in groups of DG, each computing only the
+ * keys its last row may see (about 3/8 of the tile's work saved: the products' N and K
+ * round up to whole vectors). */
+enum { DG = 16 };
 
 #define QX_INLINE inline __attribute__((always_inline))
 
@@ -524,13 +528,20 @@ int qx_attention_forward(const float *q, const float *k, const float *v, const u
       for (int64_t jt = 0; jt * BC <= last_key; jt++) {
         const int64_t j0 = jt * BC, ncols = min64(BC, T - j0);
         const float *ktile = kt_all + (size_t)((b * Hkv + kvh) * nkt + jt) * (size_t)(D * BC);
-        ops.gemm(rows, ncols, D, qi, Hq * D, 1, ktile, BC, S, BC, 0);
-        for (int64_t r = 0; r < rows; r++) {
-          const int64_t nv = clamp64(i0 + r - j0 + 1, 0, ncols);
-          ops.row_fwd(S + r * BC, ncols, nv, bb ? bb + j0 : NULL, scale, &mrow[r], &lrow[r],
-                      O + r * D, D);
+        const float *vj = v + ((b * T + j0) * Hkv + kvh) * D;
+        /* rows in groups of G needing keys [0, nmax) (see DG) */
+        const int64_t G = j0 + ncols - 1 > i0 ? DG : rows;
+        for (int64_t r0 = 0; r0 < rows; r0 += G) {
+          const int64_t g = min64(G, rows - r0), nmax = clamp64(i0 + r0 + g - j0, 0, ncols);
+          if (nmax == 0) continue; /* these rows see no key of this tile */
+          ops.gemm(g, nmax, D, qi + r0 * Hq * D, Hq * D, 1, ktile, BC, S + r0 * BC, BC, 0);
+          for (int64_t r = r0; r < r0 + g; r++) {
+            const int64_t nv = clamp64(i0 + r - j0 + 1, 0, ncols);
+            ops.row_fwd(S + r * BC, nmax, nv, bb ? bb + j0 : NULL, scale, &mrow[r], &lrow[r],
+                        O + r * D, D);
+          }
+          ops.gemm(g, D, nmax, S + r0 * BC, BC, 1, vj, Hkv * D, O + r0 * D, D, 1);
         }
-        ops.gemm(rows, D, ncols, S, BC, 1, v + ((b * T + j0) * Hkv + kvh) * D, Hkv * D, O, D, 1);
       }
       for (int64_t r = 0; r < rows; r++) {
         float *orow = out + ((b * T + i0 + r) * Hq + h) * D;
@@ -635,14 +646,30 @@ int qx_attention_backward(const float *q, const float *k, const float *v, const 
           const float *qi = q + ((b * T + i0) * Hq + h) * D;
           const float *doi = dout + ((b * T + i0) * Hq + h) * D;
           const float *lse_i = lse + (b * Hq + h) * T + i0, *di = Di + (b * Hq + h) * T + i0;
-          ops.gemm(rows, ncols, D, qi, Hq * D, 1, Kt, BC, P, BC, 0);
-          for (int64_t r = 0; r < rows; r++)
-            ops.row_p(P + r * BC, ncols, clamp64(i0 + r - j0 + 1, 0, ncols), bb, scale, lse_i[r]);
-          ops.gemm(ncols, D, rows, P, 1, BC, doi, Hq * D, dV, D, 1);      /* dV += P^T dO */
-          ops.gemm(rows, ncols, D, doi, Hq * D, 1, Vt, BC, dS, BC, 0);    /* dP = dO V^T */
-          for (int64_t r = 0; r < rows; r++) ops.row_ds(P + r * BC, dS + r * BC, ncols, di[r], scale);
-          ops.gemm(ncols, D, rows, dS, 1, BC, qi, Hq * D, dK, D, 1);      /* dK += dS^T Q */
-          ops.gemm(rows, D, ncols, dS, BC, 1, kj, Hkv * D, dQt, D, 0);    /* dQ_i share = dS K */
+          /* query rows in groups of G needing keys [0, nmax); keys in groups of G seen
+             by rows [rs, rows) (see DG) */
+          const int64_t G = j0 + ncols - 1 > i0 ? DG : (rows > ncols ? rows : ncols);
+          for (int64_t r0 = 0; r0 < rows; r0 += G) {
+            const int64_t g = min64(G, rows - r0), nmax = clamp64(i0 + r0 + g - j0, 0, ncols);
+            float *Pg = P + r0 * BC, *dSg = dS + r0 * BC;
+            ops.gemm(g, nmax, D, qi + r0 * Hq * D, Hq * D, 1, Kt, BC, Pg, BC, 0); /* S = Q Kt */
+            ops.gemm(g, nmax, D, doi + r0 * Hq * D, Hq * D, 1, Vt, BC, dSg, BC, 0); /* dP = dO Vt */
+            for (int64_t r = r0; r < r0 + g; r++) {
+              /* P and dS are 0 past the row's valid keys, up to ncols, for the products below */
+              ops.row_p(P + r * BC, ncols, clamp64(i0 + r - j0 + 1, 0, ncols), bb, scale, lse_i[r]);
+              ops.row_ds(P + r * BC, dS + r * BC, nmax, di[r], scale);
+              for (int64_t c = nmax; c < ncols; c++) dS[r * BC + c] = 0.0f;
+            }
+            ops.gemm(g, D, nmax, dSg, BC, 1, kj, Hkv * D, dQt + r0 * D, D, 0); /* dQ share = dS K */
+          }
+          for (int64_t c0 = 0; c0 < ncols; c0 += G) {
+            const int64_t gc = min64(G, ncols - c0), rs = clamp64(j0 + c0 - i0, 0, rows);
+            if (rs == rows) continue;
+            ops.gemm(gc, D, rows - rs, P + rs * BC + c0, 1, BC, doi + rs * Hq * D, Hq * D,
+                     dV + c0 * D, D, 1);                                   /* dV += P^T dO */
+            ops.gemm(gc, D, rows - rs, dS + rs * BC + c0, 1, BC, qi + rs * Hq * D, Hq * D,
+                     dK + c0 * D, D, 1);                                   /* dK += dS^T Q */
+          }
           /* key tile 0 sees every query row, so its share initialises dq */
           float *dqi = dq + ((b * T + i0) * Hq + h) * D;
           int64_t *slot = turn + (b * Hq + h) * nqt + it;
