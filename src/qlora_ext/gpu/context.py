@@ -65,12 +65,15 @@ def list_adapters() -> list:
         return []
 
 
-def pick_adapter(allow_software: bool):
+def pick_adapter(allow_software: bool, index: int | None = None):
     """Discrete GPU first, then integrated, then other real ones; software adapters only if
-    allowed.  Among equal kinds Vulkan/Metal/DX12 before OpenGL.  None if nothing fits."""
+    allowed.  Among equal kinds Vulkan/Metal/DX12 before OpenGL.  None if nothing fits.
+    Several equally good adapters (a host with several GPUs): the index-th modulo their
+    count, in enumeration order; index None = this process's local MPI rank (0 alone), so
+    the ranks on one host spread over its GPUs and share them when there are fewer."""
     rank_type = {"discretegpu": 0, "integratedgpu": 1, "virtualgpu": 2, "unknown": 3, "cpu": 4}
     rank_backend = {"vulkan": 0, "metal": 0, "d3d12": 0, "opengl": 1, "gl": 1}
-    best, best_key = None, None
+    best, best_key = [], None
     for a in list_adapters():
         soft = is_software(a)
         if soft and not allow_software:
@@ -79,8 +82,16 @@ def pick_adapter(allow_software: bool):
         key = (soft, rank_type.get(str(info.get("adapter_type", "")).lower().replace(" ", ""), 3),
                rank_backend.get(str(info.get("backend_type", "")).lower(), 2))
         if best_key is None or key < best_key:
-            best, best_key = a, key
-    return best
+            best, best_key = [a], key
+        elif key == best_key:
+            best.append(a)
+    if not best:
+        return None
+    if index is None:
+        from ..train.distributed import local_rank  # noqa: PLC0415
+
+        index = local_rank()
+    return best[index % len(best)]
 
 
 def shader_dir() -> Path:
@@ -261,7 +272,10 @@ def write_staging(buf, pieces) -> None:
     """Map a MAP_WRITE buffer once and write (offset, ndarray) pieces; sizes need not be
     multiples of 4 (the tail is padded)."""
     import wgpu  # noqa: PLC0415
-    buf.map_sync(mode=wgpu.MapMode.WRITE)
+    try:
+        buf.map_sync(mode=wgpu.MapMode.WRITE)
+    except Exception as e:
+        raise GpuError(f"mapping the {buf.size}-byte upload buffer {buf.label!r} failed: {e}") from e
     try:
         for off, arr in pieces:
             raw = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
@@ -279,7 +293,10 @@ def write_staging(buf, pieces) -> None:
 def read_staging(buf, nbytes: int, out: np.ndarray) -> None:
     """Wait for the GPU, copy the first nbytes of a MAP_READ buffer into out (preallocated)."""
     import wgpu  # noqa: PLC0415
-    buf.map_sync(mode=wgpu.MapMode.READ, offset=0, size=(nbytes + 3) // 4 * 4 if nbytes else 4)
+    try:
+        buf.map_sync(mode=wgpu.MapMode.READ, offset=0, size=(nbytes + 3) // 4 * 4 if nbytes else 4)
+    except Exception as e:  # a lost device or a failed submit surfaces here
+        raise GpuError(f"reading back {nbytes} bytes through {buf.label!r} failed: {e}") from e
     try:
         if nbytes:
             mem = buf.read_mapped(0, (nbytes + 3) // 4 * 4, copy=False)
