@@ -300,3 +300,31 @@ def test_cli_error_under_mpiexec_names_the_rank_and_stops(tiny_model, tmp_path):
                        env=_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode != 0
     assert re.search(r"rank [01]: qlora-ext: error: .*bad.jsonl:2: field \"text\" must be a string", p.stderr), p.stderr
+
+
+def test_gpu_adapter_by_local_rank(monkeypatch):
+    """Ranks of one host spread over its equally good GPUs, modulo their count; a worse or
+    software adapter is never chosen while a better one exists."""
+    pytest.importorskip("wgpu")
+    from qlora_ext.gpu import context
+
+    class FakeAdapter:
+        def __init__(self, name, kind, backend="Vulkan"):
+            self.info = {"device": name, "description": "", "adapter_type": kind, "backend_type": backend}
+
+    gpus = [FakeAdapter("gpu0", "DiscreteGPU"), FakeAdapter("igpu", "IntegratedGPU"),
+            FakeAdapter("gpu0-gl", "DiscreteGPU", "OpenGL"), FakeAdapter("gpu1", "DiscreteGPU"),
+            FakeAdapter("llvmpipe", "CPU")]
+    monkeypatch.setattr(context, "list_adapters", lambda: gpus)
+    picked = [context.pick_adapter(allow_software=False, index=i).info["device"] for i in range(5)]
+    assert picked == ["gpu0", "gpu1", "gpu0", "gpu1", "gpu0"]
+    assert context.pick_adapter(allow_software=True, index=1).info["device"] == "gpu1"
+    monkeypatch.setattr(context, "list_adapters", lambda: gpus[4:])
+    assert context.pick_adapter(allow_software=False) is None
+    assert context.pick_adapter(allow_software=True, index=3).info["device"] == "llvmpipe"
+    # index None: the launcher's local rank (this pytest process has none, so 0)
+    monkeypatch.setattr(context, "list_adapters", lambda: gpus)
+    monkeypatch.setattr(dist, "_COMM", None)
+    monkeypatch.setenv("MPI_LOCALRANKID", "3")
+    assert dist.local_rank() == 3
+    assert context.pick_adapter(allow_software=False).info["device"] == "gpu1"

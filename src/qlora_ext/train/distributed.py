@@ -441,6 +441,15 @@ class MpiComm:
 _COMM = None
 
 
+def local_rank() -> int:
+    """This process's rank among the ranks on its host, without starting MPI: the comm's
+    if get_comm() has run, else the launcher's environment, else 0.  Picks a GPU adapter."""
+    if _COMM is not None:
+        return int(_COMM.local_rank)
+    r = _local_rank_from_env()
+    return r if r is not None else 0
+
+
 def abort_job(cause: str, status: int = 1) -> None:
     """Under MPI (once get_comm() has built an MpiComm): print `rank N: cause` and stop every
     rank.  Otherwise return, and the caller reports and exits as usual.  For code paths
