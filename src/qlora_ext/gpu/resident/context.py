@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import struct
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,9 +93,11 @@ class GpuContext:
         self._modules = {}
         self._pipelines = {}
         self._layouts = {}
-        # Bounded LRU (key: layout + buffer ids; value keeps the buffers alive so ids stay
-        # unique): a step's groups repeat, while numpy-form calls make short-lived buffers.
+        # Bind groups by (layout, buffer ids, ranges), LRU-bounded.  A group is dropped when
+        # one of its buffers is collected (weakref.finalize), so a recycled id never finds a
+        # stale group and short-lived buffers are not kept alive by the cache.
         self._bind_groups = OrderedDict()
+        self._groups_of = {}   # id(buffer) -> keys of the groups that bind it
         self._uniforms = {}
         self._encoder = None
         self._pass = None
@@ -239,13 +242,18 @@ class GpuContext:
         hit = self._bind_groups.get(key)
         if hit is not None:
             self._bind_groups.move_to_end(key)
-            bg = hit[0]
+            bg = hit
         else:
             bg = self.device.create_bind_group(layout=bgl, entries=[
                 {"binding": i, "resource": {"buffer": b, "offset": o, "size": n}}
                 for i, (b, o, n) in enumerate(bufs)])
-            # Keep the buffers alive with the group so that ids stay unique while cached.
-            self._bind_groups[key] = (bg, bufs)
+            self._bind_groups[key] = bg
+            for b, _, _ in bufs:
+                keys = self._groups_of.get(id(b))
+                if keys is None:
+                    keys = self._groups_of[id(b)] = set()
+                    weakref.finalize(b, self._evict, id(b))
+                keys.add(key)
             if len(self._bind_groups) > _BIND_GROUP_CACHE:
                 self._bind_groups.popitem(last=False)
         g = tuple(int(x) for x in groups) + (1, 1)
@@ -302,10 +310,9 @@ class GpuContext:
             self._sync_buf = self.device.create_buffer(size=16, usage=u.STORAGE | u.COPY_SRC)
         self.queue.read_buffer(self._sync_buf, 0, 4)
 
-    def forget_bind_groups(self) -> None:
-        """Drop cached bind groups (and the buffers they keep alive); call after freeing
-        per-step tensors that will not come back."""
-        self._bind_groups.clear()
+    def _evict(self, buffer_id: int) -> None:
+        for key in self._groups_of.pop(buffer_id, ()):
+            self._bind_groups.pop(key, None)
 
 
 class _PassTimer:

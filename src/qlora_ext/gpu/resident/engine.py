@@ -318,7 +318,9 @@ class ResidentEngine:
         """int [B, T] -> float32 logits [B, T, V], like Model.forward (the logits come down)."""
         B, T, _, _, s = self._forward_layers(input_ids, attention_mask, None, keep=False)
         ctx, N = self.ctx, B * T
-        logits = ctx.empty((N, self.V))
+        logits = s.get("logits")
+        if logits is None:
+            logits = s["logits"] = ctx.empty((N, self.V))
         w, off = (self.lm_w, 0) if self.head_off is None else (self.params, self.head_off)
         gemm_gpu(ctx, s["xf"], w, logits, N, self.V, self.H, trans_b=True, b_off=off)
         return ctx.to_numpy(logits).reshape(B, T, self.V)
