@@ -78,7 +78,13 @@ def run_train(spec: dict, comm) -> None:
             comm.check_in_sync(self)
             return loss
 
-    model = Model(load_state(spec["model"], quantize=None), LoraConfig(r=4, alpha=8), CpuFfnBackend(),
+    if spec.get("device") == "gpu":  # every rank on this host's one (software) adapter
+        from qlora_ext.device import select_backend
+
+        backend = select_backend("gpu")
+    else:
+        backend = CpuFfnBackend()
+    model = Model(load_state(spec["model"], quantize=spec.get("quantize")), LoraConfig(r=4, alpha=8), backend,
                   threads=1, seed=3)
     examples = make_examples(spec["examples"], model.config.vocab_size, 7, tuple(spec.get("ignore", ())))
     loader = DataLoader(examples, 16, spec["batch_rows"], seed=0, shuffle=spec.get("shuffle", False), pad_id=0)

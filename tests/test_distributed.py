@@ -328,3 +328,20 @@ def test_gpu_adapter_by_local_rank(monkeypatch):
     monkeypatch.setenv("MPI_LOCALRANKID", "3")
     assert dist.local_rank() == 3
     assert context.pick_adapter(allow_software=False).info["device"] == "gpu1"
+
+
+@needs_mpi
+@pytest.mark.gpu
+def test_two_ranks_sharing_one_gpu_adapter(tiny_model, tmp_path):
+    """Both ranks run the FFN through wgpu on the host's one adapter (lavapipe in CI), NF4
+    base: equal to one process on the same micro-batches."""
+    pytest.importorskip("wgpu")
+    from qlora_ext.gpu.context import pick_adapter
+
+    if pick_adapter(allow_software=True) is None:
+        pytest.skip("no wgpu adapter")
+    spec = dict(BASE, model=tiny_model, micro=2, steps=3, device="gpu", quantize="nf4")
+    run(dict(spec, out=str(tmp_path / "mpi")), 2)
+    run(dict(spec, out=str(tmp_path / "same"), emulate=2))
+    assert rel_err(adapter(tmp_path / "mpi", 3), adapter(tmp_path / "same", 3)) <= 1e-6
+    assert_metrics_match(metrics(tmp_path / "mpi"), metrics(tmp_path / "same"), rel=1e-6)
