@@ -163,9 +163,15 @@ class GpuContext:
         if not self.trusted:
             return self.device.create_shader_module(code=code, label=label)
         # wgpu 0.32 has no wrapper for the trusted entry point; build the same descriptor as
-        # create_shader_module does and call it with no runtime checks
-        from wgpu.backends.wgpu_native import _api  # noqa: PLC0415
-        ffi, lib = _api.ffi, _api.lib
+        # create_shader_module does and call it with no runtime checks.  These are wgpu-py
+        # internals: if a later wgpu moves them, fall back to checked modules (slower, correct).
+        try:
+            from wgpu.backends.wgpu_native import _api  # noqa: PLC0415
+            ffi, lib = _api.ffi, _api.lib
+            lib.wgpuDeviceCreateShaderModuleTrusted  # noqa: B018
+        except (ImportError, AttributeError):
+            self.trusted = False
+            return self.device.create_shader_module(code=code, label=label)
         src = _api.new_struct_p("WGPUShaderSourceWGSL *", code=_api.to_c_string_view(code))
         src[0].chain.next = ffi.NULL
         src[0].chain.sType = lib.WGPUSType_ShaderSourceWGSL
