@@ -240,3 +240,23 @@ def test_shader_compile_error_lists_source(ctx, monkeypatch, capsys, tmp_path):
     with pytest.raises(C.GpuError, match="broken.wgsl"):
         ctx.module("broken")
     assert "   2  fn main()" in capsys.readouterr().err
+
+
+def test_trusted_modules_give_the_same_results(ctx):
+    """Shader modules without naga's runtime checks (the default on real GPUs) compute the same."""
+    from qlora_ext.gpu import kernels as Kk
+    from qlora_ext.gpu.context import GpuContext
+    from qlora_ext.gpu.kernels import Operand
+
+    trusted = GpuContext(ctx.adapter, trusted=True)
+    rng = np.random.default_rng(17)
+    M, N, K = 21, 50, 37
+    A, B = rng.standard_normal((M, K)).astype(np.float32), rng.standard_normal((N, K)).astype(np.float32)
+    outs = []
+    for c in (ctx, trusted):
+        ab, bb, cb = up(c, A), up(c, B), c.buffer(M * N * 4)
+        run(c, lambda rec, c=c, ab=ab, bb=bb, cb=cb: Kk.gemm(rec, Kk.tiles_for(c), M, N, K, Operand(ab, 0, K),
+                                                              Operand(bb, 0, K), Operand(cb, 0, N), b_t=True))
+        outs.append(down(c, cb, M * N))
+    assert trusted.trusted
+    assert np.array_equal(outs[0], outs[1])
