@@ -5,12 +5,15 @@
 // With P[i,j] = exp(scale * q_i . k_j - lse_i) (0 where key j is invisible to query i):
 //   delta_i = do_i . o_i                          (entry `prep`, one thread per row)
 //   dS[i,j] = P[i,j] * (do_i . v_j - delta_i)
-//   dq_i = scale * sum_j dS[i,j] k_j              (entry `dq`: a workgroup of ROWS query rows,
+//   dq_i = scale * sum_j dS[i,j] k_j              (entry `dq`: ROWS query rows per workgroup,
 //                                                  K/V tiles of TILE keys in workgroup memory)
 //   dk_j = scale * sum_{i, h in group} dS[i,j] q_i,  dv_j = sum P[i,j] do_i
-//                                                 (entry `dkdv`: a workgroup of ROWS key rows
-//                                                  of one kv head; Q/dO tiles of TILE queries of
-//                                                  each query head of the group in workgroup memory)
+//                                                 (entry `dkdv`: ROWS key rows of one kv head
+//                                                  per workgroup; Q/dO tiles of TILE queries of
+//                                                  each query head of the group)
+// As in the forward, each row has LANES threads, each holding DC = D / LANES dims of the
+// row's vectors in registers; the two dot products per (row, tile entry) are summed from
+// the lanes' partials in workgroup memory, in lane order.
 // Splitting dq from dk/dv avoids float atomics at the price of computing P twice.
 
 struct Params {
@@ -22,7 +25,8 @@ struct Params {
     scale: f32,
 }
 
-override ROWS: u32 = 64u;
+override ROWS: u32 = 32u;
+override LANES: u32 = 4u;
 override TILE: u32 = 16u;
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -36,21 +40,34 @@ override TILE: u32 = 16u;
 @group(0) @binding(8) var<storage, read_write> out0: array<f32>;   // prep: o (read); dq: dq; dkdv: dk
 @group(0) @binding(9) var<storage, read_write> out1: array<f32>;   // dkdv: dv
 
-var<workgroup> a_s: array<f32, TILE * HEAD_DIM>;   // dq: K tile;  dkdv: Q tile
-var<workgroup> b_s: array<f32, TILE * HEAD_DIM>;   // dq: V tile;  dkdv: dO tile
-var<workgroup> ok_s: array<u32, TILE>;             // dq: key visible (mask, j < T)
-var<workgroup> lse_s: array<f32, TILE>;            // dkdv
-var<workgroup> del_s: array<f32, TILE>;            // dkdv
+var<workgroup> a_s: array<f32, TILE * HEAD_DIM>;        // dq: K tile;  dkdv: Q tile
+var<workgroup> b_s: array<f32, TILE * HEAD_DIM>;        // dq: V tile;  dkdv: dO tile
+var<workgroup> part_s: array<f32, ROWS * LANES * TILE>; // partial scores [row][lane][entry]
+var<workgroup> part_p: array<f32, ROWS * LANES * TILE>; // partial do . v  [row][lane][entry]
+var<workgroup> ok_s: array<u32, TILE>;                  // dq: key visible (mask, j < T)
+var<workgroup> lse_s: array<f32, TILE>;                 // dkdv
+var<workgroup> del_s: array<f32, TILE>;                 // dkdv
 
 fn key_ok(b: u32, j: u32) -> bool {
     return j < p.t && (p.has_mask == 0u || mask[b * p.t + j] != 0u);
 }
 
+// (score, do . v) of tile entry e for workgroup row `row`, summed over lanes in lane order.
+fn sums(row: u32, e: u32) -> vec2<f32> {
+    var s = 0.0;
+    var dp = 0.0;
+    for (var c = 0u; c < LANES; c = c + 1u) {
+        s = s + part_s[(row * LANES + c) * TILE + e];
+        dp = dp + part_p[(row * LANES + c) * TILE + e];
+    }
+    return vec2<f32>(s, dp);
+}
+
 // delta[b, h, t] = sum_d do[b,t,h,d] * o[b,t,h,d]; o is bound at out0.
-@compute @workgroup_size(ROWS)
+@compute @workgroup_size(ROWS * LANES)
 fn prep(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) li: u32) {
-    let r = (wid.x + wid.y * nwg.x) * ROWS + li;   // r = (b * Hq + h) * T + t
+    let r = (wid.x + wid.y * nwg.x) * ROWS * LANES + li;   // r = (b * Hq + h) * T + t
     if (r >= p.batch * p.hq * p.t) {
         return;
     }
@@ -59,41 +76,51 @@ fn prep(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let h = bh % p.hq;
     let b = bh / p.hq;
     let base = ((b * p.t + t) * p.hq + h) * HEAD_DIM;
+    // Summed lane chunk by lane chunk, in the order dq/dkdv sum do . v: where o equals a
+    // single v exactly (one visible key), dp - delta is exactly 0, as it is mathematically.
     var s = 0.0;
-    for (var d = 0u; d < HEAD_DIM; d = d + 1u) {
-        s = s + d_o[base + d] * out0[base + d];
+    for (var c = 0u; c < LANES; c = c + 1u) {
+        var sc = 0.0;
+        for (var d = c * DC; d < (c + 1u) * DC; d = d + 1u) {
+            sc = sc + d_o[base + d] * out0[base + d];
+        }
+        s = s + sc;
     }
     delta[r] = s;
 }
 
 // Grid (ceil(T / ROWS), Hq, B); writes dq (bound at out0).
-@compute @workgroup_size(ROWS)
+@compute @workgroup_size(ROWS * LANES)
 fn dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let b = wid.z;
     let h = wid.y;
+    let row = li / LANES;
+    let lane = li % LANES;
+    let d0 = lane * DC;
     let q0 = wid.x * ROWS;
-    let i = q0 + li;
+    let i = q0 + row;
     let hk = h / (p.hq / p.hkv);
     let row_ok = i < p.t;
 
-    var qr: array<f32, HEAD_DIM>;
-    var dor: array<f32, HEAD_DIM>;
-    var acc: array<f32, HEAD_DIM>;
+    var qr: array<f32, DC>;
+    var dor: array<f32, DC>;
+    var acc: array<f32, DC>;
+    let qb = ((b * p.t + i) * p.hq + h) * HEAD_DIM + d0;
+    for (var d = 0u; d < DC; d = d + 1u) {
+        qr[d] = select(0.0, q[qb + d] * p.scale, row_ok);
+        dor[d] = select(0.0, d_o[qb + d], row_ok);
+        acc[d] = 0.0;
+    }
     var li_lse = 0.0;
     var li_del = 0.0;
-    let qb = ((b * p.t + i) * p.hq + h) * HEAD_DIM;
     if (row_ok) {
-        for (var d = 0u; d < HEAD_DIM; d = d + 1u) {
-            qr[d] = q[qb + d] * p.scale;
-            dor[d] = d_o[qb + d];
-            acc[d] = 0.0;
-        }
         li_lse = lse[(b * p.hq + h) * p.t + i];
         li_del = delta[(b * p.hq + h) * p.t + i];
     }
+    let pb = (row * LANES + lane) * TILE;
     let kend = min(p.t, q0 + ROWS);
     for (var k0 = 0u; k0 < kend; k0 = k0 + TILE) {
-        for (var e = li; e < TILE * HEAD_DIM; e = e + ROWS) {
+        for (var e = li; e < TILE * HEAD_DIM; e = e + ROWS * LANES) {
             let j = k0 + e / HEAD_DIM;
             var kv = 0.0;
             var vv = 0.0;
@@ -105,8 +132,19 @@ fn dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li
             a_s[e] = kv;
             b_s[e] = vv;
         }
-        for (var e = li; e < TILE; e = e + ROWS) {
+        for (var e = li; e < TILE; e = e + ROWS * LANES) {
             ok_s[e] = select(0u, 1u, key_ok(b, k0 + e));
+        }
+        workgroupBarrier();
+        for (var jj = 0u; jj < TILE; jj = jj + 1u) {
+            var s = 0.0;
+            var dp = 0.0;
+            for (var d = 0u; d < DC; d = d + 1u) {
+                s = s + qr[d] * a_s[jj * HEAD_DIM + d0 + d];
+                dp = dp + dor[d] * b_s[jj * HEAD_DIM + d0 + d];
+            }
+            part_s[pb + jj] = s;
+            part_p[pb + jj] = dp;
         }
         workgroupBarrier();
         if (row_ok) {
@@ -115,56 +153,52 @@ fn dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li
                 if (ok_s[jj] == 0u) {
                     continue;
                 }
-                var s = 0.0;
-                var dp = 0.0;
-                for (var d = 0u; d < HEAD_DIM; d = d + 1u) {
-                    s = s + qr[d] * a_s[jj * HEAD_DIM + d];
-                    dp = dp + dor[d] * b_s[jj * HEAD_DIM + d];
-                }
-                let ds = exp(s - li_lse) * (dp - li_del);
-                for (var d = 0u; d < HEAD_DIM; d = d + 1u) {
-                    acc[d] = acc[d] + ds * a_s[jj * HEAD_DIM + d];
+                let sd = sums(row, jj);
+                let ds = exp(sd.x - li_lse) * (sd.y - li_del);
+                for (var d = 0u; d < DC; d = d + 1u) {
+                    acc[d] = acc[d] + ds * a_s[jj * HEAD_DIM + d0 + d];
                 }
             }
         }
         workgroupBarrier();
     }
     if (row_ok) {
-        for (var d = 0u; d < HEAD_DIM; d = d + 1u) {
+        for (var d = 0u; d < DC; d = d + 1u) {
             out0[qb + d] = acc[d] * p.scale;
         }
     }
 }
 
 // Grid (ceil(T / ROWS), Hkv, B); writes dk (out0) and dv (out1).
-@compute @workgroup_size(ROWS)
+@compute @workgroup_size(ROWS * LANES)
 fn dkdv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let b = wid.z;
     let hk = wid.y;
+    let row = li / LANES;
+    let lane = li % LANES;
+    let d0 = lane * DC;
     let j0 = wid.x * ROWS;
-    let j = j0 + li;
+    let j = j0 + row;
     let group = p.hq / p.hkv;
     let col_ok = key_ok(b, j);
 
-    var kr: array<f32, HEAD_DIM>;
-    var vr: array<f32, HEAD_DIM>;
-    var dk: array<f32, HEAD_DIM>;
-    var dv: array<f32, HEAD_DIM>;
-    let kb = ((b * p.t + j) * p.hkv + hk) * HEAD_DIM;
-    for (var d = 0u; d < HEAD_DIM; d = d + 1u) {
-        if (col_ok) {
-            kr[d] = k[kb + d] * p.scale;
-            vr[d] = v[kb + d];
-        }
+    var kr: array<f32, DC>;
+    var vr: array<f32, DC>;
+    var dk: array<f32, DC>;
+    var dv: array<f32, DC>;
+    let kb = ((b * p.t + j) * p.hkv + hk) * HEAD_DIM + d0;
+    for (var d = 0u; d < DC; d = d + 1u) {
+        kr[d] = select(0.0, k[kb + d] * p.scale, col_ok);
+        vr[d] = select(0.0, v[kb + d], col_ok);
         dk[d] = 0.0;
         dv[d] = 0.0;
     }
-    // Queries before j0 see none of this workgroup's keys.
-    let qstart = j0;
+    let pb = (row * LANES + lane) * TILE;
     for (var g = 0u; g < group; g = g + 1u) {
         let h = hk * group + g;
-        for (var i0 = qstart; i0 < p.t; i0 = i0 + TILE) {
-            for (var e = li; e < TILE * HEAD_DIM; e = e + ROWS) {
+        // Queries before j0 see none of this workgroup's keys.
+        for (var i0 = j0; i0 < p.t; i0 = i0 + TILE) {
+            for (var e = li; e < TILE * HEAD_DIM; e = e + ROWS * LANES) {
                 let i = i0 + e / HEAD_DIM;
                 var qv = 0.0;
                 var dov = 0.0;
@@ -176,7 +210,7 @@ fn dkdv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 a_s[e] = qv;
                 b_s[e] = dov;
             }
-            for (var e = li; e < TILE; e = e + ROWS) {
+            for (var e = li; e < TILE; e = e + ROWS * LANES) {
                 let i = i0 + e;
                 var lv = 0.0;
                 var dl = 0.0;
@@ -188,24 +222,28 @@ fn dkdv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 del_s[e] = dl;
             }
             workgroupBarrier();
+            for (var ii = 0u; ii < TILE; ii = ii + 1u) {
+                var s = 0.0;
+                var dp = 0.0;
+                for (var d = 0u; d < DC; d = d + 1u) {
+                    s = s + kr[d] * a_s[ii * HEAD_DIM + d0 + d];
+                    dp = dp + vr[d] * b_s[ii * HEAD_DIM + d0 + d];
+                }
+                part_s[pb + ii] = s;
+                part_p[pb + ii] = dp;
+            }
+            workgroupBarrier();
             if (col_ok) {
-                // Queries i0 + ii >= j, below T.
+                // Queries i0 + ii >= j, below T.  A query that sees key j has a finite lse.
                 let istart = j - min(j, i0);
                 let iend = min(TILE, p.t - i0);
                 for (var ii = istart; ii < iend; ii = ii + 1u) {
-                    var s = 0.0;
-                    var dp = 0.0;
-                    for (var d = 0u; d < HEAD_DIM; d = d + 1u) {
-                        s = s + kr[d] * a_s[ii * HEAD_DIM + d];
-                        dp = dp + vr[d] * b_s[ii * HEAD_DIM + d];
-                    }
-                    // Query rows with no visible key have lse = -inf, but key j is visible
-                    // to them here only if they had one: the exp stays finite.
-                    let pij = exp(s - lse_s[ii]);
-                    let ds = pij * (dp - del_s[ii]);
-                    for (var d = 0u; d < HEAD_DIM; d = d + 1u) {
-                        dv[d] = dv[d] + pij * b_s[ii * HEAD_DIM + d];
-                        dk[d] = dk[d] + ds * a_s[ii * HEAD_DIM + d];
+                    let sd = sums(row, ii);
+                    let pij = exp(sd.x - lse_s[ii]);
+                    let ds = pij * (sd.y - del_s[ii]);
+                    for (var d = 0u; d < DC; d = d + 1u) {
+                        dv[d] = dv[d] + pij * b_s[ii * HEAD_DIM + d0 + d];
+                        dk[d] = dk[d] + ds * a_s[ii * HEAD_DIM + d0 + d];
                     }
                 }
             }
@@ -213,7 +251,7 @@ fn dkdv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
     }
     if (j < p.t) {
-        for (var d = 0u; d < HEAD_DIM; d = d + 1u) {
+        for (var d = 0u; d < DC; d = d + 1u) {
             out0[kb + d] = dk[d] * p.scale;
             out1[kb + d] = dv[d];
         }

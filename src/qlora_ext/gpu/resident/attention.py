@@ -12,17 +12,32 @@ import numpy as np
 
 from .context import GpuContext, GpuTensor, default_context, grid_2d
 
-_ROWS = 64     # threads (rows) per workgroup
+_ROWS = 32     # rows (queries; keys in dkdv) per workgroup
 _TILE = 16     # keys (forward, dq) / queries (dkdv) per workgroup-memory tile
 
 
-def _tile(ctx: GpuContext, D: int) -> int:
-    """The largest tile <= _TILE whose two [TILE, D] f32 buffers fit workgroup memory."""
+def _lanes(D: int) -> int:
+    """Threads per row: each holds D / lanes dims of its row's vectors in registers."""
+    for lanes in (4, 2):
+        if D % lanes == 0:
+            return lanes
+    return 1
+
+
+def _tile(ctx: GpuContext, D: int, lanes: int) -> int:
+    """The largest tile <= _TILE whose workgroup buffers (two [TILE, D] tiles, the partial
+    dot products [ROWS, LANES, 2, TILE] and per-tile scalars) fit workgroup memory."""
     limit = ctx.limits.get("max-compute-workgroup-storage-size", 16384)
     tile = _TILE
-    while tile > 1 and 2 * tile * D * 4 + 3 * tile * 4 > limit:
+    while tile > 1 and 4 * (2 * tile * D + 2 * _ROWS * lanes * tile + 3 * tile) > limit:
         tile //= 2
     return tile
+
+
+def _consts(ctx: GpuContext, D: int):
+    lanes = _lanes(D)
+    return ({"HEAD_DIM": D, "DC": D // lanes},
+            {"ROWS": _ROWS, "LANES": lanes, "TILE": _tile(ctx, D, lanes)})
 
 
 def _params(ctx, B, T, Hq, Hkv, D, has_mask):
@@ -43,8 +58,8 @@ def attention_forward_gpu(ctx: GpuContext, q: GpuTensor, k: GpuTensor, v: GpuTen
     B, T, Hq, Hkv, D = _dims(q, k)
     o = ctx.empty(q.shape) if o is None else o
     lse = ctx.empty((B, Hq, T)) if lse is None else lse
-    pipe = ctx.pipeline("resident_attention_fwd", "forward", "urrrrww", consts={"HEAD_DIM": D},
-                        overrides={"ROWS": _ROWS, "TILE": _tile(ctx, D)})
+    consts, ov = _consts(ctx, D)
+    pipe = ctx.pipeline("resident_attention_fwd", "forward", "urrrrww", consts=consts, overrides=ov)
     ctx.dispatch(pipe, [_params(ctx, B, T, Hq, Hkv, D, mask is not None), q, k, v,
                         q if mask is None else mask, o, lse],
                  ((T + _ROWS - 1) // _ROWS, Hq, B))
@@ -65,15 +80,15 @@ def attention_backward_gpu(ctx: GpuContext, q: GpuTensor, k: GpuTensor, v: GpuTe
     delta = ctx.empty((B, Hq, T)) if delta is None else delta
     par = _params(ctx, B, T, Hq, Hkv, D, mask is not None)
     m = q if mask is None else mask
-    ov = {"ROWS": _ROWS, "TILE": _tile(ctx, D)}
+    consts, ov = _consts(ctx, D)
     kinds = "urrrrrrwww"
 
     def pipe(entry):
-        return ctx.pipeline("resident_attention_bwd", entry, kinds, consts={"HEAD_DIM": D}, overrides=ov)
+        return ctx.pipeline("resident_attention_bwd", entry, kinds, consts=consts, overrides=ov)
 
-    nrows = B * Hq * T
+    nrows, per_group = B * Hq * T, _ROWS * ov["LANES"]
     ctx.dispatch(pipe("prep"), [par, q, k, v, m, do, lse, delta, o, dq],
-                 grid_2d((nrows + _ROWS - 1) // _ROWS))
+                 grid_2d((nrows + per_group - 1) // per_group))
     ctx.dispatch(pipe("dq"), [par, q, k, v, m, do, lse, delta, dq, dk],
                  ((T + _ROWS - 1) // _ROWS, Hq, B))
     ctx.dispatch(pipe("dkdv"), [par, q, k, v, m, do, lse, delta, dk, dv],
