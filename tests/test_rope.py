@@ -113,10 +113,11 @@ def test_rope_matches_transformers(scaling):
     from transformers import LlamaConfig
 
     D, H, T = 64, 2, 40
-    rope = {"rope_type": "default", "rope_theta": 500000.0} if scaling is None else dict(scaling, rope_theta=500000.0)
+    # rope_theta + rope_scaling: the config keys both transformers 4.x and 5.x accept
     cfg = LlamaConfig(hidden_size=D * H, num_attention_heads=H, num_key_value_heads=H, head_dim=D,
-                      max_position_embeddings=131072, rope_parameters=rope)
+                      max_position_embeddings=131072, rope_theta=500000.0, rope_scaling=scaling)
     emb = llama.LlamaRotaryEmbedding(cfg)
+    assert emb.rope_type == ("default" if scaling is None else scaling["rope_type"])
     rng = np.random.default_rng(7)
     pos = np.sort(rng.integers(0, 20000, (1, T)), axis=1)
     x = rng.standard_normal((1, T, H, D)).astype(np.float32)
