@@ -106,10 +106,15 @@ fn dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li
     var dor: array<f32, DC>;
     var acc: array<f32, DC>;
     let qb = ((b * p.t + i) * p.hq + h) * HEAD_DIM + d0;
+    // (if, not select: select reads both operands, and trusted modules have no bounds checks)
     for (var d = 0u; d < DC; d = d + 1u) {
-        qr[d] = select(0.0, q[qb + d] * p.scale, row_ok);
-        dor[d] = select(0.0, d_o[qb + d], row_ok);
+        qr[d] = 0.0;
+        dor[d] = 0.0;
         acc[d] = 0.0;
+        if (row_ok) {
+            qr[d] = q[qb + d] * p.scale;
+            dor[d] = d_o[qb + d];
+        }
     }
     var li_lse = 0.0;
     var li_del = 0.0;
@@ -188,10 +193,14 @@ fn dkdv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var dv: array<f32, DC>;
     let kb = ((b * p.t + j) * p.hkv + hk) * HEAD_DIM + d0;
     for (var d = 0u; d < DC; d = d + 1u) {
-        kr[d] = select(0.0, k[kb + d] * p.scale, col_ok);
-        vr[d] = select(0.0, v[kb + d], col_ok);
+        kr[d] = 0.0;
+        vr[d] = 0.0;
         dk[d] = 0.0;
         dv[d] = 0.0;
+        if (col_ok) {
+            kr[d] = k[kb + d] * p.scale;
+            vr[d] = v[kb + d];
+        }
     }
     let pb = (row * LANES + lane) * TILE;
     for (var g = 0u; g < group; g = g + 1u) {

@@ -68,9 +68,13 @@ fn forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
     var qr: array<f32, DC>;
     var acc: array<f32, DC>;
     let qb = ((b * p.t + i) * p.hq + h) * HEAD_DIM + d0;
+    // (if, not select: select reads both operands, and trusted modules have no bounds checks)
     for (var d = 0u; d < DC; d = d + 1u) {
-        qr[d] = select(0.0, q[qb + d] * p.scale, row_ok);
+        qr[d] = 0.0;
         acc[d] = 0.0;
+        if (row_ok) {
+            qr[d] = q[qb + d] * p.scale;
+        }
     }
     var m = NEG_BIG;
     var l = 0.0;

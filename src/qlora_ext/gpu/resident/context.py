@@ -88,6 +88,13 @@ class GpuContext:
         feats = [f for f in ("timestamp-query",) if f in adapter.features]
         self.device = adapter.request_device_sync(required_limits=want, required_features=feats)
         self.has_timestamps = bool(feats)
+        info = adapter.info
+        self.software = str(info.get("adapter_type", "")).lower() == "cpu" or any(
+            n in str(info.get("device", "")).lower() for n in ("llvmpipe", "lavapipe", "swiftshader"))
+        env = os.environ.get("QLORA_EXT_WGSL_TRUSTED")
+        self.trusted = (env == "1") if env in ("0", "1") else not self.software
+        # what the FFN backend's tile choice (qlora_ext.gpu.kernels.TileChooser) reads
+        self.info = {"software": self.software, "name": info.get("device", "unknown")}
         self.limits = dict(self.device.limits)
         self.queue = self.device.queue
         self._modules = {}
@@ -106,6 +113,9 @@ class GpuContext:
         # what they allocate); memory reports take differences of it.
         self.allocated_bytes = 0
         self._timing = None
+
+    def describe(self) -> str:
+        return f"adapter {self.info['name']!r}"
 
     # ---- buffers ---------------------------------------------------------------------------
     def empty(self, shape, dtype: str = "f32") -> GpuTensor:
@@ -167,7 +177,7 @@ class GpuContext:
             # tile sizes stay WGSL `override`s set per pipeline.
             head = "".join(f"const {k}: u32 = {int(v)}u;\n" for k, v in consts)
             try:
-                m = self.device.create_shader_module(code=head + src, label=name)
+                m = self._create_module(head + src, name)
             except Exception as e:  # noqa: BLE001 - show the source on demand, re-raise as is
                 if os.environ.get("QLORA_EXT_SHADER_DEBUG"):
                     lines = (head + src).splitlines()
@@ -175,6 +185,16 @@ class GpuContext:
                 raise OSError(f"shader {name!r} failed to compile: {e}") from e
             self._modules[key] = m
         return m
+
+    def _create_module(self, code: str, label: str):
+        """Trusted (no naga bounds checks or loop bounding) on real GPUs, as the FFN backend
+        does (2 -> 27 TFLOP/s for its GEMM on an H200); checked on software adapters.
+        QLORA_EXT_WGSL_TRUSTED=0|1 overrides.  The trusted path is the FFN backend's
+        GpuContext._create_module (it only uses .device and .trusted), reused as is.  Every
+        resident_*.wgsl access is guarded by its own bounds test."""
+        from ..context import GpuContext as FfnContext
+
+        return FfnContext._create_module(self, code, label)
 
     def _layout(self, kinds: str):
         """kinds: one letter per binding, r = read-only storage, w = read-write storage,

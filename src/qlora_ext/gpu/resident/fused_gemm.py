@@ -13,7 +13,7 @@ flat parameter buffer: the engine aligns every tensor there to 64 elements (256 
 usual min-storage-buffer-offset-alignment)."""
 from __future__ import annotations
 
-from ..kernels import GemmTiles
+from ..kernels import GemmTiles, TileChooser
 from .context import GpuContext, GpuTensor
 from .weights import ResidentWeight
 
@@ -23,18 +23,12 @@ _KINDS = "urrrrrrw"
 
 
 def _tiles(ctx: GpuContext, M: int, N: int) -> GemmTiles:
-    """The ffn engineer's measured choice: 128 x 128 tiles (8 x 8 per thread) on real GPUs when
-    the grid has >= 512 workgroups, else 64 x 64; 32 x 32 on software adapters."""
-    if getattr(ctx, "software", None) is None:
-        info = ctx.adapter.info
-        ctx.software = str(info.get("adapter_type", "")).lower() == "cpu" or any(
-            n in str(info.get("device", "")).lower() for n in ("llvmpipe", "lavapipe", "swiftshader"))
-    if ctx.software:
-        return GemmTiles(8, 8, 4, 4, 8)
-    big = GemmTiles(16, 16, 8, 8, 8)
-    if -(-M // big.bm) * -(-N // big.bn) >= 512:
-        return big
-    return GemmTiles(16, 16, 4, 4, 8)
+    """The FFN backend's per-shape choice (TileChooser: its H200 sweep's defaults and the
+    QLORA_EXT_GEMM_TILES* overrides), made once per context."""
+    chooser = getattr(ctx, "_tile_chooser", None)
+    if chooser is None:
+        chooser = ctx._tile_chooser = TileChooser(ctx)
+    return chooser(M, N)
 
 
 def _dummy(ctx: GpuContext):
