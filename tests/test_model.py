@@ -172,3 +172,24 @@ def test_bad_input(ckpt):
         m.set_parameters({next(iter(m.parameters())): np.zeros(1)})
     with pytest.raises(ValueError, match="device"):
         load_model(ckpt, device="tpu")
+
+
+def test_phases_reach_the_profiler_without_overlap(ckpt):
+    from qlora_ext.profile import PROFILER
+
+    m = _model(ckpt, quantize="nf4")
+    ids, labels, mask = _batch()
+    PROFILER.start()
+    try:
+        with PROFILER.step():
+            m.loss_and_grads(ids, labels, mask)
+    finally:
+        PROFILER.stop()
+    spans = sorted(PROFILER.spans, key=lambda s: s.start)
+    names = {s.name for s in spans}
+    assert {"projections", "dequant", "attention", "ffn", "lm_head", "loss"} <= names
+    for a, b in zip(spans, spans[1:]):
+        assert a.end <= b.start + 1e-9            # exclusive segments: shares add up
+    busy = sum(s.end - s.start for s in spans)
+    step = PROFILER.steps[0][1] - PROFILER.steps[0][0]
+    assert 0.5 * step < busy <= step

@@ -19,27 +19,35 @@ from .lora import ATTN_PROJECTIONS, FFN_PROJECTIONS, PROJECTIONS, LoraPair, peft
 
 class PhaseTimer:
     """Exclusive seconds per phase (embed, norms, projections, dequant, attention, rope, ffn,
-    loss, lm_head), accumulated until reset(); a phase nested in another (dequant inside
-    projections) is subtracted from its parent, so the shares add up to the total.  The
-    profiler reads `times`."""
+    loss, lm_head), accumulated until reset().  A phase nested in another (dequant inside
+    projections) pauses its parent, so the shares add up to the total; each uninterrupted
+    segment also goes to the step profiler (qlora_ext.PROFILER) as a CPU span when it is on."""
 
     def __init__(self):
+        from ..profile import PROFILER
+
+        self.profiler = PROFILER
         self.times: dict[str, float] = {}
-        self._stack: list[str] = []
+        self._stack: list[list] = []        # [name, start of its current segment]
+
+    def _close(self, entry, now):
+        name, t0 = entry
+        self.times[name] = self.times.get(name, 0.0) + now - t0
+        self.profiler.record(name, "cpu", t0, now)
 
     @contextmanager
     def __call__(self, name: str):
-        self._stack.append(name)
-        t0 = time.perf_counter()
+        now = time.perf_counter()
+        if self._stack:
+            self._close(self._stack[-1], now)
+        self._stack.append([name, now])
         try:
             yield
         finally:
-            dt = time.perf_counter() - t0
-            self._stack.pop()
-            self.times[name] = self.times.get(name, 0.0) + dt
+            now = time.perf_counter()
+            self._close(self._stack.pop(), now)
             if self._stack:
-                parent = self._stack[-1]
-                self.times[parent] = self.times.get(parent, 0.0) - dt
+                self._stack[-1][1] = now
 
     def reset(self) -> dict:
         out, self.times = self.times, {}
