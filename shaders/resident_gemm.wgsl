@@ -6,7 +6,11 @@
 // chunk of rows is addressed without binding a sub-range).
 // Workgroup (TN/4, TM/4) threads computes a TM x TN block of C, 4 x 4 outputs per thread,
 // staging TK-deep slices of op(A) and op(B) in workgroup memory; grid
-// (ceil(N / TN), ceil(M / TM)).  Out-of-range elements load as 0 and are not stored.
+// (ceil(N / TN), ceil(M / TM), splits).  Out-of-range elements load as 0 and are not stored.
+// Split K (entry `gemm`, splits > 1; the skinny LoRA products: N or M = rank r, K = tokens):
+// workgroup z takes k in [z * k_chunk, (z + 1) * k_chunk) and stores its partial product at
+// c_off + z * M * N (a scratch [splits, M, N], never accumulated); entry `reduce_splits` then
+// sums the partials into C (+ C when accumulate), one thread per element.
 
 struct Params {
     m: u32,
@@ -19,6 +23,9 @@ struct Params {
     a_off: u32,
     b_off: u32,
     c_off: u32,
+    k_chunk: u32,    // K per split (= K without splitting)
+    splits: u32,     // reduce_splits: number of partials
+    dst_off: u32,    // reduce_splits: where C starts in `dst`
 }
 
 override TM: u32 = 64u;
@@ -29,12 +36,13 @@ override TK: u32 = 16u;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
 @group(0) @binding(2) var<storage, read> b: array<f32>;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
+@group(0) @binding(4) var<storage, read_write> dst: array<f32>;  // reduce_splits only
 
 var<workgroup> a_s: array<f32, TK * TM>;   // [TK][TM]
 var<workgroup> b_s: array<f32, TK * TN>;   // [TK][TN]
 
-fn load_a(row: u32, kk: u32) -> f32 {
-    if (row >= p.m || kk >= p.k) {
+fn load_a(row: u32, kk: u32, kend: u32) -> f32 {
+    if (row >= p.m || kk >= kend) {
         return 0.0;
     }
     if (p.trans_a != 0u) {
@@ -43,8 +51,8 @@ fn load_a(row: u32, kk: u32) -> f32 {
     return a[p.a_off + row * p.k + kk];
 }
 
-fn load_b(kk: u32, col: u32) -> f32 {
-    if (col >= p.n || kk >= p.k) {
+fn load_b(kk: u32, col: u32, kend: u32) -> f32 {
+    if (col >= p.n || kk >= kend) {
         return 0.0;
     }
     if (p.trans_b != 0u) {
@@ -63,7 +71,9 @@ fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     for (var r = 0u; r < 4u; r = r + 1u) {
         acc[r] = vec4<f32>(0.0);
     }
-    for (var k0 = 0u; k0 < p.k; k0 = k0 + TK) {
+    let kbeg = wid.z * p.k_chunk;
+    let kend = min(p.k, kbeg + p.k_chunk);
+    for (var k0 = kbeg; k0 < kend; k0 = k0 + TK) {
         for (var e = li; e < TK * TM; e = e + nthreads) {
             // Consecutive threads take consecutive k for A stored [M, K] (coalesced reads),
             // consecutive rows when A is stored [K, M].
@@ -76,7 +86,7 @@ fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
                 kk = e % TK;
                 mm = e / TK;
             }
-            a_s[kk * TM + mm] = load_a(row0 + mm, k0 + kk);
+            a_s[kk * TM + mm] = load_a(row0 + mm, k0 + kk, kend);
         }
         for (var e = li; e < TK * TN; e = e + nthreads) {
             var kk: u32;
@@ -88,7 +98,7 @@ fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
                 kk = e / TN;
                 nn = e % TN;
             }
-            b_s[kk * TN + nn] = load_b(k0 + kk, col0 + nn);
+            b_s[kk * TN + nn] = load_b(k0 + kk, col0 + nn, kend);
         }
         workgroupBarrier();
         for (var kk = 0u; kk < TK; kk = kk + 1u) {
@@ -108,7 +118,7 @@ fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
         for (var cc = 0u; cc < 4u; cc = cc + 1u) {
             let col = col0 + lid.x * 4u + cc;
             if (col < p.n) {
-                let idx = p.c_off + row * p.n + col;
+                let idx = p.c_off + wid.z * p.m * p.n + row * p.n + col;
                 var val = p.alpha * acc[r][cc];
                 if (p.accumulate != 0u) {
                     val = val + c[idx];
@@ -117,4 +127,24 @@ fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
             }
         }
     }
+}
+
+// dst[dst_off + i] = (accumulate ? dst[dst_off + i] : 0) + sum_z c[z * M * N + i], i < M * N;
+// linear id over (wid.x + wid.y * num_workgroups.x) * 256 + lane.
+@compute @workgroup_size(256)
+fn reduce_splits(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) li: u32) {
+    let i = (wid.x + wid.y * nwg.x) * 256u + li;
+    let mn = p.m * p.n;
+    if (i >= mn) {
+        return;
+    }
+    var s = 0.0;
+    for (var z = 0u; z < p.splits; z = z + 1u) {
+        s = s + c[z * mn + i];
+    }
+    if (p.accumulate != 0u) {
+        s = s + dst[p.dst_off + i];
+    }
+    dst[p.dst_off + i] = s;
 }
