@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..backend import FfnLora
 from ..nf4 import dequantize_nf4
-from .lora import ATTN_PROJECTIONS, FFN_PROJECTIONS, PROJECTIONS, LoraPair, peft_name
+from .lora import FFN_PROJECTIONS, PROJECTIONS, LoraPair, peft_name
 
 
 class PhaseTimer:
@@ -64,8 +64,8 @@ def dropout_mask(seed: int, step: int, layer: int, proj: str, shape, p: float) -
 
 @dataclass
 class LinearCtx:
-    """What a LoRA linear keeps for backward: the adapter input (after dropout) xd [N, in]
-    and u = scale * xd Aᵀ [N, r]; both None without an adapter."""
+    """What an adapted linear keeps for backward: the adapter input after dropout xd [N, in]
+    (x itself without dropout), u = scale · xd Aᵀ [N, r], and the dropout multiplier or None."""
 
     xd: np.ndarray | None = None
     u: np.ndarray | None = None
@@ -86,37 +86,35 @@ def lora_linear_forward(x, W, bias, pair: LoraPair | None, mask=None, keep=True)
     return y, (LinearCtx(xd, u, mask) if keep else None)
 
 
-def lora_linear_backward(dy, W, pair: LoraPair | None, ctx: LinearCtx | None):
-    """dy [N, out] -> (dx [N, in], dA [r, in] | None, dB [out, r] | None)."""
-    dx = dy @ W
+def lora_linear_backward(dy, W, pair: LoraPair | None, ctx: LinearCtx | None, need_dx: bool = True):
+    """dy [N, out] -> (dx [N, in] or None when not needed, dA [r, in] | None, dB [out, r] | None)."""
+    dx = dy @ W if need_dx else None
     if pair is None:
         return dx, None, None
     dB = dy.T @ ctx.u                     # [out, r]  (u already carries the scale)
     du = dy @ pair.B                      # [N, r]
     du *= np.float32(pair.scale)
     dA = du.T @ ctx.xd                    # [r, in]
-    dxd = du @ pair.A                     # [N, in]
-    if ctx.mask is not None:
-        dxd *= ctx.mask
-    dx += dxd
+    if need_dx:
+        dxd = du @ pair.A                 # [N, in]
+        if ctx.mask is not None:
+            dxd *= ctx.mask
+        dx += dxd
     return dx, dA, dB
 
 
 def _bias(lw, proj):
-    """Qwen2's q/k/v bias [out] or None (keyed 'q_proj' or 'q')."""
-    if not lw.bias:
-        return None
-    b = lw.bias.get(proj)
-    return lw.bias.get(proj[0]) if b is None else b
+    """Qwen2's q/k/v bias [out] or None."""
+    return lw.bias.get(proj) if lw.bias else None
 
 
 @dataclass
 class LayerActivations:
-    """Saved by layer_forward(keep=True) for layer_backward.  All float32."""
+    """Saved by DecoderLayers.forward(keep=True) for DecoderLayers.backward.  All float32.
+    The normed input h1 lives on only inside `lin` (as the adapters' xd) when q/k/v are adapted."""
 
     x: np.ndarray                 # [N, H] layer input
     rstd1: np.ndarray             # [N]
-    h1: np.ndarray                # [N, H] input_layernorm(x)
     lin: dict                     # proj -> LinearCtx (adapted attention projections only)
     q_pre: np.ndarray | None      # [N*Hq, D] before q_norm (qk_norm models)
     k_pre: np.ndarray | None      # [N*Hkv, D]
@@ -258,13 +256,15 @@ class DecoderLayers:
         if not keep:
             return y, None
         lin = {p: c for p, c in lin.items() if c is not None}
-        acts = LayerActivations(x, rstd1, h1, lin, q_pre, k_pre, q_rstd, k_rstd, q, kk, v, attn, lse,
+        acts = LayerActivations(x, rstd1, lin, q_pre, k_pre, q_rstd, k_rstd, q, kk, v, attn, lse,
                                 x2, rstd2, ffn_ctx)
         return y, acts
 
     # ------------------------------------------------------------------ backward
-    def backward(self, l: int, acts: LayerActivations, dy: np.ndarray, inp: StepInputs, grads: dict):
-        """dy [N, H] (grad of the layer output) -> dx [N, H]; adds LoRA grads into `grads`."""
+    def backward(self, l: int, acts: LayerActivations, dy: np.ndarray, inp: StepInputs, grads: dict,
+                 need_dx: bool = True):
+        """dy [N, H] (grad of the layer output) -> dx [N, H] (None with need_dx=False: the
+        first layer, whose input is the frozen embedding); adds LoRA grads into `grads`."""
         tm, k, lw = self.timer, self.k, self.state.layers[l]
         B, T, Hq, Hkv, D = inp.B, inp.T, self.Hq, self.Hkv, self.D
         with tm("ffn"):
@@ -276,7 +276,8 @@ class DecoderLayers:
             grads[peft_name(l, proj, "A")] += dA
             grads[peft_name(l, proj, "B")] += dB
         with tm("norms"):
-            dx2, _ = k.rmsnorm_backward(acts.x2, lw.post_attention_layernorm, acts.rstd2, fg.dx, threads=self.threads)
+            dx2, _ = k.rmsnorm_backward(acts.x2, lw.post_attention_layernorm, acts.rstd2, fg.dx,
+                                        threads=self.threads)
         dx2 += dy
         with tm("projections"):
             da = self._linear_backward(l, "o_proj", dx2, acts, grads)
@@ -289,21 +290,30 @@ class DecoderLayers:
         dq, dk = dq.reshape(B * T, Hq * D), dk.reshape(B * T, Hkv * D)
         if acts.q_pre is not None:
             with tm("norms"):
-                dq, _ = k.rmsnorm_backward(acts.q_pre, lw.q_norm, acts.q_rstd, dq.reshape(-1, D), threads=self.threads)
-                dk, _ = k.rmsnorm_backward(acts.k_pre, lw.k_norm, acts.k_rstd, dk.reshape(-1, D), threads=self.threads)
+                dq, _ = k.rmsnorm_backward(acts.q_pre, lw.q_norm, acts.q_rstd, dq.reshape(-1, D),
+                                           threads=self.threads)
+                dk, _ = k.rmsnorm_backward(acts.k_pre, lw.k_norm, acts.k_rstd, dk.reshape(-1, D),
+                                           threads=self.threads)
                 dq, dk = dq.reshape(B * T, Hq * D), dk.reshape(B * T, Hkv * D)
         with tm("projections"):
-            dh1 = self._linear_backward(l, "q_proj", dq, acts, grads)
-            dh1 += self._linear_backward(l, "k_proj", dk, acts, grads)
-            dh1 += self._linear_backward(l, "v_proj", dv.reshape(B * T, Hkv * D), acts, grads)
+            dh1 = self._linear_backward(l, "q_proj", dq, acts, grads, need_dx)
+            dh_k = self._linear_backward(l, "k_proj", dk, acts, grads, need_dx)
+            dh_v = self._linear_backward(l, "v_proj", dv.reshape(B * T, Hkv * D), acts, grads, need_dx)
+        if not need_dx:
+            return None
+        dh1 += dh_k
+        dh1 += dh_v
         with tm("norms"):
             dx, _ = k.rmsnorm_backward(acts.x, lw.input_layernorm, acts.rstd1, dh1, threads=self.threads)
         dx += dx2
         return dx
 
-    def _linear_backward(self, l, proj, dy, acts, grads):
+    def _linear_backward(self, l, proj, dy, acts, grads, need_dx=True):
         pair = self._pair(l, proj)
-        dx, dA, dB = lora_linear_backward(dy, self.weight(l, proj), pair, acts.lin.get(proj))
+        if not need_dx and pair is None:
+            return None
+        W = self.weight(l, proj) if need_dx else None
+        dx, dA, dB = lora_linear_backward(dy, W, pair, acts.lin.get(proj), need_dx)
         if dA is not None:
             grads[peft_name(l, proj, "A")] += dA
             grads[peft_name(l, proj, "B")] += dB

@@ -215,7 +215,7 @@ class Model:
             if not keep:
                 _, acts = self._layers.forward(l, acts, inp, keep=True)
             saved[l] = None
-            dx = self._layers.backward(l, acts, dx, inp, grads)
+            dx = self._layers.backward(l, acts, dx, inp, grads, need_dx=l > 0)
         return self._finish_loss(total, count, reduction), grads
 
     # ------------------------------------------------------------------ parameters
