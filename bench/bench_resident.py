@@ -8,7 +8,10 @@ pair, backward = 2.5x forward) and tokens/s (LM head, train step).
 Default sizes are small so that CI runs this on lavapipe as a test; the attention target
 shape (Qwen3: Hq 32, Hkv 8, D 128) runs with
   QLORA_EXT_RESIDENT_BENCH="B=1,T=1024,HQ=32,HKV=8,D=128,C=2560,V=151936" \
-  PYTHONPATH=src pytest bench/bench_resident.py --benchmark-enable --benchmark-only"""
+  PYTHONPATH=src pytest bench/bench_resident.py --benchmark-enable --benchmark-only
+Attention tiles can be swept with QLORA_EXT_ATTN_TILES="rows,lanes,tile" (default 32,4,16
+at D = 128 where workgroup memory allows); the fused projection GEMM takes the FFN backend's
+QLORA_EXT_GEMM_TILES* settings."""
 import os
 import sys
 

@@ -118,3 +118,20 @@ def test_attention_bad_input(ctx):
         attention_forward(q, k, v[:, :, :1], ctx=ctx)
     with pytest.raises(ValueError, match="mask"):
         attention_forward(q, k, v, mask=np.ones((1, 5)), ctx=ctx)
+
+
+@pytest.mark.parametrize("tiles", ["16,2,8", "8,1,3"])
+def test_attention_tile_override(ctx, monkeypatch, tiles):
+    """QLORA_EXT_ATTN_TILES (tuning on real GPUs) changes the tiling, not the results."""
+    monkeypatch.setenv("QLORA_EXT_ATTN_TILES", tiles)
+    q, k, v, do = _inputs(13, 1, 29, 4, 2, 16)
+    _check(ctx, q, k, v, do, None)
+
+
+def test_attention_tile_override_bad(ctx, monkeypatch):
+    from qlora_ext.gpu.resident.attention import attention_forward
+
+    monkeypatch.setenv("QLORA_EXT_ATTN_TILES", "16,3,8")
+    q, k, v, _ = _inputs(1, 1, 4, 2, 2, 16)
+    with pytest.raises(ValueError, match="QLORA_EXT_ATTN_TILES"):
+        attention_forward(q, k, v, ctx=ctx)

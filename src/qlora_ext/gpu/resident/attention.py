@@ -7,6 +7,7 @@ Shaders: shaders/resident_attention_fwd.wgsl, resident_attention_bwd.wgsl."""
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
@@ -35,6 +36,17 @@ def _tile(ctx: GpuContext, D: int, lanes: int) -> int:
 
 
 def _consts(ctx: GpuContext, D: int):
+    """(prepended consts, overrides).  QLORA_EXT_ATTN_TILES="rows,lanes,tile" sets the three
+    (tuning runs on a real GPU; lanes must divide D)."""
+    env = os.environ.get("QLORA_EXT_ATTN_TILES")
+    if env:
+        try:
+            rows, lanes, tile = (int(v) for v in env.split(","))
+        except ValueError:
+            raise ValueError(f"QLORA_EXT_ATTN_TILES={env!r}: expected three integers rows,lanes,tile") from None
+        if rows < 1 or lanes < 1 or tile < 1 or D % lanes:
+            raise ValueError(f"QLORA_EXT_ATTN_TILES={env!r}: rows, lanes, tile >= 1 with lanes dividing D={D}")
+        return {"HEAD_DIM": D, "DC": D // lanes}, {"ROWS": rows, "LANES": lanes, "TILE": tile}
     lanes = _lanes(D)
     return ({"HEAD_DIM": D, "DC": D // lanes},
             {"ROWS": _ROWS, "LANES": lanes, "TILE": _tile(ctx, D, lanes)})
@@ -59,10 +71,11 @@ def attention_forward_gpu(ctx: GpuContext, q: GpuTensor, k: GpuTensor, v: GpuTen
     o = ctx.empty(q.shape) if o is None else o
     lse = ctx.empty((B, Hq, T)) if lse is None else lse
     consts, ov = _consts(ctx, D)
+    rows = ov["ROWS"]
     pipe = ctx.pipeline("resident_attention_fwd", "forward", "urrrrww", consts=consts, overrides=ov)
     ctx.dispatch(pipe, [_params(ctx, B, T, Hq, Hkv, D, mask is not None), q, k, v,
                         q if mask is None else mask, o, lse],
-                 ((T + _ROWS - 1) // _ROWS, Hq, B))
+                 ((T + rows - 1) // rows, Hq, B))
     return o, lse
 
 
@@ -86,13 +99,14 @@ def attention_backward_gpu(ctx: GpuContext, q: GpuTensor, k: GpuTensor, v: GpuTe
     def pipe(entry):
         return ctx.pipeline("resident_attention_bwd", entry, kinds, consts=consts, overrides=ov)
 
-    nrows, per_group = B * Hq * T, _ROWS * ov["LANES"]
+    rows = ov["ROWS"]
+    nrows, per_group = B * Hq * T, rows * ov["LANES"]
     ctx.dispatch(pipe("prep"), [par, q, k, v, m, do, lse, delta, o, dq],
                  grid_2d((nrows + per_group - 1) // per_group))
     ctx.dispatch(pipe("dq"), [par, q, k, v, m, do, lse, delta, dq, dk],
-                 ((T + _ROWS - 1) // _ROWS, Hq, B))
+                 ((T + rows - 1) // rows, Hq, B))
     ctx.dispatch(pipe("dkdv"), [par, q, k, v, m, do, lse, delta, dk, dv],
-                 ((T + _ROWS - 1) // _ROWS, Hkv, B))
+                 ((T + rows - 1) // rows, Hkv, B))
     return dq, dk, dv
 
 
