@@ -11,8 +11,8 @@
 //                                                 (entry `dkdv`: ROWS key rows of one kv head
 //                                                  per workgroup; Q/dO tiles of TILE queries of
 //                                                  each query head of the group)
-// As in the forward, each row has LANES threads, each holding DC = D / LANES dims of the
-// row's vectors in registers; the two dot products per (row, tile entry) are summed from
+// As in the forward, each row has LANES threads, each holding DC = D / LANES dims (lane,
+// lane + LANES, ...) of the row's vectors in registers; the two dot products per (row, tile entry) are summed from
 // the lanes' partials in workgroup memory, in lane order.
 // Splitting dq from dk/dv avoids float atomics at the price of computing P twice.
 
@@ -81,8 +81,8 @@ fn prep(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     var s = 0.0;
     for (var c = 0u; c < LANES; c = c + 1u) {
         var sc = 0.0;
-        for (var d = c * DC; d < (c + 1u) * DC; d = d + 1u) {
-            sc = sc + d_o[base + d] * out0[base + d];
+        for (var d = 0u; d < DC; d = d + 1u) {
+            sc = sc + d_o[base + c + LANES * d] * out0[base + c + LANES * d];
         }
         s = s + sc;
     }
@@ -96,7 +96,6 @@ fn dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li
     let h = wid.y;
     let row = li / LANES;
     let lane = li % LANES;
-    let d0 = lane * DC;
     let q0 = wid.x * ROWS;
     let i = q0 + row;
     let hk = h / (p.hq / p.hkv);
@@ -105,15 +104,15 @@ fn dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li
     var qr: array<f32, DC>;
     var dor: array<f32, DC>;
     var acc: array<f32, DC>;
-    let qb = ((b * p.t + i) * p.hq + h) * HEAD_DIM + d0;
+    let qb = ((b * p.t + i) * p.hq + h) * HEAD_DIM + lane;
     // (if, not select: select reads both operands, and trusted modules have no bounds checks)
     for (var d = 0u; d < DC; d = d + 1u) {
         qr[d] = 0.0;
         dor[d] = 0.0;
         acc[d] = 0.0;
         if (row_ok) {
-            qr[d] = q[qb + d] * p.scale;
-            dor[d] = d_o[qb + d];
+            qr[d] = q[qb + LANES * d] * p.scale;
+            dor[d] = d_o[qb + LANES * d];
         }
     }
     var li_lse = 0.0;
@@ -145,8 +144,8 @@ fn dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li
             var s = 0.0;
             var dp = 0.0;
             for (var d = 0u; d < DC; d = d + 1u) {
-                s = s + qr[d] * a_s[jj * HEAD_DIM + d0 + d];
-                dp = dp + dor[d] * b_s[jj * HEAD_DIM + d0 + d];
+                s = s + qr[d] * a_s[jj * HEAD_DIM + lane + LANES * d];
+                dp = dp + dor[d] * b_s[jj * HEAD_DIM + lane + LANES * d];
             }
             part_s[pb + jj] = s;
             part_p[pb + jj] = dp;
@@ -161,7 +160,7 @@ fn dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li
                 let sd = sums(row, jj);
                 let ds = exp(sd.x - li_lse) * (sd.y - li_del);
                 for (var d = 0u; d < DC; d = d + 1u) {
-                    acc[d] = acc[d] + ds * a_s[jj * HEAD_DIM + d0 + d];
+                    acc[d] = acc[d] + ds * a_s[jj * HEAD_DIM + lane + LANES * d];
                 }
             }
         }
@@ -169,7 +168,7 @@ fn dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li
     }
     if (row_ok) {
         for (var d = 0u; d < DC; d = d + 1u) {
-            out0[qb + d] = acc[d] * p.scale;
+            out0[qb + LANES * d] = acc[d] * p.scale;
         }
     }
 }
@@ -181,7 +180,6 @@ fn dkdv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let hk = wid.y;
     let row = li / LANES;
     let lane = li % LANES;
-    let d0 = lane * DC;
     let j0 = wid.x * ROWS;
     let j = j0 + row;
     let group = p.hq / p.hkv;
@@ -191,15 +189,15 @@ fn dkdv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var vr: array<f32, DC>;
     var dk: array<f32, DC>;
     var dv: array<f32, DC>;
-    let kb = ((b * p.t + j) * p.hkv + hk) * HEAD_DIM + d0;
+    let kb = ((b * p.t + j) * p.hkv + hk) * HEAD_DIM + lane;
     for (var d = 0u; d < DC; d = d + 1u) {
         kr[d] = 0.0;
         vr[d] = 0.0;
         dk[d] = 0.0;
         dv[d] = 0.0;
         if (col_ok) {
-            kr[d] = k[kb + d] * p.scale;
-            vr[d] = v[kb + d];
+            kr[d] = k[kb + LANES * d] * p.scale;
+            vr[d] = v[kb + LANES * d];
         }
     }
     let pb = (row * LANES + lane) * TILE;
@@ -235,8 +233,8 @@ fn dkdv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 var s = 0.0;
                 var dp = 0.0;
                 for (var d = 0u; d < DC; d = d + 1u) {
-                    s = s + kr[d] * a_s[ii * HEAD_DIM + d0 + d];
-                    dp = dp + vr[d] * b_s[ii * HEAD_DIM + d0 + d];
+                    s = s + kr[d] * a_s[ii * HEAD_DIM + lane + LANES * d];
+                    dp = dp + vr[d] * b_s[ii * HEAD_DIM + lane + LANES * d];
                 }
                 part_s[pb + ii] = s;
                 part_p[pb + ii] = dp;
@@ -251,8 +249,8 @@ fn dkdv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                     let pij = exp(sd.x - lse_s[ii]);
                     let ds = pij * (sd.y - del_s[ii]);
                     for (var d = 0u; d < DC; d = d + 1u) {
-                        dv[d] = dv[d] + pij * b_s[ii * HEAD_DIM + d0 + d];
-                        dk[d] = dk[d] + ds * a_s[ii * HEAD_DIM + d0 + d];
+                        dv[d] = dv[d] + pij * b_s[ii * HEAD_DIM + lane + LANES * d];
+                        dk[d] = dk[d] + ds * a_s[ii * HEAD_DIM + lane + LANES * d];
                     }
                 }
             }
@@ -261,8 +259,8 @@ fn dkdv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     if (j < p.t) {
         for (var d = 0u; d < DC; d = d + 1u) {
-            out0[kb + d] = dk[d] * p.scale;
-            out1[kb + d] = dv[d];
+            out0[kb + LANES * d] = dk[d] * p.scale;
+            out1[kb + LANES * d] = dv[d];
         }
     }
 }

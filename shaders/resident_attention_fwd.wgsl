@@ -4,9 +4,10 @@
 // Query head h reads kv head h / (Hq / Hkv); scores are (q . k) * scale (scale = 1/sqrt(D));
 // key j is visible to query i when j <= i and mask[b, j] != 0.
 // Workgroup = ROWS query rows of one (batch, head) x LANES threads per row: grid
-// (ceil(T / ROWS), Hq, B).  Thread (row, lane) keeps the lane's DC = D / LANES dims of the
-// query and of the output accumulator in registers (HEAD_DIM and DC are prepended consts), so
-// no thread holds a whole head.  Keys go tile by tile: TILE rows of K and V are loaded into
+// (ceil(T / ROWS), Hq, B).  Thread (row, lane) keeps DC = D / LANES dims of the query and
+// of the output accumulator in registers (HEAD_DIM and DC are prepended consts), so no thread
+// holds a whole head; the dims are interleaved (lane, lane + LANES, ...) so that the lanes of
+// a row read consecutive words: coalesced loads, no workgroup-memory bank conflicts.  Keys go tile by tile: TILE rows of K and V are loaded into
 // workgroup memory by all threads; each thread writes its partial dot products for the
 // tile's keys, the LANES partials are summed (every lane of a row sums them in the same
 // order, so all lanes see identical scores), then the online softmax updates the running
@@ -63,17 +64,16 @@ fn forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
     let i = q0 + row;
     let hk = h / (p.hq / p.hkv);
     let row_ok = i < p.t;
-    let d0 = lane * DC;
 
     var qr: array<f32, DC>;
     var acc: array<f32, DC>;
-    let qb = ((b * p.t + i) * p.hq + h) * HEAD_DIM + d0;
+    let qb = ((b * p.t + i) * p.hq + h) * HEAD_DIM + lane;
     // (if, not select: select reads both operands, and trusted modules have no bounds checks)
     for (var d = 0u; d < DC; d = d + 1u) {
         qr[d] = 0.0;
         acc[d] = 0.0;
         if (row_ok) {
-            qr[d] = q[qb + d] * p.scale;
+            qr[d] = q[qb + LANES * d] * p.scale;
         }
     }
     var m = NEG_BIG;
@@ -101,7 +101,7 @@ fn forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
         for (var jj = 0u; jj < TILE; jj = jj + 1u) {
             var s = 0.0;
             for (var d = 0u; d < DC; d = d + 1u) {
-                s = s + qr[d] * k_s[jj * HEAD_DIM + d0 + d];
+                s = s + qr[d] * k_s[jj * HEAD_DIM + lane + LANES * d];
             }
             part[pb + jj] = s;
         }
@@ -128,20 +128,20 @@ fn forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
                 let pj = exp(tile_score(row, jj) - m);
                 l = l + pj;
                 for (var d = 0u; d < DC; d = d + 1u) {
-                    acc[d] = acc[d] + pj * v_s[jj * HEAD_DIM + d0 + d];
+                    acc[d] = acc[d] + pj * v_s[jj * HEAD_DIM + lane + LANES * d];
                 }
             }
         }
         workgroupBarrier();
     }
     if (row_ok) {
-        let ob = ((b * p.t + i) * p.hq + h) * HEAD_DIM + d0;
+        let ob = ((b * p.t + i) * p.hq + h) * HEAD_DIM + lane;
         var inv = 0.0;
         if (l > 0.0) {
             inv = 1.0 / l;
         }
         for (var d = 0u; d < DC; d = d + 1u) {
-            o[ob + d] = acc[d] * inv;
+            o[ob + LANES * d] = acc[d] * inv;
         }
         if (lane == 0u) {
             var lv = bitcast<f32>(0xff800000u);  // -inf: no visible key
