@@ -95,7 +95,8 @@ class ResidentEngine:
         self.checkpointing = bool(gradient_checkpointing)
         up = ctx.upload
         self.embed = up(st.embed_tokens)
-        self.lm_w = self.embed if st.lm_head is None else up(st.lm_head)
+        # A trained head lives in the flat parameter buffer instead (head_off below).
+        self.lm_w = self.embed if (st.lm_head is None or model.train_lm_head) else up(st.lm_head)
         self.norm = up(st.norm)
         self.scratch = WeightScratch(ctx)
         self.layers = []
