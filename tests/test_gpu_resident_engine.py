@@ -169,6 +169,17 @@ def test_engine_kernel_times_in_profiler(ctx, tmp_path):
         engine.train_step(ids, labels)
         times = tctx.kernel_times(prof)
     prof.stop()
+    # With the global profiler on, the engine times its kernels by itself.
+    from qlora_ext.profile import PROFILER
+
+    auto = ResidentEngine(model, ctx=GpuContext(ctx.adapter))
+    PROFILER.start()
+    try:
+        with PROFILER.step():
+            auto.train_step(ids, labels)
+    finally:
+        PROFILER.stop()
+    assert "attention_bwd.dq" in PROFILER.table() and any(sp.device == "gpu" for sp in PROFILER.spans)
     for k in ("attention_fwd.forward", "attention_bwd.dkdv", "gemm.gemm", "gemm.main",
               "cross_entropy.rows", "adamw.step", "rope.apply", "rmsnorm.backward"):
         assert k in times and times[k][0] > 0 and times[k][1] >= 1, k

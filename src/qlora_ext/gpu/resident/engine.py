@@ -357,9 +357,26 @@ class ResidentEngine:
             dy, dx = dx, dy
         return stats, count
 
+    def _profile_start(self):
+        """With qlora_ext.profile.PROFILER on (and timestamp queries available), time every
+        kernel of this step; returns the profiler or None."""
+        from ...profile import PROFILER
+
+        if not (PROFILER.enabled and self.ctx.has_timestamps):
+            return None
+        if self.ctx._timing is None:
+            self.ctx.enable_timing()
+        return PROFILER
+
+    def _profile_end(self, prof) -> None:
+        if prof is not None:
+            self.ctx.kernel_times(prof)   # this step's passes become "gpu" spans
+
     def loss_and_grads(self, input_ids, labels, attention_mask=None):
         """(mean loss, {PEFT name: float32 grad}) like Model.loss_and_grads (downloads grads)."""
+        prof = self._profile_start()
         stats, count = self._record(input_ids, labels, attention_mask, want_grad=True)
+        self._profile_end(prof)
         loss_sum, _ = self.ctx.to_numpy(stats)
         g = self.ctx.to_numpy(self.grads)
         grads = {n: g[o:o + int(np.prod(sh))].reshape(sh).copy() for n, (o, sh) in self.offsets.items()}
@@ -372,9 +389,11 @@ class ResidentEngine:
 
     def train_step(self, input_ids, labels, attention_mask=None, lr: float | None = None) -> float:
         """Forward, backward and AdamW on the GPU; only the 8-byte loss statistics come down."""
+        prof = self._profile_start()
         stats, count = self._record(input_ids, labels, attention_mask, want_grad=True)
         if count:
             self.optimizer.step(self.params, self.grads, lr)
+        self._profile_end(prof)
         loss_sum, _ = self.ctx.to_numpy(stats)
         return float(loss_sum) / count if count else float("nan")
 
