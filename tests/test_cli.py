@@ -195,3 +195,28 @@ def test_help_lists_subcommands():
     r = cli("--help")
     for name in ("train", "eval", "generate", "info"):
         assert name in r.stdout
+
+
+def test_default_dataset_flow_in_process(tmp_path, monkeypatch, capsys):
+    """No --data: the shipped records dataset, its eval split, loss and accuracy before and after
+    (a stand-in model, so that only the CLI's flow is under test)."""
+    from fake_lm import FakeLM
+
+    from qlora_ext import cli
+
+    seen = {}
+
+    def fake_load(path, **kw):
+        seen["path"] = path
+        return FakeLM()
+
+    monkeypatch.setattr(cli, "load_model", fake_load)
+    rc = cli.main(["train", "--out", str(tmp_path / "o"), "--steps", "3", "--eval-accuracy", "2", "--quiet",
+                   "--lr", "0.05"])
+    out = capsys.readouterr().out
+    assert rc == 0 and seen["path"] == cli.DEFAULT_MODEL
+    assert "eval before:" in out and "eval after:" in out and "(0/2)" in out
+    ev = json.loads((tmp_path / "o" / "eval.json").read_text())
+    assert ev["after"]["eval_loss"] < ev["before"]["eval_loss"]
+    run = json.loads((tmp_path / "o" / "checkpoint-3" / "trainer_state.json").read_text())["run"]
+    assert run["data"].endswith("records_train.jsonl") and run["eval_data"].endswith("records_eval.jsonl")

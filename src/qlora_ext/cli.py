@@ -26,7 +26,9 @@ TRAIN_DEFAULTS = {
     "targets": "q,k,v,o,gate,up,down", "pack": False, "seed": 0, "device": "auto", "quantize": "nf4",
     "gradient_checkpointing": False, "eval_accuracy": None,
 }
-DEFAULT_STEPS = 60  # with the shipped dataset and batch 4: ~0.6 epoch, a few minutes on 2 cores
+# With the shipped dataset and batch 4: 80 of its 400 examples, enough for the held-out
+# accuracy to go from 0 to most of the eval split (measured: 12 steps gave 20/24).
+DEFAULT_STEPS = 20
 
 
 def load_model(path, lora=None, device="auto", quantize="nf4", threads=None, seed=0,
@@ -53,7 +55,7 @@ def _progress(total, desc, args):
 def _eval_report(trainer, eval_loader, pairs, n_acc, args, label) -> dict:
     from .train.loop import exact_match
 
-    out = {}
+    out, t0 = {}, time.perf_counter()
     if eval_loader is not None:
         loss = trainer.evaluate(b.shard(trainer.rank, trainer.world_size).as_tuple() for b in eval_loader)
         out["eval_loss"] = loss
@@ -70,8 +72,9 @@ def _eval_report(trainer, eval_loader, pairs, n_acc, args, label) -> dict:
         n = min(n_acc, len(pairs))
         parts.append(f"exact-match accuracy {out['accuracy']:.1%} ({round(out['accuracy'] * n)}/{n})"
                      f"  first answer: {out['sample']!r}")
+    out["seconds"] = time.perf_counter() - t0
     if len(parts) > 1:
-        print("  ".join(parts), flush=True)
+        print("  ".join(parts) + f"  [{out['seconds']:.0f}s]", flush=True)
     return out
 
 
