@@ -95,7 +95,7 @@ def random_state(shape: str, seed=0):
     return ModelState(cfg, embed, np.ones(cfg.hidden_size, np.float32), None, layers, source=f"random {shape}")
 
 
-def run_qlora_ext(mode, state, batch, seq, steps, checkpointing):
+def run_qlora_ext(mode, state, batch, seq, steps, checkpointing, profile=False):
     import qlora_ext as qx
     from qlora_ext.device import adapter_info, select_backend
     from qlora_ext.model.model import Model
@@ -121,10 +121,19 @@ def run_qlora_ext(mode, state, batch, seq, steps, checkpointing):
         loss0 = step()
         result["first_step_s"] = time.perf_counter() - t0
         times = []
+        from qlora_ext.profile import PROFILER
+
+        if profile:
+            PROFILER.start(mode=mode, adapter=(result["adapter"] or {}).get("name"))
         for _ in range(steps):
             t = time.perf_counter()
-            loss = step()
+            with PROFILER.step():
+                loss = step()
             times.append(time.perf_counter() - t)
+        if profile:
+            PROFILER.stop()
+            print(PROFILER.table(), flush=True)
+            result["profile"] = PROFILER.summary()
         result.update(step_s=float(np.median(times)), steps=len(times), loss_first=float(loss0), loss_last=float(loss))
     result["tokens_per_s"] = batch * seq / result["step_s"]
     result["peak_gpu_gib"] = mem.peak_gib
@@ -199,6 +208,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing in qlora_ext modes")
     ap.add_argument("--json", help="append one JSON line per mode here")
+    ap.add_argument("--profile", action="store_true", help="print the profiler's phase table for qlora_ext modes")
     a = ap.parse_args(argv)
     state = None
     for mode in a.modes.split(","):
@@ -209,7 +219,7 @@ def main(argv=None):
             else:
                 if state is None:
                     state = random_state(a.shape)
-                res = run_qlora_ext(mode, state, a.batch, a.seq, a.steps, a.checkpointing)
+                res = run_qlora_ext(mode, state, a.batch, a.seq, a.steps, a.checkpointing, a.profile)
         except Exception as e:  # one failing mode must not lose the others' figures
             res = {"mode": mode, "error": f"{type(e).__name__}: {e}"}
         res.update(shape=a.shape, wall_s=time.perf_counter() - t0)

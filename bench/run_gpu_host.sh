@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The GPU-host session behind BENCHMARKS.md's GPU figures: sets up the offline host (Vulkan
+# loader from .gl/, wheels from .whl/, see ../shared/scripts/gpu-host-bundle.sh), builds the
+# package, then runs the stages named on the command line, logging under $OUT.
+#   bash bench/run_gpu_host.sh small     Qwen3-0.6B shape: every mode + HF; attention vs SDPA
+#   bash bench/run_gpu_host.sh large     Qwen3-4B shape: every mode + HF
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
+export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+if [ ! -d /tmp/site/qlora_ext ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  python3 -m pip install -q --no-build-isolation --no-deps --target /tmp/site . > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+fi
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+python3 -c "import qlora_ext as q; print(q.cpu_features(), q.adapter_info())"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+for stage in "$@"; do
+  case $stage in
+    small)
+      python3 bench/gpu_train_throughput.py --shape qwen3-0.6b --steps 3 --profile \
+        --modes resident,hf-bf16,hf-fp32,split-stream,split-resident --json "$OUT/small.jsonl" 2>&1 | tee "$OUT/small.log"
+      for T in 1024 4096; do
+        QLORA_EXT_RESIDENT_BENCH="B=1,T=$T,HQ=32,HKV=8,D=128,C=2560,V=151936" python3 -m pytest -q -p no:cacheprovider \
+          bench/bench_resident.py -k attention --benchmark-enable --benchmark-only --benchmark-json="$OUT/attn_T$T.json" 2>&1 | tail -15
+      done ;;
+    large)
+      python3 bench/gpu_train_throughput.py --shape qwen3-4b --steps 2 --checkpointing --profile \
+        --modes resident,hf-bf16,hf-fp32,split-stream --json "$OUT/large.jsonl" 2>&1 | tee "$OUT/large.log" ;;
+  esac
+done
