@@ -145,9 +145,11 @@ class StepInputs:
 class DecoderLayers:
     """Runs the layers of a ModelState with LoRA weights on a kernel module and an FFN backend."""
 
-    def __init__(self, state, lora, backend, kernels, timer: PhaseTimer, threads=None, seed=0):
+    def __init__(self, state, lora, backend, kernels, timer: PhaseTimer, threads=None, seed=0,
+                 attention_threads=None):
         self.state, self.lora, self.backend, self.k = state, lora, backend, kernels
         self.timer, self.threads, self.seed = timer, threads, seed
+        self.user_attention_threads = attention_threads
         cfg = state.config
         self.cfg = cfg
         self.Hq, self.Hkv, self.D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -155,6 +157,20 @@ class DecoderLayers:
         self.tables = kernels.rope_tables(self.D, int(cfg.max_position_embeddings),
                                           float(cfg.rope_theta), cfg.rope_scaling)
         self._buffers: dict = {}
+
+    # Attention work (B * Hq * T^2 * D) above which it gets every core by default.
+    ATTENTION_ALL_CORES_WORK = 1 << 28
+
+    def attention_threads(self, B: int, T: int):
+        """Threads for the attention kernels: the caller's count if given; else every core once
+        the work is large (long sequences, where attention dominates the step and runs long
+        enough for OpenBLAS's spinning threads to have gone idle: on 16 cores a Qwen3-0.6B
+        step at 4 x 1024 spent 22 s in one-thread attention), else the model's kernel count."""
+        if self.user_attention_threads is not None:
+            return self.user_attention_threads
+        if B * self.Hq * T * T * self.D >= self.ATTENTION_ALL_CORES_WORK:
+            return None
+        return self.threads
 
     def ensure_positions(self, n: int) -> None:
         """Grow the RoPE tables when a sequence is longer than max_position_embeddings."""
@@ -235,7 +251,7 @@ class DecoderLayers:
             if cache is not None and cache.length > 0:
                 attn, lse = cache.attend(l, q, kk, v), None
             else:
-                attn, lse = k.attention_forward(q, kk, v, inp.mask, threads=self.threads)
+                attn, lse = k.attention_forward(q, kk, v, inp.mask, threads=self.attention_threads(B, T))
                 if cache is not None:
                     cache.store(l, kk, v)
         a2 = attn.reshape(B * T, Hq * D)
@@ -283,7 +299,8 @@ class DecoderLayers:
             da = self._linear_backward(l, "o_proj", dx2, acts, grads)
         with tm("attention"):
             dq, dk, dv = k.attention_backward(acts.q, acts.k, acts.v, acts.attn, acts.lse,
-                                              da.reshape(B, T, Hq, D), inp.mask, threads=self.threads)
+                                              da.reshape(B, T, Hq, D), inp.mask,
+                                              threads=self.attention_threads(B, T))
         with tm("rope"):
             k.rope_backward(dq, inp.positions, self.tables, threads=self.threads)
             k.rope_backward(dk, inp.positions, self.tables, threads=self.threads)

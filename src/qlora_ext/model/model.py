@@ -68,7 +68,8 @@ class Model:
         self.step = 0           # advanced per loss_and_grads call; dropout masks derive from it
         self.optimizer_bytes = 0  # the trainer reports its moments here for memory_report()
         self._layers = DecoderLayers(state, self.lora, self.backend, self.kernels, self.timer,
-                                     threads=self.kernel_threads, seed=self.seed)
+                                     threads=self.kernel_threads, seed=self.seed,
+                                     attention_threads=threads)
 
     def _layer_shapes(self) -> list[dict]:
         return [{p: tuple(lw.proj[p].shape) for p in PROJECTIONS} for lw in self.state.layers]
