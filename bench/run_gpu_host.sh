@@ -4,6 +4,7 @@
 # package, then runs the stages named on the command line, logging under $OUT.
 #   bash bench/run_gpu_host.sh small     Qwen3-0.6B shape: every mode + HF; attention vs SDPA
 #   bash bench/run_gpu_host.sh large     Qwen3-4B shape: every mode + HF
+#   bash bench/run_gpu_host.sh small-split   Qwen3-0.6B shape: the split modes only
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
@@ -24,6 +25,9 @@ for stage in "$@"; do
         QLORA_EXT_RESIDENT_BENCH="B=1,T=$T,HQ=32,HKV=8,D=128,C=2560,V=151936" python3 -m pytest -q -p no:cacheprovider \
           bench/bench_resident.py -k attention --benchmark-enable --benchmark-only --benchmark-json="$OUT/attn_T$T.json" 2>&1 | tail -15
       done ;;
+    small-split)
+      python3 bench/gpu_train_throughput.py --shape qwen3-0.6b --steps 2 --profile \
+        --modes split-stream,split-resident --json "$OUT/small_split.jsonl" 2>&1 | tee "$OUT/small_split.log" ;;
     large)
       python3 bench/gpu_train_throughput.py --shape qwen3-4b --steps 2 --checkpointing --profile \
         --modes resident,hf-bf16,hf-fp32,split-stream --json "$OUT/large.jsonl" 2>&1 | tee "$OUT/large.log" ;;
