@@ -26,9 +26,9 @@ TRAIN_DEFAULTS = {
     "targets": "q,k,v,o,gate,up,down", "pack": False, "seed": 0, "device": "auto", "quantize": "nf4",
     "gradient_checkpointing": False, "eval_accuracy": None,
 }
-# With the shipped dataset and batch 4: 80 of its 400 examples, enough for the held-out
-# accuracy to go from 0 to most of the eval split (measured: 12 steps gave 20/24).
-DEFAULT_STEPS = 20
+# With the shipped dataset and batch 4: 160 of its 400 examples; measured on 2 cores: held-out
+# exact match 0/32 -> 29/32, training ~1 minute (20 steps gave 14/16, 12 steps 20/24).
+DEFAULT_STEPS = 40
 
 
 def load_model(path, lora=None, device="auto", quantize="nf4", threads=None, seed=0,

@@ -28,7 +28,7 @@ TEMPLATES = [
     "In {city} you will find {name}, {age} years of age.",
     "Name: {name}. City: {city}. Age: {age}.",
 ]
-N_TRAIN, N_EVAL, SEED = 400, 16, 1234
+N_TRAIN, N_EVAL, SEED = 400, 32, 1234
 # A short system turn of our own: without one, SmolLM2's template inserts its default
 # system prompt (~20 tokens), a third of every example's length.
 SYSTEM = "You turn sentences into records."
