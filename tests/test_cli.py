@@ -220,3 +220,13 @@ def test_default_dataset_flow_in_process(tmp_path, monkeypatch, capsys):
     assert ev["after"]["eval_loss"] < ev["before"]["eval_loss"]
     run = json.loads((tmp_path / "o" / "checkpoint-3" / "trainer_state.json").read_text())["run"]
     assert run["data"].endswith("records_train.jsonl") and run["eval_data"].endswith("records_eval.jsonl")
+
+
+def test_two_threads_runs_are_bit_identical(tiny):
+    args = [a if a != "1" else "2" for a in TRAIN_ARGS]  # --threads 2
+    outs = [tiny["root"] / f"t2_{i}" for i in range(2)]
+    for out in outs:
+        cli("train", "--model", tiny["model"], "--data", tiny["data"], "--out", out, "--steps", 4, *args)
+    a, b = adapter(outs[0]), adapter(outs[1])
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert metric_losses(outs[0]) == metric_losses(outs[1])
