@@ -220,6 +220,11 @@ def test_default_dataset_flow_in_process(tmp_path, monkeypatch, capsys):
     assert ev["after"]["eval_loss"] < ev["before"]["eval_loss"]
     run = json.loads((tmp_path / "o" / "checkpoint-3" / "trainer_state.json").read_text())["run"]
     assert run["data"].endswith("records_train.jsonl") and run["eval_data"].endswith("records_eval.jsonl")
+    # extending the run by --resume keeps the first segment's "before" and its settings
+    rc = cli.main(["train", "--resume", str(tmp_path / "o"), "--steps", "5", "--quiet"])
+    ev2 = json.loads((tmp_path / "o" / "eval.json").read_text())
+    assert rc == 0 and ev2["before"] == ev["before"] and ev2["after"] != ev["after"]
+    assert json.loads((tmp_path / "o" / "checkpoint-5" / "trainer_state.json").read_text())["run"]["lr"] == 0.05
 
 
 def test_two_threads_runs_are_bit_identical(tiny):

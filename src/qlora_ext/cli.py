@@ -170,6 +170,7 @@ def cmd_train(args) -> int:
     if ckpt is not None:
         state = restore(trainer, loader, ckpt)
         elapsed = float(state.get("elapsed", 0.0))
+        before = state.get("run", {}).get("eval_before")  # measured by the run's first segment
         _say(args, f"resumed from {ckpt} (step {trainer.step_count})")
     elif eval_data:
         before = _eval_report(trainer, eval_loader, pairs, n_acc, args, "before")
@@ -177,7 +178,7 @@ def cmd_train(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=trainer.step_count if ckpt else None) \
         if trainer.is_writer else None
-    run = dict(s, steps=s["steps"], data=data, eval_data=eval_data)
+    run = dict(s, steps=s["steps"], data=data, eval_data=eval_data, eval_before=before)
 
     stop = {"flag": False}
 

@@ -77,6 +77,8 @@ class Trainer:
             raise ValueError("the model has no trainable parameters (was it loaded with lora=None?)")
         c = self.config
         self.optimizer = AdamW(self.params, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
+        if hasattr(model, "optimizer_bytes"):  # the model's memory_report() lists the moments
+            model.optimizer_bytes = 2 * sum(p.nbytes for p in self.params.values())
         self.step_count = 0
         self.last_loss = float("nan")
         self.last_grad_norm = float("nan")
