@@ -105,7 +105,7 @@ def rope_tables(head_dim, max_positions, theta, scaling=None) -> RopeTables:
     return RopeTables(np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32))
 
 
-def _cos_sin(positions, tables, shape):
+def _cos_sin(positions, tables):
     """cos/sin broadcastable to [B,T,1,D/2] for positions [B,T] or [T]."""
     pos = np.asarray(positions)
     c, s = tables.cos[pos], tables.sin[pos]
@@ -117,7 +117,7 @@ def _cos_sin(positions, tables, shape):
 def rope_forward(x, positions, tables, threads=None):
     """In place on x [B,T,H,D]: rotate_half convention (first half, second half)."""
     h = x.shape[-1] // 2
-    c, s = _cos_sin(positions, tables, x.shape)
+    c, s = _cos_sin(positions, tables)
     x1, x2 = x[..., :h].astype(np.float64), x[..., h:].astype(np.float64)
     x[..., :h] = x1 * c - x2 * s
     x[..., h:] = x2 * c + x1 * s
@@ -127,7 +127,7 @@ def rope_forward(x, positions, tables, threads=None):
 def rope_backward(dx, positions, tables, threads=None):
     """In place on dx [B,T,H,D]: the transpose rotation."""
     h = dx.shape[-1] // 2
-    c, s = _cos_sin(positions, tables, dx.shape)
+    c, s = _cos_sin(positions, tables)
     d1, d2 = dx[..., :h].astype(np.float64), dx[..., h:].astype(np.float64)
     dx[..., :h] = d1 * c + d2 * s
     dx[..., h:] = d2 * c - d1 * s
