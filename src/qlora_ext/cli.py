@@ -396,7 +396,7 @@ SUBCOMMANDS = [add_train_command, add_eval_command, add_generate_command, add_in
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, status 2, as for every other usage error
-        self.exit(EXIT_USAGE, f"qlora-ext {self.prog.split()[-1]}: error: {message}\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
