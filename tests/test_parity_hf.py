@@ -148,3 +148,16 @@ def test_parity_wgpu_backend(tmp_path, model_type, quantize, gc):
     assert model.backend.name != "cpu"
     randomize_lora(model, seed=1)
     _check(model, peft_twin(hf_from_checkpoint(path, model.state), model), *_batch(0))
+
+
+@pytest.mark.parametrize("rope_scaling", [
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16},
+])
+def test_parity_rope_scaling(tmp_path, rope_scaling):
+    path = make_tiny_checkpoint(tmp_path / "ckpt", model_type="llama", seed=9, vocab_size=V,
+                                rope_scaling=rope_scaling, rope_theta=500000.0)
+    model = load_model(path, lora=LoraConfig(r=2, alpha=4), quantize=None, device="cpu")
+    randomize_lora(model, seed=4)
+    _check(model, peft_twin(hf_from_checkpoint(path, model.state), model), *_batch(5, T=24))
