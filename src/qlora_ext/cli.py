@@ -350,8 +350,10 @@ def add_train_command(sub) -> None:
     p.add_argument("--gradient-checkpointing", action="store_const", const=True, help="recompute activations")
     p.add_argument("--eval-accuracy", type=int, metavar="N",
                    help="exact-match accuracy on the first N eval examples (default: all, shipped dataset only)")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (always at the end)")
-    p.add_argument("--keep-last", type=int, help="keep only the newest K checkpoints")
+    p.add_argument("--save-every", type=int, default=50,
+                   help="checkpoint every N steps, 0 = only at the end (default 50; always at the end)")
+    p.add_argument("--keep-last", type=int, default=3,
+                   help="keep only the newest K checkpoints, 0 = all (default 3)")
     p.add_argument("--resume", metavar="DIR", help="continue from the newest complete checkpoint in DIR")
     p.add_argument("--device", choices=("auto", "gpu", "cpu"), help="where the FFN runs (default auto)")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
