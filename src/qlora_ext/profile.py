@@ -15,8 +15,10 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-# Devices a span can belong to; "transfer" = host<->GPU copies, "gpu" = GPU queue work.
-DEVICES = ("cpu", "gpu", "transfer")
+# Devices a span can belong to: "cpu" = host compute, "gpu" = GPU queue work, "transfer" =
+# host<->GPU copies, "wait" = the host blocked on the GPU (neither side's work: it is what the
+# overlap of CPU and GPU work could win back).
+DEVICES = ("cpu", "gpu", "transfer", "wait")
 
 
 @dataclass
@@ -118,6 +120,7 @@ class Profiler:
             "cpu_ms": 1e3 * by_dev["cpu"] / nsteps,
             "gpu_ms": 1e3 * by_dev["gpu"] / nsteps,
             "transfer_ms": 1e3 * by_dev["transfer"] / nsteps,
+            "wait_ms": 1e3 * by_dev["wait"] / nsteps,
             "overlap_ms": 1e3 * overlap / nsteps,
             "idle_ms": 1e3 * max(wall - busy, 0.0) / nsteps,
         }
@@ -131,7 +134,7 @@ class Profiler:
             lines.append(f"{p['phase']:<24}{p['device']:<10}{p['ms_per_step']:>10.2f}{100 * p['share']:>7.1f}%")
         t = s["totals"]
         lines.append("-" * 52)
-        for key in ("step_ms", "cpu_ms", "gpu_ms", "transfer_ms", "overlap_ms", "idle_ms"):
+        for key in ("step_ms", "cpu_ms", "gpu_ms", "transfer_ms", "wait_ms", "overlap_ms", "idle_ms"):
             lines.append(f"{key[:-3] + ' (ms/step)':<34}{t[key]:>10.2f}")
         for k, v in s["meta"].items():
             lines.append(f"{k}: {v}")
@@ -141,7 +144,8 @@ class Profiler:
         """Chrome/Perfetto trace: one track per CPU thread, one for the GPU queue, one for
         transfers; times in microseconds from the first span."""
         t0 = min((s.start for s in self.spans), default=0.0)
-        threads = sorted({s.thread for s in self.spans if s.device == "cpu"})
+        on_host = ("cpu", "wait")
+        threads = sorted({s.thread for s in self.spans if s.device in on_host})
         tid_of = {t: i + 1 for i, t in enumerate(threads)}
         events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "qlora_ext"}}]
         for t, i in tid_of.items():
@@ -149,7 +153,7 @@ class Profiler:
         events.append({"ph": "M", "name": "thread_name", "pid": 1, "tid": 1000, "args": {"name": "GPU queue"}})
         events.append({"ph": "M", "name": "thread_name", "pid": 1, "tid": 1001, "args": {"name": "host<->GPU transfer"}})
         for s in self.spans:
-            tid = tid_of.get(s.thread, 1) if s.device == "cpu" else (1000 if s.device == "gpu" else 1001)
+            tid = tid_of.get(s.thread, 1) if s.device in on_host else (1000 if s.device == "gpu" else 1001)
             events.append({"ph": "X", "name": s.name, "cat": s.device, "pid": 1, "tid": tid,
                            "ts": 1e6 * (s.start - t0), "dur": 1e6 * (s.end - s.start)})
         for i, (a, b) in enumerate(self.steps):

@@ -15,9 +15,12 @@ from __future__ import annotations
 import os
 import struct
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+
+from ..profile import PROFILER
 
 _SOFTWARE_NAMES = ("llvmpipe", "lavapipe", "swiftshader", "softpipe", "warp")
 # limits we ask for at the adapter's real value instead of the WebGPU defaults
@@ -274,10 +277,15 @@ class GpuContext:
         self._layouts.clear()
 
 
-def write_staging(buf, pieces) -> None:
+def write_staging(buf, pieces, what: str = "upload") -> None:
     """Map a MAP_WRITE buffer once and write (offset, ndarray) pieces; sizes need not be
-    multiples of 4 (the tail is padded)."""
+    multiples of 4 (the tail is padded).  Timed as a profiler "transfer" span `what`."""
     import wgpu  # noqa: PLC0415
+    with PROFILER.phase(what, "transfer"):
+        _write_staging(wgpu, buf, pieces)
+
+
+def _write_staging(wgpu, buf, pieces) -> None:
     try:
         buf.map_sync(mode=wgpu.MapMode.WRITE)
     except Exception as e:
@@ -296,19 +304,29 @@ def write_staging(buf, pieces) -> None:
         buf.unmap()
 
 
-def read_staging(buf, nbytes: int, out: np.ndarray) -> None:
-    """Wait for the GPU, copy the first nbytes of a MAP_READ buffer into out (preallocated)."""
+def read_staging(buf, nbytes: int, out: np.ndarray, submitted_at: float | None = None,
+                 gpu_phase: str = "gpu") -> None:
+    """Wait for the GPU, copy the first nbytes of a MAP_READ buffer into out (preallocated).
+    With `submitted_at` (perf_counter at the submit), the profiler gets a "gpu" span from the
+    submit to the end of the wait (the queue's work as the host sees it: no timestamp queries
+    in this path), the wait itself as "wait", and the copy out as a "readback" transfer."""
     import wgpu  # noqa: PLC0415
+    t_wait = time.perf_counter()
     try:
         buf.map_sync(mode=wgpu.MapMode.READ, offset=0, size=(nbytes + 3) // 4 * 4 if nbytes else 4)
     except Exception as e:  # a lost device or a failed submit surfaces here
         raise GpuError(f"reading back {nbytes} bytes through {buf.label!r} failed: {e}") from e
+    t_done = time.perf_counter()
+    if submitted_at is not None:
+        PROFILER.record(gpu_phase, "gpu", submitted_at, t_done)
+    PROFILER.record("gpu wait", "wait", t_wait, t_done)
     try:
         if nbytes:
             mem = buf.read_mapped(0, (nbytes + 3) // 4 * 4, copy=False)
             np.copyto(out.reshape(-1).view(np.uint8), np.frombuffer(mem, np.uint8, count=nbytes))
     finally:
         buf.unmap()
+        PROFILER.record("readback", "transfer", t_done, time.perf_counter())
 
 
 class Recorder:

@@ -23,6 +23,7 @@ layers once in prepare().  Activations the backward needs (x, gu, LoRA inputs) s
 between a layer's forward and backward."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -161,7 +162,7 @@ class WgpuFfnBackend(FfnBackend):
         if self.staged[s] == layer:
             return
         plan = self.plans[layer]
-        write_staging(self.staging[s], [(off, arr) for _, off, arr in plan.pieces])
+        write_staging(self.staging[s], [(off, arr) for _, off, arr in plan.pieces], "upload weights")
         self.staged[s] = layer
 
     def _weights(self, rec, layer: int) -> _Slot:
@@ -218,7 +219,7 @@ class WgpuFfnBackend(FfnBackend):
     def _upload_rows(self, rec, arr: np.ndarray, what: str):
         """[N, C] float32 -> per-chunk device buffers through one MAP_WRITE staging buffer."""
         st = self._act_staging(arr.nbytes, what)
-        write_staging(st, [(0, arr)])
+        write_staging(st, [(0, arr)], f"upload {what}")
         out = []
         for r0, r1 in self._chunk_list:
             b = self.ctx.buffer((r1 - r0) * arr.shape[1] * F32, what=f"{what} rows {r0}:{r1}")
@@ -320,11 +321,12 @@ class WgpuFfnBackend(FfnBackend):
             rec.copy(y, 0, rb, r0 * H * F32, M * H * F32)
             c["_tmp"] = [h, y]
             chunks.append(c)
+        submitted = time.perf_counter()
         rec.submit()
         # the GPU computes this layer now; meanwhile stage the next layer's weights
         self.prefetch(layer + 1)
         out = np.empty((N, H), np.float32)
-        read_staging(rb, N * H * F32, out)
+        read_staging(rb, N * H * F32, out, submitted, "gpu ffn forward")
         for c in chunks:
             ctx.release(*c.pop("_tmp"))
         ctx.release(lbuf)
@@ -448,10 +450,11 @@ class WgpuFfnBackend(FfnBackend):
             rec.copy(dx, 0, rb, r0 * H * F32, M * H * F32)
         if cur:
             rec.copy(gbuf, 0, rb, N * H * F32, cur * F32)
+        submitted = time.perf_counter()
         rec.submit()
         self.prefetch(layer - 1)
         flat = np.empty(N * H + cur, np.float32)
-        read_staging(rb, flat.nbytes, flat)
+        read_staging(rb, flat.nbytes, flat, submitted, "gpu ffn backward")
         ctx.release(*tmp, lbuf, gbuf)
         for c in gctx.chunks:
             ctx.release(*[v for k, v in c.items() if k not in ("r0", "M")])

@@ -28,12 +28,15 @@ class PhaseTimer:
 
         self.profiler = PROFILER
         self.times: dict[str, float] = {}
+        # profiler device per phase (default "cpu"); the model marks "ffn" as "wait" when a
+        # GPU backend runs it, since the host then only waits for the GPU
+        self.devices: dict[str, str] = {}
         self._stack: list[list] = []        # [name, start of its current segment]
 
     def _close(self, entry, now):
         name, t0 = entry
         self.times[name] = self.times.get(name, 0.0) + now - t0
-        self.profiler.record(name, "cpu", t0, now)
+        self.profiler.record(name, self.devices.get(name, "cpu"), t0, now)
 
     @contextmanager
     def __call__(self, name: str):

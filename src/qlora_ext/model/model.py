@@ -59,6 +59,8 @@ class Model:
         self.seed = int(seed)
         self.kernels = kernels if kernels is not None else default_kernels()
         self.timer = PhaseTimer()
+        if getattr(self.backend, "name", "cpu") != "cpu":
+            self.timer.devices["ffn"] = "wait"  # the backend records its own GPU/transfer spans
         self.lora = LoraWeights.init(self.lora_config, self._layer_shapes(), seed=self.seed)
         self.lm_head = None
         if train_lm_head:

@@ -1,0 +1,84 @@
+"""`qlora-ext profile`: run a few training steps with the step profiler on and print where
+the time goes (phase, device, ms per step, share; CPU, GPU, transfer, wait, overlap, idle).
+Optionally writes a Chrome/Perfetto trace (--trace) and a chart (--plot)."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+
+from .profile import PROFILER
+
+
+def add_profile_command(sub) -> None:
+    p = sub.add_parser("profile", help="profile training steps: time per phase and device, CPU/GPU overlap")
+    p.add_argument("--model", default="smollm2-135m", help="model directory, .gguf or known name")
+    p.add_argument("--steps", type=int, default=3, help="profiled steps, after one warm-up step (default 3)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--device", default="auto", choices=("auto", "gpu", "cpu"), help="where the FFN runs")
+    p.add_argument("--mode", default="split", choices=("split", "resident"),
+                   help="split: attention on the CPU, FFN on the backend; resident: the whole step on the GPU")
+    p.add_argument("--quantize", default="nf4", choices=("nf4", "none"))
+    p.add_argument("--threads", type=int, help="CPU threads for the kernels (default: all cores)")
+    p.add_argument("--trace", metavar="FILE.json", help="write a Chrome/Perfetto trace")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the split as a chart (needs matplotlib)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+    p.set_defaults(func=cmd_profile)
+
+
+def _positive(name, value):
+    if value < 1:
+        raise ValueError(f"--{name} must be >= 1, got {value}")
+
+
+def cmd_profile(args) -> int:
+    import qlora_ext as qx
+    from .device import adapter_info
+
+    for name in ("steps", "seq_len", "batch_size", "lora_rank"):
+        _positive(name.replace("_", "-"), getattr(args, name))
+    device = "gpu" if args.mode == "resident" else args.device
+    model = qx.load_model(args.model, lora=qx.LoraConfig(r=args.lora_rank, alpha=2 * args.lora_rank),
+                          quantize=None if args.quantize == "none" else args.quantize, device=device,
+                          threads=args.threads)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, model.config.vocab_size, (args.batch_size, args.seq_len))
+    if args.mode == "resident":
+        from .gpu.resident.engine import ResidentEngine
+
+        engine = ResidentEngine(model)
+        step = lambda: engine.train_step(ids, ids)  # noqa: E731
+    else:
+        trainer = qx.Trainer(model, qx.TrainConfig(lr=2e-4))
+        step = lambda: trainer.step(ids, ids)  # noqa: E731
+    step()  # warm-up: buffers, pipelines, BLAS threads
+    info = adapter_info() if device != "cpu" else None
+    PROFILER.start(model=str(args.model), mode=args.mode, backend=getattr(model.backend, "name", "?"),
+                   adapter=(info or {}).get("name", "none (CPU backend)"),
+                   tokens_per_step=args.batch_size * args.seq_len)
+    t0 = time.perf_counter()
+    try:
+        for _ in range(args.steps):
+            with PROFILER.step():
+                step()
+    finally:
+        PROFILER.stop()
+    wall = time.perf_counter() - t0
+    summary = PROFILER.summary()
+    summary["totals"]["tokens_per_s"] = args.steps * args.batch_size * args.seq_len / wall
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(PROFILER.table())
+        print(f"tokens/s: {summary['totals']['tokens_per_s']:.1f}")
+    if args.trace:
+        PROFILER.write_trace(args.trace)
+        print(f"trace: {args.trace} (open in https://ui.perfetto.dev or chrome://tracing)", file=sys.stderr)
+    if args.plot:
+        PROFILER.plot(args.plot)
+        print(f"plot: {args.plot}", file=sys.stderr)
+    return 0
