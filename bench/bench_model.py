@@ -119,6 +119,8 @@ def _hf_model(which):
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0.0, 0.02)
+    # to_empty leaves buffers uninitialised: rebuild RoPE's inv_freq
+    m.model.rotary_emb = type(m.model.rotary_emb)(config=cfg)
     m.tie_weights()
     return m.float()
 
