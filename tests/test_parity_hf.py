@@ -161,3 +161,13 @@ def test_parity_rope_scaling(tmp_path, rope_scaling):
     model = load_model(path, lora=LoraConfig(r=2, alpha=4), quantize=None, device="cpu")
     randomize_lora(model, seed=4)
     _check(model, peft_twin(hf_from_checkpoint(path, model.state), model), *_batch(5, T=24))
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_parity_llama_attention_bias(tmp_path, quantize):
+    """Llama with attention_bias=True: HF puts a bias on q, k, v AND o."""
+    path = make_tiny_checkpoint(tmp_path / "ckpt", model_type="llama", seed=11, vocab_size=V, attention_bias=True)
+    model = load_model(path, lora=LoraConfig(r=2, alpha=4), quantize=quantize, device="cpu")
+    assert "o_proj" in model.state.layers[0].bias
+    randomize_lora(model, seed=6)
+    _check(model, peft_twin(hf_from_checkpoint(path, model.state), model), *_batch(2))

@@ -107,7 +107,8 @@ def lora_linear_backward(dy, W, pair: LoraPair | None, ctx: LinearCtx | None, ne
 
 
 def _bias(lw, proj):
-    """Qwen2's q/k/v bias [out] or None."""
+    """A projection's frozen bias [out] or None: Qwen2's q/k/v; q/k/v/o of Llama-family
+    configs with attention_bias=True."""
     return lw.bias.get(proj) if lw.bias else None
 
 
@@ -259,7 +260,7 @@ class DecoderLayers:
                     cache.store(l, kk, v)
         a2 = attn.reshape(B * T, Hq * D)
         with tm("projections"):
-            o, lin["o_proj"] = lora_linear_forward(a2, self.weight(l, "o_proj"), None,
+            o, lin["o_proj"] = lora_linear_forward(a2, self.weight(l, "o_proj"), _bias(lw, "o_proj"),
                                                    self._pair(l, "o_proj"),
                                                    self._mask_for(inp, l, "o_proj", a2.shape), keep)
         x2 = o

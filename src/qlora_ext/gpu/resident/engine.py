@@ -100,7 +100,10 @@ class ResidentEngine:
         self.norm = up(st.norm)
         self.scratch = WeightScratch(ctx)
         self.layers = []
-        for lw in st.layers:
+        for i, lw in enumerate(st.layers):
+            if lw.bias and "o_proj" in lw.bias:
+                raise ValueError(f"resident engine: layer {i} has an o_proj bias (attention_bias=True on a "
+                                 "Llama-family config), which this mode does not apply yet; use the split mode")
             d = {"ln1": up(lw.input_layernorm), "ln2": up(lw.post_attention_layernorm)}
             if weights == "resident":
                 d["proj"] = {p: upload_weight(ctx, lw.proj[p]) for p in PROJECTIONS}
