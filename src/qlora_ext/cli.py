@@ -234,7 +234,7 @@ def _model_with_adapter(args):
 def cmd_eval(args) -> int:
     from .data import dataset_path
     from .train.data import DataLoader, generation_pairs, load_examples
-    from .train.trainer import Trainer
+    from .train.trainer import evaluate_loss
 
     data = args.data or str(dataset_path("eval"))
     model = _model_with_adapter(args)
@@ -243,7 +243,7 @@ def cmd_eval(args) -> int:
     pad = pad[0] if isinstance(pad, (list, tuple)) else pad
     examples, stats = load_examples(data, tok, args.seq_len)
     loader = DataLoader(examples, args.seq_len, args.batch_size, pad_id=pad, shuffle=False)
-    loss = Trainer(model).evaluate(b.as_tuple() for b in loader)
+    loss = evaluate_loss(model, (b.as_tuple() for b in loader))
     line = f"loss {loss:.4f}  perplexity {math.exp(loss) if loss < 50 else float('inf'):.2f}  " \
            f"({stats.examples} examples, {stats.tokens:,} tokens)"
     n_acc = args.accuracy if args.accuracy is not None else (len(examples) if args.data is None else 0)

@@ -193,19 +193,8 @@ class Trainer:
         return self.apply_update()
 
     def evaluate(self, batches) -> float:
-        """Mean token loss over `batches` ((input_ids, labels[, attention_mask]) tuples),
-        summed over ranks when distributed.  nan if nothing is counted."""
-        loss_sum, tokens = 0.0, 0
-        for b in batches:
-            input_ids, labels = b[0], b[1]
-            mask = b[2] if len(b) > 2 else None
-            n = int(self.model.count_tokens(labels))
-            if n:
-                loss_sum += float(self.model.loss(input_ids, labels, mask, reduction="sum"))
-                tokens += n
-        if self.comm is not None:
-            loss_sum, tokens = self.comm.allreduce_sum([], [loss_sum, float(tokens)])
-        return loss_sum / tokens if tokens else float("nan")
+        """Mean token loss over `batches` (see evaluate_loss), summed over ranks when distributed."""
+        return evaluate_loss(self.model, batches, self.comm)
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -230,3 +219,20 @@ class Trainer:
 
     def optimizer_state(self) -> dict:
         return self.optimizer.state_dict()
+
+
+def evaluate_loss(model, batches, comm=None) -> float:
+    """Mean token loss over `batches` ((input_ids, labels[, attention_mask]) tuples): summed
+    token losses over summed counts, so batch sizes do not weight it.  nan if nothing is
+    counted.  With `comm`, each rank passes its own batches and gets the global mean."""
+    loss_sum, tokens = 0.0, 0
+    for b in batches:
+        input_ids, labels = b[0], b[1]
+        mask = b[2] if len(b) > 2 else None
+        n = int(model.count_tokens(labels))
+        if n:
+            loss_sum += float(model.loss(input_ids, labels, mask, reduction="sum"))
+            tokens += n
+    if comm is not None:
+        loss_sum, tokens = comm.allreduce_sum([], [loss_sum, float(tokens)])
+    return loss_sum / tokens if tokens else float("nan")
