@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from fake_lm import ByteTokenizer
-from qlora_ext.train.data import IGNORE, DataError, DataLoader, generation_pairs, load_examples
+from qlora_ext.train.data import IGNORE, DataError, DataLoader, check_records, generation_pairs, load_examples
 
 TOK = ByteTokenizer()
 
@@ -71,6 +71,9 @@ def test_bad_data_names_file_and_line(tmp_path, line, msg):
         load_examples(p, TOK, 64)
     assert msg in str(e.value) and isinstance(e.value, ValueError)
     assert e.value.line == 2
+    with pytest.raises(DataError) as e2:  # the tokenizer-free pre-check finds the same fault
+        check_records(p)
+    assert str(e2.value) == str(e.value)
 
 
 def test_empty_and_undecodable_files(tmp_path):
