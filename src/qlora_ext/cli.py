@@ -14,6 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+from .profile import PROFILER
+from .profile_command import add_profile_command
+
 DEFAULT_MODEL = "smollm2-135m"
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
@@ -190,6 +193,8 @@ def cmd_train(args) -> int:
               file=sys.stderr, flush=True)
 
     old = signal.signal(signal.SIGINT, on_sigint)
+    if (args.trace or args.plot) and trainer.is_writer:
+        PROFILER.start(model=str(args.model), backend=getattr(model.backend, "name", "?"))
     try:
         with _progress(total, "train", args) as bar:
             bar.update(trainer.step_count)
@@ -200,6 +205,12 @@ def cmd_train(args) -> int:
         signal.signal(signal.SIGINT, old)
         if metrics is not None:
             metrics.close()
+        if PROFILER.enabled:
+            PROFILER.stop()
+            if args.trace:
+                PROFILER.write_trace(args.trace)
+            if args.plot:
+                PROFILER.plot(args.plot)
     if result["status"] == "stopped":
         print(f"qlora-ext: stopped at step {result['step']}; checkpoint saved in {out}; "
               f"continue with --resume {out}", file=sys.stderr)
@@ -359,6 +370,8 @@ def add_train_command(sub) -> None:
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--seed", type=int, help="seed for LoRA init, data order, dropout (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no setup lines (results still print)")
+    p.add_argument("--trace", metavar="FILE.json", help="write a Chrome/Perfetto trace of the training steps")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the CPU/GPU split of the steps (needs matplotlib)")
     p.set_defaults(func=cmd_train)
 
 
@@ -391,9 +404,8 @@ def add_info_command(sub) -> None:
     p.set_defaults(func=cmd_info)
 
 
-# Each entry adds one subcommand (a parser with set_defaults(func=...)).  `profile` joins
-# here as one more add_*_command function.
-SUBCOMMANDS = [add_train_command, add_eval_command, add_generate_command, add_info_command]
+# Each entry adds one subcommand (a parser with set_defaults(func=...)).
+SUBCOMMANDS = [add_train_command, add_eval_command, add_generate_command, add_info_command, add_profile_command]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -12,6 +12,7 @@ import os
 import time
 from pathlib import Path
 
+from ..profile import PROFILER
 from .checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -91,9 +92,10 @@ def fit(trainer, loader, total_steps: int, micro_size: int, out_dir=None, save_e
             status = "stopped"
             break
         t0 = time.perf_counter()
-        batch = loader.next_batch()
-        local = batch.shard(trainer.rank, trainer.world_size)
-        loss = trainer.train_step(local.micro_batches(micro_size))
+        with PROFILER.step():  # a no-op unless --trace/--plot turned the profiler on
+            batch = loader.next_batch()
+            local = batch.shard(trainer.rank, trainer.world_size)
+            loss = trainer.train_step(local.micro_batches(micro_size))
         dt = time.perf_counter() - t0
         elapsed += dt
         tokens = int(batch.attention_mask.sum())
