@@ -28,12 +28,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import qlora_ext
+
 # Qwen3-4B: (out, in) of each projection; LoRA adds r * (in + out) parameters per projection.
 QWEN3_4B = {"layers": 36, "q_proj": (4096, 2560), "k_proj": (1024, 2560), "v_proj": (1024, 2560),
             "o_proj": (2560, 4096), "gate_proj": (9728, 2560), "up_proj": (9728, 2560), "down_proj": (2560, 9728)}
 RANK = 16
 HERE = Path(__file__).resolve()
-SRC = HERE.parent.parent / "src"
+# the directory of the qlora_ext imported here (installed or in-place build)
+SRC = Path(qlora_ext.__file__).resolve().parents[1]
 TESTS = HERE.parent.parent / "tests"
 
 

@@ -19,8 +19,11 @@ import sys
 
 import pytest
 
+import qlora_ext
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-SRC = os.path.join(HERE, "..", "src")
+# the directory of the qlora_ext imported here (installed or in-place build)
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(qlora_ext.__file__)))
 sys.path.insert(0, HERE)
 
 from make_checkpoint import make_checkpoint  # noqa: E402

@@ -11,9 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import qlora_ext
 from qlora_ext.train.checkpoint import latest_checkpoint, read_safetensors
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+# where the qlora_ext this test imported lives (site-packages when installed, src/ in a
+# development build), so that subprocesses run the same package
+SRC = str(Path(qlora_ext.__file__).resolve().parents[1])
 TRAIN_ARGS = ["--seq-len", "48", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-2", "--lora-rank", "4",
               "--threads", "1", "--seed", "5", "--quiet", "--device", "cpu", "--warmup", "2", "--schedule", "cosine"]
 

@@ -16,12 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import qlora_ext
 from qlora_ext.train import distributed as dist
 from qlora_ext.train.checkpoint import latest_checkpoint, list_checkpoints, read_safetensors
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "distributed_worker.py"
-SRC = HERE.parent / "src"
+# the directory of the qlora_ext this test imported (installed or in-place build): the
+# subprocesses must run the same package
+SRC = Path(qlora_ext.__file__).resolve().parents[1]
 
 
 def _mpiexec():
