@@ -171,3 +171,31 @@ def test_parity_llama_attention_bias(tmp_path, quantize):
     assert "o_proj" in model.state.layers[0].bias
     randomize_lora(model, seed=6)
     _check(model, peft_twin(hf_from_checkpoint(path, model.state), model), *_batch(2))
+
+
+def test_smollm2_gguf_logits_match_transformers():
+    """The packaged SmolLM2-135M GGUF (Q4_1): our loader (fp32 base, adapters at B = 0) against
+    transformers reading the same file; same tokenizer ids for the same text."""
+    pytest.importorskip("gguf")
+    import transformers
+
+    from qlora_ext.model.loading import resolve_model_path
+
+    try:
+        path = resolve_model_path("smollm2-135m")
+    except OSError as e:
+        pytest.skip(str(e))
+    import os
+
+    model = load_model(path, lora=LoraConfig(r=2, alpha=4), quantize=None, device="cpu")
+    text = "The capital of France is Paris, and the capital of Italy is"
+    hf_tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    ids = model.tokenizer.encode(text)
+    assert ids == hf_tok.encode(text, add_special_tokens=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                           dtype=torch.float32)
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits.numpy()
+    ours = model.forward(np.array([ids]))
+    assert _rel(ours, ref) <= 1e-4
+    assert int(ours[0, -1].argmax()) == int(ref[0, -1].argmax())
