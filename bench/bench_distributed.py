@@ -90,7 +90,7 @@ def job_allreduce(layers: int, reps: int) -> dict:
     return res
 
 
-def job_train(model_path: str, rows: int, seq: int, steps: int, threads: int) -> dict:
+def job_train(model_path: str, rows: int, seq: int, steps: int, threads: int, device: str = "cpu") -> dict:
     from qlora_ext.model.api import load_model
     from qlora_ext.model.lora import LoraConfig
     from qlora_ext.train.data import make_batch
@@ -98,7 +98,7 @@ def job_train(model_path: str, rows: int, seq: int, steps: int, threads: int) ->
     from qlora_ext.train.trainer import TrainConfig, Trainer
 
     comm = get_comm(announce=False)
-    model = load_model(model_path, lora=LoraConfig(r=RANK, alpha=32), quantize="nf4", device="cpu",
+    model = load_model(model_path, lora=LoraConfig(r=RANK, alpha=32), quantize="nf4", device=device,
                        threads=threads, progress=False)
     trainer = Trainer(model, TrainConfig(lr=1e-4), comm=comm)
     comm.sync_trainer(trainer)
@@ -117,7 +117,7 @@ def job_train(model_path: str, rows: int, seq: int, steps: int, threads: int) ->
     dt = time.perf_counter() - t0
     comm.check_in_sync(trainer)
     return {"tokens_per_s": rows * seq * steps / dt, "step_s": dt / steps, "ranks": comm.size,
-            "threads": threads, "rows": rows, "seq": seq, "steps": steps}
+            "threads": threads, "rows": rows, "seq": seq, "steps": steps, "device": device}
 
 
 # ------------------------------------------------------------------------ pytest side
@@ -175,18 +175,24 @@ def test_tokens_per_s_scaling_1_to_2_ranks(benchmark, tmp_path):
         model, rows, seq, steps = make_tiny_checkpoint(tmp_path / "tiny"), 4, 16, 1
     else:
         model, rows, seq, steps = os.environ.get("QLORA_EXT_BENCH_DIST_MODEL", "smollm2-135m"), 8, 128, 3
+    # threads per rank and the FFN device: 1 and cpu on the 2-core dev VM; on a bigger host
+    # e.g. QLORA_EXT_BENCH_DIST_THREADS=8 (then 1 x 8, 2 x 8 and the reference 1 x 16) and
+    # QLORA_EXT_BENCH_DIST_DEVICE=gpu (two ranks sharing one GPU)
+    t = int(os.environ.get("QLORA_EXT_BENCH_DIST_THREADS", "1"))
+    device = os.environ.get("QLORA_EXT_BENCH_DIST_DEVICE", "cpu")
     res = {}
 
     def once():
-        res["one"] = _job(1, 1, "train", model, rows, seq, steps)
-        res["two"] = _job(2, 1, "train", model, rows, seq, steps)
-        res["one_2threads"] = _job(1, 2, "train", model, rows, seq, steps)
+        res["one"] = _job(1, t, "train", model, rows, seq, steps, device)
+        res["two"] = _job(2, t, "train", model, rows, seq, steps, device)
+        res["one_2threads"] = _job(1, 2 * t, "train", model, rows, seq, steps, device)
 
     benchmark.pedantic(once, rounds=1, iterations=1)
     one, two, ref = res["one"]["tokens_per_s"], res["two"]["tokens_per_s"], res["one_2threads"]["tokens_per_s"]
     benchmark.extra_info.update(tokens_per_s_1rank=one, tokens_per_s_2ranks=two, tokens_per_s_1rank_2threads=ref,
                                 scaling_efficiency=two / (2 * one), speedup_vs_2threads=two / ref,
-                                model=str(model), rows=rows, seq=seq, steps=steps)
+                                model=str(model), rows=rows, seq=seq, steps=steps, threads_per_rank=t,
+                                device=device)
     assert one > 0 and two > 0 and ref > 0
 
 
@@ -196,7 +202,7 @@ if __name__ == "__main__":
         out = job_allreduce(int(sys.argv[2]), int(sys.argv[3]))
     elif kind == "train":
         out = job_train(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]),
-                        int(os.environ.get("OMP_NUM_THREADS", "1")))
+                        int(os.environ.get("OMP_NUM_THREADS", "1")), *sys.argv[6:7])
     else:
         raise SystemExit(f"unknown job {kind!r}")
     from qlora_ext.train.distributed import get_comm

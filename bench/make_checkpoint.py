@@ -36,6 +36,10 @@ SHAPES = {
                       rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192,
                       tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001),
     # a small stand-in with the same structure, for CI (~60 MB)
+    "qwen3-0.6b": dict(model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                       num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                       rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960,
+                       tie_word_embeddings=True, qk_norm=True, bos_token_id=None, eos_token_id=151645),
     "qwen3-mini": dict(model_type="qwen3", vocab_size=8192, hidden_size=512, intermediate_size=1408,
                        num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
                        rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=4096,

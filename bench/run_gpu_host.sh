@@ -5,6 +5,7 @@
 #   bash bench/run_gpu_host.sh small     Qwen3-0.6B shape: every mode + HF; attention vs SDPA
 #   bash bench/run_gpu_host.sh large     Qwen3-4B shape: every mode + HF
 #   bash bench/run_gpu_host.sh small-split   Qwen3-0.6B shape: the split modes only
+#   bash bench/run_gpu_host.sh dist      MPI: all-reduce time, 1 -> 2 ranks on CPU, 2 ranks sharing the GPU
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
@@ -28,6 +29,16 @@ for stage in "$@"; do
     small-split)
       python3 bench/gpu_train_throughput.py --shape qwen3-0.6b --steps 2 --profile \
         --modes split-stream,split-resident --json "$OUT/small_split.jsonl" 2>&1 | tee "$OUT/small_split.log" ;;
+    dist)
+      export PATH=/tmp/site/bin:$PATH
+      python3 bench/make_checkpoint.py /tmp/q06 --shape qwen3-0.6b > /dev/null
+      python3 -m pytest -q -p no:cacheprovider bench/bench_distributed.py -k allreduce --benchmark-enable \
+        --benchmark-json="$OUT/dist_allreduce.json" 2>&1 | tail -3
+      for dev in cpu gpu; do
+        QLORA_EXT_BENCH_DIST_MODEL=/tmp/q06 QLORA_EXT_BENCH_DIST_THREADS=8 QLORA_EXT_BENCH_DIST_DEVICE=$dev \
+          python3 -m pytest -q -p no:cacheprovider bench/bench_distributed.py -k scaling --benchmark-enable \
+          --benchmark-json="$OUT/dist_scaling_$dev.json" 2>&1 | tail -3
+      done ;;
     large)
       python3 bench/gpu_train_throughput.py --shape qwen3-4b --steps 2 --checkpointing --profile \
         --modes resident,hf-bf16,hf-fp32,split-stream --json "$OUT/large.jsonl" 2>&1 | tee "$OUT/large.log" ;;
