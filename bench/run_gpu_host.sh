@@ -30,12 +30,13 @@ for stage in "$@"; do
       python3 bench/gpu_train_throughput.py --shape qwen3-0.6b --steps 2 --profile \
         --modes split-stream,split-resident --json "$OUT/small_split.jsonl" 2>&1 | tee "$OUT/small_split.log" ;;
     dist)
-      export PATH=/tmp/site/bin:$PATH
+      # the mpich wheel's launcher and library (the image's own MPI would otherwise be found)
+      export PATH=/tmp/site/bin:$PATH LD_LIBRARY_PATH=/tmp/site/lib:${LD_LIBRARY_PATH:-}
       python3 bench/make_checkpoint.py /tmp/q06 --shape qwen3-0.6b > /dev/null
       python3 -m pytest -q -p no:cacheprovider bench/bench_distributed.py -k allreduce --benchmark-enable \
         --benchmark-json="$OUT/dist_allreduce.json" 2>&1 | tail -3
       for dev in cpu gpu; do
-        QLORA_EXT_BENCH_DIST_MODEL=/tmp/q06 QLORA_EXT_BENCH_DIST_THREADS=8 QLORA_EXT_BENCH_DIST_DEVICE=$dev \
+        QLORA_EXT_BENCH_DIST_MODEL=/tmp/q06 QLORA_EXT_BENCH_DIST_THREADS=4 QLORA_EXT_BENCH_DIST_DEVICE=$dev \
           python3 -m pytest -q -p no:cacheprovider bench/bench_distributed.py -k scaling --benchmark-enable \
           --benchmark-json="$OUT/dist_scaling_$dev.json" 2>&1 | tail -3
       done ;;

@@ -348,3 +348,15 @@ def test_two_ranks_sharing_one_gpu_adapter(tiny_model, tmp_path):
     run(dict(spec, out=str(tmp_path / "same"), emulate=2))
     assert rel_err(adapter(tmp_path / "mpi", 3), adapter(tmp_path / "same", 3)) <= 1e-6
     assert_metrics_match(metrics(tmp_path / "mpi"), metrics(tmp_path / "same"), rel=1e-6)
+
+
+def test_launcher_and_mpi_library_disagreeing_is_an_error(monkeypatch):
+    """mpiexec says 2 ranks but mpi4py's library sees 1 (another MPI was loaded): an error
+    naming the cause, not N processes that each silently train alone."""
+    pytest.importorskip("mpi4py")
+    monkeypatch.setattr(dist, "_COMM", None)
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.delenv(dist.FORCE_VAR, raising=False)
+    with pytest.raises(OSError, match="different MPI library"):
+        dist.get_comm(announce=False)
+    monkeypatch.setattr(dist, "_COMM", None)

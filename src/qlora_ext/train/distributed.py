@@ -68,6 +68,16 @@ def launched_by_mpi(environ=None) -> bool:
     return any(var in env for var in _PMIX_VARS)
 
 
+def _launcher_size(environ=None):
+    """Number of ranks the launcher says it started (None when it does not say)."""
+    env = os.environ if environ is None else environ
+    for var in _SIZE_VARS:
+        v = env.get(var, "").strip()
+        if v.isdigit():
+            return int(v)
+    return None
+
+
 def _local_rank_from_env(environ=None):
     env = os.environ if environ is None else environ
     for var in _LOCAL_RANK_VARS:
@@ -478,6 +488,14 @@ def get_comm(bucket_bytes: int = DEFAULT_BUCKET_BYTES, timeout_s: float | None =
         except ValueError:
             raise ValueError(f"{TIMEOUT_VAR}={raw!r}: expected seconds (a positive number)") from None
     comm = MpiComm(bucket_bytes=bucket_bytes, timeout_s=timeout_s)
+    launched = _launcher_size()
+    if launched is not None and launched > 1 and comm.size != launched:
+        # mpi4py loaded another MPI library than the launcher's: every process would see
+        # itself as rank 0 of 1 and train alone, silently
+        raise OSError(f"mpiexec started {launched} ranks but mpi4py's MPI ({comm.describe()}) sees "
+                      f"{comm.size}: mpi4py is using a different MPI library than the launcher. Use the "
+                      "mpiexec of the same MPI (with the mpich wheel: the one beside python), or point "
+                      "LD_LIBRARY_PATH at its lib/ directory")
     if comm.size == 1 and os.environ.get(FORCE_VAR, "").strip() != "1":
         _COMM = SingleProcess()  # a PMIx launch of one process
         return _COMM
