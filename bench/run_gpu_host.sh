@@ -30,8 +30,12 @@ for stage in "$@"; do
       python3 bench/gpu_train_throughput.py --shape qwen3-0.6b --steps 2 --profile \
         --modes split-stream,split-resident --json "$OUT/small_split.jsonl" 2>&1 | tee "$OUT/small_split.log" ;;
     dist)
-      # the mpich wheel's launcher and library (the image's own MPI would otherwise be found)
-      export PATH=/tmp/site/bin:$PATH LD_LIBRARY_PATH=/tmp/site/lib:${LD_LIBRARY_PATH:-}
+      # the mpich wheel's launcher and library (pip --target leaves the wheel's lib/ out, and
+      # mpi4py would otherwise load the image's Open MPI)
+      unzip -qo .whl/mpich-*.whl '*/data/lib/*' -d /tmp/mpich
+      export PATH=/tmp/site/bin:$PATH MPI4PY_MPIABI=mpich \
+        LD_LIBRARY_PATH=$(echo /tmp/mpich/*/data/lib):$(echo /tmp/mpich/*/data/lib/mpich):${LD_LIBRARY_PATH:-}
+      mpiexec -n 2 python3 -c "from mpi4py import MPI; print(MPI.Get_library_version()[:30], MPI.COMM_WORLD.size)"
       python3 bench/make_checkpoint.py /tmp/q06 --shape qwen3-0.6b > /dev/null
       python3 -m pytest -q -p no:cacheprovider bench/bench_distributed.py -k allreduce --benchmark-enable \
         --benchmark-json="$OUT/dist_allreduce.json" 2>&1 | tail -3
