@@ -32,9 +32,15 @@ for stage in "$@"; do
     dist)
       # the mpich wheel's launcher and library (pip --target leaves the wheel's lib/ out, and
       # mpi4py would otherwise load the image's Open MPI)
-      unzip -qo .whl/mpich-*.whl '*/data/lib/*' -d /tmp/mpich
-      export PATH=/tmp/site/bin:$PATH MPI4PY_MPIABI=mpich \
-        LD_LIBRARY_PATH=$(echo /tmp/mpich/*/data/lib):$(echo /tmp/mpich/*/data/lib/mpich):${LD_LIBRARY_PATH:-}
+      mpilib=$(python3 -c "
+import glob, zipfile
+z = zipfile.ZipFile(glob.glob('.whl/mpich-*.whl')[0])
+libs = [n for n in z.namelist() if '/data/lib/' in n]
+z.extractall('/tmp/mpich', libs)
+print('/tmp/mpich/' + libs[0].split('/data/lib/')[0] + '/data/lib')")
+      chmod -R u+rwx /tmp/mpich
+      export PATH=/tmp/site/bin:$PATH MPI4PY_MPIABI=mpich LD_LIBRARY_PATH=$mpilib:$mpilib/mpich:${LD_LIBRARY_PATH:-}
+      ls -la $mpilib | head -5
       mpiexec -n 2 python3 -c "from mpi4py import MPI; print(MPI.Get_library_version()[:30], MPI.COMM_WORLD.size)"
       python3 bench/make_checkpoint.py /tmp/q06 --shape qwen3-0.6b > /dev/null
       python3 -m pytest -q -p no:cacheprovider bench/bench_distributed.py -k allreduce --benchmark-enable \
