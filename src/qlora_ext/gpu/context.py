@@ -121,7 +121,7 @@ class GpuContext:
     """One wgpu device with the adapter's real limits."""
 
     def __init__(self, adapter=None, allow_software: bool = True, trusted: bool | None = None):
-        self.wgpu = wgpu = _import_wgpu()
+        self.wgpu = _import_wgpu()
         if adapter is None:
             adapter = pick_adapter(allow_software=allow_software)
         if adapter is None:

@@ -33,7 +33,7 @@ from ..cpu.ffn import (FFN_PROJ, check_ffn_input, check_lora, dropout_keep_scale
                        dropout_threshold)
 from ..nf4 import NF4Tensor, dequantize_nf4
 from . import kernels as K
-from .context import GpuContext, GpuError, read_staging, write_staging
+from .context import GpuContext, read_staging, write_staging
 from .kernels import Nf4B, Operand
 
 F32 = 4
@@ -114,7 +114,7 @@ class WgpuFfnBackend(FfnBackend):
         wg, wu, wd = proj["gate_proj"], proj["up_proj"], proj["down_proj"]
         nf4 = (all(isinstance(w, NF4Tensor) for w in (wg, wu, wd))
                and wg.blocksize == wu.blocksize == wd.blocksize)
-        H, I = self.hidden, self.inter
+        I = self.inter
         pieces, sizes, offsets = [], {}, {}
         cursor = 0
 

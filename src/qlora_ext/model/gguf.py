@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._native import kernels
+from .mapped_file import MappedFile
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -107,7 +108,7 @@ class _Cursor:
         raise ValueError(f"{self.path}: {what}: unknown metadata value type {vtype}")
 
 
-class GGUFFile:
+class GGUFFile(MappedFile):
     """A GGUF file mapped read-only: `metadata` (dict), `tensors` (name -> GGUFTensorInfo),
     `get(name)` -> float32 numpy array in row-major shape, dequantized."""
 
@@ -221,27 +222,6 @@ class GGUFFile:
         del raw
         self._drop(t.offset, t.nbytes)
         return out.reshape(t.shape)
-
-    def _drop(self, begin: int, length: int) -> None:
-        if self._mm is None or length <= 0 or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        start = begin - begin % mmap.PAGESIZE
-        self._mm.madvise(mmap.MADV_DONTNEED, start, min(length + begin - start, len(self._mm) - start))
-
-    def close(self) -> None:
-        if getattr(self, "_mm", None) is not None:
-            try:
-                self._mm.close()
-            except BufferError:
-                pass
-            self._mm = None
-        self._f.close()
-
-    def __enter__(self) -> "GGUFFile":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 # ---- dequantizers: raw bytes (uint8, whole blocks) -> float32 out (n,) ----

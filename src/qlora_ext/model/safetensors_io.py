@@ -14,11 +14,11 @@ import tempfile
 import numpy as np
 
 from .._native import kernels
+from .mapped_file import MappedFile
 
 ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
 _HALF_CODE = {"F16": 1, "BF16": 2}  # dtype codes of the C half_to_f32 kernel
 MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's own limit
-PAGE = mmap.PAGESIZE
 
 
 def read_header(path) -> dict:
@@ -85,7 +85,7 @@ def read_header(path) -> dict:
     return {"tensors": tensors, "metadata": metadata, "data_start": data_start, "file_size": size}
 
 
-class SafetensorsFile:
+class SafetensorsFile(MappedFile):
     """A safetensors file mapped read-only.  `get` returns float32 copies (bf16/f16 converted
     by the C kernel), `get_raw` a zero-copy view of the stored bits (uint16 for BF16).
     `release(name)` drops the tensor's pages from this process's resident set, so that
@@ -143,33 +143,11 @@ class SafetensorsFile:
         del src
         return out
 
-    def _drop(self, begin: int, length: int) -> None:
-        if self._mm is None or length <= 0 or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        start = begin - begin % PAGE
-        self._mm.madvise(mmap.MADV_DONTNEED, start, min(length + (begin - start), len(self._mm) - start))
-
     def release(self, name) -> None:
         """Tell the OS this tensor's pages are no longer needed by this process (a hint: the
         page cache keeps them, RSS drops)."""
         t = self.info(name)
         self._drop(t["begin"], t["end"] - t["begin"])
-
-    def close(self) -> None:
-        if self._mm is not None:
-            try:
-                self._mm.close()
-            except BufferError:
-                # a get_raw view is still alive; the map closes when it is collected
-                pass
-            self._mm = None
-        self._f.close()
-
-    def __enter__(self) -> "SafetensorsFile":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:

@@ -332,7 +332,7 @@ class ResidentEngine:
     def _record(self, input_ids, labels, attention_mask, want_grad: bool):
         """Upload the batch and record forward (+ backward); returns (stats tensor, count)."""
         B, T, lab, mask, s = self._forward_layers(input_ids, attention_mask, labels, keep=want_grad)
-        ctx, N = self.ctx, B * T
+        ctx = self.ctx
         x = s["x"]
         count = int(np.count_nonzero(lab[:, 1:] != IGNORE_INDEX))
         if want_grad:
