@@ -182,7 +182,8 @@ def quantize_q8_0(x: np.ndarray) -> bytes:
     return out.tobytes()
 
 
-def gguf_from_hf(hf_dir, path, tensor_type: str = "F32") -> str:
+def gguf_from_hf(hf_dir, path, tensor_type: str = "F32", rope_freqs: np.ndarray | None = None,
+                 extra_metadata: dict | None = None) -> str:
     """Convert a tiny HF checkpoint to GGUF as llama.cpp would (names, Q/K row permutation
     for llama, config in metadata; no tokenizer).  Projections are
     stored as `tensor_type` (F32, F16 or Q8_0); norms stay F32."""
@@ -229,6 +230,9 @@ def gguf_from_hf(hf_dir, path, tensor_type: str = "F32") -> str:
                 tensors[g] = (tensor_type, w.shape, raw)
             else:
                 tensors[g] = ("F32", w.shape, np.ascontiguousarray(w, "<f4").tobytes())
+    md.update(extra_metadata or {})
+    if rope_freqs is not None:  # llama.cpp's form of llama3 RoPE scaling: per-frequency divisors
+        tensors["rope_freqs.weight"] = ("F32", rope_freqs.shape, np.ascontiguousarray(rope_freqs, "<f4").tobytes())
     return write_gguf(path, md, tensors)
 
 

@@ -453,3 +453,32 @@ def test_sentencepiece_vocab_equals_transformers(tmp_path):
     # only the very start, llama.cpp every fragment; we follow llama.cpp)
     for s in ["the cat and the hat", "Hello World", "über alles", "and", "lo lo cat\nthe"]:
         assert tok.encode(s) == ref(s, add_special_tokens=False)["input_ids"], s
+
+
+def test_llama3_rope_freqs_tensor_becomes_rope_scaling(tmp_path):
+    """A Llama-3.1-style GGUF carries llama3 RoPE scaling as `rope_freqs.weight` divisors and
+    no scaling metadata: the loaded config gets the HF rope_scaling back, and the model gives
+    the logits of the HF checkpoint it came from."""
+    from qlora_ext.cpu.kernels import rope_inv_freq
+    from qlora_ext.model.api import load_model
+    from qlora_ext.model.lora import LoraConfig
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+    d = make_tiny_checkpoint(tmp_path / "hf", model_type="llama", seed=4, rope_scaling=scaling, rope_theta=500000.0,
+                             max_position_embeddings=64)
+    D = 16
+    divisors = rope_inv_freq(D, 500000.0) / rope_inv_freq(D, 500000.0, scaling)
+    assert divisors.max() == 8.0 and divisors.min() < 8.0
+    # Meta's original context is 8192; this tiny model's is 16, which the metadata then states
+    g = gguf_from_hf(d, tmp_path / "m.gguf", rope_freqs=divisors.astype(np.float32),
+                     extra_metadata={"llama.rope.scaling.original_context_length": 16})
+    from_gguf = load_model(g, lora=LoraConfig(r=2, alpha=4), quantize=None, device="cpu")
+    assert from_gguf.config.rope_scaling == scaling
+    from_hf = load_model(d, lora=LoraConfig(r=2, alpha=4), quantize=None, device="cpu")
+    ids = np.random.default_rng(0).integers(0, from_hf.config.vocab_size, (1, 40))
+    np.testing.assert_allclose(from_gguf.forward(ids), from_hf.forward(ids), rtol=0, atol=1e-5)
+    bad = divisors.astype(np.float32)
+    bad[1] *= 1.5
+    with pytest.raises(ValueError, match="rope_freqs.weight"):
+        load_state(gguf_from_hf(d, tmp_path / "bad.gguf", rope_freqs=bad), quantize=None)

@@ -249,6 +249,33 @@ def gguf_to_hf_name(name: str) -> str | None:
     return None
 
 
+# Meta's llama3 RoPE scaling (Llama 3.1 / 3.2): the constants its configs use.
+_LLAMA3_LOW_FREQ, _LLAMA3_HIGH_FREQ, _LLAMA3_ORIGINAL_MAX = 1.0, 4.0, 8192
+
+
+def llama3_scaling_from_freq_factors(factors, head_dim: int, theta: float, original_max, what: str) -> dict:
+    """llama.cpp stores llama3 RoPE scaling as per-frequency divisors (`rope_freqs.weight`,
+    [head_dim / 2]: inv_freq_scaled = inv_freq / factor) instead of its parameters.  Recover
+    the HF `rope_scaling` dict: factor = the largest divisor, Meta's low/high frequency factors
+    and original context, checked by recomputing every divisor."""
+    from ..cpu.kernels import rope_inv_freq
+
+    factors = np.asarray(factors, dtype=np.float32).reshape(-1)
+    if factors.shape != (head_dim // 2,) or not np.all(np.isfinite(factors)) or factors.min() <= 0:
+        raise ValueError(f"{what}: expected {head_dim // 2} positive RoPE frequency divisors, got "
+                         f"shape {factors.shape}")
+    scaling = {"rope_type": "llama3", "factor": float(factors.max()), "low_freq_factor": _LLAMA3_LOW_FREQ,
+               "high_freq_factor": _LLAMA3_HIGH_FREQ,
+               "original_max_position_embeddings": int(original_max or _LLAMA3_ORIGINAL_MAX)}
+    implied = rope_inv_freq(head_dim, theta) / rope_inv_freq(head_dim, theta, scaling)
+    if not np.allclose(implied, factors, rtol=1e-3, atol=0):
+        raise ValueError(f"{what}: the RoPE frequency divisors are not llama3 scaling with factor "
+                         f"{scaling['factor']:g}, low/high frequency factors {_LLAMA3_LOW_FREQ:g}/"
+                         f"{_LLAMA3_HIGH_FREQ:g} and original context {scaling['original_max_position_embeddings']}; "
+                         "use the HF checkpoint, whose config.json carries rope_scaling")
+    return scaling
+
+
 def config_from_gguf(g: GGUFFile) -> ModelConfig:
     md = g.metadata
     src = g.path
@@ -270,15 +297,17 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
     vocab = md.get(f"{arch}.vocab_size") or (len(tokens) if tokens is not None else None)
     if vocab is None and "token_embd.weight" in g.tensors:
         vocab = g.tensors["token_embd.weight"].dims[1]
-    if "rope_freqs.weight" in g.tensors:
-        raise ValueError(f"{src}: tensor 'rope_freqs.weight' (precomputed llama3 RoPE scaling) is not supported; "
-                         "use the HF checkpoint, whose config.json carries rope_scaling")
     rope_scaling = None
     stype = md.get(f"{arch}.rope.scaling.type")
     if stype not in (None, "none"):
         rope_scaling = {"rope_type": stype, "factor": float(md.get(f"{arch}.rope.scaling.factor", 1.0))}
         if md.get(f"{arch}.rope.scaling.original_context_length") is not None:
             rope_scaling["original_max_position_embeddings"] = int(md[f"{arch}.rope.scaling.original_context_length"])
+    if "rope_freqs.weight" in g.tensors:
+        theta = float(md.get(f"{arch}.rope.freq_base", 10000.0))
+        rope_scaling = llama3_scaling_from_freq_factors(g.get("rope_freqs.weight"), int(head_dim), theta,
+                                                        md.get(f"{arch}.rope.scaling.original_context_length"),
+                                                        f"{src}: tensor 'rope_freqs.weight'")
     eos = md.get("tokenizer.ggml.eos_token_id")
     try:
         return ModelConfig(
@@ -313,6 +342,8 @@ def _load_gguf(path, quantize, double_quant, blocksize, progress, threads) -> Mo
         with Progress(len(names), desc=f"loading {os.path.basename(path)}", unit="tensor", enabled=progress) as bar:
             for gname in names:
                 t = g.info(gname)
+                if gname == "rope_freqs.weight":  # read into config.rope_scaling above
+                    continue
                 hf = gguf_to_hf_name(gname)
                 if hf is None:
                     raise ValueError(f"{path}: unexpected tensor {gname!r} ({t.type_name} {t.shape}) for "
