@@ -13,6 +13,10 @@ the adapter's binding limit), H = hidden, I = intermediate, r* = LoRA ranks (0 =
               dB = doutᵀ ts,  dA = dtsᵀ drop(z)   (lora_grad.wgsl)
 With dropout > 0 the dropped inputs drop(x) (per proj) and drop(h) are materialized in the
 forward and kept for the backward, and the LoRA input gradients are masked separately.
+A weight larger than the binding limit is split by output rows into pieces Wgu[s0:s1] (NF4:
+each piece starts on a block boundary of its tensor; a piece may hold the end of Wg and the start
+of Wu); forward GEMMs write columns s0:s1 of gu (or y), the backward's dx = Σ dgu[:, s0:s1] Wgu[s0:s1]
+(and dh over the pieces of Wd) accumulates piece by piece.
 
 Per layer and direction: one command encoder, one submit, one readback (y; or dx and all LoRA
 grads in one buffer).  Weights stream by default: each layer's NF4 codes and absmax go up as
@@ -23,6 +27,7 @@ layers once in prepare().  Activations the backward needs (x, gu, LoRA inputs) s
 between a layer's forward and backward."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -47,8 +52,8 @@ class _LayerPlan:
     pieces: list            # [(name, byte offset in the layer's blob, ndarray)]
     sizes: dict             # device buffer name -> bytes
     offsets: dict           # device buffer name -> byte offset of that buffer's data in the blob
-    gu: object = None       # Nf4B template (buffers filled per slot) or None
-    d: object = None
+    gu: list = None         # row pieces of Wgu: [(s0, s1, buffer names, (split, code_off1, abs_off1))]
+    d: list = None          # row pieces of Wd, same form
     blocksize: int = 64
     total: int = 0
 
@@ -65,8 +70,10 @@ class WgpuFfnBackend(FfnBackend):
     name = "wgpu"
 
     def __init__(self, ctx: GpuContext | None = None, resident: bool = False, tiles=None,
-                 max_rows: int | None = None, allow_software: bool = True):
+                 max_rows: int | None = None, allow_software: bool = True, max_binding: int | None = None):
         self.ctx = ctx if ctx is not None else GpuContext(allow_software=allow_software)
+        # bytes per storage binding: the adapter's limit, or less (tests force weight splitting)
+        self.max_binding = self.ctx.max_binding if max_binding is None else min(int(max_binding), self.ctx.max_binding)
         self.resident = bool(resident)
         # tiles: a GemmTiles for every GEMM, or by default a TileChooser (per-shape choice)
         self.tiles = tiles.check(self.ctx) if tiles is not None else K.TileChooser(self.ctx)
@@ -114,46 +121,75 @@ class WgpuFfnBackend(FfnBackend):
         wg, wu, wd = proj["gate_proj"], proj["up_proj"], proj["down_proj"]
         nf4 = (all(isinstance(w, NF4Tensor) for w in (wg, wu, wd))
                and wg.blocksize == wu.blocksize == wd.blocksize)
-        I = self.inter
+        H, I = self.hidden, self.inter
         pieces, sizes, offsets = [], {}, {}
         cursor = 0
 
         def put(name, parts):
+            """parts -> one device buffer `name`; returns each part's byte offset in it."""
             nonlocal cursor
             offsets[name] = cursor
-            start = cursor
+            start, at = cursor, []
             for arr in parts:
                 pieces.append((name, cursor, arr))
+                at.append(cursor - start)
                 cursor += (arr.nbytes + 7) // 8 * 8  # mapped writes need 8-byte offsets
             sizes[name] = cursor - start
             cursor = (cursor + 255) // 256 * 256
+            return at
 
+        # a piece's buffer (rounded up to 256 B, plus up to 16 B of padding between parts) must
+        # stay within the binding limit
+        budget = self.max_binding // 256 * 256 - 16
         if nf4:
-            put("gu_codes", [wg.packed, wu.packed])
-            put("gu_abs", [np.ascontiguousarray(wg.absmax, np.float32), np.ascontiguousarray(wu.absmax, np.float32)])
-            put("d_codes", [wd.packed])
-            put("d_abs", [np.ascontiguousarray(wd.absmax, np.float32)])
-            plan = _LayerPlan(True, pieces, sizes, offsets, blocksize=wg.blocksize, total=cursor)
-            starts = [off for name, off, _ in pieces if name in ("gu_codes", "gu_abs")]
-            plan.gu = (I, (starts[1] - starts[0]) // 4, (starts[3] - starts[2]) // 4)
+            bs = wg.blocksize
+            out = {}
+            for tag, tensors, K in (("gu", (wg, wu), H), ("d", (wd,), I)):
+                step = bs // math.gcd(bs, K)  # rows·K must be a multiple of the block size
+                cap = min(budget * 2 // K, budget // 4 * bs // K) // step * step
+                out[tag] = []
+                for pi, part in enumerate(_split_rows([t.shape[0] for t in tensors], cap, step, K, lambda _: True)):
+                    at_c = put(f"{tag}{pi}_codes", [tensors[si].packed[r0 * K // 2: (r1 * K + 1) // 2]
+                                                    for si, r0, r1 in part])
+                    at_a = put(f"{tag}{pi}_abs", [np.ascontiguousarray(tensors[si].absmax[r0 * K // bs: -(-r1 * K // bs)],
+                                                                       np.float32) for si, r0, r1 in part])
+                    two = len(part) == 2
+                    fields = ((part[0][2] - part[0][1]) if two else 1 << 31,
+                              at_c[1] // 4 if two else 0, at_a[1] // 4 if two else 0)
+                    s0 = part[0][0] * I + part[0][1]
+                    out[tag].append((s0, s0 + sum(r1 - r0 for _, r0, r1 in part),
+                                     (f"{tag}{pi}_codes", f"{tag}{pi}_abs"), fields))
+            plan = _LayerPlan(True, pieces, sizes, offsets, gu=out["gu"], d=out["d"], blocksize=bs, total=cursor)
         else:
             # fp32 weights (or a mix): dequantized on the host, uploaded as fp32
             f = [dequantize_nf4(w) if isinstance(w, NF4Tensor) else w for w in (wg, wu, wd)]
-            put("gu_f32", [f[0], f[1]])
-            put("d_f32", [f[2]])
-            plan = _LayerPlan(False, pieces, sizes, offsets, total=cursor)
+            out = {}
+            for tag, tensors, K in (("gu", f[:2], H), ("d", f[2:], I)):
+                cap = budget // (4 * K)
+                out[tag] = []
+                # fp32 parts must sit back to back: join Wu to Wg only if Wg's bytes need no padding
+                join = lambda part, K=K: (part[2] - part[1]) * K % 2 == 0  # noqa: E731
+                for pi, part in enumerate(_split_rows([t.shape[0] for t in tensors], cap, 1, K, join)):
+                    put(f"{tag}{pi}_f32", [tensors[si][r0:r1] for si, r0, r1 in part])
+                    s0 = part[0][0] * I + part[0][1]
+                    out[tag].append((s0, s0 + sum(r1 - r0 for _, r0, r1 in part), (f"{tag}{pi}_f32",), None))
+            plan = _LayerPlan(False, pieces, sizes, offsets, gu=out["gu"], d=out["d"], total=cursor)
         return plan
 
     def _b_operands(self, layer: int, slot: _Slot):
-        """(B for gate|up [2I, H], B for down [H, I]) as kernel operands."""
+        """Row pieces [(s0, s1, B)] of gate|up [2I, H] and of down [H, I] as kernel operands."""
         plan = self.plans[layer]
-        H, I = self.hidden, self.inter
-        if plan.nf4:
-            split, cw, aw = plan.gu
-            gu = Nf4B(slot.bufs["gu_codes"], slot.bufs["gu_abs"], H, split, cw, aw, plan.blocksize)
-            d = Nf4B(slot.bufs["d_codes"], slot.bufs["d_abs"], I, 1 << 31, 0, 0, plan.blocksize)
-            return gu, d
-        return Operand(slot.bufs["gu_f32"], 0, H), Operand(slot.bufs["d_f32"], 0, I)
+        res = []
+        for pieces, K in ((plan.gu, self.hidden), (plan.d, self.inter)):
+            ops = []
+            for s0, s1, names, fields in pieces:
+                if plan.nf4:
+                    b = Nf4B(slot.bufs[names[0]], slot.bufs[names[1]], K, *fields, plan.blocksize)
+                else:
+                    b = Operand(slot.bufs[names[0]], 0, K)
+                ops.append((s0, s1, b))
+            res.append(ops)
+        return res
 
     def _stage(self, layer: int) -> None:
         """Write layer's weights into its staging buffer (host memcpy; no GPU wait unless the
@@ -191,7 +227,7 @@ class WgpuFfnBackend(FfnBackend):
     def _chunks(self, n: int):
         H, I = self.hidden, self.inter
         widest = max(2 * I, H) * F32
-        rows = max(1, self.ctx.max_binding // widest)
+        rows = max(1, self.max_binding // widest)
         rows = min(rows, int(self.ctx.limits["max-compute-workgroups-per-dimension"]))
         if self.max_rows:
             rows = min(rows, self.max_rows)
@@ -269,10 +305,12 @@ class WgpuFfnBackend(FfnBackend):
                     L[: r["gate_proj"], :I] = pr["gate_proj"].B.T
                 if r["up_proj"]:
                     L[r["gate_proj"]:, I:] = pr["up_proj"].B.T
-                lw["L_gu"] = L
+                for i, (s0, s1, _) in enumerate(b_gu):
+                    lw[f"L_gu{i}"] = L[:, s0:s1]  # [rg+ru, s1-s0] per weight piece
             if rd:
                 lw["sA_d"] = pr["down_proj"].A * np.float32(pr["down_proj"].scale)  # [rd, I]
-                lw["B_dT"] = pr["down_proj"].B.T                                    # [rd, H]
+                for i, (q0, q1, _) in enumerate(b_d):
+                    lw[f"B_dT{i}"] = pr["down_proj"].B.T[:, q0:q1]                  # [rd, q1-q0]
         lbuf, lo = self._upload_small(lw) if lw else (None, {})
 
         xs = self._upload_rows(rec, x, "x")
@@ -302,9 +340,10 @@ class WgpuFfnBackend(FfnBackend):
                 else:
                     K.gemm(rec, T, M, rgu, H, Operand(c["x"], 0, H), Operand(lbuf, lo["sA_gu"], H),
                            Operand(c["ts_gu"], 0, rgu), b_t=True)
-                lora_gu = (Operand(c["ts_gu"], 0, rgu), rgu, _sub(lbuf, lo["L_gu"], 2 * I * rgu), 2)
-            K.gemm(rec, T, M, 2 * I, H, Operand(c["x"], 0, H), b_gu, Operand(c["gu"], 0, 2 * I),
-                   b_t=True, lora=lora_gu)
+            for i, (s0, s1, b) in enumerate(b_gu):  # gu[:, s0:s1] = x Wgu[s0:s1]ᵀ (+ LoRA)
+                lora_gu = (Operand(c["ts_gu"], 0, rgu), rgu, _sub(lbuf, lo[f"L_gu{i}"], (s1 - s0) * rgu), 2) if rgu else None
+                K.gemm(rec, T, M, s1 - s0, H, Operand(c["x"], 0, H), b, Operand(c["gu"], s0, 2 * I),
+                       b_t=True, lora=lora_gu)
             K.swiglu_forward(rec, M, I, c["gu"], h)
             if rd:
                 c["ts_d"] = ctx.buffer(M * rd * F32, what="LoRA down inputs")
@@ -316,8 +355,9 @@ class WgpuFfnBackend(FfnBackend):
                               float(dropout_keep_scale(lora.dropout)), r0)
                 K.gemm(rec, T, M, rd, I, Operand(z, 0, I), Operand(lbuf, lo["sA_d"], I),
                        Operand(c["ts_d"], 0, rd), b_t=True)
-                lora_d = (Operand(c["ts_d"], 0, rd), rd, _sub(lbuf, lo["B_dT"], H * rd), 2)
-            K.gemm(rec, T, M, H, I, Operand(h, 0, I), b_d, Operand(y, 0, H), b_t=True, lora=lora_d)
+            for i, (q0, q1, b) in enumerate(b_d):  # y[:, q0:q1] = h Wd[q0:q1]ᵀ (+ LoRA)
+                lora_d = (Operand(c["ts_d"], 0, rd), rd, _sub(lbuf, lo[f"B_dT{i}"], (q1 - q0) * rd), 2) if rd else None
+                K.gemm(rec, T, M, q1 - q0, I, Operand(h, 0, I), b, Operand(y, q0, H), b_t=True, lora=lora_d)
             rec.copy(y, 0, rb, r0 * H * F32, M * H * F32)
             c["_tmp"] = [h, y]
             chunks.append(c)
@@ -395,7 +435,9 @@ class WgpuFfnBackend(FfnBackend):
                        Operand(dts_d, 0, rd), b_t=False)
                 if not drop:
                     lora_dh = (Operand(dts_d, 0, rd), rd, _sub(lbuf, lo["A_d"], rd * I), 2)
-            K.gemm(rec, T, M, I, H, Operand(dyc, 0, H), b_d, Operand(dh, 0, I), b_t=False, lora=lora_dh)
+            for i, (q0, q1, b) in enumerate(b_d):  # dh = Σ dy[:, q0:q1] Wd[q0:q1] (+ LoRA once)
+                K.gemm(rec, T, M, I, q1 - q0, Operand(dyc, q0, H), b, Operand(dh, 0, I), b_t=False,
+                       lora=lora_dh if i == 0 else None, accum=i > 0)
             if rd:
                 if drop:
                     pd = ctx.buffer(M * I * F32, what="LoRA down dz")
@@ -428,7 +470,9 @@ class WgpuFfnBackend(FfnBackend):
                         col += r[p]
                 if not drop:
                     lora_dx = (Operand(dts_gu, 0, rgu), rgu, _sub(lbuf, lo["A_gu"], rgu * H), 2)
-            K.gemm(rec, T, M, H, 2 * I, Operand(dgu, 0, 2 * I), b_gu, Operand(dx, 0, H), b_t=False, lora=lora_dx)
+            for i, (s0, s1, b) in enumerate(b_gu):  # dx = Σ dgu[:, s0:s1] Wgu[s0:s1] (+ LoRA once)
+                K.gemm(rec, T, M, H, s1 - s0, Operand(dgu, s0, 2 * I), b, Operand(dx, 0, H), b_t=False,
+                       lora=lora_dx if i == 0 else None, accum=i > 0)
             col = 0
             for p, y_off in (("gate_proj", 0), ("up_proj", I)):
                 if not r[p]:
@@ -473,6 +517,38 @@ class WgpuFfnBackend(FfnBackend):
         self.state = None
         self.slots = []
         self.ctx.trim()
+
+
+def _split_rows(seg_rows, cap: int, step: int, K: int, join) -> list:
+    """Row pieces of stacked tensors with seg_rows[i] rows of K elements: each piece a list of
+    (tensor index, r0, r1), at most `cap` rows, every piece starting at row 0 or a multiple of
+    `step` of its tensor; a tensor joins the piece that ends the previous one if join(its part)."""
+    if cap < 1 or cap < min(step, max(seg_rows)):
+        raise ValueError(f"a storage binding limit that holds {cap} rows of {K} elements cannot hold a weight "
+                         f"piece of {step} rows (NF4 block alignment); raise max_binding")
+    pieces, cur, room = [], [], cap
+    for si, n in enumerate(seg_rows):
+        if cur and not join(cur[-1]):
+            pieces.append(cur)
+            cur, room = [], cap
+        r = 0
+        while r < n:
+            take = min(n - r, room)
+            if take < n - r:
+                take -= take % step  # a piece ending inside a tensor ends on a block boundary
+            if take == 0:
+                pieces.append(cur)
+                cur, room = [], cap
+                continue
+            cur.append((si, r, r + take))
+            room -= take
+            r += take
+            if r < n:
+                pieces.append(cur)
+                cur, room = [], cap
+    if cur:
+        pieces.append(cur)
+    return pieces
 
 
 def _sub(buf, off_elems: int, n_elems: int):
