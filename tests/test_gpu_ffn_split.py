@@ -4,7 +4,6 @@ holding the end of gate and the start of up); forward and backward against the f
 reference and against the unsplit run, streaming and resident."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from test_ffn_cpu import check_backend, fake_state, make_lora, rel_err

@@ -144,14 +144,14 @@ class WgpuFfnBackend(FfnBackend):
         if nf4:
             bs = wg.blocksize
             out = {}
-            for tag, tensors, K in (("gu", (wg, wu), H), ("d", (wd,), I)):
-                step = bs // math.gcd(bs, K)  # rows·K must be a multiple of the block size
-                cap = min(budget * 2 // K, budget // 4 * bs // K) // step * step
+            for tag, tensors, cols in (("gu", (wg, wu), H), ("d", (wd,), I)):
+                step = bs // math.gcd(bs, cols)  # rows·cols must be a multiple of the block size
+                cap = min(budget * 2 // cols, budget // 4 * bs // cols) // step * step
                 out[tag] = []
-                for pi, part in enumerate(_split_rows([t.shape[0] for t in tensors], cap, step, K, lambda _: True)):
-                    at_c = put(f"{tag}{pi}_codes", [tensors[si].packed[r0 * K // 2: (r1 * K + 1) // 2]
+                for pi, part in enumerate(_split_rows([t.shape[0] for t in tensors], cap, step, cols, lambda _: True)):
+                    at_c = put(f"{tag}{pi}_codes", [tensors[si].packed[r0 * cols // 2: (r1 * cols + 1) // 2]
                                                     for si, r0, r1 in part])
-                    at_a = put(f"{tag}{pi}_abs", [np.ascontiguousarray(tensors[si].absmax[r0 * K // bs: -(-r1 * K // bs)],
+                    at_a = put(f"{tag}{pi}_abs", [np.ascontiguousarray(tensors[si].absmax[r0 * cols // bs: -(-r1 * cols // bs)],
                                                                        np.float32) for si, r0, r1 in part])
                     two = len(part) == 2
                     fields = ((part[0][2] - part[0][1]) if two else 1 << 31,
@@ -164,12 +164,12 @@ class WgpuFfnBackend(FfnBackend):
             # fp32 weights (or a mix): dequantized on the host, uploaded as fp32
             f = [dequantize_nf4(w) if isinstance(w, NF4Tensor) else w for w in (wg, wu, wd)]
             out = {}
-            for tag, tensors, K in (("gu", f[:2], H), ("d", f[2:], I)):
-                cap = budget // (4 * K)
+            for tag, tensors, cols in (("gu", f[:2], H), ("d", f[2:], I)):
+                cap = budget // (4 * cols)
                 out[tag] = []
                 # fp32 parts must sit back to back: join Wu to Wg only if Wg's bytes need no padding
-                join = lambda part, K=K: (part[2] - part[1]) * K % 2 == 0  # noqa: E731
-                for pi, part in enumerate(_split_rows([t.shape[0] for t in tensors], cap, 1, K, join)):
+                join = lambda part, cols=cols: (part[2] - part[1]) * cols % 2 == 0  # noqa: E731
+                for pi, part in enumerate(_split_rows([t.shape[0] for t in tensors], cap, 1, cols, join)):
                     put(f"{tag}{pi}_f32", [tensors[si][r0:r1] for si, r0, r1 in part])
                     s0 = part[0][0] * I + part[0][1]
                     out[tag].append((s0, s0 + sum(r1 - r0 for _, r0, r1 in part), (f"{tag}{pi}_f32",), None))
@@ -180,13 +180,13 @@ class WgpuFfnBackend(FfnBackend):
         """Row pieces [(s0, s1, B)] of gate|up [2I, H] and of down [H, I] as kernel operands."""
         plan = self.plans[layer]
         res = []
-        for pieces, K in ((plan.gu, self.hidden), (plan.d, self.inter)):
+        for pieces, cols in ((plan.gu, self.hidden), (plan.d, self.inter)):
             ops = []
             for s0, s1, names, fields in pieces:
                 if plan.nf4:
-                    b = Nf4B(slot.bufs[names[0]], slot.bufs[names[1]], K, *fields, plan.blocksize)
+                    b = Nf4B(slot.bufs[names[0]], slot.bufs[names[1]], cols, *fields, plan.blocksize)
                 else:
-                    b = Operand(slot.bufs[names[0]], 0, K)
+                    b = Operand(slot.bufs[names[0]], 0, cols)
                 ops.append((s0, s1, b))
             res.append(ops)
         return res
