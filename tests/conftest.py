@@ -29,3 +29,17 @@ def _restore_cpu_level():
     yield
     if "QLORA_EXT_CPU" not in os.environ:
         qlora_ext.refresh_cpu_features()
+
+
+@pytest.fixture(scope="module")
+def gpu_ctx():
+    """A wgpu context on the best adapter (lavapipe where there is no GPU); skips the module's
+    GPU tests, with the reason, where wgpu has no usable adapter."""
+    from qlora_ext.gpu.context import GpuContext, GpuError, pick_adapter
+
+    if pick_adapter(allow_software=True) is None:
+        pytest.skip("no wgpu adapter (install a Vulkan driver such as Mesa lavapipe)")
+    try:
+        return GpuContext()
+    except GpuError as e:
+        pytest.skip(f"wgpu adapter unusable: {e}")

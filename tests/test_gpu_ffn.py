@@ -10,18 +10,6 @@ from test_ffn_cpu import check_backend, fake_state, make_lora
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module")
-def gpu_ctx():
-    from qlora_ext.gpu.context import GpuContext, GpuError, pick_adapter
-
-    if pick_adapter(allow_software=True) is None:
-        pytest.skip("no wgpu adapter (install a Vulkan driver such as Mesa lavapipe)")
-    try:
-        return GpuContext()
-    except GpuError as e:
-        pytest.skip(f"wgpu adapter unusable: {e}")
-
-
 H, I = 40, 72
 
 

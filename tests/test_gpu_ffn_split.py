@@ -11,18 +11,6 @@ from test_ffn_cpu import check_backend, fake_state, make_lora, rel_err
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module")
-def gpu_ctx():
-    from qlora_ext.gpu.context import GpuContext, GpuError, pick_adapter
-
-    if pick_adapter(allow_software=True) is None:
-        pytest.skip("no wgpu adapter (install a Vulkan driver such as Mesa lavapipe)")
-    try:
-        return GpuContext()
-    except GpuError as e:
-        pytest.skip(f"wgpu adapter unusable: {e}")
-
-
 # (nf4, H, I, max_binding, pieces of gate|up, pieces of down)
 CASES = [
     # NF4 blocks of 64 over rows of 40: 8-row steps; gate|up 0:56 | 56:72+0:40 | 40:72, down 0:32 | 32:40

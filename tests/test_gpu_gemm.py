@@ -12,15 +12,8 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
-def ctx():
-    from qlora_ext.gpu.context import GpuContext, GpuError, pick_adapter
-
-    if pick_adapter(allow_software=True) is None:
-        pytest.skip("no wgpu adapter (install a Vulkan driver such as Mesa lavapipe)")
-    try:
-        return GpuContext()
-    except GpuError as e:
-        pytest.skip(f"wgpu adapter unusable: {e}")
+def ctx(gpu_ctx):
+    return gpu_ctx
 
 
 def up(ctx, a):
