@@ -40,12 +40,17 @@ class FfnBackend(ABC):
         """Take the model's weights (a ModelState); resident backends upload them here."""
 
     @abstractmethod
-    def ffn_forward(self, layer: int, x: np.ndarray, lora: FfnLora | None, need_backward: bool = True):
-        """Returns (y [N, hidden], ctx); ctx holds what ffn_backward needs (None if not asked)."""
+    def ffn_forward(self, layer: int, x: np.ndarray, lora: FfnLora | None, need_backward: bool = True,
+                    while_waiting=None):
+        """Returns (y [N, hidden], ctx); ctx holds what ffn_backward needs (None if not asked).
+        `while_waiting`: CPU work of the caller that does not depend on y; a device backend
+        calls it once after submitting its work and before waiting for it (so the two
+        overlap), a host backend once after computing."""
 
     @abstractmethod
-    def ffn_backward(self, layer: int, ctx, dy: np.ndarray) -> FfnGrads:
-        """dy [N, hidden] -> dx and the LoRA grads of this layer's adapted FFN projections."""
+    def ffn_backward(self, layer: int, ctx, dy: np.ndarray, while_waiting=None) -> FfnGrads:
+        """dy [N, hidden] -> dx and the LoRA grads of this layer's adapted FFN projections;
+        `while_waiting` as in ffn_forward."""
 
     def prefetch(self, layer: int) -> None:
         """Hint: layer `layer` comes next (streaming backends start its upload)."""

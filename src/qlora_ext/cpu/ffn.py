@@ -199,7 +199,8 @@ class CpuFfnBackend(FfnBackend):
         return dequantize_nf4(w, out=out, threads=self.threads) if isinstance(w, NF4Tensor) else w
 
     # -- forward -------------------------------------------------------------------------------
-    def ffn_forward(self, layer: int, x: np.ndarray, lora: FfnLora | None, need_backward: bool = True):
+    def ffn_forward(self, layer: int, x: np.ndarray, lora: FfnLora | None, need_backward: bool = True,
+                    while_waiting=None):
         x = check_ffn_input(x, self.hidden if self.state is not None else x.shape[-1])
         gate_up, wd = self._weights(layer)
         check_lora(lora, self.shapes)
@@ -220,6 +221,8 @@ class CpuFfnBackend(FfnBackend):
         y = h @ wd.T                                             # [N, H]
         if "down_proj" in pairs:
             y += self._lora_fwd(ctx, layer, "down_proj", h, pairs["down_proj"], lora)
+        if while_waiting is not None:  # nothing to overlap on the host: run it after
+            while_waiting()
         return y, ctx
 
     @staticmethod
@@ -233,7 +236,7 @@ class CpuFfnBackend(FfnBackend):
         return (t * np.float32(pair.scale)) @ pair.B.T
 
     # -- backward ------------------------------------------------------------------------------
-    def ffn_backward(self, layer: int, ctx, dy: np.ndarray) -> FfnGrads:
+    def ffn_backward(self, layer: int, ctx, dy: np.ndarray, while_waiting=None) -> FfnGrads:
         if not isinstance(ctx, _Ctx):
             raise ValueError("ffn_backward needs the ctx of ffn_forward(..., need_backward=True)")
         if ctx.layer != layer:
@@ -272,6 +275,8 @@ class CpuFfnBackend(FfnBackend):
         for p, d in (("gate_proj", dg), ("up_proj", du)):
             if p in pairs:
                 dx += self._lora_bwd(ctx, p, ctx.x, pairs[p], np.ascontiguousarray(d), grads)
+        if while_waiting is not None:
+            while_waiting()
         return FfnGrads(dx=dx, lora=grads)
 
     @staticmethod

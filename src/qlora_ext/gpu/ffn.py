@@ -278,7 +278,8 @@ class WgpuFfnBackend(FfnBackend):
         return st
 
     # -- forward -------------------------------------------------------------------------------
-    def ffn_forward(self, layer: int, x: np.ndarray, lora: FfnLora | None, need_backward: bool = True):
+    def ffn_forward(self, layer: int, x: np.ndarray, lora: FfnLora | None, need_backward: bool = True,
+                    while_waiting=None):
         if self.state is None:
             raise ValueError("WgpuFfnBackend: call prepare(state) first")
         x = check_ffn_input(x, self.hidden)
@@ -363,8 +364,11 @@ class WgpuFfnBackend(FfnBackend):
             chunks.append(c)
         submitted = time.perf_counter()
         rec.submit()
-        # the GPU computes this layer now; meanwhile stage the next layer's weights
+        # the GPU computes this layer now; meanwhile stage the next layer's weights and run the
+        # caller's independent CPU work
         self.prefetch(layer + 1)
+        if while_waiting is not None:
+            while_waiting()
         out = np.empty((N, H), np.float32)
         read_staging(rb, N * H * F32, out, submitted, "gpu ffn forward")
         for c in chunks:
@@ -377,7 +381,7 @@ class WgpuFfnBackend(FfnBackend):
         return out, _GpuCtx(layer, N, lora, r, chunks)
 
     # -- backward ------------------------------------------------------------------------------
-    def ffn_backward(self, layer: int, gctx, dy: np.ndarray) -> FfnGrads:
+    def ffn_backward(self, layer: int, gctx, dy: np.ndarray, while_waiting=None) -> FfnGrads:
         if not isinstance(gctx, _GpuCtx):
             raise ValueError("ffn_backward needs the ctx of ffn_forward(..., need_backward=True)")
         if gctx.layer != layer:
@@ -497,6 +501,8 @@ class WgpuFfnBackend(FfnBackend):
         submitted = time.perf_counter()
         rec.submit()
         self.prefetch(layer - 1)
+        if while_waiting is not None:
+            while_waiting()
         flat = np.empty(N * H + cur, np.float32)
         read_staging(rb, flat.nbytes, flat, submitted, "gpu ffn backward")
         ctx.release(*tmp, lbuf, gbuf)

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..backend import FfnLora
 from ..nf4 import dequantize_nf4
-from .lora import FFN_PROJECTIONS, PROJECTIONS, LoraPair, peft_name
+from .lora import ATTN_PROJECTIONS, FFN_PROJECTIONS, PROJECTIONS, LoraPair, peft_name
 
 
 class PhaseTimer:
@@ -224,7 +224,16 @@ class DecoderLayers:
         return FfnLora(pairs, drop, seed)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, l: int, x: np.ndarray, inp: StepInputs, keep: bool, cache=None):
+    def prefetch_weights(self, l: int, projs=ATTN_PROJECTIONS) -> None:
+        """Dequantize layer l's attention projections into their buffers now (no-op for fp32
+        weights or a layer already held): run while the GPU computes an FFN, so that this CPU
+        work overlaps it instead of following it."""
+        if 0 <= l < len(self.state.layers):
+            for proj in projs:
+                self.weight(l, proj)
+
+    def forward(self, l: int, x: np.ndarray, inp: StepInputs, keep: bool, cache=None,
+                prefetch_next: bool = True):
         """x [N, H] -> (y [N, H], LayerActivations | None).  With a KVCache (generation, B = 1,
         no backward) the new keys/values are appended and attention covers the cached ones."""
         tm, k, lw = self.timer, self.k, self.state.layers[l]
@@ -268,7 +277,12 @@ class DecoderLayers:
         with tm("norms"):
             h2, rstd2 = k.rmsnorm_forward(x2, lw.post_attention_layernorm, self.eps, threads=self.threads)
         with tm("ffn"):
-            f, ffn_ctx = self.backend.ffn_forward(l, h2, self.ffn_lora(l, inp), need_backward=keep)
+            # while the FFN runs (on a GPU backend), the next layer's attention weights are
+            # dequantized; a recompute inside backward prefetches nothing (its attention
+            # backward needs this layer's weights, which are held)
+            nxt = (lambda: self.prefetch_weights(l + 1)) if prefetch_next else None
+            f, ffn_ctx = self.backend.ffn_forward(l, h2, self.ffn_lora(l, inp), need_backward=keep,
+                                                  while_waiting=nxt)
             if l + 1 < len(self.state.layers):
                 # a streaming GPU backend uploads the next layer while the CPU runs its attention
                 self.backend.prefetch(l + 1)
@@ -288,7 +302,11 @@ class DecoderLayers:
         tm, k, lw = self.timer, self.k, self.state.layers[l]
         B, T, Hq, Hkv, D = inp.B, inp.T, self.Hq, self.Hkv, self.D
         with tm("ffn"):
-            fg = self.backend.ffn_backward(l, acts.ffn_ctx, dy)
+            # this layer's attention backward comes next: its weights dequantize meanwhile
+            # (layer 0 has no input gradient: only o_proj's weight is needed there)
+            projs = ATTN_PROJECTIONS if need_dx else ("o_proj",)
+            fg = self.backend.ffn_backward(l, acts.ffn_ctx, dy,
+                                           while_waiting=lambda: self.prefetch_weights(l, projs))
             if l > 0:
                 self.backend.prefetch(l - 1)
         acts.ffn_ctx = None

@@ -216,7 +216,7 @@ class Model:
         for l in reversed(range(L)):
             acts = saved[l]
             if not keep:
-                _, acts = self._layers.forward(l, acts, inp, keep=True)
+                _, acts = self._layers.forward(l, acts, inp, keep=True, prefetch_next=False)
             saved[l] = None
             dx = self._layers.backward(l, acts, dx, inp, grads, need_dx=l > 0)
         return self._finish_loss(total, count, reduction), grads
