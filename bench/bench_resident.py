@@ -39,8 +39,13 @@ S = _sizes()
 
 @pytest.fixture(scope="module")
 def ctx():
-    pytest.importorskip("wgpu")
-    from qlora_ext.gpu.resident.context import default_context, find_adapter
+    wgpu = pytest.importorskip("wgpu")
+    from qlora_ext.gpu.resident.context import default_context, find_adapter, require_wgpu_for_resident
+
+    try:
+        require_wgpu_for_resident(wgpu.__version__)
+    except OSError as e:
+        pytest.skip(str(e))
 
     if find_adapter() is None:
         pytest.skip("no wgpu adapter")

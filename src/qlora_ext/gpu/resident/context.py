@@ -64,6 +64,20 @@ class GpuTensor:
         return 4 * self.size
 
 
+# The resident kernels were developed and validated on wgpu 0.32 (wgpu-native 29); wgpu 0.31's
+# shader translator lays out some uniform structs differently and the kernels fail validation.
+MIN_WGPU_FOR_RESIDENT = (0, 32)
+
+
+def require_wgpu_for_resident(version: str) -> None:
+    """Raise OSError (with the fix) when the installed wgpu is too old for the resident mode."""
+    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if parts < MIN_WGPU_FOR_RESIDENT:
+        need = ".".join(map(str, MIN_WGPU_FOR_RESIDENT))
+        raise OSError(f"the GPU-resident mode needs wgpu >= {need} (installed: {version}; wgpu {need} needs "
+                      f"Python >= 3.11): pip install 'wgpu>={need}', or use the split placement")
+
+
 class GpuContext:
     """One device, its pipelines and one pending command encoder.
 
@@ -73,6 +87,7 @@ class GpuContext:
     def __init__(self, adapter=None):
         import wgpu
 
+        require_wgpu_for_resident(wgpu.__version__)
         self.wgpu = wgpu
         if adapter is None:
             adapter = find_adapter()
