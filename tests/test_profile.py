@@ -42,10 +42,12 @@ def test_phase_table_overlap_and_trace(tmp_path):
 def test_threads_get_their_own_tracks():
     p = Profiler()
     p.start()
+    # all three alive at once: a finished thread's ident may be reused by the next one
+    together = threading.Barrier(3)
 
     def work():
         with p.phase("rope"):
-            time.sleep(0.001)
+            together.wait()
 
     ts = [threading.Thread(target=work) for _ in range(3)]
     for t in ts:
