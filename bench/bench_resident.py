@@ -39,16 +39,11 @@ S = _sizes()
 
 @pytest.fixture(scope="module")
 def ctx():
-    wgpu = pytest.importorskip("wgpu")
-    from qlora_ext.gpu.resident.context import default_context, find_adapter, require_wgpu_for_resident
+    from qlora_ext.gpu.resident.context import default_context, unavailable_reason
 
-    try:
-        require_wgpu_for_resident(wgpu.__version__)
-    except OSError as e:
-        pytest.skip(str(e))
-
-    if find_adapter() is None:
-        pytest.skip("no wgpu adapter")
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
     return default_context()
 
 

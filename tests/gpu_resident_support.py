@@ -5,17 +5,12 @@ import pytest
 
 
 def resident_context():
-    """A GpuContext on the first adapter (lavapipe in CI), or skip."""
-    wgpu = pytest.importorskip("wgpu", reason="wgpu is not installed")
-    from qlora_ext.gpu.resident.context import default_context, find_adapter, require_wgpu_for_resident
+    """A GpuContext on the first adapter (lavapipe in CI), or skip with the reason."""
+    from qlora_ext.gpu.resident.context import default_context, unavailable_reason
 
-    try:
-        require_wgpu_for_resident(wgpu.__version__)
-    except OSError as e:
-        pytest.skip(str(e))
-
-    if find_adapter() is None:
-        pytest.skip("no wgpu adapter (install Mesa lavapipe or run on a GPU)")
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
     return default_context()
 
 

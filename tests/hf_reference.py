@@ -130,3 +130,49 @@ def peft_grads(pm, input_ids, labels, attention_mask=None):
     grads = {n.replace(".default", ""): p.grad.detach().numpy().copy()
              for n, p in pm.named_parameters() if p.requires_grad and p.grad is not None}
     return float(out.loss), grads, out.logits.detach().numpy()
+
+
+def batch_with_padding(seed=0, B=2, T=11, pad_right=True, vocab=97):
+    """ids, labels (with -100 on a prefix and on padding) and an attention mask with padding."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, (B, T))
+    labels = ids.copy()
+    labels[0, :3] = -100
+    mask = np.ones_like(ids)
+    if B > 1:
+        if pad_right:
+            mask[1, T - 3:] = 0
+        else:
+            mask[1, :3] = 0
+        labels[1][mask[1] == 0] = -100
+        if not pad_right:
+            # the first real token would be predicted from a pad position, whose attention
+            # row sees no key: undefined (HF attends uniformly, we output zeros)
+            labels[1, 3] = -100
+    return ids, labels, mask
+
+
+def rel_to_max(a, b):
+    """max |a - b| relative to max |b|."""
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def check_parity(model, pm, ids, labels, mask, grad_tol=1e-3):
+    """The acceptance bounds against HF + PEFT (`pm`, torch autograd): logits 1e-4 of the
+    largest logit on real tokens, loss 1e-5 (also through model.loss), every LoRA grad 1e-3 of
+    its largest entry.  `model` is a Model or a ResidentEngine (same methods)."""
+    loss_ref, g_ref, logits_ref = peft_grads(pm, ids, labels, mask)
+    logits = model.forward(ids, mask)
+    real = mask.astype(bool)
+    assert logits.dtype == np.float32 and logits.shape == logits_ref.shape
+    assert rel_to_max(logits[real], logits_ref[real]) <= 1e-4
+    loss, grads = model.loss_and_grads(ids, labels, mask)
+    assert abs(loss - loss_ref) <= 1e-5 * abs(loss_ref)
+    assert abs(model.loss(ids, labels, mask) - loss_ref) <= 1e-5 * abs(loss_ref)
+    # a trained LM head is PEFT's modules_to_save copy; ours carries the plain name
+    g_ref = {k.replace(".modules_to_save", ""): v for k, v in g_ref.items()}
+    assert set(grads) == set(g_ref)
+    for name, g in grads.items():
+        assert g.dtype == np.float32
+        assert rel_to_max(g, g_ref[name]) <= grad_tol, name
+    return loss, grads

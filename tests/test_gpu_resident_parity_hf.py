@@ -2,7 +2,8 @@
 gradients against HF transformers + PEFT (torch autograd) on tiny Qwen3 / Qwen2 / Llama
 models, fp32 and NF4 base, all 7 projections, non-zero B (on lavapipe in CI).  Tolerances as
 tests/test_parity_hf.py: logits 1e-4 of the largest logit, loss 1e-5, grads 1e-3."""
-import numpy as np
+from functools import partial
+
 import pytest
 
 from gpu_resident_support import resident_context
@@ -11,8 +12,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from hf_reference import (hf_from_checkpoint, peft_grads, peft_twin, randomize_lora,  # noqa: E402
-                          state_from_hf, tiny_hf_model)
+from hf_reference import (batch_with_padding, check_parity as _check, hf_from_checkpoint,  # noqa: E402
+                          peft_twin, randomize_lora, state_from_hf, tiny_hf_model)
 from model_factory import make_tiny_checkpoint  # noqa: E402
 
 from qlora_ext.model.api import load_model  # noqa: E402
@@ -21,45 +22,12 @@ from qlora_ext.model.model import Model  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 V = 97
+_batch = partial(batch_with_padding, vocab=V)
 
 
 @pytest.fixture(scope="module")
 def ctx():
     return resident_context()
-
-
-def _batch(seed=0, B=2, T=11, pad_right=True):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, V, (B, T))
-    labels = ids.copy()
-    labels[0, :3] = -100
-    mask = np.ones_like(ids)
-    if pad_right:
-        mask[1, T - 3:] = 0
-    else:
-        mask[1, :3] = 0
-        labels[1, 3] = -100   # predicted from a pad row that sees no key (HF: uniform; ours: 0)
-    labels[1][mask[1] == 0] = -100
-    return ids, labels, mask
-
-
-def _rel(a, b):
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
-
-
-def _check(engine, pm, ids, labels, mask):
-    loss_ref, g_ref, logits_ref = peft_grads(pm, ids, labels, mask)
-    logits = engine.forward(ids, mask)
-    real = mask.astype(bool)
-    assert logits.dtype == np.float32 and logits.shape == logits_ref.shape
-    assert _rel(logits[real], logits_ref[real]) <= 1e-4
-    loss, grads = engine.loss_and_grads(ids, labels, mask)
-    assert abs(loss - loss_ref) <= 1e-5 * abs(loss_ref)
-    assert abs(engine.loss(ids, labels, mask) - loss_ref) <= 1e-5 * abs(loss_ref)
-    g_ref = {k.replace(".modules_to_save", ""): v for k, v in g_ref.items()}
-    assert set(grads) == set(g_ref)
-    for name, g in grads.items():
-        assert _rel(g, g_ref[name]) <= 1e-3, name
 
 
 @pytest.mark.parametrize("quantize", [None, "nf4"])

@@ -2,6 +2,8 @@
 PEFT (torch autograd) on tiny Qwen3 / Qwen2 / Llama models, fp32 and NF4 base, with adapters
 on all 7 projections and non-zero B.  Tolerances: logits 1e-4 relative to the largest logit,
 loss 1e-5 relative, grads 1e-3 relative to the largest grad of each tensor."""
+from functools import partial
+
 import numpy as np
 import pytest
 
@@ -9,8 +11,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from hf_reference import (hf_from_checkpoint, peft_grads, peft_twin, randomize_lora,  # noqa: E402
-                          state_from_hf, tiny_hf_model)
+from hf_reference import (batch_with_padding, check_parity as _check, hf_from_checkpoint,  # noqa: E402
+                          peft_grads, peft_twin, randomize_lora, rel_to_max as _rel, state_from_hf,
+                          tiny_hf_model)
 from model_factory import make_tiny_checkpoint  # noqa: E402
 
 from qlora_ext.model.api import load_model  # noqa: E402
@@ -19,46 +22,7 @@ from qlora_ext.model.lora import LoraConfig  # noqa: E402
 from qlora_ext.model.model import Model  # noqa: E402
 
 V = 97
-
-
-def _batch(seed=0, B=2, T=11, pad_right=True):
-    """ids, labels (with -100 on a prefix and on padding) and an attention mask with padding."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, V, (B, T))
-    labels = ids.copy()
-    labels[0, :3] = -100
-    mask = np.ones_like(ids)
-    if B > 1:
-        if pad_right:
-            mask[1, T - 3:] = 0
-        else:
-            mask[1, :3] = 0
-        labels[1][mask[1] == 0] = -100
-        if not pad_right:
-            # the first real token would be predicted from a pad position, whose attention
-            # row sees no key: undefined (HF attends uniformly, we output zeros)
-            labels[1, 3] = -100
-    return ids, labels, mask
-
-
-def _rel(a, b):
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
-
-
-def _check(model, pm, ids, labels, mask, grad_tol=1e-3):
-    loss_ref, g_ref, logits_ref = peft_grads(pm, ids, labels, mask)
-    logits = model.forward(ids, mask)
-    real = mask.astype(bool)
-    assert logits.dtype == np.float32 and logits.shape == logits_ref.shape
-    assert _rel(logits[real], logits_ref[real]) <= 1e-4
-    loss, grads = model.loss_and_grads(ids, labels, mask)
-    assert abs(loss - loss_ref) <= 1e-5 * abs(loss_ref)
-    assert abs(model.loss(ids, labels, mask) - loss_ref) <= 1e-5 * abs(loss_ref)
-    assert set(grads) == set(g_ref)
-    for name, g in grads.items():
-        assert g.dtype == np.float32
-        assert _rel(g, g_ref[name]) <= grad_tol, name
-    return loss, grads
+_batch = partial(batch_with_padding, vocab=V)
 
 
 @pytest.mark.parametrize("quantize", [None, "nf4"])

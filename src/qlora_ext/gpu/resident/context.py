@@ -425,6 +425,21 @@ def find_adapter():
     return ads[0]
 
 
+def unavailable_reason() -> str | None:
+    """Why the resident mode cannot run here (wgpu missing or too old, no adapter), or None."""
+    try:
+        import wgpu
+    except ImportError:
+        return "wgpu is not installed"
+    try:
+        require_wgpu_for_resident(wgpu.__version__)
+    except OSError as e:
+        return str(e)
+    if find_adapter() is None:
+        return "no wgpu adapter (install Mesa lavapipe or run on a GPU)"
+    return None
+
+
 _default = None
 
 
