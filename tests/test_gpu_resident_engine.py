@@ -162,12 +162,12 @@ def test_engine_kernel_times_in_profiler(ctx, tmp_path):
     model = _model(tmp_path, "qwen3", "nf4")
     engine = ResidentEngine(model, ctx=tctx)
     ids, labels = _batch(model.config.vocab_size)
-    tctx.enable_timing()
     prof = Profiler()
+    tctx.enable_timing(profiler=prof)
     prof.start()
     with prof.step():
         engine.train_step(ids, labels)
-        times = tctx.kernel_times(prof)
+        times = tctx.kernel_times()
     prof.stop()
     # With the global profiler on, the engine times its kernels by itself.
     from qlora_ext.profile import PROFILER
@@ -187,3 +187,29 @@ def test_engine_kernel_times_in_profiler(ctx, tmp_path):
     assert "attention_fwd.forward" in prof.table()
     with pytest.raises(ValueError, match="timing is off"):
         ctx.kernel_times()
+
+
+def test_kernel_spans_survive_a_full_query_set(ctx, tmp_path, monkeypatch):
+    """A step with more passes than the query set holds: the passes resolved mid-step (set
+    full) reach the profiler as well, so the phase table covers the whole step."""
+    from qlora_ext.gpu.resident import context as rc
+    from qlora_ext.gpu.resident.engine import ResidentEngine
+    from qlora_ext.profile import Profiler
+
+    if not ctx.has_timestamps:
+        pytest.skip("adapter without timestamp-query")
+    monkeypatch.setattr(rc._PassTimer, "CAPACITY", 16)   # 8 passes per resolve
+    tctx = rc.GpuContext(ctx.adapter)
+    model = _model(tmp_path, "qwen3", "nf4")
+    engine = ResidentEngine(model, ctx=tctx)
+    ids, labels = _batch(model.config.vocab_size)
+    prof = Profiler()
+    tctx.enable_timing(profiler=prof)
+    prof.start()
+    with prof.step():
+        engine.train_step(ids, labels)
+        times = tctx.kernel_times()
+    prof.stop()
+    passes = sum(n for _, n in times.values())
+    assert passes > 8
+    assert sum(sp.device == "gpu" for sp in prof.spans) == passes

@@ -318,22 +318,22 @@ class GpuContext:
             self._encoder = None
 
     # ---- per-kernel GPU time ---------------------------------------------------------------
-    def enable_timing(self, on: bool = True) -> None:
+    def enable_timing(self, on: bool = True, profiler=None) -> None:
         """Time every compute pass with timestamp queries (needs the adapter's timestamp-query
-        feature); kernel_times() then returns GPU seconds per kernel."""
+        feature); kernel_times() then returns GPU seconds per kernel.  With a
+        qlora_ext.profile.Profiler, every pass also becomes a "gpu" span of it."""
         if on and not self.has_timestamps:
             raise OSError("this adapter has no timestamp-query feature: per-kernel GPU times "
                           "are unavailable")
         self.submit()
-        self._timing = _PassTimer(self) if on else None
+        self._timing = _PassTimer(self, profiler) if on else None
 
-    def kernel_times(self, profiler=None) -> dict:
-        """{kernel: (seconds, passes)} accumulated since timing was enabled (waits for the GPU).
-        With a qlora_ext.profile.Profiler, also records each pass as a "gpu" span, placed on
-        the host clock by anchoring the last pass's end at the moment the wait returned."""
+    def kernel_times(self) -> dict:
+        """{kernel: (seconds, passes)} accumulated since timing was enabled (waits for the GPU;
+        the passes not yet collected become spans of enable_timing's profiler)."""
         if self._timing is None:
             raise ValueError("kernel_times: timing is off (call enable_timing() first)")
-        self._timing.collect(self, profiler)
+        self._timing.collect(self)
         return dict(self._timing.totals)
 
     def sync(self) -> None:
@@ -357,25 +357,32 @@ class _PassTimer:
 
     CAPACITY = 4096  # queries = 2 per pass
 
-    def __init__(self, ctx: GpuContext):
+    def __init__(self, ctx: GpuContext, profiler=None):
         w = ctx.wgpu
         self.qs = ctx.device.create_query_set(type=w.QueryType.timestamp, count=self.CAPACITY)
         self.resolve = ctx.device.create_buffer(size=8 * self.CAPACITY,
                                                 usage=w.BufferUsage.QUERY_RESOLVE | w.BufferUsage.COPY_SRC)
         self.labels: list[str] = []
         self.totals: dict = {}
+        # Spans go to the profiler at every collect, including the ones forced mid-step by a
+        # full query set (a step has more passes than CAPACITY / 2).
+        self.profiler = profiler
 
     def begin_pass(self, ctx: GpuContext, label: str):
         if 2 * (len(self.labels) + 1) > self.CAPACITY:
-            self.collect(ctx, None)
+            self.collect(ctx)
         i = len(self.labels)
         self.labels.append(label)
         return ctx.encoder().begin_compute_pass(timestamp_writes={
             "query_set": self.qs, "beginning_of_pass_write_index": 2 * i,
             "end_of_pass_write_index": 2 * i + 1})
 
-    def collect(self, ctx: GpuContext, profiler) -> None:
+    def collect(self, ctx: GpuContext) -> None:
+        """Resolve the pending passes' timestamps into totals (and profiler spans, placed on
+        the host clock by anchoring the last pass's end at the moment the wait returned)."""
         import time
+
+        profiler = self.profiler
 
         n = len(self.labels)
         if n == 0:

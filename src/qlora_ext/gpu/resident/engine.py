@@ -315,6 +315,9 @@ class ResidentEngine:
             if self.checkpointing and keep:
                 ctx.encoder().copy_buffer_to_buffer(x.buffer, 0, s["inputs"][l].buffer, 0, x.nbytes)
             self._layer_forward(l, a, x, x, s, B, T, mask)
+            # Send each layer as soon as it is recorded: the GPU runs it while Python records
+            # the next (one submit per step left the GPU idle for the whole recording).
+            ctx.submit()
         rmsnorm_forward_gpu(ctx, x, self.norm, self.eps, s["xf"], s["rstdf"])
         return B, T, lab, mask, s
 
@@ -357,6 +360,7 @@ class ResidentEngine:
                 # to x, which nothing reads any more).
                 self._layer_forward(l, a, s["inputs"][l], x, s, B, T, mask)
             self._layer_backward(l, a, dy, dx, s, B, T, mask)
+            ctx.submit()
             dy, dx = dx, dy
         return stats, count
 
@@ -367,13 +371,13 @@ class ResidentEngine:
 
         if not (PROFILER.enabled and self.ctx.has_timestamps):
             return None
-        if self.ctx._timing is None:
-            self.ctx.enable_timing()
+        if self.ctx._timing is None or self.ctx._timing.profiler is not PROFILER:
+            self.ctx.enable_timing(profiler=PROFILER)
         return PROFILER
 
     def _profile_end(self, prof) -> None:
         if prof is not None:
-            self.ctx.kernel_times(prof)   # this step's passes become "gpu" spans
+            self.ctx.kernel_times()   # this step's remaining passes become "gpu" spans
 
     def loss_and_grads(self, input_ids, labels, attention_mask=None):
         """(mean loss, {PEFT name: float32 grad}) like Model.loss_and_grads (downloads grads)."""
