@@ -85,7 +85,8 @@ def _ce_reference(hidden, w, labels):
 
 
 @pytest.mark.parametrize("B,T,C,V,chunk", [(1, 1, 5, 7, None), (2, 7, 13, 37, 3), (3, 5, 33, 301, 4),
-                                            (1, 19, 16, 1000, None)])
+                                            (1, 19, 16, 1000, None), (2, 150, 7, 257, 128),
+                                            (3, 61, 12, 131, 130), (1, 23, 8, 64, 5)])
 def test_lm_head_chunked_cross_entropy(ctx, B, T, C, V, chunk):
     from qlora_ext.gpu.resident.cross_entropy import lm_head_loss
 
@@ -116,3 +117,79 @@ def test_lm_head_all_ignored_and_bad_labels(ctx):
         lm_head_loss(hidden, w, np.array([[0, 1, 5, 2]]), ctx=ctx)
     with pytest.raises(ValueError, match="w_lm"):
         lm_head_loss(hidden, w[:, :2].copy(), np.zeros((1, 4), np.int64), ctx=ctx)
+
+
+def test_chunk_rows_and_starts(ctx):
+    """Chunks cover every row once, none longer than the buffer, near-equal in length."""
+    from qlora_ext.gpu.resident.cross_entropy import chunk_rows_for, chunk_starts
+
+    lim = ctx.limits["max-storage-buffer-binding-size"]
+    R = chunk_rows_for(ctx, 151936)
+    assert R * 151936 * 4 <= lim and (R % 128 == 0 or R < 128)
+    assert chunk_rows_for(ctx, 151936, chunk_bytes=1024 * 151936 * 4) == (1024 if lim >= 1024 * 151936 * 4 else R)
+    assert chunk_rows_for(ctx, 10**9) == 1
+    for n, r in [(4096, 1104), (4096, 1408), (300, 128), (14, 3), (1, 1), (1, 1024), (129, 128), (997, 131)]:
+        ch = chunk_starts(n, r)
+        assert [r0 for r0, _ in ch] == list(np.cumsum([0] + [k for _, k in ch])[:-1])
+        assert sum(k for _, k in ch) == n and all(0 < k <= r for _, k in ch)
+        assert len(ch) == -(-n // r)
+    assert chunk_starts(4096, 1104) == [(i * 1024, 1024) for i in range(4)]
+
+
+@pytest.mark.parametrize("w_off", [0, 5, 64])
+def test_lm_head_weight_offset_and_trained_head(ctx, w_off):
+    """The head read from (and its gradient added into) a flat buffer at an element offset, as
+    the engine's trained head does; odd offsets take gemm.wgsl's scalar loads."""
+    from qlora_ext.gpu.resident.cross_entropy import LmHeadLoss
+
+    g = np.random.default_rng(w_off)
+    B, T, C, V = 2, 9, 11, 53
+    hidden = g.standard_normal((B, T, C)).astype(np.float32)
+    w = (g.standard_normal((V, C)) / np.sqrt(C)).astype(np.float32)
+    labels = g.integers(0, V, size=(B, T))
+    labels[0, 3] = -100
+    flat = np.zeros(w_off + V * C + 3, np.float32)
+    flat[w_off:w_off + V * C] = w.reshape(-1)
+    dw0 = g.standard_normal(flat.shape).astype(np.float32)
+    head = LmHeadLoss(ctx, B * T, C, V, chunk_rows=4)
+    gp, dw, dh = ctx.upload(flat), ctx.upload(dw0), ctx.empty((B * T, C))
+    ls_ref, n_ref, dh_ref, dw_ref = _ce_reference(hidden, w, labels)
+    stats = head.record(ctx.upload(hidden.reshape(B * T, C)), gp, ctx.upload(labels.reshape(-1).astype(np.int32), "i32"),
+                        T, 1.0 / n_ref, dhidden=dh, dw_lm=dw, w_off=w_off, dw_off=w_off)
+    loss_sum, count = ctx.to_numpy(stats)
+    assert int(count) == n_ref and abs(loss_sum - ls_ref) <= 1e-5 * abs(ls_ref)
+    assert rel_err(ctx.to_numpy(dh).reshape(B, T, C), dh_ref) <= 1e-5
+    got = ctx.to_numpy(dw)
+    ref = dw0.astype(np.float64)
+    ref[w_off:w_off + V * C] += dw_ref.reshape(-1)
+    # the untouched ends stay bit-exact; the head's part is dw0 + dW
+    assert np.array_equal(got[:w_off], dw0[:w_off]) and np.array_equal(got[w_off + V * C:], dw0[w_off + V * C:])
+    assert rel_err(got, ref, scale=np.abs(dw_ref).max() + np.abs(dw0).max()) <= 1e-6
+
+
+@pytest.mark.parametrize("b_t", [True, False])
+@pytest.mark.parametrize("M,N,K,a_off,b_off,c_off", [(5, 9, 7, 14, 3, 18), (6, 12, 8, 16, 8, 24),
+                                                     (1, 1, 1, 0, 1, 3), (33, 67, 17, 17, 0, 67)])
+def test_fused_gemm_fp32_offsets(ctx, b_t, M, N, K, a_off, b_off, c_off):
+    """fused_gemm_gpu's element offsets for A, fp32 W and C (the LM head's row chunks)."""
+    from qlora_ext.gpu.resident.fused_gemm import fused_gemm_gpu
+    from qlora_ext.gpu.resident.weights import ResidentWeight
+
+    g = np.random.default_rng(M * N + K)
+    a = g.standard_normal(a_off + M * K + 2).astype(np.float32)
+    w = g.standard_normal((N, K) if b_t else (K, N)).astype(np.float32)
+    wb = np.concatenate([g.standard_normal(b_off), w.reshape(-1)]).astype(np.float32)
+    c0 = g.standard_normal(c_off + M * N + 5).astype(np.float32)
+    for accumulate in (False, True):
+        c = ctx.upload(c0)
+        fused_gemm_gpu(ctx, M, N, K, ctx.upload(a), ResidentWeight(w.shape, fp32=ctx.upload(wb)), c,
+                       b_t=b_t, accumulate=accumulate, a_off=a_off, c_off=c_off, b_off=b_off)
+        prod = a[a_off:a_off + M * K].reshape(M, K).astype(np.float64) @ (w.T if b_t else w)
+        ref = c0.astype(np.float64)
+        ref[c_off:c_off + M * N] = (ref[c_off:c_off + M * N] if accumulate else 0) + prod.reshape(-1)
+        got = ctx.to_numpy(c)
+        assert np.array_equal(got[:c_off], c0[:c_off]) and np.array_equal(got[c_off + M * N:], c0[c_off + M * N:])
+        assert rel_err(got, ref) <= 2e-6
+    with pytest.raises(ValueError, match="a holds"):
+        fused_gemm_gpu(ctx, M, N, K, ctx.upload(a[:a_off + M * K - 1].copy()),
+                       ResidentWeight(w.shape, fp32=ctx.upload(wb)), ctx.upload(c0), b_t=b_t, a_off=a_off)

@@ -1,24 +1,50 @@
 """LM head + chunked cross-entropy of the resident mode: logits = hidden @ W_lmᵀ, loss with
 HF's shift (token t predicts labels[t + 1]) and -100 ignored.  The [N, V] logits never exist
-whole: rows go through in chunks of `chunk_rows`; each chunk's logits are turned into dlogits
-in place and multiplied back into dhidden (and into dW when the head trains) before the next.
-Shaders: resident_gemm.wgsl, resident_cross_entropy.wgsl."""
+whole: rows go through in chunks of at most `chunk_rows`; each chunk's logits are turned into
+dlogits in place and multiplied back into dhidden (and into dW when the head trains) before
+the next.  Shaders: gemm.wgsl (the FFN backend's register-tiled GEMM, through
+fused_gemm_gpu) for logits and dhidden, resident_cross_entropy.wgsl, resident_gemm.wgsl for
+the trained head's dW (a transposed-A product gemm.wgsl does not take)."""
 from __future__ import annotations
 
 import numpy as np
 
 from .context import GpuContext, GpuTensor, default_context, grid_2d
+from .fused_gemm import fused_gemm_gpu
 from .gemm import gemm_gpu
+from .weights import ResidentWeight
 
 IGNORE_INDEX = -100
 _WG = 256
-# Default chunk: this many bytes of logits at a time.
-CHUNK_BYTES = 64 << 20
+# Default chunk: at most this many bytes of logits at a time.  The skinny product of a chunk,
+# dhidden[R, H] = dlogits[R, V] @ W[V, H], has only R*H/(64*128) workgroups of gemm.wgsl to
+# spread over the GPU (K = V is long), so R sets how busy a large GPU is: 64 MiB (~110 rows
+# at V = 151936) left an H200 mostly idle; 640 MiB gives 1024 rows there (594 MiB of
+# logits), 128 workgroups at H = 1024 and 320 at H = 2560, and stays well inside the 4B
+# shape's 10 GiB target.  The adapter's binding limit caps it (lavapipe: 128 MiB).
+CHUNK_BYTES = 640 << 20
+# Chunks are a multiple of the GEMM's largest row tile (BM = 128) when at least that long.
+_ROW_TILE = 128
 
 
 def chunk_rows_for(ctx: GpuContext, vocab: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Rows of the logits chunk buffer: chunk_bytes (capped by the storage binding limit) of
+    [rows, vocab] f32, rounded down to a multiple of 128 rows when it holds that many."""
     lim = min(chunk_bytes, ctx.limits["max-storage-buffer-binding-size"])
-    return max(1, lim // (4 * max(vocab, 1)))
+    rows = max(1, lim // (4 * max(vocab, 1)))
+    return rows // _ROW_TILE * _ROW_TILE if rows >= _ROW_TILE else rows
+
+
+def chunk_starts(n_rows: int, max_rows: int) -> list:
+    """Row ranges [(r0, rows)] covering n_rows in as few chunks of <= max_rows as possible,
+    of near-equal length (a multiple of 128 rows where max_rows allows): 4096 rows with a
+    1152-row buffer go as 4 x 1024, not 3 x 1152 + 640 (a short last chunk is a skinny GEMM
+    that leaves most of the GPU idle)."""
+    n_chunks = -(-n_rows // max_rows)
+    per = -(-n_rows // n_chunks)
+    if max_rows >= _ROW_TILE:
+        per = min(max_rows, -(-per // _ROW_TILE) * _ROW_TILE)
+    return [(r0, min(per, n_rows - r0)) for r0 in range(0, n_rows, per)]
 
 
 class LmHeadLoss:
@@ -28,7 +54,10 @@ class LmHeadLoss:
     def __init__(self, ctx: GpuContext, n_rows: int, hidden: int, vocab: int,
                  chunk_rows: int | None = None):
         self.ctx, self.N, self.C, self.V = ctx, int(n_rows), int(hidden), int(vocab)
-        self.R = min(self.N, chunk_rows or chunk_rows_for(ctx, self.V))
+        if chunk_rows is not None and int(chunk_rows) < 1:
+            raise ValueError(f"chunk_rows={chunk_rows}: expected a positive number of rows")
+        self.R = min(self.N, int(chunk_rows) if chunk_rows else chunk_rows_for(ctx, self.V))
+        self.chunks = chunk_starts(self.N, self.R)
         self.logits = ctx.empty((self.R, self.V))
         self.losses = ctx.empty((self.N,))
         self.counted = ctx.empty((self.N,), "u32")
@@ -41,20 +70,22 @@ class LmHeadLoss:
         labels i32 [N] (flattened [B, T]).  Records the loss into self.stats; with dhidden
         [N, C] writes d(grad_scale * loss_sum)/dhidden, with dw_lm [V, C] (at dw_off) *adds*
         d(...)/dW into it.  Returns self.stats."""
-        ctx, N, C, V, R = self.ctx, self.N, self.C, self.V, self.R
+        ctx, N, C, V = self.ctx, self.N, self.C, self.V
         want = dhidden is not None or dw_lm is not None
         pipe = ctx.pipeline("resident_cross_entropy", "rows", "urwwww", overrides={"WG": _WG})
-        for r0 in range(0, N, R):
-            rows = min(R, N - r0)
+        # W [V, C] as gemm.wgsl's fp32 B operand (at element w_off of its buffer)
+        w = ResidentWeight((V, C), fp32=w_lm)
+        for r0, rows in self.chunks:
             # logits[rows, V] = hidden[r0:r0+rows] @ w_lmᵀ
-            gemm_gpu(ctx, hidden, w_lm, self.logits, rows, V, C, trans_b=True, a_off=r0 * C,
-                     b_off=w_off)
+            fused_gemm_gpu(ctx, rows, V, C, hidden, w, self.logits, b_t=True, a_off=r0 * C,
+                           b_off=w_off)
             par = ctx.uniform("IIIIIf", r0, rows, V, T, int(want), float(grad_scale))
             ctx.dispatch(pipe, [par, labels, self.logits, self.losses, self.counted, self.stats],
                          grid_2d(rows))
             if dhidden is not None:
-                # dhidden[r0:r0+rows] = dlogits @ w_lm
-                gemm_gpu(ctx, self.logits, w_lm, dhidden, rows, C, V, b_off=w_off, c_off=r0 * C)
+                # dhidden[r0:r0+rows] = dlogits[rows, V] @ w_lm[V, C]
+                fused_gemm_gpu(ctx, rows, C, V, self.logits, w, dhidden, b_t=False, b_off=w_off,
+                               c_off=r0 * C)
             if dw_lm is not None:
                 # dW[V, C] += dlogitsᵀ @ hidden[r0:r0+rows]
                 gemm_gpu(ctx, self.logits, hidden, dw_lm, V, C, rows, trans_a=True,

@@ -39,22 +39,35 @@ def _dummy(ctx: GpuContext):
 
 
 def fused_gemm_gpu(ctx: GpuContext, M: int, N: int, K: int, a: GpuTensor, w: ResidentWeight,
-                   c: GpuTensor, b_t: bool, lora=None, accumulate: bool = False) -> None:
-    """C[M, N] (+)= A[M, K] · op(W) (+ T · op(L)); A, C contiguous from element 0.
+                   c: GpuTensor, b_t: bool, lora=None, accumulate: bool = False,
+                   a_off: int = 0, c_off: int = 0, b_off: int = 0) -> None:
+    """C[M, N] (+)= A[M, K] · op(W) (+ T · op(L)); A and C contiguous (row strides K and N)
+    from element a_off / c_off of their buffers.
 
-    w: [out, in]; b_t=True: op(W) = Wᵀ (N = out, K = in), False: op(W) = W (N = in, K = out).
+    w: [out, in]; b_t=True: op(W) = Wᵀ (N = out, K = in), False: op(W) = W (N = in, K = out);
+    an fp32 W may start at element b_off of its buffer (NF4: b_off must be 0).
     lora: None or (T [M, R] GpuTensor, R, params GpuTensor, l_off elements, mode): mode 1 ->
     L stored [N, R] (LoRA B, forward), mode 2 -> L stored [R, N] (LoRA A, backward); the scale
-    must already be in T.  l_off must be a multiple of PARAM_ALIGN."""
+    must already be in T.  l_off must be a multiple of PARAM_ALIGN.
+    The offsets are fields of gemm.wgsl's parameter block (element offsets, not binding
+    offsets), so they need no alignment; vec4 loads/stores are used where they are multiples
+    of 4."""
     tiles = _tiles(ctx, M, N)
     d = _dummy(ctx)
+    for name, t, off, need in (("a", a, a_off, M * K), ("c", c, c_off, M * N),
+                               ("w", w.fp32, b_off, N * K)):
+        if t is not None and off + need > t.size:
+            raise ValueError(f"fused_gemm_gpu: {name} holds {t.size} elements, needs {off + need}")
     if w.fp32 is not None:
         ldb = K if b_t else N
-        b_vec = ldb % 4 == 0 and (K if b_t else N) % 4 == 0
+        b_vec = ldb % 4 == 0 and (K if b_t else N) % 4 == 0 and b_off % 4 == 0
         nf4_fields = (1 << 31, 0, 0, 0)
         bufs_b = [w.fp32, d, d]
         nf4 = False
     else:
+        if b_off:
+            raise ValueError(f"fused_gemm_gpu: b_off={b_off} for an NF4 weight (only fp32 weights "
+                             "take an element offset)")
         ldb = w.shape[1]
         b_vec = ldb % 8 == 0
         nf4_fields = (1 << 31, 0, 0, w.blocksize.bit_length() - 1)
@@ -69,9 +82,10 @@ def fused_gemm_gpu(ctx: GpuContext, M: int, N: int, K: int, a: GpuTensor, w: Res
         lfields = (R, R, 0)
     else:
         mode, lfields, bufs_l = 0, (0, 0, 0), [d, d]
-    consts = dict(tiles.constants(), B_T=bool(b_t), B_NF4=nf4, A_VEC=K % 4 == 0, B_VEC=bool(b_vec),
-                  C_VEC=N % 4 == 0, LORA=mode, ACCUM=bool(accumulate))
-    par = ctx.uniform("16I", M, N, K, K, ldb, N, 0, 0, *lfields, *nf4_fields, 0)
+    consts = dict(tiles.constants(), B_T=bool(b_t), B_NF4=nf4, A_VEC=K % 4 == 0 and a_off % 4 == 0,
+                  B_VEC=bool(b_vec), C_VEC=N % 4 == 0 and c_off % 4 == 0, LORA=mode,
+                  ACCUM=bool(accumulate))
+    par = ctx.uniform("16I", M, N, K, K, ldb, N, a_off, c_off, *lfields, *nf4_fields, b_off)
     pipe = ctx.pipeline("gemm", "main", _KINDS, overrides=consts)
     ctx.dispatch(pipe, [par, a] + bufs_b + bufs_l + [c],
                  ((N + tiles.bn - 1) // tiles.bn, (M + tiles.bm - 1) // tiles.bm))
