@@ -23,6 +23,13 @@ _DTYPES = {"f32": np.float32, "i32": np.int32, "u32": np.uint32}
 # The WebGPU limit on workgroups per dimension (wgpu 0.32 enforces it: GPU.md).
 MAX_GROUPS = 65535
 _BIND_GROUP_CACHE = 1024
+# Writes of at least this many bytes go up through one reused MAP_WRITE staging buffer of
+# STAGING_BYTES, chunk by chunk.  queue.write_buffer makes a staging buffer per call and keeps
+# it until the next submit; the construction-time uploads (GiBs, before any submit) piled up
+# as ~4 GiB of extra GPU memory for a 4B model on an H200, and a reused mapped buffer
+# uploads about twice as fast (GPU.md).  Smaller writes (ids, labels) stay on write_buffer.
+STAGING_MIN_BYTES = 1 << 20
+STAGING_BYTES = 64 << 20
 
 
 def _shader_dirs():
@@ -124,6 +131,8 @@ class GpuContext:
         self._encoder = None
         self._pass = None
         self._sync_buf = None
+        self.staging_bytes, self.staging_min_bytes = STAGING_BYTES, STAGING_MIN_BYTES
+        self._staging = None
         # Bytes of every storage buffer made through empty() (never decreases: callers keep
         # what they allocate); memory reports take differences of it.
         self.allocated_bytes = 0
@@ -155,6 +164,7 @@ class GpuContext:
         return t
 
     def upload(self, a: np.ndarray, dtype: str | None = None) -> GpuTensor:
+        """A new tensor holding a (float32, int32 or uint32; dtype converts)."""
         a = np.asarray(a)
         if dtype is None:
             dtype = {np.dtype(np.float32): "f32", np.dtype(np.int32): "i32",
@@ -167,13 +177,44 @@ class GpuContext:
         return t
 
     def write(self, t: GpuTensor, a: np.ndarray) -> None:
+        """Replace t's contents with a.  Work recorded before the call sees the old contents,
+        work recorded after it the new ones (the pending encoder is submitted first, then the
+        copy is queued).  Large writes go through the staging buffer (STAGING_MIN_BYTES)."""
         a = np.ascontiguousarray(a, dtype=_DTYPES[t.dtype])
         if a.size != t.size:
             raise ValueError(f"write: {a.size} elements into a tensor of shape {t.shape}")
         if a.size:
             # Recorded work that reads t must see the old contents: flush it first.
             self.submit()
-            self.queue.write_buffer(t.buffer, 0, a)
+            if a.nbytes >= self.staging_min_bytes:
+                self._write_staged(t.buffer, a)
+            else:
+                self.queue.write_buffer(t.buffer, 0, a)
+
+    def _write_staged(self, buf, a: np.ndarray) -> None:
+        """Copy a (4-byte elements, so every piece is a multiple of 4 bytes) into buf from
+        byte 0, staging_bytes at a time: map the staging buffer (map_sync waits until the GPU
+        has done the previous piece's copy, so the buffer is free to overwrite), fill it, one
+        copy_buffer_to_buffer, submit.  Each piece is its own submit: queue order puts it
+        after all work submitted before and before all work submitted after."""
+        w = self.wgpu
+        size = max(256, int(self.staging_bytes) // 256 * 256)
+        st = self._staging
+        if st is None or st.size != size:
+            st = self._staging = self.device.create_buffer(
+                size=size, usage=w.BufferUsage.MAP_WRITE | w.BufferUsage.COPY_SRC,
+                label="resident upload staging")
+        raw = a.reshape(-1).view(np.uint8)
+        for off in range(0, raw.size, size):
+            piece = raw[off:off + size]
+            st.map_sync(mode=w.MapMode.WRITE, offset=0, size=piece.size)
+            try:
+                st.write_mapped(piece, 0)
+            finally:
+                st.unmap()
+            enc = self.device.create_command_encoder()
+            enc.copy_buffer_to_buffer(st, 0, buf, off, piece.size)
+            self.queue.submit([enc.finish()])
 
     def to_numpy(self, t: GpuTensor) -> np.ndarray:
         self.submit()
