@@ -1,4 +1,6 @@
 // AdamW (torch.optim.AdamW semantics) on flat f32 buffers holding every LoRA parameter:
+//   g = (grad * gscale) * clip                       (1/tokens, then the clip coefficient: the
+//                                                      CPU Trainer's two in-place f32 scalings)
 //   p *= 1 - lr * weight_decay                       (decoupled decay, before the update)
 //   m = b1 * m + (1 - b1) * g;   v = b2 * v + (1 - b2) * g^2
 //   p -= step_size * m / (sqrt(v) / bc2_sqrt + eps)
@@ -16,6 +18,8 @@ struct Params {
     decay: f32,       // 1 - lr * weight_decay
     step_size: f32,
     bc2_sqrt: f32,
+    gscale: f32,
+    clip: f32,
 }
 
 override WG: u32 = 64u;
@@ -33,7 +37,7 @@ fn step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     if (i >= p.n) {
         return;
     }
-    let g = grad[i];
+    let g = (grad[i] * p.gscale) * p.clip;
     let mi = p.b1 * m[i] + p.b1c * g;
     let vi = p.b2 * v[i] + p.b2c * (g * g);
     m[i] = mi;

@@ -95,3 +95,37 @@ def test_adamw_state_round_trip(ctx):
         c.load_state_dict({"step": 1, "exp_avg": np.zeros(3), "exp_avg_sq": np.zeros(31)})
     with pytest.raises(ValueError, match="betas"):
         AdamWGpu(ctx, 3, betas=(1.0, 0.9))
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 4099, 70001])
+def test_sq_norm_matches_float64(ctx, n):
+    """The squared norm of (g * scale), n not a multiple of the workgroup or of the
+    workgroup count, against float64; the same bits on a second run (fixed order)."""
+    from qlora_ext.gpu.resident.adamw import AdamWGpu
+
+    g = np.random.default_rng(n).standard_normal(n).astype(np.float32) * 3
+    opt = AdamWGpu(ctx, n)
+    t = ctx.upload(g)
+    scale = 1.0 / 7.0
+    got = opt.sq_norm(t, scale)
+    ref = float(np.sum((g * np.float32(scale)).astype(np.float64) ** 2))
+    assert abs(got - ref) <= 1e-6 * ref
+    assert opt.sq_norm(t, scale) == got
+
+
+def test_adamw_grad_scale_and_clip_are_the_cpu_trainers_products(ctx):
+    """step(grad_scale=s, clip_coef=c) equals a plain step on (g * f32(s)) * f32(c)."""
+    from qlora_ext.gpu.resident.adamw import AdamWGpu
+
+    rng = np.random.default_rng(3)
+    n = 1031
+    p0 = rng.standard_normal(n).astype(np.float32)
+    g = rng.standard_normal(n).astype(np.float32) * 50
+    s, c = np.float32(1 / 37), np.float32(0.3)
+    out = []
+    for kw, grad in (({"grad_scale": float(s), "clip_coef": float(c)}, g), ({}, (g * s) * c)):
+        opt = AdamWGpu(ctx, n, lr=1e-2)
+        p = ctx.upload(p0)
+        opt.step(p, ctx.upload(grad.astype(np.float32)), **kw)
+        out.append(ctx.to_numpy(p))
+    np.testing.assert_array_equal(out[0], out[1])

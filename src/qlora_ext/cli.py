@@ -27,7 +27,7 @@ TRAIN_DEFAULTS = {
     "seq_len": 256, "batch_size": 4, "grad_accum": 1, "lr": 1e-3, "warmup": 0, "schedule": "constant",
     "weight_decay": 0.0, "grad_clip": 1.0, "lora_rank": 16, "lora_alpha": 32.0, "lora_dropout": 0.0,
     "targets": "q,k,v,o,gate,up,down", "pack": False, "seed": 0, "device": "auto", "quantize": "nf4",
-    "gradient_checkpointing": False, "eval_accuracy": None,
+    "gradient_checkpointing": False, "eval_accuracy": None, "mode": "auto",
 }
 # With the shipped dataset and batch 4: 160 of its 400 examples; measured on 2 cores: held-out
 # exact match 0/32 -> 29/32, training ~1 minute (20 steps gave 14/16, 12 steps 20/24).
@@ -35,12 +35,14 @@ DEFAULT_STEPS = 40
 
 
 def load_model(path, lora=None, device="auto", quantize="nf4", threads=None, seed=0,
-               gradient_checkpointing=False, progress=None):
-    """The one place the CLI builds a model (tests replace it with a stand-in)."""
+               gradient_checkpointing=False, progress=None, mode="split", batch_shape=None):
+    """The one place the CLI builds a model (tests replace it with a stand-in).  eval and
+    generate keep the split placement (generation runs on the CPU decoder either way)."""
     from .model.api import load_model as _load
 
     return _load(path, lora=lora, quantize=None if quantize == "none" else quantize, device=device,
-                 gradient_checkpointing=gradient_checkpointing, threads=threads, progress=progress, seed=seed)
+                 gradient_checkpointing=gradient_checkpointing, threads=threads, progress=progress, seed=seed,
+                 mode=mode, batch_shape=batch_shape)
 
 
 def _say(args, *parts) -> None:
@@ -140,7 +142,8 @@ def cmd_train(args) -> int:
     model = load_model(s["model"], lora=lora, device=s["device"], quantize=s["quantize"],
                        threads=args.threads if args.threads is not None else comm.default_threads(),
                        seed=s["seed"] + 7919 * comm.rank, gradient_checkpointing=s["gradient_checkpointing"],
-                       progress=False if args.quiet else None)
+                       progress=False if args.quiet else None, mode=s["mode"],
+                       batch_shape=(s["batch_size"], s["seq_len"]))
     tok = model.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     pad = pad[0] if isinstance(pad, (list, tuple)) else pad
@@ -156,6 +159,8 @@ def cmd_train(args) -> int:
     n_params = sum(a.size for a in model.parameters().values())
     _say(args, f"model: {s['model']} loaded in {time.perf_counter() - t0:.1f}s; LoRA r={lora.r} alpha={lora.alpha:g} "
                f"on {','.join(lora.target_modules)}: {n_params:,} trainable parameters")
+    if hasattr(model, "placement"):
+        _say(args, f"placement: {model.placement}" + (f" ({model.placement_reason})" if model.placement_reason else ""))
     _say(args, f"data: {data}: {stats.examples} examples, {stats.tokens:,} tokens"
                + (f", {stats.truncated} truncated to {s['seq_len']}" if stats.truncated else "")
                + (f", {stats.dropped} dropped (no target)" if stats.dropped else "")
@@ -367,6 +372,9 @@ def add_train_command(sub) -> None:
                    help="keep only the newest K checkpoints, 0 = all (default 3)")
     p.add_argument("--resume", metavar="DIR", help="continue from the newest complete checkpoint in DIR")
     p.add_argument("--device", choices=("auto", "gpu", "cpu"), help="where the FFN runs (default auto)")
+    p.add_argument("--mode", choices=("auto", "split", "resident"),
+                   help="split: attention on the CPU, FFN on --device; resident: the whole step on the GPU; "
+                        "auto (default): resident when a GPU is used and has the memory, and says which")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--seed", type=int, help="seed for LoRA init, data order, dropout (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no setup lines (results still print)")

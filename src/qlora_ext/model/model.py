@@ -67,6 +67,7 @@ class Model:
             # a private trainable copy (for tied embeddings this unties the head, as PEFT's
             # modules_to_save does)
             self.lm_head = np.array(state.lm_head_weight, dtype=np.float32, copy=True)
+        self.placement_reason = ""   # why load_model chose this placement
         self.step = 0           # advanced per loss_and_grads call; dropout masks derive from it
         self.optimizer_bytes = 0  # the trainer reports its moments here for memory_report()
         self._layers = DecoderLayers(state, self.lora, self.backend, self.kernels, self.timer,
@@ -75,6 +76,12 @@ class Model:
 
     def _layer_shapes(self) -> list[dict]:
         return [{p: tuple(lw.proj[p].shape) for p in PROJECTIONS} for lw in self.state.layers]
+
+    @property
+    def placement(self) -> str:
+        """"cpu" (everything on the CPU) or "split" (FFN on a GPU backend); the GPU-resident
+        model (qlora_ext.gpu.resident.model) says "resident"."""
+        return "cpu" if getattr(self.backend, "name", "cpu") == "cpu" else "split"
 
     @property
     def train_lm_head(self) -> bool:

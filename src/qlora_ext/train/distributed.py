@@ -220,10 +220,7 @@ def _check_buffers(arrays, what: str) -> list:
 
 def _trainer_arrays(trainer) -> list:
     """Every float32 array that must be equal on all ranks: parameters, AdamW moments."""
-    opt = trainer.optimizer
-    names = list(trainer.params)
-    return ([trainer.params[n] for n in names] + [opt.exp_avg[n] for n in names]
-            + [opt.exp_avg_sq[n] for n in names])
+    return trainer.state_arrays()
 
 
 def _digest(arrays, extra) -> str:
@@ -374,13 +371,14 @@ class MpiComm:
         trainer step and last loss, the model's dropout step counter, and the data position
         of `loader`.  Call once after building (and, on resume, restoring) on each rank;
         afterwards identical updates keep the ranks equal."""
-        opt = trainer.optimizer
-        meta = {"opt_step": opt.step_count, "step": trainer.step_count, "last_loss": trainer.last_loss,
+        meta = {"opt_step": trainer.optimizer_step_count, "step": trainer.step_count, "last_loss": trainer.last_loss,
                 "model_step": getattr(trainer.model, "step", None),
                 "data": loader.state_dict() if loader is not None else None}
         meta = self.broadcast_object(meta)
-        self.broadcast_arrays(_trainer_arrays(trainer))
-        opt.step_count = int(meta["opt_step"])
+        arrays = _trainer_arrays(trainer)
+        self.broadcast_arrays(arrays)
+        trainer.set_state_arrays(arrays)
+        trainer.optimizer_step_count = int(meta["opt_step"])
         trainer.step_count = int(meta["step"])
         trainer.last_loss = float(meta["last_loss"])
         if isinstance(meta["model_step"], int):
@@ -391,8 +389,7 @@ class MpiComm:
     def check_in_sync(self, trainer) -> None:
         """Raise ValueError on every rank when any rank's LoRA weights, AdamW state or step
         differ from rank 0's (a digest of the bytes, gathered)."""
-        opt = trainer.optimizer
-        d = _digest(_trainer_arrays(trainer), (trainer.step_count, opt.step_count))
+        d = _digest(_trainer_arrays(trainer), (trainer.step_count, trainer.optimizer_step_count))
         with self._collective("state check"):
             digests = self._comm.allgather(d)
         differ = [r for r, x in enumerate(digests) if x != digests[0]]

@@ -6,6 +6,12 @@ sum; the sums and the counted targets are added over micro-batches (and, with a 
 over ranks) before one division.  The update therefore equals the one for the mean loss
 over the whole global batch, however it is split into micro-batches or ranks.
 
+Device path: a model with `keeps_optimizer_on_device` (the GPU-resident placement) keeps the
+summed gradients and the AdamW moments on the GPU; the Trainer then sends it the same
+decisions (1/tokens, the clip coefficient from the squared norm, the learning rate) and
+reads back only the loss, the squared norm, and -- across ranks -- the gradient for the
+all-reduce.
+
 Distributed slot: `comm` is any object with `rank`, `size` and
 `allreduce_sum(arrays, scalars) -> list[float]` that sums the float32 `arrays` in place
 across ranks and returns the summed `scalars`.  Only rank 0 writes (see `is_writer`)."""
@@ -76,7 +82,12 @@ class Trainer:
         if not self.params:
             raise ValueError("the model has no trainable parameters (was it loaded with lora=None?)")
         c = self.config
-        self.optimizer = AdamW(self.params, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
+        self.on_device = bool(getattr(model, "keeps_optimizer_on_device", False))
+        if self.on_device:
+            model.configure_optimizer(c.lr, c.betas, c.eps, c.weight_decay)
+            self.optimizer = None
+        else:
+            self.optimizer = AdamW(self.params, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
         if hasattr(model, "optimizer_bytes"):  # the model's memory_report() lists the moments
             model.optimizer_bytes = 2 * sum(p.nbytes for p in self.params.values())
         self.step_count = 0
@@ -87,7 +98,7 @@ class Trainer:
         # Accumulators of the update being built: summed grads (f32, fixed parameter order),
         # summed token loss, counted targets, micro-batches seen.  The grads are views of one
         # flat buffer, which an MPI all-reduce sums in place (no packing copy per step).
-        self._grad_sum = flat_zeros_like(self.params)
+        self._grad_sum = None if self.on_device else flat_zeros_like(self.params)
         self._loss_sum = 0.0
         self._tokens = 0
         self._micro = 0
@@ -114,7 +125,12 @@ class Trainer:
         """Forward+backward of one micro-batch; adds its summed loss and grads to the update
         being built.  Returns the micro-batch's own mean loss (nan if it has no targets)."""
         n = int(self.model.count_tokens(labels))
-        if n > 0:
+        if n > 0 and self.on_device:
+            # the first counted micro-batch of the update overwrites the device gradients
+            loss_sum = self.model.accumulate_grads(input_ids, labels, attention_mask, first=self._tokens == 0)
+            self._loss_sum += float(loss_sum)
+            self._tokens += n
+        elif n > 0:
             loss_sum, grads = self.model.loss_and_grads(input_ids, labels, attention_mask, reduction="sum")
             for name, acc in self._grad_sum.items():
                 g = grads.get(name)
@@ -131,6 +147,8 @@ class Trainer:
         Returns the mean token loss of the whole update (nan and no update if no rank had
         a counted target).  A rank with no micro-batch (a global batch smaller than the number
         of ranks) still joins the all-reduce with zeros."""
+        if self.on_device:
+            return self._apply_update_on_device()
         grads = list(self._grad_sum.values())
         loss_sum, tokens = self._loss_sum, float(self._tokens)
         if self.comm is not None:
@@ -147,6 +165,35 @@ class Trainer:
             self.last_grad_norm = self._clip(grads)
             self.optimizer.step(self._grad_sum, lr=lr)
             loss = loss_sum / tokens
+        return self._finish_update(loss, tokens, lr)
+
+    def _apply_update_on_device(self) -> float:
+        """apply_update for the device path: the same arithmetic, done where the gradients are."""
+        m = self.model
+        loss_sum, tokens = self._loss_sum, float(self._tokens)
+        if self.comm is not None:
+            # The all-reduce runs on host memory: the gradient comes down and goes back up
+            # (a rank without counted targets this update sends zeros).
+            flat = m.flat_grads() if self._tokens else np.zeros(m.flat_grad_size, np.float32)
+            loss_sum, tokens = self.comm.allreduce_sum([flat], [loss_sum, tokens])
+            if round(tokens):
+                m.set_flat_grads(flat)
+        tokens = int(round(tokens))
+        lr = self.current_lr()
+        if tokens == 0:
+            self.last_grad_norm = float("nan")
+            return self._finish_update(float("nan"), 0, lr)
+        inv = np.float32(1.0 / tokens)
+        norm = math.sqrt(m.grads_sq_norm(float(inv)))
+        coef = 1.0
+        clip = self.config.grad_clip
+        if clip and norm > 0 and clip / (norm + 1e-6) < 1.0:   # as _clip: torch's clip_grad_norm_
+            coef = float(np.float32(clip / (norm + 1e-6)))
+        m.apply_update(lr, float(inv), coef)
+        self.last_grad_norm = norm
+        return self._finish_update(loss_sum / tokens, tokens, lr)
+
+    def _finish_update(self, loss: float, tokens: int, lr: float) -> float:
         self.step_count += 1
         self.last_loss = loss
         self.last_tokens = tokens
@@ -168,7 +215,7 @@ class Trainer:
         return norm
 
     def _reset_accumulators(self):
-        for g in self._grad_sum.values():
+        for g in (self._grad_sum or {}).values():
             g[...] = 0.0
         self._loss_sum = 0.0
         self._tokens = 0
@@ -207,18 +254,50 @@ class Trainer:
         """Restore after model.load_adapter(checkpoint): that may have replaced the model's
         arrays, so the live parameters are fetched again (same names required)."""
         params = self.model.parameters()
-        if list(params) != list(self.optimizer.params):
-            missing = sorted(set(self.optimizer.params) ^ set(params))
+        if list(params) != list(self.params):
+            missing = sorted(set(self.params) ^ set(params))
             raise ValueError(f"the model's trainable parameters changed since the Trainer was built "
                              f"(e.g. {missing[0] if missing else 'order'!r}); is the adapter from another LoRA config?")
-        self.params = self.optimizer.params = params
-        self.optimizer.load_state_dict(optimizer_state)
+        self.params = params
+        if self.on_device:
+            self.model.load_optimizer_state(optimizer_state)
+        else:
+            self.optimizer.params = params
+            self.optimizer.load_state_dict(optimizer_state)
         self.step_count = int(state["step"])
         self.last_loss = float(state.get("last_loss", float("nan")))
         self._reset_accumulators()
 
     def optimizer_state(self) -> dict:
-        return self.optimizer.state_dict()
+        """The AdamW state in the CPU optimizer's format (downloaded on the device path)."""
+        return self.model.optimizer_state() if self.on_device else self.optimizer.state_dict()
+
+    # -- what must be equal on every rank (qlora_ext.train.distributed) ---------------------------
+    @property
+    def optimizer_step_count(self) -> int:
+        return self.model.optimizer_step_count if self.on_device else self.optimizer.step_count
+
+    @optimizer_step_count.setter
+    def optimizer_step_count(self, value: int) -> None:
+        if self.on_device:
+            self.model.optimizer_step_count = value
+        else:
+            self.optimizer.step_count = int(value)
+
+    def state_arrays(self) -> list:
+        """Every float32 array of the trainable state: LoRA weights and AdamW moments (host
+        arrays; copies on the device path, the live arrays otherwise)."""
+        if self.on_device:
+            return self.model.state_arrays()
+        names = list(self.params)
+        opt = self.optimizer
+        return ([self.params[n] for n in names] + [opt.exp_avg[n] for n in names]
+                + [opt.exp_avg_sq[n] for n in names])
+
+    def set_state_arrays(self, arrays: list) -> None:
+        """After the arrays of state_arrays() were changed (a broadcast): apply them."""
+        if self.on_device:
+            self.model.set_state_arrays(arrays)
 
 
 def evaluate_loss(model, batches, comm=None) -> float:

@@ -1,6 +1,7 @@
 """AdamW on the GPU (resident mode) over one flat buffer of all LoRA parameters, with
 torch.optim.AdamW semantics (bias correction, decoupled weight decay) as
-qlora_ext.train.optim.AdamW.  Shader: shaders/resident_adamw.wgsl."""
+qlora_ext.train.optim.AdamW, and the squared gradient norm that global-norm clipping needs.
+Shaders: shaders/resident_adamw.wgsl, resident_grad_norm.wgsl."""
 from __future__ import annotations
 
 import math
@@ -11,6 +12,8 @@ import numpy as np
 from .context import GpuContext, GpuTensor, default_context, grid_2d
 
 _WG = 64
+# Workgroups of the squared-norm pass: enough to fill a large GPU, few partials to read back.
+_NORM_GROUPS = 1024
 
 
 class AdamWGpu:
@@ -36,7 +39,10 @@ class AdamWGpu:
         u = ctx.wgpu.BufferUsage
         self._params = ctx.device.create_buffer(size=48, usage=u.UNIFORM | u.COPY_DST)
 
-    def step(self, param: GpuTensor, grad: GpuTensor, lr: float | None = None) -> None:
+    def step(self, param: GpuTensor, grad: GpuTensor, lr: float | None = None,
+             grad_scale: float = 1.0, clip_coef: float = 1.0) -> None:
+        """One update from g = (grad * grad_scale) * clip_coef (both products rounded to f32,
+        as the CPU Trainer's in-place `g *= 1/tokens; g *= coef`)."""
         if param.size != self.n or grad.size != self.n:
             raise ValueError(f"AdamWGpu.step: expected {self.n} elements, got param {param.shape}, "
                              f"grad {grad.shape}")
@@ -44,9 +50,9 @@ class AdamWGpu:
         self.step_count += 1
         t = self.step_count
         b1, b2 = self.betas
-        data = struct.pack("<Iffffffff", self.n, b1, b2, 1.0 - b1, 1.0 - b2, self.eps,
+        data = struct.pack("<Iffffffffff", self.n, b1, b2, 1.0 - b1, 1.0 - b2, self.eps,
                            1.0 - lr * self.weight_decay, lr / (1.0 - b1 ** t),
-                           math.sqrt(1.0 - b2 ** t))
+                           math.sqrt(1.0 - b2 ** t), grad_scale, clip_coef)
         ctx = self.ctx
         # The pending encoder may hold the previous step's update, which must see its own values.
         ctx.submit()
@@ -54,6 +60,21 @@ class AdamWGpu:
         pipe = ctx.pipeline("resident_adamw", "step", "uwrww", overrides={"WG": _WG})
         ctx.dispatch(pipe, [self._params, param, grad, self.m, self.v],
                      grid_2d((self.n + _WG - 1) // _WG))
+
+    def sq_norm(self, grad: GpuTensor, scale: float = 1.0) -> float:
+        """sum((grad * scale)^2) (scale rounded to f32 first, as the CPU Trainer's product):
+        one partial per workgroup in a fixed order, summed on the host in float64.  Waits
+        for the GPU (the clip coefficient is needed before the update)."""
+        if grad.size != self.n:
+            raise ValueError(f"AdamWGpu.sq_norm: expected {self.n} elements, got {grad.shape}")
+        ctx = self.ctx
+        groups = min(_NORM_GROUPS, max(1, -(-self.n // _WG)))
+        part = getattr(self, "_partials", None)
+        if part is None or part.size != groups:
+            part = self._partials = ctx.empty((groups,))
+        pipe = ctx.pipeline("resident_grad_norm", "sq_norm", "urw", overrides={"WG": _WG})
+        ctx.dispatch(pipe, [ctx.uniform("If", self.n, float(np.float32(scale))), grad, part], (groups,))
+        return float(np.sum(ctx.to_numpy(part), dtype=np.float64))
 
     def state_dict(self) -> dict:
         """{"step": int64 0-d, "exp_avg": f32 [n], "exp_avg_sq": f32 [n]} (downloads)."""

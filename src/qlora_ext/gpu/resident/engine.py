@@ -132,18 +132,29 @@ class ResidentEngine:
         # A trained LM head is one more tensor of the flat buffers (model.parameters() holds
         # it, untied from the embeddings as PEFT's modules_to_save does).
         self.head_off = self.offsets[LM_HEAD_NAME][0] if LM_HEAD_NAME in self.offsets else None
+        self.refresh_lora()
+        self.optimizer = AdamWGpu(ctx, self.n_params, lr, betas, eps, weight_decay)
+        self._shapes, self._shape_bytes = {}, {}
+        self._resident_bytes = ctx.allocated_bytes - start_bytes
+
+    def refresh_lora(self) -> None:
+        """Per layer and projection: the LoRA tensors' offsets, rank and scale, from the
+        model's current adapters (the scale changes when an adapter with another alpha of
+        the same shapes is loaded)."""
         self.loras = []
         for l in range(self.L):
             per = {}
             for p in PROJECTIONS:
-                pair = model.lora.get(l, p)
+                pair = self.model.lora.get(l, p)
                 if pair is not None:
                     per[p] = _Lora(self.offsets[peft_name(l, p, "A")][0], self.offsets[peft_name(l, p, "B")][0],
                                    int(pair.A.shape[0]), float(pair.scale))
             self.loras.append(per)
-        self.optimizer = AdamWGpu(ctx, self.n_params, lr, betas, eps, weight_decay)
-        self._shapes, self._shape_bytes = {}, {}
-        self._resident_bytes = ctx.allocated_bytes - start_bytes
+
+    def configure_optimizer(self, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                            weight_decay: float = 0.0) -> None:
+        """A fresh AdamW (zero moments, step 0) with these hyperparameters."""
+        self.optimizer = AdamWGpu(self.ctx, self.n_params, lr, betas, eps, weight_decay)
 
     def _proj(self, l, proj):
         if self.streamed is not None:
@@ -332,16 +343,21 @@ class ResidentEngine:
         gemm_gpu(ctx, s["xf"], w, logits, N, self.V, self.H, trans_b=True, b_off=off)
         return ctx.to_numpy(logits).reshape(B, T, self.V)
 
-    def _record(self, input_ids, labels, attention_mask, want_grad: bool):
-        """Upload the batch and record forward (+ backward); returns (stats tensor, count)."""
+    def _record(self, input_ids, labels, attention_mask, want_grad: bool, reduction: str = "mean",
+                clear_grads: bool = True):
+        """Upload the batch and record forward (+ backward); returns (stats tensor, count).
+        The gradients are those of the mean loss, or of the summed loss (reduction="sum");
+        clear_grads=False adds them to self.grads (gradient accumulation)."""
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         B, T, lab, mask, s = self._forward_layers(input_ids, attention_mask, labels, keep=want_grad)
         ctx = self.ctx
         x = s["x"]
         count = int(np.count_nonzero(lab[:, 1:] != IGNORE_INDEX))
-        if want_grad:
+        if want_grad and clear_grads:
             ctx.encoder().clear_buffer(self.grads.buffer)
         dh = s["dh"] if want_grad else None
-        scale = 1.0 / count if count else 0.0
+        scale = (1.0 if reduction == "sum" else 1.0 / count) if count else 0.0
         if self.head_off is None:
             stats = s["head"].record(s["xf"], self.lm_w, s["labels"], T, scale, dhidden=dh)
         else:
@@ -379,23 +395,59 @@ class ResidentEngine:
         if prof is not None:
             self.ctx.kernel_times()   # this step's remaining passes become "gpu" spans
 
-    def loss_and_grads(self, input_ids, labels, attention_mask=None):
-        """(mean loss, {PEFT name: float32 grad}) like Model.loss_and_grads (downloads grads)."""
-        prof = self._profile_start()
-        stats, count = self._record(input_ids, labels, attention_mask, want_grad=True)
-        self._profile_end(prof)
-        loss_sum, _ = self.ctx.to_numpy(stats)
-        g = self.ctx.to_numpy(self.grads)
-        grads = {n: g[o:o + int(np.prod(sh))].reshape(sh).copy() for n, (o, sh) in self.offsets.items()}
-        return (float(loss_sum) / count if count else float("nan")), grads
-
-    def loss(self, input_ids, labels, attention_mask=None) -> float:
-        stats, count = self._record(input_ids, labels, attention_mask, want_grad=False)
-        loss_sum, _ = self.ctx.to_numpy(stats)
+    @staticmethod
+    def _finish(loss_sum, count, reduction):
+        if reduction == "sum":
+            return float(loss_sum)
         return float(loss_sum) / count if count else float("nan")
 
+    def loss_and_grads(self, input_ids, labels, attention_mask=None, reduction: str = "mean"):
+        """(loss, {PEFT name: float32 grad}) like Model.loss_and_grads (downloads grads)."""
+        prof = self._profile_start()
+        stats, count = self._record(input_ids, labels, attention_mask, want_grad=True, reduction=reduction)
+        self._profile_end(prof)
+        loss_sum, _ = self.ctx.to_numpy(stats)
+        return self._finish(loss_sum, count, reduction), self._unflatten(self.ctx.to_numpy(self.grads))
+
+    def loss(self, input_ids, labels, attention_mask=None, reduction: str = "mean") -> float:
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        stats, count = self._record(input_ids, labels, attention_mask, want_grad=False)
+        loss_sum, _ = self.ctx.to_numpy(stats)
+        return self._finish(loss_sum, count, reduction)
+
+    # ---- the trainer's update, with the gradients kept on the GPU -------------------------
+    def accumulate(self, input_ids, labels, attention_mask=None, first: bool = True) -> float:
+        """Forward + backward of one micro-batch; the gradient of its *summed* token loss is
+        written to (first=True) or added to the device gradient buffer.  Returns the summed
+        loss (the 8-byte statistics come down; nothing else does)."""
+        prof = self._profile_start()
+        stats, count = self._record(input_ids, labels, attention_mask, want_grad=True, reduction="sum",
+                                    clear_grads=first)
+        self._profile_end(prof)
+        loss_sum, _ = self.ctx.to_numpy(stats)
+        return float(loss_sum) if count else 0.0
+
+    def grad_sq_norm(self, scale: float = 1.0) -> float:
+        """sum((scale * g)^2) over the gradient buffer: per-workgroup float32 partials in a
+        fixed order (deterministic), summed in float64 on the host."""
+        return self.optimizer.sq_norm(self.grads, scale)
+
+    def apply_update(self, lr: float, grad_scale: float = 1.0, clip_coef: float = 1.0) -> None:
+        """AdamW on g = (grad * grad_scale) * clip_coef, each product rounded to float32 as
+        the CPU Trainer's in-place scalings are."""
+        self.optimizer.step(self.params, self.grads, lr, grad_scale=grad_scale, clip_coef=clip_coef)
+
+    def download_grads(self) -> np.ndarray:
+        """The flat gradient buffer (float32 [n_params], aligned layout) for an all-reduce."""
+        return self.ctx.to_numpy(self.grads)
+
+    def upload_grads(self, flat: np.ndarray) -> None:
+        self.ctx.write(self.grads, flat)
+
     def train_step(self, input_ids, labels, attention_mask=None, lr: float | None = None) -> float:
-        """Forward, backward and AdamW on the GPU; only the 8-byte loss statistics come down."""
+        """Forward, backward and AdamW on the GPU (mean loss, no clipping); only the 8-byte
+        loss statistics come down."""
         prof = self._profile_start()
         stats, count = self._record(input_ids, labels, attention_mask, want_grad=True)
         if count:
@@ -404,10 +456,12 @@ class ResidentEngine:
         loss_sum, _ = self.ctx.to_numpy(stats)
         return float(loss_sum) / count if count else float("nan")
 
+    def _unflatten(self, flat: np.ndarray) -> dict:
+        return {n: flat[o:o + int(np.prod(sh))].reshape(sh).copy() for n, (o, sh) in self.offsets.items()}
+
     def parameters(self) -> dict:
         """{PEFT name: float32 array} downloaded from the flat buffer."""
-        p = self.ctx.to_numpy(self.params)
-        return {n: p[o:o + int(np.prod(sh))].reshape(sh).copy() for n, (o, sh) in self.offsets.items()}
+        return self._unflatten(self.ctx.to_numpy(self.params))
 
     def sync_to_model(self) -> None:
         """Copy the trained LoRA weights into the CPU model (for save_adapter)."""

@@ -1,0 +1,133 @@
+"""Where a model's step runs: the placement choice behind load_model(mode=...).
+
+    mode="split"     the layer split between CPU and the FFN backend (device= picks wgpu or
+                     the CPU backend); the placement is then "split" or "cpu"
+    mode="resident"  the whole step on the GPU (qlora_ext.gpu.resident); an error where it
+                     cannot run (no GPU, wgpu too old, LoRA dropout, an o_proj bias)
+    mode="auto"      resident when a GPU is used and its free memory holds the resident
+                     placement's estimate for the planned batch shape with a margin; else split
+
+The choice and its reason are kept on the model (`model.placement`, `model.placement_reason`);
+`qlora-ext train` prints them.  The free memory comes from QLORA_EXT_GPU_MEMORY_GIB when set,
+else from nvidia-smi for NVIDIA adapters; wgpu itself does not report device memory, so on
+other GPUs auto stays split unless the variable says how much there is."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+MODES = ("auto", "split", "resident")
+# The batch shape auto plans for when the caller names none: the design's training batch.
+DEFAULT_PLAN = (4, 1024)
+# Kept free beside the estimate: the driver's own allocations, wgpu's staging and
+# pipelines, the split-K scratch (measured on an H200: ~0.8 GiB beyond the engine's buffers).
+MARGIN_BYTES = 1 << 30
+MARGIN_FRACTION = 0.10
+
+
+def check_mode(mode: str, device: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+    if mode == "resident" and device == "cpu":
+        raise ValueError("mode='resident' runs the whole step on a GPU: it needs device='auto' or 'gpu', "
+                         "not device='cpu'")
+
+
+def gpu_free_bytes(adapter) -> tuple:
+    """(free bytes or None, where the figure came from)."""
+    env = os.environ.get("QLORA_EXT_GPU_MEMORY_GIB")
+    if env:
+        try:
+            return int(float(env) * 2**30), "QLORA_EXT_GPU_MEMORY_GIB"
+        except ValueError:
+            raise ValueError(f"QLORA_EXT_GPU_MEMORY_GIB={env!r}: expected a number of GiB") from None
+    info = adapter.info
+    name = str(info.get("device") or "")
+    if "nvidia" not in f"{name} {info.get('vendor', '')}".lower() or shutil.which("nvidia-smi") is None:
+        return None, "unknown (wgpu does not report device memory)"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,memory.used",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None, "unknown (nvidia-smi failed)"
+    rows = []
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+            rows.append((parts[0], int(parts[1]), int(parts[2])))
+    same = [r for r in rows if r[0] == name] or rows
+    if not same:
+        return None, "unknown (nvidia-smi listed no GPU)"
+    # Several GPUs of this name: the least free one (which one wgpu opened is not known).
+    return min((total - used) * 2**20 for _, total, used in same), "nvidia-smi"
+
+
+def resident_blockers(state, lora_config) -> list:
+    """Reasons the resident placement cannot run this model/adapter config (empty: it can)."""
+    from .gpu.resident.context import unavailable_reason
+
+    why = []
+    reason = unavailable_reason()
+    if reason:
+        why.append(reason)
+    if float(lora_config.dropout) != 0.0:
+        why.append(f"LoRA dropout {lora_config.dropout} is not applied on the GPU yet")
+    if any(lw.bias and "o_proj" in lw.bias for lw in state.layers):
+        why.append("the model has an o_proj bias, which the resident kernels do not apply")
+    return why
+
+
+def choose(mode: str, device: str, state, lora_config, batch_shape=None, gradient_checkpointing: bool = False,
+           train_lm_head: bool = False) -> tuple:
+    """("resident", adapter, reason) or ("split", None, reason) for mode "auto"/"resident"
+    (mode "split" never calls this).  Raises where mode="resident" cannot be honoured."""
+    from .gpu.context import adapter_summary, pick_adapter
+
+    adapter = pick_adapter(allow_software=(device == "gpu"))
+    if adapter is None:
+        if mode == "resident":
+            raise OSError("mode='resident': no GPU adapter" + (" (software adapters such as lavapipe are "
+                          "used only with device='gpu')" if device == "auto" else ""))
+        return "split", None, "no GPU adapter"
+    blockers = resident_blockers(state, lora_config)
+    if blockers:
+        if mode == "resident":
+            raise ValueError("mode='resident' cannot run here: " + "; ".join(blockers) + " (use mode='split')")
+        return "split", None, "; ".join(blockers)
+    name = adapter_summary(adapter)["name"]
+    if mode == "resident":
+        return "resident", adapter, f"asked for (adapter {name})"
+    from .gpu.resident.memory import estimate_bytes
+
+    B, T = batch_shape or DEFAULT_PLAN
+    free, source = gpu_free_bytes(adapter)
+    ctx = context_for(adapter)
+    need = estimate_bytes(ctx, state, lora_config, B, T, gradient_checkpointing, train_lm_head)
+    gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
+    if free is None:
+        return "split", None, (f"free memory of {name} {source}; the resident placement needs about "
+                               f"{gib(need)} for {B} x {T} tokens (set QLORA_EXT_GPU_MEMORY_GIB to let "
+                               "auto choose it)")
+    budget = need * (1 + MARGIN_FRACTION) + MARGIN_BYTES
+    if budget > free:
+        return "split", None, (f"{name} has {gib(free)} free ({source}); the resident placement needs "
+                               f"about {gib(need)} + margin for {B} x {T} tokens")
+    return "resident", adapter, (f"{name} has {gib(free)} free ({source}); the resident placement needs "
+                                 f"about {gib(need)} for {B} x {T} tokens")
+
+
+_contexts = {}
+
+
+def context_for(adapter):
+    """One resident GpuContext per adapter for the process (a device per model would
+    duplicate pipelines and driver memory)."""
+    from .gpu.resident.context import GpuContext
+
+    # wgpu returns new adapter objects on every enumeration: key by what they describe
+    key = repr(sorted((str(k), str(v)) for k, v in dict(adapter.info).items()))
+    ctx = _contexts.get(key)
+    if ctx is None:
+        ctx = _contexts[key] = GpuContext(adapter)
+    return ctx

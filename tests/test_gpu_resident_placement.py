@@ -1,0 +1,195 @@
+"""The GPU-resident placement behind load_model(mode=...), the Trainer and `qlora-ext train`:
+the automatic choice and its reason, the memory estimate it rests on, training through the
+Trainer's device path against the CPU trainer (grad accumulation, clipping), and checkpoint
+resume bit for bit.  Runs on lavapipe in CI (device="gpu" admits a software adapter)."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gpu_resident_support import rel_err, resident_context
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    return resident_context()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from model_factory import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("placement")
+    return {t: make_tiny_checkpoint(root / t, model_type=t, seed=4) for t in ("qwen3", "llama")}
+
+
+def _load(path, mode, device="gpu", **kw):
+    from qlora_ext.model.api import load_model
+    from qlora_ext.model.lora import LoraConfig
+
+    kw.setdefault("lora", LoraConfig(r=4, alpha=8))
+    return load_model(path, mode=mode, device=device, **kw)
+
+
+def _batches(V, n, B=2, T=11, seed=0):
+    g = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        ids = g.integers(0, V, size=(B, T))
+        labels = ids.copy()
+        labels[0, : g.integers(1, T)] = -100
+        out.append((ids, labels))
+    return out
+
+
+# ---- the choice -------------------------------------------------------------------------------
+def test_resident_when_asked(ctx, ckpt):
+    from qlora_ext.gpu.resident.model import ResidentModel
+
+    m = _load(ckpt["qwen3"], "resident")
+    assert isinstance(m, ResidentModel) and m.placement == "resident" and "asked" in m.placement_reason
+    s = _load(ckpt["qwen3"], "split", device="cpu")
+    assert s.placement == "cpu" and not isinstance(s, ResidentModel)
+
+
+def test_auto_takes_resident_only_with_the_memory(ctx, ckpt, monkeypatch):
+    monkeypatch.setenv("QLORA_EXT_GPU_MEMORY_GIB", "64")
+    m = _load(ckpt["qwen3"], "auto", batch_shape=(2, 16))
+    assert m.placement == "resident" and "64.0 GiB free" in m.placement_reason
+    monkeypatch.setenv("QLORA_EXT_GPU_MEMORY_GIB", "0.0001")
+    m = _load(ckpt["qwen3"], "auto", batch_shape=(2, 16))
+    assert m.placement == "split" and "needs about" in m.placement_reason
+    monkeypatch.delenv("QLORA_EXT_GPU_MEMORY_GIB")
+    if "nvidia" not in str(ctx.info["name"]).lower():
+        m = _load(ckpt["qwen3"], "auto")   # lavapipe: wgpu reports no memory size
+        assert m.placement == "split" and "QLORA_EXT_GPU_MEMORY_GIB" in m.placement_reason
+
+
+def test_auto_on_cpu_and_refusals(ctx, ckpt, monkeypatch):
+    from qlora_ext.model.lora import LoraConfig
+
+    monkeypatch.setenv("QLORA_EXT_GPU_MEMORY_GIB", "64")
+    assert _load(ckpt["qwen3"], "auto", device="cpu").placement == "cpu"
+    with pytest.raises(ValueError, match="device='cpu'"):
+        _load(ckpt["qwen3"], "resident", device="cpu")
+    with pytest.raises(ValueError, match="dropout"):
+        _load(ckpt["qwen3"], "resident", lora=LoraConfig(r=2, dropout=0.1))
+    m = _load(ckpt["qwen3"], "auto", lora=LoraConfig(r=2, dropout=0.1))
+    assert m.placement == "split" and "dropout" in m.placement_reason
+    with pytest.raises(ValueError, match="mode must be"):
+        _load(ckpt["qwen3"], "gpu")
+
+
+@pytest.mark.parametrize("model_type,checkpointing,head,weights", [
+    ("qwen3", False, False, "resident"), ("qwen3", True, True, "resident"), ("llama", False, False, "stream")])
+def test_memory_estimate_is_what_the_engine_allocates(ctx, ckpt, model_type, checkpointing, head, weights):
+    from qlora_ext.gpu.resident.engine import ResidentEngine
+    from qlora_ext.gpu.resident.memory import activation_bytes, resident_bytes
+
+    model = _load(ckpt[model_type], "split", device="cpu", quantize="nf4", train_lm_head=head)
+    engine = ResidentEngine(model, ctx=ctx, gradient_checkpointing=checkpointing, weights=weights)
+    rep = engine.memory_report(3, 17)
+    assert resident_bytes(model.state, model.lora_config, head, weights) == rep["resident"]
+    assert activation_bytes(ctx, model.state, model.lora_config, 3, 17, checkpointing) == rep["activations"]
+
+
+# ---- training through the Trainer ---------------------------------------------------------------
+def _train(model, batches, accum, clip, lr=5e-3):
+    from qlora_ext.train.trainer import TrainConfig, Trainer
+
+    t = Trainer(model, TrainConfig(lr=lr, grad_clip=clip, weight_decay=0.01))
+    losses, norms = [], []
+    for i in range(0, len(batches), accum):
+        losses.append(t.train_step(batches[i:i + accum]))
+        norms.append(t.last_grad_norm)
+    return t, losses, norms
+
+
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_trainer_device_path_matches_cpu_trainer(ctx, ckpt, clip):
+    """Grad accumulation over unequal micro-batches, clipping active (0.05 < the norms):
+    losses, norms and weights as the CPU trainer's within float32 rounding."""
+    from qlora_ext.model.lora import LoraConfig
+
+    lora = LoraConfig(r=4, alpha=8)
+    cpu = _load(ckpt["qwen3"], "split", device="cpu", lora=lora)
+    gpu = _load(ckpt["qwen3"], "resident", lora=lora)
+    batches = _batches(cpu.config.vocab_size, 6)
+    tc, lc, nc = _train(cpu, batches, 2, clip)
+    tg, lg, ng = _train(gpu, batches, 2, clip)
+    assert rel_err(lg, lc) <= 1e-5 and rel_err(ng, nc) <= 1e-4
+    if clip:
+        assert min(nc) > clip
+    pc, pg = cpu.parameters(), gpu.parameters()
+    assert list(pc) == list(pg)
+    lr_steps = 5e-3 * 3
+    for n in pc:
+        # AdamW moves each weight by about lr per step whatever the gradient's size, so float32
+        # differences of tiny gradients show up at the scale of lr: bound the difference by 1% of
+        # the movement (a missed clip or scale would differ by about lr per step, 30x more).
+        assert np.abs(pg[n] - pc[n]).max() <= 1e-2 * lr_steps, n
+    assert tg.optimizer_state().keys() == tc.optimizer_state().keys()
+
+
+def test_checkpoint_resume_is_bit_identical(ctx, ckpt, tmp_path):
+    """fit() 4 updates unbroken == fit() 2, a fresh model restored from the checkpoint, fit() to 4."""
+    from qlora_ext.train.checkpoint import latest_checkpoint
+    from qlora_ext.train.data import DataLoader, Example
+    from qlora_ext.train.loop import fit, restore
+    from qlora_ext.train.trainer import TrainConfig, Trainer
+
+    V = 97
+    rows = [list(np.random.default_rng(i).integers(1, V, size=7 + i % 5)) for i in range(24)]
+    examples = [Example([int(t) for t in r], [int(t) for t in r], i + 1) for i, r in enumerate(rows)]
+
+    def run(out, stop_at, resume=False):
+        model = _load(ckpt["qwen3"], "resident")
+        trainer = Trainer(model, TrainConfig(lr=1e-2, grad_accum=2, total_steps=4, schedule="linear"))
+        loader = DataLoader(examples, 12, 4, seed=3, pad_id=0)
+        if resume:
+            restore(trainer, loader, latest_checkpoint(out))
+        fit(trainer, loader, stop_at, 2, out_dir=out, save_every=1)
+        return model.parameters(), trainer
+
+    whole, tw = run(tmp_path / "a", 4)
+    run(tmp_path / "b", 2)
+    resumed, tr = run(tmp_path / "b", 4, resume=True)
+    assert tr.step_count == tw.step_count == 4
+    for n in whole:
+        np.testing.assert_array_equal(resumed[n], whole[n], err_msg=n)
+    ow, orr = tw.optimizer_state(), tr.optimizer_state()
+    for k in ow:
+        np.testing.assert_array_equal(orr[k], ow[k], err_msg=k)
+
+
+def test_cli_train_resident_and_resume(ctx, ckpt, tmp_path):
+    """`qlora-ext train --device gpu --mode resident`: says so, trains, writes a PEFT adapter;
+    an interrupted run (2 steps) resumed to 3 equals the unbroken 3-step run."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"item {i} is {i * 7 % 13} and more words"}) + "\n"
+                            for i in range(16)))
+    base = [sys.executable, "-m", "qlora_ext.cli", "train", "--model", ckpt["qwen3"], "--data", str(data),
+            "--device", "gpu", "--mode", "resident", "--batch-size", "2", "--seq-len", "16",
+            "--lora-rank", "2", "--threads", "1", "--quiet"]
+
+    def cli(*extra):
+        r = subprocess.run(base + [str(e) for e in extra], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        return r
+
+    cli("--out", tmp_path / "a", "--steps", 3)
+    cli("--out", tmp_path / "b", "--steps", 2)
+    r = subprocess.run([sys.executable, "-m", "qlora_ext.cli", "train", "--resume", str(tmp_path / "b"),
+                        "--steps", "3"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "placement: resident" in r.stdout   # the mode is a run setting: kept on resume
+    from safetensors.numpy import load_file
+
+    a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert any(np.abs(v).max() > 0 for k, v in a.items() if "lora_B" in k)
