@@ -3,7 +3,7 @@
 
     python bench/gpu_train_throughput.py --shape qwen3-0.6b --batch 4 --seq 1024 --json out.json
 
-Modes: "resident" (the whole step on the GPU, qlora_ext.gpu.resident.ResidentEngine),
+Modes: "resident" (the whole step on the GPU: qlora_ext.gpu.resident.ResidentModel + Trainer),
 "split-stream" / "split-resident" (attention on the CPU kernels, FFN on the wgpu backend,
 FFN weights streamed per layer or resident), "hf-bf16" / "hf-fp32" (PEFT LoRA over a
 bitsandbytes NF4 base with that compute dtype; plain fp32/bf16 linears when bitsandbytes
@@ -107,11 +107,14 @@ def run_qlora_ext(mode, state, batch, seq, steps, checkpointing, profile=False):
               "gradient_checkpointing": checkpointing}
     with GpuMemoryPoller() as mem:
         if mode == "resident":
-            from qlora_ext.gpu.resident.engine import ResidentEngine
+            # What load_model(mode="resident") builds, driven by the Trainer as `qlora-ext
+            # train` does (clipping at 1.0: one squared-norm readback per update).
+            from qlora_ext.gpu.resident.model import ResidentModel
 
-            model = Model(state, lora, gradient_checkpointing=checkpointing)
-            engine = ResidentEngine(model, gradient_checkpointing=checkpointing)
-            step = lambda: engine.train_step(ids, ids)  # noqa: E731
+            model = ResidentModel(state, lora, gradient_checkpointing=checkpointing)
+            engine = model.engine
+            trainer = qx.Trainer(model, qx.TrainConfig(lr=2e-4))
+            step = lambda: trainer.step(ids, ids)  # noqa: E731
         else:
             backend = select_backend("gpu", resident=(mode == "split-resident"))
             model = Model(state, lora, backend, gradient_checkpointing=checkpointing)
