@@ -9,9 +9,9 @@ Default sizes are small so that CI runs this on lavapipe as a test; the attentio
 shape (Qwen3: Hq 32, Hkv 8, D 128) runs with
   QLORA_EXT_RESIDENT_BENCH="B=1,T=1024,HQ=32,HKV=8,D=128,C=2560,V=151936" \
   PYTHONPATH=src pytest bench/bench_resident.py --benchmark-enable --benchmark-only
-Attention tiles can be swept with QLORA_EXT_ATTN_TILES="rows,lanes,tile" (default 32,4,16
-at D = 128 where workgroup memory allows); the fused projection GEMM takes the FFN backend's
-QLORA_EXT_GEMM_TILES* settings."""
+Attention tiles can be swept with QLORA_EXT_ATTN_TILES="br,bc,tm,tn[,dk4]" (default 64,64,4,4
+with the largest D chunk that fits workgroup memory: 8 vec4s on NVIDIA, 4 on lavapipe); the
+fused projection GEMM takes the FFN backend's QLORA_EXT_GEMM_TILES* settings."""
 import os
 import sys
 

@@ -1,19 +1,25 @@
-// Causal GQA flash attention, backward (GPU-resident mode), recomputing probabilities from
-// the forward's lse; the T x T matrix never exists.  Same layouts as resident_attention_fwd:
+// Causal GQA flash attention, backward (GPU-resident mode), register-tiled like
+// resident_attention_fwd (same prepended consts: HEAD_DIM, BR, BC, TM, TN, DK4, VK, TILE_V4),
+// recomputing probabilities from the forward's lse; the T x T matrix never exists.
 //   q, o, do, dq: [B, T, Hq, D]; k, v, dk, dv: [B, T, Hkv, D]; lse, delta: [B, Hq, T];
 //   mask: [B, T] u32 (1 = attend), read only when has_mask = 1.
 // With P[i,j] = exp(scale * q_i . k_j - lse_i) (0 where key j is invisible to query i):
 //   delta_i = do_i . o_i                          (entry `prep`, one thread per row)
 //   dS[i,j] = P[i,j] * (do_i . v_j - delta_i)
-//   dq_i = scale * sum_j dS[i,j] k_j              (entry `dq`: ROWS query rows per workgroup,
-//                                                  K/V tiles of TILE keys in workgroup memory)
+//   dq_i = scale * sum_j dS[i,j] k_j              (entry `dq`: BR query rows of one head per
+//                                                  workgroup, key blocks of BC up to the diagonal)
 //   dk_j = scale * sum_{i, h in group} dS[i,j] q_i,  dv_j = sum P[i,j] do_i
-//                                                 (entry `dkdv`: ROWS key rows of one kv head
-//                                                  per workgroup; Q/dO tiles of TILE queries of
-//                                                  each query head of the group)
-// As in the forward, each row has LANES threads, each holding DC = D / LANES dims (lane,
-// lane + LANES, ...) of the row's vectors in registers; the two dot products per (row, tile entry) are summed from
-// the lanes' partials in workgroup memory, in lane order.
+//                                                 (entry `dkdv`: BR key rows and ONE query head h
+//                                                  per workgroup, query blocks of BC from the
+//                                                  diagonal on; with GQA it writes per-query-head
+//                                                  partials [B, T, Hq, D] that
+//                                                  resident_attention_group_sum adds up in
+//                                                  head order: no atomics, deterministic)
+// Each score-like tile (S, dP; or their transposes in dkdv) is a GEMM over D with chunks of
+// DK4 vec4s staged in workgroup memory, TM x TN per thread (thread (ty, tx): rows ty*TM + i,
+// columns tx + NX*j); P or dS then goes to workgroup memory and the thread's register tile
+// of the output (rows ty*TM + i, vec4 columns tx + NX*j4) takes P/dS times rows of the
+// column side, staged VK rows at a time.
 // Splitting dq from dk/dv avoids float atomics at the price of computing P twice.
 
 struct Params {
@@ -25,49 +31,231 @@ struct Params {
     scale: f32,
 }
 
-override ROWS: u32 = 32u;
-override LANES: u32 = 4u;
-override TILE: u32 = 16u;
+const DP4: u32 = (HEAD_DIM + 3u) / 4u;
+const NX: u32 = BC / TN;
+const NY: u32 = BR / TM;
+const NT: u32 = NX * NY;
+const DV4: u32 = (DP4 + NX - 1u) / NX;
+const CS: u32 = DK4 + 1u;
+const PS: u32 = BC / 4u + 1u;
+
+// tensors named by the fetch helpers
+const SRC_Q: u32 = 0u;
+const SRC_K: u32 = 1u;
+const SRC_V: u32 = 2u;
+const SRC_DO: u32 = 3u;
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> k: array<f32>;
-@group(0) @binding(3) var<storage, read> v: array<f32>;
+@group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> k: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> v: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read> mask: array<u32>;
-@group(0) @binding(5) var<storage, read> d_o: array<f32>;
+@group(0) @binding(5) var<storage, read> d_o: array<vec4<f32>>;
 @group(0) @binding(6) var<storage, read> lse: array<f32>;
 @group(0) @binding(7) var<storage, read_write> delta: array<f32>;  // prep writes; dq, dkdv read
 @group(0) @binding(8) var<storage, read_write> out0: array<f32>;   // prep: o (read); dq: dq; dkdv: dk
 @group(0) @binding(9) var<storage, read_write> out1: array<f32>;   // dkdv: dv
 
-var<workgroup> a_s: array<f32, TILE * HEAD_DIM>;        // dq: K tile;  dkdv: Q tile
-var<workgroup> b_s: array<f32, TILE * HEAD_DIM>;        // dq: V tile;  dkdv: dO tile
-var<workgroup> part_s: array<f32, ROWS * LANES * TILE>; // partial scores [row][lane][entry]
-var<workgroup> part_p: array<f32, ROWS * LANES * TILE>; // partial do . v  [row][lane][entry]
-var<workgroup> ok_s: array<u32, TILE>;                  // dq: key visible (mask, j < T)
-var<workgroup> lse_s: array<f32, TILE>;                 // dkdv
-var<workgroup> del_s: array<f32, TILE>;                 // dkdv
+// Row-side chunk [BR][CS] then column-side chunk [BC][CS]; or VK rows [VK][DP4].
+var<workgroup> tile_s: array<vec4<f32>, TILE_V4>;
+var<workgroup> p_s: array<vec4<f32>, BR * PS>;   // P or dS [BR][BC] (+ pad)
+
+alias Tile = array<array<f32, TN>, TM>;
+alias Acc = array<array<vec4<f32>, DV4>, TM>;
+
+fn zero_tile() -> Tile {
+    var t: Tile;
+    for (var i = 0u; i < TM; i = i + 1u) {
+        for (var j = 0u; j < TN; j = j + 1u) {
+            t[i][j] = 0.0;
+        }
+    }
+    return t;
+}
+
+fn zero_acc() -> Acc {
+    var a: Acc;
+    for (var i = 0u; i < TM; i = i + 1u) {
+        for (var j4 = 0u; j4 < DV4; j4 = j4 + 1u) {
+            a[i][j4] = vec4<f32>(0.0);
+        }
+    }
+    return a;
+}
 
 fn key_ok(b: u32, j: u32) -> bool {
     return j < p.t && (p.has_mask == 0u || mask[b * p.t + j] != 0u);
 }
 
-// (score, do . v) of tile entry e for workgroup row `row`, summed over lanes in lane order.
-fn sums(row: u32, e: u32) -> vec2<f32> {
-    var s = 0.0;
-    var dp = 0.0;
-    for (var c = 0u; c < LANES; c = c + 1u) {
-        s = s + part_s[(row * LANES + c) * TILE + e];
-        dp = dp + part_p[(row * LANES + c) * TILE + e];
+// vec4 c4 of row t of q / do (head h of Hq) or k / v (head h of Hkv), zero past D; the
+// caller checks t < T and c4 < DP4.  As in resident_attention_fwd: one vec4 load where
+// D % 4 == 0, else the dims one by one.
+fn fetch4(src: u32, b: u32, t: u32, h: u32, c4: u32) -> vec4<f32> {
+    var nh = p.hkv;
+    if (src == SRC_Q || src == SRC_DO) {
+        nh = p.hq;
     }
-    return vec2<f32>(s, dp);
+    let row = (b * p.t + t) * nh + h;
+    if (HEAD_DIM % 4u == 0u) {
+        let i = row * DP4 + c4;
+        switch src {
+            case 0u: { return q[i]; }
+            case 1u: { return k[i]; }
+            case 2u: { return v[i]; }
+            default: { return d_o[i]; }
+        }
+    }
+    var x = vec4<f32>(0.0);
+    for (var u = 0u; u < 4u; u = u + 1u) {
+        let d = c4 * 4u + u;
+        if (d < HEAD_DIM) {
+            let e = row * HEAD_DIM + d;
+            switch src {
+                case 0u: { x[u] = q[e / 4u][e % 4u]; }
+                case 1u: { x[u] = k[e / 4u][e % 4u]; }
+                case 2u: { x[u] = v[e / 4u][e % 4u]; }
+                default: { x[u] = d_o[e / 4u][e % 4u]; }
+            }
+        }
+    }
+    return x;
 }
 
-// delta[b, h, t] = sum_d do[b,t,h,d] * o[b,t,h,d]; o is bound at out0.
-@compute @workgroup_size(ROWS * LANES)
+// Rows row0 .. row0 + n of src, vec4s [c0, c0 + DK4) of each, times mul, into tile_s at
+// vec4 offset off with row stride CS; zero past T and past D.  Consecutive threads read
+// consecutive vec4s (coalesced).
+fn load_chunk(src: u32, b: u32, h: u32, row0: u32, n: u32, c0: u32, off: u32, mul: f32, li: u32) {
+    for (var e = li; e < n * DK4; e = e + NT) {
+        let r = e / DK4;
+        let c = e % DK4;
+        let t = row0 + r;
+        var x = vec4<f32>(0.0);
+        // (if, not select: select reads both operands, and trusted modules have no bounds checks)
+        if (t < p.t && c0 + c < DP4) {
+            x = fetch4(src, b, t, h, c0 + c) * mul;
+        }
+        tile_s[off + r * CS + c] = x;
+    }
+}
+
+// Rows row0 .. row0 + n of src (all DP4 vec4s, zero past T) into tile_s as [n][DP4].
+fn load_rows(src: u32, b: u32, h: u32, row0: u32, n: u32, li: u32) {
+    for (var e = li; e < n * DP4; e = e + NT) {
+        let t = row0 + e / DP4;
+        var x = vec4<f32>(0.0);
+        if (t < p.t) {
+            x = fetch4(src, b, t, h, e % DP4);
+        }
+        tile_s[e] = x;
+    }
+}
+
+// (row side rsrc rows r0.., head rh, times rmul) . (column side csrc rows c0.., head ch,
+// times cmul)^T: this thread's TM x TN tile, summed over D in vec4 order, as the forward
+// sums S (so exp(s - lse) reproduces its P), and as prep sums delta (so do . v where o
+// equals a single v gives dP - delta = 0 exactly).
+fn scores(b: u32, rsrc: u32, rh: u32, r0: u32, rmul: f32, csrc: u32, ch: u32, c0: u32,
+          cmul: f32, li: u32) -> Tile {
+    let tx = li % NX;
+    let ty = li / NX;
+    var s = zero_tile();
+    for (var dc = 0u; dc < DP4; dc = dc + DK4) {
+        workgroupBarrier();
+        load_chunk(rsrc, b, rh, r0, BR, dc, 0u, rmul, li);
+        load_chunk(csrc, b, ch, c0, BC, dc, BR * CS, cmul, li);
+        workgroupBarrier();
+        for (var d4 = 0u; d4 < DK4; d4 = d4 + 1u) {
+            var a: array<vec4<f32>, TM>;
+            var c: array<vec4<f32>, TN>;
+            for (var i = 0u; i < TM; i = i + 1u) {
+                a[i] = tile_s[(ty * TM + i) * CS + d4];
+            }
+            for (var j = 0u; j < TN; j = j + 1u) {
+                c[j] = tile_s[(BR + tx + NX * j) * CS + d4];
+            }
+            for (var i = 0u; i < TM; i = i + 1u) {
+                for (var j = 0u; j < TN; j = j + 1u) {
+                    s[i][j] = s[i][j] + dot(a[i], c[j]);
+                }
+            }
+        }
+    }
+    return s;
+}
+
+// This thread's tile of a [BR][BC] matrix into p_s.
+fn stage(t: Tile, li: u32) {
+    let tx = li % NX;
+    let ty = li / NX;
+    for (var i = 0u; i < TM; i = i + 1u) {
+        for (var j = 0u; j < TN; j = j + 1u) {
+            let c = tx + NX * j;
+            p_s[(ty * TM + i) * PS + c / 4u][c % 4u] = t[i][j];
+        }
+    }
+}
+
+// acc += p_s [BR][BC] @ (rows c0 .. c0 + BC of src, head h) [BC][D], VK rows at a time.
+fn accumulate(acc: ptr<function, Acc>, b: u32, src: u32, h: u32, c0: u32, li: u32) {
+    let tx = li % NX;
+    let ty = li / NX;
+    for (var kc = 0u; kc < BC; kc = kc + VK) {
+        workgroupBarrier();
+        load_rows(src, b, h, c0 + kc, VK, li);
+        workgroupBarrier();
+        for (var kk4 = 0u; kk4 < VK / 4u; kk4 = kk4 + 1u) {
+            var pv: array<vec4<f32>, TM>;
+            for (var i = 0u; i < TM; i = i + 1u) {
+                pv[i] = p_s[(ty * TM + i) * PS + kc / 4u + kk4];
+            }
+            for (var u = 0u; u < 4u; u = u + 1u) {
+                for (var j4 = 0u; j4 < DV4; j4 = j4 + 1u) {
+                    let c4 = tx + NX * j4;
+                    if (c4 < DP4) {
+                        let zr = tile_s[(kk4 * 4u + u) * DP4 + c4];
+                        for (var i = 0u; i < TM; i = i + 1u) {
+                            (*acc)[i][j4] = (*acc)[i][j4] + pv[i][u] * zr;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+// Rows r0 + ty*TM + i (< T) of out (head h of H heads) = acc * mul.
+fn write_rows(acc: ptr<function, Acc>, which: u32, b: u32, h: u32, nh: u32, r0: u32, mul: f32,
+              li: u32) {
+    let tx = li % NX;
+    let ty = li / NX;
+    for (var i = 0u; i < TM; i = i + 1u) {
+        let t = r0 + ty * TM + i;
+        if (t >= p.t) {
+            continue;
+        }
+        let base = ((b * p.t + t) * nh + h) * HEAD_DIM;
+        for (var j4 = 0u; j4 < DV4; j4 = j4 + 1u) {
+            let c4 = tx + NX * j4;
+            for (var u = 0u; u < 4u; u = u + 1u) {
+                let d = c4 * 4u + u;
+                if (c4 < DP4 && d < HEAD_DIM) {
+                    if (which == 0u) {
+                        out0[base + d] = (*acc)[i][j4][u] * mul;
+                    } else {
+                        out1[base + d] = (*acc)[i][j4][u] * mul;
+                    }
+                }
+            }
+        }
+    }
+}
+
+// delta[b, h, t] = sum_d do[b,t,h,d] * o[b,t,h,d]; o is bound at out0.  One thread per row,
+// grid_2d over ceil(B*Hq*T / NT) workgroups.
+@compute @workgroup_size(NT)
 fn prep(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) li: u32) {
-    let r = (wid.x + wid.y * nwg.x) * ROWS * LANES + li;   // r = (b * Hq + h) * T + t
+    let r = (wid.x + wid.y * nwg.x) * NT + li;   // r = (b * Hq + h) * T + t
     if (r >= p.batch * p.hq * p.t) {
         return;
     }
@@ -76,191 +264,116 @@ fn prep(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let h = bh % p.hq;
     let b = bh / p.hq;
     let base = ((b * p.t + t) * p.hq + h) * HEAD_DIM;
-    // Summed lane chunk by lane chunk, in the order dq/dkdv sum do . v: where o equals a
-    // single v exactly (one visible key), dp - delta is exactly 0, as it is mathematically.
     var s = 0.0;
-    for (var c = 0u; c < LANES; c = c + 1u) {
-        var sc = 0.0;
-        for (var d = 0u; d < DC; d = d + 1u) {
-            sc = sc + d_o[base + c + LANES * d] * out0[base + c + LANES * d];
+    for (var c4 = 0u; c4 < DP4; c4 = c4 + 1u) {
+        var y = vec4<f32>(0.0);
+        for (var u = 0u; u < 4u; u = u + 1u) {
+            let d = c4 * 4u + u;
+            if (d < HEAD_DIM) {
+                y[u] = out0[base + d];
+            }
         }
-        s = s + sc;
+        s = s + dot(fetch4(SRC_DO, b, t, h, c4), y);
     }
     delta[r] = s;
 }
 
-// Grid (ceil(T / ROWS), Hq, B); writes dq (bound at out0).
-@compute @workgroup_size(ROWS * LANES)
-fn dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+// Grid (ceil(T / BR), Hq, B); writes dq (bound at out0).
+@compute @workgroup_size(NT)
+fn dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+      @builtin(local_invocation_index) li: u32) {
     let b = wid.z;
     let h = wid.y;
-    let row = li / LANES;
-    let lane = li % LANES;
-    let q0 = wid.x * ROWS;
-    let i = q0 + row;
+    let q0 = (nwg.x - 1u - wid.x) * BR;   // most key blocks first
     let hk = h / (p.hq / p.hkv);
-    let row_ok = i < p.t;
+    let tx = li % NX;
+    let ty = li / NX;
 
-    var qr: array<f32, DC>;
-    var dor: array<f32, DC>;
-    var acc: array<f32, DC>;
-    let qb = ((b * p.t + i) * p.hq + h) * HEAD_DIM + lane;
-    // (if, not select: select reads both operands, and trusted modules have no bounds checks)
-    for (var d = 0u; d < DC; d = d + 1u) {
-        qr[d] = 0.0;
-        dor[d] = 0.0;
-        acc[d] = 0.0;
-        if (row_ok) {
-            qr[d] = q[qb + LANES * d] * p.scale;
-            dor[d] = d_o[qb + LANES * d];
+    var l_r: array<f32, TM>;
+    var d_r: array<f32, TM>;
+    for (var i = 0u; i < TM; i = i + 1u) {
+        let qi = q0 + ty * TM + i;
+        if (qi < p.t) {
+            l_r[i] = lse[(b * p.hq + h) * p.t + qi];
+            d_r[i] = delta[(b * p.hq + h) * p.t + qi];
         }
     }
-    var li_lse = 0.0;
-    var li_del = 0.0;
-    if (row_ok) {
-        li_lse = lse[(b * p.hq + h) * p.t + i];
-        li_del = delta[(b * p.hq + h) * p.t + i];
-    }
-    let pb = (row * LANES + lane) * TILE;
-    let kend = min(p.t, q0 + ROWS);
-    for (var k0 = 0u; k0 < kend; k0 = k0 + TILE) {
-        for (var e = li; e < TILE * HEAD_DIM; e = e + ROWS * LANES) {
-            let j = k0 + e / HEAD_DIM;
-            var kv = 0.0;
-            var vv = 0.0;
-            if (j < p.t) {
-                let src = ((b * p.t + j) * p.hkv + hk) * HEAD_DIM + e % HEAD_DIM;
-                kv = k[src];
-                vv = v[src];
-            }
-            a_s[e] = kv;
-            b_s[e] = vv;
-        }
-        for (var e = li; e < TILE; e = e + ROWS * LANES) {
-            ok_s[e] = select(0u, 1u, key_ok(b, k0 + e));
-        }
-        workgroupBarrier();
-        for (var jj = 0u; jj < TILE; jj = jj + 1u) {
-            var s = 0.0;
-            var dp = 0.0;
-            for (var d = 0u; d < DC; d = d + 1u) {
-                s = s + qr[d] * a_s[jj * HEAD_DIM + lane + LANES * d];
-                dp = dp + dor[d] * b_s[jj * HEAD_DIM + lane + LANES * d];
-            }
-            part_s[pb + jj] = s;
-            part_p[pb + jj] = dp;
-        }
-        workgroupBarrier();
-        if (row_ok) {
-            let jend = min(TILE, i + 1u - min(i + 1u, k0));
-            for (var jj = 0u; jj < jend; jj = jj + 1u) {
-                if (ok_s[jj] == 0u) {
-                    continue;
-                }
-                let sd = sums(row, jj);
-                let ds = exp(sd.x - li_lse) * (sd.y - li_del);
-                for (var d = 0u; d < DC; d = d + 1u) {
-                    acc[d] = acc[d] + ds * a_s[jj * HEAD_DIM + lane + LANES * d];
+    var acc = zero_acc();
+    let kend = min(p.t, q0 + BR);
+    for (var k0 = 0u; k0 < kend; k0 = k0 + BC) {
+        let s = scores(b, SRC_Q, h, q0, p.scale, SRC_K, hk, k0, 1.0, li);
+        let dp = scores(b, SRC_DO, h, q0, 1.0, SRC_V, hk, k0, 1.0, li);
+        var ds = zero_tile();   // (naga does not re-zero loop-body vars per iteration)
+        for (var j = 0u; j < TN; j = j + 1u) {
+            let kj = k0 + tx + NX * j;
+            let ok = key_ok(b, kj);
+            for (var i = 0u; i < TM; i = i + 1u) {
+                let qi = q0 + ty * TM + i;
+                if (ok && kj <= qi && qi < p.t) {
+                    ds[i][j] = exp(s[i][j] - l_r[i]) * (dp[i][j] - d_r[i]);
                 }
             }
         }
-        workgroupBarrier();
+        // p_s was last read before the barriers inside scores()
+        stage(ds, li);
+        accumulate(&acc, b, SRC_K, hk, k0, li);
     }
-    if (row_ok) {
-        for (var d = 0u; d < DC; d = d + 1u) {
-            out0[qb + LANES * d] = acc[d] * p.scale;
-        }
-    }
+    write_rows(&acc, 0u, b, h, p.hq, q0, p.scale, li);
 }
 
-// Grid (ceil(T / ROWS), Hkv, B); writes dk (out0) and dv (out1).
-@compute @workgroup_size(ROWS * LANES)
+// Grid (ceil(T / BR), Hq, B): key rows j0 .. j0 + BR of kv head h / G against the queries of
+// head h.  Writes dk (out0), dv (out1) as [B, T, Hkv, D] when G = 1, else per-query-head
+// partials [B, T, Hq, D].
+@compute @workgroup_size(NT)
 fn dkdv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let b = wid.z;
-    let hk = wid.y;
-    let row = li / LANES;
-    let lane = li % LANES;
-    let j0 = wid.x * ROWS;
-    let j = j0 + row;
+    let h = wid.y;
+    let j0 = wid.x * BR;
     let group = p.hq / p.hkv;
-    let col_ok = key_ok(b, j);
+    let hk = h / group;
+    let tx = li % NX;
+    let ty = li / NX;
 
-    var kr: array<f32, DC>;
-    var vr: array<f32, DC>;
-    var dk: array<f32, DC>;
-    var dv: array<f32, DC>;
-    let kb = ((b * p.t + j) * p.hkv + hk) * HEAD_DIM + lane;
-    for (var d = 0u; d < DC; d = d + 1u) {
-        kr[d] = 0.0;
-        vr[d] = 0.0;
-        dk[d] = 0.0;
-        dv[d] = 0.0;
-        if (col_ok) {
-            kr[d] = k[kb + LANES * d] * p.scale;
-            vr[d] = v[kb + LANES * d];
-        }
+    var rok: array<bool, TM>;
+    for (var i = 0u; i < TM; i = i + 1u) {
+        rok[i] = key_ok(b, j0 + ty * TM + i);
     }
-    let pb = (row * LANES + lane) * TILE;
-    for (var g = 0u; g < group; g = g + 1u) {
-        let h = hk * group + g;
-        // Queries before j0 see none of this workgroup's keys.
-        for (var i0 = j0; i0 < p.t; i0 = i0 + TILE) {
-            for (var e = li; e < TILE * HEAD_DIM; e = e + ROWS * LANES) {
-                let i = i0 + e / HEAD_DIM;
-                var qv = 0.0;
-                var dov = 0.0;
-                if (i < p.t) {
-                    let src = ((b * p.t + i) * p.hq + h) * HEAD_DIM + e % HEAD_DIM;
-                    qv = q[src];
-                    dov = d_o[src];
-                }
-                a_s[e] = qv;
-                b_s[e] = dov;
+    var dk = zero_acc();
+    var dv = zero_acc();
+    // Queries before j0 see none of this workgroup's keys.
+    for (var i0 = j0 / BC * BC; i0 < p.t; i0 = i0 + BC) {
+        let st = scores(b, SRC_K, hk, j0, 1.0, SRC_Q, h, i0, p.scale, li);   // S^T: [keys][queries]
+        let dpt = scores(b, SRC_V, hk, j0, 1.0, SRC_DO, h, i0, 1.0, li);    // dP^T
+        var pt = zero_tile();
+        var dst = zero_tile();
+        for (var j = 0u; j < TN; j = j + 1u) {
+            let qi = i0 + tx + NX * j;
+            if (qi >= p.t) {
+                continue;
             }
-            for (var e = li; e < TILE; e = e + ROWS * LANES) {
-                let i = i0 + e;
-                var lv = 0.0;
-                var dl = 0.0;
-                if (i < p.t) {
-                    lv = lse[(b * p.hq + h) * p.t + i];
-                    dl = delta[(b * p.hq + h) * p.t + i];
-                }
-                lse_s[e] = lv;
-                del_s[e] = dl;
-            }
-            workgroupBarrier();
-            for (var ii = 0u; ii < TILE; ii = ii + 1u) {
-                var s = 0.0;
-                var dp = 0.0;
-                for (var d = 0u; d < DC; d = d + 1u) {
-                    s = s + kr[d] * a_s[ii * HEAD_DIM + lane + LANES * d];
-                    dp = dp + vr[d] * b_s[ii * HEAD_DIM + lane + LANES * d];
-                }
-                part_s[pb + ii] = s;
-                part_p[pb + ii] = dp;
-            }
-            workgroupBarrier();
-            if (col_ok) {
-                // Queries i0 + ii >= j, below T.  A query that sees key j has a finite lse.
-                let istart = j - min(j, i0);
-                let iend = min(TILE, p.t - i0);
-                for (var ii = istart; ii < iend; ii = ii + 1u) {
-                    let sd = sums(row, ii);
-                    let pij = exp(sd.x - lse_s[ii]);
-                    let ds = pij * (sd.y - del_s[ii]);
-                    for (var d = 0u; d < DC; d = d + 1u) {
-                        dv[d] = dv[d] + pij * b_s[ii * HEAD_DIM + lane + LANES * d];
-                        dk[d] = dk[d] + ds * a_s[ii * HEAD_DIM + lane + LANES * d];
-                    }
+            // A query that sees any key has a finite lse.
+            let lq = lse[(b * p.hq + h) * p.t + qi];
+            let dl = delta[(b * p.hq + h) * p.t + qi];
+            for (var i = 0u; i < TM; i = i + 1u) {
+                if (rok[i] && j0 + ty * TM + i <= qi) {
+                    let pij = exp(st[i][j] - lq);
+                    pt[i][j] = pij;
+                    dst[i][j] = pij * (dpt[i][j] - dl);
                 }
             }
-            workgroupBarrier();
         }
+        stage(pt, li);
+        accumulate(&dv, b, SRC_DO, h, i0, li);
+        workgroupBarrier();   // every thread done reading P before dS replaces it
+        stage(dst, li);
+        accumulate(&dk, b, SRC_Q, h, i0, li);
     }
-    if (j < p.t) {
-        for (var d = 0u; d < DC; d = d + 1u) {
-            out0[kb + LANES * d] = dk[d] * p.scale;
-            out1[kb + LANES * d] = dv[d];
-        }
+    var nh = p.hq;
+    var hw = h;
+    if (group == 1u) {
+        nh = p.hkv;
+        hw = hk;
     }
+    write_rows(&dk, 0u, b, hw, nh, j0, p.scale, li);
+    write_rows(&dv, 1u, b, hw, nh, j0, 1.0, li);
 }

@@ -1,19 +1,25 @@
-// Causal GQA flash attention, forward (GPU-resident mode).
+// Causal GQA flash attention, forward (GPU-resident mode), register-tiled.
 //   q, o: [B, T, Hq, D] f32; k, v: [B, T, Hkv, D] f32; lse: [B, Hq, T] f32;
 //   mask: [B, T] u32 key padding mask (1 = attend, 0 = padding), read only when has_mask = 1.
 // Query head h reads kv head h / (Hq / Hkv); scores are (q . k) * scale (scale = 1/sqrt(D));
 // key j is visible to query i when j <= i and mask[b, j] != 0.
-// Workgroup = ROWS query rows of one (batch, head) x LANES threads per row: grid
-// (ceil(T / ROWS), Hq, B).  Thread (row, lane) keeps DC = D / LANES dims of the query and
-// of the output accumulator in registers (HEAD_DIM and DC are prepended consts), so no thread
-// holds a whole head; the dims are interleaved (lane, lane + LANES, ...) so that the lanes of
-// a row read consecutive words: coalesced loads, no workgroup-memory bank conflicts.  Keys go tile by tile: TILE rows of K and V are loaded into
-// workgroup memory by all threads; each thread writes its partial dot products for the
-// tile's keys, the LANES partials are summed (every lane of a row sums them in the same
-// order, so all lanes see identical scores), then the online softmax updates the running
-// max m and sum l once per tile and the accumulator takes p_j * v_j over the lane's dims.
-// The T x T score matrix never exists.  Output o = acc / l, lse = m + log(l); a row without
-// any visible key gets o = 0 and lse = -inf (backward then gives it zero gradients).
+//
+// Prepended consts (attention.py picks them to fit workgroup memory):
+//   HEAD_DIM = D; BR query rows per workgroup; BC keys per key block; TM x TN the register
+//   tile of scores each thread owns; DK4 vec4s of D per staged chunk; VK rows of V per
+//   staged chunk; TILE_V4 vec4s of the staging area (max of both uses).
+// Grid (ceil(T / BR), Hq, B); NT = (BR / TM) * (BC / TN) threads.  Thread (ty, tx) owns
+// query rows ty*TM + i (i < TM) and, per key block, keys tx + NX*j (j < TN): S = Q K^T is
+// a GEMM whose operands come in chunks of DK4 vec4s through workgroup memory (rows padded
+// by one vec4 so that the column side's reads do not collide in banks); each thread does
+// TM*TN independent dot products per vec4 pair.  The online softmax keeps a per-row max
+// shared by all threads of the row (max of their partials through workgroup memory, which
+// is exact) and a per-thread partial row sum, summed in tx order at the end (deterministic).
+// P goes to workgroup memory; O += P V is a second GEMM where the thread owns rows ty*TM + i
+// and vec4 columns tx + NX*j4 of the output, with V in chunks of VK keys.
+// Key blocks wholly above the diagonal are never visited; the T x T matrix never exists.
+// Output o = acc / l, lse = m + log(l); a row without any visible key gets o = 0 and
+// lse = -inf (backward then gives it zero gradients).
 
 struct Params {
     batch: u32,
@@ -24,131 +30,248 @@ struct Params {
     scale: f32,
 }
 
-override ROWS: u32 = 32u;
-override LANES: u32 = 4u;
-override TILE: u32 = 16u;
+const DP4: u32 = (HEAD_DIM + 3u) / 4u;   // vec4s per head row (zero-padded past D)
+const NX: u32 = BC / TN;                 // threads across a key block (and across O's vec4s)
+const NY: u32 = BR / TM;
+const NT: u32 = NX * NY;
+const DV4: u32 = (DP4 + NX - 1u) / NX;   // O vec4 columns per thread
+const CS: u32 = DK4 + 1u;                // staged chunk row stride (vec4s)
+const PS: u32 = BC / 4u + 1u;            // P row stride (vec4s)
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> k: array<f32>;
-@group(0) @binding(3) var<storage, read> v: array<f32>;
+@group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> k: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> v: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read> mask: array<u32>;
 @group(0) @binding(5) var<storage, read_write> o: array<f32>;
 @group(0) @binding(6) var<storage, read_write> lse: array<f32>;
 
-var<workgroup> k_s: array<f32, TILE * HEAD_DIM>;
-var<workgroup> v_s: array<f32, TILE * HEAD_DIM>;
-var<workgroup> ok_s: array<u32, TILE>;
-var<workgroup> part: array<f32, ROWS * LANES * TILE>;   // [row][lane][key]
-
-// Score of key jj of the tile for the workgroup's row `row`: the LANES partial dot products
-// summed in lane order (identical in every lane of the row).
-fn tile_score(row: u32, jj: u32) -> f32 {
-    var s = 0.0;
-    for (var c = 0u; c < LANES; c = c + 1u) {
-        s = s + part[(row * LANES + c) * TILE + jj];
-    }
-    return s;
-}
+// Q chunk [BR][CS] then K chunk [BC][CS]; or V chunk [VK][DP4].
+var<workgroup> tile_s: array<vec4<f32>, TILE_V4>;
+var<workgroup> p_s: array<vec4<f32>, BR * PS>;   // P [BR][BC] (+ pad)
+var<workgroup> red_s: array<f32, BR * NX>;       // per-row partials [row][tx]
 
 // Below any finite score; exp(NEG_BIG - s) is 0 without inf - inf arithmetic.
 const NEG_BIG: f32 = -3.0e38;
 
-@compute @workgroup_size(ROWS * LANES)
-fn forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+// vec4 c4 of row t of q (src 0, head h of Hq) or k / v (src 1 / 2, head h of Hkv),
+// zero past D; the caller checks t < T and c4 < DP4.  The tensors are bound as vec4 arrays
+// (buffers are whole vec4s): with D % 4 == 0 a row is whole vec4s and one load brings four
+// dims; otherwise the four dims are picked out one by one.
+fn fetch4(src: u32, b: u32, t: u32, h: u32, c4: u32) -> vec4<f32> {
+    var nh = p.hkv;
+    if (src == 0u) {
+        nh = p.hq;
+    }
+    let row = (b * p.t + t) * nh + h;
+    if (HEAD_DIM % 4u == 0u) {
+        let i = row * DP4 + c4;
+        switch src {
+            case 0u: { return q[i]; }
+            case 1u: { return k[i]; }
+            default: { return v[i]; }
+        }
+    }
+    var x = vec4<f32>(0.0);
+    for (var u = 0u; u < 4u; u = u + 1u) {
+        let d = c4 * 4u + u;
+        if (d < HEAD_DIM) {
+            let e = row * HEAD_DIM + d;
+            switch src {
+                case 0u: { x[u] = q[e / 4u][e % 4u]; }
+                case 1u: { x[u] = k[e / 4u][e % 4u]; }
+                default: { x[u] = v[e / 4u][e % 4u]; }
+            }
+        }
+    }
+    return x;
+}
+
+// Rows row0 .. row0 + n of src, vec4s [c0, c0 + DK4) of each, times mul, into tile_s at
+// vec4 offset off with row stride CS; zero past T and past D.  Consecutive threads read
+// consecutive vec4s (coalesced).
+fn load_chunk(src: u32, b: u32, h: u32, row0: u32, n: u32, c0: u32, off: u32, mul: f32, li: u32) {
+    for (var e = li; e < n * DK4; e = e + NT) {
+        let r = e / DK4;
+        let c = e % DK4;
+        let t = row0 + r;
+        var x = vec4<f32>(0.0);
+        // (if, not select: select reads both operands, and trusted modules have no bounds checks)
+        if (t < p.t && c0 + c < DP4) {
+            x = fetch4(src, b, t, h, c0 + c) * mul;
+        }
+        tile_s[off + r * CS + c] = x;
+    }
+}
+
+// Rows row0 .. row0 + n of src (all DP4 vec4s, zero past T) into tile_s as [n][DP4].
+fn load_rows(src: u32, b: u32, h: u32, row0: u32, n: u32, li: u32) {
+    for (var e = li; e < n * DP4; e = e + NT) {
+        let t = row0 + e / DP4;
+        var x = vec4<f32>(0.0);
+        if (t < p.t) {
+            x = fetch4(src, b, t, h, e % DP4);
+        }
+        tile_s[e] = x;
+    }
+}
+
+@compute @workgroup_size(NT)
+fn forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_index) li: u32) {
     let b = wid.z;
     let h = wid.y;
-    let row = li / LANES;
-    let lane = li % LANES;
-    let q0 = wid.x * ROWS;
-    let i = q0 + row;
+    // Last query blocks (the most key blocks) first: the long workgroups start early.
+    let q0 = (nwg.x - 1u - wid.x) * BR;
     let hk = h / (p.hq / p.hkv);
-    let row_ok = i < p.t;
+    let tx = li % NX;
+    let ty = li / NX;
 
-    var qr: array<f32, DC>;
-    var acc: array<f32, DC>;
-    let qb = ((b * p.t + i) * p.hq + h) * HEAD_DIM + lane;
-    // (if, not select: select reads both operands, and trusted modules have no bounds checks)
-    for (var d = 0u; d < DC; d = d + 1u) {
-        qr[d] = 0.0;
-        acc[d] = 0.0;
-        if (row_ok) {
-            qr[d] = q[qb + LANES * d] * p.scale;
+    var m: array<f32, TM>;
+    var lp: array<f32, TM>;                      // this thread's share of the row sums
+    var acc: array<array<vec4<f32>, DV4>, TM>;
+    for (var i = 0u; i < TM; i = i + 1u) {
+        m[i] = NEG_BIG;
+        lp[i] = 0.0;
+        for (var j4 = 0u; j4 < DV4; j4 = j4 + 1u) {
+            acc[i][j4] = vec4<f32>(0.0);
         }
     }
-    var m = NEG_BIG;
-    var l = 0.0;
-    let kend = min(p.t, q0 + ROWS);
-    for (var k0 = 0u; k0 < kend; k0 = k0 + TILE) {
-        for (var e = li; e < TILE * HEAD_DIM; e = e + ROWS * LANES) {
-            let j = k0 + e / HEAD_DIM;
-            var kv = 0.0;
-            var vv = 0.0;
-            if (j < p.t) {
-                let src = ((b * p.t + j) * p.hkv + hk) * HEAD_DIM + e % HEAD_DIM;
-                kv = k[src];
-                vv = v[src];
+    let kend = min(p.t, q0 + BR);
+    for (var k0 = 0u; k0 < kend; k0 = k0 + BC) {
+        // ---- S = (scale Q) K^T for this key block, TM x TN per thread
+        // (explicit zeroing: naga hoists loop-body vars and does not re-zero them per iteration)
+        var s: array<array<f32, TN>, TM>;
+        for (var i = 0u; i < TM; i = i + 1u) {
+            for (var j = 0u; j < TN; j = j + 1u) {
+                s[i][j] = 0.0;
             }
-            k_s[e] = kv;
-            v_s[e] = vv;
         }
-        for (var e = li; e < TILE; e = e + ROWS * LANES) {
-            let j = k0 + e;
-            ok_s[e] = select(0u, 1u, j < p.t && (p.has_mask == 0u || mask[b * p.t + j] != 0u));
-        }
-        workgroupBarrier();
-        let pb = (row * LANES + lane) * TILE;
-        for (var jj = 0u; jj < TILE; jj = jj + 1u) {
-            var s = 0.0;
-            for (var d = 0u; d < DC; d = d + 1u) {
-                s = s + qr[d] * k_s[jj * HEAD_DIM + lane + LANES * d];
-            }
-            part[pb + jj] = s;
-        }
-        workgroupBarrier();
-        if (row_ok) {
-            // keys k0 + jj <= i that the mask lets through
-            let jend = min(TILE, i + 1u - min(i + 1u, k0));
-            var mt = m;
-            for (var jj = 0u; jj < jend; jj = jj + 1u) {
-                if (ok_s[jj] != 0u) {
-                    mt = max(mt, tile_score(row, jj));
+        for (var c0 = 0u; c0 < DP4; c0 = c0 + DK4) {
+            workgroupBarrier();
+            load_chunk(0u, b, h, q0, BR, c0, 0u, p.scale, li);
+            load_chunk(1u, b, hk, k0, BC, c0, BR * CS, 1.0, li);
+            workgroupBarrier();
+            for (var d4 = 0u; d4 < DK4; d4 = d4 + 1u) {
+                var a: array<vec4<f32>, TM>;
+                var c: array<vec4<f32>, TN>;
+                for (var i = 0u; i < TM; i = i + 1u) {
+                    a[i] = tile_s[(ty * TM + i) * CS + d4];
                 }
-            }
-            let corr = exp(m - mt);
-            l = l * corr;
-            for (var d = 0u; d < DC; d = d + 1u) {
-                acc[d] = acc[d] * corr;
-            }
-            m = mt;
-            for (var jj = 0u; jj < jend; jj = jj + 1u) {
-                if (ok_s[jj] == 0u) {
-                    continue;
+                for (var j = 0u; j < TN; j = j + 1u) {
+                    c[j] = tile_s[(BR + tx + NX * j) * CS + d4];
                 }
-                let pj = exp(tile_score(row, jj) - m);
-                l = l + pj;
-                for (var d = 0u; d < DC; d = d + 1u) {
-                    acc[d] = acc[d] + pj * v_s[jj * HEAD_DIM + lane + LANES * d];
+                for (var i = 0u; i < TM; i = i + 1u) {
+                    for (var j = 0u; j < TN; j = j + 1u) {
+                        s[i][j] = s[i][j] + dot(a[i], c[j]);
+                    }
                 }
             }
         }
+        // ---- visibility, row max (exact, so every thread of a row gets the same)
+        var vis: array<array<bool, TN>, TM>;
+        for (var j = 0u; j < TN; j = j + 1u) {
+            let kj = k0 + tx + NX * j;
+            var ok = kj < p.t;
+            if (ok && p.has_mask != 0u) {
+                ok = mask[b * p.t + kj] != 0u;
+            }
+            for (var i = 0u; i < TM; i = i + 1u) {
+                vis[i][j] = ok && kj <= q0 + ty * TM + i;
+            }
+        }
+        for (var i = 0u; i < TM; i = i + 1u) {
+            var mx = NEG_BIG;
+            for (var j = 0u; j < TN; j = j + 1u) {
+                if (vis[i][j]) {
+                    mx = max(mx, s[i][j]);
+                }
+            }
+            red_s[(ty * TM + i) * NX + tx] = mx;
+        }
         workgroupBarrier();
+        for (var i = 0u; i < TM; i = i + 1u) {
+            let r = ty * TM + i;
+            var mt = m[i];
+            for (var t = 0u; t < NX; t = t + 1u) {
+                mt = max(mt, red_s[r * NX + t]);
+            }
+            let corr = exp(m[i] - mt);
+            m[i] = mt;
+            var ls = 0.0;
+            for (var j = 0u; j < TN; j = j + 1u) {
+                var pj = 0.0;
+                if (vis[i][j]) {
+                    pj = exp(s[i][j] - mt);
+                }
+                ls = ls + pj;
+                let c = tx + NX * j;
+                p_s[r * PS + c / 4u][c % 4u] = pj;
+            }
+            lp[i] = lp[i] * corr + ls;
+            for (var j4 = 0u; j4 < DV4; j4 = j4 + 1u) {
+                acc[i][j4] = acc[i][j4] * corr;
+            }
+        }
+        // ---- O += P V, V in chunks of VK keys
+        for (var kc = 0u; kc < BC; kc = kc + VK) {
+            workgroupBarrier();
+            load_rows(2u, b, hk, k0 + kc, VK, li);
+            workgroupBarrier();
+            for (var kk4 = 0u; kk4 < VK / 4u; kk4 = kk4 + 1u) {
+                var pv: array<vec4<f32>, TM>;
+                for (var i = 0u; i < TM; i = i + 1u) {
+                    pv[i] = p_s[(ty * TM + i) * PS + kc / 4u + kk4];
+                }
+                for (var u = 0u; u < 4u; u = u + 1u) {
+                    for (var j4 = 0u; j4 < DV4; j4 = j4 + 1u) {
+                        let c4 = tx + NX * j4;
+                        if (c4 < DP4) {
+                            let vr = tile_s[(kk4 * 4u + u) * DP4 + c4];
+                            for (var i = 0u; i < TM; i = i + 1u) {
+                                acc[i][j4] = acc[i][j4] + pv[i][u] * vr;
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
-    if (row_ok) {
-        let ob = ((b * p.t + i) * p.hq + h) * HEAD_DIM + lane;
+    // ---- row sums (tx order), write
+    for (var i = 0u; i < TM; i = i + 1u) {
+        red_s[(ty * TM + i) * NX + tx] = lp[i];
+    }
+    workgroupBarrier();
+    for (var i = 0u; i < TM; i = i + 1u) {
+        let r = ty * TM + i;
+        let qi = q0 + r;
+        if (qi >= p.t) {
+            continue;
+        }
+        var l = 0.0;
+        for (var t = 0u; t < NX; t = t + 1u) {
+            l = l + red_s[r * NX + t];
+        }
         var inv = 0.0;
         if (l > 0.0) {
             inv = 1.0 / l;
         }
-        for (var d = 0u; d < DC; d = d + 1u) {
-            o[ob + LANES * d] = acc[d] * inv;
+        let ob = ((b * p.t + qi) * p.hq + h) * HEAD_DIM;
+        for (var j4 = 0u; j4 < DV4; j4 = j4 + 1u) {
+            let c4 = tx + NX * j4;
+            for (var u = 0u; u < 4u; u = u + 1u) {
+                let d = c4 * 4u + u;
+                if (c4 < DP4 && d < HEAD_DIM) {
+                    o[ob + d] = acc[i][j4][u] * inv;
+                }
+            }
         }
-        if (lane == 0u) {
+        if (tx == 0u) {
             var lv = bitcast<f32>(0xff800000u);  // -inf: no visible key
             if (l > 0.0) {
-                lv = m + log(l);
+                lv = m[i] + log(l);
             }
-            lse[(b * p.hq + h) * p.t + i] = lv;
+            lse[(b * p.hq + h) * p.t + qi] = lv;
         }
     }
 }

@@ -68,16 +68,20 @@ def _check(ctx, q, k, v, do, mask, tol=1e-5):
     assert rel_err(dv, dv_ref) <= tol
 
 
-# (B, T, Hq, Hkv, D): T = 1, primes, T > 64 (several row workgroups) and not a multiple of
-# the 16-key tile; MHA (G = 1), GQA G = 2 and 3; D = 5 (odd: 1 lane per row), 6 (2 lanes),
-# 16, 128 (Qwen3's; 4 lanes).
+# (B, T, Hq, Hkv, D): T = 1, primes, T = 64 + 1 (one row past the default 64-row block:
+# a second query block and a second key block holding one key), T > 2 blocks; T below a
+# block; MHA (G = 1), GQA G = 2, 3 and 4; D = 5, 6 (not multiples of 4: zero-padded vec4s),
+# 16, 128 (Qwen3's) and 256 (the largest taken).
 @pytest.mark.parametrize("B,T,Hq,Hkv,D", [
     (1, 1, 1, 1, 16),
     (2, 37, 4, 2, 16),
     (1, 71, 6, 2, 5),
     (1, 67, 3, 3, 16),
+    (1, 65, 4, 1, 8),
+    (1, 131, 2, 2, 12),
     (1, 19, 2, 1, 128),
     (1, 9, 2, 2, 6),
+    (1, 5, 1, 1, 256),
 ])
 def test_attention_forward_backward(ctx, B, T, Hq, Hkv, D):
     q, k, v, do = _inputs(B * 1000 + T * 10 + D, B, T, Hq, Hkv, D)
@@ -120,18 +124,47 @@ def test_attention_bad_input(ctx):
         attention_forward(q, k, v, mask=np.ones((1, 5)), ctx=ctx)
 
 
-@pytest.mark.parametrize("tiles", ["16,2,8", "8,1,3"])
+# br,bc,tm,tn[,dk4]: the NVIDIA default (64,64,4,4,8 needs 48 KiB) with a smaller D chunk,
+# the fallbacks, non-square blocks and thread tiles, a TN that is not a power of two, DK4 = 1.
+@pytest.mark.parametrize("tiles", ["64,64,4,4,2", "32,32,4,4", "16,16,2,2", "16,32,4,2,1",
+                                   "32,8,8,1", "8,12,2,3"])
 def test_attention_tile_override(ctx, monkeypatch, tiles):
-    """QLORA_EXT_ATTN_TILES (tuning on real GPUs) changes the tiling, not the results."""
+    """QLORA_EXT_ATTN_TILES (tuning on real GPUs) changes the tiling, not the results; T = 41
+    is no multiple of any block, with a padding mask and GQA."""
     monkeypatch.setenv("QLORA_EXT_ATTN_TILES", tiles)
-    q, k, v, do = _inputs(13, 1, 29, 4, 2, 16)
-    _check(ctx, q, k, v, do, None)
+    q, k, v, do = _inputs(13, 1, 41, 4, 2, 20)
+    mask = np.ones((1, 41), np.int64)
+    mask[0, [0, 17, 40]] = 0
+    _check(ctx, q, k, v, do, mask)
 
 
-def test_attention_tile_override_bad(ctx, monkeypatch):
+@pytest.mark.parametrize("tiles", ["16,3,8", "16,16,3,4", "16,18,2,2", "256,256,1,1", "a,b,c,d"])
+def test_attention_tile_override_bad(ctx, monkeypatch, tiles):
     from qlora_ext.gpu.resident.attention import attention_forward
 
-    monkeypatch.setenv("QLORA_EXT_ATTN_TILES", "16,3,8")
+    monkeypatch.setenv("QLORA_EXT_ATTN_TILES", tiles)
     q, k, v, _ = _inputs(1, 1, 4, 2, 2, 16)
     with pytest.raises(ValueError, match="QLORA_EXT_ATTN_TILES"):
         attention_forward(q, k, v, ctx=ctx)
+
+
+def test_attention_head_dim_limit(ctx):
+    from qlora_ext.gpu.resident.attention import attention_forward
+
+    q, k, v, _ = _inputs(1, 1, 3, 1, 1, 257)
+    with pytest.raises(ValueError, match="D=257"):
+        attention_forward(q, k, v, ctx=ctx)
+
+
+def test_attention_backward_deterministic(ctx):
+    """Bit-identical gradients run to run (checkpoint resume relies on it): no atomics, the
+    GQA per-head partials are summed in head order."""
+    from qlora_ext.gpu.resident.attention import attention_backward, attention_forward
+
+    q, k, v, do = _inputs(5, 2, 70, 4, 1, 16)
+    o, lse = attention_forward(q, k, v, ctx=ctx)
+    first = attention_backward(q, k, v, o, lse, do, ctx=ctx)
+    for _ in range(2):
+        again = attention_backward(q, k, v, o, lse, do, ctx=ctx)
+        for a, b in zip(first, again):
+            np.testing.assert_array_equal(a, b)

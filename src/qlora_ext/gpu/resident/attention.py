@@ -3,53 +3,91 @@
 Conventions as qlora_ext.cpu.kernels: q [B, T, Hq, D], k/v [B, T, Hkv, D], query head h uses
 kv head h // (Hq/Hkv), scale 1/sqrt(D), lse [B, Hq, T]; optional key padding mask [B, T]
 (nonzero = attend).  A query row that sees no key gets o = 0 and lse = -inf.
-Shaders: shaders/resident_attention_fwd.wgsl, resident_attention_bwd.wgsl."""
+Shaders: shaders/resident_attention_fwd.wgsl, resident_attention_bwd.wgsl (their header
+comments describe the register tiling), resident_attention_group_sum.wgsl (GQA dk/dv)."""
 from __future__ import annotations
 
 import math
 import os
+import weakref
 
 import numpy as np
 
 from .context import GpuContext, GpuTensor, default_context, grid_2d
 
-_ROWS = 32     # rows (queries; keys in dkdv) per workgroup
-_TILE = 16     # keys (forward, dq) / queries (dkdv) per workgroup-memory tile
+# Register tilings tried in order, (BR, BC, TM, TN): BR query rows (keys in dkdv) per
+# workgroup, BC keys (queries in dkdv) per block, TM x TN scores per thread.  The first
+# whose workgroup buffers fit the adapter's limit is taken, with the largest D chunk DK4
+# (vec4s) that fits; 64 x 64 with 4 x 4 per thread fits 32 KiB (lavapipe) with DK4 <= 4
+# and 48 KiB (NVIDIA) with DK4 = 8.
+_TILINGS = ((64, 64, 4, 4), (32, 32, 4, 4), (16, 16, 2, 2))
+_MAX_HEAD_DIM = 256   # the output's register tile (TM rows x D / NX dims per thread) grows with D
 
 
-def _lanes(D: int) -> int:
-    """Threads per row: each holds D / lanes dims of its row's vectors in registers."""
-    for lanes in (4, 2):
-        if D % lanes == 0:
-            return lanes
-    return 1
-
-
-def _tile(ctx: GpuContext, D: int, lanes: int) -> int:
-    """The largest tile <= _TILE whose workgroup buffers (two [TILE, D] tiles, the partial
-    dot products [ROWS, LANES, 2, TILE] and per-tile scalars) fit workgroup memory."""
-    limit = ctx.limits.get("max-compute-workgroup-storage-size", 16384)
-    tile = _TILE
-    while tile > 1 and 4 * (2 * tile * D + 2 * _ROWS * lanes * tile + 3 * tile) > limit:
-        tile //= 2
-    return tile
+def _tiling(ctx: GpuContext, D: int, br: int, bc: int, tm: int, tn: int, dk4: int | None):
+    """The prepended consts of both shaders for one tiling, or None where it does not fit
+    (workgroup memory, threads per workgroup).  dk4 None: the largest that fits."""
+    mem = ctx.limits.get("max-compute-workgroup-storage-size", 16384)
+    threads = ctx.limits.get("max-compute-invocations-per-workgroup", 256)
+    nx, ny = bc // tn, br // tm
+    if nx * ny > threads:
+        return None
+    dp4 = (D + 3) // 4
+    for cand in ((dk4,) if dk4 else (8, 4, 2, 1)):
+        cand = min(cand, dp4)
+        stage = (br + bc) * (cand + 1)          # vec4s: row-side + column-side D chunk
+        vk = 4                                  # rows of the accumulate's column side per pass
+        while vk * 2 <= bc and bc % (vk * 2) == 0 and vk * 2 * dp4 <= stage:
+            vk *= 2
+        tile_v4 = max(stage, vk * dp4)
+        # forward: staging + P [BR][BC/4 + 1] vec4 + row partials [BR][NX] f32
+        nbytes = 16 * (tile_v4 + br * (bc // 4 + 1)) + 4 * br * nx
+        if nbytes <= mem:
+            return {"HEAD_DIM": D, "BR": br, "BC": bc, "TM": tm, "TN": tn, "DK4": cand,
+                    "VK": vk, "TILE_V4": tile_v4}
+    return None
 
 
 def _consts(ctx: GpuContext, D: int):
-    """(prepended consts, overrides).  QLORA_EXT_ATTN_TILES="rows,lanes,tile" sets the three
-    (tuning runs on a real GPU; lanes must divide D)."""
+    """Prepended consts of the attention shaders.  QLORA_EXT_ATTN_TILES="br,bc,tm,tn[,dk4]"
+    picks the tiling (tuning runs on a real GPU)."""
+    if not 1 <= D <= _MAX_HEAD_DIM:
+        raise ValueError(f"head_dim D={D}: the GPU attention kernels take 1 <= D <= {_MAX_HEAD_DIM}")
     env = os.environ.get("QLORA_EXT_ATTN_TILES")
     if env:
         try:
-            rows, lanes, tile = (int(v) for v in env.split(","))
+            vals = [int(x) for x in env.split(",")]
         except ValueError:
-            raise ValueError(f"QLORA_EXT_ATTN_TILES={env!r}: expected three integers rows,lanes,tile") from None
-        if rows < 1 or lanes < 1 or tile < 1 or D % lanes:
-            raise ValueError(f"QLORA_EXT_ATTN_TILES={env!r}: rows, lanes, tile >= 1 with lanes dividing D={D}")
-        return {"HEAD_DIM": D, "DC": D // lanes}, {"ROWS": rows, "LANES": lanes, "TILE": tile}
-    lanes = _lanes(D)
-    return ({"HEAD_DIM": D, "DC": D // lanes},
-            {"ROWS": _ROWS, "LANES": lanes, "TILE": _tile(ctx, D, lanes)})
+            vals = []
+        if len(vals) not in (4, 5) or min(vals) < 1:
+            raise ValueError(f"QLORA_EXT_ATTN_TILES={env!r}: expected positive integers br,bc,tm,tn[,dk4]")
+        br, bc, tm, tn = vals[:4]
+        if br % tm or bc % tn or bc % 4:
+            raise ValueError(f"QLORA_EXT_ATTN_TILES={env!r}: tm must divide br, tn must divide bc, "
+                             "and bc must be a multiple of 4")
+        c = _tiling(ctx, D, br, bc, tm, tn, vals[4] if len(vals) == 5 else None)
+        if c is None:
+            raise ValueError(f"QLORA_EXT_ATTN_TILES={env!r}: does not fit this adapter's workgroup "
+                             f"limits at D={D}")
+        return c
+    for t in _TILINGS:
+        c = _tiling(ctx, D, *t, None)
+        if c is not None:
+            return c
+    raise ValueError(f"head_dim D={D}: no attention tiling fits this adapter's workgroup memory")
+
+
+# Per-query-head dk / dv partials [B, T, Hq, D] of the GQA backward, one pair per context
+# and shape, kept for the next step (the resident engine calls backward per layer).
+_PARTIALS: "weakref.WeakKeyDictionary[GpuContext, dict]" = weakref.WeakKeyDictionary()
+
+
+def _group_partials(ctx: GpuContext, shape: tuple):
+    per_ctx = _PARTIALS.setdefault(ctx, {})
+    pair = per_ctx.get(shape)
+    if pair is None:
+        pair = per_ctx[shape] = (ctx.empty(shape), ctx.empty(shape))
+    return pair
 
 
 def _params(ctx, B, T, Hq, Hkv, D, has_mask):
@@ -70,12 +108,11 @@ def attention_forward_gpu(ctx: GpuContext, q: GpuTensor, k: GpuTensor, v: GpuTen
     B, T, Hq, Hkv, D = _dims(q, k)
     o = ctx.empty(q.shape) if o is None else o
     lse = ctx.empty((B, Hq, T)) if lse is None else lse
-    consts, ov = _consts(ctx, D)
-    rows = ov["ROWS"]
-    pipe = ctx.pipeline("resident_attention_fwd", "forward", "urrrrww", consts=consts, overrides=ov)
+    c = _consts(ctx, D)
+    pipe = ctx.pipeline("resident_attention_fwd", "forward", "urrrrww", consts=c)
     ctx.dispatch(pipe, [_params(ctx, B, T, Hq, Hkv, D, mask is not None), q, k, v,
                         q if mask is None else mask, o, lse],
-                 ((T + rows - 1) // rows, Hq, B))
+                 ((T + c["BR"] - 1) // c["BR"], Hq, B))
     return o, lse
 
 
@@ -93,20 +130,28 @@ def attention_backward_gpu(ctx: GpuContext, q: GpuTensor, k: GpuTensor, v: GpuTe
     delta = ctx.empty((B, Hq, T)) if delta is None else delta
     par = _params(ctx, B, T, Hq, Hkv, D, mask is not None)
     m = q if mask is None else mask
-    consts, ov = _consts(ctx, D)
+    c = _consts(ctx, D)
     kinds = "urrrrrrwww"
 
     def pipe(entry):
-        return ctx.pipeline("resident_attention_bwd", entry, kinds, consts=consts, overrides=ov)
+        return ctx.pipeline("resident_attention_bwd", entry, kinds, consts=c)
 
-    rows = ov["ROWS"]
-    nrows, per_group = B * Hq * T, rows * ov["LANES"]
+    br, nt = c["BR"], (c["BR"] // c["TM"]) * (c["BC"] // c["TN"])
+    rowblocks = (T + br - 1) // br
     ctx.dispatch(pipe("prep"), [par, q, k, v, m, do, lse, delta, o, dq],
-                 grid_2d((nrows + per_group - 1) // per_group))
-    ctx.dispatch(pipe("dq"), [par, q, k, v, m, do, lse, delta, dq, dk],
-                 ((T + rows - 1) // rows, Hq, B))
-    ctx.dispatch(pipe("dkdv"), [par, q, k, v, m, do, lse, delta, dk, dv],
-                 ((T + rows - 1) // rows, Hkv, B))
+                 grid_2d((B * Hq * T + nt - 1) // nt))
+    ctx.dispatch(pipe("dq"), [par, q, k, v, m, do, lse, delta, dq, dk], (rowblocks, Hq, B))
+    if Hq == Hkv:
+        ctx.dispatch(pipe("dkdv"), [par, q, k, v, m, do, lse, delta, dk, dv], (rowblocks, Hq, B))
+    else:
+        # one workgroup per (key block, query head): Hq / Hkv times the workgroups of a
+        # per-kv-head loop, which the causal imbalance needs; partials summed in head order
+        pk, pv = _group_partials(ctx, q.shape)
+        ctx.dispatch(pipe("dkdv"), [par, q, k, v, m, do, lse, delta, pk, pv], (rowblocks, Hq, B))
+        n = B * T * Hkv * D
+        sp = ctx.uniform("IIII", n, Hkv, Hq // Hkv, D)
+        ctx.dispatch(ctx.pipeline("resident_attention_group_sum", "group_sum", "urrww"),
+                     [sp, pk, pv, dk, dv], grid_2d((n + 255) // 256))
     return dq, dk, dv
 
 
