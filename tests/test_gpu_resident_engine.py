@@ -125,15 +125,28 @@ def test_engine_memory_report(ctx, tmp_path):
     assert ckpt["activations"] < full["activations"]
 
 
-def test_engine_rejects_unsupported(ctx, tmp_path):
-    from model_factory import make_tiny_checkpoint
+@pytest.mark.parametrize("gemm,checkpointing", [("fused", False), ("dequant", False), ("fused", True)])
+def test_engine_dropout_drops_what_the_cpu_model_drops(ctx, tmp_path, gemm, checkpointing):
+    """LoRA dropout 0.3 on all 7 projections: the CPU model and the engine draw the same
+    counter-hash masks for the same model step, so loss and every gradient agree as without
+    dropout; a different step gives other masks (a different loss)."""
     from qlora_ext.gpu.resident.engine import ResidentEngine
-    from qlora_ext.model.api import load_model
-    from qlora_ext.model.lora import LoraConfig
 
-    path = make_tiny_checkpoint(tmp_path / "l", model_type="llama")
-    with pytest.raises(ValueError, match="dropout"):
-        ResidentEngine(load_model(path, lora=LoraConfig(r=2, dropout=0.1), device="cpu"), ctx=ctx)
+    model = _model(tmp_path, "qwen3", "nf4")
+    model.lora_config.dropout = model.lora.config.dropout = 0.3
+    model.gradient_checkpointing = checkpointing
+    engine = ResidentEngine(model, ctx=ctx, gemm=gemm, gradient_checkpointing=checkpointing)
+    ids, labels = _batch(model.config.vocab_size)
+    model.step = 4
+    loss_ref, grads_ref = model.loss_and_grads(ids, labels)   # step 4's masks; step -> 5
+    model.step = 4
+    loss, grads = engine.loss_and_grads(ids, labels)
+    assert abs(loss - loss_ref) <= 2e-5 * abs(loss_ref)
+    assert max(rel_err(grads[n], grads_ref[n]) for n in grads_ref) <= 2e-5
+    model.step = 9
+    assert abs(engine.loss_and_grads(ids, labels)[0] - loss) > 1e-4 * abs(loss)
+    # eval sees no dropout
+    assert abs(engine.loss(ids, labels) - model.loss(ids, labels)) <= 2e-5 * abs(loss)
 
 
 @pytest.mark.parametrize("shape,blocksize", [((3, 5), 64), ((7, 33), 32), ((1, 1), 64)])

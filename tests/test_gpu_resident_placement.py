@@ -24,7 +24,9 @@ def ckpt(tmp_path_factory):
     from model_factory import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("placement")
-    return {t: make_tiny_checkpoint(root / t, model_type=t, seed=4) for t in ("qwen3", "llama")}
+    out = {t: make_tiny_checkpoint(root / t, model_type=t, seed=4) for t in ("qwen3", "llama")}
+    out["llama_bias"] = make_tiny_checkpoint(root / "lb", model_type="llama", seed=4, attention_bias=True)
+    return out
 
 
 def _load(path, mode, device="gpu", **kw):
@@ -76,10 +78,11 @@ def test_auto_on_cpu_and_refusals(ctx, ckpt, monkeypatch):
     assert _load(ckpt["qwen3"], "auto", device="cpu").placement == "cpu"
     with pytest.raises(ValueError, match="device='cpu'"):
         _load(ckpt["qwen3"], "resident", device="cpu")
-    with pytest.raises(ValueError, match="dropout"):
-        _load(ckpt["qwen3"], "resident", lora=LoraConfig(r=2, dropout=0.1))
-    m = _load(ckpt["qwen3"], "auto", lora=LoraConfig(r=2, dropout=0.1))
-    assert m.placement == "split" and "dropout" in m.placement_reason
+    assert _load(ckpt["qwen3"], "auto", lora=LoraConfig(r=2, dropout=0.1)).placement == "resident"
+    with pytest.raises(ValueError, match="o_proj bias"):
+        _load(ckpt["llama_bias"], "resident")
+    m = _load(ckpt["llama_bias"], "auto")
+    assert m.placement == "split" and "o_proj bias" in m.placement_reason
     with pytest.raises(ValueError, match="mode must be"):
         _load(ckpt["qwen3"], "gpu")
 
@@ -109,13 +112,14 @@ def _train(model, batches, accum, clip, lr=5e-3):
     return t, losses, norms
 
 
-@pytest.mark.parametrize("clip", [None, 0.05])
-def test_trainer_device_path_matches_cpu_trainer(ctx, ckpt, clip):
-    """Grad accumulation over unequal micro-batches, clipping active (0.05 < the norms):
-    losses, norms and weights as the CPU trainer's within float32 rounding."""
+@pytest.mark.parametrize("clip,dropout", [(None, 0.0), (0.05, 0.0), (0.05, 0.2)])
+def test_trainer_device_path_matches_cpu_trainer(ctx, ckpt, clip, dropout):
+    """Grad accumulation over unequal micro-batches, clipping active (0.05 < the norms),
+    LoRA dropout (the same masks in both placements): losses, norms and weights as the CPU
+    trainer's within float32 rounding."""
     from qlora_ext.model.lora import LoraConfig
 
-    lora = LoraConfig(r=4, alpha=8)
+    lora = LoraConfig(r=4, alpha=8, dropout=dropout)
     cpu = _load(ckpt["qwen3"], "split", device="cpu", lora=lora)
     gpu = _load(ckpt["qwen3"], "resident", lora=lora)
     batches = _batches(cpu.config.vocab_size, 6)

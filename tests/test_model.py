@@ -119,7 +119,7 @@ def test_lora_dropout_gradients_by_finite_differences(ckpt):
     rng = np.random.default_rng(0)
     params = {k: v.copy() for k, v in m.parameters().items()}
     direction = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()}
-    eps = 1e-3
+    eps = 1e-4   # the loss is curved enough at these weights that 1e-3 has a ~3% truncation error
 
     def at(sign):
         m.set_parameters({k: params[k] + sign * eps * direction[k] for k in params})

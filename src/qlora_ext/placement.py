@@ -3,7 +3,7 @@
     mode="split"     the layer split between CPU and the FFN backend (device= picks wgpu or
                      the CPU backend); the placement is then "split" or "cpu"
     mode="resident"  the whole step on the GPU (qlora_ext.gpu.resident); an error where it
-                     cannot run (no GPU, wgpu too old, LoRA dropout, an o_proj bias)
+                     cannot run (no GPU, wgpu too old, an o_proj bias)
     mode="auto"      resident when a GPU is used and its free memory holds the resident
                      placement's estimate for the planned batch shape with a margin; else split
 
@@ -71,8 +71,6 @@ def resident_blockers(state, lora_config) -> list:
     reason = unavailable_reason()
     if reason:
         why.append(reason)
-    if float(lora_config.dropout) != 0.0:
-        why.append(f"LoRA dropout {lora_config.dropout} is not applied on the GPU yet")
     if any(lw.bias and "o_proj" in lw.bias for lw in state.layers):
         why.append("the model has an o_proj bias, which the resident kernels do not apply")
     return why

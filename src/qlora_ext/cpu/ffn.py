@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import FfnBackend, FfnGrads, FfnLora
+from ..model.lora import PROJECTIONS
 from ..nf4 import NF4Tensor, dequantize_nf4
 
 FFN_PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -42,9 +43,10 @@ def _hash32(x: np.ndarray) -> np.ndarray:
 
 
 def dropout_key(seed: int, layer: int, proj: str) -> int:
-    """The per-(seed, layer, projection) 32-bit key of the dropout hash."""
+    """The per-(seed, layer, projection) 32-bit key of the dropout hash; any of the 7
+    projections (the attention ones too: every placement draws all its masks this way)."""
     s = int(seed) & 0xFFFFFFFFFFFFFFFF
-    k = _hash32(np.uint32((layer * 3 + FFN_PROJ.index(proj) + 1) & 0xFFFFFFFF))
+    k = _hash32(np.uint32((layer * 8 + PROJECTIONS.index(proj) + 1) & 0xFFFFFFFF))
     k = _hash32(np.uint32(s >> 32) ^ k)
     return int(_hash32(np.uint32(s & 0xFFFFFFFF) ^ k))
 

@@ -57,12 +57,21 @@ class PhaseTimer:
         return out
 
 
+def dropout_seed(seed: int, step: int, layer: int) -> int:
+    """The dropout seed of one (step, layer): every projection's mask of that layer derives
+    from it (qlora_ext.cpu.ffn.dropout_key), in the CPU model, the FFN backends and the
+    GPU-resident engine alike, so all placements drop the same inputs."""
+    return int(np.random.default_rng([seed, step, layer, 7]).integers(2**31))
+
+
 def dropout_mask(seed: int, step: int, layer: int, proj: str, shape, p: float) -> np.ndarray:
     """Inverted-dropout multiplier (0 or 1/(1-p)) [N, in], reproducible from (seed, step,
-    layer, proj) so that gradient checkpointing recomputes the same mask."""
-    rng = np.random.default_rng([seed, step, layer, PROJECTIONS.index(proj)])
-    keep = rng.random(shape, dtype=np.float32) >= p
-    return keep.astype(np.float32) * np.float32(1.0 / (1.0 - p))
+    layer, proj) so that gradient checkpointing recomputes the same mask: the counter hash
+    of qlora_ext.cpu.ffn.apply_dropout (shaders/dropout.wgsl on the GPU)."""
+    from ..cpu.ffn import apply_dropout, dropout_key
+
+    key = dropout_key(dropout_seed(seed, step, layer), layer, proj)
+    return apply_dropout(np.ones(shape, np.float32), p, key)
 
 
 @dataclass
@@ -220,8 +229,7 @@ class DecoderLayers:
             return None
         drop = float(self.lora.config.dropout) if inp.training else 0.0
         # one seed per (step, layer): the backend draws its masks from it
-        seed = int(np.random.default_rng([self.seed, inp.step, l, 7]).integers(2**31))
-        return FfnLora(pairs, drop, seed)
+        return FfnLora(pairs, drop, dropout_seed(self.seed, inp.step, l))
 
     # ------------------------------------------------------------------ forward
     def prefetch_weights(self, l: int, projs=ATTN_PROJECTIONS) -> None:

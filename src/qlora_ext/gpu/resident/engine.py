@@ -12,8 +12,12 @@ offset.  gemm="dequant" instead dequantizes into an fp32 scratch (weights.py) an
 resident_gemm throughout.
 
 Shape letters: B batch, T tokens, N = B*T, H hidden, Hq/Hkv heads, D head dim, F FFN width,
-r LoRA rank, V vocab.  Not supported yet (ValueError at construction): LoRA dropout (the
-CPU model draws its masks from numpy's generator, which the GPU cannot reproduce)."""
+r LoRA rank, V vocab.
+
+LoRA dropout (training steps only) uses the counter-hash masks of every placement
+(qlora_ext.model.layers.dropout_seed / qlora_ext.cpu.ffn.dropout_key): the host computes
+the 7·L keys of a step (one 4·7·L-byte upload) and shaders/resident_dropout.wgsl applies
+them, so the resident mode drops exactly the inputs the split mode drops."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -82,9 +86,8 @@ class ResidentEngine:
         start_bytes = ctx.allocated_bytes
         cfg = model.config
         st = model.state
-        if float(model.lora_config.dropout) != 0.0:
-            raise ValueError(f"resident engine: LoRA dropout {model.lora_config.dropout} is not "
-                             "supported yet (use dropout=0)")
+        self.dropout = float(model.lora_config.dropout)
+        self._drop_step = None    # the model step whose masks apply while recording a training step
         self.model = model
         self.L = len(st.layers)
         self.H, self.V = int(cfg.hidden_size), int(cfg.vocab_size)
@@ -169,7 +172,8 @@ class ResidentEngine:
         N = x.shape[0]
         lo = self.loras[l].get(proj)
         if lo is not None:
-            gemm_gpu(ctx, x, self.params, u, N, lo.r, inn, trans_b=True, alpha=lo.scale, b_off=lo.a_off)
+            xa = self._dropped(l, proj, x)   # the adapter's input: x, or x with dropout
+            gemm_gpu(ctx, xa, self.params, u, N, lo.r, inn, trans_b=True, alpha=lo.scale, b_off=lo.a_off)
         if self.fused:
             # one dispatch: NF4 dequantized in the tile loads, u Bᵀ in the epilogue
             lora = None if lo is None else (u, lo.r, self.params, lo.b_off, 1)
@@ -189,18 +193,71 @@ class ResidentEngine:
         out, inn = pr.shape
         N = dy.shape[0]
         lo = self.loras[l].get(proj)
+        dropped = lo is not None and self._drop_key(l, proj) is not None
         if lo is not None:
             r = lo.r
             gemm_gpu(ctx, dy, u, self.grads, out, r, N, trans_a=True, accumulate=True, c_off=lo.b_off)
             gemm_gpu(ctx, dy, self.params, du, N, r, out, alpha=lo.scale, b_off=lo.b_off)
-            gemm_gpu(ctx, du, x, self.grads, r, inn, N, trans_a=True, accumulate=True, c_off=lo.a_off)
-        if self.fused:
+            xa = self._dropped(l, proj, x)   # recomputed from x: the same mask as forward
+            gemm_gpu(ctx, du, xa, self.grads, r, inn, N, trans_a=True, accumulate=True, c_off=lo.a_off)
+        if dropped:
+            # dx = dy W + mask ⊙ (du A): the masked adapter term cannot ride in the GEMM's
+            # epilogue, so it is formed apart and added through the mask.
+            if self.fused:
+                fused_gemm_gpu(ctx, N, inn, out, dy, pr, dx, b_t=False, accumulate=accumulate)
+            else:
+                gemm_gpu(ctx, dy, self.scratch.fp32(pr), dx, N, inn, out, accumulate=accumulate)
+            t = _view(self._drop_bufs[1], (N, inn))
+            gemm_gpu(ctx, du, self.params, t, N, inn, lo.r, b_off=lo.a_off)
+            self._apply_dropout(l, proj, t, dx, add=True)
+        elif self.fused:
             lora = None if lo is None else (du, lo.r, self.params, lo.a_off, 2)
             fused_gemm_gpu(ctx, N, inn, out, dy, pr, dx, b_t=False, lora=lora, accumulate=accumulate)
         else:
             gemm_gpu(ctx, dy, self.scratch.fp32(pr), dx, N, inn, out, accumulate=accumulate)
             if lo is not None:
                 gemm_gpu(ctx, du, self.params, dx, N, inn, lo.r, accumulate=True, b_off=lo.a_off)
+
+    # ---- LoRA dropout ---------------------------------------------------------------------
+    def _drop_key(self, l, proj):
+        """Index of (l, proj)'s key in the step's key buffer, or None (no dropout now)."""
+        if self._drop_step is None or self.loras[l].get(proj) is None:
+            return None
+        return l * len(PROJECTIONS) + PROJECTIONS.index(proj)
+
+    def _set_drop_keys(self, s) -> None:
+        """Upload the step's keys (one per layer and projection) into s["drop_keys"]; the
+        dropped adapter input and the masked adapter gradient go to s["drop"]'s buffers."""
+        from ...cpu.ffn import dropout_key
+        from ...model.layers import dropout_seed
+
+        keys = np.zeros(self.L * len(PROJECTIONS), np.uint32)
+        for l in range(self.L):
+            seed = dropout_seed(self.model.seed, self._drop_step, l)
+            for i, p in enumerate(PROJECTIONS):
+                keys[l * len(PROJECTIONS) + i] = dropout_key(seed, l, p)
+        self.ctx.write(s["drop_keys"], keys)
+        self._drop_keys, self._drop_bufs = s["drop_keys"], s["drop"]
+
+    def _dropped(self, l, proj, x: GpuTensor) -> GpuTensor:
+        """x [N, in], or x with (l, proj)'s dropout mask and 1/(1-p) applied (a scratch view)."""
+        if self._drop_key(l, proj) is None:
+            return x
+        xd = _view(self._drop_bufs[0], x.shape)
+        self._apply_dropout(l, proj, x, xd, add=False)
+        return xd
+
+    def _apply_dropout(self, l, proj, z: GpuTensor, out: GpuTensor, add: bool) -> None:
+        from ...cpu.ffn import dropout_keep_scale, dropout_threshold
+
+        ctx = self.ctx
+        rows, cols = z.shape
+        pipe = ctx.pipeline("resident_dropout", "apply", "urrw", overrides={"WG": 256, "ADD": bool(add)})
+        thr, scale = dropout_threshold(self.dropout), float(dropout_keep_scale(self.dropout))
+        for r0 in range(0, rows, 65535):
+            n = min(65535, rows - r0)
+            par = ctx.uniform("IIIIIf", n, cols, self._drop_key(l, proj), thr, r0, scale)
+            ctx.dispatch(pipe, [par, self._drop_keys, z, out], ((cols + 255) // 256, n))
 
     # ---- per-shape buffers ----------------------------------------------------------------
     def _bufs(self, B, T):
@@ -230,6 +287,10 @@ class ResidentEngine:
             }
             if self.qk_norm:
                 s["dqn"], s["dkn"] = ctx.empty((N * Hq, D)), ctx.empty((N * Hkv, D))
+            if self.dropout > 0.0:
+                wide = N * max(H, Hq * D, F)
+                s["drop"] = (ctx.empty((wide,)), ctx.empty((wide,)))
+                s["drop_keys"] = ctx.empty((self.L * len(PROJECTIONS),), "u32")
             self._shapes[key] = s
             self._shape_bytes[key] = ctx.allocated_bytes - start_bytes
         return s
@@ -311,6 +372,8 @@ class ResidentEngine:
         B, T = ids.shape
         ctx = self.ctx
         s = self._bufs(B, T)
+        if self._drop_step is not None:
+            self._set_drop_keys(s)
         self._tables(T)
         ctx.write(s["ids"], ids.reshape(-1).astype(np.int32))
         if lab is not None:
@@ -350,6 +413,14 @@ class ResidentEngine:
         clear_grads=False adds them to self.grads (gradient accumulation)."""
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        # dropout in training steps only (as Model: eval losses and forward see no mask)
+        self._drop_step = self.model.step if (want_grad and self.dropout > 0.0) else None
+        try:
+            return self._record_steps(input_ids, labels, attention_mask, want_grad, reduction, clear_grads)
+        finally:
+            self._drop_step = None
+
+    def _record_steps(self, input_ids, labels, attention_mask, want_grad, reduction, clear_grads):
         B, T, lab, mask, s = self._forward_layers(input_ids, attention_mask, labels, keep=want_grad)
         ctx = self.ctx
         x = s["x"]
@@ -447,9 +518,11 @@ class ResidentEngine:
 
     def train_step(self, input_ids, labels, attention_mask=None, lr: float | None = None) -> float:
         """Forward, backward and AdamW on the GPU (mean loss, no clipping); only the 8-byte
-        loss statistics come down."""
+        loss statistics come down.  Advances model.step (the dropout masks) afterwards, as
+        Model.loss_and_grads does."""
         prof = self._profile_start()
         stats, count = self._record(input_ids, labels, attention_mask, want_grad=True)
+        self.model.step += 1
         if count:
             self.optimizer.step(self.params, self.grads, lr)
         self._profile_end(prof)

@@ -30,9 +30,6 @@ class ResidentModel(Model):
                  weights: str = "resident"):
         from ...cpu.ffn import CpuFfnBackend
 
-        if lora_config is not None and float(lora_config.dropout) != 0.0:
-            raise ValueError(f"the GPU-resident placement does not apply LoRA dropout yet (dropout="
-                             f"{lora_config.dropout}); use dropout=0 or mode='split'")
         self._host_stale = False   # True once the GPU has updated weights the host lacks
         # The host backend serves generate() only (the CPU decoder on the mirrored weights).
         super().__init__(state, lora_config, CpuFfnBackend(), gradient_checkpointing=gradient_checkpointing,
@@ -90,8 +87,9 @@ class ResidentModel(Model):
         return self.engine.loss(input_ids, labels, attention_mask, reduction=reduction)
 
     def loss_and_grads(self, input_ids, labels, attention_mask=None, reduction: str = "mean"):
-        self.step += 1
-        return self.engine.loss_and_grads(input_ids, labels, attention_mask, reduction=reduction)
+        out = self.engine.loss_and_grads(input_ids, labels, attention_mask, reduction=reduction)
+        self.step += 1   # after, as Model.loss_and_grads: the masks are those of the step before
+        return out
 
     # ---- the Trainer's device path ----------------------------------------------------------
     def configure_optimizer(self, lr: float, betas, eps: float, weight_decay: float) -> None:
@@ -100,8 +98,9 @@ class ResidentModel(Model):
     def accumulate_grads(self, input_ids, labels, attention_mask=None, first: bool = True) -> float:
         """Summed token loss of the micro-batch; its gradient is written (first) or added to
         the GPU gradient buffer."""
+        out = self.engine.accumulate(input_ids, labels, attention_mask, first=first)
         self.step += 1
-        return self.engine.accumulate(input_ids, labels, attention_mask, first=first)
+        return out
 
     def grads_sq_norm(self, scale: float) -> float:
         return self.engine.grad_sq_norm(scale)
