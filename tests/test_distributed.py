@@ -360,3 +360,35 @@ def test_launcher_and_mpi_library_disagreeing_is_an_error(monkeypatch):
     with pytest.raises(OSError, match="different MPI library"):
         dist.get_comm(announce=False)
     monkeypatch.setattr(dist, "_COMM", None)
+
+
+@needs_mpi
+def test_cli_train_resident_under_mpiexec_equals_single_process(tiny_model, tmp_path):
+    """The GPU-resident placement under `mpiexec -n 2` (both ranks on the host's one adapter,
+    lavapipe in CI): each rank's gradient comes down for the all-reduce and goes back up; the
+    adapter equals the single-process run's, where both micro-batches accumulate on the GPU."""
+    pytest.importorskip("wgpu")
+    from qlora_ext.gpu.resident.context import unavailable_reason
+
+    if unavailable_reason():
+        pytest.skip(unavailable_reason())
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"add {i} {i % 5}:", "completion": f" {i + i % 5}"}) + "\n"
+                            for i in range(13)))
+    args = ["train", "--model", tiny_model, "--data", data, "--steps", "3", "--batch-size", "2",
+            "--grad-accum", "2", "--seq-len", "24", "--lora-rank", "4", "--lr", "1e-2", "--device", "gpu",
+            "--mode", "resident", "--threads", "1", "--save-every", "2"]
+    outs = {}
+    for ranks in (None, 2):
+        out = tmp_path / f"out{ranks}"
+        cmd = [sys.executable, "-m", "qlora_ext.cli"] + [str(a) for a in args] + ["--out", str(out)]
+        if ranks:
+            cmd = [_mpiexec(), "-n", str(ranks)] + cmd
+        p = subprocess.run(cmd, env=dict(_env(), QLORA_EXT_PROGRESS="0"), capture_output=True, text=True,
+                           timeout=600)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert p.stdout.count("placement: resident") == 1, p.stdout
+        outs[ranks] = out
+    assert rel_err(read_safetensors(outs[2] / "adapter_model.safetensors"),
+                   read_safetensors(outs[None] / "adapter_model.safetensors")) <= 1e-5
+    assert_metrics_match(metrics(outs[2]), metrics(outs[None]), rel=1e-5)
