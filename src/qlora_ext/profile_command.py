@@ -44,20 +44,15 @@ def cmd_profile(args) -> int:
     device = "gpu" if args.mode == "resident" else args.device
     model = qx.load_model(args.model, lora=qx.LoraConfig(r=args.lora_rank, alpha=2 * args.lora_rank),
                           quantize=None if args.quantize == "none" else args.quantize, device=device,
-                          threads=args.threads)
+                          threads=args.threads, mode=args.mode)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, model.config.vocab_size, (args.batch_size, args.seq_len))
-    if args.mode == "resident":
-        from .gpu.resident.engine import ResidentEngine
-
-        engine = ResidentEngine(model)
-        step = lambda: engine.train_step(ids, ids)  # noqa: E731
-    else:
-        trainer = qx.Trainer(model, qx.TrainConfig(lr=2e-4))
-        step = lambda: trainer.step(ids, ids)  # noqa: E731
+    # the Trainer's step in either placement: what `qlora-ext train` runs
+    trainer = qx.Trainer(model, qx.TrainConfig(lr=2e-4))
+    step = lambda: trainer.step(ids, ids)  # noqa: E731
     step()  # warm-up: buffers, pipelines, BLAS threads
     info = adapter_info() if device != "cpu" else None
-    PROFILER.start(model=str(args.model), mode=args.mode, backend=getattr(model.backend, "name", "?"),
+    PROFILER.start(model=str(args.model), mode=model.placement, backend=getattr(model.backend, "name", "?"),
                    adapter=(info or {}).get("name", "none (CPU backend)"),
                    tokens_per_step=args.batch_size * args.seq_len)
     t0 = time.perf_counter()

@@ -502,12 +502,17 @@ class ResidentEngine:
     def grad_sq_norm(self, scale: float = 1.0) -> float:
         """sum((scale * g)^2) over the gradient buffer: per-workgroup float32 partials in a
         fixed order (deterministic), summed in float64 on the host."""
-        return self.optimizer.sq_norm(self.grads, scale)
+        prof = self._profile_start()
+        out = self.optimizer.sq_norm(self.grads, scale)
+        self._profile_end(prof)
+        return out
 
     def apply_update(self, lr: float, grad_scale: float = 1.0, clip_coef: float = 1.0) -> None:
         """AdamW on g = (grad * grad_scale) * clip_coef, each product rounded to float32 as
         the CPU Trainer's in-place scalings are."""
+        prof = self._profile_start()
         self.optimizer.step(self.params, self.grads, lr, grad_scale=grad_scale, clip_coef=clip_coef)
+        self._profile_end(prof)
 
     def download_grads(self) -> np.ndarray:
         """The flat gradient buffer (float32 [n_params], aligned layout) for an all-reduce."""
