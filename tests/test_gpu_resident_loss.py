@@ -126,7 +126,16 @@ def test_chunk_rows_and_starts(ctx):
     lim = ctx.limits["max-storage-buffer-binding-size"]
     R = chunk_rows_for(ctx, 151936)
     assert R * 151936 * 4 <= lim and (R % 128 == 0 or R < 128)
-    assert chunk_rows_for(ctx, 151936, chunk_bytes=1024 * 151936 * 4) == (1024 if lim >= 1024 * 151936 * 4 else R)
+    big = 1 << 40   # budget and binding limit out of the way: the rows the GEMM wants
+    ctx_big = type("Ctx", (), {"limits": {"max-storage-buffer-binding-size": big}})()
+    assert chunk_rows_for(ctx_big, 151936, big) == 1024
+    assert chunk_rows_for(ctx_big, 151936, big, hidden=1024) == 2048
+    assert chunk_rows_for(ctx_big, 151936, big, hidden=2560) == 1024
+    assert chunk_rows_for(ctx_big, 151936, big, hidden=600) == 3584      # 2^21 / 600 -> 3496 -> 3584
+    # the budget caps it: 1280 MiB hold 2208 rows of V = 151936 -> 2176 (128-row multiple)
+    assert chunk_rows_for(ctx_big, 151936, hidden=600) == 2176
+    assert chunk_rows_for(ctx_big, 151936, 1000 * 151936 * 4, hidden=1024) == 896
+    assert chunk_rows_for(ctx_big, 151936, 100 * 151936 * 4) == 100
     assert chunk_rows_for(ctx, 10**9) == 1
     for n, r in [(4096, 1104), (4096, 1408), (300, 128), (14, 3), (1, 1), (1, 1024), (129, 128), (997, 131)]:
         ch = chunk_starts(n, r)

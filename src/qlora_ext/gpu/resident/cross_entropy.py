@@ -16,23 +16,36 @@ from .weights import ResidentWeight
 
 IGNORE_INDEX = -100
 _WG = 256
-# Default chunk: at most this many bytes of logits at a time.  The skinny product of a chunk,
-# dhidden[R, H] = dlogits[R, V] @ W[V, H], has only R*H/(64*128) workgroups of gemm.wgsl to
-# spread over the GPU (K = V is long), so R sets how busy a large GPU is: 64 MiB (~110 rows
-# at V = 151936) left an H200 mostly idle; 640 MiB gives 1024 rows there (594 MiB of
-# logits), 128 workgroups at H = 1024 and 320 at H = 2560, and stays well inside the 4B
-# shape's 10 GiB target.  The adapter's binding limit caps it (lavapipe: 128 MiB).
-CHUNK_BYTES = 640 << 20
+# Default chunk.  The skinny product of a chunk, dhidden[R, H] = dlogits[R, V] @ W[V, H] (K = V
+# is long), has only R*H/(64*128) workgroups of gemm.wgsl, so R sets how busy a large GPU is.
+# Measured on an H200 (N = 4096, V = 151936, gemm.wgsl's 64x128 tiles): dhidden ran at 3.8,
+# 7.6, 24.0 TFLOP/s for R = 256, 512, 2048 at H = 1024, and 9.5, 14.4, 20.9, 25.6 for R = 256,
+# 512, 1024, 2048 at H = 2560; the logits product ran at 28 TFLOP/s at every R >= 256.  The
+# old 64 MiB chunk (110 rows on resident_gemm) took 290 / 612 ms for the whole head at
+# H = 1024 / 2560, 1024 rows on gemm.wgsl 130 / 267 ms, 2048 rows 101 / 238 ms.  So: rows
+# for R*H >= 2M elements (2048 rows at H = 1024, where it pays 30 ms a step), at least 1024
+# (the 4B shape stays at 1024 rows = 594 MiB of logits: another 594 MiB there would buy
+# 0.6% against its 10 GiB memory target), within CHUNK_BYTES and the adapter's binding
+# limit (lavapipe: 128 MiB).
+CHUNK_BYTES = 1280 << 20
+MIN_CHUNK_ROWS = 1024
+DHIDDEN_ELEMS = 1 << 21
 # Chunks are a multiple of the GEMM's largest row tile (BM = 128) when at least that long.
 _ROW_TILE = 128
 
 
-def chunk_rows_for(ctx: GpuContext, vocab: int, chunk_bytes: int = CHUNK_BYTES) -> int:
-    """Rows of the logits chunk buffer: chunk_bytes (capped by the storage binding limit) of
-    [rows, vocab] f32, rounded down to a multiple of 128 rows when it holds that many."""
+def chunk_rows_for(ctx: GpuContext, vocab: int, chunk_bytes: int = CHUNK_BYTES,
+                   hidden: int | None = None) -> int:
+    """Rows of the logits chunk buffer for hidden size `hidden` (None: MIN_CHUNK_ROWS):
+    max(MIN_CHUNK_ROWS, DHIDDEN_ELEMS / hidden) rounded up to 128, but no more than
+    chunk_bytes (capped by the storage binding limit) of [rows, vocab] f32 hold, rounded down
+    to a multiple of 128 rows when that is at least 128."""
+    want = MIN_CHUNK_ROWS if not hidden else max(MIN_CHUNK_ROWS, -(-DHIDDEN_ELEMS // int(hidden)))
+    want = -(-want // _ROW_TILE) * _ROW_TILE
     lim = min(chunk_bytes, ctx.limits["max-storage-buffer-binding-size"])
-    rows = max(1, lim // (4 * max(vocab, 1)))
-    return rows // _ROW_TILE * _ROW_TILE if rows >= _ROW_TILE else rows
+    cap = max(1, lim // (4 * max(vocab, 1)))
+    cap = cap // _ROW_TILE * _ROW_TILE if cap >= _ROW_TILE else cap
+    return min(want, cap)
 
 
 def chunk_starts(n_rows: int, max_rows: int) -> list:
@@ -56,7 +69,7 @@ class LmHeadLoss:
         self.ctx, self.N, self.C, self.V = ctx, int(n_rows), int(hidden), int(vocab)
         if chunk_rows is not None and int(chunk_rows) < 1:
             raise ValueError(f"chunk_rows={chunk_rows}: expected a positive number of rows")
-        self.R = min(self.N, int(chunk_rows) if chunk_rows else chunk_rows_for(ctx, self.V))
+        self.R = min(self.N, int(chunk_rows) if chunk_rows else chunk_rows_for(ctx, self.V, hidden=self.C))
         self.chunks = chunk_starts(self.N, self.R)
         self.logits = ctx.empty((self.R, self.V))
         self.losses = ctx.empty((self.N,))

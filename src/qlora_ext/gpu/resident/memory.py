@@ -83,7 +83,7 @@ def activation_bytes(ctx, state, lora_config, B: int, T: int, gradient_checkpoin
         total += _buf(N * Hq * D) + _buf(N * Hkv * D)
     if float(lora_config.dropout) > 0.0:                 # dropped input, masked gradient; keys
         total += 2 * _buf(N * max(H, Hq * D, F)) + _buf(L * len(PROJECTIONS))
-    R = min(N, chunk_rows_for(ctx, V))
+    R = min(N, chunk_rows_for(ctx, V, hidden=H))
     total += _buf(R * V) + 2 * _buf(N) + _buf(2)           # logits chunk, losses, counted, stats
     return total
 
