@@ -22,7 +22,8 @@ _WG = 256
 # 7.6, 24.0 TFLOP/s for R = 256, 512, 2048 at H = 1024, and 9.5, 14.4, 20.9, 25.6 for R = 256,
 # 512, 1024, 2048 at H = 2560; the logits product ran at 28 TFLOP/s at every R >= 256.  The
 # old 64 MiB chunk (110 rows on resident_gemm) took 290 / 612 ms for the whole head at
-# H = 1024 / 2560, 1024 rows on gemm.wgsl 130 / 267 ms, 2048 rows 101 / 238 ms.  So: rows
+# H = 1024 / 2560, 1024 rows on gemm.wgsl ~130 (the step profile's gemm.main growth) / 267 ms,
+# 2048 rows 101 / 238 ms.  So: rows
 # for R*H >= 2M elements (2048 rows at H = 1024, where it pays 30 ms a step), at least 1024
 # (the 4B shape stays at 1024 rows = 594 MiB of logits: another 594 MiB there would buy
 # 0.6% against its 10 GiB memory target), within CHUNK_BYTES and the adapter's binding
