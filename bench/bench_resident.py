@@ -11,7 +11,8 @@ shape (Qwen3: Hq 32, Hkv 8, D 128) runs with
   PYTHONPATH=src pytest bench/bench_resident.py --benchmark-enable --benchmark-only
 Attention tiles can be swept with QLORA_EXT_ATTN_TILES="br,bc,tm,tn[,dk4]" (default 64,64,4,4
 with the largest D chunk that fits workgroup memory: 8 vec4s on NVIDIA, 4 on lavapipe); the
-fused projection GEMM takes the FFN backend's QLORA_EXT_GEMM_TILES* settings."""
+fused projection GEMM takes the FFN backend's QLORA_EXT_GEMM_TILES* settings.
+QLORA_EXT_ATTN_HEAD_SPLIT=0|1 forces the GQA dk/dv scheme (see attention._HEAD_SPLIT_MAX)."""
 import os
 import sys
 

@@ -9,17 +9,21 @@
 //   dq_i = scale * sum_j dS[i,j] k_j              (entry `dq`: BR query rows of one head per
 //                                                  workgroup, key blocks of BC up to the diagonal)
 //   dk_j = scale * sum_{i, h in group} dS[i,j] q_i,  dv_j = sum P[i,j] do_i
-//                                                 (entry `dkdv`: BR key rows and ONE query head h
-//                                                  per workgroup, query blocks of BC from the
-//                                                  diagonal on; with GQA it writes per-query-head
-//                                                  partials [B, T, Hq, D] that
-//                                                  resident_attention_group_sum adds up in
-//                                                  head order: no atomics, deterministic)
+//                                                 (entry `dkdv`: BR key rows per workgroup, query
+//                                                  blocks of BC from the diagonal on, for all G
+//                                                  query heads of the kv head in head order; or,
+//                                                  where that gives too few workgroups, for ONE
+//                                                  query head, writing per-query-head partials
+//                                                  [B, T, Hq, D] that
+//                                                  resident_attention_group_sum adds up in head
+//                                                  order: no atomics, deterministic either way)
 // Each score-like tile (S, dP; or their transposes in dkdv) is a GEMM over D with chunks of
 // DK4 vec4s staged in workgroup memory, TM x TN per thread (thread (ty, tx): rows ty*TM + i,
 // columns tx + NX*j); P or dS then goes to workgroup memory and the thread's register tile
 // of the output (rows ty*TM + i, vec4 columns tx + NX*j4) takes P/dS times rows of the
 // column side, staged VK rows at a time.
+// Each thread fetches the next staged piece into registers before the arithmetic on the
+// current one, so that global-load latency hides behind it.
 // Splitting dq from dk/dv avoids float atomics at the price of computing P twice.
 
 struct Params {
@@ -29,6 +33,7 @@ struct Params {
     hkv: u32,
     has_mask: u32,
     scale: f32,
+    head_split: u32,   // dkdv: 1 = one query head per workgroup (GQA partials), 0 = all G
 }
 
 const DP4: u32 = (HEAD_DIM + 3u) / 4u;
@@ -59,29 +64,6 @@ const SRC_DO: u32 = 3u;
 // Row-side chunk [BR][CS] then column-side chunk [BC][CS]; or VK rows [VK][DP4].
 var<workgroup> tile_s: array<vec4<f32>, TILE_V4>;
 var<workgroup> p_s: array<vec4<f32>, BR * PS>;   // P or dS [BR][BC] (+ pad)
-
-alias Tile = array<array<f32, TN>, TM>;
-alias Acc = array<array<vec4<f32>, DV4>, TM>;
-
-fn zero_tile() -> Tile {
-    var t: Tile;
-    for (var i = 0u; i < TM; i = i + 1u) {
-        for (var j = 0u; j < TN; j = j + 1u) {
-            t[i][j] = 0.0;
-        }
-    }
-    return t;
-}
-
-fn zero_acc() -> Acc {
-    var a: Acc;
-    for (var i = 0u; i < TM; i = i + 1u) {
-        for (var j4 = 0u; j4 < DV4; j4 = j4 + 1u) {
-            a[i][j4] = vec4<f32>(0.0);
-        }
-    }
-    return a;
-}
 
 fn key_ok(b: u32, j: u32) -> bool {
     return j < p.t && (p.has_mask == 0u || mask[b * p.t + j] != 0u);
@@ -121,49 +103,118 @@ fn fetch4(src: u32, b: u32, t: u32, h: u32, c4: u32) -> vec4<f32> {
     return x;
 }
 
-// Rows row0 .. row0 + n of src, vec4s [c0, c0 + DK4) of each, times mul, into tile_s at
-// vec4 offset off with row stride CS; zero past T and past D.  Consecutive threads read
-// consecutive vec4s (coalesced).
-fn load_chunk(src: u32, b: u32, h: u32, row0: u32, n: u32, c0: u32, off: u32, mul: f32, li: u32) {
-    for (var e = li; e < n * DK4; e = e + NT) {
+// ---- begin: shared by resident_attention_fwd/bwd.wgsl (a test checks the copies agree)
+// ---- staging: each thread fetches its share of the next staged piece into registers
+// before the current piece's arithmetic (the loads' latency hides behind it), then stores
+// it to workgroup memory between two barriers.
+
+// vec4s of one D chunk (both sides) and of one stage of VK full rows; per-thread shares.
+const NCH: u32 = (BR + BC) * DK4;
+const NPRE: u32 = (NCH + NT - 1u) / NT;
+const NROW: u32 = VK * DP4;
+const NPRE_V: u32 = (NROW + NT - 1u) / NT;
+alias Chunk = array<vec4<f32>, NPRE>;
+alias Rows = array<vec4<f32>, NPRE_V>;
+alias Tile = array<array<f32, TN>, TM>;
+alias Acc = array<array<vec4<f32>, DV4>, TM>;
+
+// D chunk [dc, dc + DK4) (vec4s) of rows r0 .. r0 + BR of rsrc (head rh) times rmul, then
+// of rows c0 .. c0 + BC of csrc (head ch) times cmul; zero past T and D.  Element e of the
+// chunk is row e / DK4, vec4 e % DK4: consecutive threads read consecutive vec4s.
+fn fetch_chunk(b: u32, rsrc: u32, rh: u32, r0: u32, rmul: f32, csrc: u32, ch: u32, c0: u32,
+               cmul: f32, dc: u32, li: u32) -> Chunk {
+    var x: Chunk;
+    for (var u = 0u; u < NPRE; u = u + 1u) {
+        let e = li + u * NT;
         let r = e / DK4;
-        let c = e % DK4;
-        let t = row0 + r;
-        var x = vec4<f32>(0.0);
+        let c = dc + e % DK4;
+        var val = vec4<f32>(0.0);
         // (if, not select: select reads both operands, and trusted modules have no bounds checks)
-        if (t < p.t && c0 + c < DP4) {
-            x = fetch4(src, b, t, h, c0 + c) * mul;
+        if (r < BR) {
+            if (r0 + r < p.t && c < DP4) {
+                val = fetch4(rsrc, b, r0 + r, rh, c) * rmul;
+            }
+        } else if (r < BR + BC) {
+            if (c0 + r - BR < p.t && c < DP4) {
+                val = fetch4(csrc, b, c0 + r - BR, ch, c) * cmul;
+            }
         }
-        tile_s[off + r * CS + c] = x;
+        x[u] = val;
+    }
+    return x;
+}
+
+// tile_s = [BR + BC][CS]: row side, then column side; rows padded by one vec4 so that the
+// column side's reads (16 consecutive rows per half warp) fall in distinct banks.
+fn store_chunk(x: Chunk, li: u32) {
+    for (var u = 0u; u < NPRE; u = u + 1u) {
+        let e = li + u * NT;
+        if (e < NCH) {
+            tile_s[(e / DK4) * CS + e % DK4] = x[u];
+        }
     }
 }
 
-// Rows row0 .. row0 + n of src (all DP4 vec4s, zero past T) into tile_s as [n][DP4].
-fn load_rows(src: u32, b: u32, h: u32, row0: u32, n: u32, li: u32) {
-    for (var e = li; e < n * DP4; e = e + NT) {
+// Rows row0 .. row0 + VK of src (head h), all DP4 vec4s, zero past T; tile_s = [VK][DP4].
+fn fetch_rows(b: u32, src: u32, h: u32, row0: u32, li: u32) -> Rows {
+    var x: Rows;
+    for (var u = 0u; u < NPRE_V; u = u + 1u) {
+        let e = li + u * NT;
         let t = row0 + e / DP4;
-        var x = vec4<f32>(0.0);
-        if (t < p.t) {
-            x = fetch4(src, b, t, h, e % DP4);
+        var val = vec4<f32>(0.0);
+        if (e < NROW && t < p.t) {
+            val = fetch4(src, b, t, h, e % DP4);
         }
-        tile_s[e] = x;
+        x[u] = val;
     }
+    return x;
+}
+
+fn store_rows(x: Rows, li: u32) {
+    for (var u = 0u; u < NPRE_V; u = u + 1u) {
+        let e = li + u * NT;
+        if (e < NROW) {
+            tile_s[e] = x[u];
+        }
+    }
+}
+
+fn zero_tile() -> Tile {
+    var t: Tile;
+    for (var i = 0u; i < TM; i = i + 1u) {
+        for (var j = 0u; j < TN; j = j + 1u) {
+            t[i][j] = 0.0;
+        }
+    }
+    return t;
+}
+
+fn zero_acc() -> Acc {
+    var a: Acc;
+    for (var i = 0u; i < TM; i = i + 1u) {
+        for (var j4 = 0u; j4 < DV4; j4 = j4 + 1u) {
+            a[i][j4] = vec4<f32>(0.0);
+        }
+    }
+    return a;
 }
 
 // (row side rsrc rows r0.., head rh, times rmul) . (column side csrc rows c0.., head ch,
-// times cmul)^T: this thread's TM x TN tile, summed over D in vec4 order, as the forward
-// sums S (so exp(s - lse) reproduces its P), and as prep sums delta (so do . v where o
-// equals a single v gives dP - delta = 0 exactly).
+// times cmul)^T: this thread's TM x TN tile (rows ty*TM + i, columns tx + NX*j), summed
+// over D in vec4 order: TM*TN independent dot products per step.
 fn scores(b: u32, rsrc: u32, rh: u32, r0: u32, rmul: f32, csrc: u32, ch: u32, c0: u32,
           cmul: f32, li: u32) -> Tile {
     let tx = li % NX;
     let ty = li / NX;
     var s = zero_tile();
+    var pre = fetch_chunk(b, rsrc, rh, r0, rmul, csrc, ch, c0, cmul, 0u, li);
     for (var dc = 0u; dc < DP4; dc = dc + DK4) {
         workgroupBarrier();
-        load_chunk(rsrc, b, rh, r0, BR, dc, 0u, rmul, li);
-        load_chunk(csrc, b, ch, c0, BC, dc, BR * CS, cmul, li);
+        store_chunk(pre, li);
         workgroupBarrier();
+        if (dc + DK4 < DP4) {
+            pre = fetch_chunk(b, rsrc, rh, r0, rmul, csrc, ch, c0, cmul, dc + DK4, li);
+        }
         for (var d4 = 0u; d4 < DK4; d4 = d4 + 1u) {
             var a: array<vec4<f32>, TM>;
             var c: array<vec4<f32>, TN>;
@@ -195,14 +246,20 @@ fn stage(t: Tile, li: u32) {
     }
 }
 
-// acc += p_s [BR][BC] @ (rows c0 .. c0 + BC of src, head h) [BC][D], VK rows at a time.
-fn accumulate(acc: ptr<function, Acc>, b: u32, src: u32, h: u32, c0: u32, li: u32) {
+// acc += p_s [BR][BC] @ (rows c0 .. c0 + BC of src, head h) [BC][D], VK rows at a time;
+// `first` = fetch_rows(b, src, h, c0, li), fetched by the caller before its elementwise work.
+// The thread owns rows ty*TM + i and vec4 columns tx + NX*j4 of acc.
+fn accumulate(acc: ptr<function, Acc>, b: u32, src: u32, h: u32, c0: u32, first: Rows, li: u32) {
     let tx = li % NX;
     let ty = li / NX;
+    var pre = first;
     for (var kc = 0u; kc < BC; kc = kc + VK) {
         workgroupBarrier();
-        load_rows(src, b, h, c0 + kc, VK, li);
+        store_rows(pre, li);
         workgroupBarrier();
+        if (kc + VK < BC) {
+            pre = fetch_rows(b, src, h, c0 + kc + VK, li);
+        }
         for (var kk4 = 0u; kk4 < VK / 4u; kk4 = kk4 + 1u) {
             var pv: array<vec4<f32>, TM>;
             for (var i = 0u; i < TM; i = i + 1u) {
@@ -222,6 +279,7 @@ fn accumulate(acc: ptr<function, Acc>, b: u32, src: u32, h: u32, c0: u32, li: u3
         }
     }
 }
+// ---- end: shared
 
 // Rows r0 + ty*TM + i (< T) of out (head h of H heads) = acc * mul.
 fn write_rows(acc: ptr<function, Acc>, which: u32, b: u32, h: u32, nh: u32, r0: u32, mul: f32,
@@ -251,7 +309,9 @@ fn write_rows(acc: ptr<function, Acc>, which: u32, b: u32, h: u32, nh: u32, r0: 
 }
 
 // delta[b, h, t] = sum_d do[b,t,h,d] * o[b,t,h,d]; o is bound at out0.  One thread per row,
-// grid_2d over ceil(B*Hq*T / NT) workgroups.
+// grid_2d over ceil(B*Hq*T / NT) workgroups.  Summed in vec4 order as scores() sums do . v:
+// where o equals a single v (one visible key), dP - delta is exactly 0, as it is
+// mathematically.
 @compute @workgroup_size(NT)
 fn prep(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) li: u32) {
@@ -293,6 +353,8 @@ fn dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<
     var d_r: array<f32, TM>;
     for (var i = 0u; i < TM; i = i + 1u) {
         let qi = q0 + ty * TM + i;
+        l_r[i] = 0.0;
+        d_r[i] = 0.0;
         if (qi < p.t) {
             l_r[i] = lse[(b * p.hq + h) * p.t + qi];
             d_r[i] = delta[(b * p.hq + h) * p.t + qi];
@@ -303,6 +365,7 @@ fn dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<
     for (var k0 = 0u; k0 < kend; k0 = k0 + BC) {
         let s = scores(b, SRC_Q, h, q0, p.scale, SRC_K, hk, k0, 1.0, li);
         let dp = scores(b, SRC_DO, h, q0, 1.0, SRC_V, hk, k0, 1.0, li);
+        let first = fetch_rows(b, SRC_K, hk, k0, li);
         var ds = zero_tile();   // (naga does not re-zero loop-body vars per iteration)
         for (var j = 0u; j < TN; j = j + 1u) {
             let kj = k0 + tx + NX * j;
@@ -316,21 +379,29 @@ fn dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<
         }
         // p_s was last read before the barriers inside scores()
         stage(ds, li);
-        accumulate(&acc, b, SRC_K, hk, k0, li);
+        accumulate(&acc, b, SRC_K, hk, k0, first, li);
     }
     write_rows(&acc, 0u, b, h, p.hq, q0, p.scale, li);
 }
 
-// Grid (ceil(T / BR), Hq, B): key rows j0 .. j0 + BR of kv head h / G against the queries of
-// head h.  Writes dk (out0), dv (out1) as [B, T, Hkv, D] when G = 1, else per-query-head
-// partials [B, T, Hq, D].
+// Key rows j0 .. j0 + BR of kv head hk against the queries of its query heads.
+// head_split = 1: grid (ceil(T / BR), Hq, B), the queries of head h = wid.y only, hk = h / G;
+// writes per-query-head partials dk, dv [B, T, Hq, D] (or dk, dv themselves when G = 1).
+// head_split = 0: grid (ceil(T / BR), Hkv, B), hk = wid.y, all G query heads of hk in head
+// order; writes dk, dv [B, T, Hkv, D].
 @compute @workgroup_size(NT)
 fn dkdv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let b = wid.z;
-    let h = wid.y;
     let j0 = wid.x * BR;
     let group = p.hq / p.hkv;
-    let hk = h / group;
+    var hk = wid.y;
+    var h_first = wid.y * group;
+    var h_end = h_first + group;
+    if (p.head_split != 0u) {
+        hk = wid.y / group;
+        h_first = wid.y;
+        h_end = wid.y + 1u;
+    }
     let tx = li % NX;
     let ty = li / NX;
 
@@ -340,39 +411,43 @@ fn dkdv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     var dk = zero_acc();
     var dv = zero_acc();
-    // Queries before j0 see none of this workgroup's keys.
-    for (var i0 = j0 / BC * BC; i0 < p.t; i0 = i0 + BC) {
-        let st = scores(b, SRC_K, hk, j0, 1.0, SRC_Q, h, i0, p.scale, li);   // S^T: [keys][queries]
-        let dpt = scores(b, SRC_V, hk, j0, 1.0, SRC_DO, h, i0, 1.0, li);    // dP^T
-        var pt = zero_tile();
-        var dst = zero_tile();
-        for (var j = 0u; j < TN; j = j + 1u) {
-            let qi = i0 + tx + NX * j;
-            if (qi >= p.t) {
-                continue;
-            }
-            // A query that sees any key has a finite lse.
-            let lq = lse[(b * p.hq + h) * p.t + qi];
-            let dl = delta[(b * p.hq + h) * p.t + qi];
-            for (var i = 0u; i < TM; i = i + 1u) {
-                if (rok[i] && j0 + ty * TM + i <= qi) {
-                    let pij = exp(st[i][j] - lq);
-                    pt[i][j] = pij;
-                    dst[i][j] = pij * (dpt[i][j] - dl);
+    for (var h = h_first; h < h_end; h = h + 1u) {
+        // Queries before j0 see none of this workgroup's keys.
+        for (var i0 = j0 / BC * BC; i0 < p.t; i0 = i0 + BC) {
+            let st = scores(b, SRC_K, hk, j0, 1.0, SRC_Q, h, i0, p.scale, li);   // S^T: [keys][queries]
+            let dpt = scores(b, SRC_V, hk, j0, 1.0, SRC_DO, h, i0, 1.0, li);    // dP^T
+            let first_do = fetch_rows(b, SRC_DO, h, i0, li);
+            var pt = zero_tile();
+            var dst = zero_tile();
+            for (var j = 0u; j < TN; j = j + 1u) {
+                let qi = i0 + tx + NX * j;
+                if (qi >= p.t) {
+                    continue;
+                }
+                // A query that sees any key has a finite lse.
+                let lq = lse[(b * p.hq + h) * p.t + qi];
+                let dl = delta[(b * p.hq + h) * p.t + qi];
+                for (var i = 0u; i < TM; i = i + 1u) {
+                    if (rok[i] && j0 + ty * TM + i <= qi) {
+                        let pij = exp(st[i][j] - lq);
+                        pt[i][j] = pij;
+                        dst[i][j] = pij * (dpt[i][j] - dl);
+                    }
                 }
             }
+            stage(pt, li);
+            accumulate(&dv, b, SRC_DO, h, i0, first_do, li);
+            let first_q = fetch_rows(b, SRC_Q, h, i0, li);
+            workgroupBarrier();   // every thread done reading P before dS replaces it
+            stage(dst, li);
+            accumulate(&dk, b, SRC_Q, h, i0, first_q, li);
         }
-        stage(pt, li);
-        accumulate(&dv, b, SRC_DO, h, i0, li);
-        workgroupBarrier();   // every thread done reading P before dS replaces it
-        stage(dst, li);
-        accumulate(&dk, b, SRC_Q, h, i0, li);
     }
-    var nh = p.hq;
-    var hw = h;
-    if (group == 1u) {
-        nh = p.hkv;
-        hw = hk;
+    var nh = p.hkv;
+    var hw = hk;
+    if (p.head_split != 0u && group > 1u) {
+        nh = p.hq;
+        hw = h_first;
     }
     write_rows(&dk, 0u, b, hw, nh, j0, p.scale, li);
     write_rows(&dv, 1u, b, hw, nh, j0, 1.0, li);

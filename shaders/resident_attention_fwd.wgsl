@@ -17,6 +17,8 @@
 // is exact) and a per-thread partial row sum, summed in tx order at the end (deterministic).
 // P goes to workgroup memory; O += P V is a second GEMM where the thread owns rows ty*TM + i
 // and vec4 columns tx + NX*j4 of the output, with V in chunks of VK keys.
+// Each thread fetches the next staged piece into registers before the arithmetic on the
+// current one, so that global-load latency hides behind it.
 // Key blocks wholly above the diagonal are never visited; the T x T matrix never exists.
 // Output o = acc / l, lse = m + log(l); a row without any visible key gets o = 0 and
 // lse = -inf (backward then gives it zero gradients).
@@ -28,6 +30,7 @@ struct Params {
     hkv: u32,
     has_mask: u32,
     scale: f32,
+    head_split: u32,   // (backward only)
 }
 
 const DP4: u32 = (HEAD_DIM + 3u) / 4u;   // vec4s per head row (zero-padded past D)
@@ -51,6 +54,11 @@ var<workgroup> tile_s: array<vec4<f32>, TILE_V4>;
 var<workgroup> p_s: array<vec4<f32>, BR * PS>;   // P [BR][BC] (+ pad)
 var<workgroup> red_s: array<f32, BR * NX>;       // per-row partials [row][tx]
 
+// tensors named by the fetch helpers
+const SRC_Q: u32 = 0u;
+const SRC_K: u32 = 1u;
+const SRC_V: u32 = 2u;
+
 // Below any finite score; exp(NEG_BIG - s) is 0 without inf - inf arithmetic.
 const NEG_BIG: f32 = -3.0e38;
 
@@ -60,7 +68,7 @@ const NEG_BIG: f32 = -3.0e38;
 // dims; otherwise the four dims are picked out one by one.
 fn fetch4(src: u32, b: u32, t: u32, h: u32, c4: u32) -> vec4<f32> {
     var nh = p.hkv;
-    if (src == 0u) {
+    if (src == SRC_Q) {
         nh = p.hq;
     }
     let row = (b * p.t + t) * nh + h;
@@ -87,34 +95,183 @@ fn fetch4(src: u32, b: u32, t: u32, h: u32, c4: u32) -> vec4<f32> {
     return x;
 }
 
-// Rows row0 .. row0 + n of src, vec4s [c0, c0 + DK4) of each, times mul, into tile_s at
-// vec4 offset off with row stride CS; zero past T and past D.  Consecutive threads read
-// consecutive vec4s (coalesced).
-fn load_chunk(src: u32, b: u32, h: u32, row0: u32, n: u32, c0: u32, off: u32, mul: f32, li: u32) {
-    for (var e = li; e < n * DK4; e = e + NT) {
+// ---- begin: shared by resident_attention_fwd/bwd.wgsl (a test checks the copies agree)
+// ---- staging: each thread fetches its share of the next staged piece into registers
+// before the current piece's arithmetic (the loads' latency hides behind it), then stores
+// it to workgroup memory between two barriers.
+
+// vec4s of one D chunk (both sides) and of one stage of VK full rows; per-thread shares.
+const NCH: u32 = (BR + BC) * DK4;
+const NPRE: u32 = (NCH + NT - 1u) / NT;
+const NROW: u32 = VK * DP4;
+const NPRE_V: u32 = (NROW + NT - 1u) / NT;
+alias Chunk = array<vec4<f32>, NPRE>;
+alias Rows = array<vec4<f32>, NPRE_V>;
+alias Tile = array<array<f32, TN>, TM>;
+alias Acc = array<array<vec4<f32>, DV4>, TM>;
+
+// D chunk [dc, dc + DK4) (vec4s) of rows r0 .. r0 + BR of rsrc (head rh) times rmul, then
+// of rows c0 .. c0 + BC of csrc (head ch) times cmul; zero past T and D.  Element e of the
+// chunk is row e / DK4, vec4 e % DK4: consecutive threads read consecutive vec4s.
+fn fetch_chunk(b: u32, rsrc: u32, rh: u32, r0: u32, rmul: f32, csrc: u32, ch: u32, c0: u32,
+               cmul: f32, dc: u32, li: u32) -> Chunk {
+    var x: Chunk;
+    for (var u = 0u; u < NPRE; u = u + 1u) {
+        let e = li + u * NT;
         let r = e / DK4;
-        let c = e % DK4;
-        let t = row0 + r;
-        var x = vec4<f32>(0.0);
+        let c = dc + e % DK4;
+        var val = vec4<f32>(0.0);
         // (if, not select: select reads both operands, and trusted modules have no bounds checks)
-        if (t < p.t && c0 + c < DP4) {
-            x = fetch4(src, b, t, h, c0 + c) * mul;
+        if (r < BR) {
+            if (r0 + r < p.t && c < DP4) {
+                val = fetch4(rsrc, b, r0 + r, rh, c) * rmul;
+            }
+        } else if (r < BR + BC) {
+            if (c0 + r - BR < p.t && c < DP4) {
+                val = fetch4(csrc, b, c0 + r - BR, ch, c) * cmul;
+            }
         }
-        tile_s[off + r * CS + c] = x;
+        x[u] = val;
+    }
+    return x;
+}
+
+// tile_s = [BR + BC][CS]: row side, then column side; rows padded by one vec4 so that the
+// column side's reads (16 consecutive rows per half warp) fall in distinct banks.
+fn store_chunk(x: Chunk, li: u32) {
+    for (var u = 0u; u < NPRE; u = u + 1u) {
+        let e = li + u * NT;
+        if (e < NCH) {
+            tile_s[(e / DK4) * CS + e % DK4] = x[u];
+        }
     }
 }
 
-// Rows row0 .. row0 + n of src (all DP4 vec4s, zero past T) into tile_s as [n][DP4].
-fn load_rows(src: u32, b: u32, h: u32, row0: u32, n: u32, li: u32) {
-    for (var e = li; e < n * DP4; e = e + NT) {
+// Rows row0 .. row0 + VK of src (head h), all DP4 vec4s, zero past T; tile_s = [VK][DP4].
+fn fetch_rows(b: u32, src: u32, h: u32, row0: u32, li: u32) -> Rows {
+    var x: Rows;
+    for (var u = 0u; u < NPRE_V; u = u + 1u) {
+        let e = li + u * NT;
         let t = row0 + e / DP4;
-        var x = vec4<f32>(0.0);
-        if (t < p.t) {
-            x = fetch4(src, b, t, h, e % DP4);
+        var val = vec4<f32>(0.0);
+        if (e < NROW && t < p.t) {
+            val = fetch4(src, b, t, h, e % DP4);
         }
-        tile_s[e] = x;
+        x[u] = val;
+    }
+    return x;
+}
+
+fn store_rows(x: Rows, li: u32) {
+    for (var u = 0u; u < NPRE_V; u = u + 1u) {
+        let e = li + u * NT;
+        if (e < NROW) {
+            tile_s[e] = x[u];
+        }
     }
 }
+
+fn zero_tile() -> Tile {
+    var t: Tile;
+    for (var i = 0u; i < TM; i = i + 1u) {
+        for (var j = 0u; j < TN; j = j + 1u) {
+            t[i][j] = 0.0;
+        }
+    }
+    return t;
+}
+
+fn zero_acc() -> Acc {
+    var a: Acc;
+    for (var i = 0u; i < TM; i = i + 1u) {
+        for (var j4 = 0u; j4 < DV4; j4 = j4 + 1u) {
+            a[i][j4] = vec4<f32>(0.0);
+        }
+    }
+    return a;
+}
+
+// (row side rsrc rows r0.., head rh, times rmul) . (column side csrc rows c0.., head ch,
+// times cmul)^T: this thread's TM x TN tile (rows ty*TM + i, columns tx + NX*j), summed
+// over D in vec4 order: TM*TN independent dot products per step.
+fn scores(b: u32, rsrc: u32, rh: u32, r0: u32, rmul: f32, csrc: u32, ch: u32, c0: u32,
+          cmul: f32, li: u32) -> Tile {
+    let tx = li % NX;
+    let ty = li / NX;
+    var s = zero_tile();
+    var pre = fetch_chunk(b, rsrc, rh, r0, rmul, csrc, ch, c0, cmul, 0u, li);
+    for (var dc = 0u; dc < DP4; dc = dc + DK4) {
+        workgroupBarrier();
+        store_chunk(pre, li);
+        workgroupBarrier();
+        if (dc + DK4 < DP4) {
+            pre = fetch_chunk(b, rsrc, rh, r0, rmul, csrc, ch, c0, cmul, dc + DK4, li);
+        }
+        for (var d4 = 0u; d4 < DK4; d4 = d4 + 1u) {
+            var a: array<vec4<f32>, TM>;
+            var c: array<vec4<f32>, TN>;
+            for (var i = 0u; i < TM; i = i + 1u) {
+                a[i] = tile_s[(ty * TM + i) * CS + d4];
+            }
+            for (var j = 0u; j < TN; j = j + 1u) {
+                c[j] = tile_s[(BR + tx + NX * j) * CS + d4];
+            }
+            for (var i = 0u; i < TM; i = i + 1u) {
+                for (var j = 0u; j < TN; j = j + 1u) {
+                    s[i][j] = s[i][j] + dot(a[i], c[j]);
+                }
+            }
+        }
+    }
+    return s;
+}
+
+// This thread's tile of a [BR][BC] matrix into p_s.
+fn stage(t: Tile, li: u32) {
+    let tx = li % NX;
+    let ty = li / NX;
+    for (var i = 0u; i < TM; i = i + 1u) {
+        for (var j = 0u; j < TN; j = j + 1u) {
+            let c = tx + NX * j;
+            p_s[(ty * TM + i) * PS + c / 4u][c % 4u] = t[i][j];
+        }
+    }
+}
+
+// acc += p_s [BR][BC] @ (rows c0 .. c0 + BC of src, head h) [BC][D], VK rows at a time;
+// `first` = fetch_rows(b, src, h, c0, li), fetched by the caller before its elementwise work.
+// The thread owns rows ty*TM + i and vec4 columns tx + NX*j4 of acc.
+fn accumulate(acc: ptr<function, Acc>, b: u32, src: u32, h: u32, c0: u32, first: Rows, li: u32) {
+    let tx = li % NX;
+    let ty = li / NX;
+    var pre = first;
+    for (var kc = 0u; kc < BC; kc = kc + VK) {
+        workgroupBarrier();
+        store_rows(pre, li);
+        workgroupBarrier();
+        if (kc + VK < BC) {
+            pre = fetch_rows(b, src, h, c0 + kc + VK, li);
+        }
+        for (var kk4 = 0u; kk4 < VK / 4u; kk4 = kk4 + 1u) {
+            var pv: array<vec4<f32>, TM>;
+            for (var i = 0u; i < TM; i = i + 1u) {
+                pv[i] = p_s[(ty * TM + i) * PS + kc / 4u + kk4];
+            }
+            for (var u = 0u; u < 4u; u = u + 1u) {
+                for (var j4 = 0u; j4 < DV4; j4 = j4 + 1u) {
+                    let c4 = tx + NX * j4;
+                    if (c4 < DP4) {
+                        let zr = tile_s[(kk4 * 4u + u) * DP4 + c4];
+                        for (var i = 0u; i < TM; i = i + 1u) {
+                            (*acc)[i][j4] = (*acc)[i][j4] + pv[i][u] * zr;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+// ---- end: shared
 
 @compute @workgroup_size(NT)
 fn forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -128,47 +285,17 @@ fn forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
     let ty = li / NX;
 
     var m: array<f32, TM>;
-    var lp: array<f32, TM>;                      // this thread's share of the row sums
-    var acc: array<array<vec4<f32>, DV4>, TM>;
+    var lp: array<f32, TM>;   // this thread's share of the row sums
     for (var i = 0u; i < TM; i = i + 1u) {
         m[i] = NEG_BIG;
         lp[i] = 0.0;
-        for (var j4 = 0u; j4 < DV4; j4 = j4 + 1u) {
-            acc[i][j4] = vec4<f32>(0.0);
-        }
     }
+    var acc = zero_acc();
     let kend = min(p.t, q0 + BR);
     for (var k0 = 0u; k0 < kend; k0 = k0 + BC) {
-        // ---- S = (scale Q) K^T for this key block, TM x TN per thread
-        // (explicit zeroing: naga hoists loop-body vars and does not re-zero them per iteration)
-        var s: array<array<f32, TN>, TM>;
-        for (var i = 0u; i < TM; i = i + 1u) {
-            for (var j = 0u; j < TN; j = j + 1u) {
-                s[i][j] = 0.0;
-            }
-        }
-        for (var c0 = 0u; c0 < DP4; c0 = c0 + DK4) {
-            workgroupBarrier();
-            load_chunk(0u, b, h, q0, BR, c0, 0u, p.scale, li);
-            load_chunk(1u, b, hk, k0, BC, c0, BR * CS, 1.0, li);
-            workgroupBarrier();
-            for (var d4 = 0u; d4 < DK4; d4 = d4 + 1u) {
-                var a: array<vec4<f32>, TM>;
-                var c: array<vec4<f32>, TN>;
-                for (var i = 0u; i < TM; i = i + 1u) {
-                    a[i] = tile_s[(ty * TM + i) * CS + d4];
-                }
-                for (var j = 0u; j < TN; j = j + 1u) {
-                    c[j] = tile_s[(BR + tx + NX * j) * CS + d4];
-                }
-                for (var i = 0u; i < TM; i = i + 1u) {
-                    for (var j = 0u; j < TN; j = j + 1u) {
-                        s[i][j] = s[i][j] + dot(a[i], c[j]);
-                    }
-                }
-            }
-        }
-        // ---- visibility, row max (exact, so every thread of a row gets the same)
+        let s = scores(b, SRC_Q, h, q0, p.scale, SRC_K, hk, k0, 1.0, li);
+        let first = fetch_rows(b, SRC_V, hk, k0, li);
+        // visibility; row max (exact, so every thread of a row gets the same)
         var vis: array<array<bool, TN>, TM>;
         for (var j = 0u; j < TN; j = j + 1u) {
             let kj = k0 + tx + NX * j;
@@ -190,6 +317,7 @@ fn forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
             red_s[(ty * TM + i) * NX + tx] = mx;
         }
         workgroupBarrier();
+        var pt = zero_tile();   // (naga does not re-zero loop-body vars per iteration)
         for (var i = 0u; i < TM; i = i + 1u) {
             let r = ty * TM + i;
             var mt = m[i];
@@ -200,42 +328,19 @@ fn forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
             m[i] = mt;
             var ls = 0.0;
             for (var j = 0u; j < TN; j = j + 1u) {
-                var pj = 0.0;
                 if (vis[i][j]) {
-                    pj = exp(s[i][j] - mt);
+                    pt[i][j] = exp(s[i][j] - mt);
+                    ls = ls + pt[i][j];
                 }
-                ls = ls + pj;
-                let c = tx + NX * j;
-                p_s[r * PS + c / 4u][c % 4u] = pj;
             }
             lp[i] = lp[i] * corr + ls;
             for (var j4 = 0u; j4 < DV4; j4 = j4 + 1u) {
                 acc[i][j4] = acc[i][j4] * corr;
             }
         }
-        // ---- O += P V, V in chunks of VK keys
-        for (var kc = 0u; kc < BC; kc = kc + VK) {
-            workgroupBarrier();
-            load_rows(2u, b, hk, k0 + kc, VK, li);
-            workgroupBarrier();
-            for (var kk4 = 0u; kk4 < VK / 4u; kk4 = kk4 + 1u) {
-                var pv: array<vec4<f32>, TM>;
-                for (var i = 0u; i < TM; i = i + 1u) {
-                    pv[i] = p_s[(ty * TM + i) * PS + kc / 4u + kk4];
-                }
-                for (var u = 0u; u < 4u; u = u + 1u) {
-                    for (var j4 = 0u; j4 < DV4; j4 = j4 + 1u) {
-                        let c4 = tx + NX * j4;
-                        if (c4 < DP4) {
-                            let vr = tile_s[(kk4 * 4u + u) * DP4 + c4];
-                            for (var i = 0u; i < TM; i = i + 1u) {
-                                acc[i][j4] = acc[i][j4] + pv[i][u] * vr;
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        // p_s was last read before the barriers inside scores()
+        stage(pt, li);
+        accumulate(&acc, b, SRC_V, hk, k0, first, li);
     }
     // ---- row sums (tx order), write
     for (var i = 0u; i < TM; i = i + 1u) {

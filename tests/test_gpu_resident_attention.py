@@ -148,6 +148,42 @@ def test_attention_tile_override_bad(ctx, monkeypatch, tiles):
         attention_forward(q, k, v, ctx=ctx)
 
 
+@pytest.mark.parametrize("split", ["0", "1"])
+def test_attention_gqa_dkdv_modes(ctx, monkeypatch, split):
+    """GQA dk/dv: the per-kv-head loop over the group (0) and one workgroup per query head
+    with partials summed by resident_attention_group_sum (1) both match the reference."""
+    monkeypatch.setenv("QLORA_EXT_ATTN_HEAD_SPLIT", split)
+    q, k, v, do = _inputs(17, 2, 67, 6, 2, 12)
+    mask = np.ones((2, 67), np.int64)
+    mask[1, :3] = 0
+    _check(ctx, q, k, v, do, mask)
+
+
+def test_attention_head_split_bad(ctx, monkeypatch):
+    from qlora_ext.gpu.resident.attention import attention_backward
+
+    monkeypatch.setenv("QLORA_EXT_ATTN_HEAD_SPLIT", "yes")
+    q, k, v, do = _inputs(1, 1, 4, 2, 1, 8)
+    lse = np.zeros((1, 2, 4), np.float32)
+    with pytest.raises(ValueError, match="QLORA_EXT_ATTN_HEAD_SPLIT"):
+        attention_backward(q, k, v, q, lse, do, ctx=ctx)
+
+
+def test_attention_shaders_share_one_helper_block():
+    """The staging / score / accumulate helpers are written out in both shaders (a shader
+    is one module); the copies must not drift apart."""
+    from qlora_ext.gpu.resident.context import load_shader_source
+
+    begin = "// ---- begin: shared by resident_attention_fwd/bwd.wgsl"
+    end = "// ---- end: shared"
+    blocks = []
+    for name in ("resident_attention_fwd", "resident_attention_bwd"):
+        src = load_shader_source(name)
+        assert src.count(begin) == 1 and src.count(end) == 1, name
+        blocks.append(src[src.index(begin):src.index(end)])
+    assert blocks[0] == blocks[1]
+
+
 def test_attention_head_dim_limit(ctx):
     from qlora_ext.gpu.resident.attention import attention_forward
 
@@ -168,3 +204,6 @@ def test_attention_backward_deterministic(ctx):
         again = attention_backward(q, k, v, o, lse, do, ctx=ctx)
         for a, b in zip(first, again):
             np.testing.assert_array_equal(a, b)
+    o2, lse2 = attention_forward(q, k, v, ctx=ctx)
+    np.testing.assert_array_equal(o, o2)
+    np.testing.assert_array_equal(lse, lse2)
