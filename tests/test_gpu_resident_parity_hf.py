@@ -70,3 +70,13 @@ def test_resident_parity_subset_targets_checkpointing_lm_head(ctx):
                    .replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"))
             named[key].copy_(torch.from_numpy(arr))
     _check(ResidentEngine(model, ctx=ctx, gradient_checkpointing=True), pm.eval(), *_batch(2))
+
+
+def test_resident_placement_from_load_model_parity(ctx, tmp_path):
+    """The user's path: load_model(mode="resident") gives a model whose forward, loss and
+    grads (the Model API over the engine) match HF + PEFT."""
+    path = make_tiny_checkpoint(tmp_path / "ckpt", model_type="qwen3", seed=6, vocab_size=V)
+    model = load_model(path, lora=LoraConfig(r=4, alpha=8), quantize="nf4", device="gpu", mode="resident")
+    assert model.placement == "resident"
+    randomize_lora(model, seed=4)
+    _check(model, peft_twin(hf_from_checkpoint(path, model.state), model), *_batch(3))

@@ -33,7 +33,7 @@ from .fused_gemm import PARAM_ALIGN, fused_gemm_gpu
 from .gemm import gemm_gpu
 from .layer_ops import (add_gpu, bias_add_gpu, embedding_gather_gpu, rmsnorm_backward_gpu, rmsnorm_forward_gpu,
                         rope_apply_gpu, swiglu_backward_gpu, swiglu_forward_gpu)
-from .weights import StreamedLayers, WeightScratch, upload_weight
+from .weights import ResidentWeight, StreamedLayers, WeightScratch, upload_weight
 
 
 @dataclass
@@ -403,7 +403,8 @@ class ResidentEngine:
         if logits is None:
             logits = s["logits"] = ctx.empty((N, self.V))
         w, off = (self.lm_w, 0) if self.head_off is None else (self.params, self.head_off)
-        gemm_gpu(ctx, s["xf"], w, logits, N, self.V, self.H, trans_b=True, b_off=off)
+        fused_gemm_gpu(ctx, N, self.V, self.H, s["xf"], ResidentWeight((self.V, self.H), fp32=w), logits,
+                       b_t=True, b_off=off)
         return ctx.to_numpy(logits).reshape(B, T, self.V)
 
     def _record(self, input_ids, labels, attention_mask, want_grad: bool, reduction: str = "mean",
