@@ -90,6 +90,11 @@ def activation_bytes(ctx, state, lora_config, B: int, T: int, gradient_checkpoin
 
 def estimate_bytes(ctx, state, lora_config, B: int, T: int, gradient_checkpointing: bool = False,
                    train_lm_head: bool = False, weights: str = "resident") -> int:
-    """resident_bytes + activation_bytes for batches of B rows of T tokens."""
+    """resident_bytes + activation_bytes for batches of B rows of T tokens, plus the GQA
+    attention backward's per-query-head dk/dv partials (2 x [B, T, Hq, D], allocated on the
+    first backward where it splits heads: counted whenever Hq != Hkv)."""
+    cfg = state.config
+    Hq, Hkv, D = int(cfg.num_attention_heads), int(cfg.num_key_value_heads), int(cfg.head_dim)
+    partials = 2 * _buf(B * T * Hq * D) if Hq != Hkv else 0
     return (resident_bytes(state, lora_config, train_lm_head, weights)
-            + activation_bytes(ctx, state, lora_config, B, T, gradient_checkpointing))
+            + activation_bytes(ctx, state, lora_config, B, T, gradient_checkpointing) + partials)
