@@ -190,7 +190,7 @@ def test_eval_and_generate_with_adapter(tiny, unbroken):
 def test_info():
     r = cli("info", "--json")
     info = json.loads(r.stdout)
-    assert info["version"] and "cpu_features" in info and "gpu_adapter" in info
+    assert info["version"] and "cpu_features" in info and "gpu_adapter" in info and "resident_placement" in info
     assert Path(info["dataset"]["train"]).is_file()
     assert "version:" in cli("info").stdout
 

@@ -309,6 +309,23 @@ def cmd_info(args) -> int:
         except Exception as e:  # a broken driver must not break `info`, whose job is to report it
             info["gpu_adapter"] = f"unavailable: {type(e).__name__}: {e}"
     try:
+        from .gpu.resident.context import unavailable_reason
+        from .gpu.context import pick_adapter
+        from .placement import gpu_free_bytes
+
+        reason = unavailable_reason()
+        real = pick_adapter(allow_software=False)
+        if reason:
+            info["resident_placement"] = f"unavailable: {reason}"
+        elif real is None:
+            info["resident_placement"] = "with --device gpu only (no hardware GPU: software adapter)"
+        else:
+            free, source = gpu_free_bytes(real)
+            info["resident_placement"] = ("available; GPU free memory " + (f"{free / 2**30:.1f} GiB ({source})"
+                                          if free is not None else source))
+    except Exception as e:  # as for the adapter: report, don't fail
+        info["resident_placement"] = f"unavailable: {type(e).__name__}: {e}"
+    try:
         from .model.loading import resolve_model_path
 
         info["default_model"] = resolve_model_path(DEFAULT_MODEL)
