@@ -40,7 +40,8 @@ def _dummy(ctx: GpuContext):
 
 def fused_gemm_gpu(ctx: GpuContext, M: int, N: int, K: int, a: GpuTensor, w: ResidentWeight,
                    c: GpuTensor, b_t: bool, lora=None, accumulate: bool = False,
-                   a_off: int = 0, c_off: int = 0, b_off: int = 0) -> None:
+                   a_off: int = 0, c_off: int = 0, b_off: int = 0,
+                   tiles: GemmTiles | None = None) -> None:
     """C[M, N] (+)= A[M, K] · op(W) (+ T · op(L)); A and C contiguous (row strides K and N)
     from element a_off / c_off of their buffers.
 
@@ -51,8 +52,8 @@ def fused_gemm_gpu(ctx: GpuContext, M: int, N: int, K: int, a: GpuTensor, w: Res
     must already be in T.  l_off must be a multiple of PARAM_ALIGN.
     The offsets are fields of gemm.wgsl's parameter block (element offsets, not binding
     offsets), so they need no alignment; vec4 loads/stores are used where they are multiples
-    of 4."""
-    tiles = _tiles(ctx, M, N)
+    of 4.  tiles replaces the per-shape choice (benchmarks)."""
+    tiles = _tiles(ctx, M, N) if tiles is None else tiles.check(ctx)
     d = _dummy(ctx)
     for name, t, off, need in (("a", a, a_off, M * K), ("c", c, c_off, M * N),
                                ("w", w.fp32, b_off, N * K)):

@@ -1,36 +1,94 @@
 """fp32 GEMM of the resident mode (shaders/resident_gemm.wgsl), used where the weight is not
-NF4 (the LM head and its backward):  C[M, N] (+)= alpha * op(A)[M, K] @ op(B)[K, N]."""
+NF4 (the LM head's dW, the rank-r LoRA products, the dequant path's projections):
+C[M, N] (+)= alpha * op(A)[M, K] @ op(B)[K, N]."""
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
 from .context import MAX_GROUPS, GpuContext, GpuTensor, default_context, grid_2d
 
-_TM = _TN = 64
-_TK = 16
+# (TM, TN, TK) of resident_gemm.wgsl: a workgroup of (TN/4, TM/4) threads owns a TM x TN
+# block of C and stages TK-deep slices.  64 x 64 for the general case (LM head dW, the
+# dequant path's projections).
+_GENERAL = (64, 64, 16)
+# The rank-r LoRA products have one side of C = r <= 64 (u, du: [tokens, r]; dB: [out, r];
+# dA: [r, in]).  A 64 x 64 tile there computes 64 / r times the needed columns (4x at r = 16),
+# so the tile's short side follows r (next power of two >= 4) and its long side takes the
+# threads (_SKINNY_THREADS per workgroup), K staged _SKINNY_TK at a time; their grids are
+# small, so K is split finer (_SKINNY_SPLIT: target workgroups, min K per split).  Chosen by
+# the sweep in bench/bench_resident_lora.py.
+_SKINNY_MAX = 64
+_SKINNY_THREADS = 128
+_SKINNY_TK = 16
+_SKINNY_SPLIT = (512, 128)
+
+
+def tiles_for(ctx: GpuContext, M: int, N: int) -> tuple:
+    """(TM, TN, TK) for C[M, N]; QLORA_EXT_RESIDENT_GEMM_TILES='TM,TN,TK' forces one
+    (benchmarks)."""
+    env = os.environ.get("QLORA_EXT_RESIDENT_GEMM_TILES")
+    if env:
+        try:
+            tm, tn, tk = (int(v) for v in env.split(","))
+        except ValueError:
+            raise ValueError(f"QLORA_EXT_RESIDENT_GEMM_TILES={env!r}: expected TM,TN,TK") from None
+        return check_tiles(ctx, tm, tn, tk)
+    short = min(M, N)
+    if short > _SKINNY_MAX or max(M, N) <= _SKINNY_MAX:
+        return _GENERAL
+    s = 4
+    while s < short:
+        s *= 2
+    long_ = max(4, 16 * _SKINNY_THREADS // s)   # (s/4) * (long/4) threads
+    tk = _SKINNY_TK
+    lim = int(ctx.limits.get("max-compute-workgroup-storage-size", 16384))
+    while tk > 4 and 4 * tk * (s + long_) > lim:
+        tk //= 2
+    return (long_, s, tk) if N == short else (s, long_, tk)
+
+
+def check_tiles(ctx: GpuContext, tm: int, tn: int, tk: int) -> tuple:
+    """TM, TN multiples of 4; the workgroup's threads and workgroup memory within the limits."""
+    threads = (tm // 4) * (tn // 4)
+    smem = 4 * tk * (tm + tn)
+    if (tm % 4 or tn % 4 or tk < 1 or threads > int(ctx.limits["max-compute-invocations-per-workgroup"])
+            or smem > int(ctx.limits["max-compute-workgroup-storage-size"])):
+        raise ValueError(f"resident_gemm tiles TM={tm} TN={tn} TK={tk}: need TM, TN multiples of 4, "
+                         f"{threads} threads and {smem} B of workgroup memory within the device's limits")
+    return tm, tn, tk
 
 
 def gemm_gpu(ctx: GpuContext, a: GpuTensor, b: GpuTensor, c: GpuTensor, M: int, N: int, K: int,
              trans_a: bool = False, trans_b: bool = False, alpha: float = 1.0,
-             accumulate: bool = False, a_off: int = 0, b_off: int = 0, c_off: int = 0) -> GpuTensor:
+             accumulate: bool = False, a_off: int = 0, b_off: int = 0, c_off: int = 0,
+             tiles: tuple | None = None, split: tuple | None = None) -> GpuTensor:
     """Record C[M, N] (+)= alpha * op(A) @ op(B); A is [M, K] ([K, M] with trans_a), B is
-    [K, N] ([N, K] with trans_b), each starting at an element offset of its buffer."""
+    [K, N] ([N, K] with trans_b), each starting at an element offset of its buffer.
+    tiles (TM, TN, TK) and split (target groups, min K per split) replace the per-shape
+    choice (benchmarks)."""
     for name, t, off, need in (("a", a, a_off, M * K), ("b", b, b_off, K * N), ("c", c, c_off, M * N)):
         if off + need > t.size:
             raise ValueError(f"gemm_gpu: {name} holds {t.size} elements, needs {off + need}")
-    gx, gy = (N + _TN - 1) // _TN, (M + _TM - 1) // _TM
+    tm, tn, tk = tiles_for(ctx, M, N) if tiles is None else check_tiles(ctx, *tiles)
+    gx, gy = (N + tn - 1) // tn, (M + tm - 1) // tm
     if gy > MAX_GROUPS:
-        raise ValueError(f"gemm_gpu: M={M} exceeds {MAX_GROUPS * _TM} rows per call")
-    splits = split_count(gx * gy, K)
-    ov = {"TM": _TM, "TN": _TN, "TK": _TK}
+        raise ValueError(f"gemm_gpu: M={M} exceeds {MAX_GROUPS * tm} rows per call")
+    if split is None and min(tm, tn) < _GENERAL[0] and min(M, N) <= _SKINNY_MAX:
+        split = _SKINNY_SPLIT
+    splits = split_count(gx * gy, K, *(split or ()))
+    ov = {"TM": tm, "TN": tn, "TK": tk}
     if splits == 1:
         pipe = ctx.pipeline("resident_gemm", "gemm", "urrww", overrides=ov)
         par = ctx.uniform("IIIIIIfIIIIII", M, N, K, int(trans_a), int(trans_b), int(accumulate),
                           float(alpha), a_off, b_off, c_off, K, 1, 0)
         ctx.dispatch(pipe, [par, a, b, c, c], (gx, gy))
         return c
-    # Split K: partial products into a scratch [splits, M, N], then one summing pass into C.
-    chunk = -(-K // splits) // _TK * _TK or _TK
+    # Split K: partial products into a scratch [splits, M, N], then one summing pass into C
+    # (a fixed order: results are bit-reproducible).
+    per = -(-K // splits)
+    chunk = -(-per // tk) * tk
     splits = -(-K // chunk)
     part = _scratch(ctx, splits * M * N)
     pipe = ctx.pipeline("resident_gemm", "gemm", "urrww", overrides=ov)
@@ -48,11 +106,11 @@ _TARGET_GROUPS = 256
 _MIN_SPLIT_K = 256
 
 
-def split_count(groups: int, K: int) -> int:
-    """K splits for a grid of `groups` workgroups (1: no split)."""
-    if groups >= _TARGET_GROUPS or K < 2 * _MIN_SPLIT_K:
+def split_count(groups: int, K: int, target: int = _TARGET_GROUPS, min_k: int = _MIN_SPLIT_K) -> int:
+    """K splits for a grid of `groups` workgroups (1: no split), each at least min_k deep."""
+    if groups >= target or K < 2 * min_k:
         return 1
-    return max(1, min(-(-_TARGET_GROUPS // groups), K // _MIN_SPLIT_K))
+    return max(1, min(-(-target // groups), K // min_k))
 
 
 def _scratch(ctx: GpuContext, n: int) -> GpuTensor:
