@@ -405,6 +405,9 @@ class MpiComm:
             sys.stdout.flush()
             sys.stderr.write(f"rank {self.rank}: {cause}\n")
             sys.stderr.flush()
+            # mpiexec's proxy forwards this rank's stderr from a pipe; Abort tears the proxies
+            # down, and on a loaded machine the line was lost before it was read (seen in CI).
+            time.sleep(0.5)
         finally:
             self._comm.Abort(int(status) if status else 1)
 
