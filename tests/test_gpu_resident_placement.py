@@ -197,3 +197,29 @@ def test_cli_train_resident_and_resume(ctx, ckpt, tmp_path):
     b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert any(np.abs(v).max() > 0 for k, v in a.items() if "lora_B" in k)
+
+
+def test_adapters_save_and_load_across_placements(ctx, ckpt, tmp_path):
+    """An adapter trained in the resident placement saves in PEFT format (the GPU's weights,
+    not the stale host copy) and loads into a split model with the same forward; loading one
+    of another rank rebuilds the engine."""
+    from qlora_ext.model.lora import LoraConfig
+    from qlora_ext.train.trainer import TrainConfig, Trainer
+
+    gpu = _load(ckpt["qwen3"], "resident", lora=LoraConfig(r=4, alpha=8))
+    t = Trainer(gpu, TrainConfig(lr=1e-2))
+    for ids, labels in _batches(gpu.config.vocab_size, 2):
+        t.step(ids, labels)
+    gpu.save_adapter(tmp_path / "a")
+    cpu = _load(ckpt["qwen3"], "split", device="cpu", lora=LoraConfig(r=4, alpha=8))
+    cpu.load_adapter(tmp_path / "a")
+    ids = _batches(gpu.config.vocab_size, 1, seed=7)[0][0]
+    assert rel_err(gpu.forward(ids), cpu.forward(ids)) <= 1e-5
+    assert any(np.abs(v).max() > 0 for k, v in cpu.parameters().items() if "lora_B" in k)
+    other = _load(ckpt["qwen3"], "split", device="cpu", lora=LoraConfig(r=2, alpha=2))
+    other.save_adapter(tmp_path / "r2")
+    gpu.load_adapter(tmp_path / "r2")
+    assert gpu.engine.names == list(other.parameters())   # rebuilt for rank 2
+    other.set_parameters({k: v + 0.01 for k, v in other.parameters().items()})
+    gpu.set_parameters(other.parameters())
+    assert rel_err(gpu.forward(ids), other.forward(ids)) <= 1e-5

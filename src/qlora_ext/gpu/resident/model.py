@@ -65,9 +65,12 @@ class ResidentModel(Model):
             self.engine.refresh_lora()
             self.engine.set_parameters(params)
         else:
-            # Other targets or rank: the flat buffers' layout changes; build the engine anew.
+            # Other targets or rank: the flat buffers' layout changes; build the engine anew
+            # (fresh moments, the optimizer's hyperparameters kept).
+            opt = self.engine.optimizer
             self.engine = ResidentEngine(self, ctx=self.engine.ctx, gradient_checkpointing=self.gradient_checkpointing,
-                                         weights=self._weights)
+                                         weights=self._weights, lr=opt.lr, betas=opt.betas, eps=opt.eps,
+                                         weight_decay=opt.weight_decay)
 
     def save_adapter(self, directory) -> None:
         self._pull()
