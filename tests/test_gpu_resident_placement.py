@@ -65,6 +65,16 @@ def test_auto_takes_resident_only_with_the_memory(ctx, ckpt, monkeypatch):
     monkeypatch.setenv("QLORA_EXT_GPU_MEMORY_GIB", "0.0001")
     m = _load(ckpt["qwen3"], "auto", batch_shape=(2, 16))
     assert m.placement == "split" and "needs about" in m.placement_reason
+    # between the two estimates: resident with the NF4 base streamed per layer
+    from qlora_ext.gpu.resident.memory import estimate_bytes
+    from qlora_ext.placement import MARGIN_BYTES, MARGIN_FRACTION
+
+    need = {w: estimate_bytes(ctx, m.state, m.lora_config, 2, 16, weights=w) for w in ("resident", "stream")}
+    assert need["stream"] < need["resident"]
+    free = (need["stream"] + need["resident"]) / 2 * (1 + MARGIN_FRACTION) + MARGIN_BYTES
+    monkeypatch.setenv("QLORA_EXT_GPU_MEMORY_GIB", str(free / 2**30))
+    m = _load(ckpt["qwen3"], "auto", batch_shape=(2, 16))
+    assert m.placement == "resident" and m.engine.streamed is not None and "per layer" in m.placement_reason
     monkeypatch.delenv("QLORA_EXT_GPU_MEMORY_GIB")
     if "nvidia" not in str(ctx.info["name"]).lower():
         m = _load(ckpt["qwen3"], "auto")   # lavapipe: wgpu reports no memory size

@@ -76,10 +76,17 @@ def resident_blockers(state, lora_config) -> list:
     return why
 
 
+def _fits(need: int, free: int) -> bool:
+    return need * (1 + MARGIN_FRACTION) + MARGIN_BYTES <= free
+
+
 def choose(mode: str, device: str, state, lora_config, batch_shape=None, gradient_checkpointing: bool = False,
            train_lm_head: bool = False) -> tuple:
-    """("resident", adapter, reason) or ("split", None, reason) for mode "auto"/"resident"
-    (mode "split" never calls this).  Raises where mode="resident" cannot be honoured."""
+    """(placement, adapter, reason, weights) for mode "auto"/"resident" (mode "split" never
+    calls this): ("resident", adapter, reason, "resident"|"stream") or ("split", None, reason,
+    None).  weights="stream" keeps the NF4 base on the host and uploads each layer's
+    projections per pass: taken when the whole placement does not fit but that does.
+    Raises where mode="resident" cannot be honoured."""
     from .gpu.context import adapter_summary, pick_adapter
 
     adapter = pick_adapter(allow_software=(device == "gpu"))
@@ -87,32 +94,36 @@ def choose(mode: str, device: str, state, lora_config, batch_shape=None, gradien
         if mode == "resident":
             raise OSError("mode='resident': no GPU adapter" + (" (software adapters such as lavapipe are "
                           "used only with device='gpu')" if device == "auto" else ""))
-        return "split", None, "no GPU adapter"
+        return "split", None, "no GPU adapter", None
     blockers = resident_blockers(state, lora_config)
     if blockers:
         if mode == "resident":
             raise ValueError("mode='resident' cannot run here: " + "; ".join(blockers) + " (use mode='split')")
-        return "split", None, "; ".join(blockers)
-    name = adapter_summary(adapter)["name"]
-    if mode == "resident":
-        return "resident", adapter, f"asked for (adapter {name})"
+        return "split", None, "; ".join(blockers), None
     from .gpu.resident.memory import estimate_bytes
 
+    name = adapter_summary(adapter)["name"]
     B, T = batch_shape or DEFAULT_PLAN
     free, source = gpu_free_bytes(adapter)
     ctx = context_for(adapter)
-    need = estimate_bytes(ctx, state, lora_config, B, T, gradient_checkpointing, train_lm_head)
+    need = {w: estimate_bytes(ctx, state, lora_config, B, T, gradient_checkpointing, train_lm_head, weights=w)
+            for w in ("resident", "stream")}
+    weights = None
+    if free is not None:
+        weights = "resident" if _fits(need["resident"], free) else "stream" if _fits(need["stream"], free) else None
     gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
+    have = f"{name} has {gib(free)} free ({source})" if free is not None else f"free memory of {name} {source}"
+    streamed = "; the NF4 base stays on the host and goes up per layer" if weights == "stream" else ""
+    if mode == "resident":
+        return "resident", adapter, f"asked for; {have}{streamed}", weights or "resident"
     if free is None:
-        return "split", None, (f"free memory of {name} {source}; the resident placement needs about "
-                               f"{gib(need)} for {B} x {T} tokens (set QLORA_EXT_GPU_MEMORY_GIB to let "
-                               "auto choose it)")
-    budget = need * (1 + MARGIN_FRACTION) + MARGIN_BYTES
-    if budget > free:
-        return "split", None, (f"{name} has {gib(free)} free ({source}); the resident placement needs "
-                               f"about {gib(need)} + margin for {B} x {T} tokens")
-    return "resident", adapter, (f"{name} has {gib(free)} free ({source}); the resident placement needs "
-                                 f"about {gib(need)} for {B} x {T} tokens")
+        return "split", None, (f"{have}; the resident placement needs about {gib(need['resident'])} for "
+                               f"{B} x {T} tokens (set QLORA_EXT_GPU_MEMORY_GIB to let auto choose it)"), None
+    if weights is None:
+        return "split", None, (f"{have}; the resident placement needs about {gib(need['stream'])} + margin "
+                               f"for {B} x {T} tokens even with the NF4 base streamed"), None
+    return "resident", adapter, (f"{have}; the resident placement needs about {gib(need[weights])} for "
+                                 f"{B} x {T} tokens{streamed}"), weights
 
 
 _contexts = {}

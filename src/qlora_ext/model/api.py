@@ -32,14 +32,14 @@ def load_model(path, lora: LoraConfig | None = None, quantize: str | None = "nf4
     state = load_state(path, quantize=quantize, double_quant=double_quant, progress=progress, threads=threads)
     reason = "asked for" if mode == "split" else "device='cpu'"
     if mode != "split" and device != "cpu":
-        where, adapter, reason = placement.choose(mode, device, state, lora, batch_shape,
-                                                  gradient_checkpointing, train_lm_head)
+        where, adapter, reason, weights = placement.choose(mode, device, state, lora, batch_shape,
+                                                           gradient_checkpointing, train_lm_head)
         if where == "resident":
             from ..gpu.resident.model import ResidentModel
 
             model = ResidentModel(state, lora, ctx=placement.context_for(adapter),
                                   gradient_checkpointing=gradient_checkpointing, train_lm_head=train_lm_head,
-                                  threads=threads, seed=seed)
+                                  threads=threads, seed=seed, weights=weights)
             model.placement_reason = reason
             return model
     backend = select_backend(device)
