@@ -98,3 +98,77 @@ def test_lora_products_any_tiles_deterministic(ctx, tiles, split):
     assert rel_err(first[0], u_ref) <= 2e-6 and rel_err(first[1], du_ref) <= 2e-6
     assert rel_err(first[2][:r * inn].reshape(r, inn), du_ref.T @ x) <= 2e-6
     assert rel_err(first[2][r * inn:].reshape(out, r), dy.astype(np.float64).T @ u_ref) <= 2e-6
+
+
+# -- shaders/resident_lora.wgsl (lora_gemm.py): the dedicated skinny kernels --------------------
+@pytest.mark.parametrize("M,K,R,w_t", [(131, 37, 1, True), (257, 101, 3, False), (67, 130, 16, True),
+                                       (131, 70, 16, False), (29, 45, 64, True), (61, 263, 33, False)])
+@pytest.mark.parametrize("split", [None, (10**6, 64)])
+def test_lora_rows_matches_float64(ctx, M, K, R, w_t, split):
+    """C = alpha X op(W) at unaligned offsets; (10**6, 64): 64-deep chunks, as many as K allows."""
+    from qlora_ext.gpu.resident.lora_gemm import lora_rows_gpu
+
+    g = np.random.default_rng(M * 7 + K + R)
+    X = g.standard_normal((M, K)).astype(np.float32)
+    W = g.standard_normal((R, K) if w_t else (K, R)).astype(np.float32)
+    x_off, w_off, c_off = 3, 5, 2
+    xb = np.concatenate([np.zeros(x_off, np.float32), X.ravel()])
+    wb = np.concatenate([np.ones(w_off, np.float32), W.ravel(), np.ones(3, np.float32)])
+    c0 = g.standard_normal(c_off + M * R + 1).astype(np.float32)
+    c = ctx.upload(c0)
+    kw = {} if split is None else dict(target=split[0], min_k=split[1])
+    lora_rows_gpu(ctx, ctx.upload(xb), ctx.upload(wb), c, M, K, R, w_t, alpha=0.5, x_off=x_off,
+                  w_off=w_off, c_off=c_off, **kw)
+    got = ctx.to_numpy(c)
+    ref = 0.5 * X.astype(np.float64) @ (W.T if w_t else W).astype(np.float64)
+    assert rel_err(got[c_off:c_off + M * R].reshape(M, R), ref) <= 2e-6
+    assert np.array_equal(got[:c_off], c0[:c_off]) and got[-1] == c0[-1]
+
+
+@pytest.mark.parametrize("M,P,R,trans_out", [(131, 37, 1, False), (257, 101, 3, True), (67, 300, 16, True),
+                                             (131, 70, 16, False), (29, 45, 64, True), (200, 263, 33, False)])
+@pytest.mark.parametrize("split", [None, (10**6, 64)])
+def test_lora_cols_matches_float64(ctx, M, P, R, trans_out, split):
+    """G += Xᵀ Y into a larger buffer at an offset; (10**6, 64): 64-row chunks."""
+    from qlora_ext.gpu.resident.lora_gemm import lora_cols_gpu
+
+    g = np.random.default_rng(M * 5 + P + R)
+    X = g.standard_normal((M, P)).astype(np.float32)
+    Y = g.standard_normal((M, R)).astype(np.float32)
+    x_off, y_off, g_off = 1, 6, 4
+    xb = np.concatenate([np.zeros(x_off, np.float32), X.ravel()])
+    yb = np.concatenate([np.ones(y_off, np.float32), Y.ravel()])
+    g0 = g.standard_normal(g_off + P * R + 2).astype(np.float32)
+    gt = ctx.upload(g0)
+    kw = {} if split is None else dict(target=split[0], min_rows=split[1])
+    lora_cols_gpu(ctx, ctx.upload(xb), ctx.upload(yb), gt, M, P, R, trans_out, accumulate=True,
+                  x_off=x_off, y_off=y_off, g_off=g_off, **kw)
+    got = ctx.to_numpy(gt)
+    prod = X.astype(np.float64).T @ Y.astype(np.float64)          # [P, R]
+    want = (prod.T if trans_out else prod).ravel()
+    inc = got[g_off:g_off + P * R].astype(np.float64) - g0[g_off:g_off + P * R]
+    # the increment, on the scale of what was added and what it was added to
+    assert rel_err(inc, want, scale=np.abs(want).max() + np.abs(g0).max()) <= 4e-6
+    assert np.array_equal(got[:g_off], g0[:g_off]) and np.array_equal(got[-2:], g0[-2:])
+    # overwrite instead of add
+    lora_cols_gpu(ctx, ctx.upload(xb), ctx.upload(yb), gt, M, P, R, trans_out, accumulate=False,
+                  x_off=x_off, y_off=y_off, g_off=g_off, **kw)
+    assert rel_err(ctx.to_numpy(gt)[g_off:g_off + P * R], want) <= 2e-6
+
+
+def test_lora_kernels_bit_reproducible(ctx):
+    """Split K / split rows sum their partials in a fixed order: the same bits every run."""
+    from qlora_ext.gpu.resident.lora_gemm import lora_cols_gpu, lora_rows_gpu
+
+    g = np.random.default_rng(3)
+    M, K, R = 521, 300, 16
+    x = ctx.upload(g.standard_normal((M, K)).astype(np.float32))
+    w = ctx.upload(g.standard_normal((R, K)).astype(np.float32))
+    y = ctx.upload(g.standard_normal((M, R)).astype(np.float32))
+    outs = []
+    for _ in range(2):
+        c, gr = ctx.empty((M, R)), ctx.zeros((R, K))
+        lora_rows_gpu(ctx, x, w, c, M, K, R, True, alpha=0.3, target=1000, min_k=64)
+        lora_cols_gpu(ctx, x, y, gr, M, K, R, True, target=1000, min_rows=64)
+        outs.append((ctx.to_numpy(c), ctx.to_numpy(gr)))
+    assert all(np.array_equal(a, b) for a, b in zip(*outs))

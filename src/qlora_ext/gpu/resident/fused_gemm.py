@@ -13,6 +13,8 @@ flat parameter buffer: the engine aligns every tensor there to 64 elements (256 
 usual min-storage-buffer-offset-alignment)."""
 from __future__ import annotations
 
+import os
+
 from ..kernels import GemmTiles, TileChooser
 from .context import GpuContext, GpuTensor
 from .weights import ResidentWeight
@@ -22,12 +24,56 @@ PARAM_ALIGN = 64
 _KINDS = "urrrrrrw"
 
 
+class ResidentTiles:
+    """gemm.wgsl tiles per shape for the resident mode's GEMMs: M = B·T token rows (4096 at
+    4 x 1024) for the projections, the LM head's chunk rows (1024-2048) with N or K = vocab.
+
+    From the sweep in bench/bench_resident_gemm.py --fused on an NVIDIA H100 (2026-11-26; both
+    Qwen3 shapes, every projection forward and dx, NF4 with the LoRA epilogue):
+    - 128 x 128 tiles with BK 16 (16,16,8,8,16) win or tie nearly everywhere: 25-27 TFLOP/s
+      against 21-25 for the split mode's choice (64 x 128 below 1300 workgroups, BK 8); BK 16
+      halves the barriers per K.
+    - vocab-wide N (the logits): 256 x 128 tiles (16,16,16,8,8), 29.3-29.7 vs 28.6-28.8.
+    - a 128 x 128 grid of 133-197 workgroups (4B's dhidden: 160) runs one full wave and a
+      thin second one on the 132 SMs: 64 x 128 tiles (16,16,4,8,8) there, 21.1 vs 15.6.
+    Software adapters (lavapipe's 32 KiB of workgroup memory) and the QLORA_EXT_GEMM_TILES*
+    overrides keep the FFN backend's TileChooser."""
+
+    BIG = GemmTiles(16, 16, 8, 8, 16)
+    WIDE = GemmTiles(16, 16, 16, 8, 8)
+    SMALL = GemmTiles(16, 16, 4, 8, 8)
+    WIDE_N = 32768
+    THIN_WAVE = (133, 197)
+
+    def __init__(self, ctx: GpuContext):
+        self.fallback = TileChooser(ctx)
+        own = not ctx.info["software"] and not any(
+            os.environ.get(v) for v in ("QLORA_EXT_GEMM_TILES", "QLORA_EXT_GEMM_TILES_SMALL",
+                                        "QLORA_EXT_GEMM_MIN_GROUPS"))
+        if own:
+            try:
+                for t in (self.BIG, self.WIDE, self.SMALL):
+                    t.check(ctx)
+            except ValueError:
+                own = False
+        self.own = own
+
+    def __call__(self, M: int, N: int) -> GemmTiles:
+        if not self.own:
+            return self.fallback(M, N)
+        if N >= self.WIDE_N:
+            return self.WIDE
+        groups = -(-M // 128) * -(-N // 128)
+        if self.THIN_WAVE[0] <= groups <= self.THIN_WAVE[1]:
+            return self.SMALL
+        return self.BIG
+
+
 def _tiles(ctx: GpuContext, M: int, N: int) -> GemmTiles:
-    """The FFN backend's per-shape choice (TileChooser: its H200 sweep's defaults and the
-    QLORA_EXT_GEMM_TILES* overrides), made once per context."""
-    chooser = getattr(ctx, "_tile_chooser", None)
+    """ResidentTiles' choice, the chooser made once per context."""
+    chooser = getattr(ctx, "_resident_tiles", None)
     if chooser is None:
-        chooser = ctx._tile_chooser = TileChooser(ctx)
+        chooser = ctx._resident_tiles = ResidentTiles(ctx)
     return chooser(M, N)
 
 

@@ -18,11 +18,14 @@ _GENERAL = (64, 64, 16)
 # so the tile's short side follows r (next power of two >= 4) and its long side takes the
 # threads (_SKINNY_THREADS per workgroup), K staged _SKINNY_TK at a time; their grids are
 # small, so K is split finer (_SKINNY_SPLIT: target workgroups, min K per split).  Chosen by
-# the sweep in bench/bench_resident_lora.py.
+# the sweep in bench/bench_resident_gemm.py on an H100 (2026-11-26, r = 16, all 7 projections
+# of both Qwen3 shapes): 16 x 256, TK 8, (1024, 64) -> 45 ms (0.6B) and 103 ms (4B) per step,
+# against 70 and 238 ms with 64 x 64 tiles and (256, 256).  The engine's LoRA products now run
+# on the dedicated kernels of lora_gemm.py; these tiles serve other skinny callers.
 _SKINNY_MAX = 64
-_SKINNY_THREADS = 128
-_SKINNY_TK = 16
-_SKINNY_SPLIT = (512, 128)
+_SKINNY_THREADS = 256
+_SKINNY_TK = 8
+_SKINNY_SPLIT = (1024, 64)
 
 
 def tiles_for(ctx: GpuContext, M: int, N: int) -> tuple:
@@ -41,7 +44,7 @@ def tiles_for(ctx: GpuContext, M: int, N: int) -> tuple:
     s = 4
     while s < short:
         s *= 2
-    long_ = max(4, 16 * _SKINNY_THREADS // s)   # (s/4) * (long/4) threads
+    long_ = min(256, 16 * _SKINNY_THREADS // s)   # (s/4) * (long/4) threads
     tk = _SKINNY_TK
     lim = int(ctx.limits.get("max-compute-workgroup-storage-size", 16384))
     while tk > 4 and 4 * tk * (s + long_) > lim:

@@ -1,0 +1,58 @@
+"""The resident mode's per-shape gemm.wgsl tiles (fused_gemm.ResidentTiles): the choice per
+shape, and the fused NF4 GEMM with the LoRA epilogue under each tile setting that fits the
+adapter, against float64 numpy."""
+import numpy as np
+import pytest
+
+from gpu_resident_support import rel_err, resident_context
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    return resident_context()
+
+
+def test_resident_tiles_choice(ctx, monkeypatch):
+    from qlora_ext.gpu.resident.fused_gemm import ResidentTiles
+
+    ch = ResidentTiles(ctx)
+    if ctx.info["software"]:
+        assert not ch.own and ch(4096, 1024) == ch.fallback(4096, 1024)
+    ch.own = True   # the rule itself, as on a real GPU
+    assert ch(2048, 151936) == ResidentTiles.WIDE                 # logits
+    assert ch(1024, 2560) == ResidentTiles.SMALL                  # 4B dhidden: 160 groups
+    for M, N in ((4096, 1024), (4096, 9728), (2048, 1024), (4096, 2560)):
+        assert ch(M, N) == ResidentTiles.BIG, (M, N)
+    monkeypatch.setenv("QLORA_EXT_GEMM_TILES", "8,8,4,4,8")
+    assert not ResidentTiles(ctx).own                             # benchmarks' override wins
+
+
+@pytest.mark.parametrize("which", ["BIG", "WIDE", "SMALL"])
+@pytest.mark.parametrize("b_t,M,N,K", [(True, 67, 200, 136), (False, 45, 136, 264)])
+def test_fused_gemm_each_tile_setting(ctx, which, b_t, M, N, K):
+    from qlora_ext.gpu.resident.fused_gemm import ResidentTiles, fused_gemm_gpu
+    from qlora_ext.gpu.resident.weights import upload_weight
+    from qlora_ext.nf4 import dequantize_nf4, quantize_nf4
+
+    tiles = getattr(ResidentTiles, which)
+    try:
+        tiles.check(ctx)
+    except ValueError as e:
+        pytest.skip(f"{tiles} does not fit {ctx.describe()}: {e}")
+    g = np.random.default_rng(M + N + K)
+    out, inn = (N, K) if b_t else (K, N)
+    wq = quantize_nf4(g.standard_normal((out, inn)).astype(np.float32) * 0.05)
+    W = dequantize_nf4(wq).astype(np.float64)
+    a = g.standard_normal((M, K)).astype(np.float32)
+    R = 16
+    T = g.standard_normal((M, R)).astype(np.float32)
+    L = g.standard_normal((N, R) if b_t else (R, N)).astype(np.float32)   # mode 1: [N, R]; 2: [R, N]
+    params = np.zeros(64 + L.size, np.float32)
+    params[64:] = L.ravel()
+    c = ctx.empty((M, N))
+    fused_gemm_gpu(ctx, M, N, K, ctx.upload(a), upload_weight(ctx, wq), c, b_t=b_t,
+                   lora=(ctx.upload(T), R, ctx.upload(params), 64, 1 if b_t else 2), tiles=tiles)
+    ref = a.astype(np.float64) @ (W.T if b_t else W) + T.astype(np.float64) @ (L.T if b_t else L)
+    assert rel_err(ctx.to_numpy(c), ref) <= 2e-6
