@@ -172,3 +172,25 @@ def test_lora_kernels_bit_reproducible(ctx):
         lora_cols_gpu(ctx, x, y, gr, M, K, R, True, target=1000, min_rows=64)
         outs.append((ctx.to_numpy(c), ctx.to_numpy(gr)))
     assert all(np.array_equal(a, b) for a, b in zip(*outs))
+
+
+def test_lora_settings_from_the_environment(ctx, monkeypatch):
+    """QLORA_EXT_LORA_ROWS / _COLS (benchmarks) change the split, not the result; bad values
+    name the variable."""
+    from qlora_ext.gpu.resident.lora_gemm import lora_cols_gpu, lora_rows_gpu
+
+    g = np.random.default_rng(11)
+    M, K, R = 300, 200, 5
+    X = g.standard_normal((M, K)).astype(np.float32)
+    W = g.standard_normal((R, K)).astype(np.float32)
+    Y = g.standard_normal((M, R)).astype(np.float32)
+    monkeypatch.setenv("QLORA_EXT_LORA_ROWS", "2,100000,64")
+    monkeypatch.setenv("QLORA_EXT_LORA_COLS", "100000,64")
+    c, gr = ctx.empty((M, R)), ctx.zeros((K, R))
+    lora_rows_gpu(ctx, ctx.upload(X), ctx.upload(W), c, M, K, R, True)
+    lora_cols_gpu(ctx, ctx.upload(X), ctx.upload(Y), gr, M, K, R, False)
+    assert rel_err(ctx.to_numpy(c), X.astype(np.float64) @ W.T) <= 2e-6
+    assert rel_err(ctx.to_numpy(gr), X.astype(np.float64).T @ Y) <= 2e-6
+    monkeypatch.setenv("QLORA_EXT_LORA_ROWS", "4,0")
+    with pytest.raises(ValueError, match="QLORA_EXT_LORA_ROWS"):
+        lora_rows_gpu(ctx, ctx.upload(X), ctx.upload(W), c, M, K, R, True)

@@ -11,6 +11,8 @@ chunks' partials in a fixed order (no float atomics: bit-reproducible).  Default
 sweep in bench/bench_resident_gemm.py --lora on an NVIDIA H100."""
 from __future__ import annotations
 
+import os
+
 from .context import GpuContext, GpuTensor, grid_2d
 from .gemm import _scratch
 
@@ -22,6 +24,21 @@ ROWS_MIN_K = 256
 COLS_TARGET = 512
 COLS_MIN_ROWS = 128
 _KINDS = "urrww"
+
+
+def _env(name: str, n: int):
+    """QLORA_EXT_LORA_ROWS='tr,target,min_k' / QLORA_EXT_LORA_COLS='target,min_rows' replace
+    the defaults (benchmarks); None when unset."""
+    v = os.environ.get(name)
+    if not v:
+        return None
+    try:
+        vals = tuple(int(t) for t in v.split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != n or min(vals) < 1:
+        raise ValueError(f"{name}={v!r}: expected {n} positive integers")
+    return vals
 
 
 def _split(base_groups: int, length: int, target: int, min_chunk: int) -> tuple:
@@ -64,12 +81,13 @@ def lora_rows_gpu(ctx: GpuContext, x: GpuTensor, w: GpuTensor, c: GpuTensor, M: 
     _check("lora_rows_gpu: x", x, x_off, M * K)
     _check("lora_rows_gpu: w", w, w_off, R * K)
     _check("lora_rows_gpu: c", c, c_off, M * R)
-    tr = ROWS_TR if tr is None else int(tr)
+    env = _env("QLORA_EXT_LORA_ROWS", 3) or (ROWS_TR, ROWS_TARGET, ROWS_MIN_K)
+    tr = env[0] if tr is None else int(tr)
     if not 1 <= tr <= 4:
         raise ValueError(f"lora_rows_gpu: tr={tr}, expected 1..4 rows per thread")
     gx, gz = -(-M // (16 * tr)), -(-R // 16)
-    splits, chunk = _split(gx * gz, K, ROWS_TARGET if target is None else target,
-                           ROWS_MIN_K if min_k is None else min_k)
+    splits, chunk = _split(gx * gz, K, env[1] if target is None else target,
+                           env[2] if min_k is None else min_k)
     fields = (M, K, R, x_off, w_off, c_off, int(bool(w_t)), 0, float(alpha), chunk, splits, 0)
     _record(ctx, "rows", fields, x, w, c, M * R, splits, (gx, splits, gz),
             K % 4 == 0 and x_off % 4 == 0, tr)
@@ -85,9 +103,10 @@ def lora_cols_gpu(ctx: GpuContext, x: GpuTensor, y: GpuTensor, g: GpuTensor, M: 
     _check("lora_cols_gpu: x", x, x_off, M * P)
     _check("lora_cols_gpu: y", y, y_off, M * R)
     _check("lora_cols_gpu: g", g, g_off, P * R)
+    env = _env("QLORA_EXT_LORA_COLS", 2) or (COLS_TARGET, COLS_MIN_ROWS)
     gx, gz = -(-P // 256), -(-R // 16)
-    splits, chunk = _split(gx * gz, M, COLS_TARGET if target is None else target,
-                           COLS_MIN_ROWS if min_rows is None else min_rows)
+    splits, chunk = _split(gx * gz, M, env[0] if target is None else target,
+                           env[1] if min_rows is None else min_rows)
     fields = (M, P, R, x_off, y_off, g_off, 0, int(bool(accumulate)), 1.0, chunk, splits, int(bool(trans_out)))
     _record(ctx, "cols", fields, x, y, g, P * R, splits, (gx, splits, gz),
             P % 4 == 0 and x_off % 4 == 0, ROWS_TR)
