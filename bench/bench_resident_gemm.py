@@ -6,16 +6,22 @@ records), for a list of tile settings:
             K = in, LoRA B in the epilogue) and backward dx (N = in, K = out, LoRA A in the
             epilogue), and the fp32 LM head (logits: N = V, K = H; dhidden: N = H, K = V) at the
             engine's chunk rows (2048 at H = 1024, 1024 at H = 2560).
-  --lora    the rank-r products per projection u = s·x Aᵀ, dB += dyᵀ u, du = s·dy B,
-            dA += duᵀ x: shaders/resident_lora.wgsl (lora_gemm.py) over its split settings,
-            and resident_gemm.wgsl with 64 x 64 tiles ("old", what the engine ran before).
+  --lora    shaders/resident_gemm.wgsl via gemm_gpu: the rank-r products per projection
+            u = s·x Aᵀ, dB += dyᵀ u, du = s·dy B, dA += duᵀ x, over skinny tiles and split-K
+            settings; (64, 64, 16)/(256, 256) is the choice before this sweep.
 
     python bench/bench_resident_gemm.py --fused --lora --shapes qwen3-0.6b,qwen3-4b --json out.json
 
 Each row: the kernel's GPU seconds (median of `reps` dispatches), TFLOP/s and, for --lora, the
-bytes of its big operand over the time (GB/s).  The rows marked "current" (--fused) and
-"default" (--lora) are the choices in the code as it stands.  pytest-benchmark: `pytest bench/bench_resident_gemm.py
---benchmark-only` times the current choice at a shape shrunk to lavapipe."""
+bytes of its big operand over the time (GB/s).  The rows marked "current" are the choices in
+the code as it stands.  pytest-benchmark: `pytest bench/bench_resident_gemm.py --benchmark-only`
+times the LoRA products' current choice at a shape shrunk to lavapipe.
+
+Measured 2026-11-26 on an NVIDIA H100 80GB HBM3 (Vulkan, wgpu 0.32, trusted shaders):
+--fused: fused_gemm.ResidentTiles 25.0-26.9 TFLOP/s on every NF4 projection GEMM of both Qwen3
+shapes (the split mode's TileChooser: 20.7-25.6), LM head logits 29.2/29.7 (28.6), dhidden
+24.7/21.1 (24.1/21.1).  --lora: 16 x 256 tiles, TK 8, split (1024, 64): 45 / 103 ms of LoRA
+products per step at 0.6B / 4B shapes (64 x 64, (256, 256): 70 / 238 ms)."""
 from __future__ import annotations
 
 import argparse
@@ -33,7 +39,6 @@ from qlora_ext.gpu.resident.context import GpuContext  # noqa: E402
 from qlora_ext.gpu.resident.fused_gemm import _tiles as fused_tiles  # noqa: E402
 from qlora_ext.gpu.resident.fused_gemm import fused_gemm_gpu  # noqa: E402
 from qlora_ext.gpu.resident.gemm import gemm_gpu  # noqa: E402
-from qlora_ext.gpu.resident.lora_gemm import lora_cols_gpu, lora_rows_gpu  # noqa: E402
 from qlora_ext.gpu.resident.weights import ResidentWeight  # noqa: E402
 
 # (hidden, intermediate, q heads, kv heads, head dim, LM-head chunk rows, vocab, token rows,
@@ -44,12 +49,11 @@ MODELS = {"qwen3-0.6b": (1024, 3072, 16, 8, 128, 2048, 151936, 4096, 28),
 FUSED_SWEEP = [(16, 16, 8, 8, 8), (16, 16, 4, 8, 8), (16, 16, 8, 8, 16), (16, 16, 4, 8, 16), (16, 8, 8, 8, 16),
                (8, 16, 8, 8, 16), (16, 16, 8, 16, 8), (16, 16, 16, 8, 8), (8, 8, 8, 8, 16), (32, 8, 4, 8, 16),
                (16, 16, 4, 4, 16), (16, 16, 8, 4, 8), (8, 16, 8, 8, 8), (16, 8, 8, 8, 8), (8, 8, 8, 8, 8)]
-# lora_gemm.py settings swept: rows (u, du): (TR, target groups, min K per split); cols (dB, dA):
-# (target groups, min rows per split).  "old" is resident_gemm with 64 x 64 tiles, split (256, 256)
-# (the engine's LoRA path before lora_gemm.py).
-ROWS_SWEEP = [(tr, t, k) for tr in (1, 2, 4) for t, k in ((256, 256), (512, 256), (512, 128), (1024, 128),
-                                                          (1024, 64), (2048, 64))]
-COLS_SWEEP = [(256, 256), (512, 256), (512, 128), (1024, 128), (1024, 64), (2048, 64)]
+# (short side, long side, TK) of resident_gemm tiles for the rank side; (target groups, min K per split).
+# (64, 64, 16) with (256, 256) is the choice before this sweep.
+LORA_TILES = [(64, 64, 16), (16, 64, 16), (16, 128, 16), (16, 256, 16), (16, 64, 32), (16, 128, 32), (16, 256, 8),
+              (32, 128, 16), (8, 256, 16)]
+LORA_SPLITS = [(256, 256), (512, 128), (1024, 64), (2048, 64), (4096, 32)]
 
 
 def projections(model):
@@ -127,31 +131,29 @@ def sweep_fused(ctx, model, tiles_list, reps, log, json_path):
                 json.dump(log, f)
 
 
-def lora_calls(ctx, M, inn, out, r, bufs, setting):
+def lora_calls(ctx, M, inn, out, r, bufs, tiles, split):
     """The engine's four rank-r products for one projection (engine.py _linear_*), as
-    {name: (record, flop, big-operand bytes)}; setting: "old", None (lora_gemm defaults),
-    ("rows", tr, target, min_k) or ("cols", target, min_rows)."""
+    {name: (record, flop, big-operand bytes)}."""
     x, dy, p, g, u, du = bufs
     a_off, b_off = 0, r * inn + 60
-    flops = {"u": 2.0 * M * r * inn, "dB": 2.0 * M * r * out, "du": 2.0 * M * r * out, "dA": 2.0 * M * r * inn}
-    nbytes = {"u": 4 * M * inn, "dB": 4 * M * out, "du": 4 * M * out, "dA": 4 * M * inn}
-    if setting == "old":
-        kw = dict(tiles=(64, 64, 16), split=(256, 256))
-        rec = {"u": lambda: gemm_gpu(ctx, x, p, u, M, r, inn, trans_b=True, alpha=2.0, b_off=a_off, **kw),
-               "dB": lambda: gemm_gpu(ctx, dy, u, g, out, r, M, trans_a=True, accumulate=True, c_off=b_off, **kw),
-               "du": lambda: gemm_gpu(ctx, dy, p, du, M, r, out, alpha=2.0, b_off=b_off, **kw),
-               "dA": lambda: gemm_gpu(ctx, du, x, g, r, inn, M, trans_a=True, accumulate=True, c_off=a_off, **kw)}
-    else:
-        rk = dict(tr=setting[1], target=setting[2], min_k=setting[3]) if setting and setting[0] == "rows" else {}
-        ck = dict(target=setting[1], min_rows=setting[2]) if setting and setting[0] == "cols" else {}
-        rec = {"u": lambda: lora_rows_gpu(ctx, x, p, u, M, inn, r, True, alpha=2.0, w_off=a_off, **rk),
-               "dB": lambda: lora_cols_gpu(ctx, dy, u, g, M, out, r, False, g_off=b_off, **ck),
-               "du": lambda: lora_rows_gpu(ctx, dy, p, du, M, out, r, False, alpha=2.0, w_off=b_off, **rk),
-               "dA": lambda: lora_cols_gpu(ctx, x, du, g, M, inn, r, True, g_off=a_off, **ck)}
-        if setting:
-            keep = ("u", "du") if setting[0] == "rows" else ("dB", "dA")
-            rec = {k: v for k, v in rec.items() if k in keep}
-    return {k: (f, flops[k], nbytes[k]) for k, f in rec.items()}
+
+    def pick(Mc, N):
+        if tiles is None:
+            return None
+        s, l, tk = tiles
+        return (l, s, tk) if N <= Mc else (s, l, tk)
+
+    kw = lambda Mc, N: dict(tiles=pick(Mc, N), split=split)  # noqa: E731
+    return {
+        "u": (lambda: gemm_gpu(ctx, x, p, u, M, r, inn, trans_b=True, alpha=2.0, b_off=a_off, **kw(M, r)),
+              2.0 * M * r * inn, 4 * M * inn),
+        "dB": (lambda: gemm_gpu(ctx, dy, u, g, out, r, M, trans_a=True, accumulate=True, c_off=b_off, **kw(out, r)),
+               2.0 * M * r * out, 4 * M * out),
+        "du": (lambda: gemm_gpu(ctx, dy, p, du, M, r, out, alpha=2.0, b_off=b_off, **kw(M, r)),
+               2.0 * M * r * out, 4 * M * out),
+        "dA": (lambda: gemm_gpu(ctx, du, x, g, r, inn, M, trans_a=True, accumulate=True, c_off=a_off, **kw(r, inn)),
+               2.0 * M * r * inn, 4 * M * inn),
+    }
 
 
 def sweep_lora(ctx, model, reps, log, json_path, r=16):
@@ -160,35 +162,38 @@ def sweep_lora(ctx, model, reps, log, json_path, r=16):
     big = max(F, hq * d, H)
     bufs = (fill(ctx, M * big, rng), fill(ctx, M * big, rng), fill(ctx, 2 * r * big + 64, rng, 0.01),
             ctx.zeros((2 * r * big + 64,)), ctx.empty((M, r)), ctx.empty((M, r)))
-    settings = (["old", None] + [("rows",) + s for s in ROWS_SWEEP] + [("cols",) + s for s in COLS_SWEEP])
+    configs = [("current", None, None)] + [(f"{t}/{s}", t, s) for t in LORA_TILES for s in LORA_SPLITS]
     totals = {}
+    seen = set()
     for pname, inn, out in projections(model):
-        for setting in settings:
-            label = setting if setting in ("old", None) else "/".join(map(str, setting))
-            label = "default" if label is None else label
-            for op, (rec, flop, nbytes) in lora_calls(ctx, M, inn, out, r, bufs, setting).items():
-                ks = kernel_seconds(ctx, rec, reps)
-                s = sum(v for k, v in ks.items() if k.startswith(("gemm.", "lora.")))
-                row = {"kind": "lora", "model": model, "proj": pname, "in": inn, "out": out, "op": op,
-                       "config": label, "s": s, "kernels": ks, "tflops": flop / s / 1e12, "gbps": nbytes / s / 1e9}
-                log.append(row)
-                totals[label] = totals.get(label, 0.0) + s
-        mine = [x for x in log if x.get("kind") == "lora" and x["model"] == model and x["proj"] == pname]
-        print(f"{model} {pname:5s} in={inn} out={out}: " + "  ".join(
-            f"{x['op']} {x['s'] * 1e6:.1f} us {x['gbps']:.0f} GB/s {x['tflops']:.1f} TF"
-            for x in mine if x["config"] == "default") + "  (old: " + " ".join(
-            f"{x['op']} {x['s'] * 1e6:.1f}" for x in mine if x["config"] == "old") + ")", flush=True)
+        if (inn, out) in seen:
+            continue
+        count = sum(1 for _, i, o in projections(model) if (i, o) == (inn, out))
+        seen.add((inn, out))
+        for label, tiles, split in configs:
+            try:
+                calls = lora_calls(ctx, M, inn, out, r, bufs, tiles, split)
+                for op, (rec, flop, nbytes) in calls.items():
+                    ks = kernel_seconds(ctx, rec, reps)
+                    s = sum(v for k, v in ks.items() if k.startswith("gemm."))
+                    row = {"kind": "lora", "model": model, "proj": pname, "in": inn, "out": out, "op": op,
+                           "config": label, "s": s, "kernels": ks, "tflops": flop / s / 1e12,
+                           "gbps": nbytes / s / 1e9}
+                    log.append(row)
+                    totals[label] = totals.get(label, 0.0) + count * s
+            except ValueError as e:
+                print(f"skip {label}: {e}")
+        cur = [x for x in log if x.get("kind") == "lora" and x["model"] == model and x["proj"] == pname
+               and x["config"] == "current"]
+        print(f"{model} {pname:5s} in={inn} out={out} current: " + "  ".join(
+            f"{x['op']} {x['s'] * 1e6:.1f} us {x['gbps']:.0f} GB/s" for x in cur), flush=True)
         if json_path:
             with open(json_path, "w") as f:
                 json.dump(log, f)
-    rows_best = sorted((v, k) for k, v in totals.items() if k.startswith("rows"))
-    cols_best = sorted((v, k) for k, v in totals.items() if k.startswith("cols"))
-    ms = lambda v: v * layers * 1e3  # noqa: E731
-    print(f"{model}: LoRA products per step (x{layers} layers): old {ms(totals['old']):.1f} ms, lora_gemm "
-          f"defaults {ms(totals['default']):.1f} ms; rows (u+du) best " + ", ".join(
-              f"{k} {ms(v):.1f}" for v, k in rows_best[:4]) + "; cols (dB+dA) best " + ", ".join(
-              f"{k} {ms(v):.1f}" for v, k in cols_best[:4]), flush=True)
-    log.append({"kind": "lora_total", "model": model, "ms_per_step": {k: ms(v) for k, v in totals.items()}})
+    ranked = sorted(totals.items(), key=lambda kv: kv[1])
+    print(f"{model}: LoRA products per step (x{layers} layers), current {totals['current'] * layers * 1e3:.1f} ms; "
+          "best: " + "  ".join(f"{k} {v * layers * 1e3:.1f} ms" for k, v in ranked[:6]), flush=True)
+    log.append({"kind": "lora_total", "model": model, "ms_per_step": {k: v * layers * 1e3 for k, v in ranked}})
 
 
 def main(argv=None):
@@ -216,10 +221,10 @@ def main(argv=None):
             json.dump(log, f)
 
 
-# -- pytest-benchmark: lora_gemm's defaults at a lavapipe-sized projection -------------------------
+# -- pytest-benchmark: the LoRA products at a lavapipe-sized projection ----------------------------
 def test_lora_products_rate(benchmark):
-    """The four rank-r products (lora_gemm.py defaults), with the old resident_gemm path and
-    numpy float32 as references in the same run."""
+    """The four rank-r products with gemm_gpu's per-shape choice, with the pre-sweep setting
+    (64 x 64 tiles, split (256, 256)) and numpy float32 as references in the same run."""
     import time
 
     import pytest
@@ -234,18 +239,18 @@ def test_lora_products_rate(benchmark):
     bufs = (fill(ctx, M * out, rng), fill(ctx, M * out, rng), fill(ctx, 2 * r * out + 64, rng, 0.01),
             ctx.zeros((2 * r * out + 64,)), ctx.empty((M, r)), ctx.empty((M, r)))
 
-    def run(setting):
+    def run(tiles, split):
         t0 = time.perf_counter()
-        for rec, _, _ in lora_calls(ctx, M, inn, out, r, bufs, setting).values():
+        for rec, _, _ in lora_calls(ctx, M, inn, out, r, bufs, tiles, split).values():
             rec()
         ctx.sync()
         return time.perf_counter() - t0
 
-    flop = sum(f for _, f, _ in lora_calls(ctx, M, inn, out, r, bufs, None).values())
-    run(None)
-    run("old")
-    s = benchmark.pedantic(lambda: run(None), rounds=5, warmup_rounds=1)
-    old = min(run("old") for _ in range(3))
+    flop = sum(f for _, f, _ in lora_calls(ctx, M, inn, out, r, bufs, None, None).values())
+    run(None, None)
+    run((64, 64, 16), (256, 256))
+    s = benchmark.pedantic(lambda: run(None, None), rounds=5, warmup_rounds=1)
+    old = min(run((64, 64, 16), (256, 256)) for _ in range(3))
     x = rng.standard_normal((M, inn), dtype=np.float32)
     dy = rng.standard_normal((M, out), dtype=np.float32)
     A = rng.standard_normal((r, inn), dtype=np.float32)
@@ -257,7 +262,7 @@ def test_lora_products_rate(benchmark):
     du.T @ x
     ref = time.perf_counter() - t0
     benchmark.extra_info.update({"adapter": ctx.info["name"], "M": M, "in": inn, "out": out, "r": r,
-                                 "GFLOP_per_s": flop / s / 1e9, "old_resident_gemm_GFLOP_per_s": flop / old / 1e9,
+                                 "GFLOP_per_s": flop / s / 1e9, "pre_sweep_GFLOP_per_s": flop / old / 1e9,
                                  "numpy_GFLOP_per_s": flop / ref / 1e9})
 
 

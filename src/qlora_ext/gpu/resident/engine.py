@@ -31,7 +31,6 @@ from .context import GpuContext, GpuTensor, default_context
 from .cross_entropy import IGNORE_INDEX, LmHeadLoss
 from .fused_gemm import PARAM_ALIGN, fused_gemm_gpu
 from .gemm import gemm_gpu
-from .lora_gemm import lora_cols_gpu, lora_rows_gpu
 from .layer_ops import (add_gpu, bias_add_gpu, embedding_gather_gpu, rmsnorm_backward_gpu, rmsnorm_forward_gpu,
                         rope_apply_gpu, swiglu_backward_gpu, swiglu_forward_gpu)
 from .weights import ResidentWeight, StreamedLayers, WeightScratch, upload_weight
@@ -174,8 +173,7 @@ class ResidentEngine:
         lo = self.loras[l].get(proj)
         if lo is not None:
             xa = self._dropped(l, proj, x)   # the adapter's input: x, or x with dropout
-            # u = scale · xa Aᵀ on the skinny LoRA kernel (lora_gemm.py; helper edit for issue #11)
-            lora_rows_gpu(ctx, xa, self.params, u, N, inn, lo.r, w_t=True, alpha=lo.scale, w_off=lo.a_off)
+            gemm_gpu(ctx, xa, self.params, u, N, lo.r, inn, trans_b=True, alpha=lo.scale, b_off=lo.a_off)
         if self.fused:
             # one dispatch: NF4 dequantized in the tile loads, u Bᵀ in the epilogue
             lora = None if lo is None else (u, lo.r, self.params, lo.b_off, 1)
@@ -198,12 +196,10 @@ class ResidentEngine:
         dropped = lo is not None and self._drop_key(l, proj) is not None
         if lo is not None:
             r = lo.r
-            # the skinny LoRA kernels (lora_gemm.py; helper edit for issue #11):
-            # dB [out, r] += dyᵀ u;  du = scale · dy B;  dA [r, in] += duᵀ xa
-            lora_cols_gpu(ctx, dy, u, self.grads, N, out, r, trans_out=False, g_off=lo.b_off)
-            lora_rows_gpu(ctx, dy, self.params, du, N, out, r, w_t=False, alpha=lo.scale, w_off=lo.b_off)
+            gemm_gpu(ctx, dy, u, self.grads, out, r, N, trans_a=True, accumulate=True, c_off=lo.b_off)
+            gemm_gpu(ctx, dy, self.params, du, N, r, out, alpha=lo.scale, b_off=lo.b_off)
             xa = self._dropped(l, proj, x)   # recomputed from x: the same mask as forward
-            lora_cols_gpu(ctx, xa, du, self.grads, N, inn, r, trans_out=True, g_off=lo.a_off)
+            gemm_gpu(ctx, du, xa, self.grads, r, inn, N, trans_a=True, accumulate=True, c_off=lo.a_off)
         if dropped:
             # dx = dy W + mask ⊙ (du A): the masked adapter term cannot ride in the GEMM's
             # epilogue, so it is formed apart and added through the mask.

@@ -20,8 +20,8 @@ _GENERAL = (64, 64, 16)
 # small, so K is split finer (_SKINNY_SPLIT: target workgroups, min K per split).  Chosen by
 # the sweep in bench/bench_resident_gemm.py on an H100 (2026-11-26, r = 16, all 7 projections
 # of both Qwen3 shapes): 16 x 256, TK 8, (1024, 64) -> 45 ms (0.6B) and 103 ms (4B) per step,
-# against 70 and 238 ms with 64 x 64 tiles and (256, 256).  The engine's LoRA products now run
-# on the dedicated kernels of lora_gemm.py; these tiles serve other skinny callers.
+# against 70 and 238 ms with 64 x 64 tiles and (256, 256) (still only 0.5-0.8 TB/s: the
+# kernel's scalar loads; a dedicated skinny kernel tried on 2026-11-26 measured slower).
 _SKINNY_MAX = 64
 _SKINNY_THREADS = 256
 _SKINNY_TK = 8
