@@ -25,15 +25,7 @@ override ADD: bool = false;
 @group(0) @binding(2) var<storage, read> z: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 
-fn mix32(v: u32) -> u32 {
-    var x = v;
-    x = x ^ (x >> 16u);
-    x = x * 0x7feb352du;
-    x = x ^ (x >> 15u);
-    x = x * 0x846ca68bu;
-    x = x ^ (x >> 16u);
-    return x;
-}
+//!include dropout_hash
 
 @compute @workgroup_size(WG)
 fn apply(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -43,7 +35,7 @@ fn apply(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let idx = (P.row0 + r) * P.cols + c;
-    let keep = (mix32(idx ^ keys[P.key_index]) >> 8u) >= P.thr;
+    let keep = (hash32(idx ^ keys[P.key_index]) >> 8u) >= P.thr;
     let o = idx;   // z and out are bound whole; a dispatch covers rows row0 .. row0 + rows
     let v = select(0.0, z[o] * P.scale, keep);
     if (ADD) {

@@ -262,6 +262,21 @@ def test_trainer_gradients_are_reduced_in_place():
     assert not dist._FlatBuckets(grads, bucket_elems=1 << 20).copies
 
 
+def _cli_alone_and_under_mpiexec(args, tmp_path) -> dict:
+    """`qlora-ext <args> --out DIR` alone and under `mpiexec -n 2`: {None | 2: (DIR, stdout)}."""
+    outs = {}
+    for ranks in (None, 2):
+        out = tmp_path / f"out{ranks}"
+        cmd = [sys.executable, "-m", "qlora_ext.cli"] + [str(a) for a in args] + ["--out", str(out)]
+        if ranks:
+            cmd = [_mpiexec(), "-n", str(ranks)] + cmd
+        p = subprocess.run(cmd, env=dict(_env(), QLORA_EXT_PROGRESS="0"), capture_output=True, text=True,
+                           timeout=600)
+        assert p.returncode == 0, p.stdout + p.stderr
+        outs[ranks] = (out, p.stdout)
+    return outs
+
+
 @needs_mpi
 def test_cli_train_under_mpiexec_equals_single_process(tiny_model, tmp_path):
     """`mpiexec -n 2 qlora-ext train`: one metrics line per step, one summary, one adapter,
@@ -273,18 +288,10 @@ def test_cli_train_under_mpiexec_equals_single_process(tiny_model, tmp_path):
     args = ["train", "--model", tiny_model, "--data", data, "--eval-data", ev, "--eval-accuracy", "1",
             "--steps", "3", "--batch-size", "2", "--grad-accum", "2", "--seq-len", "24", "--lora-rank", "4",
             "--lr", "1e-2", "--device", "cpu", "--threads", "1", "--save-every", "2"]
-    outs = {}
-    for ranks in (None, 2):
-        out = tmp_path / f"out{ranks}"
-        cmd = [sys.executable, "-m", "qlora_ext.cli"] + [str(a) for a in args] + ["--out", str(out)]
-        if ranks:
-            cmd = [_mpiexec(), "-n", str(ranks)] + cmd
-        p = subprocess.run(cmd, env=dict(_env(), QLORA_EXT_PROGRESS="0"), capture_output=True, text=True,
-                           timeout=300)
-        assert p.returncode == 0, p.stdout + p.stderr
-        assert p.stdout.count("trained 3 steps") == 1 and p.stdout.count("eval after:") == 1, p.stdout
-        outs[ranks] = out
-    single, mpi = outs[None], outs[2]
+    outs = _cli_alone_and_under_mpiexec(args, tmp_path)
+    for out, stdout in outs.values():
+        assert stdout.count("trained 3 steps") == 1 and stdout.count("eval after:") == 1, stdout
+    single, mpi = outs[None][0], outs[2][0]
     assert rel_err(read_safetensors(mpi / "adapter_model.safetensors"),
                    read_safetensors(single / "adapter_model.safetensors")) <= 1e-6
     assert_metrics_match(metrics(mpi), metrics(single), rel=1e-6)
@@ -378,17 +385,10 @@ def test_cli_train_resident_under_mpiexec_equals_single_process(tiny_model, tmp_
     args = ["train", "--model", tiny_model, "--data", data, "--steps", "3", "--batch-size", "2",
             "--grad-accum", "2", "--seq-len", "24", "--lora-rank", "4", "--lr", "1e-2", "--device", "gpu",
             "--mode", "resident", "--threads", "1", "--save-every", "2"]
-    outs = {}
-    for ranks in (None, 2):
-        out = tmp_path / f"out{ranks}"
-        cmd = [sys.executable, "-m", "qlora_ext.cli"] + [str(a) for a in args] + ["--out", str(out)]
-        if ranks:
-            cmd = [_mpiexec(), "-n", str(ranks)] + cmd
-        p = subprocess.run(cmd, env=dict(_env(), QLORA_EXT_PROGRESS="0"), capture_output=True, text=True,
-                           timeout=600)
-        assert p.returncode == 0, p.stdout + p.stderr
-        assert p.stdout.count("placement: resident") == 1, p.stdout
-        outs[ranks] = out
-    assert rel_err(read_safetensors(outs[2] / "adapter_model.safetensors"),
-                   read_safetensors(outs[None] / "adapter_model.safetensors")) <= 1e-5
-    assert_metrics_match(metrics(outs[2]), metrics(outs[None]), rel=1e-5)
+    outs = _cli_alone_and_under_mpiexec(args, tmp_path)
+    for out, stdout in outs.values():
+        assert stdout.count("placement: resident") == 1, stdout
+    single, mpi = outs[None][0], outs[2][0]
+    assert rel_err(read_safetensors(mpi / "adapter_model.safetensors"),
+                   read_safetensors(single / "adapter_model.safetensors")) <= 1e-5
+    assert_metrics_match(metrics(mpi), metrics(single), rel=1e-5)

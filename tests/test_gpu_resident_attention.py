@@ -169,19 +169,22 @@ def test_attention_head_split_bad(ctx, monkeypatch):
         attention_backward(q, k, v, q, lse, do, ctx=ctx)
 
 
-def test_attention_shaders_share_one_helper_block():
-    """The staging / score / accumulate helpers are written out in both shaders (a shader
-    is one module); the copies must not drift apart."""
+def test_shader_includes_expand_once_and_refuse_cycles(tmp_path, monkeypatch):
+    """`//!include name` puts shaders/name.wgsl in place (the attention kernels share one
+    helper file, the dropout shaders one hash); a cycle is an error naming the chain."""
     from qlora_ext.gpu.resident.context import load_shader_source
 
-    begin = "// ---- begin: shared by resident_attention_fwd/bwd.wgsl"
-    end = "// ---- end: shared"
-    blocks = []
+    common = load_shader_source("resident_attention_common").strip()
     for name in ("resident_attention_fwd", "resident_attention_bwd"):
         src = load_shader_source(name)
-        assert src.count(begin) == 1 and src.count(end) == 1, name
-        blocks.append(src[src.index(begin):src.index(end)])
-    assert blocks[0] == blocks[1]
+        assert src.count(common) == 1 and "//!include" not in src, name
+    for name in ("dropout", "resident_dropout"):
+        assert load_shader_source(name).count("fn hash32(") == 1, name
+    (tmp_path / "a.wgsl").write_text("//!include b\n")
+    (tmp_path / "b.wgsl").write_text("fn f() {}\n//!include a\n")
+    monkeypatch.setenv("QLORA_EXT_SHADERS", str(tmp_path))
+    with pytest.raises(ValueError, match="a -> b -> a"):
+        load_shader_source("a")
 
 
 def test_attention_head_dim_limit(ctx):

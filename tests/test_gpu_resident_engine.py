@@ -163,18 +163,15 @@ def test_nf4_dequant_bit_equal_to_cpu(ctx, shape, blocksize, double_quant):
     np.testing.assert_array_equal(got, dequantize_nf4(t))
 
 
-def test_engine_kernel_times_in_profiler(ctx, tmp_path):
-    """Per-kernel GPU times from timestamp queries reach the profiler's phase table."""
+def _timed_step(ctx, model, ids, labels):
+    """One train_step on its own device (timing stays off for the other tests) with every
+    kernel timed into a fresh Profiler: (kernel_times(), profiler)."""
     from qlora_ext.gpu.resident.context import GpuContext
     from qlora_ext.gpu.resident.engine import ResidentEngine
     from qlora_ext.profile import Profiler
 
-    if not ctx.has_timestamps:
-        pytest.skip("adapter without timestamp-query")
-    tctx = GpuContext(ctx.adapter)   # its own device: timing stays off for the other tests
-    model = _model(tmp_path, "qwen3", "nf4")
+    tctx = GpuContext(ctx.adapter)
     engine = ResidentEngine(model, ctx=tctx)
-    ids, labels = _batch(model.config.vocab_size)
     prof = Profiler()
     tctx.enable_timing(profiler=prof)
     prof.start()
@@ -182,6 +179,19 @@ def test_engine_kernel_times_in_profiler(ctx, tmp_path):
         engine.train_step(ids, labels)
         times = tctx.kernel_times()
     prof.stop()
+    return times, prof
+
+
+def test_engine_kernel_times_in_profiler(ctx, tmp_path):
+    """Per-kernel GPU times from timestamp queries reach the profiler's phase table."""
+    from qlora_ext.gpu.resident.context import GpuContext
+    from qlora_ext.gpu.resident.engine import ResidentEngine
+
+    if not ctx.has_timestamps:
+        pytest.skip("adapter without timestamp-query")
+    model = _model(tmp_path, "qwen3", "nf4")
+    ids, labels = _batch(model.config.vocab_size)
+    times, prof = _timed_step(ctx, model, ids, labels)
     # With the global profiler on, the engine times its kernels by itself.
     from qlora_ext.profile import PROFILER
 
@@ -206,23 +216,12 @@ def test_kernel_spans_survive_a_full_query_set(ctx, tmp_path, monkeypatch):
     """A step with more passes than the query set holds: the passes resolved mid-step (set
     full) reach the profiler as well, so the phase table covers the whole step."""
     from qlora_ext.gpu.resident import context as rc
-    from qlora_ext.gpu.resident.engine import ResidentEngine
-    from qlora_ext.profile import Profiler
 
     if not ctx.has_timestamps:
         pytest.skip("adapter without timestamp-query")
     monkeypatch.setattr(rc._PassTimer, "CAPACITY", 16)   # 8 passes per resolve
-    tctx = rc.GpuContext(ctx.adapter)
     model = _model(tmp_path, "qwen3", "nf4")
-    engine = ResidentEngine(model, ctx=tctx)
-    ids, labels = _batch(model.config.vocab_size)
-    prof = Profiler()
-    tctx.enable_timing(profiler=prof)
-    prof.start()
-    with prof.step():
-        engine.train_step(ids, labels)
-        times = tctx.kernel_times()
-    prof.stop()
+    times, prof = _timed_step(ctx, model, *_batch(model.config.vocab_size))
     passes = sum(n for _, n in times.values())
     assert passes > 8
     assert sum(sp.device == "gpu" for sp in prof.spans) == passes

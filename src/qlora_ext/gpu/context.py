@@ -13,6 +13,7 @@ Environment:
 from __future__ import annotations
 
 import os
+import re
 import struct
 import sys
 import time
@@ -106,11 +107,33 @@ def shader_dir() -> Path:
     raise GpuError(f"no shaders directory next to {here} or in the source tree")
 
 
-def load_shader(name: str) -> str:
+def _shader_text(name: str) -> str:
     path = shader_dir() / f"{name}.wgsl"
     if not path.is_file():
         raise GpuError(f"shader {name!r} not found at {path}")
     return path.read_text()
+
+
+def load_shader(name: str) -> str:
+    return expand_includes(_shader_text(name), _shader_text, name)
+
+
+_INCLUDE = re.compile(r"^//!include\s+(\w+)\s*$", re.MULTILINE)
+
+
+def expand_includes(code: str, load, name: str, _seen: tuple = ()) -> str:
+    """Replace each line `//!include other` with the text of shaders/other.wgsl (itself
+    expanded): WGSL has no imports, and helpers shared by several shaders live once this way.
+    `load(name)` reads a shader's raw text; a cycle is a ValueError naming the chain."""
+    seen = _seen + (name,)
+
+    def sub(m):
+        other = m.group(1)
+        if other in seen:
+            raise ValueError(f"shader include cycle: {' -> '.join(seen + (other,))}")
+        return expand_includes(load(other), load, other, seen)
+
+    return _INCLUDE.sub(lambda m: sub(m).rstrip("\n"), code)
 
 
 def _numbered(code: str) -> str:

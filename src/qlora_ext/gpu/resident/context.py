@@ -42,13 +42,20 @@ def _shader_dirs():
     return dirs
 
 
-def load_shader_source(name: str) -> str:
-    """The text of shaders/<name>.wgsl (QLORA_EXT_SHADERS overrides the folder)."""
+def _shader_text(name: str) -> str:
     for d in _shader_dirs():
         p = d / f"{name}.wgsl"
         if p.is_file():
             return p.read_text()
     raise OSError(f"shader {name!r}: no {name}.wgsl in any of {[str(d) for d in _shader_dirs()]}")
+
+
+def load_shader_source(name: str) -> str:
+    """The text of shaders/<name>.wgsl with its `//!include other` lines expanded
+    (QLORA_EXT_SHADERS overrides the folder)."""
+    from ..context import expand_includes
+
+    return expand_includes(_shader_text(name), _shader_text, name)
 
 
 @dataclass
