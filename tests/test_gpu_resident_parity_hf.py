@@ -80,3 +80,15 @@ def test_resident_placement_from_load_model_parity(ctx, tmp_path):
     assert model.placement == "resident"
     randomize_lora(model, seed=4)
     _check(model, peft_twin(hf_from_checkpoint(path, model.state), model), *_batch(3))
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_resident_parity_llama_attention_bias(ctx, tmp_path, quantize):
+    """Llama with attention_bias=True: HF puts a frozen bias on q, k, v and o."""
+    from qlora_ext.gpu.resident.engine import ResidentEngine
+
+    path = make_tiny_checkpoint(tmp_path / "ckpt", model_type="llama", seed=11, vocab_size=V, attention_bias=True)
+    model = load_model(path, lora=LoraConfig(r=2, alpha=4), quantize=quantize, device="cpu")
+    assert "o_proj" in model.state.layers[0].bias
+    randomize_lora(model, seed=6)
+    _check(ResidentEngine(model, ctx=ctx), peft_twin(hf_from_checkpoint(path, model.state), model), *_batch(2))

@@ -3,7 +3,7 @@
     mode="split"     the layer split between CPU and the FFN backend (device= picks wgpu or
                      the CPU backend); the placement is then "split" or "cpu"
     mode="resident"  the whole step on the GPU (qlora_ext.gpu.resident); an error where it
-                     cannot run (no GPU, wgpu too old, an o_proj bias)
+                     cannot run (no GPU adapter, wgpu too old)
     mode="auto"      resident when a GPU is used and its free memory holds the resident
                      placement's estimate for the planned batch shape with a margin; else split
 
@@ -63,19 +63,6 @@ def gpu_free_bytes(adapter) -> tuple:
     return min((total - used) * 2**20 for _, total, used in same), "nvidia-smi"
 
 
-def resident_blockers(state, lora_config) -> list:
-    """Reasons the resident placement cannot run this model/adapter config (empty: it can)."""
-    from .gpu.resident.context import unavailable_reason
-
-    why = []
-    reason = unavailable_reason()
-    if reason:
-        why.append(reason)
-    if any(lw.bias and "o_proj" in lw.bias for lw in state.layers):
-        why.append("the model has an o_proj bias, which the resident kernels do not apply")
-    return why
-
-
 def _fits(need: int, free: int) -> bool:
     return need * (1 + MARGIN_FRACTION) + MARGIN_BYTES <= free
 
@@ -95,12 +82,14 @@ def choose(mode: str, device: str, state, lora_config, batch_shape=None, gradien
             raise OSError("mode='resident': no GPU adapter" + (" (software adapters such as lavapipe are "
                           "used only with device='gpu')" if device == "auto" else ""))
         return "split", None, "no GPU adapter", None
-    blockers = resident_blockers(state, lora_config)
-    if blockers:
-        if mode == "resident":
-            raise ValueError("mode='resident' cannot run here: " + "; ".join(blockers) + " (use mode='split')")
-        return "split", None, "; ".join(blockers), None
+    from .gpu.resident.context import unavailable_reason
     from .gpu.resident.memory import estimate_bytes
+
+    blocker = unavailable_reason()   # wgpu too old for the resident kernels
+    if blocker:
+        if mode == "resident":
+            raise OSError(f"mode='resident' cannot run here: {blocker} (use mode='split')")
+        return "split", None, blocker, None
 
     name = adapter_summary(adapter)["name"]
     B, T = batch_shape or DEFAULT_PLAN

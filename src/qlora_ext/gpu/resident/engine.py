@@ -103,17 +103,15 @@ class ResidentEngine:
         self.norm = up(st.norm)
         self.scratch = WeightScratch(ctx)
         self.layers = []
-        for i, lw in enumerate(st.layers):
-            if lw.bias and "o_proj" in lw.bias:
-                raise ValueError(f"resident engine: layer {i} has an o_proj bias (attention_bias=True on a "
-                                 "Llama-family config), which this mode does not apply yet; use the split mode")
+        for lw in st.layers:
             d = {"ln1": up(lw.input_layernorm), "ln2": up(lw.post_attention_layernorm)}
             if weights == "resident":
                 d["proj"] = {p: upload_weight(ctx, lw.proj[p]) for p in PROJECTIONS}
             if self.qk_norm:
                 d["q_norm"], d["k_norm"] = up(lw.q_norm), up(lw.k_norm)
-            # Qwen2's q/k/v biases (frozen), keyed by projection.
-            d["bias"] = {p: up(lw.bias.get(p, lw.bias.get(p[0]))) for p in ("q_proj", "k_proj", "v_proj")
+            # Frozen biases keyed by projection: Qwen2's q/k/v; q/k/v/o of Llama-family configs
+            # with attention_bias=True.
+            d["bias"] = {p: up(lw.bias.get(p, lw.bias.get(p[0]))) for p in ("q_proj", "k_proj", "v_proj", "o_proj")
                          if lw.bias and (p in lw.bias or p[0] in lw.bias)}
             self.layers.append(d)
         self.streamed = StreamedLayers(ctx, st.layers, PROJECTIONS) if weights == "stream" else None
