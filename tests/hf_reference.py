@@ -101,19 +101,21 @@ def randomize_lora(model, seed=0, scale=0.2):
 
 
 def peft_twin(hf_model, model):
-    """PEFT model around hf_model with `model`'s LoRA config and weights."""
+    """PEFT model around hf_model with `model`'s LoRA config and weights (a trained LM head
+    as PEFT's modules_to_save, which unties it from the embeddings)."""
     import peft
     import torch
 
     lc = model.lora_config
     pc = peft.LoraConfig(r=lc.r, lora_alpha=lc.alpha, target_modules=list(lc.target_modules),
-                         lora_dropout=0.0, use_rslora=lc.use_rslora, bias="none", task_type="CAUSAL_LM")
+                         lora_dropout=0.0, use_rslora=lc.use_rslora, bias="none", task_type="CAUSAL_LM",
+                         modules_to_save=["lm_head"] if model.train_lm_head else None)
     pm = peft.get_peft_model(hf_model, pc)
     named = dict(pm.named_parameters())
     with torch.no_grad():
         for name, arr in model.parameters().items():
-            key = name.replace(".lora_A.weight", ".lora_A.default.weight").replace(
-                ".lora_B.weight", ".lora_B.default.weight")
+            key = (name.replace("lm_head.weight", "lm_head.modules_to_save.default.weight")
+                   .replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"))
             named[key].copy_(torch.from_numpy(np.ascontiguousarray(arr)))
     return pm.eval()
 

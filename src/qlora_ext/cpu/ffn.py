@@ -82,6 +82,23 @@ def apply_dropout(z: np.ndarray, p: float, key: int) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 
+def check_ffn_weights(state) -> tuple:
+    """(H, I, {proj: (out, in)}) of a ModelState's FFN; ValueError naming the layer and
+    projection whose weight has another shape or is neither NF4 nor float32."""
+    cfg = state.config
+    H, I = int(cfg.hidden_size), int(cfg.intermediate_size)
+    shapes = {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+    for l, layer in enumerate(state.layers):
+        for p in FFN_PROJ:
+            w = layer.proj[p]
+            if tuple(w.shape) != shapes[p]:
+                raise ValueError(f"layer {l} {p}: weight shape {tuple(w.shape)}, expected {shapes[p]}")
+            if not isinstance(w, NF4Tensor) and (not isinstance(w, np.ndarray) or w.dtype != np.float32):
+                raise ValueError(f"layer {l} {p}: expected NF4Tensor or float32 ndarray, got "
+                                 f"{type(w).__name__} {getattr(w, 'dtype', '')}")
+    return H, I, shapes
+
+
 def check_ffn_input(x, hidden: int, what: str = "x") -> np.ndarray:
     """x must be float32 [N, hidden]; returns it C-contiguous (copies only if it was not)."""
     if not isinstance(x, np.ndarray):
@@ -151,21 +168,10 @@ class CpuFfnBackend(FfnBackend):
 
     # -- weights -------------------------------------------------------------------------------
     def prepare(self, state) -> None:
-        cfg = state.config
         self.state = state
-        self.hidden, self.inter = int(cfg.hidden_size), int(cfg.intermediate_size)
-        H, I = self.hidden, self.inter
-        self.shapes = {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+        self.hidden, self.inter, self.shapes = check_ffn_weights(state)
         self._held = None
         self._wgu = self._wd = None
-        for l, layer in enumerate(state.layers):
-            for p in FFN_PROJ:
-                w = layer.proj[p]
-                if tuple(w.shape) != self.shapes[p]:
-                    raise ValueError(f"layer {l} {p}: weight shape {tuple(w.shape)}, expected {self.shapes[p]}")
-                if not isinstance(w, NF4Tensor) and (not isinstance(w, np.ndarray) or w.dtype != np.float32):
-                    raise ValueError(f"layer {l} {p}: expected NF4Tensor or float32 ndarray, got "
-                                     f"{type(w).__name__} {getattr(w, 'dtype', '')}")
 
     def _weights(self, layer: int):
         """(Wgu [2I, H] or (Wg, Wu), Wd [H, I]) as float32, dequantizing NF4 into the buffers."""

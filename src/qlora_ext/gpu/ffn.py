@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backend import FfnBackend, FfnGrads, FfnLora
-from ..cpu.ffn import (FFN_PROJ, check_ffn_input, check_lora, dropout_keep_scale, dropout_key,
-                       dropout_threshold)
+from ..cpu.ffn import (FFN_PROJ, check_ffn_input, check_ffn_weights, check_lora, dropout_keep_scale,
+                       dropout_key, dropout_threshold)
 from ..nf4 import NF4Tensor, dequantize_nf4
 from . import kernels as K
 from .context import GpuContext, read_staging, write_staging
@@ -83,19 +83,9 @@ class WgpuFfnBackend(FfnBackend):
 
     # -- weights -------------------------------------------------------------------------------
     def prepare(self, state) -> None:
-        cfg = state.config
-        H, I = int(cfg.hidden_size), int(cfg.intermediate_size)
+        H, I, self.shapes = check_ffn_weights(state)
         self.hidden, self.inter, self.state = H, I, state
-        self.shapes = {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
-        self.plans = []
-        for l, layer in enumerate(state.layers):
-            for p in FFN_PROJ:
-                w = layer.proj[p]
-                if tuple(w.shape) != self.shapes[p]:
-                    raise ValueError(f"layer {l} {p}: weight shape {tuple(w.shape)}, expected {self.shapes[p]}")
-                if not isinstance(w, NF4Tensor) and (not isinstance(w, np.ndarray) or w.dtype != np.float32):
-                    raise ValueError(f"layer {l} {p}: expected NF4Tensor or float32 ndarray, got {type(w).__name__}")
-            self.plans.append(self._plan(layer.proj))
+        self.plans = [self._plan(layer.proj) for layer in state.layers]
         biggest = max(p.total for p in self.plans)
         if self.resident:
             self.slots = []

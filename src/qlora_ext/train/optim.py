@@ -11,26 +11,33 @@ import math
 import numpy as np
 
 
+def check_hyperparameters(lr, betas, eps, weight_decay) -> tuple:
+    """(lr, (b1, b2), eps, weight_decay) as floats; ValueError naming the bad one.  Shared by
+    this AdamW and the GPU-resident one (qlora_ext.gpu.resident.adamw)."""
+    if not lr >= 0.0:
+        raise ValueError(f"AdamW lr must be >= 0, got {lr!r}")
+    b1, b2 = (float(b) for b in betas)
+    if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+        raise ValueError(f"AdamW betas must be in [0, 1), got {betas!r}")
+    if not eps > 0.0:
+        raise ValueError(f"AdamW eps must be > 0, got {eps!r}")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"AdamW weight_decay must be >= 0, got {weight_decay!r}")
+    return float(lr), (b1, b2), float(eps), float(weight_decay)
+
+
 class AdamW:
     """params: {name: float32 array}, updated in place by step()."""
 
     def __init__(self, params: dict, lr: float = 2e-4, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0):
-        if not lr >= 0.0:
-            raise ValueError(f"AdamW lr must be >= 0, got {lr!r}")
-        b1, b2 = betas
-        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-            raise ValueError(f"AdamW betas must be in [0, 1), got {betas!r}")
-        if not eps > 0.0:
-            raise ValueError(f"AdamW eps must be > 0, got {eps!r}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"AdamW weight_decay must be >= 0, got {weight_decay!r}")
+        hp = check_hyperparameters(lr, betas, eps, weight_decay)
         for name, p in params.items():
             if not isinstance(p, np.ndarray) or p.dtype != np.float32:
                 raise ValueError(f"AdamW parameter {name!r} must be a float32 numpy array, "
                                  f"got {getattr(p, 'dtype', type(p))}")
         self.params = params
-        self.lr, self.betas, self.eps, self.weight_decay = float(lr), (float(b1), float(b2)), float(eps), float(weight_decay)
+        self.lr, self.betas, self.eps, self.weight_decay = hp
         self.step_count = 0
         self.exp_avg = {n: np.zeros_like(p) for n, p in params.items()}
         self.exp_avg_sq = {n: np.zeros_like(p) for n, p in params.items()}

@@ -185,11 +185,8 @@ class Trainer:
             return self._finish_update(float("nan"), 0, lr)
         inv = np.float32(1.0 / tokens)
         norm = math.sqrt(m.grads_sq_norm(float(inv)))
-        coef = 1.0
-        clip = self.config.grad_clip
-        if clip and norm > 0 and clip / (norm + 1e-6) < 1.0:   # as _clip: torch's clip_grad_norm_
-            coef = float(np.float32(clip / (norm + 1e-6)))
-        m.apply_update(lr, float(inv), coef)
+        coef = self._clip_coef(norm)
+        m.apply_update(lr, float(inv), 1.0 if coef is None else float(coef))
         self.last_grad_norm = norm
         return self._finish_update(loss_sum / tokens, tokens, lr)
 
@@ -205,14 +202,19 @@ class Trainer:
         """Global L2 norm (accumulated in float64, fixed order); scale as torch's
         clip_grad_norm_: coef = max_norm / (norm + 1e-6), applied only when < 1."""
         norm = math.sqrt(sum(float(np.dot(g.ravel().astype(np.float64), g.ravel().astype(np.float64))) for g in grads))
-        clip = self.config.grad_clip
-        if clip and norm > 0:
-            coef = clip / (norm + 1e-6)
-            if coef < 1.0:
-                c32 = np.float32(coef)
-                for g in grads:
-                    g *= c32
+        coef = self._clip_coef(norm)
+        if coef is not None:
+            for g in grads:
+                g *= coef
         return norm
+
+    def _clip_coef(self, norm: float):
+        """torch's clip_grad_norm_: coef = max_norm / (norm + 1e-6) as float32, or None when
+        clipping is off or the coefficient is not below 1."""
+        clip = self.config.grad_clip
+        if clip and norm > 0 and clip / (norm + 1e-6) < 1.0:
+            return np.float32(clip / (norm + 1e-6))
+        return None
 
     def _reset_accumulators(self):
         for g in (self._grad_sum or {}).values():

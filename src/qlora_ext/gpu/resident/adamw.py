@@ -9,6 +9,7 @@ import struct
 
 import numpy as np
 
+from ...train.optim import check_hyperparameters
 from .context import GpuContext, GpuTensor, default_context, grid_2d
 
 _WG = 64
@@ -21,17 +22,8 @@ class AdamWGpu:
 
     def __init__(self, ctx: GpuContext, n: int, lr: float = 2e-4, betas=(0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0):
-        if not lr >= 0.0:
-            raise ValueError(f"AdamW lr must be >= 0, got {lr!r}")
-        b1, b2 = (float(b) for b in betas)
-        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-            raise ValueError(f"AdamW betas must be in [0, 1), got {betas!r}")
-        if not eps > 0.0:
-            raise ValueError(f"AdamW eps must be > 0, got {eps!r}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"AdamW weight_decay must be >= 0, got {weight_decay!r}")
         self.ctx, self.n = ctx, int(n)
-        self.lr, self.betas, self.eps, self.weight_decay = float(lr), (b1, b2), float(eps), float(weight_decay)
+        self.lr, self.betas, self.eps, self.weight_decay = check_hyperparameters(lr, betas, eps, weight_decay)
         self.step_count = 0
         self.m = ctx.zeros((self.n,))
         self.v = ctx.zeros((self.n,))

@@ -462,22 +462,11 @@ def grid_2d(n_groups: int) -> tuple:
 
 
 def find_adapter():
-    """The first wgpu adapter (a real GPU if there is one, else a software one), or None."""
-    try:
-        import wgpu
-    except ImportError:
-        return None
-    try:
-        ads = wgpu.gpu.enumerate_adapters_sync()
-    except Exception:  # noqa: BLE001 - no driver at all is the same as no adapter
-        return None
-    if not ads:
-        return None
-    rank = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "CPU": 3}
-    vk_first = {"Vulkan": 0, "Metal": 0, "D3D12": 0}
-    ads = sorted(ads, key=lambda a: (rank.get(a.info.get("adapter_type"), 4),
-                                     vk_first.get(a.info.get("backend_type"), 1)))
-    return ads[0]
+    """The adapter the resident mode uses by default: a real GPU if there is one, else a
+    software one (the FFN backend's choice, qlora_ext.gpu.context.pick_adapter), or None."""
+    from ..context import pick_adapter
+
+    return pick_adapter(allow_software=False) or pick_adapter(allow_software=True)
 
 
 def unavailable_reason() -> str | None:

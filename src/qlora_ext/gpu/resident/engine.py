@@ -20,6 +20,7 @@ the 7·L keys of a step (one 4·7·L-byte upload) and shaders/resident_dropout.w
 them, so the resident mode drops exactly the inputs the split mode drops."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -456,20 +457,19 @@ class ResidentEngine:
             dy, dx = dx, dy
         return stats, count
 
-    def _profile_start(self):
-        """With qlora_ext.profile.PROFILER on (and timestamp queries available), time every
-        kernel of this step; returns the profiler or None."""
+    @contextmanager
+    def _kernel_timing(self):
+        """With qlora_ext.profile.PROFILER on (and timestamp queries available), every kernel
+        recorded inside becomes a "gpu" span of it; otherwise nothing."""
         from ...profile import PROFILER
 
         if not (PROFILER.enabled and self.ctx.has_timestamps):
-            return None
+            yield
+            return
         if self.ctx._timing is None or self.ctx._timing.profiler is not PROFILER:
             self.ctx.enable_timing(profiler=PROFILER)
-        return PROFILER
-
-    def _profile_end(self, prof) -> None:
-        if prof is not None:
-            self.ctx.kernel_times()   # this step's remaining passes become "gpu" spans
+        yield
+        self.ctx.kernel_times()   # the remaining passes become spans
 
     @staticmethod
     def _finish(loss_sum, count, reduction):
@@ -479,16 +479,13 @@ class ResidentEngine:
 
     def loss_and_grads(self, input_ids, labels, attention_mask=None, reduction: str = "mean"):
         """(loss, {PEFT name: float32 grad}) like Model.loss_and_grads (downloads grads)."""
-        prof = self._profile_start()
-        stats, count = self._record(input_ids, labels, attention_mask, want_grad=True, reduction=reduction)
-        self._profile_end(prof)
+        with self._kernel_timing():
+            stats, count = self._record(input_ids, labels, attention_mask, want_grad=True, reduction=reduction)
         loss_sum, _ = self.ctx.to_numpy(stats)
         return self._finish(loss_sum, count, reduction), self._unflatten(self.ctx.to_numpy(self.grads))
 
     def loss(self, input_ids, labels, attention_mask=None, reduction: str = "mean") -> float:
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        stats, count = self._record(input_ids, labels, attention_mask, want_grad=False)
+        stats, count = self._record(input_ids, labels, attention_mask, want_grad=False, reduction=reduction)
         loss_sum, _ = self.ctx.to_numpy(stats)
         return self._finish(loss_sum, count, reduction)
 
@@ -497,27 +494,23 @@ class ResidentEngine:
         """Forward + backward of one micro-batch; the gradient of its *summed* token loss is
         written to (first=True) or added to the device gradient buffer.  Returns the summed
         loss (the 8-byte statistics come down; nothing else does)."""
-        prof = self._profile_start()
-        stats, count = self._record(input_ids, labels, attention_mask, want_grad=True, reduction="sum",
-                                    clear_grads=first)
-        self._profile_end(prof)
+        with self._kernel_timing():
+            stats, count = self._record(input_ids, labels, attention_mask, want_grad=True, reduction="sum",
+                                        clear_grads=first)
         loss_sum, _ = self.ctx.to_numpy(stats)
         return float(loss_sum) if count else 0.0
 
     def grad_sq_norm(self, scale: float = 1.0) -> float:
         """sum((scale * g)^2) over the gradient buffer: per-workgroup float32 partials in a
         fixed order (deterministic), summed in float64 on the host."""
-        prof = self._profile_start()
-        out = self.optimizer.sq_norm(self.grads, scale)
-        self._profile_end(prof)
-        return out
+        with self._kernel_timing():
+            return self.optimizer.sq_norm(self.grads, scale)
 
     def apply_update(self, lr: float, grad_scale: float = 1.0, clip_coef: float = 1.0) -> None:
         """AdamW on g = (grad * grad_scale) * clip_coef, each product rounded to float32 as
         the CPU Trainer's in-place scalings are."""
-        prof = self._profile_start()
-        self.optimizer.step(self.params, self.grads, lr, grad_scale=grad_scale, clip_coef=clip_coef)
-        self._profile_end(prof)
+        with self._kernel_timing():
+            self.optimizer.step(self.params, self.grads, lr, grad_scale=grad_scale, clip_coef=clip_coef)
 
     def download_grads(self) -> np.ndarray:
         """The flat gradient buffer (float32 [n_params], aligned layout) for an all-reduce."""
@@ -530,14 +523,13 @@ class ResidentEngine:
         """Forward, backward and AdamW on the GPU (mean loss, no clipping); only the 8-byte
         loss statistics come down.  Advances model.step (the dropout masks) afterwards, as
         Model.loss_and_grads does."""
-        prof = self._profile_start()
-        stats, count = self._record(input_ids, labels, attention_mask, want_grad=True)
-        self.model.step += 1
-        if count:
-            self.optimizer.step(self.params, self.grads, lr)
-        self._profile_end(prof)
+        with self._kernel_timing():
+            stats, count = self._record(input_ids, labels, attention_mask, want_grad=True)
+            self.model.step += 1
+            if count:
+                self.optimizer.step(self.params, self.grads, lr)
         loss_sum, _ = self.ctx.to_numpy(stats)
-        return float(loss_sum) / count if count else float("nan")
+        return self._finish(loss_sum, count, "mean")
 
     def _unflatten(self, flat: np.ndarray) -> dict:
         return {n: flat[o:o + int(np.prod(sh))].reshape(sh).copy() for n, (o, sh) in self.offsets.items()}

@@ -89,14 +89,20 @@ def _eps(eps) -> float:
     return eps
 
 
-def rmsnorm_forward(x: np.ndarray, weight: np.ndarray, eps: float, ctx=None):
-    """x [N, C], weight [C] -> (y [N, C], rstd [N]), as qlora_ext.cpu.kernels.rmsnorm_forward."""
+def _rmsnorm_inputs(x, weight) -> tuple:
+    """x float32 [N, C] with C >= 1 and weight float32 [C], both contiguous."""
     x = _f32("x", x, 2, "N, C")
-    N, C = x.shape
+    C = x.shape[1]
     if C == 0:
         raise ValueError("x: C (the normalised dimension) must be >= 1")
     weight = _f32("weight", weight, 1, "C")
     _shape("weight", weight, (C,), "C")
+    return x, weight
+
+
+def rmsnorm_forward(x: np.ndarray, weight: np.ndarray, eps: float, ctx=None):
+    """x [N, C], weight [C] -> (y [N, C], rstd [N]), as qlora_ext.cpu.kernels.rmsnorm_forward."""
+    x, weight = _rmsnorm_inputs(x, weight)
     eps = _eps(eps)
     ctx = _ctx(ctx)
     y, rstd = rmsnorm_forward_gpu(ctx, ctx.upload(x), ctx.upload(weight), eps)
@@ -106,12 +112,8 @@ def rmsnorm_forward(x: np.ndarray, weight: np.ndarray, eps: float, ctx=None):
 def rmsnorm_backward(x: np.ndarray, weight: np.ndarray, rstd: np.ndarray, dy: np.ndarray,
                      weight_grad: bool = False, ctx=None):
     """x, dy [N, C], weight [C], rstd [N] -> (dx [N, C], dweight [C] or None)."""
-    x = _f32("x", x, 2, "N, C")
+    x, weight = _rmsnorm_inputs(x, weight)
     N, C = x.shape
-    if C == 0:
-        raise ValueError("x: C (the normalised dimension) must be >= 1")
-    weight = _f32("weight", weight, 1, "C")
-    _shape("weight", weight, (C,), "C")
     rstd = _f32("rstd", rstd, 1, "N")
     _shape("rstd", rstd, (N,), "N")
     dy = _f32("dy", dy, 2, "N, C")
