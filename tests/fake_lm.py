@@ -101,6 +101,8 @@ class FakeLM:
             self.params[k][...] = v
 
     def generate(self, prompt_ids, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=None, stop_ids=None):
+        if len(prompt_ids) and isinstance(prompt_ids[0], (list, tuple, np.ndarray)):
+            return [self.generate(p, max_new_tokens, temperature, top_p, seed, stop_ids) for p in prompt_ids]
         out, last = [], prompt_ids[-1]
         for _ in range(max_new_tokens):
             last = int(np.argmax(self.E[last] @ self.params["lm.w"] + self.params["lm.b"]))

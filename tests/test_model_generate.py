@@ -57,3 +57,27 @@ def test_greedy_matches_hf_generate(tmp_path):
         ref = pm.generate(input_ids=torch.tensor([prompt]), max_new_tokens=10, do_sample=False,
                           eos_token_id=None, pad_token_id=0, min_new_tokens=10)
     assert ours == ref[0, len(prompt):].tolist()
+
+
+def test_batched_prompts_equal_one_at_a_time(model):
+    """Prompts of different lengths decoded together give what each gives alone, and rows
+    that stop early leave the others untouched."""
+    prompts = [[5, 17, 33, 8, 61], [2], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50], [9, 9, 9]]
+    alone = [model.generate(p, max_new_tokens=9, stop_ids=[]) for p in prompts]
+    assert model.generate(prompts, max_new_tokens=9, stop_ids=[]) == alone
+    stop = alone[0][3]
+    alone_stop = [model.generate(p, max_new_tokens=9, stop_ids=[stop]) for p in prompts]
+    assert model.generate(prompts, max_new_tokens=9, stop_ids=[stop]) == alone_stop
+    assert len(alone_stop[0]) == 3
+    # an int array [B, T] is a batch too
+    assert model.generate(np.array([[3, 9, 27], [4, 4, 4]]), 5, stop_ids=[]) == \
+        [model.generate([3, 9, 27], 5, stop_ids=[]), model.generate([4, 4, 4], 5, stop_ids=[])]
+
+
+def test_batched_prompt_errors_name_the_row(model):
+    with pytest.raises(ValueError, match=r"prompt_ids\[1\]"):
+        model.generate([[1, 2], []], 3)
+    with pytest.raises(ValueError, match=r"prompt_ids\[0\] must hold integer"):
+        model.generate([[1.5, 2]], 3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate([1, 2], 10**12)

@@ -1,52 +1,91 @@
-"""Token generation with a KV cache: the prompt runs once through the layers (the attention
-kernel on the whole prompt), then each new token attends to the cached keys and values.
+"""Batched token generation with a KV cache.
 
-Shapes (batch 1): S cached positions, Tn new tokens, Hq/Hkv heads, D head dim, g = Hq/Hkv."""
+The prompts run once through the layers, right-padded to the longest (causal attention
+keeps every real token blind to the padding after it, so the prefill needs no mask); then
+each step feeds one new token per row.  Row b's new tokens sit in the cache after the
+padded prompt block, at RoPE positions len_b, len_b + 1, ...; a per-row key mask hides the
+padding slots [len_b, Tp) from them.  Rows that stop leave the batch (their cache rows are
+dropped), so a long answer does not make the short ones pay.
+
+Shapes: B rows, Tp padded prompt length, S cache slots, Tn new tokens per row and call,
+Hq/Hkv heads, D head dim, g = Hq/Hkv."""
 from __future__ import annotations
 
 import numpy as np
 
 from .layers import StepInputs
 
+# The cache may take at most this share of the memory the OS reports as available.
+CACHE_MEMORY_SHARE = 0.5
+
+
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
 
 class KVCache:
-    """Keys (after RoPE) and values of every layer: k[l], v[l] [S_max, Hkv, D] float32."""
+    """Keys (after RoPE) and values of every layer, k[l], v[l] [B, S, Hkv, D] float32, and
+    which slots each row may attend to: valid [B, S] (True = a real token of that row).
+    `length` slots are filled in every layer (advanced by advance())."""
 
-    def __init__(self, layers: int, max_len: int, Hkv: int, D: int):
-        self.k = [np.empty((max_len, Hkv, D), np.float32) for _ in range(layers)]
-        self.v = [np.empty((max_len, Hkv, D), np.float32) for _ in range(layers)]
-        self.length = 0          # positions filled in every layer (advanced by advance())
+    def __init__(self, layers: int, rows: int, slots: int, Hkv: int, D: int):
+        need = 2 * layers * rows * slots * Hkv * D * 4
+        avail = _available_bytes()
+        if avail is not None and need > CACHE_MEMORY_SHARE * avail:
+            raise ValueError(f"max_new_tokens: the KV cache for {rows} prompt(s) x {slots} positions needs "
+                             f"{need / 2**30:.1f} GiB, more than half of the {avail / 2**30:.1f} GiB available")
+        self.k = [np.zeros((rows, slots, Hkv, D), np.float32) for _ in range(layers)]
+        self.v = [np.zeros((rows, slots, Hkv, D), np.float32) for _ in range(layers)]
+        self.valid = np.zeros((rows, slots), bool)
+        self.length = 0
 
     def store(self, l: int, k: np.ndarray, v: np.ndarray) -> None:
-        """k, v [1, Tn, Hkv, D] at positions length .. length+Tn-1 of layer l."""
+        """k, v [B, Tn, Hkv, D] into slots length .. length+Tn-1 of layer l."""
         t = k.shape[1]
-        self.k[l][self.length:self.length + t] = k[0]
-        self.v[l][self.length:self.length + t] = v[0]
+        self.k[l][:, self.length:self.length + t] = k
+        self.v[l][:, self.length:self.length + t] = v
 
-    def advance(self, t: int) -> None:
+    def advance(self, t: int, valid: np.ndarray) -> None:
+        """Mark the t slots just stored: valid [B, t] says which hold real tokens."""
+        self.valid[:, self.length:self.length + t] = valid
         self.length += t
 
+    def keep_rows(self, rows: np.ndarray) -> None:
+        """Drop every row not in `rows` (finished generations)."""
+        self.k = [a[rows] for a in self.k]
+        self.v = [a[rows] for a in self.v]
+        self.valid = self.valid[rows]
+
     def attend(self, l: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-        """Store k, v [1, Tn, Hkv, D], then causal attention of q [1, Tn, Hq, D] over all S =
-        length + Tn cached positions; returns [1, Tn, Hq, D]."""
+        """Store k, v [B, Tn, Hkv, D]; then attention of q [B, Tn, Hq, D] over the row's
+        valid slots and, causally, the Tn new ones; returns [B, Tn, Hq, D]."""
         self.store(l, k, v)
-        _, Tn, Hq, D = q.shape
+        B, Tn, Hq, D = q.shape
         Hkv = k.shape[2]
         g = Hq // Hkv
         S = self.length + Tn
-        K, V = self.k[l][:S], self.v[l][:S]
+        K, V = self.k[l][:, :S], self.v[l][:, :S]
         # query head h uses kv head h // g (transformers' repeat_kv); rows ordered (g, t)
-        qg = q[0].reshape(Tn, Hkv, g, D).transpose(1, 2, 0, 3).reshape(Hkv, g * Tn, D)
-        s = qg @ K.transpose(1, 2, 0)                                   # [Hkv, g*Tn, S]
+        qg = q.reshape(B, Tn, Hkv, g, D).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, g * Tn, D)
+        s = qg @ K.transpose(0, 2, 3, 1)                                # [B, Hkv, g*Tn, S]
         s *= np.float32(1.0 / np.sqrt(D))
         t_of_row = np.tile(np.arange(Tn), g)
-        hidden = np.arange(S)[None, :] > (self.length + t_of_row)[:, None]
-        s[:, hidden] = -np.inf
+        seen = np.zeros((B, g * Tn, S), bool)
+        seen[:, :, :self.length] = self.valid[:, None, :self.length]
+        seen[:, :, self.length:] = np.arange(Tn)[None, :] <= t_of_row[:, None]
+        s = np.where(seen[:, None], s, np.float32(-np.inf))
         s -= s.max(axis=-1, keepdims=True)
         np.exp(s, out=s)
         s /= s.sum(axis=-1, keepdims=True)
-        out = s @ V.transpose(1, 0, 2)                                  # [Hkv, g*Tn, D]
-        return np.ascontiguousarray(out.reshape(Hkv, g, Tn, D).transpose(2, 0, 1, 3).reshape(1, Tn, Hq, D))
+        out = s @ V.transpose(0, 2, 1, 3)                               # [B, Hkv, g*Tn, D]
+        return np.ascontiguousarray(out.reshape(B, Hkv, g, Tn, D).transpose(0, 3, 1, 2, 4).reshape(B, Tn, Hq, D))
 
 
 def _sample(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
@@ -73,40 +112,91 @@ def _stop_set(model, stop_ids) -> set:
     return {int(t) for t in stop_ids}
 
 
+def _prompts(prompt_ids, V: int) -> tuple:
+    """(list of prompts as int lists, whether one prompt was given)."""
+    arr = prompt_ids if isinstance(prompt_ids, np.ndarray) else None
+    if arr is None:
+        items = list(prompt_ids)
+        single = not items or not isinstance(items[0], (list, tuple, np.ndarray))
+        prompts = [items] if single else [list(p) for p in items]
+    else:
+        single = arr.ndim == 1
+        prompts = [list(arr)] if single else [list(r) for r in arr]
+    if not prompts:
+        raise ValueError("prompt_ids holds no prompt")
+    out = []
+    for i, p in enumerate(prompts):
+        where = "prompt_ids" if single else f"prompt_ids[{i}]"
+        if not p:
+            raise ValueError(f"{where} is empty; expected at least one token id")
+        for t in p:
+            if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
+                raise ValueError(f"{where} must hold integer token ids, got {t!r}")
+            if not 0 <= int(t) < V:
+                raise ValueError(f"{where} must be in [0, {V}), got {int(t)}")
+        out.append([int(t) for t in p])
+    return out, single
+
+
 def generate(model, prompt_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-             seed=None, stop_ids=None) -> list[int]:
-    """New tokens after prompt_ids (a stop token ends generation and is not returned)."""
-    prompt = [int(t) for t in prompt_ids]
+             seed=None, stop_ids=None, progress=None):
+    """New tokens after each prompt (a stop token ends its row and is not returned).
+
+    prompt_ids: one prompt (a sequence of ids) -> list[int]; several (a list of sequences, or
+    an int array [B, T]) -> one list per prompt, decoded together.  `progress`, if given, is
+    advanced by one per decoding step."""
     V = int(model.config.vocab_size)
-    if not prompt:
-        raise ValueError("prompt_ids is empty; expected at least one token id")
-    if any(t < 0 or t >= V for t in prompt):
-        raise ValueError(f"prompt_ids must be in [0, {V})")
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+    prompts, single = _prompts(prompt_ids, V)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if temperature < 0 or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature!r}, {top_p!r}")
-    stops = _stop_set(model, stop_ids)
-    rng = np.random.default_rng(seed)
+    if not (temperature >= 0 and np.isfinite(temperature)) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"need a finite temperature >= 0 and 0 < top_p <= 1, got {temperature!r}, {top_p!r}")
+    outs: list[list[int]] = [[] for _ in prompts]
+    if max_new_tokens > 0:
+        _decode(model, prompts, int(max_new_tokens), float(temperature), float(top_p),
+                np.random.default_rng(seed), _stop_set(model, stop_ids), outs, progress)
+    return outs[0] if single else outs
+
+
+def _decode(model, prompts, max_new, temperature, top_p, rng, stops, outs, progress) -> None:
     layers = model._layers
-    total = len(prompt) + max_new_tokens
-    layers.ensure_positions(total)
-    cache = KVCache(len(model.state.layers), total, layers.Hkv, layers.D)
-    out: list[int] = []
-    ids = np.asarray(prompt, dtype=np.int64)[None]
-    while len(out) < max_new_tokens:
-        T = ids.shape[1]
-        inp = StepInputs(1, T, np.arange(cache.length, cache.length + T, dtype=np.int64), None)
+    L = len(model.state.layers)
+    lens = np.array([len(p) for p in prompts], np.int64)
+    B, Tp = len(prompts), int(lens.max())
+    cache = KVCache(L, B, Tp + max_new, layers.Hkv, layers.D)   # checks the size first
+    layers.ensure_positions(Tp + max_new)
+    ids = np.zeros((B, Tp), np.int64)
+    for b, p in enumerate(prompts):
+        ids[b, :len(p)] = p
+    positions = np.arange(Tp, dtype=np.int64)
+    last = lens - 1                     # the row position whose logits give the next token
+    active = np.arange(B)               # original index of each row still generating
+    for i in range(max_new):
+        n, T = ids.shape
+        inp = StepInputs(n, T, positions, None)
         x = model._embed(ids)
-        for l in range(len(model.state.layers)):
+        for l in range(L):
             x, _ = layers.forward(l, x, inp, keep=False, cache=cache)
-        cache.advance(T)
-        h, _ = model._final_norm(x[-1:])
+        cache.advance(T, np.arange(T)[None, :] < lens[:, None] if i == 0 else np.ones((n, T), bool))
+        h, _ = model._final_norm(x[np.arange(n) * T + last])
         with model.timer("lm_head"):
-            logits = (h @ model.lm_head_weight.T)[0]
-        tok = _sample(logits, float(temperature), float(top_p), rng)
-        if tok in stops:
-            break
-        out.append(tok)
-        ids = np.array([[tok]], dtype=np.int64)
-    return out
+            logits = h @ model.lm_head_weight.T                 # [n, V]
+        toks = [_sample(logits[r], temperature, top_p, rng) for r in range(n)]
+        going = []
+        for r, tok in enumerate(toks):
+            if tok not in stops:
+                outs[active[r]].append(tok)
+                if len(outs[active[r]]) < max_new:
+                    going.append(r)
+        if progress is not None:
+            progress.update(1)
+        if not going:
+            return
+        if len(going) < n:
+            keep = np.array(going)
+            cache.keep_rows(keep)
+            active, lens = active[keep], lens[keep]
+            toks = [toks[r] for r in going]
+        ids = np.array(toks, np.int64)[:, None]
+        positions = (lens + i)[:, None]                        # [n, 1] per-row RoPE position
+        last = np.zeros(len(toks), np.int64)

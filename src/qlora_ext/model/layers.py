@@ -242,8 +242,8 @@ class DecoderLayers:
 
     def forward(self, l: int, x: np.ndarray, inp: StepInputs, keep: bool, cache=None,
                 prefetch_next: bool = True):
-        """x [N, H] -> (y [N, H], LayerActivations | None).  With a KVCache (generation, B = 1,
-        no backward) the new keys/values are appended and attention covers the cached ones."""
+        """x [N, H] -> (y [N, H], LayerActivations | None).  With a KVCache (generation, no
+        backward) the new keys/values are appended and attention covers the cached ones."""
         tm, k, lw = self.timer, self.k, self.state.layers[l]
         B, T, Hq, Hkv, D = inp.B, inp.T, self.Hq, self.Hkv, self.D
         with tm("norms"):

@@ -113,20 +113,23 @@ def fit(trainer, loader, total_steps: int, micro_size: int, out_dir=None, save_e
     return {"status": status, "step": trainer.step_count, "elapsed": elapsed}
 
 
-def exact_match(model, pairs, max_new_tokens: int | None = None, progress=None) -> tuple:
-    """Greedy generation for each (prompt_ids, expected_text); returns (accuracy, outputs)."""
+def exact_match(model, pairs, max_new_tokens: int | None = None, progress=None, batch_size: int = 32) -> tuple:
+    """Greedy generation for each (prompt_ids, expected_text), `batch_size` prompts decoded
+    together; returns (accuracy, outputs).  `progress` advances by one per finished prompt."""
     tok = model.tokenizer
     eos = tok.eos_token_id
     stop = list(eos) if isinstance(eos, (list, tuple)) else [eos]
     hits, outputs = 0, []
-    for prompt_ids, expected in pairs:
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
         # An exact answer ends (stop token) right after its own tokens: a little slack for
         # another tokenization of the same text, no more (generation is the slow part).
-        n = max_new_tokens or len(tok.encode(expected)) + 2
-        out = model.generate(prompt_ids, max_new_tokens=n, temperature=0.0, stop_ids=stop)
-        text = tok.decode(out, skip_special_tokens=True).strip()
-        outputs.append(text)
-        hits += text == expected.strip()
+        limits = [max_new_tokens or len(tok.encode(expected)) + 2 for _, expected in chunk]
+        outs = model.generate([p for p, _ in chunk], max_new_tokens=max(limits), temperature=0.0, stop_ids=stop)
+        for (_, expected), out, n in zip(chunk, outs, limits):
+            text = tok.decode(out[:n], skip_special_tokens=True).strip()
+            outputs.append(text)
+            hits += text == expected.strip()
         if progress is not None:
-            progress.update(1)
+            progress.update(len(chunk))
     return (hits / len(pairs) if pairs else float("nan")), outputs
