@@ -91,7 +91,7 @@ def job_allreduce(layers: int, reps: int) -> dict:
 
 
 def job_train(model_path: str, rows: int, seq: int, steps: int, threads: int, device: str = "cpu") -> dict:
-    from qlora_ext.model.api import load_model
+    from qlora_ext.api import load_model
     from qlora_ext.model.lora import LoraConfig
     from qlora_ext.train.data import make_batch
     from qlora_ext.train.distributed import get_comm

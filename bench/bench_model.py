@@ -53,7 +53,7 @@ def qwen3_0p6b_state(seed=0):
 
 def _model(which, gc):
     import qlora_ext as qx
-    from qlora_ext.model.model import Model
+    from qlora_ext.engine.model import Model
 
     lora = qx.LoraConfig(r=16, alpha=32)
     if which == "smollm2-135m":

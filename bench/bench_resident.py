@@ -1,7 +1,7 @@
 """GPU-resident kernels: causal GQA flash attention forward + backward and the LM head with
 chunked cross-entropy (forward + backward), each against PyTorch on the same machine in the
 same run (SDPA / F.cross_entropy; on CUDA when torch sees a GPU, else on the CPU cores).
-Also the whole resident training step (ResidentEngine.train_step) against the CPU Model's
+Also the whole training step of the gpu placement (GpuModel + Trainer) against the CPU Model's
 step (loss_and_grads + AdamW) on the same model.
 Rates: TFLOP/s (attention: FlashAttention's count, causal = half of 4*B*H*T^2*D per matmul
 pair, backward = 2.5x forward) and tokens/s (LM head, train step).
@@ -181,7 +181,7 @@ def step_model(tmp_path_factory):
         sys.path.insert(0, tests_dir)
     from model_factory import make_tiny_checkpoint
 
-    from qlora_ext.model.api import load_model
+    from qlora_ext.api import load_model
     from qlora_ext.model.lora import LoraConfig
 
     path = make_tiny_checkpoint(tmp_path_factory.mktemp("resident_step"), model_type="qwen3",
@@ -194,16 +194,18 @@ def step_model(tmp_path_factory):
 
 @pytest.mark.benchmark(group="resident-train-step")
 def test_train_step_resident_gpu(benchmark, ctx, step_model):
-    from qlora_ext.gpu.resident.engine import ResidentEngine
+    from qlora_ext.train.trainer import TrainConfig, Trainer
+    from gpu_resident_support import gpu_twin
 
     model, ids = step_model
-    engine = ResidentEngine(model, ctx=ctx)
-    loss = engine.train_step(ids, ids)
+    gpu = gpu_twin(model, ctx)
+    trainer = Trainer(gpu, TrainConfig(lr=2e-4))
+    loss = trainer.step(ids, ids)
     assert np.isfinite(loss)
-    benchmark.pedantic(lambda: engine.train_step(ids, ids), rounds=3, warmup_rounds=1)
+    benchmark.pedantic(lambda: trainer.step(ids, ids), rounds=3, warmup_rounds=1)
     _rate(benchmark, tokens_per_s=ids.size)
     benchmark.extra_info.update(adapter=ctx.adapter.info.get("device", ""),
-                                gpu_bytes=engine.memory_report(*ids.shape), **S)
+                                gpu_bytes=gpu.memory_report(ids.shape), **S)
 
 
 @pytest.mark.benchmark(group="resident-train-step")

@@ -3,7 +3,7 @@
 
     python bench/gpu_train_throughput.py --shape qwen3-0.6b --batch 4 --seq 1024 --json out.json
 
-Modes: "resident" (the whole step on the GPU: qlora_ext.gpu.resident.ResidentModel + Trainer),
+Modes: "resident" (the whole step on the GPU: qlora_ext.engine.gpu_model.GpuModel + Trainer),
 "split-stream" / "split-resident" (attention on the CPU kernels, FFN on the wgpu backend,
 FFN weights streamed per layer or resident), "hf-bf16" / "hf-fp32" (PEFT LoRA over a
 bitsandbytes NF4 base with that compute dtype; plain fp32/bf16 linears when bitsandbytes
@@ -109,10 +109,9 @@ def run_qlora_ext(mode, state, batch, seq, steps, checkpointing, profile=False):
         if mode == "resident":
             # What load_model(mode="resident") builds, driven by the Trainer as `qlora-ext
             # train` does (clipping at 1.0: one squared-norm readback per update).
-            from qlora_ext.gpu.resident.model import ResidentModel
+            from qlora_ext.engine.gpu_model import GpuModel
 
-            model = ResidentModel(state, lora, gradient_checkpointing=checkpointing)
-            engine = model.engine
+            model = GpuModel(state, lora, gradient_checkpointing=checkpointing)
             trainer = qx.Trainer(model, qx.TrainConfig(lr=2e-4))
             step = lambda: trainer.step(ids, ids)  # noqa: E731
         else:
@@ -141,7 +140,8 @@ def run_qlora_ext(mode, state, batch, seq, steps, checkpointing, profile=False):
             result["profile"] = PROFILER.summary()
         result.update(step_s=float(np.median(times)), steps=len(times), loss_first=float(loss0), loss_last=float(loss))
     if mode == "resident":
-        result["engine_memory_gib"] = {k: v / 2**30 for k, v in engine.memory_report(batch, seq).items()}
+        result["engine_memory_gib"] = {k: v / 2**30 for k, v in model.memory_report((batch, seq)).items()
+                                       if k.startswith("gpu_")}
     result["tokens_per_s"] = batch * seq / result["step_s"]
     result["peak_gpu_gib"] = mem.peak_gib
     return result

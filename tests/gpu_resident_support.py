@@ -27,3 +27,24 @@ def rel_err(got, ref, scale=None) -> float:
         scale = float(np.abs(ref).max())
     scale = max(float(scale), 1e-30)
     return float(np.abs(got - ref).max()) / scale
+
+
+def gpu_twin(model, ctx, **kw):
+    """A GpuModel on the CPU `model`'s base and LoRA config, holding its current weights and
+    step (kw: gradient_checkpointing, weights, gemm)."""
+    from qlora_ext.engine.gpu_model import GpuModel
+
+    gpu = GpuModel(model.state, model.lora_config, ctx=ctx, train_lm_head=model.train_lm_head, seed=model.seed,
+                   **kw)
+    gpu.set_parameters(model.parameters())
+    gpu.step = model.step
+    return gpu
+
+
+def gpu_train_step(gpu, ids, labels) -> float:
+    """Forward, backward and AdamW of the mean loss without clipping, through the Trainer's
+    device path; returns the mean loss."""
+    loss_sum = gpu.accumulate_grads(ids, labels)
+    n = gpu.count_tokens(labels)
+    gpu.apply_update(gpu.optimizer.lr, 1.0 / n, 1.0)
+    return loss_sum / n

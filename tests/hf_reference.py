@@ -162,7 +162,7 @@ def rel_to_max(a, b):
 def check_parity(model, pm, ids, labels, mask, grad_tol=1e-3):
     """The acceptance bounds against HF + PEFT (`pm`, torch autograd): logits 1e-4 of the
     largest logit on real tokens, loss 1e-5 (also through model.loss), every LoRA grad 1e-3 of
-    its largest entry.  `model` is a Model or a ResidentEngine (same methods)."""
+    its largest entry.  `model` is any placement's Model."""
     loss_ref, g_ref, logits_ref = peft_grads(pm, ids, labels, mask)
     logits = model.forward(ids, mask)
     real = mask.astype(bool)

@@ -10,7 +10,8 @@ import pytest
 
 import qlora_ext as qx
 from qlora_ext.backend import FfnLora
-from qlora_ext.cpu.ffn import CpuFfnBackend, apply_dropout, dropout_key, dropout_threshold
+from qlora_ext.cpu.ffn import CpuFfnBackend
+from qlora_ext.model.dropout import apply_dropout, dropout_key, dropout_threshold
 from qlora_ext.model.lora import LoraPair
 
 FFN = ("gate_proj", "up_proj", "down_proj")

@@ -460,7 +460,7 @@ def test_llama3_rope_freqs_tensor_becomes_rope_scaling(tmp_path):
     no scaling metadata: the loaded config gets the HF rope_scaling back, and the model gives
     the logits of the HF checkpoint it came from."""
     from qlora_ext.cpu.kernels import rope_inv_freq
-    from qlora_ext.model.api import load_model
+    from qlora_ext.api import load_model
     from qlora_ext.model.lora import LoraConfig
 
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

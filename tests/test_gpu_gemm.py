@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import qlora_ext as qx
-from qlora_ext.cpu.ffn import apply_dropout, dropout_keep_scale, dropout_threshold
+from qlora_ext.model.dropout import apply_dropout, dropout_keep_scale, dropout_threshold
 
 pytestmark = pytest.mark.gpu
 

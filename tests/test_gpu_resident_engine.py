@@ -1,10 +1,10 @@
-"""The GPU-resident step engine against the CPU Model on tiny checkpoints: loss and every
+"""The GPU placement (GpuModel) against the CPU Model on tiny checkpoints: loss and every
 LoRA gradient (qwen3 with q/k norm and NF4; llama with tied embeddings and fp32 weights;
 padding; gradient checkpointing), and a few AdamW steps against the CPU trainer's AdamW."""
 import numpy as np
 import pytest
 
-from gpu_resident_support import rel_err, resident_context
+from gpu_resident_support import gpu_train_step, gpu_twin, rel_err, resident_context
 
 pytestmark = pytest.mark.gpu
 
@@ -16,7 +16,7 @@ def ctx():
 
 def _model(tmp_path, model_type, quantize, r=4, train_lm_head=False):
     from model_factory import make_tiny_checkpoint
-    from qlora_ext.model.api import load_model
+    from qlora_ext.api import load_model
     from qlora_ext.model.lora import LoraConfig
 
     path = make_tiny_checkpoint(tmp_path / model_type, model_type=model_type, seed=3)
@@ -55,10 +55,9 @@ def _compare(model, engine, ids, labels, mask=None, tol=2e-5):
 def test_engine_matches_cpu_model(ctx, tmp_path, model_type, quantize, train_head, gemm):
     """qwen3: q/k norm; llama: tied embeddings (untied when the head trains); qwen2: biases;
     both GEMM paths (the FFN backend's fused NF4 GEMM, and dequant + resident_gemm)."""
-    from qlora_ext.gpu.resident.engine import ResidentEngine
 
     model = _model(tmp_path, model_type, quantize, train_lm_head=train_head)
-    engine = ResidentEngine(model, ctx=ctx, gemm=gemm)
+    engine = gpu_twin(model, ctx, gemm=gemm)
     ids, labels = _batch(model.config.vocab_size)
     _compare(model, engine, ids, labels)
 
@@ -66,10 +65,9 @@ def test_engine_matches_cpu_model(ctx, tmp_path, model_type, quantize, train_hea
 @pytest.mark.parametrize("weights", ["resident", "stream"])
 def test_engine_padding_and_checkpointing(ctx, tmp_path, weights):
     """Also: the base streamed layer by layer instead of resident gives the same results."""
-    from qlora_ext.gpu.resident.engine import ResidentEngine
 
     model = _model(tmp_path, "qwen3", "nf4")
-    engine = ResidentEngine(model, ctx=ctx, gradient_checkpointing=True, weights=weights)
+    engine = gpu_twin(model, ctx, gradient_checkpointing=True, weights=weights)
     ids, labels = _batch(model.config.vocab_size, B=2, T=11, seed=4)
     mask = np.ones_like(ids)
     mask[1, :3] = 0      # left padding
@@ -78,20 +76,20 @@ def test_engine_padding_and_checkpointing(ctx, tmp_path, weights):
     if weights == "stream":
         # Forward loads layers 0, 1; backward recomputes + differentiates layer 1 (still
         # loaded), then layer 0 (loaded again): 3 layer loads of 7 projections.
-        per_layer = sum(arr.nbytes for proj in engine.streamed.host[0].values() for arr in proj.values())
-        assert engine.streamed.bytes_streamed == 3 * per_layer
+        per_layer = sum(arr.nbytes for proj in engine.device.streamed.host[0].values() for arr in proj.values())
+        assert engine.device.streamed.bytes_streamed == 3 * per_layer
 
 
 def test_engine_train_steps_match_cpu_adamw(ctx, tmp_path):
-    from qlora_ext.gpu.resident.engine import ResidentEngine
     from qlora_ext.train.optim import AdamW
 
     model = _model(tmp_path, "llama", None)
-    engine = ResidentEngine(model, ctx=ctx, lr=1e-2, weight_decay=0.01)
+    engine = gpu_twin(model, ctx)
+    engine.configure_optimizer(lr=1e-2, weight_decay=0.01)
     opt = AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
     ids, labels = _batch(model.config.vocab_size, B=1, T=9, seed=5)
     for _ in range(3):
-        loss_gpu = engine.train_step(ids, labels)
+        loss_gpu = gpu_train_step(engine, ids, labels)
         loss_cpu, grads = model.loss_and_grads(ids, labels)
         opt.step(grads)
         assert abs(loss_gpu - loss_cpu) <= 1e-4 * abs(loss_cpu)
@@ -104,25 +102,25 @@ def test_engine_train_steps_match_cpu_adamw(ctx, tmp_path):
     for k in cpu_state:
         if k != "step":
             assert rel_err(gpu_state[k], cpu_state[k]) <= 1e-4, k
-    resumed = ResidentEngine(model, ctx=ctx, lr=1e-2, weight_decay=0.01)
+    resumed = gpu_twin(model, ctx)
+    resumed.configure_optimizer(lr=1e-2, weight_decay=0.01)
     resumed.set_parameters(got)
     resumed.load_optimizer_state(gpu_state)
-    assert resumed.train_step(ids, labels) == engine.train_step(ids, labels)
-    np.testing.assert_array_equal(resumed.ctx.to_numpy(resumed.params), engine.ctx.to_numpy(engine.params))
+    assert gpu_train_step(resumed, ids, labels) == gpu_train_step(engine, ids, labels)
+    np.testing.assert_array_equal(resumed.ctx.to_numpy(resumed.device.values), engine.ctx.to_numpy(engine.device.values))
     with pytest.raises(ValueError, match="exp_avg"):
         resumed.load_optimizer_state({"step": 1})
 
 
 def test_engine_memory_report(ctx, tmp_path):
-    from qlora_ext.gpu.resident.engine import ResidentEngine
 
     model = _model(tmp_path, "qwen3", "nf4")
-    full = ResidentEngine(model, ctx=ctx).memory_report(2, 16)
-    ckpt = ResidentEngine(model, ctx=ctx, gradient_checkpointing=True).memory_report(2, 16)
+    full = gpu_twin(model, ctx).memory_report((2, 16))
+    ckpt = gpu_twin(model, ctx, gradient_checkpointing=True).memory_report((2, 16))
     # NF4 codes are half a byte per weight: the resident part is far below fp32 weights.
     fp32_weights = sum(4 * np.prod(lw.shape(p)) for lw in model.state.layers for p in lw.proj)
-    assert 0 < full["resident"] < fp32_weights
-    assert ckpt["activations"] < full["activations"]
+    assert 0 < full["gpu_resident_bytes"] < fp32_weights
+    assert ckpt["gpu_activation_bytes"] < full["gpu_activation_bytes"]
 
 
 @pytest.mark.parametrize("gemm,checkpointing", [("fused", False), ("dequant", False), ("fused", True)])
@@ -130,20 +128,18 @@ def test_engine_dropout_drops_what_the_cpu_model_drops(ctx, tmp_path, gemm, chec
     """LoRA dropout 0.3 on all 7 projections: the CPU model and the engine draw the same
     counter-hash masks for the same model step, so loss and every gradient agree as without
     dropout; a different step gives other masks (a different loss)."""
-    from qlora_ext.gpu.resident.engine import ResidentEngine
 
     model = _model(tmp_path, "qwen3", "nf4")
     model.lora_config.dropout = model.lora.config.dropout = 0.3
     model.gradient_checkpointing = checkpointing
-    engine = ResidentEngine(model, ctx=ctx, gemm=gemm, gradient_checkpointing=checkpointing)
+    engine = gpu_twin(model, ctx, gemm=gemm, gradient_checkpointing=checkpointing)
     ids, labels = _batch(model.config.vocab_size)
-    model.step = 4
+    model.step = engine.step = 4
     loss_ref, grads_ref = model.loss_and_grads(ids, labels)   # step 4's masks; step -> 5
-    model.step = 4
     loss, grads = engine.loss_and_grads(ids, labels)
     assert abs(loss - loss_ref) <= 2e-5 * abs(loss_ref)
     assert max(rel_err(grads[n], grads_ref[n]) for n in grads_ref) <= 2e-5
-    model.step = 9
+    engine.step = 9
     assert abs(engine.loss_and_grads(ids, labels)[0] - loss) > 1e-4 * abs(loss)
     # eval sees no dropout
     assert abs(engine.loss(ids, labels) - model.loss(ids, labels)) <= 2e-5 * abs(loss)
@@ -164,19 +160,18 @@ def test_nf4_dequant_bit_equal_to_cpu(ctx, shape, blocksize, double_quant):
 
 
 def _timed_step(ctx, model, ids, labels):
-    """One train_step on its own device (timing stays off for the other tests) with every
+    """One training step on its own device (timing stays off for the other tests) with every
     kernel timed into a fresh Profiler: (kernel_times(), profiler)."""
     from qlora_ext.gpu.resident.context import GpuContext
-    from qlora_ext.gpu.resident.engine import ResidentEngine
     from qlora_ext.profile import Profiler
 
     tctx = GpuContext(ctx.adapter)
-    engine = ResidentEngine(model, ctx=tctx)
+    engine = gpu_twin(model, tctx)
     prof = Profiler()
     tctx.enable_timing(profiler=prof)
     prof.start()
     with prof.step():
-        engine.train_step(ids, labels)
+        gpu_train_step(engine, ids, labels)
         times = tctx.kernel_times()
     prof.stop()
     return times, prof
@@ -185,7 +180,6 @@ def _timed_step(ctx, model, ids, labels):
 def test_engine_kernel_times_in_profiler(ctx, tmp_path):
     """Per-kernel GPU times from timestamp queries reach the profiler's phase table."""
     from qlora_ext.gpu.resident.context import GpuContext
-    from qlora_ext.gpu.resident.engine import ResidentEngine
 
     if not ctx.has_timestamps:
         pytest.skip("adapter without timestamp-query")
@@ -195,11 +189,11 @@ def test_engine_kernel_times_in_profiler(ctx, tmp_path):
     # With the global profiler on, the engine times its kernels by itself.
     from qlora_ext.profile import PROFILER
 
-    auto = ResidentEngine(model, ctx=GpuContext(ctx.adapter))
+    auto = gpu_twin(model, GpuContext(ctx.adapter))
     PROFILER.start()
     try:
         with PROFILER.step():
-            auto.train_step(ids, labels)
+            gpu_train_step(auto, ids, labels)
     finally:
         PROFILER.stop()
     assert "attention_bwd.dq" in PROFILER.table() and any(sp.device == "gpu" for sp in PROFILER.spans)

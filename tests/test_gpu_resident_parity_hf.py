@@ -6,7 +6,7 @@ from functools import partial
 
 import pytest
 
-from gpu_resident_support import resident_context
+from gpu_resident_support import gpu_twin, resident_context
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -16,9 +16,9 @@ from hf_reference import (batch_with_padding, check_parity as _check, hf_from_ch
                           peft_twin, randomize_lora, state_from_hf, tiny_hf_model)
 from model_factory import make_tiny_checkpoint  # noqa: E402
 
-from qlora_ext.model.api import load_model  # noqa: E402
+from qlora_ext.api import load_model  # noqa: E402
 from qlora_ext.model.lora import LoraConfig  # noqa: E402
-from qlora_ext.model.model import Model  # noqa: E402
+from qlora_ext.engine.model import Model  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 V = 97
@@ -33,32 +33,29 @@ def ctx():
 @pytest.mark.parametrize("quantize", [None, "nf4"])
 @pytest.mark.parametrize("model_type", ["qwen3", "qwen2", "llama"])
 def test_resident_parity_logits_loss_grads(ctx, tmp_path, model_type, quantize):
-    from qlora_ext.gpu.resident.engine import ResidentEngine
 
     path = make_tiny_checkpoint(tmp_path / "ckpt", model_type=model_type, seed=3, vocab_size=V)
     model = load_model(path, lora=LoraConfig(r=4, alpha=8), quantize=quantize, device="cpu")
     randomize_lora(model, seed=1)
     pm = peft_twin(hf_from_checkpoint(path, model.state), model)
-    _check(ResidentEngine(model, ctx=ctx), pm, *_batch(0))
+    _check(gpu_twin(model, ctx), pm, *_batch(0))
 
 
 def test_resident_parity_left_padding_double_quant_rslora(ctx):
-    from qlora_ext.gpu.resident.engine import ResidentEngine
 
     hf = tiny_hf_model("qwen3", seed=4)
     model = Model(state_from_hf(hf, quantize="nf4", double_quant=True), LoraConfig(r=3, alpha=5, use_rslora=True))
     randomize_lora(model, seed=2)
-    _check(ResidentEngine(model, ctx=ctx, weights="stream"), peft_twin(hf, model), *_batch(1, pad_right=False))
+    _check(gpu_twin(model, ctx, weights="stream"), peft_twin(hf, model), *_batch(1, pad_right=False))
 
 
 def test_resident_parity_subset_targets_checkpointing_lm_head(ctx):
-    from qlora_ext.gpu.resident.engine import ResidentEngine
 
     hf = tiny_hf_model("llama", seed=5, tie=True)
     model = Model(state_from_hf(hf), LoraConfig(r=2, alpha=4, target_modules=("q", "v", "down")),
                   train_lm_head=True)
     randomize_lora(model, seed=3, scale=0.05)
-    _check(ResidentEngine(model, ctx=ctx, gradient_checkpointing=True), peft_twin(hf, model), *_batch(2))
+    _check(gpu_twin(model, ctx, gradient_checkpointing=True), peft_twin(hf, model), *_batch(2))
 
 
 def test_resident_placement_from_load_model_parity(ctx, tmp_path):
@@ -74,10 +71,9 @@ def test_resident_placement_from_load_model_parity(ctx, tmp_path):
 @pytest.mark.parametrize("quantize", [None, "nf4"])
 def test_resident_parity_llama_attention_bias(ctx, tmp_path, quantize):
     """Llama with attention_bias=True: HF puts a frozen bias on q, k, v and o."""
-    from qlora_ext.gpu.resident.engine import ResidentEngine
 
     path = make_tiny_checkpoint(tmp_path / "ckpt", model_type="llama", seed=11, vocab_size=V, attention_bias=True)
     model = load_model(path, lora=LoraConfig(r=2, alpha=4), quantize=quantize, device="cpu")
     assert "o_proj" in model.state.layers[0].bias
     randomize_lora(model, seed=6)
-    _check(ResidentEngine(model, ctx=ctx), peft_twin(hf_from_checkpoint(path, model.state), model), *_batch(2))
+    _check(gpu_twin(model, ctx), peft_twin(hf_from_checkpoint(path, model.state), model), *_batch(2))

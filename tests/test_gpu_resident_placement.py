@@ -29,7 +29,7 @@ def ckpt(tmp_path_factory):
 
 
 def _load(path, mode, device="gpu", **kw):
-    from qlora_ext.model.api import load_model
+    from qlora_ext.api import load_model
     from qlora_ext.model.lora import LoraConfig
 
     kw.setdefault("lora", LoraConfig(r=4, alpha=8))
@@ -49,12 +49,12 @@ def _batches(V, n, B=2, T=11, seed=0):
 
 # ---- the choice -------------------------------------------------------------------------------
 def test_resident_when_asked(ctx, ckpt):
-    from qlora_ext.gpu.resident.model import ResidentModel
+    from qlora_ext.engine.gpu_model import GpuModel
 
     m = _load(ckpt["qwen3"], "resident")
-    assert isinstance(m, ResidentModel) and m.placement == "resident" and "asked" in m.placement_reason
+    assert isinstance(m, GpuModel) and m.placement == "resident" and "asked" in m.placement_reason
     s = _load(ckpt["qwen3"], "split", device="cpu")
-    assert s.placement == "cpu" and not isinstance(s, ResidentModel)
+    assert s.placement == "cpu" and not isinstance(s, GpuModel)
 
 
 def test_auto_takes_resident_only_with_the_memory(ctx, ckpt, monkeypatch):
@@ -65,7 +65,7 @@ def test_auto_takes_resident_only_with_the_memory(ctx, ckpt, monkeypatch):
     m = _load(ckpt["qwen3"], "auto", batch_shape=(2, 16))
     assert m.placement == "split" and "needs about" in m.placement_reason
     # between the two estimates: resident with the NF4 base streamed per layer
-    from qlora_ext.gpu.resident.memory import estimate_bytes
+    from qlora_ext.engine.gpu_memory import estimate_bytes
     from qlora_ext.placement import MARGIN_BYTES, MARGIN_FRACTION
 
     need = {w: estimate_bytes(ctx, m.state, m.lora_config, 2, 16, weights=w) for w in ("resident", "stream")}
@@ -73,7 +73,7 @@ def test_auto_takes_resident_only_with_the_memory(ctx, ckpt, monkeypatch):
     free = (need["stream"] + need["resident"]) / 2 * (1 + MARGIN_FRACTION) + MARGIN_BYTES
     monkeypatch.setenv("QLORA_EXT_GPU_MEMORY_GIB", str(free / 2**30))
     m = _load(ckpt["qwen3"], "auto", batch_shape=(2, 16))
-    assert m.placement == "resident" and m.engine.streamed is not None and "per layer" in m.placement_reason
+    assert m.placement == "resident" and m.device.streamed is not None and "per layer" in m.placement_reason
     monkeypatch.delenv("QLORA_EXT_GPU_MEMORY_GIB")
     if "nvidia" not in str(ctx.info["name"]).lower():
         m = _load(ckpt["qwen3"], "auto")   # lavapipe: wgpu reports no memory size
@@ -94,15 +94,20 @@ def test_auto_on_cpu_and_refusals(ctx, ckpt, monkeypatch):
 
 @pytest.mark.parametrize("model_type,checkpointing,head,weights", [
     ("qwen3", False, False, "resident"), ("qwen3", True, True, "resident"), ("llama", False, False, "stream")])
-def test_memory_estimate_is_what_the_engine_allocates(ctx, ckpt, model_type, checkpointing, head, weights):
-    from qlora_ext.gpu.resident.engine import ResidentEngine
-    from qlora_ext.gpu.resident.memory import activation_bytes, resident_bytes
+def test_memory_estimate_is_what_the_device_allocates(ctx, ckpt, model_type, checkpointing, head, weights):
+    from qlora_ext.engine.gpu_memory import buffer_bytes, estimate_bytes
+    from qlora_ext.engine.gpu_model import GpuModel
 
     model = _load(ckpt[model_type], "split", device="cpu", quantize="nf4", train_lm_head=head)
-    engine = ResidentEngine(model, ctx=ctx, gradient_checkpointing=checkpointing, weights=weights)
-    rep = engine.memory_report(3, 17)
-    assert resident_bytes(model.state, model.lora_config, head, weights) == rep["resident"]
-    assert activation_bytes(ctx, model.state, model.lora_config, 3, 17, checkpointing) == rep["activations"]
+    before = ctx.allocated_bytes
+    gpu = GpuModel(model.state, model.lora_config, ctx=ctx, gradient_checkpointing=checkpointing,
+                   train_lm_head=head, weights=weights)
+    gpu.memory_report((3, 17))
+    used = ctx.allocated_bytes - before
+    cfg = model.config
+    Hq, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    partials = 2 * buffer_bytes(4 * 3 * 17 * Hq * D) if Hq != Hkv else 0   # first GQA backward
+    assert estimate_bytes(ctx, model.state, model.lora_config, 3, 17, checkpointing, head, weights) == used + partials
 
 
 # ---- training through the Trainer ---------------------------------------------------------------
@@ -207,7 +212,7 @@ def test_cli_train_resident_and_resume(ctx, ckpt, tmp_path):
 def test_adapters_save_and_load_across_placements(ctx, ckpt, tmp_path):
     """An adapter trained in the resident placement saves in PEFT format (the GPU's weights,
     not the stale host copy) and loads into a split model with the same forward; loading one
-    of another rank rebuilds the engine."""
+    of another rank rebuilds the device."""
     from qlora_ext.model.lora import LoraConfig
     from qlora_ext.train.trainer import TrainConfig, Trainer
 
@@ -224,7 +229,7 @@ def test_adapters_save_and_load_across_placements(ctx, ckpt, tmp_path):
     other = _load(ckpt["qwen3"], "split", device="cpu", lora=LoraConfig(r=2, alpha=2))
     other.save_adapter(tmp_path / "r2")
     gpu.load_adapter(tmp_path / "r2")
-    assert gpu.engine.names == list(other.parameters())   # rebuilt for rank 2
+    assert list(gpu.parameters()) == list(other.parameters())   # rebuilt for rank 2
     other.set_parameters({k: v + 0.01 for k, v in other.parameters().items()})
     gpu.set_parameters(other.parameters())
     assert rel_err(gpu.forward(ids), other.forward(ids)) <= 1e-5

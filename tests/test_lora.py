@@ -65,7 +65,7 @@ def test_adapter_interop_with_peft(tmp_path):
     peft = pytest.importorskip("peft")
     from hf_reference import randomize_lora, state_from_hf, tiny_hf_model
 
-    from qlora_ext.model.model import Model
+    from qlora_ext.engine.model import Model
 
     hf = tiny_hf_model("qwen3", seed=8)
     model = Model(state_from_hf(hf), LoraConfig(r=4, alpha=16, target_modules=("q", "k", "gate", "down")))
@@ -102,7 +102,7 @@ def test_adapter_interop_with_peft(tmp_path):
 def test_model_load_adapter_keeps_live_arrays(tmp_path):
     from model_factory import make_tiny_checkpoint
 
-    from qlora_ext.model.api import load_model
+    from qlora_ext.api import load_model
 
     path = make_tiny_checkpoint(tmp_path / "ck", model_type="llama", seed=1)
     m = load_model(path, lora=LoraConfig(r=2, alpha=4), device="cpu", train_lm_head=True)

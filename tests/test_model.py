@@ -7,9 +7,9 @@ from model_factory import make_tiny_checkpoint
 
 from qlora_ext.model import loss as loss_mod
 from qlora_ext.model import reference_kernels
-from qlora_ext.model.api import load_model
+from qlora_ext.api import load_model
 from qlora_ext.model.lora import LoraConfig
-from qlora_ext.model.model import Model
+from qlora_ext.engine.model import Model
 
 V = 101
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from model_factory import make_tiny_checkpoint
 
-from qlora_ext.model.api import load_model
+from qlora_ext.api import load_model
 from qlora_ext.model.lora import LoraConfig
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from model_factory import make_tiny_checkpoint
 
-from qlora_ext.model.api import load_model
+from qlora_ext.api import load_model
 from qlora_ext.model.lora import LoraConfig
 from qlora_ext.profile import PROFILER
 

@@ -16,10 +16,10 @@ from hf_reference import (batch_with_padding, check_parity as _check, hf_from_ch
                           tiny_hf_model)
 from model_factory import make_tiny_checkpoint  # noqa: E402
 
-from qlora_ext.model.api import load_model  # noqa: E402
+from qlora_ext.api import load_model  # noqa: E402
 
 from qlora_ext.model.lora import LoraConfig  # noqa: E402
-from qlora_ext.model.model import Model  # noqa: E402
+from qlora_ext.engine.model import Model  # noqa: E402
 
 V = 97
 _batch = partial(batch_with_padding, vocab=V)

@@ -16,8 +16,8 @@ __version__ = "0.1.0"
 # The heavier parts load on first use, so `import qlora_ext` stays quick (no wgpu, no
 # tokenizers) for code that only quantizes.
 _LAZY = {
-    "load_model": "qlora_ext.model.api",
-    "Model": "qlora_ext.model.model",
+    "load_model": "qlora_ext.api",
+    "Model": "qlora_ext.engine.model",
     "LoraConfig": "qlora_ext.model.lora",
     "ModelConfig": "qlora_ext.model.config",
     "load_state": "qlora_ext.model.loading",

@@ -38,7 +38,7 @@ def load_model(path, lora=None, device="auto", quantize="nf4", threads=None, see
                gradient_checkpointing=False, progress=None, mode="split", batch_shape=None):
     """The one place the CLI builds a model (tests replace it with a stand-in).  eval and
     generate keep the split placement (generation runs on the CPU decoder either way)."""
-    from .model.api import load_model as _load
+    from .api import load_model as _load
 
     return _load(path, lora=lora, quantize=None if quantize == "none" else quantize, device=device,
                  gradient_checkpointing=gradient_checkpointing, threads=threads, progress=progress, seed=seed,
@@ -199,7 +199,7 @@ def cmd_train(args) -> int:
 
     old = signal.signal(signal.SIGINT, on_sigint)
     if (args.trace or args.plot) and trainer.is_writer:
-        PROFILER.start(model=str(args.model), backend=getattr(model.backend, "name", "?"))
+        PROFILER.start(model=str(args.model), placement=model.placement)
     try:
         with _progress(total, "train", args) as bar:
             bar.update(trainer.step_count)

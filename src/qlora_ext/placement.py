@@ -82,8 +82,8 @@ def choose(mode: str, device: str, state, lora_config, batch_shape=None, gradien
             raise OSError("mode='resident': no GPU adapter" + (" (software adapters such as lavapipe are "
                           "used only with device='gpu')" if device == "auto" else ""))
         return "split", None, "no GPU adapter", None
+    from .engine.gpu_memory import estimate_bytes
     from .gpu.resident.context import unavailable_reason
-    from .gpu.resident.memory import estimate_bytes
 
     blocker = unavailable_reason()   # wgpu too old for the resident kernels
     if blocker:

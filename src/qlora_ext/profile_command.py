@@ -52,7 +52,7 @@ def cmd_profile(args) -> int:
     step = lambda: trainer.step(ids, ids)  # noqa: E731
     step()  # warm-up: buffers, pipelines, BLAS threads
     info = adapter_info() if device != "cpu" else None
-    PROFILER.start(model=str(args.model), mode=model.placement, backend=getattr(model.backend, "name", "?"),
+    PROFILER.start(model=str(args.model), mode=model.placement,
                    adapter=(info or {}).get("name", "none (CPU backend)"),
                    tokens_per_step=args.batch_size * args.seq_len)
     t0 = time.perf_counter()

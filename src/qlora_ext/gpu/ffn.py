@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backend import FfnBackend, FfnGrads, FfnLora
-from ..cpu.ffn import (FFN_PROJ, check_ffn_input, check_ffn_weights, check_lora, dropout_keep_scale,
-                       dropout_key, dropout_threshold)
+from ..cpu.ffn import FFN_PROJ, check_ffn_input, check_ffn_weights, check_lora
+from ..model.dropout import dropout_keep_scale, dropout_key, dropout_threshold
 from ..nf4 import NF4Tensor, dequantize_nf4
 from . import kernels as K
 from .context import GpuContext, read_staging, write_staging

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .layers import StepInputs
-
 # The cache may take at most this share of the memory the OS reports as available.
 CACHE_MEMORY_SHARE = 0.5
 
@@ -159,12 +157,12 @@ def generate(model, prompt_ids, max_new_tokens: int = 64, temperature: float = 0
 
 
 def _decode(model, prompts, max_new, temperature, top_p, rng, stops, outs, progress) -> None:
-    layers = model._layers
-    L = len(model.state.layers)
+    """model.decode_step(ids [n, T], positions [T] or [n, T], cache, last [n]) -> logits [n, V]
+    of row r at position last[r]: the one thing each model provides."""
     lens = np.array([len(p) for p in prompts], np.int64)
     B, Tp = len(prompts), int(lens.max())
-    cache = KVCache(L, B, Tp + max_new, layers.Hkv, layers.D)   # checks the size first
-    layers.ensure_positions(Tp + max_new)
+    cfg = model.config
+    cache = KVCache(len(model.state.layers), B, Tp + max_new, int(cfg.num_key_value_heads), int(cfg.head_dim))
     ids = np.zeros((B, Tp), np.int64)
     for b, p in enumerate(prompts):
         ids[b, :len(p)] = p
@@ -173,14 +171,8 @@ def _decode(model, prompts, max_new, temperature, top_p, rng, stops, outs, progr
     active = np.arange(B)               # original index of each row still generating
     for i in range(max_new):
         n, T = ids.shape
-        inp = StepInputs(n, T, positions, None)
-        x = model._embed(ids)
-        for l in range(L):
-            x, _ = layers.forward(l, x, inp, keep=False, cache=cache)
+        logits = model.decode_step(ids, positions, cache, last)           # [n, V]
         cache.advance(T, np.arange(T)[None, :] < lens[:, None] if i == 0 else np.ones((n, T), bool))
-        h, _ = model._final_norm(x[np.arange(n) * T + last])
-        with model.timer("lm_head"):
-            logits = h @ model.lm_head_weight.T                 # [n, V]
         toks = [_sample(logits[r], temperature, top_p, rng) for r in range(n)]
         going = []
         for r, tok in enumerate(toks):

@@ -6,8 +6,6 @@ Backward functions return gradients (they never add into caller state) except th
 grads, which are *added* into the `grads` dict the caller zeroed once per step."""
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,60 +13,14 @@ import numpy as np
 from ..backend import FfnLora
 from ..nf4 import dequantize_nf4
 from .lora import ATTN_PROJECTIONS, FFN_PROJECTIONS, PROJECTIONS, LoraPair, peft_name
-
-
-class PhaseTimer:
-    """Exclusive seconds per phase (embed, norms, projections, dequant, attention, rope, ffn,
-    loss, lm_head), accumulated until reset().  A phase nested in another (dequant inside
-    projections) pauses its parent, so the shares add up to the total; each uninterrupted
-    segment also goes to the step profiler (qlora_ext.PROFILER) as a CPU span when it is on."""
-
-    def __init__(self):
-        from ..profile import PROFILER
-
-        self.profiler = PROFILER
-        self.times: dict[str, float] = {}
-        # profiler device per phase (default "cpu"); the model marks "ffn" as "wait" when a
-        # GPU backend runs it, since the host then only waits for the GPU
-        self.devices: dict[str, str] = {}
-        self._stack: list[list] = []        # [name, start of its current segment]
-
-    def _close(self, entry, now):
-        name, t0 = entry
-        self.times[name] = self.times.get(name, 0.0) + now - t0
-        self.profiler.record(name, self.devices.get(name, "cpu"), t0, now)
-
-    @contextmanager
-    def __call__(self, name: str):
-        now = time.perf_counter()
-        if self._stack:
-            self._close(self._stack[-1], now)
-        self._stack.append([name, now])
-        try:
-            yield
-        finally:
-            now = time.perf_counter()
-            self._close(self._stack.pop(), now)
-            if self._stack:
-                self._stack[-1][1] = now
-
-    def reset(self) -> dict:
-        out, self.times = self.times, {}
-        return out
-
-
-def dropout_seed(seed: int, step: int, layer: int) -> int:
-    """The dropout seed of one (step, layer): every projection's mask of that layer derives
-    from it (qlora_ext.cpu.ffn.dropout_key), in the CPU model, the FFN backends and the
-    GPU-resident engine alike, so all placements drop the same inputs."""
-    return int(np.random.default_rng([seed, step, layer, 7]).integers(2**31))
+from ..profile import PhaseTimer  # noqa: F401  (model.model takes it from here)
 
 
 def dropout_mask(seed: int, step: int, layer: int, proj: str, shape, p: float) -> np.ndarray:
     """Inverted-dropout multiplier (0 or 1/(1-p)) [N, in], reproducible from (seed, step,
     layer, proj) so that gradient checkpointing recomputes the same mask: the counter hash
-    of qlora_ext.cpu.ffn.apply_dropout (shaders/dropout.wgsl on the GPU)."""
-    from ..cpu.ffn import apply_dropout, dropout_key
+    of qlora_ext.model.dropout (shaders/dropout_hash.wgsl on the GPU)."""
+    from .dropout import apply_dropout, dropout_key, dropout_seed
 
     key = dropout_key(dropout_seed(seed, step, layer), layer, proj)
     return apply_dropout(np.ones(shape, np.float32), p, key)

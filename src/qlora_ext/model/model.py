@@ -80,7 +80,7 @@ class Model:
     @property
     def placement(self) -> str:
         """"cpu" (everything on the CPU) or "split" (FFN on a GPU backend); the GPU-resident
-        model (qlora_ext.gpu.resident.model) says "resident"."""
+        model (qlora_ext.engine.gpu_model) says "resident"."""
         return "cpu" if getattr(self.backend, "name", "cpu") == "cpu" else "split"
 
     @property
@@ -281,9 +281,22 @@ class Model:
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompt_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 seed=None, stop_ids=None) -> list[int]:
+                 seed=None, stop_ids=None, progress=None):
         from .generate import generate
-        return generate(self, prompt_ids, max_new_tokens, temperature, top_p, seed, stop_ids)
+        return generate(self, prompt_ids, max_new_tokens, temperature, top_p, seed, stop_ids, progress)
+
+    def decode_step(self, ids, positions, cache, last) -> np.ndarray:
+        """One generation step (model/generate.py): ids [n, T] through the layers with the KV
+        cache; logits [n, V] of row r at position last[r]."""
+        n, T = ids.shape
+        self._layers.ensure_positions(int(np.max(positions)) + 1)
+        inp = StepInputs(n, T, positions, None)
+        x = self._embed(ids)
+        for l in range(len(self.state.layers)):
+            x, _ = self._layers.forward(l, x, inp, keep=False, cache=cache)
+        h, _ = self._final_norm(x[np.arange(n) * T + last])
+        with self.timer("lm_head"):
+            return h @ self.lm_head_weight.T
 
     # ------------------------------------------------------------------ reports
     def memory_report(self) -> dict:

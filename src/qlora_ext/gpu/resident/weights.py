@@ -30,7 +30,8 @@ def host_arrays(w) -> dict:
     (double quant: its dequantized absmax), {"fp32": f32 [out, in]} for a float array."""
     if isinstance(w, NF4Tensor):
         raw = np.ascontiguousarray(w.packed, dtype=np.uint8)
-        raw = np.concatenate([raw, np.zeros(-raw.size % 4, np.uint8)])
+        if raw.size % 4:   # whole u32 words (a copy only for the rare odd sizes)
+            raw = np.concatenate([raw, np.zeros(-raw.size % 4, np.uint8)])
         return {"packed": raw.view(np.uint32), "absmax": np.ascontiguousarray(w.absmax, np.float32)}
     if not isinstance(w, np.ndarray) or w.ndim != 2:
         raise ValueError(f"weight: expected an NF4Tensor or a 2-D float array, got {type(w).__name__}")

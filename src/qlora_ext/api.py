@@ -2,10 +2,9 @@
 -> a Model with LoRA adapters, placed split (CPU + FFN backend) or GPU-resident."""
 from __future__ import annotations
 
-from ..device import select_backend
-from ..placement import check_mode
-from .lora import LoraConfig
-from .model import Model
+from .device import select_backend
+from .model.lora import LoraConfig
+from .placement import check_mode
 
 
 def load_model(path, lora: LoraConfig | None = None, quantize: str | None = "nf4", double_quant: bool = False,
@@ -20,8 +19,10 @@ def load_model(path, lora: LoraConfig | None = None, quantize: str | None = "nf4
     `batch_shape` = (rows, tokens), default (4, 1024); see qlora_ext.placement).  The result
     says what it took: `model.placement` ("cpu", "split" or "resident") and
     `model.placement_reason`."""
-    from .loading import load_state
-    from .. import placement
+    from . import placement
+    from .engine.model import Model as CpuModel
+    from .model.loading import load_state
+    from .model.model import Model
 
     if lora is not None and not isinstance(lora, LoraConfig):
         raise ValueError(f"lora must be a qlora_ext LoraConfig or None, got {type(lora).__name__}")
@@ -35,15 +36,19 @@ def load_model(path, lora: LoraConfig | None = None, quantize: str | None = "nf4
         where, adapter, reason, weights = placement.choose(mode, device, state, lora, batch_shape,
                                                            gradient_checkpointing, train_lm_head)
         if where == "resident":
-            from ..gpu.resident.model import ResidentModel
+            from .engine.gpu_model import GpuModel
 
-            model = ResidentModel(state, lora, ctx=placement.context_for(adapter),
+            model = GpuModel(state, lora, ctx=placement.context_for(adapter),
                                   gradient_checkpointing=gradient_checkpointing, train_lm_head=train_lm_head,
                                   threads=threads, seed=seed, weights=weights)
             model.placement_reason = reason
             return model
     backend = select_backend(device)
-    model = Model(state, lora, backend, gradient_checkpointing=gradient_checkpointing, train_lm_head=train_lm_head,
-                  threads=threads, seed=seed)
+    if backend.name == "cpu":
+        model = CpuModel(state, lora, gradient_checkpointing=gradient_checkpointing, train_lm_head=train_lm_head,
+                         threads=threads, seed=seed)
+    else:
+        model = Model(state, lora, backend, gradient_checkpointing=gradient_checkpointing,
+                      train_lm_head=train_lm_head, threads=threads, seed=seed)
     model.placement_reason = reason
     return model

@@ -1,0 +1,134 @@
+"""The named buffers of the layer program: one layer's saved activations (`LayerActs`) and the
+per-step scratch of the backward (`StepScratch`), with a shape per field.  `plan_*` give the
+shapes; a device allocates them (numpy arrays on the CPU, GpuTensors on a GPU), so the memory
+estimate and the allocation read the same table.
+
+Shape letters: B batch, T tokens, N = B*T, H hidden, Hq/Hkv heads, D head dim, F FFN width,
+r LoRA rank (per adapted projection), R the largest rank."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class Dims:
+    B: int
+    T: int
+    H: int
+    Hq: int
+    Hkv: int
+    D: int
+    F: int
+    qk_norm: bool
+
+    @property
+    def N(self) -> int:
+        return self.B * self.T
+
+
+@dataclass
+class LayerActs:
+    """What one layer's backward reads (float32).  q_pre/k_pre/q_rstd/k_rstd only with q/k norm."""
+
+    x: object        # [N, H] layer input
+    h1: object       # [N, H] input_layernorm(x)
+    rstd1: object    # [N]
+    q_pre: object    # [N, Hq*D] q before q_norm
+    k_pre: object    # [N, Hkv*D]
+    q_rstd: object   # [N*Hq]
+    k_rstd: object   # [N*Hkv]
+    q: object        # [B, T, Hq, D] after q_norm and RoPE
+    k: object        # [B, T, Hkv, D]
+    v: object        # [B, T, Hkv, D]
+    attn: object     # [B, T, Hq, D] attention output
+    lse: object      # [B, Hq, T] log-sum-exp of the scores
+    x2: object       # [N, H] after the attention residual
+    h2: object       # [N, H] post_attention_layernorm(x2)
+    rstd2: object    # [N]
+    g: object        # [N, F] gate projection
+    u: object        # [N, F] up projection
+    m: object        # [N, F] silu(g) * u
+    lora_u: dict     # proj -> [N, r] scale * xd Aᵀ (adapted projections only)
+
+
+def plan_layer_acts(d: Dims, ranks: dict) -> dict:
+    """{field: shape or None (absent)}; lora_u: {proj: shape}."""
+    N = d.N
+    qk = d.qk_norm
+    return {
+        "x": (N, d.H), "h1": (N, d.H), "rstd1": (N,),
+        "q_pre": (N, d.Hq * d.D) if qk else None, "k_pre": (N, d.Hkv * d.D) if qk else None,
+        "q_rstd": (N * d.Hq,) if qk else None, "k_rstd": (N * d.Hkv,) if qk else None,
+        "q": (d.B, d.T, d.Hq, d.D), "k": (d.B, d.T, d.Hkv, d.D), "v": (d.B, d.T, d.Hkv, d.D),
+        "attn": (d.B, d.T, d.Hq, d.D), "lse": (d.B, d.Hq, d.T),
+        "x2": (N, d.H), "h2": (N, d.H), "rstd2": (N,),
+        "g": (N, d.F), "u": (N, d.F), "m": (N, d.F),
+        "lora_u": {p: (N, r) for p, r in ranks.items()},
+    }
+
+
+@dataclass
+class StepScratch:
+    """Buffers of one step that no layer keeps: the running hidden state, the final norm, the
+    gradients flowing back (reused by every layer), and the inputs saved for recompute."""
+
+    x: object        # [N, H] hidden state between layers
+    xf: object       # [N, H] final norm output
+    rstdf: object    # [N]
+    gy: object       # [N, H] gradient of a layer's output (ping-pong with gx)
+    gx: object       # [N, H] gradient of a layer's input
+    dx2: object      # [N, H]
+    dh: object       # [N, H] gradient of a normed input
+    dm: object       # [N, F]
+    dg: object       # [N, F]
+    du: object       # [N, F]
+    da: object       # [N, Hq*D] gradient of the attention output
+    dq: object       # [B, T, Hq, D]
+    dk: object       # [B, T, Hkv, D]
+    dv: object       # [B, T, Hkv, D]
+    dqn: object      # [N*Hq, D] gradient before q_norm (q/k norm models)
+    dkn: object      # [N*Hkv, D]
+    dlora: object    # [N, R] gradient of scale * xd Aᵀ
+    inputs: list     # L x [N, H] layer inputs (activation checkpointing), else []
+
+
+def plan_scratch(d: Dims, max_rank: int, layers: int, checkpointing: bool) -> dict:
+    N, qk = d.N, d.qk_norm
+    return {
+        "x": (N, d.H), "xf": (N, d.H), "rstdf": (N,), "gy": (N, d.H), "gx": (N, d.H),
+        "dx2": (N, d.H), "dh": (N, d.H), "dm": (N, d.F), "dg": (N, d.F), "du": (N, d.F),
+        "da": (N, d.Hq * d.D), "dq": (d.B, d.T, d.Hq, d.D), "dk": (d.B, d.T, d.Hkv, d.D),
+        "dv": (d.B, d.T, d.Hkv, d.D),
+        "dqn": (N * d.Hq, d.D) if qk else None, "dkn": (N * d.Hkv, d.D) if qk else None,
+        "dlora": (N, max(max_rank, 1)),
+        "inputs": [(N, d.H)] * (layers if checkpointing else 0),
+    }
+
+
+def allocate(cls, plan: dict, empty):
+    """An instance of the dataclass `cls` with every planned shape allocated by empty(shape)."""
+    def make(spec):
+        if spec is None:
+            return None
+        if isinstance(spec, dict):
+            return {k: make(v) for k, v in spec.items()}
+        if isinstance(spec, list):
+            return [make(v) for v in spec]
+        return empty(spec)
+    return cls(**{f.name: make(plan[f.name]) for f in fields(cls)})
+
+
+def planned_elements(plan: dict) -> int:
+    """float32 elements a plan allocates (the memory estimate's unit)."""
+    def count(spec):
+        if spec is None:
+            return 0
+        if isinstance(spec, dict):
+            return sum(count(v) for v in spec.values())
+        if isinstance(spec, list):
+            return sum(count(v) for v in spec)
+        n = 1
+        for s in spec:
+            n *= int(s)
+        return n
+    return sum(count(v) for v in plan.values())

@@ -1,0 +1,283 @@
+"""The CPU device of the layer program: numpy BLAS (float32 sgemm) for the projections, the C
+kernels for norms, RoPE and attention, NF4 dequantized just in time.
+
+Buffers are numpy arrays; every op writes into the arrays it is given (engine/program.py
+states the contracts).  LoRA parameters and their gradients are views into two flat float32
+arrays (engine/params.py), the same layout the GPU device keeps in its buffers.
+
+Phases (qlora_ext.profile): each op is timed under the phase users see in the table: embed,
+norms, projections (q/k/v/o), dequant, rope, attention, ffn (gate/up/SwiGLU/down), lm_head, loss."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..model.dropout import apply_dropout, dropout_key, dropout_seed
+from ..model.lora import ATTN_PROJECTIONS, FFN_PROJECTIONS
+from ..model.loss import IGNORE_INDEX, cross_entropy, shifted_targets
+from ..nf4 import NF4Tensor, dequantize_nf4
+from ..profile import PhaseTimer
+from .acts import LayerActs, StepScratch, allocate, plan_layer_acts, plan_scratch
+
+# Attention work (B * Hq * T^2 * D) above which the attention kernels get every core.
+ATTENTION_ALL_CORES_WORK = 1 << 28
+
+
+class _LayerNorms:
+    __slots__ = ("ln1", "ln2", "q_norm", "k_norm")
+
+    def __init__(self, lw):
+        self.ln1, self.ln2 = lw.input_layernorm, lw.post_attention_layernorm
+        self.q_norm, self.k_norm = lw.q_norm, lw.k_norm
+
+
+class CpuDevice:
+    """state: a ModelState; params: engine.params.FlatParams; kernels: the C kernel module."""
+
+    name = "cpu"
+
+    def __init__(self, state, params, kernels, rope, threads=None, attention_threads=None, checkpointing=False,
+                 timer: PhaseTimer | None = None):
+        cfg = state.config
+        self.state, self.params, self.k = state, params, kernels
+        self.layers = len(state.layers)
+        self.checkpointing = bool(checkpointing)
+        self.threads, self.user_attention_threads = threads, attention_threads
+        self.eps = float(cfg.rms_norm_eps)
+        self.final_norm = state.norm
+        self.timer = timer if timer is not None else PhaseTimer()
+        self._norms = [_LayerNorms(lw) for lw in state.layers]
+        self.rope_cache = rope
+        self._held: dict = {}       # proj -> (layer, fp32 weight buffer)
+        self.dims = None
+        self.positions = self.mask = None
+        self.dropout = 0.0
+        self.drop_seed = self.drop_step = None
+
+    # ---- the step's inputs ---------------------------------------------------------------
+    def begin(self, dims, positions, mask, ids, labels=None, keep: bool = False, dropout: float = 0.0,
+              seed: int = 0, step: int | None = None):
+        """Take the batch (ids int [B, T], labels [B, T] or None, positions int [T] or [B, T],
+        mask uint8 [B, T] or None) and return the program's buffers (LayerActs list,
+        StepScratch) for it; dropout applies when `step` is given."""
+        self.dims, self.positions, self.mask = dims, positions, mask
+        self.ids, self.labels = ids, labels
+        self.tables = self.rope_cache.covering(int(np.max(positions)) + 1)
+        self.dropout = float(dropout) if step is not None else 0.0
+        self.drop_seed, self.drop_step = int(seed), step
+        p = self.params
+        n = self.layers if keep and not self.checkpointing else 1
+        acts = [allocate(LayerActs, plan_layer_acts(dims, p.ranks(l)), self.empty) for l in range(n)]
+        scratch = allocate(StepScratch, plan_scratch(dims, p.max_rank, self.layers, keep and self.checkpointing),
+                           self.empty)
+        return acts, scratch
+
+    def empty(self, shape, dtype=np.float32):
+        return np.empty(shape, dtype)
+
+    def zeros(self, shape, dtype=np.float32):
+        return np.zeros(shape, dtype)
+
+    @staticmethod
+    def view(t, shape):
+        return t.reshape(shape)
+
+    @staticmethod
+    def copy(src, dst) -> None:
+        np.copyto(dst, src)
+
+    def layer_weights(self, l: int) -> _LayerNorms:
+        return self._norms[l]
+
+    def layer_done(self) -> None:
+        """Nothing to flush on the CPU."""
+
+    # ---- weights -------------------------------------------------------------------------
+    def weight(self, l: int, proj: str) -> np.ndarray:
+        """float32 [out, in]; NF4 is dequantized into a buffer per projection that remembers
+        its layer, so the backward (or recompute) right after the same layer's forward reuses it."""
+        w = self.state.layers[l].proj[proj]
+        if not isinstance(w, NF4Tensor):
+            return w
+        held = self._held.get(proj)
+        if held is not None and held[0] == l:
+            return held[1]
+        buf = held[1] if held is not None and held[1].shape == tuple(w.shape) else np.empty(tuple(w.shape), np.float32)
+        with self.timer("dequant"):
+            # one thread: an OpenMP team started while OpenBLAS's threads still spin after the
+            # last sgemm fights them for the cores
+            dequantize_nf4(w, out=buf, threads=1)
+        self._held[proj] = (l, buf)
+        return buf
+
+    def prefetch(self, l: int, projs=ATTN_PROJECTIONS) -> None:
+        if 0 <= l < self.layers:
+            for p in projs:
+                self.weight(l, p)
+
+    # ---- LoRA linear ---------------------------------------------------------------------
+    @staticmethod
+    def _phase(proj: str) -> str:
+        return "ffn" if proj in FFN_PROJECTIONS else "projections"
+
+    def _mask(self, l: int, proj: str, shape):
+        """Inverted-dropout multiplier [N, in] of (step, layer, proj), or None (no dropout)."""
+        if self.dropout == 0.0 or self.params.lora(l, proj) is None:
+            return None
+        key = dropout_key(dropout_seed(self.drop_seed, self.drop_step, l), l, proj)
+        return apply_dropout(np.ones(shape, np.float32), self.dropout, key)
+
+    def linear_forward(self, l, proj, x, y, u) -> None:
+        lo = self.params.lora(l, proj)
+        with self.timer(self._phase(proj)):
+            if y is not None:
+                np.matmul(x, self.weight(l, proj).T, out=y)
+                bias = self.state.layers[l].bias.get(proj) if self.state.layers[l].bias else None
+                if bias is not None:
+                    y += bias
+            if lo is None:
+                return
+            mask = self._mask(l, proj, x.shape)
+            xd = x if mask is None else x * mask
+            np.matmul(xd, self.params.A(lo).T, out=u)
+            u *= np.float32(lo.scale)
+            if y is not None:
+                y += u @ self.params.B(lo).T
+
+    def linear_backward(self, l, proj, dy, x, u, dx, accumulate) -> None:
+        lo = self.params.lora(l, proj)
+        with self.timer(self._phase(proj)):
+            if dx is not None:
+                W = self.weight(l, proj)
+                if accumulate:
+                    dx += dy @ W
+                else:
+                    np.matmul(dy, W, out=dx)
+            if lo is None:
+                return
+            mask = self._mask(l, proj, x.shape)
+            xd = x if mask is None else x * mask
+            self.params.gB(lo)[...] += dy.T @ u            # u already carries the scale
+            du = dy @ self.params.B(lo)
+            du *= np.float32(lo.scale)
+            self.params.gA(lo)[...] += du.T @ xd
+            if dx is not None:
+                dxd = du @ self.params.A(lo)
+                if mask is not None:
+                    dxd *= mask
+                dx += dxd
+
+    # ---- norms, RoPE, attention, SwiGLU, residual ----------------------------------------
+    def rmsnorm_forward(self, x, w, y, rstd) -> None:
+        with self.timer("norms"):
+            yy, rr = self.k.rmsnorm_forward(x, w, self.eps, threads=self.threads)
+            np.copyto(y, yy)
+            np.copyto(rstd, rr)
+
+    def rmsnorm_backward(self, x, w, rstd, dy, dx, accumulate) -> None:
+        with self.timer("norms"):
+            d, _ = self.k.rmsnorm_backward(x, w, rstd, dy, threads=self.threads)
+            if accumulate:
+                dx += d
+            else:
+                np.copyto(dx, d)
+
+    def rope(self, t, sign: int) -> None:
+        """In place on t [B, T, heads, D]: RoPE (sign +1) or its transpose (-1)."""
+        with self.timer("rope"):
+            f = self.k.rope_forward if sign > 0 else self.k.rope_backward
+            f(t, self.positions, self.tables, threads=self.threads)
+
+    def _attention_threads(self):
+        if self.user_attention_threads is not None:
+            return self.user_attention_threads
+        d = self.dims
+        # every core once the work is large (long sequences: attention dominates the step)
+        return None if d.B * d.Hq * d.T * d.T * d.D >= ATTENTION_ALL_CORES_WORK else self.threads
+
+    def attention_forward(self, q, k, v, attn, lse) -> None:
+        with self.timer("attention"):
+            o, s = self.k.attention_forward(q, k, v, self.mask, threads=self._attention_threads())
+            np.copyto(attn, o)
+            np.copyto(lse, s)
+
+    def attention_cached(self, l, cache, q, k, v, attn) -> None:
+        with self.timer("attention"):
+            if cache.length == 0:
+                o, _ = self.k.attention_forward(q, k, v, self.mask, threads=self._attention_threads())
+                cache.store(l, k, v)
+            else:
+                o = cache.attend(l, q, k, v)
+            np.copyto(attn, o)
+
+    def attention_backward(self, q, k, v, attn, lse, dattn, dq, dk, dv) -> None:
+        with self.timer("attention"):
+            a, b, c = self.k.attention_backward(q, k, v, attn, lse, dattn, self.mask,
+                                                threads=self._attention_threads())
+            np.copyto(dq, a)
+            np.copyto(dk, b)
+            np.copyto(dv, c)
+
+    def swiglu_forward(self, g, u, m) -> None:
+        """m = silu(g) * u."""
+        with self.timer("ffn"):
+            np.negative(g, out=m)
+            np.exp(m, out=m)
+            m += 1.0
+            np.reciprocal(m, out=m)               # sigmoid(g)
+            m *= g
+            m *= u
+
+    def swiglu_backward(self, g, u, dm, dg, du) -> None:
+        """du = dm silu(g); dg = dm u sig (1 + g (1 - sig)), sig = sigmoid(g)."""
+        with self.timer("ffn"):
+            sig = np.negative(g)
+            np.exp(sig, out=sig)
+            sig += 1.0
+            np.reciprocal(sig, out=sig)
+            np.multiply(g, sig, out=du)
+            du *= dm
+            np.subtract(1.0, sig, out=dg)
+            dg *= g
+            dg += 1.0
+            dg *= sig
+            dg *= u
+            dg *= dm
+
+    @staticmethod
+    def add(y, x) -> None:
+        y += x
+
+    # ---- embedding and loss --------------------------------------------------------------
+    def embed(self, out) -> None:
+        with self.timer("embed"):
+            np.take(self.state.embed_tokens, self.ids.reshape(-1), axis=0, out=out)
+
+    def lm_head_weight(self) -> np.ndarray:
+        head = self.params.lm_head()
+        return head if head is not None else self.state.lm_head_weight
+
+    def lm_head_loss(self, xf, scale: float, dh) -> float:
+        """Summed cross-entropy over the counted targets of the step's labels (shifted, -100
+        ignored); with dh [N, H], dh = scale · its gradient (zero on rows not counted) and
+        the trained LM head's gradient added."""
+        tgt = shifted_targets(self.labels).reshape(-1)
+        rows = np.flatnonzero(tgt != IGNORE_INDEX)
+        want = dh is not None
+        total, d = cross_entropy(xf[rows], self.lm_head_weight(), tgt[rows], scale if want else None,
+                                 dW=self.params.grad_lm_head() if want else None, timer=self.timer)
+        if want:
+            dh[...] = 0.0
+            dh[rows] = d
+        return total
+
+    @staticmethod
+    def loss_value(pending) -> float:
+        return float(pending)
+
+    def clear_grads(self) -> None:
+        """A fresh zero gradient array: gradients handed out before stay as they were."""
+        self.params.grads = np.zeros(self.params.size, np.float32)
+
+    def logits(self, xf) -> np.ndarray:
+        with self.timer("lm_head"):
+            return xf @ self.lm_head_weight().T

@@ -1,0 +1,326 @@
+"""The GPU device of the layer program: every op in WGSL on one wgpu device.
+
+At construction the base (NF4 codes + absmax, or fp32 projections; or, with weights="stream",
+one slot per projection that each layer is uploaded into before use), norms, embeddings, the
+LM head and the flat parameter buffer go up once.  Per step only the token ids, labels, mask
+and positions go up; the loss statistics come down.
+
+Each op records dispatches into the runtime's pending encoder; layer_done() submits, so the
+GPU runs a layer while Python records the next.  Projections run on the fused NF4 GEMM
+(dequantized in the tile loads, LoRA up-projection in the epilogue); gemm="dequant" instead
+dequantizes into an fp32 scratch and uses the plain GEMM.  LoRA dropout draws the masks of
+qlora_ext.model.dropout: the host computes the step's 7·L keys (one small upload) and
+shaders/resident_dropout.wgsl applies them.
+
+Shape letters as in engine/acts.py."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..gpu.resident.attention import attention_backward_gpu, attention_forward_gpu
+from ..gpu.resident.context import GpuTensor
+from ..gpu.resident.cross_entropy import LmHeadLoss
+from ..gpu.resident.fused_gemm import fused_gemm_gpu
+from ..gpu.resident.gemm import gemm_gpu
+from ..gpu.resident.layer_ops import (add_gpu, bias_add_gpu, embedding_gather_gpu, rmsnorm_backward_gpu,
+                                      rmsnorm_forward_gpu, rope_apply_gpu, swiglu_backward_gpu, swiglu_forward_gpu)
+from ..gpu.resident.weights import ResidentWeight, StreamedLayers, WeightScratch, upload_weight
+from ..model.dropout import dropout_keep_scale, dropout_key, dropout_seed, dropout_threshold
+from ..model.lora import PROJECTIONS
+from .acts import LayerActs, StepScratch, allocate, plan_layer_acts, plan_scratch
+
+
+def view(t: GpuTensor, shape) -> GpuTensor:
+    """The same buffer seen with another shape (sizes must agree)."""
+    n = int(np.prod(shape))
+    if n > t.size:
+        raise ValueError(f"view {shape} of a tensor of shape {t.shape}")
+    return GpuTensor(t.buffer, tuple(shape), t.dtype)
+
+
+class _LayerGpu:
+    __slots__ = ("ln1", "ln2", "q_norm", "k_norm", "bias", "proj")
+
+    def __init__(self, up, lw, resident: bool):
+        self.ln1, self.ln2 = up(lw.input_layernorm), up(lw.post_attention_layernorm)
+        self.q_norm = up(lw.q_norm) if lw.q_norm is not None else None
+        self.k_norm = up(lw.k_norm) if lw.k_norm is not None else None
+        # frozen biases: Qwen2's q/k/v; q/k/v/o of Llama-family configs with attention_bias
+        self.bias = {p: up(lw.bias[p]) for p in PROJECTIONS if lw.bias and p in lw.bias}
+        self.proj = None if not resident else {}
+
+
+class _StepGpu:
+    """The per-shape buffers: the program's record and scratch, the batch's inputs, the GPU
+    kernels' own scratch."""
+
+    def __init__(self, ctx, d, acts, scratch, vocab):
+        self.acts, self.s = acts, scratch
+        N = d.N
+        self.ids, self.labels = ctx.empty((N,), "i32"), ctx.empty((N,), "i32")
+        self.pos = ctx.empty((N,), "i32")
+        self.mask = ctx.empty((d.B, d.T), "u32")
+        self.delta = ctx.empty((d.B, d.Hq, d.T))
+        self.head = LmHeadLoss(ctx, N, d.H, vocab)
+        self.drop = self.drop_keys = None    # LoRA dropout's buffers, made by its first step
+
+    def dropout_buffers(self, ctx, d, layers) -> None:
+        if self.drop is None:
+            width = d.N * max(d.H, d.Hq * d.D, d.F)
+            self.drop = (ctx.empty((width,)), ctx.empty((width,)))
+            self.drop_keys = ctx.empty((layers * len(PROJECTIONS),), "u32")
+
+
+class GpuDevice:
+    """state: a ModelState; params: engine.params.FlatParams (uploaded here; the GPU copy is
+    the truth while training); ctx: the GPU runtime."""
+
+    name = "gpu"
+
+    def __init__(self, state, params, ctx, rope, checkpointing=False, weights: str = "resident",
+                 gemm: str = "fused", dropout: float = 0.0):
+        if weights not in ("resident", "stream"):
+            raise ValueError(f"weights={weights!r}: expected 'resident' or 'stream'")
+        if gemm not in ("fused", "dequant"):
+            raise ValueError(f"gemm={gemm!r}: expected 'fused' (NF4 dequantized in the GEMM's tile loads) or "
+                             "'dequant' (NF4 -> fp32 scratch, then the plain GEMM)")
+        cfg = state.config
+        self.ctx, self.state = ctx, state
+        start = ctx.allocated_bytes
+        self.layers = len(state.layers)
+        self.checkpointing = bool(checkpointing)
+        self.fused = gemm == "fused"
+        self.eps = float(cfg.rms_norm_eps)
+        self.V = int(cfg.vocab_size)
+        self.dropout_p = float(dropout)
+        up = ctx.upload
+        self.embed_w = up(state.embed_tokens)
+        self.head_w = self.embed_w if state.lm_head is None else up(state.lm_head)
+        self.final_norm = up(state.norm)
+        self.scratch_w = WeightScratch(ctx)
+        self._layers = [_LayerGpu(up, lw, weights == "resident") for lw in state.layers]
+        if weights == "resident":
+            for lg, lw in zip(self._layers, state.layers):
+                lg.proj = {p: upload_weight(ctx, lw.proj[p]) for p in PROJECTIONS}
+        self.streamed = StreamedLayers(ctx, state.layers, PROJECTIONS) if weights == "stream" else None
+        self.rope_cache = rope
+        self._tab_src = None
+        self.params = params
+        self.values = up(params.values)
+        self.grads = ctx.zeros((params.size,))
+        self.resident_bytes = ctx.allocated_bytes - start
+        self._steps: dict = {}
+        self.step_bytes: dict = {}
+        self.cur = None
+        self.dims = None
+        self._drop_on = False
+
+    # ---- buffers ---------------------------------------------------------------------------
+    def empty(self, shape):
+        return self.ctx.empty(tuple(shape))
+
+    view = staticmethod(view)
+
+    def copy(self, src, dst) -> None:
+        self.ctx.encoder().copy_buffer_to_buffer(src.buffer, 0, dst.buffer, 0, src.nbytes)
+
+    def buffers(self, d, keep: bool):
+        """(LayerActs list, StepScratch) for dims d, allocated once per (shape, keep)."""
+        key = (d, keep)
+        st = self._steps.get(key)
+        if st is None:
+            ctx, p = self.ctx, self.params
+            start = ctx.allocated_bytes
+            n = self.layers if keep and not self.checkpointing else 1
+            acts = [allocate(LayerActs, plan_layer_acts(d, p.ranks(l)), self.empty) for l in range(n)]
+            s = allocate(StepScratch, plan_scratch(d, p.max_rank, self.layers, keep and self.checkpointing),
+                         self.empty)
+            st = self._steps[key] = _StepGpu(ctx, d, acts, s, self.V)
+            if self.dropout_p > 0.0:
+                st.dropout_buffers(ctx, d, self.layers)
+            self.step_bytes[key] = ctx.allocated_bytes - start
+        self.cur = st
+        return st.acts, st.s
+
+    def layer_weights(self, l: int) -> _LayerGpu:
+        return self._layers[l]
+
+    def layer_done(self) -> None:
+        self.ctx.submit()
+
+    def _proj(self, l, proj) -> ResidentWeight:
+        if self.streamed is not None:
+            return self.streamed.load(l)[proj]
+        return self._layers[l].proj[proj]
+
+    # ---- the step's inputs -----------------------------------------------------------------
+    def begin(self, dims, positions, mask, ids, labels=None, keep: bool = False, dropout: float = 0.0,
+              seed: int = 0, step: int | None = None):
+        """Upload the batch (ids, labels, mask, positions) into the step's buffers and, for a
+        training step with dropout, the step's mask keys; returns the program's buffers."""
+        self.dims = dims
+        ctx = self.ctx
+        acts, s = self.buffers(dims, keep)
+        st = self.cur
+        self._upload_tables(int(np.max(positions)) + 1)
+        B, T = dims.B, dims.T
+        pos = np.broadcast_to(np.asarray(positions, np.int32), (B, T))
+        ctx.write(st.pos, np.ascontiguousarray(pos).reshape(-1))
+        ctx.write(st.ids, np.asarray(ids, np.int32).reshape(-1))
+        if labels is not None:
+            ctx.write(st.labels, np.asarray(labels, np.int32).reshape(-1))
+        self.mask = None
+        if mask is not None:
+            ctx.write(st.mask, mask.astype(np.uint32))
+            self.mask = st.mask
+        self._drop_on = step is not None and dropout > 0.0
+        if self._drop_on:
+            self.dropout_p = float(dropout)
+            st.dropout_buffers(ctx, dims, self.layers)
+            keys = np.zeros(self.layers * len(PROJECTIONS), np.uint32)
+            for l in range(self.layers):
+                sd = dropout_seed(seed, step, l)
+                for i, p in enumerate(PROJECTIONS):
+                    keys[l * len(PROJECTIONS) + i] = dropout_key(sd, l, p)
+            ctx.write(st.drop_keys, keys)
+        return acts, s
+
+    def _upload_tables(self, n: int):
+        tab = self.rope_cache.covering(n)
+        if tab is not self._tab_src:
+            self._tab_src = tab
+            self.cos, self.sin = self.ctx.upload(tab.cos), self.ctx.upload(tab.sin)
+
+    # ---- LoRA linear -------------------------------------------------------------------------
+    def _drop_index(self, l, proj):
+        if not self._drop_on or self.params.lora(l, proj) is None:
+            return None
+        return l * len(PROJECTIONS) + PROJECTIONS.index(proj)
+
+    def _apply_dropout(self, l, proj, z: GpuTensor, out: GpuTensor, add: bool) -> None:
+        ctx = self.ctx
+        rows, cols = z.shape
+        pipe = ctx.pipeline("resident_dropout", "apply", "urrw", overrides={"WG": 256, "ADD": bool(add)})
+        thr, scale = dropout_threshold(self.dropout_p), float(dropout_keep_scale(self.dropout_p))
+        for r0 in range(0, rows, 65535):
+            n = min(65535, rows - r0)
+            par = ctx.uniform("IIIIIf", n, cols, self._drop_index(l, proj), thr, r0, scale)
+            ctx.dispatch(pipe, [par, self.cur.drop_keys, z, out], ((cols + 255) // 256, n))
+
+    def _dropped(self, l, proj, x: GpuTensor) -> GpuTensor:
+        """x, or x with (l, proj)'s dropout mask and 1/(1-p) applied (a scratch view)."""
+        if self._drop_index(l, proj) is None:
+            return x
+        xd = view(self.cur.drop[0], x.shape)
+        self._apply_dropout(l, proj, x, xd, add=False)
+        return xd
+
+    def linear_forward(self, l, proj, x, y, u) -> None:
+        ctx, pr = self.ctx, self._proj(l, proj)
+        out, inn = pr.shape
+        N = x.shape[0]
+        lo = self.params.lora(l, proj)
+        if lo is not None:
+            gemm_gpu(ctx, self._dropped(l, proj, x), self.values, u, N, lo.r, inn, trans_b=True, alpha=lo.scale,
+                     b_off=lo.a_off)
+        if y is None:
+            return
+        if self.fused:
+            lora = None if lo is None else (u, lo.r, self.values, lo.b_off, 1)
+            fused_gemm_gpu(ctx, N, out, inn, x, pr, y, b_t=True, lora=lora)
+        else:
+            gemm_gpu(ctx, x, self.scratch_w.fp32(pr), y, N, out, inn, trans_b=True)
+            if lo is not None:
+                gemm_gpu(ctx, u, self.values, y, N, out, lo.r, trans_b=True, accumulate=True, b_off=lo.b_off)
+        bias = self._layers[l].bias.get(proj)
+        if bias is not None:
+            bias_add_gpu(ctx, y, bias)
+
+    def linear_backward(self, l, proj, dy, x, u, dx, accumulate) -> None:
+        ctx, pr = self.ctx, self._proj(l, proj)
+        out, inn = pr.shape
+        N = dy.shape[0]
+        lo = self.params.lora(l, proj)
+        du = view(self.cur.s.dlora, (N, lo.r)) if lo is not None else None
+        if lo is not None:
+            gemm_gpu(ctx, dy, u, self.grads, out, lo.r, N, trans_a=True, accumulate=True, c_off=lo.b_off)
+            gemm_gpu(ctx, dy, self.values, du, N, lo.r, out, alpha=lo.scale, b_off=lo.b_off)
+            xa = self._dropped(l, proj, x)   # recomputed from x: the same mask as forward
+            gemm_gpu(ctx, du, xa, self.grads, lo.r, inn, N, trans_a=True, accumulate=True, c_off=lo.a_off)
+        if dx is None:
+            return
+        if lo is not None and self._drop_index(l, proj) is not None:
+            # dx = dy W + mask ⊙ (du A): the masked adapter term cannot ride in the GEMM's
+            # epilogue, so it is formed apart and added through the mask
+            self._base_backward(N, inn, out, dy, pr, dx, accumulate, None)
+            t = view(self.cur.drop[1], (N, inn))
+            gemm_gpu(ctx, du, self.values, t, N, inn, lo.r, b_off=lo.a_off)
+            self._apply_dropout(l, proj, t, dx, add=True)
+        else:
+            self._base_backward(N, inn, out, dy, pr, dx, accumulate, lo, du)
+
+    def _base_backward(self, N, inn, out, dy, pr, dx, accumulate, lo, du=None) -> None:
+        """dx (+)= dy W (+ du A when lo is given)."""
+        ctx = self.ctx
+        if self.fused:
+            lora = None if lo is None else (du, lo.r, self.values, lo.a_off, 2)
+            fused_gemm_gpu(ctx, N, inn, out, dy, pr, dx, b_t=False, lora=lora, accumulate=accumulate)
+        else:
+            gemm_gpu(ctx, dy, self.scratch_w.fp32(pr), dx, N, inn, out, accumulate=accumulate)
+            if lo is not None:
+                gemm_gpu(ctx, du, self.values, dx, N, inn, lo.r, accumulate=True, b_off=lo.a_off)
+
+    # ---- norms, RoPE, attention, SwiGLU, residual ----------------------------------------------
+    def rmsnorm_forward(self, x, w, y, rstd) -> None:
+        rmsnorm_forward_gpu(self.ctx, x, w, self.eps, y, rstd)
+
+    def rmsnorm_backward(self, x, w, rstd, dy, dx, accumulate) -> None:
+        rmsnorm_backward_gpu(self.ctx, x, w, rstd, dy, dx, accumulate=accumulate)
+
+    def rope(self, t, sign: int) -> None:
+        rope_apply_gpu(self.ctx, t, self.cur.pos, self.cos, self.sin, 1 if sign > 0 else -1)
+
+    def attention_forward(self, q, k, v, attn, lse) -> None:
+        attention_forward_gpu(self.ctx, q, k, v, self.mask, attn, lse)
+
+    def attention_backward(self, q, k, v, attn, lse, dattn, dq, dk, dv) -> None:
+        attention_backward_gpu(self.ctx, q, k, v, attn, lse, dattn, self.mask, dq, dk, dv, self.cur.delta)
+
+    def swiglu_forward(self, g, u, m) -> None:
+        swiglu_forward_gpu(self.ctx, g, u, m)
+
+    def swiglu_backward(self, g, u, dm, dg, du) -> None:
+        swiglu_backward_gpu(self.ctx, g, u, dm, dg, du)
+
+    def add(self, y, x) -> None:
+        add_gpu(self.ctx, y, x)
+
+    # ---- embedding, LM head, loss ----------------------------------------------------------------
+    def embed(self, out) -> None:
+        """The step's uploaded ids (begin) gathered from the embedding into out [N, H]."""
+        embedding_gather_gpu(self.ctx, self.cur.ids, self.embed_w, out)
+
+    def _head(self):
+        off = self.params.head_off
+        return (self.head_w, 0) if off is None else (self.values, off)
+
+    def lm_head_loss(self, xf, scale: float, dh):
+        """Records the loss over the step's labels (begin); with dh [N, H], dh = scale · its
+        gradient and the trained head's gradient added.  Returns the stats tensor [sum, count]."""
+        w, off = self._head()
+        dw = self.grads if (dh is not None and self.params.head_off is not None) else None
+        return self.cur.head.record(xf, w, self.cur.labels, self.dims.T, scale or 0.0, dhidden=dh, dw_lm=dw,
+                                    w_off=off, dw_off=off)
+
+    def loss_value(self, stats) -> float:
+        return float(self.ctx.to_numpy(stats)[0])
+
+    def logits(self, xf) -> np.ndarray:
+        ctx, d = self.ctx, self.dims
+        w, off = self._head()
+        out = ctx.empty((d.N, self.V))
+        fused_gemm_gpu(ctx, d.N, self.V, d.H, xf, ResidentWeight((self.V, d.H), fp32=w), out, b_t=True, b_off=off)
+        return ctx.to_numpy(out)
+
+    def clear_grads(self) -> None:
+        self.ctx.encoder().clear_buffer(self.grads.buffer)

@@ -1,0 +1,76 @@
+"""GPU bytes of the `gpu` placement before anything is allocated: the automatic placement
+compares them with the adapter's free memory.
+
+The estimate runs the GPU device's own allocation code (GpuDevice construction, its per-shape
+buffers, the optimizer's moments) against a CountingContext that only adds up the bytes each
+buffer would take, so the estimate and the allocation cannot drift apart."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..gpu.resident.context import GpuTensor
+from ..model.lora import LoraConfig, LoraPair, LoraWeights
+from .params import FlatParams
+
+
+def buffer_bytes(nbytes: int) -> int:
+    """What the runtime allocates for a tensor of `nbytes` (>= 16, a multiple of 16)."""
+    return (max(int(nbytes), 16) + 15) // 16 * 16
+
+
+class CountingContext:
+    """The runtime's allocation calls, counted instead of made; everything else (limits,
+    tiling choices) is read from the real context."""
+
+    def __init__(self, ctx):
+        self._real = ctx
+        self.allocated_bytes = 0
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def empty(self, shape, dtype: str = "f32") -> GpuTensor:
+        shape = tuple(int(s) for s in shape)
+        self.allocated_bytes += buffer_bytes(4 * int(np.prod(shape, dtype=np.int64)))
+        return GpuTensor(None, shape, dtype)
+
+    zeros = empty
+
+    def upload(self, a, dtype: str | None = None) -> GpuTensor:
+        a = np.asarray(a)
+        return self.empty(a.shape, dtype or {"int32": "i32", "uint32": "u32"}.get(str(a.dtype), "f32"))
+
+
+def _shape_only_lora(state, lora_config: LoraConfig) -> LoraWeights:
+    """LoraWeights with the config's shapes and uninitialised values (only sizes are read)."""
+    pairs = {}
+    for l, lw in enumerate(state.layers):
+        for p in lora_config.target_modules:
+            out_f, in_f = lw.proj[p].shape
+            pairs[(l, p)] = LoraPair(np.empty((lora_config.r, in_f), np.float32),
+                                     np.empty((out_f, lora_config.r), np.float32), lora_config.scale)
+    return LoraWeights(lora_config, pairs)
+
+
+def estimate_bytes(ctx, state, lora_config, B: int, T: int, gradient_checkpointing: bool = False,
+                   train_lm_head: bool = False, weights: str = "resident") -> int:
+    """Bytes the gpu placement allocates for training batches of B rows x T tokens: resident
+    weights, parameters, gradients and AdamW moments, the batch shape's buffers, and the GQA
+    attention backward's per-query-head dk/dv partials (allocated on the first backward that
+    splits heads: counted whenever Hq != Hkv)."""
+    from .gpu_device import GpuDevice
+    from .model import Model, RopeCache, default_kernels
+
+    counting = CountingContext(ctx)
+    head = np.empty(state.lm_head_weight.shape, np.float32) if train_lm_head else None
+    params = FlatParams(_shape_only_lora(state, lora_config), head)
+    rope = RopeCache(state.config, default_kernels())
+    dev = GpuDevice(state, params, counting, rope, checkpointing=gradient_checkpointing, weights=weights,
+                    dropout=float(lora_config.dropout))
+    dev.buffers(Model.dims_of(state, B, T), keep=True)
+    counting.empty((params.size,))
+    counting.empty((params.size,))                      # AdamW's two moments
+    cfg = state.config
+    Hq, Hkv, D = int(cfg.num_attention_heads), int(cfg.num_key_value_heads), int(cfg.head_dim)
+    partials = 2 * buffer_bytes(4 * B * T * Hq * D) if Hq != Hkv else 0
+    return counting.allocated_bytes + partials

@@ -1,0 +1,84 @@
+"""Imports go downward (DESIGN.md's layout table): a module may import its own layer or a
+lower one, never a higher one.  The walk reads every module under src/qlora_ext with `ast`,
+so an import inside a function counts as much as one at the top."""
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "src" / "qlora_ext"
+
+# lower number = lower layer
+LAYERS = {
+    "_native": 0, "nf4": 0, "profile": 0, "progress": 0, "data": 0,
+    "model": 1,
+    "cpu": 2, "gpu": 2,
+    "ops": 3,
+    "engine": 4,
+    "backend": 5, "device": 5, "placement": 5,
+    "train": 6,
+    "api": 7, "cli": 7, "profile_command": 7, "__init__": 7,
+}
+
+# Upward imports that exist while the split placement still runs on the old layer code
+# (model/model.py, model/layers.py with the FFN backends), the GPU picks its adapter by MPI
+# rank and the GPU AdamW shares the CPU AdamW's checks: each line goes when its import does
+# (a stale entry fails the test too).
+KNOWN = {
+    ("model/layers.py", "backend"),
+    ("model/model.py", "cpu"),
+    ("model/loading.py", "cpu"),
+    ("cpu/ffn.py", "backend"),
+    ("gpu/ffn.py", "backend"),
+    ("gpu/context.py", "train"),
+    ("gpu/resident/adamw.py", "train"),
+}
+
+
+def _top(mod_path: Path) -> str:
+    rel = mod_path.relative_to(PKG)
+    return rel.parts[0].removesuffix(".py")
+
+
+def _imports(path: Path):
+    """Top-level qlora_ext packages/modules imported by the file at `path`."""
+    tree = ast.parse(path.read_text(), str(path))
+    rel = path.relative_to(PKG)
+    depth = len(rel.parts) - 1                  # packages between qlora_ext and the file
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                up = node.level - 1
+                if up > depth:
+                    continue
+                base = list(rel.parts[:depth - up])
+                parts = base + (node.module.split(".") if node.module else [])
+                if not parts:                       # `from . import x` at the package root
+                    for alias in node.names:
+                        yield alias.name
+                    continue
+                yield parts[0]
+            elif node.module and node.module.startswith("qlora_ext."):
+                yield node.module.split(".")[1]
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("qlora_ext."):
+                    yield alias.name.split(".")[1]
+
+
+def test_every_module_is_in_a_layer():
+    tops = {_top(p) for p in PKG.rglob("*.py")}
+    assert tops <= set(LAYERS), f"add {sorted(tops - set(LAYERS))} to LAYERS"
+
+
+def test_imports_go_downward():
+    found = set()
+    for path in sorted(PKG.rglob("*.py")):
+        me = _top(path)
+        for target in _imports(path):
+            if target not in LAYERS or target == me:
+                continue
+            if LAYERS[target] > LAYERS[me]:
+                found.add((str(path.relative_to(PKG)), target))
+    new = sorted(found - KNOWN)
+    assert not new, f"upward imports: {new}"
+    stale = sorted(KNOWN - found)
+    assert not stale, f"these upward imports are gone: remove them from KNOWN: {stale}"
