@@ -4,8 +4,8 @@
     python bench/gpu_train_throughput.py --shape qwen3-0.6b --batch 4 --seq 1024 --json out.json
 
 Modes: "resident" (the whole step on the GPU: qlora_ext.engine.gpu_model.GpuModel + Trainer),
-"split-stream" / "split-resident" (attention on the CPU kernels, FFN on the wgpu backend,
-FFN weights streamed per layer or resident), "hf-bf16" / "hf-fp32" (PEFT LoRA over a
+"split" (projections, FFN and LM head on the GPU, norms, RoPE and attention on the CPU
+kernels: SplitModel + Trainer), "hf-bf16" / "hf-fp32" (PEFT LoRA over a
 bitsandbytes NF4 base with that compute dtype; plain fp32/bf16 linears when bitsandbytes
 is missing, which the JSON then says).  Random weights: speed does not depend on them.
 Peak GPU memory comes from polling nvidia-smi while each mode runs."""
@@ -97,8 +97,8 @@ def random_state(shape: str, seed=0):
 
 def run_qlora_ext(mode, state, batch, seq, steps, checkpointing, profile=False):
     import qlora_ext as qx
-    from qlora_ext.device import adapter_info, select_backend
-    from qlora_ext.model.model import Model
+    from qlora_ext.device import adapter_info
+    from qlora_ext.engine.gpu_model import GpuModel, SplitModel
 
     lora = qx.LoraConfig(r=16, alpha=32)
     rng = np.random.default_rng(1)
@@ -106,19 +106,12 @@ def run_qlora_ext(mode, state, batch, seq, steps, checkpointing, profile=False):
     result = {"mode": mode, "adapter": adapter_info(), "batch": batch, "seq": seq,
               "gradient_checkpointing": checkpointing}
     with GpuMemoryPoller() as mem:
-        if mode == "resident":
-            # What load_model(mode="resident") builds, driven by the Trainer as `qlora-ext
-            # train` does (clipping at 1.0: one squared-norm readback per update).
-            from qlora_ext.engine.gpu_model import GpuModel
-
-            model = GpuModel(state, lora, gradient_checkpointing=checkpointing)
-            trainer = qx.Trainer(model, qx.TrainConfig(lr=2e-4))
-            step = lambda: trainer.step(ids, ids)  # noqa: E731
-        else:
-            backend = select_backend("gpu", resident=(mode == "split-resident"))
-            model = Model(state, lora, backend, gradient_checkpointing=checkpointing)
-            trainer = qx.Trainer(model, qx.TrainConfig(lr=2e-4))
-            step = lambda: trainer.step(ids, ids)  # noqa: E731
+        # What load_model(mode=...) builds, driven by the Trainer as `qlora-ext train` does
+        # (clipping at 1.0: one squared-norm readback per update).
+        cls = GpuModel if mode == "resident" else SplitModel
+        model = cls(state, lora, gradient_checkpointing=checkpointing)
+        trainer = qx.Trainer(model, qx.TrainConfig(lr=2e-4))
+        step = lambda: trainer.step(ids, ids)  # noqa: E731
         t0 = time.perf_counter()
         loss0 = step()
         result["first_step_s"] = time.perf_counter() - t0
@@ -209,7 +202,7 @@ def run_hf(mode, shape, batch, seq, steps):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="qwen3-0.6b", choices=sorted(SHAPES))
-    ap.add_argument("--modes", default="resident,split-stream,split-resident,hf-bf16,hf-fp32")
+    ap.add_argument("--modes", default="resident,split,hf-bf16,hf-fp32")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")

@@ -6,6 +6,7 @@
 #   bash bench/run_gpu_host.sh large     Qwen3-4B shape: every mode + HF
 #   bash bench/run_gpu_host.sh small-split   Qwen3-0.6B shape: the split modes only
 #   bash bench/run_gpu_host.sh dist      MPI: all-reduce time, 1 -> 2 ranks on CPU, 2 ranks sharing the GPU
+#   bash bench/run_gpu_host.sh engine    the gpu and split placements on the one layer program, generation
 #   bash bench/run_gpu_host.sh resident  issue #11's figures: the resident placement (ResidentModel + Trainer)
 #                                        and HF fp32/bf16 at 0.6B and 4B shapes, attention vs SDPA, the auto choice
 set -uo pipefail
@@ -23,14 +24,14 @@ for stage in "$@"; do
   case $stage in
     small)
       python3 bench/gpu_train_throughput.py --shape qwen3-0.6b --steps 3 --profile \
-        --modes resident,hf-bf16,hf-fp32,split-stream,split-resident --json "$OUT/small.jsonl" 2>&1 | tee "$OUT/small.log"
+        --modes resident,hf-bf16,hf-fp32,split --json "$OUT/small.jsonl" 2>&1 | tee "$OUT/small.log"
       for T in 1024 4096; do
         QLORA_EXT_RESIDENT_BENCH="B=1,T=$T,HQ=32,HKV=8,D=128,C=2560,V=151936" python3 -m pytest -q -p no:cacheprovider \
           bench/bench_resident.py -k attention --benchmark-enable --benchmark-only --benchmark-json="$OUT/attn_T$T.json" 2>&1 | tail -15
       done ;;
     small-split)
       python3 bench/gpu_train_throughput.py --shape qwen3-0.6b --steps 2 --profile \
-        --modes split-stream,split-resident --json "$OUT/small_split.jsonl" 2>&1 | tee "$OUT/small_split.log" ;;
+        --modes split --json "$OUT/small_split.jsonl" 2>&1 | tee "$OUT/small_split.log" ;;
     dist)
       # the mpich wheel's launcher and library (pip --target leaves the wheel's lib/ out, and
       # mpi4py would otherwise load the image's Open MPI)
@@ -69,6 +70,14 @@ for shape in ((4, 1024), (64, 4096)):
     m = qx.load_model('/tmp/q06', mode='auto', batch_shape=shape, progress=False)
     print('auto', shape, '->', m.placement, '|', m.placement_reason)
 " 2>&1 | tee "$OUT/auto.log" ;;
+    engine)
+      # issue "One engine": the gpu (resident) and split placements on the one layer program,
+      # HF fp32 in the same run, the 4B shape with checkpointing, generation of 32 x 64 tokens
+      python3 bench/gpu_train_throughput.py --shape qwen3-0.6b --steps 3 \
+        --modes resident,split,hf-fp32 --json "$OUT/engine_small.jsonl" 2>&1 | tee "$OUT/engine_small.log" | grep -v "^{"
+      python3 bench/gpu_train_throughput.py --shape qwen3-4b --steps 2 --checkpointing \
+        --modes resident --json "$OUT/engine_large.jsonl" 2>&1 | tee "$OUT/engine_large.log" | grep -v "^{"
+      python3 bench/gpu_generate.py --shape qwen3-0.6b --mode resident --json "$OUT/engine_generate.jsonl" ;;
     large)
       python3 bench/gpu_train_throughput.py --shape qwen3-4b --steps 2 --checkpointing --profile \
         --modes resident,hf-bf16,hf-fp32,split-stream --json "$OUT/large.jsonl" 2>&1 | tee "$OUT/large.log" ;;

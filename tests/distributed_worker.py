@@ -63,10 +63,8 @@ class EmulatedShards:
 
 
 def run_train(spec: dict, comm) -> None:
-    from qlora_ext.cpu.ffn import CpuFfnBackend
     from qlora_ext.model.loading import load_state
     from qlora_ext.model.lora import LoraConfig
-    from qlora_ext.model.model import Model
     from qlora_ext.train.checkpoint import latest_checkpoint
     from qlora_ext.train.data import DataLoader
     from qlora_ext.train.loop import MetricsLog, fit, restore
@@ -78,14 +76,16 @@ def run_train(spec: dict, comm) -> None:
             comm.check_in_sync(self)
             return loss
 
+    state = load_state(spec["model"], quantize=spec.get("quantize"))
     if spec.get("device") == "gpu":  # every rank on this host's one (software) adapter
-        from qlora_ext.device import select_backend
+        from qlora_ext.api import split_context
+        from qlora_ext.engine.gpu_model import SplitModel
 
-        backend = select_backend("gpu")
+        model = SplitModel(state, LoraConfig(r=4, alpha=8), ctx=split_context("gpu")[0], threads=1, seed=3)
     else:
-        backend = CpuFfnBackend()
-    model = Model(load_state(spec["model"], quantize=spec.get("quantize")), LoraConfig(r=4, alpha=8), backend,
-                  threads=1, seed=3)
+        from qlora_ext.engine.model import Model
+
+        model = Model(state, LoraConfig(r=4, alpha=8), threads=1, seed=3)
     examples = make_examples(spec["examples"], model.config.vocab_size, 7, tuple(spec.get("ignore", ())))
     loader = DataLoader(examples, 16, spec["batch_rows"], seed=0, shuffle=spec.get("shuffle", False), pad_id=0)
     config = TrainConfig(lr=spec.get("lr", 1e-2), grad_clip=spec.get("grad_clip", 1.0), total_steps=spec["steps"])

@@ -11,23 +11,17 @@ LAYERS = {
     "_native": 0, "nf4": 0, "profile": 0, "progress": 0, "data": 0,
     "model": 1,
     "cpu": 2, "gpu": 2,
-    "ops": 3,
     "engine": 4,
-    "backend": 5, "device": 5, "placement": 5,
+    "device": 5, "placement": 5,
     "train": 6,
     "api": 7, "cli": 7, "profile_command": 7, "__init__": 7,
 }
 
-# Upward imports that exist while the split placement still runs on the old layer code
-# (model/model.py, model/layers.py with the FFN backends), the GPU picks its adapter by MPI
-# rank and the GPU AdamW shares the CPU AdamW's checks: each line goes when its import does
-# (a stale entry fails the test too).
+# Upward imports that remain: the loader builds RoPE inverse frequencies with the CPU kernels'
+# helper, the GPU picks its adapter by MPI rank and the GPU AdamW shares the CPU AdamW's
+# checks.  Each line goes when its import does (a stale entry fails the test too).
 KNOWN = {
-    ("model/layers.py", "backend"),
-    ("model/model.py", "cpu"),
     ("model/loading.py", "cpu"),
-    ("cpu/ffn.py", "backend"),
-    ("gpu/ffn.py", "backend"),
     ("gpu/context.py", "train"),
     ("gpu/resident/adamw.py", "train"),
 }

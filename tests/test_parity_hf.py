@@ -86,8 +86,9 @@ def test_zero_b_equals_base_model_exactly():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("model_type,quantize,gc", [("qwen3", "nf4", True), ("llama", None, False)])
-def test_parity_wgpu_backend(tmp_path, model_type, quantize, gc):
-    """The FFN on the wgpu backend (lavapipe where no GPU): same tolerances."""
+def test_parity_split_placement(tmp_path, model_type, quantize, gc):
+    """The split placement (projections, FFN and LM head on wgpu -- lavapipe where no GPU --,
+    norms, RoPE and attention on the CPU): same tolerances."""
     from qlora_ext.gpu.context import GpuError, pick_adapter
 
     if pick_adapter(allow_software=True) is None:
@@ -95,10 +96,10 @@ def test_parity_wgpu_backend(tmp_path, model_type, quantize, gc):
     path = make_tiny_checkpoint(tmp_path / "ckpt", model_type=model_type, seed=5, vocab_size=V)
     try:
         model = load_model(path, lora=LoraConfig(r=4, alpha=8), quantize=quantize, device="gpu",
-                           gradient_checkpointing=gc)
+                           gradient_checkpointing=gc, mode="split")
     except GpuError as e:
         pytest.skip(f"wgpu adapter unusable: {e}")
-    assert model.backend.name != "cpu"
+    assert model.placement == "split"
     randomize_lora(model, seed=1)
     _check(model, peft_twin(hf_from_checkpoint(path, model.state), model), *_batch(0))
 

@@ -24,7 +24,6 @@ _LAZY = {
     "Trainer": "qlora_ext.train.trainer",
     "TrainConfig": "qlora_ext.train.trainer",
     "adapter_info": "qlora_ext.device",
-    "select_backend": "qlora_ext.device",
     "PROFILER": "qlora_ext.profile",
 }
 

@@ -1,8 +1,7 @@
 """load_model: a checkpoint (HF directory, .gguf, or a known name such as "smollm2-135m")
--> a Model with LoRA adapters, placed split (CPU + FFN backend) or GPU-resident."""
+-> a Model with LoRA adapters in the placement chosen for it (cpu, split or resident)."""
 from __future__ import annotations
 
-from .device import select_backend
 from .model.lora import LoraConfig
 from .placement import check_mode
 
@@ -10,19 +9,20 @@ from .placement import check_mode
 def load_model(path, lora: LoraConfig | None = None, quantize: str | None = "nf4", double_quant: bool = False,
                device: str = "auto", gradient_checkpointing: bool = False, train_lm_head: bool = False,
                threads: int | None = None, progress=None, seed: int = 0, mode: str = "auto",
-               batch_shape: tuple | None = None) -> Model:
+               batch_shape: tuple | None = None):
     """Load the base (NF4 projections unless quantize=None) and attach fresh LoRA adapters
     (A Kaiming-uniform from `seed`, B zero; lora=None -> LoraConfig() defaults).
 
-    mode: "split" (attention on the CPU, FFN on `device`'s backend), "resident" (the whole
+    mode: "split" (projections, FFN and LM head on the GPU; norms, RoPE and attention on the
+    CPU; everything on the CPU with device="cpu" or without a GPU), "resident" (the whole
     step on the GPU), or "auto" (resident when the GPU's free memory holds it for
     `batch_shape` = (rows, tokens), default (4, 1024); see qlora_ext.placement).  The result
     says what it took: `model.placement` ("cpu", "split" or "resident") and
     `model.placement_reason`."""
     from . import placement
+    from .engine.gpu_model import GpuModel, SplitModel
     from .engine.model import Model as CpuModel
     from .model.loading import load_state
-    from .model.model import Model
 
     if lora is not None and not isinstance(lora, LoraConfig):
         raise ValueError(f"lora must be a qlora_ext LoraConfig or None, got {type(lora).__name__}")
@@ -31,24 +31,50 @@ def load_model(path, lora: LoraConfig | None = None, quantize: str | None = "nf4
         raise ValueError(f"batch_shape must be (rows, tokens) with both >= 1, got {batch_shape!r}")
     lora = lora if lora is not None else LoraConfig()
     state = load_state(path, quantize=quantize, double_quant=double_quant, progress=progress, threads=threads)
-    reason = "asked for" if mode == "split" else "device='cpu'"
+    common = dict(gradient_checkpointing=gradient_checkpointing, train_lm_head=train_lm_head, threads=threads,
+                  seed=seed)
+    reason = "asked for"
     if mode != "split" and device != "cpu":
         where, adapter, reason, weights = placement.choose(mode, device, state, lora, batch_shape,
                                                            gradient_checkpointing, train_lm_head)
         if where == "resident":
-            from .engine.gpu_model import GpuModel
-
-            model = GpuModel(state, lora, ctx=placement.context_for(adapter),
-                                  gradient_checkpointing=gradient_checkpointing, train_lm_head=train_lm_head,
-                                  threads=threads, seed=seed, weights=weights)
+            model = GpuModel(state, lora, ctx=placement.context_for(adapter), weights=weights, **common)
             model.placement_reason = reason
             return model
-    backend = select_backend(device)
-    if backend.name == "cpu":
-        model = CpuModel(state, lora, gradient_checkpointing=gradient_checkpointing, train_lm_head=train_lm_head,
-                         threads=threads, seed=seed)
-    else:
-        model = Model(state, lora, backend, gradient_checkpointing=gradient_checkpointing,
-                      train_lm_head=train_lm_head, threads=threads, seed=seed)
+    ctx, why_cpu = (None, "device='cpu'") if device == "cpu" else split_context(device)
+    if ctx is None:
+        model = CpuModel(state, lora, **common)
+        model.placement_reason = why_cpu if mode != "split" or device == "cpu" else f"asked for split; {why_cpu}"
+        return model
+    model = SplitModel(state, lora, ctx=ctx, **common)
     model.placement_reason = reason
     return model
+
+
+def split_context(device: str) -> tuple:
+    """(the GPU runtime context for the split placement, None) or, where no GPU serves,
+    (None, why): device='auto' falls back to the CPU with a warning when the GPU fails to
+    start; device='gpu' raises."""
+    import warnings
+
+    from . import placement
+    from .gpu.context import GpuError, pick_adapter
+    from .gpu.resident.context import unavailable_reason
+
+    adapter = pick_adapter(allow_software=(device == "gpu"))
+    if adapter is None:
+        if device == "gpu":
+            raise GpuError("device='gpu': wgpu found no adapter (is a Vulkan/Metal/DX12 driver installed?)")
+        return None, "no GPU adapter"
+    blocker = unavailable_reason()
+    if blocker:
+        if device == "gpu":
+            raise OSError(f"device='gpu': {blocker}")
+        return None, blocker
+    try:
+        return placement.context_for(adapter), ""
+    except Exception as e:   # a driver that fails to create a device
+        if device == "gpu":
+            raise
+        warnings.warn(f"device='auto': GPU unusable, using the CPU ({e})", RuntimeWarning, stacklevel=3)
+        return None, f"GPU unusable ({e})"

@@ -1,19 +1,18 @@
-"""Which FFN backend runs: wgpu on a real GPU adapter, else the CPU backend.
+"""Which GPU adapter a run would use (`adapter_info`, shown by `qlora-ext info`) and the
+accepted values of `device=`:
 
-    select_backend("auto")  wgpu on a real GPU adapter (discrete first, then integrated), the CPU
-                            backend when there is none (no adapter, or only a CPU rasterizer such
-                            as llvmpipe/lavapipe) or when the GPU fails to initialise
-    select_backend("gpu")   wgpu even on a software adapter (the tests check the shaders so)
-    select_backend("cpu")   numpy BLAS + the C NF4 dequant
-GPU failures raise qlora_ext.gpu.context.GpuError naming the adapter and the request; the CPU
-backend stays usable after one (select_backend("cpu"))."""
+    "auto"  a real GPU adapter if wgpu finds one (discrete first, then integrated); the CPU
+            when there is none (no adapter, or only a CPU rasterizer such as lavapipe)
+    "gpu"   wgpu even on a software adapter (the tests check the shaders so)
+    "cpu"   the CPU alone"""
 from __future__ import annotations
 
-import warnings
-
-from .backend import FfnBackend
-
 DEVICES = ("auto", "gpu", "cpu")
+
+
+def check_device(device: str) -> None:
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(map(repr, DEVICES))}, got {device!r}")
 
 
 def adapter_info() -> dict | None:
@@ -23,31 +22,3 @@ def adapter_info() -> dict | None:
 
     a = pick_adapter(allow_software=False) or pick_adapter(allow_software=True)
     return adapter_summary(a) if a is not None else None
-
-
-def select_backend(device: str = "auto", resident: bool = False, **kw) -> FfnBackend:
-    """An FfnBackend for `device`.  kw: for wgpu `tiles`, `max_rows`; for the CPU `threads`."""
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {', '.join(map(repr, DEVICES))}, got {device!r}")
-    if device == "cpu":
-        from .cpu.ffn import CpuFfnBackend  # noqa: PLC0415
-
-        return CpuFfnBackend(**kw)
-    from .gpu.context import GpuContext, GpuError, pick_adapter  # noqa: PLC0415
-    from .gpu.ffn import WgpuFfnBackend  # noqa: PLC0415
-
-    gpu_kw = {k: v for k, v in kw.items() if k in ("tiles", "max_rows")}
-    if device == "gpu":
-        adapter = pick_adapter(allow_software=True)
-        if adapter is None:
-            raise GpuError("device='gpu': wgpu found no adapter (is a Vulkan/Metal/DX12 driver installed?)")
-        return WgpuFfnBackend(GpuContext(adapter), resident=resident, **gpu_kw)
-    adapter = pick_adapter(allow_software=False)
-    if adapter is not None:
-        try:
-            return WgpuFfnBackend(GpuContext(adapter), resident=resident, **gpu_kw)
-        except GpuError as e:
-            warnings.warn(f"device='auto': GPU unusable, using the CPU backend ({e})", RuntimeWarning, stacklevel=2)
-    from .cpu.ffn import CpuFfnBackend  # noqa: PLC0415
-
-    return CpuFfnBackend(**{k: v for k, v in kw.items() if k == "threads"})

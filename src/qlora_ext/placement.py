@@ -27,6 +27,9 @@ MARGIN_FRACTION = 0.10
 
 
 def check_mode(mode: str, device: str) -> None:
+    from .device import check_device
+
+    check_device(device)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
     if mode == "resident" and device == "cpu":

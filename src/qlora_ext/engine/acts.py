@@ -4,7 +4,7 @@ shapes; a device allocates them (numpy arrays on the CPU, GpuTensors on a GPU), 
 estimate and the allocation read the same table.
 
 Shape letters: B batch, T tokens, N = B*T, H hidden, Hq/Hkv heads, D head dim, F FFN width,
-r LoRA rank (per adapted projection), R the largest rank."""
+r LoRA rank (per adapted projection)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -88,11 +88,10 @@ class StepScratch:
     dv: object       # [B, T, Hkv, D]
     dqn: object      # [N*Hq, D] gradient before q_norm (q/k norm models)
     dkn: object      # [N*Hkv, D]
-    dlora: object    # [N, R] gradient of scale * xd Aᵀ
     inputs: list     # L x [N, H] layer inputs (activation checkpointing), else []
 
 
-def plan_scratch(d: Dims, max_rank: int, layers: int, checkpointing: bool) -> dict:
+def plan_scratch(d: Dims, layers: int, checkpointing: bool) -> dict:
     N, qk = d.N, d.qk_norm
     return {
         "x": (N, d.H), "xf": (N, d.H), "rstdf": (N,), "gy": (N, d.H), "gx": (N, d.H),
@@ -100,7 +99,6 @@ def plan_scratch(d: Dims, max_rank: int, layers: int, checkpointing: bool) -> di
         "da": (N, d.Hq * d.D), "dq": (d.B, d.T, d.Hq, d.D), "dk": (d.B, d.T, d.Hkv, d.D),
         "dv": (d.B, d.T, d.Hkv, d.D),
         "dqn": (N * d.Hq, d.D) if qk else None, "dkn": (N * d.Hkv, d.D) if qk else None,
-        "dlora": (N, max(max_rank, 1)),
         "inputs": [(N, d.H)] * (layers if checkpointing else 0),
     }
 

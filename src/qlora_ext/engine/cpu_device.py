@@ -54,22 +54,27 @@ class CpuDevice:
         self.drop_seed = self.drop_step = None
 
     # ---- the step's inputs ---------------------------------------------------------------
-    def begin(self, dims, positions, mask, ids, labels=None, keep: bool = False, dropout: float = 0.0,
-              seed: int = 0, step: int | None = None):
-        """Take the batch (ids int [B, T], labels [B, T] or None, positions int [T] or [B, T],
-        mask uint8 [B, T] or None) and return the program's buffers (LayerActs list,
-        StepScratch) for it; dropout applies when `step` is given."""
+    def prepare(self, dims, positions, mask, ids, labels=None, dropout: float = 0.0, seed: int = 0,
+                step: int | None = None) -> None:
+        """Take the batch: ids int [B, T], labels [B, T] or None, positions int [T] or [B, T],
+        mask uint8 [B, T] or None; dropout applies when `step` is given."""
         self.dims, self.positions, self.mask = dims, positions, mask
         self.ids, self.labels = ids, labels
         self.tables = self.rope_cache.covering(int(np.max(positions)) + 1)
         self.dropout = float(dropout) if step is not None else 0.0
         self.drop_seed, self.drop_step = int(seed), step
-        p = self.params
+
+    def buffers(self, dims, keep: bool):
+        """The program's buffers (LayerActs list, StepScratch), fresh each step."""
         n = self.layers if keep and not self.checkpointing else 1
-        acts = [allocate(LayerActs, plan_layer_acts(dims, p.ranks(l)), self.empty) for l in range(n)]
-        scratch = allocate(StepScratch, plan_scratch(dims, p.max_rank, self.layers, keep and self.checkpointing),
-                           self.empty)
-        return acts, scratch
+        acts = [allocate(LayerActs, plan_layer_acts(dims, self.params.ranks(l)), self.empty) for l in range(n)]
+        return acts, allocate(StepScratch, plan_scratch(dims, self.layers, keep and self.checkpointing), self.empty)
+
+    def begin(self, dims, positions, mask, ids, labels=None, keep: bool = False, dropout: float = 0.0,
+              seed: int = 0, step: int | None = None):
+        """prepare() and buffers(): the program's buffers for this batch."""
+        self.prepare(dims, positions, mask, ids, labels, dropout, seed, step)
+        return self.buffers(dims, keep)
 
     def empty(self, shape, dtype=np.float32):
         return np.empty(shape, dtype)

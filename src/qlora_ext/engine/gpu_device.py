@@ -51,16 +51,15 @@ class _LayerGpu:
 
 
 class _StepGpu:
-    """The per-shape buffers: the program's record and scratch, the batch's inputs, the GPU
-    kernels' own scratch."""
+    """One batch shape's inputs and the GPU kernels' own scratch."""
 
-    def __init__(self, ctx, d, acts, scratch, vocab):
-        self.acts, self.s = acts, scratch
+    def __init__(self, ctx, d, vocab, max_rank):
         N = d.N
         self.ids, self.labels = ctx.empty((N,), "i32"), ctx.empty((N,), "i32")
         self.pos = ctx.empty((N,), "i32")
         self.mask = ctx.empty((d.B, d.T), "u32")
         self.delta = ctx.empty((d.B, d.Hq, d.T))
+        self.dlora = ctx.empty((N, max(max_rank, 1)))     # scale · dy B of one projection
         self.head = LmHeadLoss(ctx, N, d.H, vocab)
         self.drop = self.drop_keys = None    # LoRA dropout's buffers, made by its first step
 
@@ -109,7 +108,8 @@ class GpuDevice:
         self.values = up(params.values)
         self.grads = ctx.zeros((params.size,))
         self.resident_bytes = ctx.allocated_bytes - start
-        self._steps: dict = {}
+        self._steps: dict = {}       # (dims, keep) -> (LayerActs list, StepScratch)
+        self._inputs: dict = {}      # dims -> _StepGpu
         self.step_bytes: dict = {}
         self.cur = None
         self.dims = None
@@ -124,23 +124,34 @@ class GpuDevice:
     def copy(self, src, dst) -> None:
         self.ctx.encoder().copy_buffer_to_buffer(src.buffer, 0, dst.buffer, 0, src.nbytes)
 
+    def _step(self, d) -> _StepGpu:
+        st = self._inputs.get(d)
+        if st is None:
+            start = self.ctx.allocated_bytes
+            st = self._inputs[d] = _StepGpu(self.ctx, d, self.V, self.params.max_rank)
+            if self.dropout_p > 0.0:
+                st.dropout_buffers(self.ctx, d, self.layers)
+            self.step_bytes[d] = self.step_bytes.get(d, 0) + self.ctx.allocated_bytes - start
+        return st
+
     def buffers(self, d, keep: bool):
         """(LayerActs list, StepScratch) for dims d, allocated once per (shape, keep)."""
         key = (d, keep)
-        st = self._steps.get(key)
-        if st is None:
-            ctx, p = self.ctx, self.params
-            start = ctx.allocated_bytes
+        bufs = self._steps.get(key)
+        if bufs is None:
+            start = self.ctx.allocated_bytes
             n = self.layers if keep and not self.checkpointing else 1
-            acts = [allocate(LayerActs, plan_layer_acts(d, p.ranks(l)), self.empty) for l in range(n)]
-            s = allocate(StepScratch, plan_scratch(d, p.max_rank, self.layers, keep and self.checkpointing),
-                         self.empty)
-            st = self._steps[key] = _StepGpu(ctx, d, acts, s, self.V)
-            if self.dropout_p > 0.0:
-                st.dropout_buffers(ctx, d, self.layers)
-            self.step_bytes[key] = ctx.allocated_bytes - start
-        self.cur = st
-        return st.acts, st.s
+            acts = [allocate(LayerActs, plan_layer_acts(d, self.params.ranks(l)), self.empty) for l in range(n)]
+            s = allocate(StepScratch, plan_scratch(d, self.layers, keep and self.checkpointing), self.empty)
+            bufs = self._steps[key] = (acts, s)
+            self.step_bytes[key] = self.ctx.allocated_bytes - start
+        return bufs
+
+    def shape_bytes(self, d, keep: bool = True) -> int:
+        """GPU bytes of one batch shape's buffers (allocating them if they are not yet)."""
+        self._step(d)
+        self.buffers(d, keep)
+        return self.step_bytes[d] + self.step_bytes[(d, keep)]
 
     def layer_weights(self, l: int) -> _LayerGpu:
         return self._layers[l]
@@ -154,14 +165,13 @@ class GpuDevice:
         return self._layers[l].proj[proj]
 
     # ---- the step's inputs -----------------------------------------------------------------
-    def begin(self, dims, positions, mask, ids, labels=None, keep: bool = False, dropout: float = 0.0,
-              seed: int = 0, step: int | None = None):
-        """Upload the batch (ids, labels, mask, positions) into the step's buffers and, for a
-        training step with dropout, the step's mask keys; returns the program's buffers."""
+    def prepare(self, dims, positions, mask, ids, labels=None, dropout: float = 0.0, seed: int = 0,
+                step: int | None = None) -> None:
+        """Upload the batch (ids, labels, mask, positions) and, for a training step with
+        dropout, the step's mask keys."""
         self.dims = dims
         ctx = self.ctx
-        acts, s = self.buffers(dims, keep)
-        st = self.cur
+        st = self.cur = self._step(dims)
         self._upload_tables(int(np.max(positions)) + 1)
         B, T = dims.B, dims.T
         pos = np.broadcast_to(np.asarray(positions, np.int32), (B, T))
@@ -183,7 +193,12 @@ class GpuDevice:
                 for i, p in enumerate(PROJECTIONS):
                     keys[l * len(PROJECTIONS) + i] = dropout_key(sd, l, p)
             ctx.write(st.drop_keys, keys)
-        return acts, s
+
+    def begin(self, dims, positions, mask, ids, labels=None, keep: bool = False, dropout: float = 0.0,
+              seed: int = 0, step: int | None = None):
+        """prepare() and buffers(): the program's buffers for this batch."""
+        self.prepare(dims, positions, mask, ids, labels, dropout, seed, step)
+        return self.buffers(dims, keep)
 
     def _upload_tables(self, n: int):
         tab = self.rope_cache.covering(n)
@@ -241,7 +256,7 @@ class GpuDevice:
         out, inn = pr.shape
         N = dy.shape[0]
         lo = self.params.lora(l, proj)
-        du = view(self.cur.s.dlora, (N, lo.r)) if lo is not None else None
+        du = view(self.cur.dlora, (N, lo.r)) if lo is not None else None
         if lo is not None:
             gemm_gpu(ctx, dy, u, self.grads, out, lo.r, N, trans_a=True, accumulate=True, c_off=lo.b_off)
             gemm_gpu(ctx, dy, self.values, du, N, lo.r, out, alpha=lo.scale, b_off=lo.b_off)

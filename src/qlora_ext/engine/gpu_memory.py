@@ -67,7 +67,7 @@ def estimate_bytes(ctx, state, lora_config, B: int, T: int, gradient_checkpointi
     rope = RopeCache(state.config, default_kernels())
     dev = GpuDevice(state, params, counting, rope, checkpointing=gradient_checkpointing, weights=weights,
                     dropout=float(lora_config.dropout))
-    dev.buffers(Model.dims_of(state, B, T), keep=True)
+    dev.shape_bytes(Model.dims_of(state, B, T))
     counting.empty((params.size,))
     counting.empty((params.size,))                      # AdamW's two moments
     cfg = state.config

@@ -222,7 +222,23 @@ class GpuModel(Model):
         rep["gpu_resident_bytes"] = int(self.device.resident_bytes + 2 * 4 * self.params.size)
         if batch_shape is not None:
             B, T = batch_shape
-            d = self.dims(B, T)
-            self.device.buffers(d, keep=True)
-            rep["gpu_activation_bytes"] = int(self.device.step_bytes[(d, True)])
+            rep["gpu_activation_bytes"] = int(self.device.shape_bytes(self.dims(B, T)))
+        return rep
+
+
+class SplitModel(GpuModel):
+    """The split placement: projections with LoRA, SwiGLU, residual adds and the LM head on
+    the GPU; norms, RoPE and attention on the CPU (engine/split_device.py).  Parameters,
+    gradients and AdamW live on the GPU as in the gpu placement."""
+
+    placement = "split"
+
+    def _gpu_device(self, ctx):
+        from .split_device import SplitDevice
+
+        return SplitDevice(self.host, super()._gpu_device(ctx))
+
+    def memory_report(self, batch_shape: tuple | None = None) -> dict:
+        rep = Model.memory_report(self)
+        rep["gpu_resident_bytes"] = int(self.device.resident_bytes + 2 * 4 * self.params.size)
         return rep

@@ -1,0 +1,197 @@
+"""The split placement's device: the projections with LoRA, SwiGLU, the residual adds, the
+embedding and the LM head with the loss on the GPU; RMSNorm (and the q/k norms), RoPE and the
+attention core on the CPU's C kernels.
+
+Every buffer of the program is a SplitTensor: one logical tensor with a host array and a GPU
+buffer (each made on first use) and the side(s) holding its current value.  An op reads its
+inputs on its own side (a transfer where the value is only on the other side), writes its
+outputs there, and leaves them valid on that side only; views share their tensor's state.
+Transfers are timed as "upload" / "readback" (device "transfer") in the profiler.
+
+Shape letters as in engine/acts.py."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..gpu.resident.context import GpuTensor
+
+CPU, GPU = "cpu", "gpu"
+
+
+class _Storage:
+    __slots__ = ("size", "host", "dev", "valid")
+
+    def __init__(self, size: int):
+        self.size = size
+        self.host = self.dev = None
+        self.valid = set()
+
+
+class SplitTensor:
+    """A view (shape) of a storage that may live on the host, the GPU or both."""
+
+    __slots__ = ("store", "shape")
+
+    def __init__(self, store: _Storage, shape: tuple):
+        self.store, self.shape = store, tuple(shape)
+
+
+class SplitDevice:
+    """cpu: the CpuDevice; gpu: the GpuDevice (both over the same base and FlatParams; the GPU
+    holds the parameters and their gradients, as in the gpu placement)."""
+
+    name = "split"
+
+    def __init__(self, cpu, gpu):
+        self.cpu, self.gpu = cpu, gpu
+        self.ctx = gpu.ctx
+        self.layers, self.checkpointing = gpu.layers, gpu.checkpointing
+        self.final_norm = cpu.final_norm
+        self.timer = cpu.timer
+        self.timer.devices.update(upload="transfer", readback="transfer")
+        self._steps: dict = {}
+        self.dims = None
+
+    def __getattr__(self, name):
+        # the GPU device holds the parameters, gradients and memory accounting
+        return getattr(self.gpu, name)
+
+    # ---- tensors -------------------------------------------------------------------------------
+    @staticmethod
+    def empty(shape) -> SplitTensor:
+        return SplitTensor(_Storage(int(np.prod(shape))), shape)
+
+    @staticmethod
+    def view(t: SplitTensor, shape) -> SplitTensor:
+        return SplitTensor(t.store, shape)
+
+    def _host(self, t: SplitTensor) -> np.ndarray:
+        st = t.store
+        if st.host is None:
+            st.host = np.empty(st.size, np.float32)
+        if CPU not in st.valid and GPU in st.valid:
+            with self.timer("readback"):
+                st.host[...] = self.ctx.to_numpy(GpuTensor(st.dev.buffer, (st.size,)))
+            st.valid.add(CPU)
+        return st.host.reshape(t.shape)
+
+    def _dev(self, t: SplitTensor) -> GpuTensor:
+        st = t.store
+        if st.dev is None:
+            st.dev = self.ctx.empty((st.size,))
+        if GPU not in st.valid and CPU in st.valid:
+            with self.timer("upload"):
+                self.ctx.write(st.dev, st.host)
+            st.valid.add(GPU)
+        return GpuTensor(st.dev.buffer, t.shape)
+
+    @staticmethod
+    def _wrote(t: SplitTensor, side: str) -> None:
+        t.store.valid = {side}
+
+    def _on(self, side, t):
+        return self._host(t) if side == CPU else self._dev(t)
+
+    def _out(self, side, t, accumulate: bool = False):
+        """t's buffer on `side` for an op to write (its value brought over first when the op
+        adds into it)."""
+        if accumulate:
+            buf = self._on(side, t)
+        elif side == CPU:
+            st = t.store
+            if st.host is None:
+                st.host = np.empty(st.size, np.float32)
+            buf = st.host.reshape(t.shape)
+        else:
+            st = t.store
+            if st.dev is None:
+                st.dev = self.ctx.empty((st.size,))
+            buf = GpuTensor(st.dev.buffer, t.shape)
+        self._wrote(t, side)
+        return buf
+
+    # ---- the step ------------------------------------------------------------------------------
+    def begin(self, dims, positions, mask, ids, labels=None, keep: bool = False, dropout: float = 0.0,
+              seed: int = 0, step: int | None = None):
+        self.dims = dims
+        self.cpu.prepare(dims, positions, mask, ids, labels, dropout, seed, step)
+        self.gpu.prepare(dims, positions, mask, ids, labels, dropout, seed, step)
+        key = (dims, keep)
+        if key not in self._steps:
+            from .acts import LayerActs, StepScratch, allocate, plan_layer_acts, plan_scratch
+
+            n = self.layers if keep and not self.checkpointing else 1
+            acts = [allocate(LayerActs, plan_layer_acts(dims, self.params.ranks(l)), self.empty) for l in range(n)]
+            s = allocate(StepScratch, plan_scratch(dims, self.layers, keep and self.checkpointing), self.empty)
+            self._steps[key] = (acts, s)
+        acts, s = self._steps[key]
+        return acts, s
+
+    def layer_weights(self, l: int):
+        return self.cpu.layer_weights(l)      # the norms run on the CPU
+
+    def layer_done(self) -> None:
+        self.ctx.submit()
+
+    def copy(self, src, dst) -> None:
+        side = GPU if GPU in src.store.valid else CPU
+        if side == GPU:
+            self.gpu.copy(self._dev(src), self._out(GPU, dst))
+        else:
+            np.copyto(self._out(CPU, dst), self._host(src))
+
+    # ---- GPU ops -------------------------------------------------------------------------------
+    def linear_forward(self, l, proj, x, y, u) -> None:
+        xd = self._dev(x)
+        ud = self._out(GPU, u) if u is not None else None
+        yd = self._out(GPU, y) if y is not None else None
+        self.gpu.linear_forward(l, proj, xd, yd, ud)
+
+    def linear_backward(self, l, proj, dy, x, u, dx, accumulate) -> None:
+        dyd, xd = self._dev(dy), self._dev(x)
+        ud = self._dev(u) if u is not None else None
+        dxd = self._out(GPU, dx, accumulate) if dx is not None else None
+        self.gpu.linear_backward(l, proj, dyd, xd, ud, dxd, accumulate)
+
+    def swiglu_forward(self, g, u, m) -> None:
+        self.gpu.swiglu_forward(self._dev(g), self._dev(u), self._out(GPU, m))
+
+    def swiglu_backward(self, g, u, dm, dg, du) -> None:
+        self.gpu.swiglu_backward(self._dev(g), self._dev(u), self._dev(dm), self._out(GPU, dg), self._out(GPU, du))
+
+    def add(self, y, x) -> None:
+        xd = self._dev(x)
+        self.gpu.add(self._out(GPU, y, accumulate=True), xd)
+
+    def embed(self, out) -> None:
+        self.gpu.embed(self._out(GPU, out))
+
+    def lm_head_loss(self, xf, scale, dh):
+        return self.gpu.lm_head_loss(self._dev(xf), scale, self._out(GPU, dh) if dh is not None else None)
+
+    def logits(self, xf) -> np.ndarray:
+        return self.gpu.logits(self._dev(xf))
+
+    # ---- CPU ops -------------------------------------------------------------------------------
+    def rmsnorm_forward(self, x, w, y, rstd) -> None:
+        xh = self._host(x)
+        self.cpu.rmsnorm_forward(xh, w, self._out(CPU, y), self._out(CPU, rstd))
+
+    def rmsnorm_backward(self, x, w, rstd, dy, dx, accumulate) -> None:
+        xh, rh, dyh = self._host(x), self._host(rstd), self._host(dy)
+        self.cpu.rmsnorm_backward(xh, w, rh, dyh, self._out(CPU, dx, accumulate), accumulate)
+
+    def rope(self, t, sign: int) -> None:
+        self.cpu.rope(self._out(CPU, t, accumulate=True), sign)
+
+    def attention_forward(self, q, k, v, attn, lse) -> None:
+        qh, kh, vh = self._host(q), self._host(k), self._host(v)
+        self.cpu.attention_forward(qh, kh, vh, self._out(CPU, attn), self._out(CPU, lse))
+
+    def attention_cached(self, l, cache, q, k, v, attn) -> None:
+        qh, kh, vh = self._host(q), self._host(k), self._host(v)
+        self.cpu.attention_cached(l, cache, qh, kh, vh, self._out(CPU, attn))
+
+    def attention_backward(self, q, k, v, attn, lse, dattn, dq, dk, dv) -> None:
+        ins = [self._host(t) for t in (q, k, v, attn, lse, dattn)]
+        self.cpu.attention_backward(*ins, self._out(CPU, dq), self._out(CPU, dk), self._out(CPU, dv))
