@@ -7,6 +7,7 @@
 #include "nf4.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if QX_X86
@@ -280,7 +281,7 @@ int qx_nf4_quantize(const void *x, int dtype, int64_t n, int64_t blocksize, uint
   if (dtype != QX_F32 && dtype != QX_F16 && dtype != QX_BF16) return QX_E_ARG;
   nf4_init_midpoints();
   const int level = qx_cpu_level();
-  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  const int64_t nblocks = n / blocksize + (n % blocksize != 0);
   int64_t first_bad = -1;
   int nt = qx_threads(nthreads);
   if (nblocks < 4 * nt) nt = 1; /* tiny tensors: thread start-up costs more than the work */
@@ -386,9 +387,12 @@ static int blockwise8_lut(const float *code, uint8_t *lut) {
 int qx_blockwise8_quantize(const float *x, int64_t n, int64_t blocksize, const float *code,
                            uint8_t *out, float *absmax) {
   if (n < 0 || blocksize <= 0) return QX_E_ARG;
-  static uint8_t lut[65536]; /* rebuilt per call: the nested statistics are small */
+  if (first_nonfinite(x, n) >= 0) return QX_E_NONFINITE; /* the grid index below needs finite v */
+  /* per call, not static: two threads may quantize at once (the GIL is released) */
+  uint8_t *lut = (uint8_t *)malloc(65536);
+  if (!lut) return QX_E_NOMEM;
   blockwise8_lut(code, lut);
-  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  const int64_t nblocks = n / blocksize + (n % blocksize != 0);
   for (int64_t blk = 0; blk < nblocks; blk++) {
     int64_t start = blk * blocksize, len = n - start < blocksize ? n - start : blocksize;
     float am = block_absmax_scalar(x + start, len);
@@ -403,5 +407,6 @@ int qx_blockwise8_quantize(const float *x, int64_t n, int64_t blocksize, const f
       out[start + i] = lut[(uint16_t)((v + 1.0f) * 0.5f * 65535.0f + 0.5f)];
     }
   }
+  free(lut);
   return QX_OK;
 }

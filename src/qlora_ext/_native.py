@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 _kernels = None
 _load_error: BaseException | None = None
 
@@ -29,8 +31,41 @@ def kernels():
     return _kernels
 
 
+# Threads per logical CPU allowed before a count is cut down: a little oversubscription is
+# harmless (and tested), while tens of thousands of OpenMP threads exhaust the process's
+# thread and stack limits, which makes libgomp abort or the kernels crash.
+THREADS_PER_CPU = 4
+
+
+def machine_cpus() -> int:
+    """Logical CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def max_threads() -> int:
+    """The most kernel threads a call may start: THREADS_PER_CPU per logical CPU."""
+    return THREADS_PER_CPU * machine_cpus()
+
+
+def resolve_threads(threads, name: str = "threads") -> int:
+    """The kernel thread count for a `threads` argument: None means default_threads();
+    otherwise a positive integer, cut down to max_threads().  Anything else (0, negative,
+    a float, a bool, a string) raises ValueError naming `name`."""
+    if threads is None:
+        return default_threads()
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)):
+        raise ValueError(f"{name}={threads!r}: expected a positive integer or None")
+    if threads < 1:
+        raise ValueError(f"{name}={threads!r}: expected a positive integer or None")
+    return int(min(int(threads), max_threads()))
+
+
 def default_threads() -> int:
-    """Threads the kernels use when none is given: QLORA_EXT_THREADS, else all cores."""
+    """Threads the kernels use when none is given: QLORA_EXT_THREADS (cut down to
+    max_threads()), else every CPU this process may run on."""
     env = os.environ.get("QLORA_EXT_THREADS")
     if env:
         try:
@@ -39,8 +74,8 @@ def default_threads() -> int:
             raise ValueError(f"QLORA_EXT_THREADS={env!r} is not an integer") from None
         if n < 1:
             raise ValueError(f"QLORA_EXT_THREADS={env!r} must be >= 1")
-        return n
-    return os.cpu_count() or 1
+        return min(n, max_threads())
+    return machine_cpus()
 
 
 def cpu_features() -> dict:
