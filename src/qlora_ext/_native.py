@@ -78,6 +78,35 @@ def default_threads() -> int:
     return machine_cpus()
 
 
+def available_memory() -> int:
+    """Bytes of RAM a new allocation can get without swapping: MemAvailable where the OS
+    reports it (Linux), else the physical RAM."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown: no limit from this check
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.3g} GiB"
+
+
+def require_memory(nbytes: int, what: str) -> None:
+    """ValueError when `what` (a phrase naming the file and key it comes from) would need more
+    than the RAM available, checked before anything that size is allocated."""
+    avail = available_memory()
+    if nbytes > avail:
+        raise ValueError(f"{what} needs at least {_gib(nbytes)} of RAM, more than the {_gib(avail)} "
+                         "available on this machine")
+
+
 def cpu_features() -> dict:
     """Which SIMD path the C kernels take: {'active', 'best', 'threads'}.
 
