@@ -133,3 +133,8 @@ def test_blockwise8_refuses_non_finite_input_and_bad_blocksize():
     for bs in (0, -5, 2**62):
         with pytest.raises(ValueError, match="blocksize"):
             k.blockwise8_quantize(np.ones(10, np.float32), bs, code, np.empty(10, np.uint8), np.empty(1, np.float32))
+
+
+def test_rope_tables_checked_against_ram():
+    with pytest.raises(ValueError, match=r"max_positions=1000000000000000.*RAM"):
+        K.rope_tables(64, 10**15, 10000.0)

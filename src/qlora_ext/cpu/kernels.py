@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._native import kernels, resolve_threads
+from .._native import kernels, require_memory, resolve_threads
 
 
 def _f32(name: str, a, ndim: int, letters: str) -> np.ndarray:
@@ -157,6 +157,8 @@ def rope_tables(head_dim: int, max_positions: int, theta: float, scaling=None) -
     theta = float(theta)
     if not (math.isfinite(theta) and theta > 0):
         raise ValueError(f"theta={theta!r}: expected a positive number")
+    # float32 tables, float64 while they are built
+    require_memory(16 * int(max_positions) * int(head_dim), f"rope tables for max_positions={max_positions}")
     inv = rope_inv_freq(int(head_dim), theta, scaling)
     pos = np.arange(int(max_positions), dtype=np.float32)
     angle = (pos[:, None] * inv[None, :]).astype(np.float32).astype(np.float64)
