@@ -16,7 +16,12 @@
  * The forward splits over (b, query head, query tile): each writes its own rows.
  * The backward splits over (b, kv head, key tile): a thread owns dK/dV of its key tile for
  * all query heads of the group (no race), and adds its dQ share into each query tile in
- * key-tile order (a per-tile turn counter), so results do not depend on the thread count. */
+ * key-tile order (a per-tile turn counter), so results do not depend on the thread count.
+ *
+ * Non-finite input: a NaN or Inf in q or k makes a valid key's score non-finite, and every
+ * path then gives that query row NaN (out, lse, and the gradients it feeds), never a silent 0
+ * or a finite value; the SIMD paths' exp and row max keep NaN so that the result does not
+ * depend on the CPU.  A padding key stays -inf whatever its score. */
 #include "attention.h"
 
 #include <math.h>
@@ -58,6 +63,18 @@ typedef struct {
 } attn_ops;
 
 /* ==== scalar ============================================================================ */
+/* A valid key's scaled score: -inf for a padding key (bias -inf), NaN for a non-finite raw
+ * score (see the file comment), else s * scale + bias. */
+static inline float scaled_score(float s, float scale, float b) {
+  if (b == -INFINITY) return -INFINITY;
+  return isfinite(s) ? s * scale + b : NAN;
+}
+
+/* max that is NaN when either side is (the running max of a poisoned row stays NaN) */
+static inline float max_keep_nan(float a, float b) {
+  return a != a || b != b ? NAN : (a > b ? a : b);
+}
+
 static void gemm_scalar(int64_t M, int64_t N, int64_t K, const float *A, int64_t ars,
                         int64_t acs, const float *B, int64_t ldb, float *C, int64_t ldc,
                         int accumulate) {
@@ -77,11 +94,11 @@ static void row_fwd_scalar(float *s, int64_t n, int64_t nv, const float *bias, f
                            float *m, float *l, float *o, int64_t D) {
   float mx = -INFINITY;
   for (int64_t j = 0; j < nv; j++) {
-    float x = s[j] * scale + (bias ? bias[j] : 0.0f);
+    const float x = scaled_score(s[j], scale, bias ? bias[j] : 0.0f);
     s[j] = x;
-    mx = x > mx ? x : mx;
+    mx = max_keep_nan(mx, x);
   }
-  const float mo = *m, mn = mx > mo ? mx : mo;
+  const float mo = *m, mn = max_keep_nan(mx, mo);
   if (mn == -INFINITY) { /* nothing valid yet: keep m = -inf, l = 0 */
     for (int64_t j = 0; j < n; j++) s[j] = 0.0f;
     return;
@@ -103,7 +120,7 @@ static void row_fwd_scalar(float *s, int64_t n, int64_t nv, const float *bias, f
 static void row_p_scalar(float *s, int64_t n, int64_t nv, const float *bias, float scale,
                          float lse) {
   if (lse == -INFINITY) nv = 0; /* a row with no valid key */
-  for (int64_t j = 0; j < nv; j++) s[j] = expf(s[j] * scale + (bias ? bias[j] : 0.0f) - lse);
+  for (int64_t j = 0; j < nv; j++) s[j] = expf(scaled_score(s[j], scale, bias ? bias[j] : 0.0f) - lse);
   for (int64_t j = nv; j < n; j++) s[j] = 0.0f;
 }
 
@@ -119,12 +136,14 @@ static float dot_scalar(const float *a, const float *b, int64_t n) {
 
 #if QX_X86
 /* ==== AVX2 ============================================================================== */
-/* exp for x <= 88; x < -87.3 (and -inf) gives 0.  Cephes' expf: n = round(x log2 e),
- * r = x - n ln2 (two-part ln2), degree-6 polynomial, times 2^n via the exponent field. */
+/* exp for x <= 88; x < -87.3 (and -inf) gives 0, x > ln(FLT_MAX) (and +inf) +inf, NaN NaN,
+ * as expf does.  Cephes' expf: n = round(x log2 e), r = x - n ln2 (two-part ln2), degree-6
+ * polynomial, times 2^n via the exponent field. */
 QX_TARGET_AVX2 static QX_INLINE __m256 exp256(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-87.3f);
-  __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);
-  __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.0f));
+  __m256 keep = _mm256_cmp_ps(x, lo, _CMP_NLT_UQ); /* x >= lo, or NaN */
+  /* maxps / minps return their second operand when one is NaN: this order keeps a NaN x */
+  __m256 xc = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(lo, x));
   __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
@@ -137,11 +156,19 @@ QX_TARGET_AVX2 static QX_INLINE __m256 exp256(__m256 x) {
   y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201E-1f));
   y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), keep);
+  __m256 r2 = _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), keep);
+  return _mm256_blendv_ps(r2, _mm256_set1_ps(INFINITY),
+                          _mm256_cmp_ps(x, _mm256_set1_ps(88.72283935546875f), _CMP_GT_OQ));
 }
 
 QX_TARGET_AVX2 static QX_INLINE __m256i lanes_below(int64_t cnt) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)cnt), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* lanes where v is finite (all ones) */
+QX_TARGET_AVX2 static QX_INLINE __m256 finite256(__m256 v) {
+  const __m256 abs = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)));
+  return _mm256_cmp_ps(abs, _mm256_set1_ps(INFINITY), _CMP_LT_OQ);
 }
 
 QX_TARGET_AVX2 static QX_INLINE float hmax256(__m256 v) {
@@ -210,17 +237,21 @@ QX_TARGET_AVX2 static void gemm_avx2(int64_t M, int64_t N, int64_t K, const floa
 
 QX_TARGET_AVX2 static void row_fwd_avx2(float *s, int64_t n, int64_t nv, const float *bias,
                                         float scale, float *m, float *l, float *o, int64_t D) {
-  const __m256 sc = _mm256_set1_ps(scale), ninf = _mm256_set1_ps(-INFINITY);
-  __m256 mx = ninf;
+  const __m256 sc = _mm256_set1_ps(scale), ninf = _mm256_set1_ps(-INFINITY), nan = _mm256_set1_ps(NAN);
+  __m256 mx = ninf, bad = _mm256_setzero_ps();
   for (int64_t j = 0; j < nv; j += 8) {
     __m256i lm = lanes_below(nv - j);
-    __m256 x = _mm256_mul_ps(_mm256_maskload_ps(s + j, lm), sc);
+    __m256 raw = _mm256_maskload_ps(s + j, lm), x = _mm256_mul_ps(raw, sc);
     if (bias) x = _mm256_add_ps(x, _mm256_maskload_ps(bias + j, lm));
+    x = _mm256_blendv_ps(nan, x, finite256(raw)); /* as scaled_score */
+    if (bias) x = _mm256_blendv_ps(x, ninf, _mm256_cmp_ps(_mm256_maskload_ps(bias + j, lm), ninf, _CMP_EQ_OQ));
     x = _mm256_blendv_ps(ninf, x, _mm256_castsi256_ps(lm));
     _mm256_maskstore_ps(s + j, lm, x);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
     mx = _mm256_max_ps(mx, x);
   }
-  const float mo = *m, rowmax = hmax256(mx), mn = rowmax > mo ? rowmax : mo;
+  const float rowmax = _mm256_movemask_ps(bad) ? NAN : hmax256(mx);
+  const float mo = *m, mn = max_keep_nan(rowmax, mo);
   if (mn == -INFINITY) {
     for (int64_t j = 0; j < n; j++) s[j] = 0.0f;
     return;
@@ -248,11 +279,14 @@ QX_TARGET_AVX2 static void row_fwd_avx2(float *s, int64_t n, int64_t nv, const f
 QX_TARGET_AVX2 static void row_p_avx2(float *s, int64_t n, int64_t nv, const float *bias,
                                       float scale, float lse) {
   if (lse == -INFINITY) nv = 0;
-  const __m256 sc = _mm256_set1_ps(scale), lv = _mm256_set1_ps(lse);
+  const __m256 sc = _mm256_set1_ps(scale), lv = _mm256_set1_ps(lse), nan = _mm256_set1_ps(NAN);
+  const __m256 ninf = _mm256_set1_ps(-INFINITY), padded = _mm256_sub_ps(ninf, lv);
   for (int64_t j = 0; j < n; j += 8) {
     __m256i ln = lanes_below(n - j), lv_ = lanes_below(nv - j);
-    __m256 x = _mm256_fmsub_ps(_mm256_maskload_ps(s + j, ln), sc, lv);
+    __m256 raw = _mm256_maskload_ps(s + j, ln), x = _mm256_fmsub_ps(raw, sc, lv);
     if (bias) x = _mm256_add_ps(x, _mm256_maskload_ps(bias + j, lv_));
+    x = _mm256_blendv_ps(nan, x, finite256(raw)); /* as scaled_score, then - lse */
+    if (bias) x = _mm256_blendv_ps(x, padded, _mm256_cmp_ps(_mm256_maskload_ps(bias + j, lv_), ninf, _CMP_EQ_OQ));
     __m256 p = _mm256_and_ps(exp256(x), _mm256_castsi256_ps(lv_));
     _mm256_maskstore_ps(s + j, ln, p);
   }
@@ -280,8 +314,8 @@ QX_TARGET_AVX2 static float dot_avx2(const float *a, const float *b, int64_t n) 
 /* ==== AVX-512 =========================================================================== */
 QX_TARGET_AVX512 static QX_INLINE __m512 exp512(__m512 x) {
   const __m512 lo = _mm512_set1_ps(-87.3f);
-  __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
-  __m512 xc = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.0f));
+  __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ); /* as exp256 */
+  __m512 xc = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(lo, x));
   __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
@@ -293,7 +327,9 @@ QX_TARGET_AVX512 static QX_INLINE __m512 exp512(__m512 x) {
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459E-1f));
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201E-1f));
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_maskz_scalef_ps(keep, y, n);
+  return _mm512_mask_mov_ps(_mm512_maskz_scalef_ps(keep, y, n),
+                            _mm512_cmp_ps_mask(x, _mm512_set1_ps(88.72283935546875f), _CMP_GT_OQ),
+                            _mm512_set1_ps(INFINITY));
 }
 
 static QX_INLINE __mmask16 mask_below(int64_t cnt) {
@@ -357,17 +393,24 @@ QX_TARGET_AVX512 static void gemm_avx512(int64_t M, int64_t N, int64_t K, const 
 QX_TARGET_AVX512 static void row_fwd_avx512(float *s, int64_t n, int64_t nv, const float *bias,
                                             float scale, float *m, float *l, float *o,
                                             int64_t D) {
-  const __m512 sc = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
+  const __m512 sc = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY), nan = _mm512_set1_ps(NAN);
+  const __m512 pinf = _mm512_set1_ps(INFINITY);
   __m512 mx = ninf;
+  __mmask16 bad = 0;
   for (int64_t j = 0; j < nv; j += 16) {
     __mmask16 lm = mask_below(nv - j);
-    __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(lm, s + j), sc);
+    __m512 raw = _mm512_maskz_loadu_ps(lm, s + j), x = _mm512_mul_ps(raw, sc);
     if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(lm, bias + j));
+    x = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(_mm512_abs_ps(raw), pinf, _CMP_LT_OQ), nan, x);
+    if (bias)
+      x = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(_mm512_maskz_loadu_ps(lm, bias + j), ninf, _CMP_EQ_OQ), x, ninf);
     x = _mm512_mask_blend_ps(lm, ninf, x);
     _mm512_mask_storeu_ps(s + j, lm, x);
+    bad |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
     mx = _mm512_max_ps(mx, x);
   }
-  const float mo = *m, rowmax = _mm512_reduce_max_ps(mx), mn = rowmax > mo ? rowmax : mo;
+  const float rowmax = bad ? NAN : _mm512_reduce_max_ps(mx);
+  const float mo = *m, mn = max_keep_nan(rowmax, mo);
   if (mn == -INFINITY) {
     for (int64_t j = 0; j < n; j++) s[j] = 0.0f;
     return;
@@ -395,11 +438,17 @@ QX_TARGET_AVX512 static void row_fwd_avx512(float *s, int64_t n, int64_t nv, con
 QX_TARGET_AVX512 static void row_p_avx512(float *s, int64_t n, int64_t nv, const float *bias,
                                           float scale, float lse) {
   if (lse == -INFINITY) nv = 0;
-  const __m512 sc = _mm512_set1_ps(scale), lv = _mm512_set1_ps(lse);
+  const __m512 sc = _mm512_set1_ps(scale), lv = _mm512_set1_ps(lse), nan = _mm512_set1_ps(NAN);
+  const __m512 ninf = _mm512_set1_ps(-INFINITY), padded = _mm512_sub_ps(ninf, lv);
   for (int64_t j = 0; j < n; j += 16) {
     __mmask16 ln = mask_below(n - j), lvm = mask_below(nv - j);
-    __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(lvm, s + j), sc, lv);
+    __m512 raw = _mm512_maskz_loadu_ps(lvm, s + j), x = _mm512_fmsub_ps(raw, sc, lv);
     if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(lvm, bias + j));
+    x = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(_mm512_abs_ps(raw), _mm512_set1_ps(INFINITY), _CMP_LT_OQ),
+                             nan, x);
+    if (bias)
+      x = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(_mm512_maskz_loadu_ps(lvm, bias + j), ninf, _CMP_EQ_OQ),
+                               x, padded);
     _mm512_mask_storeu_ps(s + j, ln, _mm512_maskz_mov_ps(lvm, exp512(x)));
   }
 }
@@ -545,10 +594,11 @@ int qx_attention_forward(const float *q, const float *k, const float *v, const u
       }
       for (int64_t r = 0; r < rows; r++) {
         float *orow = out + ((b * T + i0 + r) * Hq + h) * D;
+        /* l is 0 for a row with no valid key (out 0, lse -inf), NaN for a poisoned row */
         const float l = lrow[r];
-        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        const float inv = l == 0.0f ? 0.0f : 1.0f / l;
         for (int64_t d = 0; d < D; d++) orow[d] = O[r * D + d] * inv;
-        lse[(b * Hq + h) * T + i0 + r] = l > 0.0f ? mrow[r] + logf(l) : -INFINITY;
+        lse[(b * Hq + h) * T + i0 + r] = l == 0.0f ? -INFINITY : mrow[r] + logf(l);
       }
     }
   }

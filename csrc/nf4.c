@@ -7,6 +7,7 @@
 #include "nf4.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if QX_X86
@@ -280,7 +281,7 @@ int qx_nf4_quantize(const void *x, int dtype, int64_t n, int64_t blocksize, uint
   if (dtype != QX_F32 && dtype != QX_F16 && dtype != QX_BF16) return QX_E_ARG;
   nf4_init_midpoints();
   const int level = qx_cpu_level();
-  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  const int64_t nblocks = n / blocksize + (n % blocksize != 0);
   int64_t first_bad = -1;
   int nt = qx_threads(nthreads);
   if (nblocks < 4 * nt) nt = 1; /* tiny tensors: thread start-up costs more than the work */
@@ -369,26 +370,35 @@ int qx_nf4_dequantize(const uint8_t *packed, const float *absmax, int64_t n, int
 
 /* bitsandbytes' CPU 8-bit quantizer maps v in [-1, 1] onto a 65536-point grid,
  * idx = (int)((v + 1) * 0.5 * 65535 + 0.5) in float32, and takes the code nearest to that
- * grid point (ties to the lower code); replicating the grid reproduces its codes exactly. */
-static int blockwise8_lut(const float *code, uint8_t *lut) {
+ * grid point (ties to the lower code); replicating the grid reproduces its codes exactly.
+ * The code is sorted, so the nearest code only moves up as the grid point does: one merge
+ * pass, stepping to the next larger code value (the first of any run of equal ones) only
+ * while it is strictly nearer. */
+static void blockwise8_lut(const float *code, uint8_t *lut) {
+  int bi = 0;
   for (int g = 0; g < 65536; g++) {
-    double v = (double)g / 65535.0 * 2.0 - 1.0, best = 1e300;
-    int bi = 0;
-    for (int c = 0; c < 256; c++) {
-      double d = fabs(v - (double)code[c]);
-      if (d < best) best = d, bi = c;
+    const double v = (double)g / 65535.0 * 2.0 - 1.0;
+    for (;;) {
+      int j = bi + 1;
+      while (j < 256 && code[j] == code[bi]) j++;
+      if (j >= 256 || !(fabs(v - (double)code[j]) < fabs(v - (double)code[bi]))) break;
+      bi = j;
     }
     lut[g] = (uint8_t)bi;
   }
-  return QX_OK;
 }
 
 int qx_blockwise8_quantize(const float *x, int64_t n, int64_t blocksize, const float *code,
                            uint8_t *out, float *absmax) {
   if (n < 0 || blocksize <= 0) return QX_E_ARG;
-  static uint8_t lut[65536]; /* rebuilt per call: the nested statistics are small */
+  for (int c = 0; c < 255; c++)
+    if (!(code[c] <= code[c + 1])) return QX_E_ARG; /* the LUT's merge needs a sorted code */
+  if (first_nonfinite(x, n) >= 0) return QX_E_NONFINITE; /* the grid index below needs finite v */
+  /* per call, not static: two threads may quantize at once (the GIL is released) */
+  uint8_t *lut = (uint8_t *)malloc(65536);
+  if (!lut) return QX_E_NOMEM;
   blockwise8_lut(code, lut);
-  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  const int64_t nblocks = n / blocksize + (n % blocksize != 0);
   for (int64_t blk = 0; blk < nblocks; blk++) {
     int64_t start = blk * blocksize, len = n - start < blocksize ? n - start : blocksize;
     float am = block_absmax_scalar(x + start, len);
@@ -403,5 +413,6 @@ int qx_blockwise8_quantize(const float *x, int64_t n, int64_t blocksize, const f
       out[start + i] = lut[(uint16_t)((v + 1.0f) * 0.5f * 65535.0f + 0.5f)];
     }
   }
+  free(lut);
   return QX_OK;
 }

@@ -39,10 +39,15 @@ int qx_cpu_hw_level(void);
 void qx_cpu_refresh(void);
 const char *qx_cpu_level_name(int level);
 
-/* OpenMP thread count to use: n > 0 as given, otherwise all cores. */
+/* OpenMP thread count to use: n > 0 as given, otherwise all cores; never more than
+ * QX_THREADS_PER_CPU per core (the Python layer cuts counts down the same way), since tens of
+ * thousands of threads exhaust the process's thread and stack limits and libgomp aborts. */
+enum { QX_THREADS_PER_CPU = 4 };
 static inline int qx_threads(int n) {
 #ifdef _OPENMP
-  return n > 0 ? n : omp_get_num_procs();
+  const int procs = omp_get_num_procs();
+  const int cap = procs > 0 && procs < (1 << 20) ? QX_THREADS_PER_CPU * procs : 1;
+  return n > 0 ? (n < cap ? n : cap) : (procs > 0 ? procs : 1);
 #else
   (void)n;
   return 1;

@@ -11,13 +11,6 @@ cdef extern from "attention.h" nogil:
                               float *dv, int nthreads)
 
 
-cdef int _check_mem(int rc, str what) except -1:
-    """_check, plus the kernels' QX_E_NOMEM (also used by rope.pxi and rmsnorm.pxi)."""
-    if rc == -4:
-        raise MemoryError(f"{what}: out of memory for the kernel's work buffers")
-    return _check(rc, what)
-
-
 cdef tuple _shape4(const float[:, :, :, ::1] a):
     return (a.shape[0], a.shape[1], a.shape[2], a.shape[3])
 

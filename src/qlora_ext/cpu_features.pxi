@@ -28,3 +28,10 @@ cdef int _check(int rc, str what) except -1:
     if rc != 0:
         raise ValueError(f"{what}: kernel failed with code {rc}")
     return 0
+
+
+cdef int _check_mem(int rc, str what) except -1:
+    """_check, plus the kernels' QX_E_NOMEM (for kernels that allocate work buffers)."""
+    if rc == -4:
+        raise MemoryError(f"{what}: out of memory for the kernel's work buffers")
+    return _check(rc, what)

@@ -24,8 +24,17 @@ def nf4_quantize_half(const uint16_t[::1] x, int dtype, int64_t blocksize, uint8
                          absmax, nthreads)
 
 
+cdef int _nf4_blocksize(int64_t blocksize, str what) except -1:
+    """The C kernels' blocksize contract, checked before any size is computed from it (an
+    absurd blocksize would overflow (n + blocksize - 1))."""
+    if blocksize < 32 or blocksize > 4096 or blocksize & (blocksize - 1):
+        raise ValueError(f"{what}: blocksize must be a power of two from 32 to 4096, got {blocksize}")
+    return 0
+
+
 cdef int64_t _nf4_quantize(const void *x, int dtype, int64_t n, int64_t blocksize,
                            uint8_t[::1] packed, float[::1] absmax, int nthreads) except -2:
+    _nf4_blocksize(blocksize, "nf4 quantize")
     if packed.shape[0] != (n + 1) // 2 or absmax.shape[0] != (n + blocksize - 1) // blocksize:
         raise ValueError("nf4 quantize: packed or absmax has the wrong length")
     if n == 0:
@@ -44,6 +53,7 @@ def nf4_dequantize(const uint8_t[::1] packed, const float[::1] absmax, int64_t b
                    float[::1] out, int nthreads=0):
     """packed (ceil(n/2),) u8, absmax (ceil(n/blocksize),) f32 -> out (n,) f32."""
     cdef int64_t n = out.shape[0]
+    _nf4_blocksize(blocksize, "nf4 dequantize")
     if packed.shape[0] != (n + 1) // 2 or absmax.shape[0] != (n + blocksize - 1) // blocksize:
         raise ValueError("nf4 dequantize: packed or absmax does not match out's length")
     if n == 0:
@@ -58,6 +68,8 @@ def blockwise8_quantize(const float[::1] x, int64_t blocksize, const float[::1] 
                         uint8_t[::1] out, float[::1] absmax):
     """x (n,) f32 -> out (n,) u8 codes into the sorted 256-entry code, absmax per block."""
     cdef int64_t n = x.shape[0]
+    if blocksize < 1 or blocksize > 1 << 20:
+        raise ValueError(f"blockwise8 quantize: blocksize must be from 1 to 2**20, got {blocksize}")
     if code.shape[0] != 256 or out.shape[0] != n or absmax.shape[0] != (n + blocksize - 1) // blocksize:
         raise ValueError("blockwise8 quantize: wrong sizes")
     if n == 0:
@@ -65,4 +77,6 @@ def blockwise8_quantize(const float[::1] x, int64_t blocksize, const float[::1] 
     cdef int rc
     with nogil:
         rc = qx_blockwise8_quantize(&x[0], n, blocksize, &code[0], &out[0], &absmax[0])
-    _check(rc, "blockwise8 quantize")
+    if rc == -1:
+        raise ValueError("blockwise8 quantize: input has a NaN or infinite value")
+    _check_mem(rc, "blockwise8 quantize")

@@ -9,7 +9,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from ._native import kernels
+from ._native import kernels, resolve_threads
 
 NF4_CODE = np.array(
     [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -147,8 +147,8 @@ def quantize_nf4(x, blocksize: int = 64, double_quant: bool = False, dtype: str 
     n = flat.shape[0]
     packed = np.empty((n + 1) // 2, dtype=np.uint8)
     absmax = np.empty((n + b - 1) // b, dtype=np.float32)
+    nt = resolve_threads(threads)
     k = kernels()
-    nt = threads or 0
     if kind == "float32":
         bad = k.nf4_quantize_f32(flat, b, packed, absmax, nt)
     else:
@@ -174,6 +174,7 @@ def dequantize_nf4(t: NF4Tensor, out: np.ndarray | None = None, threads: int | N
     """float32 array of t.shape.  `out`, if given, must be float32, C-contiguous, t.shape."""
     if not isinstance(t, NF4Tensor):
         raise ValueError(f"dequantize_nf4 expects an NF4Tensor, got {type(t).__name__}")
+    _check_tensor(t)
     if out is None:
         out = np.empty(t.shape, dtype=np.float32)
     else:
@@ -188,5 +189,31 @@ def dequantize_nf4(t: NF4Tensor, out: np.ndarray | None = None, threads: int | N
         if not out.flags.writeable:
             raise ValueError("out is read-only")
     absmax = np.ascontiguousarray(t.absmax, dtype=np.float32)
-    kernels().nf4_dequantize(t.packed, absmax, t.blocksize, out.reshape(-1), threads or 0)
+    kernels().nf4_dequantize(t.packed, absmax, t.blocksize, out.reshape(-1), resolve_threads(threads))
     return out
+
+
+def _check_tensor(t: NF4Tensor) -> None:
+    """Every field's type and size against the others, in Python integers (no overflow),
+    before a kernel or numpy allocation sees them: an NF4Tensor can be built by hand."""
+    _check_blocksize(t.blocksize)
+    if (not isinstance(t.shape, tuple)
+            or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 0 for s in t.shape)):
+        raise ValueError(f"NF4Tensor.shape must be a tuple of non-negative ints, got {t.shape!r}")
+    n = 1
+    for s in t.shape:
+        n *= int(s)
+    if n > np.iinfo(np.int64).max // 8:
+        raise ValueError(f"NF4Tensor.shape {t.shape} has too many elements ({n})")
+    arrays = {"packed": (t.packed, np.uint8, (n + 1) // 2)}
+    nblocks = -(-n // t.blocksize)
+    if t.double_quant:
+        arrays["absmax_q"] = (t.absmax_q, np.uint8, nblocks)
+        arrays["absmax_nested"] = (t.absmax_nested, np.float32, -(-nblocks // NESTED_BLOCKSIZE))
+    else:
+        arrays["absmax_f32"] = (t.absmax_f32, np.float32, nblocks)
+    for name, (a, dt, length) in arrays.items():
+        if not isinstance(a, np.ndarray) or a.dtype != dt or a.shape != (length,):
+            got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+            raise ValueError(f"NF4Tensor.{name} must be {np.dtype(dt)} ({length},) for shape {t.shape} and "
+                             f"blocksize {t.blocksize}, got {got}")

@@ -12,15 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._native import default_threads, kernels
-
-
-def _threads(threads) -> int:
-    if threads is None:
-        return default_threads()
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
-        raise ValueError(f"threads={threads!r}: expected a positive integer or None")
-    return int(threads)
+from .._native import kernels, require_memory, resolve_threads
 
 
 def _f32(name: str, a, ndim: int, letters: str) -> np.ndarray:
@@ -55,7 +47,7 @@ def rmsnorm_forward(x: np.ndarray, weight: np.ndarray, eps: float, threads=None)
     eps = float(eps)
     if not (eps >= 0.0 and math.isfinite(eps)):
         raise ValueError(f"eps={eps!r}: expected a finite value >= 0")
-    nt = _threads(threads)
+    nt = resolve_threads(threads)
     y = np.empty_like(x)
     rstd = np.empty(N, np.float32)
     kernels().rmsnorm_forward(x, weight, eps, y, rstd, nt)
@@ -73,7 +65,7 @@ def rmsnorm_backward(x: np.ndarray, weight: np.ndarray, rstd: np.ndarray, dy: np
     _same_shape("weight", _f32("weight", weight, 1, "C"), (C,), "C")
     _same_shape("rstd", _f32("rstd", rstd, 1, "N"), (N,), "N")
     _same_shape("dy", _f32("dy", dy, 2, "N, C"), (N, C), "N, C")
-    nt = _threads(threads)
+    nt = resolve_threads(threads)
     dx = np.empty_like(x)
     dw = np.empty(C, np.float32) if weight_grad else None
     kernels().rmsnorm_backward(x, weight, rstd, dy, dx, dw, nt)
@@ -165,6 +157,8 @@ def rope_tables(head_dim: int, max_positions: int, theta: float, scaling=None) -
     theta = float(theta)
     if not (math.isfinite(theta) and theta > 0):
         raise ValueError(f"theta={theta!r}: expected a positive number")
+    # float32 tables, float64 while they are built
+    require_memory(16 * int(max_positions) * int(head_dim), f"rope tables for max_positions={max_positions}")
     inv = rope_inv_freq(int(head_dim), theta, scaling)
     pos = np.arange(int(max_positions), dtype=np.float32)
     angle = (pos[:, None] * inv[None, :]).astype(np.float32).astype(np.float64)
@@ -207,7 +201,7 @@ def rope_forward(x: np.ndarray, positions, tables: RopeTables, threads=None) -> 
     x2' = x2 cos + x1 sin at each token's position; positions int [B, T] or [T].
     Returns x."""
     pos = _rope_args("x", x, positions, tables)
-    kernels().rope_apply(x, pos, tables.cos, tables.sin, 1, _threads(threads))
+    kernels().rope_apply(x, pos, tables.cos, tables.sin, 1, resolve_threads(threads))
     return x
 
 
@@ -215,7 +209,7 @@ def rope_backward(dx: np.ndarray, positions, tables: RopeTables, threads=None) -
     """Gradient of rope_forward, in place on dx [B, T, H, D] (the transpose rotation).
     Returns dx."""
     pos = _rope_args("dx", dx, positions, tables)
-    kernels().rope_apply(dx, pos, tables.cos, tables.sin, -1, _threads(threads))
+    kernels().rope_apply(dx, pos, tables.cos, tables.sin, -1, resolve_threads(threads))
     return dx
 
 
@@ -256,7 +250,7 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask=None, th
     scaled scores (what attention_backward needs).  A query row with no key to attend (left
     padding) gets out = 0 and lse = -inf.  Work memory O(T * D) per head."""
     B, T, Hq, Hkv, D, mask = _attn_args(q, k, v, mask)
-    nt = _threads(threads)
+    nt = resolve_threads(threads)
     out = np.empty_like(q)
     lse = np.empty((B, Hq, T), np.float32)
     kernels().attention_forward(q, k, v, mask, out, lse, nt)
@@ -272,7 +266,7 @@ def attention_backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndar
     _same_shape("out", _f32("out", out, 4, "B, T, Hq, D"), q.shape, "B, T, Hq, D")
     _same_shape("dout", _f32("dout", dout, 4, "B, T, Hq, D"), q.shape, "B, T, Hq, D")
     _same_shape("lse", _f32("lse", lse, 3, "B, Hq, T"), (B, Hq, T), "B, Hq, T")
-    nt = _threads(threads)
+    nt = resolve_threads(threads)
     dq = np.empty_like(q)
     dk = np.empty_like(k)
     dv = np.empty_like(v)

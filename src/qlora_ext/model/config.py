@@ -2,15 +2,41 @@
 pass needs, for the Llama (incl. Mistral, SmolLM2), Qwen2 and Qwen3 families."""
 from __future__ import annotations
 
-import json
+import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import InitVar, asdict, dataclass, field
+
+from .._native import require_memory
+from ..json_input import read_json
 
 # config.json model_type -> our family; Mistral's dense models are Llama-shaped.
 MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # RoPE variants the forward implements (rotate_half convention); others are refused at load.
 ROPE_TYPES = ("default", "linear", "llama3")
+# Upper bounds of the integer fields: several times the largest released model's value, far
+# below what would overflow a product of them; whether a model fits is checked against the
+# machine's RAM by check_memory before loading.
+INT_LIMITS = {"vocab_size": 1 << 24, "hidden_size": 1 << 18, "intermediate_size": 1 << 20,
+              "num_hidden_layers": 1 << 12, "num_attention_heads": 1 << 12, "num_key_value_heads": 1 << 12,
+              "head_dim": 1 << 12, "max_position_embeddings": 1 << 26}
+TOKEN_ID_LIMIT = 1 << 31
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _token_id_ok(v, allow_list: bool) -> bool:
+    if v is None:
+        return True
+    if allow_list and isinstance(v, list):
+        return all(_token_id_ok(x, False) for x in v) and v != []
+    return _is_int(v) and 0 <= v < TOKEN_ID_LIMIT
 
 
 @dataclass
@@ -34,28 +60,36 @@ class ModelConfig:
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
     extra: dict = field(default_factory=dict, repr=False, compare=False)  # other config.json keys, kept for to_hf
+    source: InitVar[str] = "config"  # the file named in validation errors
 
-    def __post_init__(self):
-        self.validate()
+    def __post_init__(self, source: str):
+        self.validate(source)
 
     def validate(self, source: str = "config") -> None:
         """Raise ValueError naming the key when a value cannot describe a model we run."""
         if self.model_type not in ARCHITECTURES:
             raise ValueError(f"{source}: model_type {self.model_type!r} is not supported; "
                              f"expected one of {', '.join(sorted(MODEL_TYPES))}")
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        for key, limit in INT_LIMITS.items():
             v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{source}: {key} must be a positive integer, got {v!r}")
+            if not _is_int(v) or not 1 <= v <= limit:
+                raise ValueError(f"{source}: {key} must be a positive integer (at most {limit}), got {v!r}")
+        for key in ("tie_word_embeddings", "attention_bias", "qk_norm"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{source}: {key} must be true or false, got {getattr(self, key)!r}")
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if not _token_id_ok(getattr(self, key), allow_list=key == "eos_token_id"):
+                raise ValueError(f"{source}: {key} must be a token id (an integer from 0 to {TOKEN_ID_LIMIT - 1})"
+                                 f"{', a non-empty list of them' if key == 'eos_token_id' else ''} or null, "
+                                 f"got {getattr(self, key)!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"{source}: num_attention_heads ({self.num_attention_heads}) must be a multiple "
                              f"of num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2:
             raise ValueError(f"{source}: head_dim must be even for RoPE, got {self.head_dim}")
-        if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
+        if not (_is_number(self.rms_norm_eps) and self.rms_norm_eps > 0):
             raise ValueError(f"{source}: rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
-        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
+        if not (_is_number(self.rope_theta) and self.rope_theta > 0):
             raise ValueError(f"{source}: rope_theta must be a positive number, got {self.rope_theta!r}")
         if self.rope_scaling is not None:
             rs = self.rope_scaling
@@ -68,8 +102,9 @@ class ModelConfig:
             need = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
                                                       "original_max_position_embeddings")}.get(kind, ())
             for k in need:
-                if not isinstance(rs.get(k), (int, float)):
-                    raise ValueError(f"{source}: rope_scaling.{k} is required for rope_type {kind!r}, got {rs.get(k)!r}")
+                if not (_is_number(rs.get(k)) and rs.get(k) > 0):
+                    raise ValueError(f"{source}: rope_scaling.{k} is required for rope_type {kind!r} "
+                                     f"(a positive number), got {rs.get(k)!r}")
 
     @property
     def rope_type(self) -> str:
@@ -97,6 +132,25 @@ class ModelConfig:
             return ("q_proj", "k_proj", "v_proj")
         return ("q_proj", "k_proj", "v_proj", "o_proj") if self.attention_bias else ()
 
+    def check_memory(self, source: str, quantize: str | None = "nf4", blocksize: int = 64) -> None:
+        """ValueError naming the key when the model this config describes cannot fit in the
+        RAM available, before anything is allocated for it.  Counts what loading holds: the
+        projections (NF4 codes and scales, or float32), the float32 embeddings and LM head,
+        and the RoPE tables built for max_position_embeddings (float32, float64 while built)."""
+        proj = sum(o * i for o, i in self.projection_shapes().values())
+        per_layer = proj // 2 + 4 * -(-proj // blocksize) if quantize == "nf4" else 4 * proj
+        per_layer += 4 * (2 * self.hidden_size + 2 * self.head_dim + sum(o for o, _ in self.projection_shapes().values()))
+        terms = {
+            f"num_hidden_layers={self.num_hidden_layers} (with hidden_size={self.hidden_size}, "
+            f"intermediate_size={self.intermediate_size})": self.num_hidden_layers * per_layer,
+            f"vocab_size={self.vocab_size} x hidden_size={self.hidden_size}":
+                4 * self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2),
+            f"max_position_embeddings={self.max_position_embeddings} x head_dim={self.head_dim}":
+                16 * self.max_position_embeddings * self.head_dim,
+        }
+        largest = max(terms, key=terms.get)
+        require_memory(sum(terms.values()), f"{source}: the model ({largest} above all)")
+
     # ---- HF config.json ----
 
     @classmethod
@@ -105,7 +159,7 @@ class ModelConfig:
         if not isinstance(d, dict):
             raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
         mt = d.get("model_type")
-        if mt not in MODEL_TYPES:
+        if not isinstance(mt, str) or mt not in MODEL_TYPES:
             raise ValueError(f"{source}: model_type {mt!r} is not supported; expected one of "
                              f"{', '.join(sorted(MODEL_TYPES))}")
         family = MODEL_TYPES[mt]
@@ -115,16 +169,40 @@ class ModelConfig:
                 raise ValueError(f"{source}: required key {key!r} is missing")
             return d[key]
 
-        heads = req("num_attention_heads")
-        hidden = req("hidden_size")
+        def integer(key, default=None):
+            v = req(key) if default is None else d.get(key, default)
+            if v is None:
+                v = default
+            if not _is_int(v) or not 1 <= v <= INT_LIMITS[key]:
+                raise ValueError(f"{source}: {key} must be a positive integer (at most {INT_LIMITS[key]}), got {v!r}")
+            return v
+
+        def flag(key, default=False):
+            v = d.get(key, default)
+            if not isinstance(v, bool):
+                raise ValueError(f"{source}: {key} must be true or false (a JSON boolean), got {v!r}")
+            return v
+
+        def number(key, v):
+            if not (_is_number(v) and v > 0):
+                raise ValueError(f"{source}: {key} must be a positive number, got {v!r}")
+            return float(v)
+
+        heads = integer("num_attention_heads")
+        hidden = integer("hidden_size")
         head_dim = d.get("head_dim")
         if head_dim is None:
-            if not isinstance(heads, int) or heads < 1 or hidden % heads:
+            if hidden % heads:
                 raise ValueError(f"{source}: no head_dim and hidden_size {hidden} is not divisible by "
                                  f"num_attention_heads {heads}")
             head_dim = hidden // heads
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"{source}: hidden_act {act!r} is not supported; these families use 'silu'")
         # transformers 5 stores rope_theta and the scaling inside rope_parameters
         rp = d.get("rope_parameters") or {}
+        if not isinstance(rp, dict):
+            raise ValueError(f"{source}: rope_parameters must be an object or null, got {rp!r}")
         rope_theta = d.get("rope_theta", rp.get("rope_theta", 10000.0))
         rope_scaling = d.get("rope_scaling")
         if rope_scaling is None and rp:
@@ -137,34 +215,32 @@ class ModelConfig:
                 rope_scaling["rope_type"] = rope_scaling.pop("type")
             if rope_scaling.get("rope_type") == "default":
                 rope_scaling = None
-        if family == "qwen2":
-            attention_bias = True
-        else:
-            attention_bias = bool(d.get("attention_bias", False))
+        attention_bias = True if family == "qwen2" else flag("attention_bias")
         known = {"model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                  "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
                  "rope_scaling", "rope_parameters", "max_position_embeddings", "tie_word_embeddings",
                  "attention_bias", "bos_token_id", "eos_token_id", "pad_token_id", "architectures", "hidden_act"}
         return cls(
             model_type=family,
-            vocab_size=req("vocab_size"),
+            vocab_size=integer("vocab_size"),
             hidden_size=hidden,
-            intermediate_size=req("intermediate_size"),
-            num_hidden_layers=req("num_hidden_layers"),
+            intermediate_size=integer("intermediate_size"),
+            num_hidden_layers=integer("num_hidden_layers"),
             num_attention_heads=heads,
-            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            num_key_value_heads=integer("num_key_value_heads", heads),
             head_dim=head_dim,
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_theta),
+            rms_norm_eps=number("rms_norm_eps", d.get("rms_norm_eps", 1e-6)),
+            rope_theta=number("rope_theta", rope_theta),
             rope_scaling=rope_scaling,
-            max_position_embeddings=d.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            max_position_embeddings=integer("max_position_embeddings", 2048),
+            tie_word_embeddings=flag("tie_word_embeddings"),
             attention_bias=attention_bias,
             qk_norm=family == "qwen3",
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
             pad_token_id=d.get("pad_token_id"),
             extra={k: v for k, v in d.items() if k not in known and not k.startswith("_")},
+            source=source,
         )
 
     @classmethod
@@ -173,14 +249,7 @@ class ModelConfig:
         p = os.fspath(path)
         if os.path.isdir(p):
             p = os.path.join(p, "config.json")
-        try:
-            with open(p, encoding="utf-8") as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise OSError(f"{p}: config file not found") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: not valid JSON ({e})") from None
-        return cls.from_hf(d, source=p)
+        return cls.from_hf(read_json(p, "config file"), source=p)
 
     def to_hf(self) -> dict:
         """A config.json dict that transformers (4.x and 5.x) loads as this architecture."""

@@ -8,6 +8,7 @@ u32 n_dims, u64 dims[n_dims] fastest first, u32 ggml type, u64 offset); padding 
 row-major numpy array of shape (ne1, ne0); quantized blocks run along ne0."""
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -36,6 +37,9 @@ GGML_TYPES = {
 GGML_TYPE_IDS = {v[0]: k for k, v in GGML_TYPES.items()}
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 QK_K = 256
+# Arrays of arrays deeper than this are refused (llama.cpp writes at most one level); the
+# reader recurses per level, and a hostile file could otherwise nest until RecursionError.
+MAX_ARRAY_NESTING = 8
 
 
 @dataclass
@@ -57,7 +61,7 @@ class GGUFTensorInfo:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.dims, dtype=np.int64))
+        return math.prod(self.dims)
 
 
 class _Cursor:
@@ -85,10 +89,12 @@ class _Cursor:
         except UnicodeDecodeError:
             raise ValueError(f"{self.path}: {what}: string is not valid UTF-8") from None
 
-    def value(self, vtype: int, what: str):
+    def value(self, vtype: int, what: str, depth: int = 0):
         if vtype == _T_STRING:
             return self.string(what)
         if vtype == _T_ARRAY:
+            if depth >= MAX_ARRAY_NESTING:
+                raise ValueError(f"{self.path}: {what}: arrays nested more than {MAX_ARRAY_NESTING} deep")
             etype = self.unpack("<I", what)
             count = self.unpack("<Q", what)
             if count > len(self.buf):
@@ -100,7 +106,7 @@ class _Cursor:
             if etype == _T_STRING:
                 return [self.string(what) for _ in range(count)]
             if etype == _T_ARRAY:
-                return [self.value(_T_ARRAY, what) for _ in range(count)]
+                return [self.value(_T_ARRAY, what, depth + 1) for _ in range(count)]
             raise ValueError(f"{self.path}: {what}: unknown array element type {etype}")
         if vtype in _SCALARS:
             v = np.frombuffer(self.take(np.dtype(_SCALARS[vtype]).itemsize, what), dtype=_SCALARS[vtype])[0]
@@ -146,6 +152,8 @@ class GGUFFile(MappedFile):
         self.metadata = {}
         for i in range(n_kv):
             key = c.string(f"metadata key #{i}")
+            if key in self.metadata:
+                raise ValueError(f"{self.path}: metadata key {key!r} appears twice")
             vtype = c.unpack("<I", f"metadata {key!r} type")
             self.metadata[key] = c.value(vtype, f"metadata {key!r}")
         raw = []
@@ -159,7 +167,7 @@ class GGUFFile(MappedFile):
             off = c.unpack("<Q", f"tensor {name!r} offset")
             raw.append((name, dims, tid, off))
         align = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-        if not isinstance(align, int) or align < 1 or align & (align - 1):
+        if not isinstance(align, int) or isinstance(align, bool) or align < 1 or align & (align - 1):
             raise ValueError(f"{self.path}: general.alignment must be a power of two, got {align!r}")
         data_start = c.pos + (-c.pos % align)
         self.tensors = {}
@@ -171,7 +179,9 @@ class GGUFFile(MappedFile):
             if tid not in GGML_TYPES:
                 raise ValueError(f"{where}: unknown ggml type id {tid}")
             tname, bs, bb = GGML_TYPES[tid]
-            n = int(np.prod(dims, dtype=np.int64))
+            n = math.prod(dims)  # Python integers: a product past int64 is seen, not wrapped
+            if any(d >= 1 << 63 for d in dims) or n >= 1 << 63:
+                raise ValueError(f"{where}: dims {list(dims)} overflow int64")
             if dims and dims[0] % bs:
                 raise ValueError(f"{where}: row length {dims[0]} is not a multiple of the {tname} block ({bs})")
             nbytes = n // bs * bb

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import glob
 import importlib.util
-import json
+import math
 import os
 import re
 
 import numpy as np
 
+from ..json_input import read_json
 from ..nf4 import quantize_nf4
 from ..progress import Progress
 from .config import ModelConfig
@@ -165,11 +166,8 @@ def _shard_files(d: str) -> dict:
     single = os.path.join(d, "model.safetensors")
     index = os.path.join(d, "model.safetensors.index.json")
     if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                wm = json.load(f).get("weight_map")
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{index}: not valid JSON ({e})") from None
+        doc = read_json(index, "shard index")
+        wm = doc.get("weight_map") if isinstance(doc, dict) else None
         if not isinstance(wm, dict) or not wm:
             raise ValueError(f"{index}: 'weight_map' must be a non-empty object of tensor -> shard file")
         shards = {}
@@ -190,7 +188,9 @@ def _shard_files(d: str) -> dict:
 
 
 def _load_hf_dir(d, quantize, double_quant, blocksize, progress, threads) -> ModelState:
-    config = ModelConfig.from_file(os.path.join(d, "config.json"))
+    config_path = os.path.join(d, "config.json")
+    config = ModelConfig.from_file(config_path)
+    config.check_memory(config_path, quantize, blocksize)
     shards = _shard_files(d)
     b = _StateBuilder(config, quantize, double_quant, blocksize, threads)
     files = [SafetensorsFile(s) for s in shards]  # headers validated up front, before any work
@@ -277,66 +277,81 @@ def llama3_scaling_from_freq_factors(factors, head_dim: int, theta: float, origi
 
 
 def config_from_gguf(g: GGUFFile) -> ModelConfig:
+    """The ModelConfig a GGUF file's metadata describes; every key read is type-checked
+    (ValueError naming the file and the metadata key)."""
     md = g.metadata
     src = g.path
     arch = md.get("general.architecture")
-    if arch not in GGUF_ARCHES:
+    if not isinstance(arch, str) or arch not in GGUF_ARCHES:
         raise ValueError(f"{src}: general.architecture {arch!r} is not supported; expected one of "
                          f"{', '.join(GGUF_ARCHES)}")
+    missing = object()
 
-    def req(key):
-        v = md.get(f"{arch}.{key}")
+    def integer(key, default=missing, full=False):
+        name = key if full else f"{arch}.{key}"
+        v = md.get(name)
         if v is None:
-            raise ValueError(f"{src}: metadata key {arch}.{key} is missing")
-        return int(v) if isinstance(v, (int, np.integer)) else v
+            if default is missing:
+                raise ValueError(f"{src}: metadata key {name} is missing")
+            return default
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{src}: metadata key {name} must be a non-negative integer, got {v!r}")
+        return v
 
-    hidden, heads = req("embedding_length"), req("attention.head_count")
-    kv = md.get(f"{arch}.attention.head_count_kv", heads)
-    head_dim = md.get(f"{arch}.attention.key_length") or (hidden // heads if heads else 0)
+    def number(key, default):
+        v = md.get(f"{arch}.{key}", default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{src}: metadata key {arch}.{key} must be a finite number, got {v!r}")
+        return float(v)
+
+    hidden, heads = integer("embedding_length"), integer("attention.head_count")
+    kv = integer("attention.head_count_kv", heads)
+    head_dim = integer("attention.key_length", 0) or (hidden // heads if heads else 0)
+    vocab = integer("vocab_size", None)
     tokens = md.get("tokenizer.ggml.tokens")
-    vocab = md.get(f"{arch}.vocab_size") or (len(tokens) if tokens is not None else None)
-    if vocab is None and "token_embd.weight" in g.tensors:
+    if vocab is None and isinstance(tokens, (list, np.ndarray)):
+        vocab = len(tokens)
+    if vocab is None and "token_embd.weight" in g.tensors and len(g.tensors["token_embd.weight"].dims) == 2:
         vocab = g.tensors["token_embd.weight"].dims[1]
     rope_scaling = None
     stype = md.get(f"{arch}.rope.scaling.type")
     if stype not in (None, "none"):
-        rope_scaling = {"rope_type": stype, "factor": float(md.get(f"{arch}.rope.scaling.factor", 1.0))}
-        if md.get(f"{arch}.rope.scaling.original_context_length") is not None:
-            rope_scaling["original_max_position_embeddings"] = int(md[f"{arch}.rope.scaling.original_context_length"])
+        rope_scaling = {"rope_type": stype, "factor": number("rope.scaling.factor", 1.0)}
+        original = integer("rope.scaling.original_context_length", None)
+        if original is not None:
+            rope_scaling["original_max_position_embeddings"] = original
+    theta = number("rope.freq_base", 10000.0)
     if "rope_freqs.weight" in g.tensors:
-        theta = float(md.get(f"{arch}.rope.freq_base", 10000.0))
         rope_scaling = llama3_scaling_from_freq_factors(g.get("rope_freqs.weight"), int(head_dim), theta,
-                                                        md.get(f"{arch}.rope.scaling.original_context_length"),
+                                                        integer("rope.scaling.original_context_length", None),
                                                         f"{src}: tensor 'rope_freqs.weight'")
-    eos = md.get("tokenizer.ggml.eos_token_id")
-    try:
-        return ModelConfig(
-            model_type=arch,
-            vocab_size=int(vocab) if vocab is not None else 0,
-            hidden_size=hidden,
-            intermediate_size=req("feed_forward_length"),
-            num_hidden_layers=req("block_count"),
-            num_attention_heads=heads,
-            num_key_value_heads=int(kv),
-            head_dim=int(head_dim),
-            rms_norm_eps=float(md.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
-            rope_theta=float(md.get(f"{arch}.rope.freq_base", 10000.0)),
-            rope_scaling=rope_scaling,
-            max_position_embeddings=int(md.get(f"{arch}.context_length", 2048)),
-            tie_word_embeddings="output.weight" not in g.tensors,
-            attention_bias=arch == "qwen2" or "blk.0.attn_q.bias" in g.tensors,
-            qk_norm=arch == "qwen3",
-            bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
-            eos_token_id=eos,
-            pad_token_id=md.get("tokenizer.ggml.padding_token_id"),
-        )
-    except ValueError as e:
-        raise ValueError(f"{src}: GGUF metadata gives an invalid config: {e}") from None
+    return ModelConfig(
+        model_type=arch,
+        vocab_size=vocab if vocab is not None else 0,
+        hidden_size=hidden,
+        intermediate_size=integer("feed_forward_length"),
+        num_hidden_layers=integer("block_count"),
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=head_dim,
+        rms_norm_eps=number("attention.layer_norm_rms_epsilon", 1e-6),
+        rope_theta=theta,
+        rope_scaling=rope_scaling,
+        max_position_embeddings=integer("context_length", 2048),
+        tie_word_embeddings="output.weight" not in g.tensors,
+        attention_bias=arch == "qwen2" or "blk.0.attn_q.bias" in g.tensors,
+        qk_norm=arch == "qwen3",
+        bos_token_id=integer("tokenizer.ggml.bos_token_id", None, full=True),
+        eos_token_id=integer("tokenizer.ggml.eos_token_id", None, full=True),
+        pad_token_id=integer("tokenizer.ggml.padding_token_id", None, full=True),
+        source=f"{src} (GGUF metadata)",
+    )
 
 
 def _load_gguf(path, quantize, double_quant, blocksize, progress, threads) -> ModelState:
     with GGUFFile(path) as g:
         config = config_from_gguf(g)
+        config.check_memory(f"{path} (GGUF metadata)", quantize, blocksize)
         b = _StateBuilder(config, quantize, double_quant, blocksize, threads)
         names = g.keys()
         with Progress(len(names), desc=f"loading {os.path.basename(path)}", unit="tensor", enabled=progress) as bar:

@@ -2,9 +2,13 @@
 Kaiming-uniform, B [out, r] at zero, scale = alpha / r (rsLoRA: alpha / sqrt(r))."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .._native import require_memory
+from ..json_input import read_json
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTN_PROJECTIONS = PROJECTIONS[:4]
@@ -33,10 +37,16 @@ class LoraConfig:
     use_rslora: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.r, (int, np.integer)) or self.r < 1:
+        if isinstance(self.r, bool) or not isinstance(self.r, (int, np.integer)) or self.r < 1:
             raise ValueError(f"LoRA rank r must be a positive int, got {self.r!r}")
+        for name in ("alpha", "dropout"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v):
+                raise ValueError(f"LoRA {name} must be a finite number, got {v!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.use_rslora, (bool, np.bool_)):
+            raise ValueError(f"LoRA use_rslora must be True or False, got {self.use_rslora!r}")
         targets = []
         for t in (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules:
             name = SHORT_NAMES.get(t, t)
@@ -72,6 +82,8 @@ class LoraWeights:
     def init(cls, config: LoraConfig, layer_shapes: list[dict], seed: int = 0) -> "LoraWeights":
         """layer_shapes[l][proj] = (out, in).  A ~ Kaiming-uniform(a=sqrt(5)) as PEFT/torch
         (bound = 1/sqrt(in)), B = 0."""
+        n = sum(config.r * (shapes[p][0] + shapes[p][1]) for shapes in layer_shapes for p in config.target_modules)
+        require_memory(4 * n, f"LoRA rank r={config.r} ({n} adapter parameters)")
         rng = np.random.default_rng(seed)
         pairs = {}
         for l, shapes in enumerate(layer_shapes):
@@ -152,40 +164,14 @@ def load_peft_adapter(directory, layer_shapes: list[dict], lm_head_shape=None):
     """Read a PEFT LoRA adapter for a model whose projections have layer_shapes[l][proj] =
     (out, in).  r, alpha, dropout, rsLoRA and targets come from adapter_config.json.
     Returns (LoraWeights, lm_head [V, H] or None)."""
-    import json
     import os
 
     from .safetensors_io import SafetensorsFile
 
     cpath = os.path.join(directory, ADAPTER_CONFIG)
     wpath = os.path.join(directory, ADAPTER_WEIGHTS)
-    try:
-        with open(cpath, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except FileNotFoundError:
-        raise OSError(f"{cpath}: no adapter config (expected a PEFT adapter directory)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cpath}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
-        raise ValueError(f"{cpath}: peft_type {cfg.get('peft_type') if isinstance(cfg, dict) else None!r}, expected 'LORA'")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if cfg.get(key):
-            raise ValueError(f"{cpath}: {key} is not supported (one r and alpha for every module)")
-    if cfg.get("bias", "none") != "none":
-        raise ValueError(f"{cpath}: bias {cfg.get('bias')!r} is not supported, expected 'none'")
-    targets = cfg.get("target_modules")
-    if isinstance(targets, str):
-        targets = [targets]
-    if not isinstance(targets, list):
-        raise ValueError(f"{cpath}: target_modules must be a list of module names, got {targets!r}")
-    try:
-        config = LoraConfig(r=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", cfg["r"])),
-                            target_modules=tuple(targets), dropout=float(cfg.get("lora_dropout", 0.0)),
-                            use_rslora=bool(cfg.get("use_rslora", False)))
-    except KeyError as e:
-        raise ValueError(f"{cpath}: required key {e.args[0]!r} is missing") from None
-    except ValueError as e:
-        raise ValueError(f"{cpath}: {e}") from None
+    config = _adapter_config(read_json(cpath, "adapter config (expected a PEFT adapter directory)"), cpath)
+    targets = list(config.target_modules)
     if not os.path.exists(wpath):
         raise OSError(f"{wpath}: adapter weights not found")
     found: dict = {}
@@ -193,6 +179,9 @@ def load_peft_adapter(directory, layer_shapes: list[dict], lm_head_shape=None):
     with SafetensorsFile(wpath) as f:
         for name in f.keys():
             if name.replace(".modules_to_save.default", "") == LM_HEAD_NAME:
+                if lm_head is not None:
+                    raise ValueError(f"{wpath}: {name} is a second LM head (with and without the "
+                                     "'.modules_to_save.default' suffix)")
                 lm_head = f.get(name)
                 if lm_head_shape is not None and lm_head.shape != tuple(lm_head_shape):
                     raise ValueError(f"{wpath}: {name} has shape {lm_head.shape}, expected {tuple(lm_head_shape)}")
@@ -211,7 +200,11 @@ def load_peft_adapter(directory, layer_shapes: list[dict], lm_head_shape=None):
             want = (config.r, in_f) if which == "A" else (out_f, config.r)
             if arr.shape != want:
                 raise ValueError(f"{wpath}: {name} has shape {arr.shape}, expected {want}")
-            found.setdefault((l, proj), {})[which] = arr
+            slot = found.setdefault((l, proj), {})
+            if which in slot:
+                raise ValueError(f"{wpath}: {name} is a second lora_{which} of layer {l} {proj} (names with "
+                                 "and without the '.default' adapter suffix)")
+            slot[which] = arr
     pairs = {}
     for key, ab in found.items():
         if set(ab) != {"A", "B"}:
@@ -220,3 +213,44 @@ def load_peft_adapter(directory, layer_shapes: list[dict], lm_head_shape=None):
     if not pairs:
         raise ValueError(f"{wpath}: no LoRA tensors found")
     return LoraWeights(config, pairs), lm_head
+
+
+def _adapter_config(cfg, cpath: str) -> LoraConfig:
+    """The LoraConfig of a parsed adapter_config.json, every field read type-checked (JSON
+    booleans for flags, an integer r, finite numbers); ValueError naming the file and key."""
+    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{cpath}: peft_type {cfg.get('peft_type') if isinstance(cfg, dict) else None!r}, expected 'LORA'")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(key):
+            raise ValueError(f"{cpath}: {key} is not supported (one r and alpha for every module)")
+    if cfg.get("bias", "none") != "none":
+        raise ValueError(f"{cpath}: bias {cfg.get('bias')!r} is not supported, expected 'none'")
+    for key, default in (("use_rslora", False), ("fan_in_fan_out", False), ("use_dora", False)):
+        v = cfg.get(key, default)
+        if v is None and key != "use_rslora":
+            continue
+        if not isinstance(v, bool):
+            raise ValueError(f"{cpath}: {key} must be true or false (a JSON boolean), got {v!r}")
+        if v and key != "use_rslora":
+            raise ValueError(f"{cpath}: {key}=true is not supported")
+    if "r" not in cfg:
+        raise ValueError(f"{cpath}: required key 'r' is missing")
+    r = cfg["r"]
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"{cpath}: r must be a positive integer, got {r!r}")
+    numbers = {}
+    for key, default in (("lora_alpha", r), ("lora_dropout", 0.0)):
+        v = cfg.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{cpath}: {key} must be a number, got {v!r}")
+        numbers[key] = v
+    targets = cfg.get("target_modules")
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"{cpath}: target_modules must be a list of module names, got {targets!r}")
+    try:
+        return LoraConfig(r=r, alpha=float(numbers["lora_alpha"]), target_modules=tuple(targets),
+                          dropout=float(numbers["lora_dropout"]), use_rslora=cfg.get("use_rslora", False))
+    except ValueError as e:
+        raise ValueError(f"{cpath}: {e}") from None

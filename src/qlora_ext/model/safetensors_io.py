@@ -6,6 +6,7 @@ then the data; offsets count from the first byte after the header."""
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -14,11 +15,13 @@ import tempfile
 import numpy as np
 
 from .._native import kernels
+from ..json_input import parse_json
 from .mapped_file import MappedFile
 
 ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
 _HALF_CODE = {"F16": 1, "BF16": 2}  # dtype codes of the C half_to_f32 kernel
 MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's own limit
+INT64_MAX = (1 << 63) - 1
 
 
 def read_header(path) -> dict:
@@ -44,10 +47,8 @@ def read_header(path) -> dict:
         raise OSError(f"{p}: safetensors file not found") from None
     except IsADirectoryError:
         raise OSError(f"{p}: is a directory, expected a .safetensors file") from None
-    try:
-        hdr = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{p}: header is not valid UTF-8 JSON ({e})") from None
+    # a tensor name twice in the header is refused there (parse_json: duplicate keys)
+    hdr = parse_json(raw, f"{p}: header")
     if not isinstance(hdr, dict):
         raise ValueError(f"{p}: header must be a JSON object, got {type(hdr).__name__}")
     data_start = 8 + n
@@ -74,7 +75,10 @@ def read_header(path) -> dict:
         b, e = offs
         if not 0 <= b <= e <= data_size:
             raise ValueError(f"{where}: data_offsets [{b}, {e}] out of bounds of the {data_size}-byte data section")
-        want = int(np.prod(shape, dtype=np.int64)) * ITEMSIZE[dtype]
+        count = math.prod(shape)  # Python integers: a product past int64 is seen, not wrapped
+        if count * ITEMSIZE[dtype] > INT64_MAX or any(d > INT64_MAX for d in shape):
+            raise ValueError(f"{where}: shape {shape} has {count} elements, which overflows int64")
+        want = count * ITEMSIZE[dtype]
         if e - b != want:
             raise ValueError(f"{where}: {e - b} bytes of data but shape {shape} x {dtype} needs {want}")
         tensors[name] = {"dtype": dtype, "shape": tuple(shape), "begin": data_start + b, "end": data_start + e}
