@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .profile import PROFILER
 from .profile_command import add_profile_command
+from .export_command import add_export_adapter_command, add_fuse_command
 
 DEFAULT_MODEL = "smollm2-135m"
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
@@ -430,7 +431,8 @@ def add_info_command(sub) -> None:
 
 
 # Each entry adds one subcommand (a parser with set_defaults(func=...)).
-SUBCOMMANDS = [add_train_command, add_eval_command, add_generate_command, add_info_command, add_profile_command]
+SUBCOMMANDS = [add_train_command, add_eval_command, add_generate_command, add_info_command, add_profile_command,
+               add_fuse_command, add_export_adapter_command]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -276,6 +276,18 @@ class Model:
             else:
                 self.lm_head = lm_head
 
+    def fuse(self, out=None, **options):
+        """Merge the adapters into the base.  Without `out` or `gguf=`: {HF name: float32
+        fused weight} of the adapted projections, from this model's own base (the NF4
+        dequantization when it holds NF4).  With out=DIR and/or gguf=FILE: write the fused
+        model from the checkpoint's original weights (qlora_ext.model.fuse.fuse takes the
+        options: outtype, dequantize, max_shard_size)."""
+        from .fuse import fuse, fused_projections
+
+        if out is None and options.get("gguf") is None:
+            return fused_projections(self)
+        return fuse(self, out=out, **options)
+
     def _base_name(self) -> str:
         return str(getattr(self.state, "source", None) or getattr(self.state, "path", None) or "")
 
