@@ -28,7 +28,7 @@ TRAIN_DEFAULTS = {
     "seq_len": 256, "batch_size": 4, "grad_accum": 1, "lr": 1e-3, "warmup": 0, "schedule": "constant",
     "weight_decay": 0.0, "grad_clip": 1.0, "lora_rank": 16, "lora_alpha": 32.0, "lora_dropout": 0.0,
     "targets": "q,k,v,o,gate,up,down", "pack": False, "seed": 0, "device": "auto", "quantize": "nf4",
-    "gradient_checkpointing": False, "eval_accuracy": None, "mode": "auto",
+    "gradient_checkpointing": False, "eval_accuracy": None, "mode": "auto", "revision": None,
 }
 # With the shipped dataset and batch 4: 160 of its 400 examples; measured on 2 cores: held-out
 # exact match 0/32 -> 29/32, training ~1 minute (20 steps gave 14/16, 12 steps 20/24).
@@ -36,14 +36,14 @@ DEFAULT_STEPS = 40
 
 
 def load_model(path, lora=None, device="auto", quantize="nf4", threads=None, seed=0,
-               gradient_checkpointing=False, progress=None, mode="split", batch_shape=None):
+               gradient_checkpointing=False, progress=None, mode="split", batch_shape=None, revision=None):
     """The one place the CLI builds a model (tests replace it with a stand-in).  eval and
     generate keep the split placement (generation runs on the CPU decoder either way)."""
     from .model.api import load_model as _load
 
     return _load(path, lora=lora, quantize=None if quantize == "none" else quantize, device=device,
                  gradient_checkpointing=gradient_checkpointing, threads=threads, progress=progress, seed=seed,
-                 mode=mode, batch_shape=batch_shape)
+                 mode=mode, batch_shape=batch_shape, revision=revision)
 
 
 def _say(args, *parts) -> None:
@@ -144,7 +144,7 @@ def cmd_train(args) -> int:
                        threads=args.threads if args.threads is not None else comm.default_threads(),
                        seed=s["seed"] + 7919 * comm.rank, gradient_checkpointing=s["gradient_checkpointing"],
                        progress=False if args.quiet else None, mode=s["mode"],
-                       batch_shape=(s["batch_size"], s["seq_len"]))
+                       batch_shape=(s["batch_size"], s["seq_len"]), revision=s["revision"])
     tok = model.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     pad = pad[0] if isinstance(pad, (list, tuple)) else pad
@@ -242,7 +242,7 @@ def sum_tokens(metrics_path) -> int:
 
 def _model_with_adapter(args):
     model = load_model(args.model, lora=None, device=args.device, threads=args.threads,
-                       progress=False if args.quiet else None)
+                       progress=False if args.quiet else None, revision=args.revision)
     if args.adapter:
         model.load_adapter(args.adapter)
     return model
@@ -345,7 +345,9 @@ def cmd_info(args) -> int:
 
 def _add_model_args(p, adapter=True):
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"HF model directory, .gguf file, or a known name (default {DEFAULT_MODEL})")
+                   help=f"HF model directory, .gguf file, known name or hub id such as Qwen/Qwen3-0.6B "
+                        f"(default {DEFAULT_MODEL})")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit) when --model is a hub id")
     if adapter:
         p.add_argument("--adapter", help="PEFT adapter directory (e.g. a train --out DIR)")
     p.add_argument("--device", default="auto", choices=("auto", "gpu", "cpu"), help="where the FFN runs")
@@ -360,7 +362,9 @@ def add_train_command(sub) -> None:
                                    "before and after.")
     d = TRAIN_DEFAULTS
     # defaults are None here so that --resume can tell given flags from saved settings
-    p.add_argument("--model", help=f"model directory, .gguf or known name (default {d['model']})")
+    p.add_argument("--model", help=f"model directory, .gguf, known name or hub id such as Qwen/Qwen3-0.6B[@rev] "
+                                   f"(default {d['model']})")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit) when --model is a hub id")
     p.add_argument("--data", help='JSONL with "text", "prompt"+"completion" or "messages" (default: shipped dataset)')
     p.add_argument("--eval-data", help="JSONL for eval loss (and accuracy) before and after")
     p.add_argument("--out", help="output directory (adapter, checkpoint-<step>/, metrics.jsonl)")
