@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 import numpy as np
 
@@ -205,7 +204,9 @@ def write_hf_dir(out, fused: FusedTensors, max_shard_size: int = DEFAULT_MAX_SHA
         raise OSError(f"{out}: already exists and is not an empty directory (fuse writes a new model directory)")
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".fuse-", dir=parent)
+    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(out))}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.mkdir(tmp)  # mode from the umask, as the directory it becomes
     try:
         dtype = fused.base.dtype
         plan = shard_plan(fused.shapes, _ITEMSIZE[dtype], max_shard_size)
