@@ -11,6 +11,7 @@ per adapted weight `<name>.lora_a` [r, in] and `<name>.lora_b` [out, r] (numpy s
 llama.cpp scales by alpha / r, so an rsLoRA adapter is written with alpha · sqrt(r)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -39,18 +40,71 @@ def check_outtype(outtype: str, allowed=OUTTYPES) -> None:
         raise ValueError(f"GGUF outtype must be one of {', '.join(allowed)}, got {outtype!r}")
 
 
-def _add_tensor(writer, gguf, name: str, w: np.ndarray, outtype: str) -> None:
-    """One tensor in `outtype` (1-D tensors in F32, as llama.cpp's converter keeps them)."""
-    Q = gguf.GGMLQuantizationType
+def _kind(shape: tuple, outtype: str) -> str:
+    """The stored type of a tensor: 1-D tensors stay F32 (as llama.cpp's converter keeps
+    them), q8_0 falls back to f16 for rows that do not split into 32-element blocks."""
+    if len(shape) == 1 or outtype == "f32":
+        return "f32"
+    if outtype == "q8_0" and shape[-1] % _Q8_BLOCK:
+        return "f16"
+    return outtype
+
+
+def _encode(gguf, w: np.ndarray, kind: str) -> np.ndarray:
     w = np.ascontiguousarray(w, dtype=np.float32)
-    if w.ndim == 1 or outtype == "f32":
-        writer.add_tensor(name, w)
-    elif outtype == "q8_0" and w.shape[-1] % _Q8_BLOCK == 0:
-        writer.add_tensor(name, gguf.quants.quantize(w, Q.Q8_0), raw_dtype=Q.Q8_0)
-    elif outtype == "bf16":
-        writer.add_tensor(name, gguf.quants.quantize(w, Q.BF16), raw_dtype=Q.BF16)
-    else:  # f16, and q8_0's fallback for rows that do not split into blocks
-        writer.add_tensor(name, w.astype(np.float16))
+    if kind == "f32":
+        return w
+    if kind == "f16":
+        return w.astype(np.float16)
+    Q = gguf.GGMLQuantizationType
+    return gguf.quants.quantize(w, Q.Q8_0 if kind == "q8_0" else Q.BF16)
+
+
+def _tensor_info(gguf, shape: tuple, kind: str) -> tuple:
+    """(shape, numpy dtype, bytes, ggml type or None) of the encoded tensor, without its data,
+    in the form GGUFWriter.add_tensor_info takes (quantized types by their byte shape)."""
+    n = int(np.prod(shape, dtype=np.int64))
+    if kind in ("f32", "f16"):
+        dtype = np.dtype(np.float32 if kind == "f32" else np.float16)
+        return tuple(shape), dtype, n * dtype.itemsize, None
+    qtype = gguf.GGMLQuantizationType.Q8_0 if kind == "q8_0" else gguf.GGMLQuantizationType.BF16
+    byte_shape = gguf.quants.quant_shape_to_byte_shape(tuple(shape), qtype)
+    return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape, dtype=np.int64)), qtype
+
+
+@contextlib.contextmanager
+def _new_file(gguf, path: str, arch: str):
+    """A GGUFWriter onto path + ".tmp", renamed to `path` by _write; removed on an error."""
+    writer = gguf.GGUFWriter(path + ".tmp", arch)
+    try:
+        yield writer
+    except BaseException:
+        writer.close()
+        if os.path.exists(path + ".tmp"):
+            os.unlink(path + ".tmp")
+        raise
+
+
+def _write(writer, gguf, path: str, tensors: list, outtype: str) -> str:
+    """tensors: [(GGUF name, shape, callable -> float32 array)].  The tensor table is written
+    first and each tensor's data as it is computed, so one tensor at a time is in memory."""
+    plan = []
+    for name, shape, produce in tensors:
+        kind = _kind(tuple(shape), outtype)
+        tshape, dtype, nbytes, qtype = _tensor_info(gguf, tuple(shape), kind)
+        writer.add_tensor_info(name, tshape, dtype, nbytes, raw_dtype=qtype)
+        plan.append((name, produce, kind, nbytes))
+    writer.write_header_to_file(path + ".tmp")
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for name, produce, kind, nbytes in plan:
+        data = _encode(gguf, produce(), kind)
+        if data.nbytes != nbytes:
+            raise ValueError(f"{path}: tensor {name!r} came out with {data.nbytes} bytes, its table entry says {nbytes}")
+        writer.write_tensor_data(data)
+    writer.close()
+    os.replace(path + ".tmp", path)
+    return path
 
 
 def _file_type(gguf, outtype: str) -> int:
@@ -180,16 +234,6 @@ def tokenizer_metadata(gguf, base) -> list:
 
 # ---- files ----
 
-def _finish(writer, path: str) -> str:
-    tmp = path + ".tmp"
-    writer.write_header_to_file(tmp)
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(tmp, path)
-    return path
-
-
 def _gguf_weight(name: str, w: np.ndarray, c: ModelConfig) -> np.ndarray:
     from .gguf import permute_qk
 
@@ -206,8 +250,7 @@ def write_model_gguf(path, fused, outtype: str = "f16") -> str:
     check_outtype(outtype)
     path = os.fspath(path)
     c = fused.base.config
-    writer = gguf.GGUFWriter(path + ".tmp", c.model_type)
-    try:
+    with _new_file(gguf, path, c.model_type) as writer:
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(os.path.basename(os.path.normpath(fused.base.path)))
         writer.add_file_type(_file_type(gguf, outtype))
@@ -216,16 +259,10 @@ def write_model_gguf(path, fused, outtype: str = "f16") -> str:
         _add_hparams(writer, gguf, c)
         for key, value, vtype, sub in tokenizer_metadata(gguf, fused.base):
             writer.add_key_value(key, value, vtype, sub)
-        if c.rope_type == "llama3":
-            writer.add_tensor("rope_freqs.weight", _rope_freqs(c))
-        for name in fused.names:
-            _add_tensor(writer, gguf, hf_to_gguf_name(name), _gguf_weight(name, fused.get(name), c), outtype)
-        return _finish(writer, path)
-    except BaseException:
-        writer.close()
-        if os.path.exists(path + ".tmp"):
-            os.unlink(path + ".tmp")
-        raise
+        tensors = [("rope_freqs.weight", (c.head_dim // 2,), lambda: _rope_freqs(c))] if c.rope_type == "llama3" else []
+        tensors += [(hf_to_gguf_name(n), fused.shapes[n], lambda n=n: _gguf_weight(n, fused.get(n), c))
+                    for n in fused.names]
+        return _write(writer, gguf, path, tensors, outtype)
 
 
 def write_adapter_gguf(path, lora: LoraWeights, config: ModelConfig, outtype: str = "f32",
@@ -242,22 +279,17 @@ def write_adapter_gguf(path, lora: LoraWeights, config: ModelConfig, outtype: st
     path = os.fspath(path)
     lc = lora.config
     alpha = float(lc.alpha) * (math.sqrt(lc.r) if lc.use_rslora else 1.0)
-    writer = gguf.GGUFWriter(path + ".tmp", config.model_type)
-    try:
+    with _new_file(gguf, path, config.model_type) as writer:
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        tensors = []
         for (l, proj), pair in sorted(lora.pairs.items(), key=lambda kv: (kv[0][0], PROJECTIONS.index(kv[0][1]))):
             hf = projection_name(l, proj)
             g = hf_to_gguf_name(hf)
-            _add_tensor(writer, gguf, g + ".lora_a", pair.A, outtype)
-            _add_tensor(writer, gguf, g + ".lora_b", _gguf_weight(hf, pair.B, config), outtype)
-        return _finish(writer, path)
-    except BaseException:
-        writer.close()
-        if os.path.exists(path + ".tmp"):
-            os.unlink(path + ".tmp")
-        raise
+            tensors.append((g + ".lora_a", pair.A.shape, lambda p=pair: p.A))
+            tensors.append((g + ".lora_b", pair.B.shape, lambda p=pair, hf=hf: _gguf_weight(hf, p.B, config)))
+        return _write(writer, gguf, path, tensors, outtype)
 
 
 _LORA_NAME = re.compile(r"^(blk\.\d+\.[a-z_]+\.weight)\.lora_([ab])$")
