@@ -216,6 +216,21 @@ def test_adapter_gguf_round_trip(tmp_path, model_type, rslora):
     other = qx.load_model(base, lora=lora.config, quantize=None, device="cpu")
     other.set_parameters(lora.named_parameters())
     assert rel(other.forward(IDS), model.forward(IDS)) <= 1e-6
+    # the gguf package's tensors, mapped back by hand (llama: lora_b rows of Q/K un-permuted)
+    from qlora_ext.model.gguf import unpermute_qk
+    from qlora_ext.model.lora import peft_name
+
+    short = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_output": "o_proj", "ffn_up": "up_proj"}
+    params = {}
+    for t in reader.tensors:
+        _, layer, kind, _, which = t.name.split(".")
+        w = np.asarray(t.data, dtype=np.float32).reshape(tuple(int(x) for x in reversed(t.shape)))
+        proj = short[kind]
+        if which == "lora_b" and model_type == "llama" and proj in ("q_proj", "k_proj"):
+            w = unpermute_qk(w, 4 if proj == "q_proj" else 2)
+        params[peft_name(int(layer), proj, "A" if which == "lora_a" else "B")] = w
+    other.set_parameters(params)
+    assert rel(other.forward(IDS), model.forward(IDS)) <= 1e-6
 
 
 def test_adapter_gguf_applies_to_a_gguf_base(tmp_path):
