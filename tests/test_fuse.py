@@ -281,6 +281,9 @@ def test_cli_fuse_and_export_adapter(tmp_path, capsys):
     # the adapter's base_model_name_or_path names the base: --model is optional
     rc = cli.main(["export-adapter", "--adapter", str(tmp_path / "adapter"), "--gguf", str(tmp_path / "a.gguf")])
     assert rc == 0 and "--lora" in capsys.readouterr().out
+    assert cli.main(["fuse", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "f2"), "--quiet"]) == 0
+    with SafetensorsFile(tmp_path / "f2" / "model.safetensors") as f:
+        assert rel(f.get("model.layers.1.mlp.up_proj.weight"), fused.state.layers[1].weight("up_proj")) == 0
     assert read_adapter_gguf(tmp_path / "a.gguf", model.config).pairs.keys() == model.lora.pairs.keys()
     for argv, msg in [(["fuse", "--model", base, "--adapter", str(tmp_path / "adapter")], "--out DIR and/or --gguf"),
                       (["fuse", "--model", base, "--adapter", str(tmp_path / "adapter"), "--out",

@@ -30,7 +30,7 @@ def cmd_fuse(args) -> int:
 
     if args.out is None and args.gguf is None:
         raise ValueError("fuse needs --out DIR and/or --gguf FILE")
-    result = fuse(args.model, args.adapter, out=args.out, gguf=args.gguf, outtype=args.outtype,
+    result = fuse(_base_model(args), args.adapter, out=args.out, gguf=args.gguf, outtype=args.outtype,
                   dequantize=args.dequantize, revision=args.revision,
                   max_shard_size=parse_size(args.max_shard_size))
     what = "the NF4-dequantized base" if args.dequantize else "the base's original weights"
@@ -51,13 +51,18 @@ def _adapter_base(adapter: str) -> str | None:
         return None  # load_peft_adapter below names what is wrong with the adapter
 
 
+def _base_model(args) -> str:
+    model = args.model or _adapter_base(args.adapter)
+    if not model:
+        raise ValueError(f"{args.adapter}: adapter_config.json names no base_model_name_or_path; give --model")
+    return model
+
+
 def cmd_export_adapter(args) -> int:
     from .model.fuse import BaseCheckpoint, adapter_for
     from .model.gguf_export import write_adapter_gguf
 
-    model = args.model or _adapter_base(args.adapter)
-    if not model:
-        raise ValueError(f"{args.adapter}: adapter_config.json names no base_model_name_or_path; give --model")
+    model = _base_model(args)
     with BaseCheckpoint(model, revision=args.revision) as base:
         config = base.config
     lora, lm_head = adapter_for(args.adapter, config, model)
@@ -71,7 +76,8 @@ def add_fuse_command(sub) -> None:
     p = sub.add_parser("fuse", help="merge an adapter into its base: an HF directory and/or a GGUF file",
                        description="W + (alpha/r)·B·A for every adapted projection, from the base checkpoint's "
                                    "own weights in their dtype (not the NF4 copy unless --dequantize).")
-    p.add_argument("--model", required=True, help="base: HF model directory, .gguf file, known name or hub id")
+    p.add_argument("--model", help="base: HF model directory, .gguf file, known name or hub id "
+                                   "(default: the adapter's base_model_name_or_path)")
     p.add_argument("--revision", help="hub revision (branch, tag or commit) when --model is a hub id")
     p.add_argument("--adapter", required=True, help="PEFT adapter directory (e.g. a train --out DIR)")
     p.add_argument("--out", help="new HF model directory: config.json, safetensors in the base's dtype, tokenizer")
