@@ -21,6 +21,7 @@ _LAZY = {
     "LoraConfig": "qlora_ext.model.lora",
     "ModelConfig": "qlora_ext.model.config",
     "load_state": "qlora_ext.model.loading",
+    "fuse": "qlora_ext.model.fuse",
     "Trainer": "qlora_ext.train.trainer",
     "TrainConfig": "qlora_ext.train.trainer",
     "adapter_info": "qlora_ext.device",

@@ -1,4 +1,4 @@
-"""load_model: a checkpoint (HF directory, .gguf, or a known name such as "smollm2-135m")
+"""load_model: a checkpoint (HF directory, .gguf, a known name such as "smollm2-135m", or a hub id)
 -> a Model with LoRA adapters in the placement chosen for it (cpu, split or resident)."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from .placement import check_mode
 def load_model(path, lora: LoraConfig | None = None, quantize: str | None = "nf4", double_quant: bool = False,
                device: str = "auto", gradient_checkpointing: bool = False, train_lm_head: bool = False,
                threads: int | None = None, progress=None, seed: int = 0, mode: str = "auto",
-               batch_shape: tuple | None = None):
+               batch_shape: tuple | None = None, revision: str | None = None):
     """Load the base (NF4 projections unless quantize=None) and attach fresh LoRA adapters
     (A Kaiming-uniform from `seed`, B zero; lora=None -> LoraConfig() defaults).
 
@@ -18,7 +18,9 @@ def load_model(path, lora: LoraConfig | None = None, quantize: str | None = "nf4
     step on the GPU), or "auto" (resident when the GPU's free memory holds it for
     `batch_shape` = (rows, tokens), default (4, 1024); see qlora_ext.placement).  The result
     says what it took: `model.placement` ("cpu", "split" or "resident") and
-    `model.placement_reason`."""
+    `model.placement_reason`.  path: a model directory, .gguf file, known name, or Hugging
+    Face hub id ("Qwen/Qwen3-0.6B", "Qwen/Qwen3-0.6B@main" or `revision`) from the local
+    cache, downloaded when the network is allowed."""
     from . import placement
     from .engine.gpu_model import GpuModel, SplitModel
     from .engine.model import Model as CpuModel
@@ -30,7 +32,8 @@ def load_model(path, lora: LoraConfig | None = None, quantize: str | None = "nf4
     if batch_shape is not None and (len(batch_shape) != 2 or min(int(v) for v in batch_shape) < 1):
         raise ValueError(f"batch_shape must be (rows, tokens) with both >= 1, got {batch_shape!r}")
     lora = lora if lora is not None else LoraConfig()
-    state = load_state(path, quantize=quantize, double_quant=double_quant, progress=progress, threads=threads)
+    state = load_state(path, quantize=quantize, double_quant=double_quant, progress=progress, threads=threads,
+                       revision=revision)
     common = dict(gradient_checkpointing=gradient_checkpointing, train_lm_head=train_lm_head, threads=threads,
                   seed=seed)
     reason = "asked for"

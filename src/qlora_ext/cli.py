@@ -16,6 +16,8 @@ from pathlib import Path
 
 from .profile import PROFILER
 from .profile_command import add_profile_command
+from .export_command import add_export_adapter_command, add_fuse_command
+from .run_config import RUN_FILE, apply_run_configs, write_run_config
 
 DEFAULT_MODEL = "smollm2-135m"
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
@@ -27,7 +29,8 @@ TRAIN_DEFAULTS = {
     "seq_len": 256, "batch_size": 4, "grad_accum": 1, "lr": 1e-3, "warmup": 0, "schedule": "constant",
     "weight_decay": 0.0, "grad_clip": 1.0, "lora_rank": 16, "lora_alpha": 32.0, "lora_dropout": 0.0,
     "targets": "q,k,v,o,gate,up,down", "pack": False, "seed": 0, "device": "auto", "quantize": "nf4",
-    "gradient_checkpointing": False, "eval_accuracy": None, "mode": "auto",
+    "gradient_checkpointing": False, "eval_accuracy": None, "mode": "auto", "revision": None,
+    "eval_every": 0, "save_best": False, "early_stop": 0,
 }
 # With the shipped dataset and batch 4: 160 of its 400 examples; measured on 2 cores: held-out
 # exact match 0/32 -> 29/32, training ~1 minute (20 steps gave 14/16, 12 steps 20/24).
@@ -35,14 +38,14 @@ DEFAULT_STEPS = 40
 
 
 def load_model(path, lora=None, device="auto", quantize="nf4", threads=None, seed=0,
-               gradient_checkpointing=False, progress=None, mode="split", batch_shape=None):
+               gradient_checkpointing=False, progress=None, mode="split", batch_shape=None, revision=None):
     """The one place the CLI builds a model (tests replace it with a stand-in).  eval and
     generate keep the split placement (generation runs on the CPU decoder either way)."""
     from .api import load_model as _load
 
     return _load(path, lora=lora, quantize=None if quantize == "none" else quantize, device=device,
                  gradient_checkpointing=gradient_checkpointing, threads=threads, progress=progress, seed=seed,
-                 mode=mode, batch_shape=batch_shape)
+                 mode=mode, batch_shape=batch_shape, revision=revision)
 
 
 def _say(args, *parts) -> None:
@@ -84,17 +87,20 @@ def _eval_report(trainer, eval_loader, pairs, n_acc, args, label) -> dict:
 
 
 def _resolved_train_settings(args) -> tuple:
-    """(settings dict, checkpoint to resume from or None, out dir)."""
-    from .train.checkpoint import latest_checkpoint, load_checkpoint
+    """(settings dict, checkpoint to resume from or None, out dir).  The saved settings of a
+    resumed run (DIR/run.yaml) and a -c file arrive as args' defaults (run_config)."""
+    from .train.checkpoint import latest_checkpoint
 
     given = {k: getattr(args, k) for k in TRAIN_DEFAULTS if getattr(args, k) is not None}
-    ckpt, saved = None, {}
+    ckpt = None
     if args.resume:
         ckpt = latest_checkpoint(args.resume)
         if ckpt is None:
             raise OSError(f"{args.resume}: no complete checkpoint-<step>/ directory to resume from")
-        saved = load_checkpoint(ckpt)[0].get("run", {})
-    settings = {**TRAIN_DEFAULTS, **{k: v for k, v in saved.items() if k in TRAIN_DEFAULTS}, **given}
+        if not (Path(args.resume) / RUN_FILE).is_file():
+            raise OSError(f"{Path(args.resume) / RUN_FILE}: missing, so the run's settings are unknown; "
+                          "give them with -c FILE")
+    settings = {**TRAIN_DEFAULTS, **given}
     if args.steps is not None and args.epochs is not None:
         raise ValueError("give --steps or --epochs, not both")
     if args.steps is not None or args.epochs is not None:  # a new length replaces the saved one
@@ -105,12 +111,23 @@ def _resolved_train_settings(args) -> tuple:
     return settings, ckpt, Path(out)
 
 
+def _check_periodic_eval(s, eval_data) -> None:
+    for name in ("eval_every", "early_stop"):
+        if s[name] < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {s[name]}")
+    if s["eval_every"] and not eval_data:
+        raise ValueError("--eval-every needs eval data: give --eval-data FILE")
+    for name in ("save_best", "early_stop"):
+        if s[name] and not s["eval_every"]:
+            raise ValueError(f"--{name.replace('_', '-')} needs --eval-every N")
+
+
 def cmd_train(args) -> int:
     from .data import dataset_path
     from .model.lora import LoraConfig
     from .train.checkpoint import save_adapter_atomic
     from .train.data import DataLoader, check_records, generation_pairs, load_examples
-    from .train.loop import MetricsLog, fit, restore
+    from .train.loop import MetricsLog, PeriodicEval, fit, restore
     from .train.schedule import check_schedule
     from .train.distributed import get_comm
     from .train.trainer import TrainConfig, Trainer
@@ -131,6 +148,7 @@ def cmd_train(args) -> int:
         raise ValueError(f"--epochs must be > 0, got {s['epochs']}")
     if s["steps"] is not None:
         check_schedule(s["schedule"], s["warmup"], s["steps"])  # before the model loads
+    _check_periodic_eval(s, eval_data)
     for path in (data, eval_data):
         if path:
             check_records(path)  # bad data fails before the model loads
@@ -143,7 +161,7 @@ def cmd_train(args) -> int:
                        threads=args.threads if args.threads is not None else comm.default_threads(),
                        seed=s["seed"] + 7919 * comm.rank, gradient_checkpointing=s["gradient_checkpointing"],
                        progress=False if args.quiet else None, mode=s["mode"],
-                       batch_shape=(s["batch_size"], s["seq_len"]))
+                       batch_shape=(s["batch_size"], s["seq_len"]), revision=s["revision"])
     tok = model.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     pad = pad[0] if isinstance(pad, (list, tuple)) else pad
@@ -173,17 +191,28 @@ def cmd_train(args) -> int:
         ev, _ = load_examples(eval_data, tok, s["seq_len"])
         eval_loader = DataLoader(ev, s["seq_len"], s["batch_size"], pad_id=pad, shuffle=False)
         pairs = generation_pairs(eval_data, tok)
-    n_acc = s["eval_accuracy"] if s["eval_accuracy"] is not None else (len(pairs or ()) if shipped else 0)
+    n_acc = s["eval_accuracy"] if s["eval_accuracy"] is not None \
+        else (len(pairs or ()) if shipped or s["eval_every"] else 0)
+    periodic = None
+    if s["eval_every"]:
+        periodic = PeriodicEval(s["eval_every"], lambda: _eval_report(trainer, eval_loader, pairs, n_acc, args,
+                                                                      f"step {trainer.step_count}"),
+                                patience=s["early_stop"], best_dir=out / "best" if s["save_best"] else None)
     elapsed, before = 0.0, None
     if ckpt is not None:
         state = restore(trainer, loader, ckpt)
         elapsed = float(state.get("elapsed", 0.0))
+        if periodic is not None:
+            periodic.load_state_dict(state.get("periodic_eval"))
         before = state.get("run", {}).get("eval_before")  # measured by the run's first segment
         _say(args, f"resumed from {ckpt} (step {trainer.step_count})")
     elif eval_data:
         before = _eval_report(trainer, eval_loader, pairs, n_acc, args, "before")
     comm.sync_trainer(trainer, loader)  # all ranks continue from rank 0's weights, moments, position
     out.mkdir(parents=True, exist_ok=True)
+    if trainer.is_writer:
+        write_run_config(out / RUN_FILE, {**{k: s[k] for k in TRAIN_DEFAULTS}, "data": data, "eval_data": eval_data,
+                                          "save_every": args.save_every, "keep_last": args.keep_last})
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=trainer.step_count if ckpt else None) \
         if trainer.is_writer else None
     run = dict(s, steps=s["steps"], data=data, eval_data=eval_data, eval_before=before)
@@ -205,7 +234,8 @@ def cmd_train(args) -> int:
             bar.update(trainer.step_count)
             result = fit(trainer, loader, total, s["batch_size"], out_dir=out, save_every=args.save_every,
                          keep_last=args.keep_last, metrics=metrics, progress=bar,
-                         should_stop=lambda: comm.any_true(stop["flag"]), run=run, elapsed=elapsed)
+                         should_stop=lambda: comm.any_true(stop["flag"]), run=run, elapsed=elapsed,
+                         periodic_eval=periodic)
     finally:
         signal.signal(signal.SIGINT, old)
         if metrics is not None:
@@ -220,6 +250,9 @@ def cmd_train(args) -> int:
         print(f"qlora-ext: stopped at step {result['step']}; checkpoint saved in {out}; "
               f"continue with --resume {out}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    if result["status"] == "early_stopped":
+        print(f"early stop at step {result['step']}: no lower eval loss in {s['early_stop']} evals; best "
+              f"{periodic.best:.4f} at step {periodic.best_step}" + (f" (adapter in {out / 'best'})" if s["save_best"] else ""))
     if trainer.is_writer:
         save_adapter_atomic(model, out)
     tokens_s = sum_tokens(out / "metrics.jsonl") / result["elapsed"] \
@@ -241,7 +274,7 @@ def sum_tokens(metrics_path) -> int:
 
 def _model_with_adapter(args):
     model = load_model(args.model, lora=None, device=args.device, threads=args.threads,
-                       progress=False if args.quiet else None)
+                       progress=False if args.quiet else None, revision=args.revision)
     if args.adapter:
         model.load_adapter(args.adapter)
     return model
@@ -344,7 +377,9 @@ def cmd_info(args) -> int:
 
 def _add_model_args(p, adapter=True):
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"HF model directory, .gguf file, or a known name (default {DEFAULT_MODEL})")
+                   help=f"HF model directory, .gguf file, known name or hub id such as Qwen/Qwen3-0.6B "
+                        f"(default {DEFAULT_MODEL})")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit) when --model is a hub id")
     if adapter:
         p.add_argument("--adapter", help="PEFT adapter directory (e.g. a train --out DIR)")
     p.add_argument("--device", default="auto", choices=("auto", "gpu", "cpu"), help="where the FFN runs")
@@ -359,7 +394,12 @@ def add_train_command(sub) -> None:
                                    "before and after.")
     d = TRAIN_DEFAULTS
     # defaults are None here so that --resume can tell given flags from saved settings
-    p.add_argument("--model", help=f"model directory, .gguf or known name (default {d['model']})")
+    p.add_argument("-c", "--config", metavar="FILE.yaml",
+                   help="settings from a YAML file whose keys are these flags' names (seq-len or seq_len); "
+                        "flags given here override it; every run writes its own to --out/run.yaml")
+    p.add_argument("--model", help=f"model directory, .gguf, known name or hub id such as Qwen/Qwen3-0.6B[@rev] "
+                                   f"(default {d['model']})")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit) when --model is a hub id")
     p.add_argument("--data", help='JSONL with "text", "prompt"+"completion" or "messages" (default: shipped dataset)')
     p.add_argument("--eval-data", help="JSONL for eval loss (and accuracy) before and after")
     p.add_argument("--out", help="output directory (adapter, checkpoint-<step>/, metrics.jsonl)")
@@ -383,6 +423,13 @@ def add_train_command(sub) -> None:
     p.add_argument("--gradient-checkpointing", action="store_const", const=True, help="recompute activations")
     p.add_argument("--eval-accuracy", type=int, metavar="N",
                    help="exact-match accuracy on the first N eval examples (default: all, shipped dataset only)")
+    p.add_argument("--eval-every", type=int, metavar="N",
+                   help="eval loss, perplexity and exact-match accuracy (prompt/completion data) on the eval "
+                        "data every N updates, written to metrics.jsonl (default 0 = before and after only)")
+    p.add_argument("--save-best", action="store_const", const=True,
+                   help="keep the adapter with the lowest eval loss in --out/best/ (needs --eval-every)")
+    p.add_argument("--early-stop", type=int, metavar="N",
+                   help="stop after N evals in a row without a lower eval loss (needs --eval-every; default 0 = off)")
     p.add_argument("--save-every", type=int, default=50,
                    help="checkpoint every N steps, 0 = only at the end (default 50; always at the end)")
     p.add_argument("--keep-last", type=int, default=3,
@@ -430,7 +477,8 @@ def add_info_command(sub) -> None:
 
 
 # Each entry adds one subcommand (a parser with set_defaults(func=...)).
-SUBCOMMANDS = [add_train_command, add_eval_command, add_generate_command, add_info_command, add_profile_command]
+SUBCOMMANDS = [add_train_command, add_eval_command, add_generate_command, add_info_command, add_profile_command,
+               add_fuse_command, add_export_adapter_command]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -449,8 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from .train.distributed import abort_job
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        args = apply_run_configs(parser, args, argv)  # -c FILE and --resume DIR's run.yaml
         return args.func(args)
     except (ValueError, OSError) as e:
         msg = " ".join(str(e).split())  # one line

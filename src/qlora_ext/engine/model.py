@@ -146,7 +146,16 @@ class Model:
 
     @property
     def lm_head(self):
+        """The trained LM head [V, H] (a live view), or None when the head is frozen."""
         return self.params.lm_head()
+
+    @lm_head.setter
+    def lm_head(self, value) -> None:
+        head = self.params.lm_head()
+        if head is None:
+            raise ValueError("this model does not train its LM head (load it with train_lm_head=True)")
+        if head is not value:
+            head[...] = value
 
     @property
     def lm_head_weight(self) -> np.ndarray:
@@ -292,6 +301,18 @@ class Model:
             self.params = FlatParams(self.lora, None if head is None else np.array(head, np.float32))
             self.device.params = self.params
         self.lora_config = lora.config
+
+    def fuse(self, out=None, **options):
+        """Merge the adapters into the base.  Without `out` or `gguf=`: {HF name: float32
+        fused weight} of the adapted projections, from this model's own base (the NF4
+        dequantization when it holds NF4).  With out=DIR and/or gguf=FILE: write the fused
+        model from the checkpoint's original weights (qlora_ext.model.fuse.fuse takes the
+        options: outtype, dequantize, max_shard_size)."""
+        from ..model.fuse import fuse, fused_projections
+
+        if out is None and options.get("gguf") is None:
+            return fused_projections(self)
+        return fuse(self, out=out, **options)
 
     def _base_name(self) -> str:
         return str(getattr(self.state, "source", None) or getattr(self.state, "path", None) or "")

@@ -376,3 +376,13 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
         raise ValueError(f"unpermute_qk: {rows} rows do not split into {n_head} heads of even size")
     return (w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:])
              .swapaxes(1, 2).reshape(w.shape))
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF order -> llama.cpp's GGUF order of Q/K rows for the llama architecture (the inverse
+    of unpermute_qk): each head's two halves interleaved row by row."""
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise ValueError(f"permute_qk: {rows} rows do not split into {n_head} heads of even size")
+    return (w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:])
+             .swapaxes(1, 2).reshape(w.shape))

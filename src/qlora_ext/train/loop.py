@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from ..profile import PROFILER
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_adapter_atomic, save_checkpoint
 
 
 class MetricsLog:
@@ -47,13 +47,55 @@ class MetricsLog:
         self._f.close()
 
 
-def training_state(trainer, loader, elapsed: float, run: dict | None) -> dict:
+class PeriodicEval:
+    """Eval every `every` updates: `run_eval()` -> {"eval_loss", and optionally "eval_ppl",
+    "accuracy"}, one metrics line per eval; with `best_dir` the adapter of the lowest eval
+    loss so far is kept there; with `patience` > 0 the run stops after that many evals in a
+    row without a lower loss.  Its counters travel in checkpoints (state_dict)."""
+
+    def __init__(self, every: int, run_eval, patience: int = 0, best_dir=None):
+        self.every, self.run_eval, self.patience, self.best_dir = int(every), run_eval, int(patience), best_dir
+        self.best, self.best_step, self.since_best = math.inf, None, 0
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def __call__(self, trainer, metrics) -> bool:
+        """Evaluate now; True when the run should stop early."""
+        result = self.run_eval()
+        loss = result["eval_loss"]
+        if loss < self.best:
+            self.best, self.best_step, self.since_best = loss, trainer.step_count, 0
+            if self.best_dir is not None and trainer.is_writer:
+                save_adapter_atomic(trainer.model, self.best_dir)
+        else:
+            self.since_best += 1
+        if metrics is not None:
+            record = {"step": trainer.step_count, **{k: result[k] for k in ("eval_loss", "eval_ppl", "accuracy")
+                                                     if k in result},
+                      "best_eval_loss": self.best, "best_step": self.best_step}
+            metrics.write(record)
+        return self.patience > 0 and self.since_best >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": None if math.isinf(self.best) else self.best, "best_step": self.best_step,
+                "since_best": self.since_best}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state:
+            self.best = math.inf if state.get("best") is None else float(state["best"])
+            self.best_step, self.since_best = state.get("best_step"), int(state.get("since_best", 0))
+
+
+def training_state(trainer, loader, elapsed: float, run: dict | None, periodic_eval=None) -> dict:
     state = trainer.state_dict()
     state["data"] = loader.state_dict()
     step = getattr(trainer.model, "step", None)
     state["rng"] = {"model_step": step if isinstance(step, int) else None}
     state["elapsed"] = elapsed
     state["run"] = run or {}
+    if periodic_eval is not None:
+        state["periodic_eval"] = periodic_eval.state_dict()
     return state
 
 
@@ -72,17 +114,18 @@ def restore(trainer, loader, checkpoint) -> dict:
 
 def fit(trainer, loader, total_steps: int, micro_size: int, out_dir=None, save_every: int = 0,
         keep_last: int | None = None, metrics: MetricsLog | None = None, progress=None,
-        should_stop=lambda: False, run: dict | None = None, elapsed: float = 0.0) -> dict:
+        should_stop=lambda: False, run: dict | None = None, elapsed: float = 0.0,
+        periodic_eval: PeriodicEval | None = None) -> dict:
     """Train until trainer.step_count == total_steps or should_stop() turns true (checked
-    between updates; a checkpoint is then written).  Returns {"status": "done"|"stopped",
-    "step", "elapsed", "last_checkpoint"}."""
+    between updates; a checkpoint is then written) or periodic_eval asks to stop early.
+    Returns {"status": "done"|"stopped"|"early_stopped", "step", "elapsed"}."""
     writer = trainer.is_writer and out_dir is not None
     last_saved = None
 
     def save():
         nonlocal last_saved
         if writer and last_saved != trainer.step_count:
-            save_checkpoint(out_dir, trainer.model, training_state(trainer, loader, elapsed, run),
+            save_checkpoint(out_dir, trainer.model, training_state(trainer, loader, elapsed, run, periodic_eval),
                             trainer.optimizer_state(), keep_last=keep_last)
         last_saved = trainer.step_count
 
@@ -107,8 +150,13 @@ def fit(trainer, loader, total_steps: int, micro_size: int, out_dir=None, save_e
         if progress is not None:
             progress.update(1)
             progress.set_postfix(f"loss={loss:.4f} tok/s={tokens / dt:.0f}" if dt else f"loss={loss:.4f}")
+        early = periodic_eval is not None and periodic_eval.due(trainer.step_count) \
+            and periodic_eval(trainer, metrics)
         if save_every and trainer.step_count % save_every == 0:
             save()
+        if early:
+            status = "early_stopped"
+            break
     save()
     return {"status": status, "step": trainer.step_count, "elapsed": elapsed}
 
