@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 
+from .chat_template import ChatTemplate
+
 # Pre-tokenizer split patterns keyed by GGUF `tokenizer.ggml.pre` (how the vocabulary's
 # merges were learned).  Each is followed by byte-level mapping without its own regex.
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -33,6 +35,7 @@ class Tokenizer:
         self.chat_template = chat_template
         self.source = source
         self._compiled = None
+        self._special_ids = None
 
     @property
     def vocab_size(self) -> int:
@@ -64,23 +67,36 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages, add_generation_prompt: bool = False, **kwargs) -> str:
-        """Render the model's chat template (sandboxed Jinja2, as transformers renders it:
-        trim_blocks, lstrip_blocks, `raise_exception`, `tojson`)."""
+    def encode_offsets(self, text: str) -> tuple:
+        """(ids, [(start, end)] character offsets into text) without special tokens added."""
+        if not isinstance(text, str):
+            raise ValueError(f"encode expects a str, got {type(text).__name__}")
+        enc = self.backend.encode(text, add_special_tokens=False)
+        return list(enc.ids), list(enc.offsets)
+
+    @property
+    def special_ids(self) -> frozenset:
+        """Ids of the special added tokens (end-of-turn markers among them)."""
+        if self._special_ids is None:
+            self._special_ids = frozenset(i for i, t in self.backend.get_added_tokens_decoder().items() if t.special)
+        return self._special_ids
+
+    def render_chat(self, messages, add_generation_prompt: bool = False, **kwargs) -> tuple:
+        """(text, [(start, end)] character spans of the template's `{% generation %}` blocks):
+        the model's chat template rendered as transformers renders it (see chat_template.py)."""
         if not self.chat_template:
             raise ValueError(f"{self.source or 'tokenizer'}: no chat template (tokenizer_config.json "
                              "'chat_template' or GGUF 'tokenizer.chat_template')")
         if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
             raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
         if self._compiled is None:
-            self._compiled = _compile_template(self.chat_template, self.source)
-        from jinja2 import TemplateError
+            self._compiled = ChatTemplate(self.chat_template, self.source or "tokenizer")
+        return self._compiled.render(messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
 
-        try:
-            return self._compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
-        except TemplateError as e:  # includes the sandbox's SecurityError
-            raise ValueError(f"{self.source or 'tokenizer'}: chat template failed: {e}") from None
+    def apply_chat_template(self, messages, add_generation_prompt: bool = False, **kwargs) -> str:
+        """The rendered conversation (text only)."""
+        return self.render_chat(messages, add_generation_prompt=add_generation_prompt, **kwargs)[0]
 
     # ---- construction ----
 
@@ -230,22 +246,3 @@ def _read_json(path: str) -> dict:
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return d
-
-
-def _compile_template(source_text: str, where: str):
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise ValueError(f"chat template: {message}")
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    try:
-        return env.from_string(source_text)
-    except TemplateError as e:
-        raise ValueError(f"{where}: chat template does not compile ({e})") from None

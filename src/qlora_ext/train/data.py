@@ -3,8 +3,8 @@
 Record formats (one JSON object per line, blank lines skipped):
   {"text": str}                                  loss on every token
   {"prompt": str, "completion": str}             loss on the completion (and the EOS after it)
-  {"messages": [{"role", "content"}, ...]}       the tokenizer's chat template; loss on
-                                                 assistant turns only
+  {"messages": [{"role", "content"}, ...]}       the tokenizer's chat template; loss on the
+                                                 assistant replies and their end-of-turn tokens
 
 Labels align with input_ids and use -100 for "no loss" (the model shifts internally).
 A row is one example padded (pad mode) or a seq_len slice of the shuffled, concatenated
@@ -13,6 +13,7 @@ position (epoch, row) alone determines every later batch: that is what a checkpo
 """
 from __future__ import annotations
 
+import bisect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,33 +112,55 @@ def check_records(path) -> int:
     return len(records)
 
 
-def chat_segments(tokenizer, messages, path, lineno) -> list:
-    """The chat-template rendering of `messages` cut into (text, is_assistant) segments.
+def _find_content(text: str, content: str, start: int):
+    """(begin, end) of a message's content in the rendered text at or after start, or None.
+    Templates may strip the content or, for earlier turns, drop a reasoning part before
+    '</think>' (Qwen3): those renderings are tried in turn."""
+    for variant in (content, content.strip(), content.rpartition("</think>")[2].strip()):
+        if variant or not content:
+            k = text.find(variant, start)
+            if k >= 0:
+                return k, k + len(variant)
+    return None
 
-    Assistant spans are found by rendering prefixes: the text before assistant turn i is the
-    rendering of messages[:i] with the generation prompt; the text through turn i is the
-    rendering of messages[:i+1].  Both must be prefixes of the full rendering."""
-    full = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
-    segments, pos = [], 0
+
+def assistant_spans(text: str, messages, path, lineno) -> list:
+    """Character spans of the assistant messages' contents in one rendering of the whole
+    conversation.  Messages are located in order, each after the one before it, so that an
+    assistant reply that also occurs in an earlier turn is not taken for it; a non-assistant
+    message the template rewrote (a system prompt merged into a user turn) moves nothing."""
+    spans, pos = [], 0
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True) if i else ""
-        if not full.startswith(before):
-            # A template whose generation prompt differs from its stored turns: train on the
-            # assistant header too, rather than guess.
-            before = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=False) if i else ""
-        through = tokenizer.apply_chat_template(messages[:i + 1], add_generation_prompt=False)
-        if not (full.startswith(before) and full.startswith(through) and len(before) >= pos):
-            raise DataError(path, lineno, "the chat template does not render message prefixes as prefixes "
-                                          "of the whole conversation; cannot locate assistant turns")
-        if len(before) > pos:
-            segments.append((full[pos:len(before)], False))
-        segments.append((full[len(before):len(through)], True))
-        pos = len(through)
-    if pos < len(full):
-        segments.append((full[pos:], False))
-    return segments
+        found = _find_content(text, m["content"], pos)
+        if m["role"] == "assistant":
+            if found is None:
+                raise DataError(path, lineno, f"messages[{i}] (assistant): its content does not occur in the "
+                                              "chat template's rendering, so its tokens cannot be located")
+            spans.append(found)
+        if found is not None:
+            pos = found[1]
+    return spans
+
+
+def chat_example(tokenizer, messages, path, lineno) -> tuple:
+    """(ids, labels) of a conversation: rendered once by the chat template, tokenized once;
+    the trained tokens are those of the template's `{% generation %}` blocks where it has
+    them, else each assistant reply's tokens (by the tokenizer's character offsets) and the
+    special token that ends its turn."""
+    text, generation = tokenizer.render_chat(messages)
+    spans = generation or assistant_spans(text, messages, path, lineno)
+    ids, offsets = tokenizer.encode_offsets(text)
+    starts = [s for s, _ in offsets]
+    ends = [max(e, s + 1) for s, e in offsets]  # a zero-width (trimmed) token still has a place
+    trained = [False] * len(ids)
+    for begin, end in spans:
+        k = bisect.bisect_right(ends, begin)  # first token ending after the span begins
+        while k < len(ids) and starts[k] < end:
+            trained[k] = True
+            k += 1
+        if not generation and k < len(ids) and ids[k] in tokenizer.special_ids:
+            trained[k] = True  # the end-of-turn token (<|im_end|>, <|eot_id|>, </s>)
+    return ids, [t if on else IGNORE for t, on in zip(ids, trained)]
 
 
 def tokenize_record(obj, tokenizer, path, lineno) -> tuple:
@@ -151,13 +174,7 @@ def tokenize_record(obj, tokenizer, path, lineno) -> tuple:
         p = list(tokenizer.encode(_need_str(obj, "prompt", path, lineno), add_special_tokens=True))
         c = list(tokenizer.encode(_need_str(obj, "completion", path, lineno), add_special_tokens=False)) + [eos]
         return p + c, [IGNORE] * len(p) + c
-    msgs = _check_messages(obj["messages"], path, lineno)
-    ids, labels = [], []
-    for text, trained in chat_segments(tokenizer, msgs, path, lineno):
-        t = list(tokenizer.encode(text, add_special_tokens=False))
-        ids += t
-        labels += t if trained else [IGNORE] * len(t)
-    return ids, labels
+    return chat_example(tokenizer, _check_messages(obj["messages"], path, lineno), path, lineno)
 
 
 @dataclass
