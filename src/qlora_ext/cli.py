@@ -109,7 +109,7 @@ def cmd_train(args) -> int:
     from .data import dataset_path
     from .model.lora import LoraConfig
     from .train.checkpoint import save_adapter_atomic
-    from .train.data import DataLoader, check_records, generation_pairs, load_examples
+    from .train.data import DataLoader, check_records, generation_pairs, load_examples, require_tokenizer
     from .train.loop import MetricsLog, fit, restore
     from .train.schedule import check_schedule
     from .train.distributed import get_comm
@@ -144,7 +144,7 @@ def cmd_train(args) -> int:
                        seed=s["seed"] + 7919 * comm.rank, gradient_checkpointing=s["gradient_checkpointing"],
                        progress=False if args.quiet else None, mode=s["mode"],
                        batch_shape=(s["batch_size"], s["seq_len"]))
-    tok = model.tokenizer
+    tok = require_tokenizer(model.tokenizer, s["model"])
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     pad = pad[0] if isinstance(pad, (list, tuple)) else pad
     examples, stats = load_examples(data, tok, s["seq_len"])
@@ -249,12 +249,12 @@ def _model_with_adapter(args):
 
 def cmd_eval(args) -> int:
     from .data import dataset_path
-    from .train.data import DataLoader, generation_pairs, load_examples
+    from .train.data import DataLoader, generation_pairs, load_examples, require_tokenizer
     from .train.trainer import evaluate_loss
 
     data = args.data or str(dataset_path("eval"))
     model = _model_with_adapter(args)
-    tok = model.tokenizer
+    tok = require_tokenizer(model.tokenizer, args.model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     pad = pad[0] if isinstance(pad, (list, tuple)) else pad
     examples, stats = load_examples(data, tok, args.seq_len)
@@ -274,8 +274,10 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from .train.data import require_tokenizer
+
     model = _model_with_adapter(args)
-    tok = model.tokenizer
+    tok = require_tokenizer(model.tokenizer, args.model, need_eos=False)
     if args.chat:
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
         ids = tok.encode(text, add_special_tokens=False)

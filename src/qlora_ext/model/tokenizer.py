@@ -20,6 +20,8 @@ _SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLA
            "smaug-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
 # pre-tokenizers that are GPT-2's regex after splitting digits one by one
 _DIGITS_THEN_GPT2 = ("smollm",)
+# GPT-2's own regex ("default" is what llama.cpp assumes when the key is absent)
+_GPT2 = ("default", "gpt-2", "gpt2")
 
 # GGUF token types
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
@@ -175,8 +177,12 @@ class Tokenizer:
             backend.pre_tokenizer = pre_tokenizers.Sequence([
                 pre_tokenizers.Digits(individual_digits=True),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-        else:  # GPT-2's own regex
+        elif pre in _GPT2:
             backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        else:  # another split would give other tokens than the model was trained on: refuse, don't guess
+            known = sorted(set(_SPLITS) | set(_DIGITS_THEN_GPT2) | set(_GPT2))
+            raise ValueError(f"{source}: tokenizer.ggml.pre {pre!r} is not supported (its pre-tokenizer split "
+                             f"is unknown here); supported: {', '.join(known)}")
         backend.decoder = decoders.ByteLevel()
         if types is not None:
             added = [AddedToken(tokens[i], special=int(t) == _CONTROL, normalized=False)

@@ -64,12 +64,23 @@ def read_jsonl(path) -> list:
     return records
 
 
+def _valid_text(v: str, what: str, path, lineno) -> str:
+    """v, unless it holds a lone surrogate (JSON's "\\ud800" escapes parse to one; no
+    tokenizer can encode it)."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(path, lineno, f"{what} holds a lone surrogate ({v[e.start]!r} at character {e.start}), "
+                                      "which is not valid Unicode text") from None
+    return v
+
+
 def _need_str(obj, key, path, lineno) -> str:
     v = obj.get(key)
     if not isinstance(v, str):
         got = "missing" if key not in obj else f"a {type(v).__name__}"
         raise DataError(path, lineno, f'field "{key}" must be a string, got {got}')
-    return v
+    return _valid_text(v, f'field "{key}"', path, lineno)
 
 
 def _check_messages(msgs, path, lineno) -> list:
@@ -80,9 +91,25 @@ def _check_messages(msgs, path, lineno) -> list:
             raise DataError(path, lineno, f'messages[{i}] must be an object with string "role" and "content"')
         if m["role"] not in ROLES:
             raise DataError(path, lineno, f'messages[{i}] has role {m["role"]!r}; expected one of {", ".join(ROLES)}')
+        _valid_text(m["content"], f"messages[{i}] content", path, lineno)
     if not any(m["role"] == "assistant" for m in msgs):
         raise DataError(path, lineno, '"messages" has no assistant turn, so nothing would be trained')
     return msgs
+
+
+def require_tokenizer(tokenizer, model, need_eos: bool = True) -> object:
+    """The model's tokenizer, checked for what data needs (an EOS token ends every text and
+    completion, and pads; generation alone can do without); ValueError naming the model
+    otherwise."""
+    if tokenizer is None:
+        raise ValueError(f"{model}: the model has no tokenizer (an HF directory needs tokenizer.json, a GGUF "
+                         "file tokenizer.ggml.* metadata), so text data cannot be tokenized")
+    eos = tokenizer.eos_token_id
+    if need_eos and (eos is None or (isinstance(eos, (list, tuple)) and not eos)):
+        raise ValueError(f"{getattr(tokenizer, 'source', '') or model}: the tokenizer has no EOS token "
+                         "(tokenizer_config.json 'eos_token', config.json 'eos_token_id' or GGUF "
+                         "'tokenizer.ggml.eos_token_id'), which ends every example")
+    return tokenizer
 
 
 def record_kind(obj, path, lineno) -> str:

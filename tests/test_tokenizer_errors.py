@@ -1,0 +1,99 @@
+"""Tokenizer faults a user meets from the command line: one line naming the file or key,
+exit code 2 (ValueError/OSError from the API), never a traceback."""
+import json
+import os
+
+import pytest
+
+from model_factory import gguf_from_hf, make_tiny_checkpoint, write_gguf
+from qlora_ext import cli
+from qlora_ext.model.tokenizer import Tokenizer
+
+BPE_MD = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "ab", "<|end|>"],
+          "tokenizer.ggml.merges": ["a b"], "tokenizer.ggml.token_type": [1, 1, 1, 3],
+          "tokenizer.ggml.eos_token_id": 3}
+
+
+def run_cli(argv, capsys):
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err.strip()
+
+
+@pytest.mark.parametrize("pre", ["default", "gpt-2", "smollm", "llama-bpe", "qwen2"])
+def test_known_gguf_pre_tokenizers_build(pre):
+    tok = Tokenizer.from_gguf_metadata({**BPE_MD, "tokenizer.ggml.pre": pre}, source="m.gguf")
+    assert tok.encode("ab") == [2]
+
+
+def test_missing_gguf_pre_is_gpt2():
+    assert Tokenizer.from_gguf_metadata(dict(BPE_MD), source="m.gguf").encode("ab") == [2]
+
+
+def test_unknown_gguf_pre_tokenizer_is_an_error_naming_it(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"m.gguf: tokenizer.ggml.pre 'falcon3' is not supported.*supported: "):
+        Tokenizer.from_gguf_metadata({**BPE_MD, "tokenizer.ggml.pre": "falcon3"}, source="m.gguf")
+    # from the command line, through a whole GGUF file
+    d = make_tiny_checkpoint(tmp_path / "hf", model_type="llama")
+    path = gguf_from_hf(d, tmp_path / "m.gguf", extra_metadata={**BPE_MD, "tokenizer.ggml.pre": "falcon3"})
+    code, err = run_cli(["generate", "--model", path, "--prompt", "ab", "--device", "cpu", "--quiet"], capsys)
+    assert code == 2 and "tokenizer.ggml.pre 'falcon3' is not supported" in err and path in err
+
+
+def test_model_without_tokenizer_trained_on_text(tmp_path, capsys):
+    d = make_tiny_checkpoint(tmp_path / "m", model_type="qwen3")
+    os.remove(os.path.join(d, "tokenizer.json"))
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello"}\n')
+    code, err = run_cli(["train", "--model", d, "--data", str(data), "--out", str(tmp_path / "o"), "--steps", "1",
+                         "--device", "cpu", "--quiet"], capsys)
+    assert code == 2 and err.count("\n") == 0 and f"{d}: the model has no tokenizer" in err
+
+
+def test_gguf_without_tokenizer_metadata(tmp_path, capsys):
+    d = make_tiny_checkpoint(tmp_path / "hf", model_type="llama")
+    path = gguf_from_hf(d, tmp_path / "m.gguf")  # no tokenizer.ggml.* keys
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    code, err = run_cli(["train", "--model", path, "--data", str(data), "--out", str(tmp_path / "o"), "--steps", "1",
+                         "--device", "cpu", "--quiet"], capsys)
+    assert code == 2 and f"{path}: the model has no tokenizer" in err
+    code, err = run_cli(["eval", "--model", path, "--data", str(data), "--device", "cpu", "--quiet"], capsys)
+    assert code == 2 and f"{path}: the model has no tokenizer" in err
+
+
+def test_tokenizer_without_eos(tmp_path, capsys):
+    d = make_tiny_checkpoint(tmp_path / "m", model_type="qwen3")
+    for name, key in (("tokenizer_config.json", "eos_token"), ("config.json", "eos_token_id")):
+        cfg = json.loads(open(os.path.join(d, name)).read())
+        del cfg[key]
+        open(os.path.join(d, name), "w").write(json.dumps(cfg))
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello"}\n')
+    code, err = run_cli(["train", "--model", d, "--data", str(data), "--out", str(tmp_path / "o"), "--steps", "1",
+                         "--device", "cpu", "--quiet"], capsys)
+    assert code == 2 and "tokenizer.json: the tokenizer has no EOS token" in err
+    # generation needs no EOS: it stops at --max-new-tokens
+    code, _ = run_cli(["generate", "--model", d, "--prompt", "hi", "--max-new-tokens", "2", "--device", "cpu",
+                       "--quiet"], capsys)
+    assert code == 0
+
+
+def test_lone_surrogate_in_the_data(tmp_path, capsys):
+    d = make_tiny_checkpoint(tmp_path / "m", model_type="qwen3")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "ok"}\n{"messages": [{"role": "user", "content": "a"}, '
+                    '{"role": "assistant", "content": "x\\udc80y"}]}\n')
+    code, err = run_cli(["train", "--model", d, "--data", str(data), "--out", str(tmp_path / "o"), "--steps", "1",
+                         "--device", "cpu", "--quiet"], capsys)
+    assert code == 2 and f"{data}:2: messages[1] content holds a lone surrogate" in err
+
+
+def test_chat_template_with_include_from_the_command_line(tmp_path, capsys):
+    d = make_tiny_checkpoint(tmp_path / "m", model_type="qwen3")
+    cfg = json.loads(open(os.path.join(d, "tokenizer_config.json")).read())
+    cfg["chat_template"] = "{% include 'other.jinja' %}"
+    open(os.path.join(d, "tokenizer_config.json"), "w").write(json.dumps(cfg))
+    code, err = run_cli(["generate", "--model", d, "--prompt", "hi", "--chat", "--device", "cpu", "--quiet"], capsys)
+    assert code == 2 and "tokenizer.json: chat template does not compile ('include' is not allowed" in err
