@@ -51,10 +51,23 @@ def _say(args, *parts) -> None:
         print(*parts, flush=True)
 
 
-def _progress(total, desc, args):
+def _progress(total, desc, args, unit="step"):
     from .progress import Progress
 
-    return Progress(total, desc, unit="step", enabled=False if args.quiet else None)
+    return Progress(total, desc, unit=unit, enabled=False if args.quiet else None)
+
+
+def _counted(items, progress):
+    """items, ticking progress once per item."""
+    for item in items:
+        yield item
+        progress.update(1)
+
+
+def _generation_pairs(spec, tok) -> list:
+    from .train.data import generation_pairs
+
+    return [pair for path, _ in spec for pair in generation_pairs(path, tok)]
 
 
 def _eval_report(trainer, eval_loader, pairs, n_acc, args, label) -> dict:
@@ -62,11 +75,14 @@ def _eval_report(trainer, eval_loader, pairs, n_acc, args, label) -> dict:
 
     out, t0 = {}, time.perf_counter()
     if eval_loader is not None:
-        loss = trainer.evaluate(b.shard(trainer.rank, trainer.world_size).as_tuple() for b in eval_loader)
+        with _progress(-(-len(eval_loader.examples) // eval_loader.batch_rows), f"eval loss ({label})", args,
+                       unit="batch") as p:
+            loss = trainer.evaluate(b.shard(trainer.rank, trainer.world_size).as_tuple()
+                                    for b in _counted(eval_loader, p))
         out["eval_loss"] = loss
         out["eval_ppl"] = math.exp(loss) if loss < 50 else float("inf")
     if pairs and n_acc:
-        with _progress(min(n_acc, len(pairs)), f"accuracy ({label})", args) as p:
+        with _progress(min(n_acc, len(pairs)), f"accuracy ({label})", args, unit="example") as p:
             acc, outputs = exact_match(trainer.model, pairs[:n_acc], progress=p)
         out["accuracy"] = acc
         out["sample"] = outputs[0]
@@ -109,7 +125,7 @@ def cmd_train(args) -> int:
     from .data import dataset_path
     from .model.lora import LoraConfig
     from .train.checkpoint import save_adapter_atomic
-    from .train.data import DataLoader, check_records, generation_pairs, load_examples, require_tokenizer
+    from .train.data import DataLoader, check_records, load_data, parse_data_spec, require_tokenizer
     from .train.loop import MetricsLog, fit, restore
     from .train.schedule import check_schedule
     from .train.distributed import get_comm
@@ -131,9 +147,10 @@ def cmd_train(args) -> int:
         raise ValueError(f"--epochs must be > 0, got {s['epochs']}")
     if s["steps"] is not None:
         check_schedule(s["schedule"], s["warmup"], s["steps"])  # before the model loads
-    for path in (data, eval_data):
-        if path:
-            check_records(path)  # bad data fails before the model loads
+    data_spec = parse_data_spec(data, "--data")
+    eval_spec = parse_data_spec(eval_data, "--eval-data") if eval_data else None
+    for path, _ in data_spec + (eval_spec or []):
+        check_records(path)  # bad data fails before the model loads
     lora = LoraConfig(r=s["lora_rank"], alpha=s["lora_alpha"], dropout=s["lora_dropout"],
                       target_modules=tuple(t.strip() for t in s["targets"].split(",") if t.strip()))
     t0 = time.perf_counter()
@@ -147,7 +164,7 @@ def cmd_train(args) -> int:
     tok = require_tokenizer(model.tokenizer, s["model"])
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     pad = pad[0] if isinstance(pad, (list, tuple)) else pad
-    examples, stats = load_examples(data, tok, s["seq_len"])
+    examples, stats = load_data(data_spec, tok, s["seq_len"], progress=False if args.quiet else None)
     rows_per_batch = s["batch_size"] * s["grad_accum"]
     loader = DataLoader(examples, s["seq_len"], rows_per_batch, seed=s["seed"], pack=s["pack"], pad_id=pad)
     if s["steps"] is not None:
@@ -162,6 +179,7 @@ def cmd_train(args) -> int:
     if hasattr(model, "placement"):
         _say(args, f"placement: {model.placement}" + (f" ({model.placement_reason})" if model.placement_reason else ""))
     _say(args, f"data: {data}: {stats.examples} examples, {stats.tokens:,} tokens"
+               + (" (tokenized earlier: from the cache)" if stats.cached else "")
                + (f", {stats.truncated} truncated to {s['seq_len']}" if stats.truncated else "")
                + (f", {stats.dropped} dropped (no target)" if stats.dropped else "")
                + f"; {total} steps of {rows_per_batch} rows ({total / loader.batches_per_epoch:.2f} epochs)")
@@ -170,9 +188,9 @@ def cmd_train(args) -> int:
     trainer = Trainer(model, config, comm=comm)
     eval_loader = pairs = None
     if eval_data:
-        ev, _ = load_examples(eval_data, tok, s["seq_len"])
+        ev, _ = load_data(eval_spec, tok, s["seq_len"], progress=False if args.quiet else None)
         eval_loader = DataLoader(ev, s["seq_len"], s["batch_size"], pad_id=pad, shuffle=False)
-        pairs = generation_pairs(eval_data, tok)
+        pairs = _generation_pairs(eval_spec, tok)
     n_acc = s["eval_accuracy"] if s["eval_accuracy"] is not None else (len(pairs or ()) if shipped else 0)
     elapsed, before = 0.0, None
     if ckpt is not None:
@@ -221,7 +239,9 @@ def cmd_train(args) -> int:
               f"continue with --resume {out}", file=sys.stderr)
         return EXIT_INTERRUPTED
     if trainer.is_writer:
-        save_adapter_atomic(model, out)
+        with _progress(1, "saving adapter", args, unit="file") as p:
+            save_adapter_atomic(model, out)
+            p.update(1)
     tokens_s = sum_tokens(out / "metrics.jsonl") / result["elapsed"] \
         if result["elapsed"] and trainer.is_writer else float("nan")
     print(f"trained {result['step']} steps in {result['elapsed']:.1f}s ({tokens_s:.0f} tokens/s); "
@@ -249,25 +269,30 @@ def _model_with_adapter(args):
 
 def cmd_eval(args) -> int:
     from .data import dataset_path
-    from .train.data import DataLoader, generation_pairs, load_examples, require_tokenizer
+    from .train.data import DataLoader, check_records, load_data, parse_data_spec, require_tokenizer
     from .train.trainer import evaluate_loss
 
     data = args.data or str(dataset_path("eval"))
+    spec = parse_data_spec(data, "--data")
+    for path, _ in spec:
+        check_records(path)  # bad data fails before the model loads
     model = _model_with_adapter(args)
     tok = require_tokenizer(model.tokenizer, args.model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     pad = pad[0] if isinstance(pad, (list, tuple)) else pad
-    examples, stats = load_examples(data, tok, args.seq_len)
+    examples, stats = load_data(spec, tok, args.seq_len, progress=False if args.quiet else None)
     loader = DataLoader(examples, args.seq_len, args.batch_size, pad_id=pad, shuffle=False)
-    loss = evaluate_loss(model, (b.as_tuple() for b in loader))
+    with _progress(-(-len(examples) // args.batch_size), "eval loss", args, unit="batch") as p:
+        loss = evaluate_loss(model, (b.as_tuple() for b in _counted(loader, p)))
     line = f"loss {loss:.4f}  perplexity {math.exp(loss) if loss < 50 else float('inf'):.2f}  " \
            f"({stats.examples} examples, {stats.tokens:,} tokens)"
     n_acc = args.accuracy if args.accuracy is not None else (len(examples) if args.data is None else 0)
     if n_acc:
         from .train.loop import exact_match
 
-        pairs = generation_pairs(data, tok)[:n_acc]
-        acc, _ = exact_match(model, pairs)
+        pairs = _generation_pairs(spec, tok)[:n_acc]
+        with _progress(len(pairs), "accuracy", args, unit="example") as p:
+            acc, _ = exact_match(model, pairs, progress=p)
         line += f"  exact-match accuracy {acc:.1%} ({round(acc * len(pairs))}/{len(pairs)})"
     print(line)
     return 0
