@@ -197,6 +197,7 @@ def tokenized_file(path, tokenizer, seq_len: int, progress: bool | None = False)
         try:
             cache.mkdir(parents=True, exist_ok=True)
             work = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=cache))
+            os.chmod(work, 0o755)  # readable like the data beside it (mkdtemp makes it private)
             break
         except OSError:  # not writable: the next place
             continue
