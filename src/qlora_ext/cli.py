@@ -387,8 +387,12 @@ def add_train_command(sub) -> None:
     d = TRAIN_DEFAULTS
     # defaults are None here so that --resume can tell given flags from saved settings
     p.add_argument("--model", help=f"model directory, .gguf or known name (default {d['model']})")
-    p.add_argument("--data", help='JSONL with "text", "prompt"+"completion" or "messages" (default: shipped dataset)')
-    p.add_argument("--eval-data", help="JSONL for eval loss (and accuracy) before and after")
+    p.add_argument("--data", metavar="FILE[:W],...",
+                   help='JSONL or Parquet with "text", "prompt"+"completion" or "messages" records; several files '
+                        "are concatenated, or mixed with weights: a.jsonl:0.7,b.jsonl:0.3 (each epoch draws that "
+                        "share of its rows from each file, seeded by --seed). Default: the shipped dataset")
+    p.add_argument("--eval-data", metavar="FILE,...",
+                   help="JSONL or Parquet for eval loss (and accuracy) before and after training")
     p.add_argument("--out", help="output directory (adapter, checkpoint-<step>/, metrics.jsonl)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, help=f"optimizer updates (default: {DEFAULT_STEPS} on the shipped dataset, else 1 epoch)")
@@ -430,9 +434,11 @@ def add_train_command(sub) -> None:
 def add_eval_command(sub) -> None:
     p = sub.add_parser("eval", help="loss and perplexity of a model (+ adapter) on a JSONL file")
     _add_model_args(p)
-    p.add_argument("--data", help="JSONL file (default: the shipped eval split)")
-    p.add_argument("--seq-len", type=int, default=TRAIN_DEFAULTS["seq_len"])
-    p.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS["batch_size"])
+    p.add_argument("--data", metavar="FILE,...", help="JSONL or Parquet file(s) (default: the shipped eval split)")
+    p.add_argument("--seq-len", type=int, default=TRAIN_DEFAULTS["seq_len"],
+                   help=f"max tokens per row; longer examples are cut (default {TRAIN_DEFAULTS['seq_len']})")
+    p.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS["batch_size"],
+                   help=f"rows per forward pass (default {TRAIN_DEFAULTS['batch_size']})")
     p.add_argument("--accuracy", type=int, metavar="N",
                    help="also greedy exact-match accuracy on the first N examples (default: all on the shipped split)")
     p.set_defaults(func=cmd_eval)
@@ -441,18 +447,20 @@ def add_eval_command(sub) -> None:
 def add_generate_command(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt")
     _add_model_args(p)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="the text to continue (with --chat: the user's message)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="stop after this many new tokens (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: sample from the smallest set of tokens holding this probability "
+                        "(default 1.0 = all; only with --temperature > 0)")
     p.add_argument("--seed", type=int, help="sampling seed")
     p.set_defaults(func=cmd_generate)
 
 
 def add_info_command(sub) -> None:
     p = sub.add_parser("info", help="version, CPU features, GPU adapter, default model")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(func=cmd_info)
 
 
@@ -466,8 +474,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = _Parser(prog="qlora-ext", description="QLoRA fine-tuning on CPU and any WebGPU GPU")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.add_argument("--version", action="version", version=f"qlora-ext {__version__}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
+                                help="what to do (qlora-ext COMMAND --help describes its flags)")
     for add in SUBCOMMANDS:
         add(sub)
     return parser

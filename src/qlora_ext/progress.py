@@ -79,7 +79,8 @@ class Progress:
             self._bar.set_postfix_str(text, refresh=False)
 
     def _count(self) -> str:
-        units = self.unit if self.unit.endswith("s") else self.unit + "s"
+        u = self.unit
+        units = u if u.endswith("s") else u + "es" if u.endswith(("ch", "sh", "x")) else u + "s"
         return f"{self.n}/{self.total} {units}" if self.total else f"{self.n} {units}"
 
     def _line(self, done: bool = False) -> None:
