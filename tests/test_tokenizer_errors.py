@@ -97,3 +97,42 @@ def test_chat_template_with_include_from_the_command_line(tmp_path, capsys):
     open(os.path.join(d, "tokenizer_config.json"), "w").write(json.dumps(cfg))
     code, err = run_cli(["generate", "--model", d, "--prompt", "hi", "--chat", "--device", "cpu", "--quiet"], capsys)
     assert code == 2 and "tokenizer.json: chat template does not compile ('include' is not allowed" in err
+
+
+@pytest.mark.parametrize("key,value,msg", [
+    ("tokenizer.ggml.bos_token_id", 99, r"tokenizer.ggml.bos_token_id must be a token id in \[0, 4\), got 99"),
+    ("tokenizer.ggml.eos_token_id", -1, r"tokenizer.ggml.eos_token_id must be a token id"),
+    ("tokenizer.ggml.padding_token_id", "2", r"tokenizer.ggml.padding_token_id must be a token id"),
+    ("tokenizer.ggml.tokens", ["a", 3], r"tokenizer.ggml.tokens must be a non-empty array of strings"),
+    ("tokenizer.chat_template", 7, r"tokenizer.chat_template must be a string"),
+])
+def test_bad_gguf_tokenizer_fields(key, value, msg):
+    with pytest.raises(ValueError, match=f"m.gguf: {msg}"):
+        Tokenizer.from_gguf_metadata({**BPE_MD, "tokenizer.ggml.add_bos_token": True, key: value}, source="m.gguf")
+
+
+@pytest.mark.parametrize("name,edit,msg", [
+    ("config.json", lambda c: c.update(eos_token_id="2"), r"config.json: 'eos_token_id' must be a token id"),
+    ("config.json", lambda c: c.update(eos_token_id=[1, True]), r"config.json: 'eos_token_id' must be a token id"),
+    ("config.json", lambda c: c.update(bos_token_id=10**6), r"config.json: 'bos_token_id' must be a token id"),
+    ("tokenizer_config.json", lambda c: c.update(chat_template=["x"]), r"'chat_template' as a list must hold"),
+    ("tokenizer_config.json", lambda c: c.update(chat_template={"a": 1}), r"'chat_template' must be a string"),
+])
+def test_bad_hf_tokenizer_fields(tmp_path, name, edit, msg):
+    d = make_tiny_checkpoint(tmp_path / "m", model_type="qwen3")
+    cfg = json.loads(open(os.path.join(d, "tokenizer_config.json")).read())
+    for k in ("bos_token", "eos_token"):  # so that the ids come from config.json
+        cfg.pop(k)
+    open(os.path.join(d, "tokenizer_config.json"), "w").write(json.dumps(cfg))
+    cfg = json.loads(open(os.path.join(d, name)).read())
+    edit(cfg)
+    open(os.path.join(d, name), "w").write(json.dumps(cfg))
+    with pytest.raises(ValueError, match=msg):
+        Tokenizer.from_dir(d)
+
+
+def test_deeply_nested_tokenizer_config(tmp_path):
+    d = make_tiny_checkpoint(tmp_path / "m", model_type="qwen3")
+    open(os.path.join(d, "tokenizer_config.json"), "w").write('{"a": ' + "[" * 100000 + "]" * 100000 + "}")
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: not valid JSON \(nested too deeply\)"):
+        Tokenizer.from_dir(d)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
+
 from .chat_template import ChatTemplate
 
 # Pre-tokenizer split patterns keyed by GGUF `tokenizer.ggml.pre` (how the vocabulary's
@@ -117,13 +119,22 @@ class Tokenizer:
             raise ValueError(f"{tj}: cannot parse tokenizer ({e})") from None
         cfg = _read_json(os.path.join(d, "tokenizer_config.json"))
         model_cfg = _read_json(os.path.join(d, "config.json"))
+        tc = os.path.join(d, "tokenizer_config.json")
         template = cfg.get("chat_template")
         if isinstance(template, list):  # named templates: take "default"
+            if not all(isinstance(t, dict) for t in template):
+                raise ValueError(f"{tc}: 'chat_template' as a list must hold {{'name', 'template'}} objects")
             template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        if template is not None and not isinstance(template, str):
+            raise ValueError(f"{tc}: 'chat_template' must be a string, got {type(template).__name__}")
         jt = os.path.join(d, "chat_template.jinja")
         if template is None and os.path.isfile(jt):
-            with open(jt, encoding="utf-8") as f:
-                template = f.read()
+            try:
+                with open(jt, encoding="utf-8") as f:
+                    template = f.read()
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{jt}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        vocab = backend.get_vocab_size(with_added_tokens=True)
 
         def special(key):
             tok = cfg.get(key)
@@ -133,7 +144,8 @@ class Tokenizer:
                 i = backend.token_to_id(tok)
                 if i is not None:
                     return i
-            return model_cfg.get(f"{key}_id")
+            return _check_id(model_cfg.get(f"{key}_id"), vocab, f"{os.path.join(d, 'config.json')}: '{key}_id'",
+                             many=key == "eos_token")
 
         return cls(backend, bos_token_id=special("bos_token"), eos_token_id=special("eos_token"),
                    pad_token_id=special("pad_token"), chat_template=template, source=tj)
@@ -149,6 +161,11 @@ class Tokenizer:
         tokens = md.get("tokenizer.ggml.tokens")
         if kind is None or tokens is None:
             raise ValueError(f"{source}: no tokenizer in the GGUF metadata (tokenizer.ggml.model/tokens missing)")
+        if not isinstance(tokens, (list, tuple)) or not tokens or not all(isinstance(t, str) for t in tokens):
+            raise ValueError(f"{source}: tokenizer.ggml.tokens must be a non-empty array of strings")
+        template = md.get("tokenizer.chat_template")
+        if template is not None and not isinstance(template, str):
+            raise ValueError(f"{source}: tokenizer.chat_template must be a string")
         if kind == "llama":
             return cls._from_gguf_sentencepiece(md, source)
         if kind != "gpt2":
@@ -188,15 +205,16 @@ class Tokenizer:
             added = [AddedToken(tokens[i], special=int(t) == _CONTROL, normalized=False)
                      for i, t in enumerate(types) if int(t) in (_CONTROL, _USER_DEFINED)]
             backend.add_tokens(added)
-        bos = md.get("tokenizer.ggml.bos_token_id")
-        eos = md.get("tokenizer.ggml.eos_token_id")
+        bos = _check_id(md.get("tokenizer.ggml.bos_token_id"), len(tokens), f"{source}: tokenizer.ggml.bos_token_id")
+        eos = _check_id(md.get("tokenizer.ggml.eos_token_id"), len(tokens), f"{source}: tokenizer.ggml.eos_token_id")
+        pad = _check_id(md.get("tokenizer.ggml.padding_token_id"), len(tokens),
+                        f"{source}: tokenizer.ggml.padding_token_id")
         if md.get("tokenizer.ggml.add_bos_token") and bos is not None:
             backend.post_processor = processors.TemplateProcessing(
                 single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B", special_tokens=[(tokens[bos], bos)])
         else:
             backend.post_processor = processors.ByteLevel(trim_offsets=False)
-        return cls(backend, bos_token_id=bos, eos_token_id=eos,
-                   pad_token_id=md.get("tokenizer.ggml.padding_token_id"),
+        return cls(backend, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
                    chat_template=md.get("tokenizer.chat_template"), source=source)
 
     @classmethod
@@ -225,7 +243,8 @@ class Tokenizer:
                 if a in mergeable and b in mergeable:
                     merges.append((-float(scores[vocab[piece]]), vocab[a], vocab[b], a, b))
         merges.sort()
-        unk_id = md.get("tokenizer.ggml.unknown_token_id", 0)
+        unk_id = _check_id(md.get("tokenizer.ggml.unknown_token_id", 0), len(tokens),
+                           f"{source}: tokenizer.ggml.unknown_token_id")
         backend = Backend(BPE(vocab=vocab, merges=[(a, b) for *_, a, b in merges],
                               unk_token=tokens[unk_id], fuse_unk=True, byte_fallback=True))
         prefix = md.get("tokenizer.ggml.add_space_prefix", True)
@@ -235,10 +254,26 @@ class Tokenizer:
         backend.decoder = decoders.Sequence(dec + ([decoders.Strip(" ", 1, 0)] if prefix else []))
         backend.add_tokens([AddedToken(tokens[i], special=int(t) in (_CONTROL, _UNKNOWN), normalized=False)
                             for i, t in enumerate(types) if int(t) in (_CONTROL, _UNKNOWN, _USER_DEFINED)])
-        return cls(backend, bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
-                   eos_token_id=md.get("tokenizer.ggml.eos_token_id"),
-                   pad_token_id=md.get("tokenizer.ggml.padding_token_id"),
+        return cls(backend,
+                   bos_token_id=_check_id(md.get("tokenizer.ggml.bos_token_id"), len(tokens),
+                                          f"{source}: tokenizer.ggml.bos_token_id"),
+                   eos_token_id=_check_id(md.get("tokenizer.ggml.eos_token_id"), len(tokens),
+                                          f"{source}: tokenizer.ggml.eos_token_id"),
+                   pad_token_id=_check_id(md.get("tokenizer.ggml.padding_token_id"), len(tokens),
+                                          f"{source}: tokenizer.ggml.padding_token_id"),
                    chat_template=md.get("tokenizer.chat_template"), source=source)
+
+
+def _check_id(value, vocab: int, where: str, many: bool = False):
+    """A special token id from a file: None, an int in [0, vocab) (or, for EOS, a non-empty
+    list of them); ValueError naming the key otherwise."""
+    if value is None:
+        return None
+    ids = value if many and isinstance(value, list) and value else [value]
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= int(i) < vocab:
+            raise ValueError(f"{where} must be a token id in [0, {vocab}), got {value!r}")
+    return [int(i) for i in ids] if ids is value else int(value)
 
 
 def _read_json(path: str) -> dict:
@@ -248,6 +283,10 @@ def _read_json(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
     except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
+    except (UnicodeDecodeError, ValueError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a JSON object")
