@@ -136,3 +136,21 @@ def test_deeply_nested_tokenizer_config(tmp_path):
     open(os.path.join(d, "tokenizer_config.json"), "w").write('{"a": ' + "[" * 100000 + "]" * 100000 + "}")
     with pytest.raises(ValueError, match=r"tokenizer_config.json: not valid JSON \(nested too deeply\)"):
         Tokenizer.from_dir(d)
+
+
+def test_undecodable_prompt_bytes_on_the_command_line(tmp_path):
+    """An undecodable byte in argv reaches Python as a lone surrogate: one clean line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import qlora_ext
+
+    d = make_tiny_checkpoint(tmp_path / "m", model_type="llama")
+    src = str(Path(qlora_ext.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""), QLORA_EXT_PROGRESS="0")
+    for extra in ([], ["--chat"]):
+        r = subprocess.run([sys.executable, "-m", "qlora_ext.cli", "generate", "--model", d, "--prompt", b"a\xffb",
+                            "--device", "cpu", *extra], capture_output=True, env=env, timeout=300)
+        err = r.stderr.decode(errors="replace")
+        assert r.returncode == 2 and "Traceback" not in err and "lone surrogate" in err, err

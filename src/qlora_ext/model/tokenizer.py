@@ -61,21 +61,18 @@ class Tokenizer:
         return None if e is None else self.id_to_token(e)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list:
-        if not isinstance(text, str):
-            raise ValueError(f"encode expects a str, got {type(text).__name__}")
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return self.backend.encode(_text(text), add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts, add_special_tokens: bool = False) -> list:
-        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+        texts = [_text(t) for t in texts]
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def encode_offsets(self, text: str) -> tuple:
         """(ids, [(start, end)] character offsets into text) without special tokens added."""
-        if not isinstance(text, str):
-            raise ValueError(f"encode expects a str, got {type(text).__name__}")
-        enc = self.backend.encode(text, add_special_tokens=False)
+        enc = self.backend.encode(_text(text), add_special_tokens=False)
         return list(enc.ids), list(enc.offsets)
 
     @property
@@ -262,6 +259,19 @@ class Tokenizer:
                    pad_token_id=_check_id(md.get("tokenizer.ggml.padding_token_id"), len(tokens),
                                           f"{source}: tokenizer.ggml.padding_token_id"),
                    chat_template=md.get("tokenizer.chat_template"), source=source)
+
+
+def _text(text) -> str:
+    """text, if the tokenizer can encode it: a str without lone surrogates (an undecodable
+    byte in a command-line argument arrives as one)."""
+    if not isinstance(text, str):
+        raise ValueError(f"encode expects a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text holds a lone surrogate ({text[e.start]!r} at character {e.start}; an undecodable "
+                         "byte?), which is not valid Unicode") from None
+    return text
 
 
 def _check_id(value, vocab: int, where: str, many: bool = False):
