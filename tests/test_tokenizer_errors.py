@@ -96,7 +96,8 @@ def test_chat_template_with_include_from_the_command_line(tmp_path, capsys):
     cfg["chat_template"] = "{% include 'other.jinja' %}"
     open(os.path.join(d, "tokenizer_config.json"), "w").write(json.dumps(cfg))
     code, err = run_cli(["generate", "--model", d, "--prompt", "hi", "--chat", "--device", "cpu", "--quiet"], capsys)
-    assert code == 2 and "tokenizer.json: chat template does not compile ('include' is not allowed" in err
+    assert code == 2 and "tokenizer_config.json 'chat_template': chat template does not compile ('include' is not " \
+                         "allowed" in err
 
 
 @pytest.mark.parametrize("key,value,msg", [
@@ -154,3 +155,23 @@ def test_undecodable_prompt_bytes_on_the_command_line(tmp_path):
                             "--device", "cpu", *extra], capture_output=True, env=env, timeout=300)
         err = r.stderr.decode(errors="replace")
         assert r.returncode == 2 and "Traceback" not in err and "lone surrogate" in err, err
+
+
+@pytest.mark.parametrize("template,msg", [
+    ("{{ 'x' * 100000000 }}", "chat template stopped: '*' would build 100,000,000 items"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+     "chat template stopped: rendering took longer than 5 s"),
+])
+def test_runaway_chat_template_from_the_command_line(tmp_path, capsys, template, msg):
+    import time
+
+    d = make_tiny_checkpoint(tmp_path / "m", model_type="qwen3")
+    cfg = json.loads(open(os.path.join(d, "tokenizer_config.json")).read())
+    cfg["chat_template"] = template
+    open(os.path.join(d, "tokenizer_config.json"), "w").write(json.dumps(cfg))
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n')
+    t0 = time.perf_counter()
+    code, err = run_cli(["train", "--model", d, "--data", str(data), "--out", str(tmp_path / "o"), "--steps", "1",
+                         "--device", "cpu", "--quiet"], capsys)
+    assert code == 2 and f"tokenizer_config.json 'chat_template': {msg}" in err and time.perf_counter() - t0 < 60

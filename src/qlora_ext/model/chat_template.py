@@ -71,10 +71,9 @@ _BUDGET: ContextVar = ContextVar("qlora_ext_chat_template_budget", default=None)
 
 def _budget() -> _Budget:
     b = _BUDGET.get()
-    if b is None:  # a template object rendered outside ChatTemplate.render: still bounded
-        b = _Budget(BASE_LIMIT, TIME_LIMIT)
-        _BUDGET.set(b)
-    return b
+    # outside ChatTemplate.render (a template of environment() rendered directly): sizes are
+    # still bounded, each hook starting its own clock
+    return b if b is not None else _Budget(BASE_LIMIT, TIME_LIMIT)
 
 
 class _CheckedIter:

@@ -31,13 +31,14 @@ _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
 class Tokenizer:
     def __init__(self, backend, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-                 chat_template: str | None = None, source: str = ""):
+                 chat_template: str | None = None, source: str = "", template_source: str = ""):
         self.backend = backend
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.chat_template = chat_template
         self.source = source
+        self.template_source = template_source  # the file (and key) the chat template came from
         self._compiled = None
         self._special_ids = None
 
@@ -91,7 +92,7 @@ class Tokenizer:
         if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
             raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
         if self._compiled is None:
-            self._compiled = ChatTemplate(self.chat_template, self.source or "tokenizer")
+            self._compiled = ChatTemplate(self.chat_template, self.template_source or self.source or "tokenizer")
         return self._compiled.render(messages, add_generation_prompt=add_generation_prompt,
                                      bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
 
@@ -117,7 +118,7 @@ class Tokenizer:
         cfg = _read_json(os.path.join(d, "tokenizer_config.json"))
         model_cfg = _read_json(os.path.join(d, "config.json"))
         tc = os.path.join(d, "tokenizer_config.json")
-        template = cfg.get("chat_template")
+        template, template_source = cfg.get("chat_template"), f"{tc} 'chat_template'"
         if isinstance(template, list):  # named templates: take "default"
             if not all(isinstance(t, dict) for t in template):
                 raise ValueError(f"{tc}: 'chat_template' as a list must hold {{'name', 'template'}} objects")
@@ -128,7 +129,7 @@ class Tokenizer:
         if template is None and os.path.isfile(jt):
             try:
                 with open(jt, encoding="utf-8") as f:
-                    template = f.read()
+                    template, template_source = f.read(), jt
             except UnicodeDecodeError as e:
                 raise ValueError(f"{jt}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
         vocab = backend.get_vocab_size(with_added_tokens=True)
@@ -145,7 +146,8 @@ class Tokenizer:
                              many=key == "eos_token")
 
         return cls(backend, bos_token_id=special("bos_token"), eos_token_id=special("eos_token"),
-                   pad_token_id=special("pad_token"), chat_template=template, source=tj)
+                   pad_token_id=special("pad_token"), chat_template=template, source=tj,
+                   template_source=template_source)
 
     @classmethod
     def from_gguf_metadata(cls, md: dict, source: str = "") -> "Tokenizer":
@@ -212,7 +214,8 @@ class Tokenizer:
         else:
             backend.post_processor = processors.ByteLevel(trim_offsets=False)
         return cls(backend, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
-                   chat_template=md.get("tokenizer.chat_template"), source=source)
+                   chat_template=md.get("tokenizer.chat_template"), source=source,
+                   template_source=f"{source} tokenizer.chat_template")
 
     @classmethod
     def _from_gguf_sentencepiece(cls, md: dict, source: str) -> "Tokenizer":
@@ -258,7 +261,8 @@ class Tokenizer:
                                           f"{source}: tokenizer.ggml.eos_token_id"),
                    pad_token_id=_check_id(md.get("tokenizer.ggml.padding_token_id"), len(tokens),
                                           f"{source}: tokenizer.ggml.padding_token_id"),
-                   chat_template=md.get("tokenizer.chat_template"), source=source)
+                   chat_template=md.get("tokenizer.chat_template"), source=source,
+                   template_source=f"{source} tokenizer.chat_template")
 
 
 def _text(text) -> str:
