@@ -32,6 +32,27 @@ class ByteTokenizer:
                 i += 1
         return ids
 
+    def encode_offsets(self, text):
+        """(ids, character offsets): a character's bytes all point at that character."""
+        ids, offsets, i = [], [], 0
+        while i < len(text):
+            s = next((s for s in SPECIALS if text.startswith(s, i)), None)
+            if s is not None:
+                ids.append(SPECIALS[s])
+                offsets.append((i, i + len(s)))
+                i += len(s)
+            else:
+                b = text[i].encode("utf-8")
+                ids.extend(b)
+                offsets.extend([(i, i + 1)] * len(b))
+                i += 1
+        return ids, offsets
+
+    special_ids = frozenset(SPECIALS.values())
+
+    def render_chat(self, messages, add_generation_prompt=False):
+        return self.apply_chat_template(messages, add_generation_prompt), []
+
     def decode(self, ids, skip_special_tokens=True):
         inv = {v: k for k, v in SPECIALS.items()}
         out, buf = [], bytearray()

