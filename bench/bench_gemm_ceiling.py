@@ -9,7 +9,8 @@ variants: `current` is fused_gemm's per-shape tile choice; the others name gemm.
 (wgx,wgy,tm,tn,bk) and override constants; `base:` variants run a second shader given by
 --base-shader (another version of gemm.wgsl, for a before/after in one run); `probe:` variants
 run gemm.wgsl with every K tile fetched from k = 0 (the operands stay in L1/L2: the speed of
-the multiply and the workgroup-memory traffic alone; a diagnostic, its results are not a GEMM).
+the multiply and the workgroup-memory traffic alone; a diagnostic, its results are not a GEMM);
+`mul:` variants run gemm.wgsl with the k loop's fma() written as `acc += b * s`.
 TFLOP/s count 2·M·N·K for ours and cuBLAS alike (the LoRA epilogue's 2·M·N·r is extra work of
 ours, not counted).
 
@@ -86,8 +87,14 @@ def shader_dir_with(base_shader: str | None):
     probe, n = re.subn(r"let kf = t \* BK;", "let kf = 0u;", src)
     if n != 1:
         raise ValueError("gemm.wgsl: the probe needs exactly one line 'let kf = t * BK;'")
-    with open(os.path.join(d, "gemm_probe.wgsl"), "w") as f:
-        f.write(probe)
+    # the multiply as vector-times-scalar plus add (left to the driver to fuse) instead of fma()
+    mul, n1 = re.subn(r"let s = vec4<f32>\((fa\d)\[r\]\[i\]\);", r"let s = \1[r][i];", src)
+    mul, n2 = re.subn(r"acc\[o\] = fma\(s, (fb\d)\[q\], acc\[o\]\);", r"acc[o] += \1[q] * s;", mul)
+    if n1 != 2 or n2 != 2:
+        raise ValueError("gemm.wgsl: the mul variant needs the two splat and fma lines of the k loop")
+    for name, text in (("gemm_probe", probe), ("gemm_mul", mul)):
+        with open(os.path.join(d, name + ".wgsl"), "w") as f:
+            f.write(text)
     if base_shader:
         shutil.copy(base_shader, os.path.join(d, "gemm_base.wgsl"))
     return d
@@ -118,7 +125,8 @@ def run_shape(ctx, case, variants, reps, rng, bufs):
     lora = (t, RANK, params, 0, lmode) if lmode else None
     rows = []
     for label, tiles, extra in variants:
-        shader = "gemm_base" if label.startswith("base:") else "gemm_probe" if label.startswith("probe:") else "gemm"
+        prefix = label.partition(":")[0] if ":" in label else ""
+        shader = {"base": "gemm_base", "probe": "gemm_probe", "mul": "gemm_mul"}.get(prefix, "gemm")
         try:
             if tiles is not None:
                 tiles.check(ctx)
@@ -192,7 +200,7 @@ def test_gemm_ceiling_smoke(tmp_path):
     try:
         main(["--shapes", "tiny", "--only", "q.fwd,down.dx,lm.dhidden", "--reps", "1", "--no-cublas",
               "--base-shader", base, "--json", str(out),
-              "--variants", "current;a=8,8,4,4,8,WARP_MAP=false;base:b=8,8,4,4,8;probe:p=8,8,4,4,8"])
+              "--variants", "current;a=8,8,4,4,8;base:b=8,8,4,4,8;probe:p=8,8,4,4,8;mul:m=8,8,4,4,8"])
     finally:
         if old is None:
             os.environ.pop("QLORA_EXT_SHADERS", None)
@@ -200,7 +208,7 @@ def test_gemm_ceiling_smoke(tmp_path):
             os.environ["QLORA_EXT_SHADERS"] = old
     log = json.loads(out.read_text())
     assert [e["gemm"] for e in log[1:]] == ["q.fwd", "down.dx", "lm.dhidden"]
-    assert all(len([r for r in e["rows"] if r.get("tflops", 0) > 0]) == 4 for e in log[1:])
+    assert all(len([r for r in e["rows"] if r.get("tflops", 0) > 0]) == 5 for e in log[1:])
 
 
 if __name__ == "__main__":

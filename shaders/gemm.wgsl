@@ -28,10 +28,8 @@
 // Inside a tile the reads of k step kk+1 are issued before the FMAs of step kk (two register
 // sets, the k loop unrolled by two), so the shared-memory latency hides behind arithmetic even
 // where the driver keeps the k loop rolled.
-// WARP_MAP: the 32 lanes of a warp (subgroup) cover 8 × 4 threads (x × y) rather than one
-// 32-thread row, so a k step's reads of a warp touch 4 distinct A vec4s and 8 distinct B vec4s
-// (a 16 × 2 row: 2 and 16): fewer shared-memory wavefronts per FMA.  Any other subgroup size
-// only changes which threads share a read.
+// Threads keep the row-major order of local_invocation_id: a warp spanning 8 × 4 threads
+// (fewer distinct addresses per shared-memory read) ran 15-25% slower on an H200.
 // Loads: thread idx takes tile row (m or n) idx % BM (BN) and k group idx / BM (BN), so the
 // scalar stores of the transposed tiles go to consecutive addresses across a warp (no bank
 // conflicts); fp32 B stored [K, N] and NF4 B stored [K, N] are copied as whole vec4s.
@@ -57,7 +55,6 @@ override B_VEC: bool = false;
 override C_VEC: bool = false;
 override LORA: u32 = 0u;
 override ACCUM: bool = false;
-override WARP_MAP: bool = true;
 
 override BM: u32 = WGY * TM;
 override BN: u32 = WGX * TN;
@@ -121,14 +118,8 @@ fn store_b(buf: u32, k: u32, n: u32, v: f32) {
 fn main(@builtin(workgroup_id) wid: vec3<u32>,
         @builtin(local_invocation_id) lid: vec3<u32>,
         @builtin(local_invocation_index) li: u32) {
-    var tx = lid.x;
-    var ty = lid.y;
-    if (WARP_MAP && WGX % 8u == 0u && WGY % 4u == 0u) {
-        let lane = li & 31u;
-        let w = li >> 5u;
-        tx = (w % (WGX / 8u)) * 8u + (lane & 7u);
-        ty = (w / (WGX / 8u)) * 4u + (lane >> 3u);
-    }
+    let tx = lid.x;
+    let ty = lid.y;
     let m0 = wid.y * BM;
     let n0 = wid.x * BN;
     let M = P.M;
