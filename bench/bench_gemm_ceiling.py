@@ -10,7 +10,8 @@ variants: `current` is fused_gemm's per-shape tile choice; the others name gemm.
 --base-shader (another version of gemm.wgsl, for a before/after in one run); `probe:` variants
 run gemm.wgsl with every K tile fetched from k = 0 (the operands stay in L1/L2: the speed of
 the multiply and the workgroup-memory traffic alone; a diagnostic, its results are not a GEMM);
-`mul:` variants run gemm.wgsl with the k loop's fma() written as `acc += b * s`.
+`mul:` variants run gemm.wgsl with the k loop's fma() written as `acc += b * s`; `unroll:`
+variants with the k loop unrolled in the source (BK 8 or 16 only).
 TFLOP/s count 2·M·N·K for ours and cuBLAS alike (the LoRA epilogue's 2·M·N·r is extra work of
 ours, not counted).
 
@@ -92,7 +93,19 @@ def shader_dir_with(base_shader: str | None):
     mul, n2 = re.subn(r"acc\[o\] = fma\(s, (fb\d)\[q\], acc\[o\]\);", r"acc[o] += \1[q] * s;", mul)
     if n1 != 2 or n2 != 2:
         raise ValueError("gemm.wgsl: the mul variant needs the two splat and fma lines of the k loop")
-    for name, text in (("gemm_probe", probe), ("gemm_mul", mul)):
+    files = {"gemm_probe": probe, "gemm_mul": mul}
+    # the k loop unrolled in the source (BK 8 and 16), for drivers that keep it rolled
+    head = "for (var kk = 0u; kk < BK; kk += 2u) {"
+    start = src.index(head)
+    end, depth = start + len(head), 1
+    while depth:
+        depth += {"{": 1, "}": -1}.get(src[end], 0)
+        end += 1
+    body = src[start + len(head):end - 1]
+    for bk in (8, 16):
+        files[f"gemm_unroll{bk}"] = src[:start] + "".join(
+            f"{{ let kk = {k}u;{body}}}\n" for k in range(0, bk, 2)) + src[end:]
+    for name, text in files.items():
         with open(os.path.join(d, name + ".wgsl"), "w") as f:
             f.write(text)
     if base_shader:
@@ -126,7 +139,8 @@ def run_shape(ctx, case, variants, reps, rng, bufs):
     rows = []
     for label, tiles, extra in variants:
         prefix = label.partition(":")[0] if ":" in label else ""
-        shader = {"base": "gemm_base", "probe": "gemm_probe", "mul": "gemm_mul"}.get(prefix, "gemm")
+        shader = {"base": "gemm_base", "probe": "gemm_probe", "mul": "gemm_mul",
+                  "unroll": f"gemm_unroll{tiles.bk if tiles else 0}"}.get(prefix, "gemm")
         try:
             if tiles is not None:
                 tiles.check(ctx)
@@ -200,7 +214,8 @@ def test_gemm_ceiling_smoke(tmp_path):
     try:
         main(["--shapes", "tiny", "--only", "q.fwd,down.dx,lm.dhidden", "--reps", "1", "--no-cublas",
               "--base-shader", base, "--json", str(out),
-              "--variants", "current;a=8,8,4,4,8;base:b=8,8,4,4,8;probe:p=8,8,4,4,8;mul:m=8,8,4,4,8"])
+              "--variants", "current;a=8,8,4,4,8;base:b=8,8,4,4,8;probe:p=8,8,4,4,8;mul:m=8,8,4,4,8;"
+              "unroll:u=8,8,4,4,8"])
     finally:
         if old is None:
             os.environ.pop("QLORA_EXT_SHADERS", None)
@@ -208,7 +223,7 @@ def test_gemm_ceiling_smoke(tmp_path):
             os.environ["QLORA_EXT_SHADERS"] = old
     log = json.loads(out.read_text())
     assert [e["gemm"] for e in log[1:]] == ["q.fwd", "down.dx", "lm.dhidden"]
-    assert all(len([r for r in e["rows"] if r.get("tflops", 0) > 0]) == 5 for e in log[1:])
+    assert all(len([r for r in e["rows"] if r.get("tflops", 0) > 0]) == 6 for e in log[1:])
 
 
 if __name__ == "__main__":
