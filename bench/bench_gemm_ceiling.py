@@ -167,7 +167,11 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-cublas", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--table", default=None, help="print BENCHMARKS.md rows from this --json log and exit")
     a = ap.parse_args(argv)
+    if a.table:
+        print(table(a.table))
+        return
     os.environ["QLORA_EXT_SHADERS"] = shader_dir_with(a.base_shader)
     from qlora_ext.gpu.resident.context import GpuContext
 
@@ -198,6 +202,36 @@ def main(argv=None):
                 with open(a.json, "w") as f:
                     json.dump(log, f)
         del bufs
+
+
+def table(path: str, before: str = "base:b16,base:w8,base:s8") -> str:
+    """BENCHMARKS.md rows from a --json log: per GEMM, ours with fused_gemm's tile choice (the
+    `current` row, else the row of the same tiles without a variant prefix), cuBLAS fp32 and the
+    `before` variants (base: rows, in the order BIG, WIDE, SMALL) chosen by the previous rule:
+    WIDE for N >= 32768, SMALL for 133-197 tiles of 128 x 128, else BIG."""
+    from qlora_ext.gpu.resident.fused_gemm import ResidentTiles
+
+    chooser = object.__new__(ResidentTiles)
+    chooser.own = True
+    big, wide, small = before.split(",")
+    lines = ["| GEMM | M × N × K | B | ours TFLOP/s | tiles | cuBLAS fp32 | ours / cuBLAS | before |",
+             "|---|---|---|---|---|---|---|---|"]
+    for e in json.load(open(path))[1:]:
+        M, N, K = e["M"], e["N"], e["K"]
+        t = chooser(M, N)
+        want = [t.wgx, t.wgy, t.tm, t.tn, t.bk]
+        rows = {r["variant"]: r for r in e["rows"] if "s" in r}
+        ours = rows.get("current") or next(
+            r for r in rows.values() if ":" not in r["variant"] and r["tiles"] == want
+            and not any(r.get("extra", {}).values()))
+        groups = -(-M // 128) * -(-N // 128)
+        old = rows.get(wide if N >= 32768 else small if 133 <= groups <= 197 else big)
+        cub = e["cublas_tflops"]
+        kind = ("NF4" if e["nf4"] else "fp32") + (" Wᵀ" if e["b_t"] else " W") + (" + LoRA" if e["lora"] else "")
+        was = f"{old['tflops']:.1f}" if old else "—"
+        lines.append(f"| {e['model']} {e['gemm']} | {M} × {N} × {K} | {kind} | **{ours['tflops']:.1f}** | "
+                     f"{','.join(map(str, ours['tiles']))} | {cub:.1f} | {ours['tflops'] / cub:.2f} | {was} |")
+    return "\n".join(lines)
 
 
 def test_gemm_ceiling_smoke(tmp_path):
