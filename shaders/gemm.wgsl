@@ -26,8 +26,9 @@
 // tile t+1 is fetched into registers (NF4: the raw code word and its block scale) while tile t
 // is multiplied, then stored, dequantized, into the other buffer; one barrier per K tile.
 // Inside a tile the reads of k step kk+1 are issued before the FMAs of step kk (two register
-// sets, the k loop unrolled by two), so the shared-memory latency hides behind arithmetic even
-// where the driver keeps the k loop rolled.
+// sets, the k loop unrolled by two), so the shared-memory latency can hide behind arithmetic
+// while the driver keeps the k loop rolled; unrolled in the source, the loop ran the NF4
+// projections 10-20% slower on an H200 (bench/bench_gemm_ceiling.py, BENCHMARKS.md).
 // Threads keep the row-major order of local_invocation_id: a warp spanning 8 × 4 threads
 // (fewer distinct addresses per shared-memory read) ran 15-25% slower on an H200.
 // Loads: thread idx takes tile row (m or n) idx % BM (BN) and k group idx / BM (BN), so the

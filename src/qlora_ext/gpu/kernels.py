@@ -61,7 +61,7 @@ def tiles_for(ctx) -> GemmTiles:
         return t.check(ctx)
     if ctx.info["software"]:
         return GemmTiles(8, 8, 4, 4, 8).check(ctx)
-    # 128 x 128 tiles, 8 x 8 per thread, BK 16: 25.7-30.2 TFLOP/s fp32 with NF4 B at every
+    # 128 x 128 tiles, 8 x 8 per thread, BK 16: 26.1-30.7 TFLOP/s with NF4 B at every
     # projection GEMM of the Qwen3 steps on an NVIDIA H200 (bench_gemm_ceiling.py; BK 8: 21-26)
     big = GemmTiles(16, 16, 8, 8, 16)
     try:

@@ -30,14 +30,14 @@ class ResidentTiles:
 
     From bench/bench_gemm_ceiling.py on an NVIDIA H200 (2026-12-03; both Qwen3 shapes, every
     projection forward and dx with NF4 and the LoRA epilogue, the LM head; BENCHMARKS.md):
-    - 128 x 128 tiles, 8 x 8 per thread, BK 16 (16,16,8,8,16): 25.7-30.2 TFLOP/s on every
+    - 128 x 128 tiles, 8 x 8 per thread, BK 16 (16,16,8,8,16): 26.1-30.7 TFLOP/s on every
       projection GEMM, within 1-2 of the best setting at each shape (8 x 16 per thread won by
       up to 1.3 at some shapes and lost 3-4 at N = 2560).
     - vocab-wide N (the logits): 128 x 128 tiles of 128 threads with 8 x 16 each, BK 8
-      (8,16,8,16,8): 32.4-32.8 (8 x 8 per thread: 20).
+      (8,16,8,16,8): 32.4 / 32.9 (8 x 8 per thread: 20-21).
     - grids of fewer than 200 128 x 128 tiles (dhidden: K = vocab, M x N = 2048 x 1024 or
       1024 x 2560, 128 or 160 tiles for 132 SMs): 64 x 128 tiles, 4 x 8 per thread
-      (16,16,4,8,8): 30.0 / 26.3 against 23.8 / 15.0.
+      (16,16,4,8,8): 29.6 / 26.2 against 23.9 / 15.3 for the previous 128 x 128 choice.
     Software adapters (lavapipe's 32 KiB of workgroup memory) and the QLORA_EXT_GEMM_TILES*
     overrides keep the FFN backend's TileChooser."""
 
