@@ -113,8 +113,8 @@ class GemmCase:
         return float(np.linalg.norm(self.result() - ref) / np.linalg.norm(ref))
 
 
-def cublas_time(M, N, K, reps=20):
-    """torch fp32 matmul on CUDA with TF32 off (None without CUDA)."""
+def cublas_time(M, N, K, reps=20, b_t=False):
+    """torch fp32 matmul on CUDA with TF32 off (None without CUDA); b_t: B stored [N, K]."""
     try:
         import torch
     except ImportError:
@@ -123,7 +123,7 @@ def cublas_time(M, N, K, reps=20):
         return None
     torch.backends.cuda.matmul.allow_tf32 = False
     a = torch.randn(M, K, device="cuda")
-    b = torch.randn(K, N, device="cuda")
+    b = torch.randn(N, K, device="cuda").t() if b_t else torch.randn(K, N, device="cuda")
     for _ in range(3):
         a @ b
     torch.cuda.synchronize()

@@ -20,12 +20,22 @@
 //
 // Tiling: a workgroup of WGX × WGY threads owns a BM × BN tile of C (BM = WGY·TM, BN = WGX·TN);
 // each thread holds TM × TN accumulators (TM, TN multiples of 4) whose rows are 4-row groups
-// spaced WGY·4 apart and whose columns are vec4 groups spaced WGX·4 apart, so a warp's vec4
-// reads of workgroup memory hit consecutive addresses.  K advances BK at a time through two
-// workgroup buffers: tile t+1 is fetched into registers (NF4: the raw code word and its block
-// scale) while tile t is multiplied, then stored, dequantized, into the other buffer; one
-// barrier per K tile.  The *_VEC constants select vec4 (fp32) / whole-word (NF4) loads and
-// stores; the host sets them only when strides, offsets and extents are multiples of 4 (8).
+// spaced WGY·4 apart and whose columns are vec4 groups spaced WGX·4 apart.  Workgroup memory
+// holds the A tile transposed ([k][m]) and the B tile as [k][n], so one k step is TM/4 + TN/4
+// vec4 reads per thread for TM·TN FMAs.  K advances BK at a time through two workgroup buffers:
+// tile t+1 is fetched into registers (NF4: the raw code word and its block scale) while tile t
+// is multiplied, then stored, dequantized, into the other buffer; one barrier per K tile.
+// Inside a tile the reads of k step kk+1 are issued before the FMAs of step kk (two register
+// sets, the k loop unrolled by two), so the shared-memory latency can hide behind arithmetic
+// while the driver keeps the k loop rolled; unrolled in the source, the loop ran the NF4
+// projections 10-20% slower on an H200 (bench/bench_gemm_ceiling.py, BENCHMARKS.md).
+// Threads keep the row-major order of local_invocation_id: a warp spanning 8 × 4 threads
+// (fewer distinct addresses per shared-memory read) ran 15-25% slower on an H200.
+// Loads: thread idx takes tile row (m or n) idx % BM (BN) and k group idx / BM (BN), so the
+// scalar stores of the transposed tiles go to consecutive addresses across a warp (no bank
+// conflicts); fp32 B stored [K, N] and NF4 B stored [K, N] are copied as whole vec4s.
+// The *_VEC constants select vec4 (fp32) / whole-word (NF4) loads and stores; the host sets
+// them only when strides, offsets and extents are multiples of 4 (8).
 
 struct Params {
     M: u32, N: u32, K: u32, lda: u32,
@@ -93,13 +103,15 @@ fn nf4_word(w: u32, s: f32, j: u32) -> f32 {
     return lut[(w >> ((j >> 1u) * 8u + select(0u, 4u, (j & 1u) == 0u))) & 15u] * s;
 }
 
-fn store_a(buf: u32, m: u32, k: u32, v: f32) {
-    let i = buf * BK * BM + k * BM + m;
+// element (k, m) of A buffer `buf` ([k][m] layout)
+fn store_a(buf: u32, k: u32, m: u32, v: f32) {
+    let i = (buf * BK + k) * BM + m;
     As[i >> 2u][i & 3u] = v;
 }
 
+// element (k, n) of B buffer `buf` ([k][n] layout)
 fn store_b(buf: u32, k: u32, n: u32, v: f32) {
-    let i = buf * BK * BN + k * BN + n;
+    let i = (buf * BK + k) * BN + n;
     Bs[i >> 2u][i & 3u] = v;
 }
 
@@ -137,8 +149,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
             let kl0 = (t - ntm) * BK;
             for (var i = 0u; i < A_LOADS; i++) {
                 let idx = li + i * NT;
-                let m = idx / (BK / 4u);
-                let k = kl0 + (idx % (BK / 4u)) * 4u;
+                let m = idx % BM;
+                let k = kl0 + (idx / BM) * 4u;
                 let row = m0 + m;
                 var v = vec4<f32>(0.0);
                 if (idx < BM * BK / 4u && row < M) {
@@ -164,13 +176,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
                 rb[i] = v;
             }
         } else if (t < ntiles) {
-            let k0 = t * BK;
+            let kf = t * BK;   // first k of the fetched tile
             for (var i = 0u; i < A_LOADS; i++) {
                 let idx = li + i * NT;
-                let m = idx / (BK / 4u);
-                let kq = idx % (BK / 4u);
-                let row = m0 + m;
-                let k = k0 + kq * 4u;
+                let row = m0 + idx % BM;
+                let k = kf + (idx / BM) * 4u;
                 var v = vec4<f32>(0.0);
                 if (idx < BM * BK / 4u && row < M) {
                     let base = P.a_off + row * P.lda + k;
@@ -191,12 +201,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
                     // one word = 8 elements along the stored row
                     var row: u32; var col: u32; var ok: bool;
                     if (B_T) {
-                        let n = idx / (BK / 8u);
-                        row = n0 + n; col = k0 + (idx % (BK / 8u)) * 8u;
+                        row = n0 + idx % BN; col = kf + (idx / BN) * 8u;
                         ok = idx < BN * BK / 8u && row < N;
                     } else {
-                        let kr = idx / (BN / 8u);
-                        row = k0 + kr; col = n0 + (idx % (BN / 8u)) * 8u;
+                        row = kf + idx / (BN / 8u); col = n0 + (idx % (BN / 8u)) * 8u;
                         ok = idx < BN * BK / 8u && row < K;
                     }
                     if (ok && B_VEC && col < P.ldb) {
@@ -207,9 +215,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
                     }
                     // !B_VEC: elements are read one by one at store time (below)
                 } else if (B_T) {
-                    let n = idx / (BK / 4u);
-                    let row = n0 + n;
-                    let k = k0 + (idx % (BK / 4u)) * 4u;
+                    let row = n0 + idx % BN;
+                    let k = kf + (idx / BN) * 4u;
                     if (idx < BN * BK / 4u && row < N) {
                         let base = P.b_off + row * P.ldb + k;
                         if (B_VEC) {
@@ -221,8 +228,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
                         }
                     }
                 } else {
-                    let kr = idx / (BN / 4u);
-                    let row = k0 + kr;
+                    let row = kf + idx / (BN / 4u);
                     let n = n0 + (idx % (BN / 4u)) * 4u;
                     if (idx < BN * BK / 4u && row < K) {
                         let base = P.b_off + row * P.ldb + n;
@@ -241,20 +247,38 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
 
         // -- multiply K tile t - 1 (in buffer (t - 1) & 1) ------------------------------------
         if (t > 0u) {
-            let cur = (t - 1u) & 1u;
-            for (var kk = 0u; kk < BK; kk++) {
-                let abase = (cur * BK * BM + kk * BM) / 4u;
-                let bbase = (cur * BK * BN + kk * BN) / 4u;
-                var av: array<vec4<f32>, 4>;
-                var bv: array<vec4<f32>, 4>;
-                for (var r = 0u; r < TM4; r++) { av[r] = As[abase + r * WGY + ty]; }
-                for (var q = 0u; q < TN4; q++) { bv[q] = Bs[bbase + q * WGX + tx]; }
+            // vec4 index of this thread's first A / B group at k = 0 of the buffer
+            let ab = ((t - 1u) & 1u) * BK * BM / 4u + ty;
+            let bb = ((t - 1u) & 1u) * BK * BN / 4u + tx;
+            var fa0: array<vec4<f32>, 4>;
+            var fb0: array<vec4<f32>, 4>;
+            var fa1: array<vec4<f32>, 4>;
+            var fb1: array<vec4<f32>, 4>;
+            for (var r = 0u; r < TM4; r++) { fa0[r] = As[ab + r * WGY]; }
+            for (var q = 0u; q < TN4; q++) { fb0[q] = Bs[bb + q * WGX]; }
+            for (var kk = 0u; kk < BK; kk += 2u) {
+                let k1 = kk + 1u;
+                for (var r = 0u; r < TM4; r++) { fa1[r] = As[ab + k1 * (BM / 4u) + r * WGY]; }
+                for (var q = 0u; q < TN4; q++) { fb1[q] = Bs[bb + k1 * (BN / 4u) + q * WGX]; }
                 for (var r = 0u; r < TM4; r++) {
                     for (var i = 0u; i < 4u; i++) {
-                        let s = vec4<f32>(av[r][i]);
+                        let s = vec4<f32>(fa0[r][i]);
                         for (var q = 0u; q < TN4; q++) {
                             let o = (r * 4u + i) * TN4 + q;
-                            acc[o] = fma(s, bv[q], acc[o]);
+                            acc[o] = fma(s, fb0[q], acc[o]);
+                        }
+                    }
+                }
+                // step kk + 2 of this tile (the last pair re-reads step BK - 1, unused)
+                let k2 = min(kk + 2u, BK - 1u);
+                for (var r = 0u; r < TM4; r++) { fa0[r] = As[ab + k2 * (BM / 4u) + r * WGY]; }
+                for (var q = 0u; q < TN4; q++) { fb0[q] = Bs[bb + k2 * (BN / 4u) + q * WGX]; }
+                for (var r = 0u; r < TM4; r++) {
+                    for (var i = 0u; i < 4u; i++) {
+                        let s = vec4<f32>(fa1[r][i]);
+                        for (var q = 0u; q < TN4; q++) {
+                            let o = (r * 4u + i) * TN4 + q;
+                            acc[o] = fma(s, fb1[q], acc[o]);
                         }
                     }
                 }
@@ -268,9 +292,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
             for (var i = 0u; i < A_LOADS; i++) {
                 let idx = li + i * NT;
                 if (idx < BM * BK / 4u) {
-                    let m = idx / (BK / 4u);
-                    let kq = idx % (BK / 4u);
-                    for (var j = 0u; j < 4u; j++) { store_a(nxt, m, kq * 4u + j, ra[i][j]); }
+                    let m = idx % BM;
+                    let kq = idx / BM;
+                    for (var j = 0u; j < 4u; j++) { store_a(nxt, kq * 4u + j, m, ra[i][j]); }
                 }
             }
             if (t >= ntm) {
@@ -285,28 +309,42 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
                 let idx = li + i * NT;
                 if (B_NF4) {
                     if (idx < BN * BK / 8u) {
-                        var row: u32; var col: u32; var ok: bool; var kb: u32; var nb: u32;
-                        if (B_T) {
-                            nb = idx / (BK / 8u); kb = (idx % (BK / 8u)) * 8u;
-                            row = n0 + nb; col = k0 + kb; ok = row < N;
-                        } else {
-                            kb = idx / (BN / 8u); nb = (idx % (BN / 8u)) * 8u;
-                            row = k0 + kb; col = n0 + nb; ok = row < K;
-                        }
                         let w = bitcast<u32>(rb[i].x);
                         let s = rb[i].y;
-                        for (var j = 0u; j < 8u; j++) {
-                            var v = 0.0;
-                            if (ok && col + j < P.ldb) {
-                                if (B_VEC) { v = nf4_word(w, s, j); } else { v = nf4_elem(row, col + j); }
+                        if (B_T) {
+                            // word of stored row n0 + nb, k from k0 + kb: eight rows of Bs
+                            let nb = idx % BN;
+                            let kb = (idx / BN) * 8u;
+                            let ok = n0 + nb < N;
+                            for (var j = 0u; j < 8u; j++) {
+                                var v = 0.0;
+                                if (ok && k0 + kb + j < P.ldb) {
+                                    if (B_VEC) { v = nf4_word(w, s, j); } else { v = nf4_elem(n0 + nb, k0 + kb + j); }
+                                }
+                                store_b(nxt, kb + j, nb, v);
                             }
-                            if (B_T) { store_b(nxt, kb + j, nb, v); } else { store_b(nxt, kb, nb + j, v); }
+                        } else {
+                            // word of stored row k0 + kb, n from n0 + nb: two vec4s of one Bs row
+                            let kb = idx / (BN / 8u);
+                            let nb = (idx % (BN / 8u)) * 8u;
+                            let ok = k0 + kb < K;
+                            var h: array<vec4<f32>, 2>;
+                            for (var j = 0u; j < 8u; j++) {
+                                var v = 0.0;
+                                if (ok && n0 + nb + j < P.ldb) {
+                                    if (B_VEC) { v = nf4_word(w, s, j); } else { v = nf4_elem(k0 + kb, n0 + nb + j); }
+                                }
+                                h[j >> 2u][j & 3u] = v;
+                            }
+                            let o = ((nxt * BK + kb) * BN + nb) / 4u;
+                            Bs[o] = h[0];
+                            Bs[o + 1u] = h[1];
                         }
                     }
                 } else if (B_T) {
                     if (idx < BN * BK / 4u) {
-                        let n = idx / (BK / 4u);
-                        let kq = idx % (BK / 4u);
+                        let n = idx % BN;
+                        let kq = idx / BN;
                         for (var j = 0u; j < 4u; j++) { store_b(nxt, kq * 4u + j, n, rb[i][j]); }
                     }
                 } else {

@@ -257,3 +257,45 @@ def test_trusted_modules_give_the_same_results(ctx):
         outs.append(down(c, cb, M * N))
     assert trusted.trusted
     assert np.array_equal(outs[0], outs[1])
+
+
+# Tile settings of the H200 table's shapes (128 x 128, 64 x 128, 128 x 64, 256 x 128 threads'
+# layouts) that fit a software adapter's 32 KiB of workgroup memory: the warp-shaped thread map
+# (WGX % 8 == 0, WGY % 4 == 0), several loads per thread, the k loop's two register sets.
+BIG_TILES = [(16, 16, 8, 8, 8), (16, 8, 8, 8, 16), (8, 16, 8, 8, 16), (16, 16, 4, 8, 16), (8, 8, 16, 8, 8)]
+
+
+# each setting once, alternating the per-element (odd sizes) and the vec4 / whole-word paths
+@pytest.mark.parametrize("tiles,M,N,K", [(t, *[(131, 137, 203), (257, 264, 328)][i % 2])
+                                         for i, t in enumerate(BIG_TILES)])
+@pytest.mark.parametrize("b_t", [True, False])
+@pytest.mark.parametrize("nf4", [True, False])
+def test_gemm_big_tiles_awkward_shapes(ctx, tiles, M, N, K, b_t, nf4):
+    """Primes and non-multiples of every tile (K not a multiple of BK nor of the NF4 block, so
+    blocks straddle rows), NF4 and fp32 B in both layouts, the LoRA epilogue (mode 1 with
+    Wᵀ, 2 with W) and accumulation into C, against float64."""
+    from qlora_ext.gpu import kernels as Kk
+    from qlora_ext.gpu.kernels import Operand
+
+    g = np.random.default_rng(M * 7 + N + K + b_t)
+    try:
+        t = Kk.GemmTiles(*tiles).check(ctx)
+    except ValueError as e:
+        pytest.skip(f"{tiles}: {e}")
+    rows, cols = (N, K) if b_t else (K, N)
+    W32 = (g.standard_normal((rows, cols)) * 0.05).astype(np.float32)
+    if nf4:
+        wq = qx.quantize_nf4(W32, blocksize=64)
+        W, b = qx.dequantize_nf4(wq).astype(np.float64), nf4_stack(ctx, [wq])
+    else:
+        W, b = W32.astype(np.float64), Operand(up(ctx, W32), 0, cols)
+    R, mode = 16, 1 if b_t else 2
+    A = g.standard_normal((M, K)).astype(np.float32)
+    T = g.standard_normal((M, R)).astype(np.float32)
+    L = g.standard_normal((N, R) if b_t else (R, N)).astype(np.float32)
+    C0 = g.standard_normal((M, N)).astype(np.float32)
+    cb = up(ctx, C0)
+    run(ctx, lambda rec: Kk.gemm(rec, t, M, N, K, Operand(up(ctx, A), 0, K), b, Operand(cb, 0, N), b_t=b_t,
+                                 lora=(Operand(up(ctx, T), 0, R), R, up(ctx, L), mode), accum=True))
+    ref = C0 + A.astype(np.float64) @ (W.T if b_t else W) + T.astype(np.float64) @ (L.T if b_t else L)
+    assert rel(down(ctx, cb, M * N).reshape(M, N), ref) <= 2e-6

@@ -23,7 +23,8 @@ def test_resident_tiles_choice(ctx, monkeypatch):
     ch.own = True   # the rule itself, as on a real GPU
     assert ch(2048, 151936) == ResidentTiles.WIDE                 # logits
     assert ch(1024, 2560) == ResidentTiles.SMALL                  # 4B dhidden: 160 groups
-    for M, N in ((4096, 1024), (4096, 9728), (2048, 1024), (4096, 2560)):
+    assert ch(2048, 1024) == ResidentTiles.SMALL                  # 0.6B dhidden: 128 groups
+    for M, N in ((4096, 1024), (4096, 9728), (4096, 2560), (1600, 2048)):
         assert ch(M, N) == ResidentTiles.BIG, (M, N)
     monkeypatch.setenv("QLORA_EXT_GEMM_TILES", "8,8,4,4,8")
     assert not ResidentTiles(ctx).own                             # benchmarks' override wins

@@ -28,22 +28,24 @@ class ResidentTiles:
     """gemm.wgsl tiles per shape for the resident mode's GEMMs: M = B·T token rows (4096 at
     4 x 1024) for the projections, the LM head's chunk rows (1024-2048) with N or K = vocab.
 
-    From the sweep in bench/bench_resident_gemm.py --fused on an NVIDIA H100 (2026-11-26; both
-    Qwen3 shapes, every projection forward and dx, NF4 with the LoRA epilogue):
-    - 128 x 128 tiles with BK 16 (16,16,8,8,16) win or tie nearly everywhere: 25-27 TFLOP/s
-      against 21-25 for the split mode's choice (64 x 128 below 1300 workgroups, BK 8); BK 16
-      halves the barriers per K.
-    - vocab-wide N (the logits): 256 x 128 tiles (16,16,16,8,8), 29.3-29.7 vs 28.6-28.8.
-    - a 128 x 128 grid of 133-197 workgroups (4B's dhidden: 160) runs one full wave and a
-      thin second one on the 132 SMs: 64 x 128 tiles (16,16,4,8,8) there, 21.1 vs 15.6.
+    From bench/bench_gemm_ceiling.py on an NVIDIA H200 (2026-12-03; both Qwen3 shapes, every
+    projection forward and dx with NF4 and the LoRA epilogue, the LM head; BENCHMARKS.md):
+    - 128 x 128 tiles, 8 x 8 per thread, BK 16 (16,16,8,8,16): 26.1-30.7 TFLOP/s on every
+      projection GEMM, within 1-2 of the best setting at each shape (8 x 16 per thread won by
+      up to 1.3 at some shapes and lost 3-4 at N = 2560).
+    - vocab-wide N (the logits): 128 x 128 tiles of 128 threads with 8 x 16 each, BK 8
+      (8,16,8,16,8): 32.4 / 32.9 (8 x 8 per thread: 20-21).
+    - grids of fewer than 200 128 x 128 tiles (dhidden: K = vocab, M x N = 2048 x 1024 or
+      1024 x 2560, 128 or 160 tiles for 132 SMs): 64 x 128 tiles, 4 x 8 per thread
+      (16,16,4,8,8): 29.6 / 26.2 against 23.9 / 15.3 for the previous 128 x 128 choice.
     Software adapters (lavapipe's 32 KiB of workgroup memory) and the QLORA_EXT_GEMM_TILES*
     overrides keep the FFN backend's TileChooser."""
 
     BIG = GemmTiles(16, 16, 8, 8, 16)
-    WIDE = GemmTiles(16, 16, 16, 8, 8)
+    WIDE = GemmTiles(8, 16, 8, 16, 8)
     SMALL = GemmTiles(16, 16, 4, 8, 8)
     WIDE_N = 32768
-    THIN_WAVE = (133, 197)
+    THIN_GRID = 200
 
     def __init__(self, ctx: GpuContext):
         self.fallback = TileChooser(ctx)
@@ -64,9 +66,7 @@ class ResidentTiles:
         if N >= self.WIDE_N:
             return self.WIDE
         groups = -(-M // 128) * -(-N // 128)
-        if self.THIN_WAVE[0] <= groups <= self.THIN_WAVE[1]:
-            return self.SMALL
-        return self.BIG
+        return self.SMALL if groups < self.THIN_GRID else self.BIG
 
 
 def _tiles(ctx: GpuContext, M: int, N: int) -> GemmTiles:
