@@ -122,6 +122,10 @@ class ResidentModel(Model):
     def set_flat_grads(self, flat: np.ndarray) -> None:
         self.engine.upload_grads(flat)
 
+    def named_grads(self) -> dict:
+        """{PEFT name: gradient} (host copies): the Trainer names a non-finite one with it."""
+        return self.engine._unflatten(self.engine.download_grads())
+
     def optimizer_state(self) -> dict:
         return self.engine.optimizer_state()
 
