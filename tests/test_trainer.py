@@ -317,3 +317,31 @@ def test_device_path_checks_the_norm_it_already_has():
     with pytest.raises(NonFiniteError, match=r"step 2: .*gradient of lm\.w"):
         t.step(*_poisoned_batch(m, rng))
     assert m.updates == 1 and m.named_grads_calls == 1 and t.step_count == 1
+
+
+@pytest.mark.gpu
+def test_device_path_stops_on_nan_on_the_gpu(tmp_path):
+    """The GPU-resident model: a NaN adapter weight makes the loss and the squared norm the GPU
+    computes non-finite; the step stops and names the weight, and no update is applied."""
+    import re
+
+    from gpu_resident_support import resident_context
+    from model_factory import make_tiny_checkpoint
+    from qlora_ext.finite import NonFiniteError
+    from qlora_ext.model.api import load_model
+    from qlora_ext.model.lora import LoraConfig
+
+    resident_context()
+    m = load_model(make_tiny_checkpoint(tmp_path / "m", model_type="qwen3"), lora=LoraConfig(r=2, alpha=4),
+                   mode="resident", device="gpu")
+    t = Trainer(m, TrainConfig(lr=1e-2))
+    ids = np.random.default_rng(0).integers(0, m.config.vocab_size, (2, 8))
+    t.step(ids, ids)
+    good = {k: v.copy() for k, v in m.parameters().items()}
+    assert list(m.named_grads()) == list(good)
+    name = next(k for k in good if "lora_B" in k)
+    m.set_parameters({name: np.full_like(good[name], np.nan)})
+    with pytest.raises(NonFiniteError, match=rf"step 2: .*parameter {re.escape(name)}"):
+        t.step(ids, ids)
+    after = m.parameters()
+    assert t.step_count == 1 and all(np.array_equal(after[k], good[k]) for k in good if k != name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..device import select_backend
+from ..finite import check_base_weights
 from ..placement import check_mode
 from .lora import LoraConfig
 from .model import Model
@@ -30,6 +31,7 @@ def load_model(path, lora: LoraConfig | None = None, quantize: str | None = "nf4
         raise ValueError(f"batch_shape must be (rows, tokens) with both >= 1, got {batch_shape!r}")
     lora = lora if lora is not None else LoraConfig()
     state = load_state(path, quantize=quantize, double_quant=double_quant, progress=progress, threads=threads)
+    check_base_weights(state)  # NaN/Inf in the base: refused here, before any training
     reason = "asked for" if mode == "split" else "device='cpu'"
     if mode != "split" and device != "cpu":
         where, adapter, reason, weights = placement.choose(mode, device, state, lora, batch_shape,

@@ -76,7 +76,10 @@ def _stop_set(model, stop_ids) -> set:
 def generate(model, prompt_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
              seed=None, stop_ids=None) -> list[int]:
     """New tokens after prompt_ids (a stop token ends generation and is not returned)."""
-    prompt = [int(t) for t in prompt_ids]
+    ids = np.asarray(prompt_ids)
+    if ids.size and (ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer)):
+        raise ValueError(f"prompt_ids must be a 1-D list of integer token ids, got {ids.dtype} {ids.shape}")
+    prompt = [int(t) for t in ids]
     V = int(model.config.vocab_size)
     if not prompt:
         raise ValueError("prompt_ids is empty; expected at least one token id")
@@ -84,6 +87,10 @@ def generate(model, prompt_ids, max_new_tokens: int = 64, temperature: float = 0
         raise ValueError(f"prompt_ids must be in [0, {V})")
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    context = int(model.config.max_position_embeddings)
+    if len(prompt) + max_new_tokens > context:  # the KV cache is allocated for the whole length
+        raise ValueError(f"max_new_tokens {max_new_tokens} with a {len(prompt)}-token prompt exceeds the "
+                         f"model's context of {context} positions (max_position_embeddings)")
     if temperature < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature!r}, {top_p!r}")
     stops = _stop_set(model, stop_ids)

@@ -5,10 +5,12 @@ the LM head when trained), with the conventions of HF transformers + PEFT.
 Shape letters: B batch, T tokens, N = B*T, H hidden, V vocab."""
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import numpy as np
 
+from ..finite import NonFiniteError, first_nonfinite
 from . import reference_kernels
 from .layers import DecoderLayers, PhaseTimer, StepInputs
 from .lora import LM_HEAD_NAME, PROJECTIONS, LoraConfig, LoraWeights
@@ -257,6 +259,13 @@ class Model:
         from .lora import load_peft_adapter
         shapes = self._layer_shapes()
         lora, lm_head = load_peft_adapter(directory, shapes, lm_head_shape=tuple(self.state.lm_head_weight.shape))
+        loaded = lora.named_parameters()
+        if lm_head is not None:
+            loaded[LM_HEAD_NAME] = lm_head
+        bad = first_nonfinite(loaded)
+        if bad is not None or not math.isfinite(lora.config.scale):
+            what = f"tensor {bad}" if bad else f"lora_alpha {lora.config.alpha!r}"
+            raise NonFiniteError(f"{directory}: adapter {what} is NaN or Inf; the adapter was not loaded")
         same = (set(lora.pairs) == set(self.lora.pairs)
                 and all(lora.pairs[k].A.shape == p.A.shape for k, p in self.lora.pairs.items()))
         if same:

@@ -287,6 +287,10 @@ class Trainer:
             missing = sorted(set(self.params) ^ set(params))
             raise ValueError(f"the model's trainable parameters changed since the Trainer was built "
                              f"(e.g. {missing[0] if missing else 'order'!r}); is the adapter from another LoRA config?")
+        for name, p in params.items():
+            if p.shape != self.params[name].shape:
+                raise ValueError(f"the loaded adapter's {name} has shape {p.shape}, this Trainer's has "
+                                 f"{self.params[name].shape}: the checkpoint is from another LoRA rank")
         self.params = params
         if self.on_device:
             self.model.load_optimizer_state(optimizer_state)
