@@ -389,3 +389,29 @@ def test_profile_flags_and_outputs_fail_before_loading(monkeypatch, capsys, args
     monkeypatch.setattr(qx, "load_model", lambda *a, **kw: pytest.fail("the model was loaded"))
     assert cli.main(["profile", "--device", "cpu", *args]) == 2
     assert msg in one_error(capsys)
+
+
+def test_lora_rank_that_does_not_fit_is_refused_before_loading(tiny, tmp_path, data, loads, capsys, monkeypatch):
+    from qlora_ext import cli_checks
+
+    # 2 layers, projections summing to 928 rows + columns: 4 float32 copies of r=65536 are 1.8 GiB
+    monkeypatch.setattr(cli_checks, "available_memory", lambda: 2**30)
+    assert train(tmp_path, data, "--model", tiny, "--lora-rank", 65536) == 2
+    assert "--lora-rank 65536: the adapters, their gradients and AdamW moments need 1.8 GiB, more than the 1.0 GiB" \
+        in one_error(capsys) and not loads
+    assert train(tmp_path, data, "--model", tiny, "--lora-rank", 64) == 0
+
+
+def test_lora_rank_check_on_the_default_model(tmp_path, data, loads, capsys):
+    from qlora_ext.model.loading import resolve_model_path
+
+    try:
+        resolve_model_path(cli.DEFAULT_MODEL)
+    except OSError as e:
+        pytest.skip(str(e))
+    from qlora_ext.cli_checks import available_memory
+
+    if (available_memory() or 0) > 300 * 2**30:
+        pytest.skip("this machine holds r=65536 on the default model")
+    assert train(tmp_path, data, "--lora-rank", 65536) == 2  # ~320 GiB
+    assert "--lora-rank 65536: the adapters" in one_error(capsys) and not loads

@@ -116,7 +116,7 @@ def _resolved_train_settings(args) -> tuple:
 
 
 def cmd_train(args) -> int:
-    from .cli_checks import MAX_STEPS, bounded_threads, check_flags, int_in, prepare_train_outputs
+    from .cli_checks import MAX_STEPS, bounded_threads, check_flags, check_lora_fits, int_in, prepare_train_outputs
     from .train.distributed import get_comm
 
     comm = get_comm()  # under mpiexec: MPI starts on every rank before anything can fail on one
@@ -125,6 +125,7 @@ def cmd_train(args) -> int:
     s, ckpt, out, run_id = _resolved_train_settings(args)
     check_flags(args, {"save_every": int_in(0, MAX_STEPS), "keep_last": int_in(0, MAX_STEPS)})
     args.threads = bounded_threads(args.threads)
+    check_lora_fits(s["model"], s["lora_rank"], s["targets"])
     lock = prepare_train_outputs(args, comm, out, ckpt)
     try:
         return _train(args, comm, s, ckpt, out, run_id)

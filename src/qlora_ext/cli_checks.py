@@ -113,6 +113,51 @@ def bounded_threads(threads):
     return threads
 
 
+def available_memory() -> int | None:
+    """Bytes of memory the system can still hand out (Linux MemAvailable, else free pages),
+    or None where neither is known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_lora_fits(model, rank: int, targets: str | None) -> None:
+    """ValueError, before anything is allocated, when the adapters of `rank` on `targets`
+    (comma-separated; None = LoraConfig's default)
+    with their gradients and two AdamW moments (four float32 copies) exceed the memory
+    available.  A model whose config cannot be read is left to the loader to report."""
+    from .model.config import ModelConfig
+    from .model.gguf import GGUFFile
+    from .model.loading import config_from_gguf, resolve_model_path
+    from .model.lora import LoraConfig
+
+    projections = LoraConfig(r=rank) if targets is None else \
+        LoraConfig(r=rank, target_modules=tuple(t.strip() for t in targets.split(",") if t.strip()))
+    try:
+        path = resolve_model_path(model)
+        if os.path.isdir(path):
+            config = ModelConfig.from_file(path)
+        else:
+            with GGUFFile(path) as g:
+                config = config_from_gguf(g)
+        shapes = config.projection_shapes()
+        per_rank = int(config.num_hidden_layers) * sum(sum(shapes[p]) for p in projections.target_modules)
+    except (OSError, ValueError, TypeError, KeyError):
+        return
+    need, free = 4 * 4 * rank * per_rank, available_memory()
+    if free is not None and need > free:
+        raise ValueError(f"--lora-rank {rank}: the adapters, their gradients and AdamW moments need "
+                         f"{need / 2**30:,.1f} GiB, more than the {free / 2**30:,.1f} GiB of memory available")
+
+
 def check_output_file(label: str, path) -> None:
     """OSError now, not after the work, if `path` cannot be written: it is opened for
     appending (which creates it) and removed again if it did not exist."""

@@ -32,13 +32,14 @@ def add_profile_command(sub) -> None:
 
 def cmd_profile(args) -> int:
     import qlora_ext as qx
-    from .cli_checks import (MAX_RANK, MAX_ROWS, MAX_SEQ_LEN, bounded_threads, check_flags, check_output_file,
-                             check_plot_output, int_in)
+    from .cli_checks import (MAX_RANK, MAX_ROWS, MAX_SEQ_LEN, bounded_threads, check_flags, check_lora_fits,
+                             check_output_file, check_plot_output, int_in)
     from .device import adapter_info
 
     check_flags(args, {"steps": int_in(1, 10**6), "seq_len": int_in(1, MAX_SEQ_LEN),
                        "batch_size": int_in(1, MAX_ROWS), "lora_rank": int_in(1, MAX_RANK)})
     threads = bounded_threads(args.threads)
+    check_lora_fits(args.model, args.lora_rank, None)
     if args.trace:  # outputs fail now, not after the profiled steps
         check_output_file("--trace", args.trace)
     if args.plot:

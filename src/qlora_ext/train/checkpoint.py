@@ -242,6 +242,11 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_count(v) -> bool:
+    """An int >= 0 that JSON readers everywhere hold exactly (a step, a position)."""
+    return _is_int(v) and 0 <= v <= 2**53
+
+
 def _is_number(v) -> bool:
     return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
 
@@ -255,22 +260,22 @@ def check_state(state, where: str) -> dict:
 
     if not isinstance(state, dict):
         bad("the content", "a JSON object", state)
-    if not _is_int(state.get("step")) or state["step"] < 0:
-        bad("step", "an int >= 0", state.get("step"))
+    if not _is_count(state.get("step")):
+        bad("step", "an int >= 0 (at most 2^53)", state.get("step"))
     data = state.get("data")
     if not isinstance(data, dict):
         bad("data", "an object with the data position", data)
     for key in ("epoch", "row"):
-        if not _is_int(data.get(key)) or data[key] < 0:
-            bad(f"data.{key}", "an int >= 0", data.get(key))
+        if not _is_count(data.get(key)):
+            bad(f"data.{key}", "an int >= 0 (at most 2^53)", data.get(key))
     if "seed" in data and not _is_int(data["seed"]):
         bad("data.seed", "an int", data["seed"])
     rng = state.get("rng", {})
     if not isinstance(rng, dict):
         bad("rng", "an object", rng)
     step = rng.get("model_step")
-    if step is not None and (not _is_int(step) or step < 0):
-        bad("rng.model_step", "an int >= 0 or null", step)
+    if step is not None and not _is_count(step):
+        bad("rng.model_step", "null or an int >= 0 (at most 2^53)", step)
     for key in ("elapsed", "last_loss"):
         v = state.get(key)
         if v is not None and not _is_number(v):
