@@ -1,8 +1,9 @@
 """The `qlora-ext` command: train, eval, generate, info (profile: see SUBCOMMANDS).
 
-Errors the user can fix (bad data, bad flags, a missing model) print one line,
-`qlora-ext: error: <file>:<line>: <what>`, and exit with status 2; Ctrl-C during training
-saves a checkpoint and exits with status 130."""
+Every error (bad data, bad flags, a missing model, NaN in training, out of memory, a GPU
+failure) prints one line, `qlora-ext: error: <file>:<line>: <what>`, and exits with status 2
+(QLORA_EXT_DEBUG=1 shows the traceback instead); Ctrl-C during training saves a checkpoint
+and exits with status 130.  What is checked before any work: qlora_ext.cli_checks."""
 from __future__ import annotations
 
 import argparse
