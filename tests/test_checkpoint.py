@@ -188,15 +188,19 @@ def test_hostile_optimizer_file_is_oserror(tmp_path, header):
 
 
 def test_trainer_state_fuzz(tmp_path_factory):
-    """Any trainer_state.json content: the checkpoint is ignored as incomplete, or loading it
-    gives a ValueError naming the file, or it loads with the contract's types."""
+    """Any trainer_state.json content: the checkpoint is ignored as incomplete, or resuming
+    from it gives a ValueError naming the checkpoint, or the resume is valid."""
     hypothesis = pytest.importorskip("hypothesis")
     from hypothesis import strategies as st
 
     from qlora_ext.train.checkpoint import is_complete
+    from qlora_ext.train.data import DataLoader, Example
+    from qlora_ext.train.loop import restore
+    from qlora_ext.train.trainer import TrainConfig, Trainer
 
     base = tmp_path_factory.mktemp("fuzz")
-    ck = _tamper(base, lambda s: None)
+    opt = Trainer(FakeLM(), TrainConfig()).optimizer_state()
+    ck = save_checkpoint(base, FakeLM(), state(6), opt)
     good = json.loads((ck / "trainer_state.json").read_text())
     leaf = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8)
     value = st.recursive(leaf, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
@@ -221,13 +225,15 @@ def test_trainer_state_fuzz(tmp_path_factory):
         if not is_complete(ck):
             assert latest_checkpoint(base) is None
             return
+        trainer = Trainer(FakeLM(), TrainConfig())
+        loader = DataLoader([Example([1, 2, 3], [1, 2, 3], 1)] * 3, 4, 2)
         try:
-            st_, _ = load_checkpoint(ck)
+            restore(trainer, loader, ck)
         except ValueError as e:
-            assert "trainer_state.json" in str(e) and "\n" not in str(e)
+            assert "checkpoint-6" in str(e) and "\n" not in str(e)
             return
-        assert isinstance(st_["step"], int) and isinstance(st_["data"]["row"], int) and st_["data"]["row"] >= 0
-        assert isinstance(st_.get("run", {}), dict)
+        assert trainer.step_count == 6 and loader.state_dict()["row"] >= 0
+        loader.next_batch()  # the restored position is usable
 
     run()
 

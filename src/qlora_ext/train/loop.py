@@ -66,8 +66,11 @@ def restore(trainer, loader, checkpoint) -> dict:
     bad = first_nonfinite(trainer.model.parameters())
     if bad is not None:
         raise NonFiniteError(f"{checkpoint}: adapter tensor {bad} holds NaN or Inf values")
-    trainer.load_state_dict(state, opt)
-    loader.load_state_dict(state["data"])
+    try:  # the messages name what is wrong; the checkpoint is what the user can act on
+        trainer.load_state_dict(state, opt)
+        loader.load_state_dict(state["data"])
+    except ValueError as e:
+        raise ValueError(f"{checkpoint}: {e}") from None
     model_step = state.get("rng", {}).get("model_step")
     if model_step is not None:
         trainer.model.step = int(model_step)
