@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from fake_lm import VOCAB, FakeLM
+from qlora_ext.train.optim import AdamW
 from qlora_ext.train.trainer import TrainConfig, Trainer
 
 
@@ -224,3 +225,123 @@ def test_comm_slot_gives_single_process_result(ranks):
         for k in single.params:
             np.testing.assert_array_equal(models[r].params[k], models[0].params[k])
             np.testing.assert_allclose(models[r].params[k], single.params[k], rtol=1e-6, atol=1e-7)
+
+
+# -- non-finite values: refused up front, detected each update, never applied ------------------
+@pytest.mark.parametrize("field,value", [("lr", math.inf), ("lr", math.nan), ("grad_clip", math.inf),
+                                         ("eps", math.inf), ("weight_decay", math.nan)])
+def test_nonfinite_hyperparameters_are_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        Trainer(FakeLM(), TrainConfig(**{field: value}))
+
+
+def _poisoned_batch(model, rng):
+    """A batch whose input embedding is infinite: loss and gradients turn NaN."""
+    ids, labels = random_batch(rng, 2, 6, 0.0)
+    model.E[ids[0, 0]] = np.inf
+    return ids, labels
+
+
+def test_nonfinite_step_stops_and_names_the_gradient():
+    from qlora_ext.finite import NonFiniteError
+
+    rng = np.random.default_rng(8)
+    m = FakeLM()
+    t = Trainer(m, TrainConfig(lr=1e-2))
+    t.step(*random_batch(rng, 2, 6))
+    before = {k: v.copy() for k, v in m.params.items()}
+    with pytest.raises(NonFiniteError, match=r"step 2: .* gradient of lm\.w; loss nan"):
+        t.step(*_poisoned_batch(m, rng))
+    assert t.step_count == 1 and all(np.array_equal(m.params[k], before[k]) for k in before)
+    assert math.isfinite(t.state_dict()["last_loss"])
+
+
+def test_nonfinite_parameter_is_named_before_its_gradient():
+    from qlora_ext.finite import NonFiniteError
+
+    m = FakeLM()
+    t = Trainer(m, TrainConfig(lr=1e-2))
+    m.params["lm.b"][3] = np.nan
+    with pytest.raises(NonFiniteError, match=r"step 1: .*parameter lm\.b"):
+        t.step(*random_batch(np.random.default_rng(9), 2, 6, 0.0))
+
+
+def test_state_dict_writes_null_for_a_nan_loss():
+    t = Trainer(FakeLM(), TrainConfig())
+    t.step(np.zeros((1, 4), np.int64), np.full((1, 4), -100))  # nothing counted: loss nan
+    state = t.state_dict()
+    assert state["last_loss"] is None
+    t.load_state_dict(state, t.optimizer_state())
+    assert math.isnan(t.last_loss)
+
+
+class DeviceFakeLM(FakeLM):
+    """The Trainer's device protocol (what the GPU-resident model implements) over FakeLM:
+    summed gradients kept "on the device", a squared norm, the update applied there."""
+
+    keeps_optimizer_on_device = True
+
+    def __init__(self):
+        super().__init__()
+        self.named_grads_calls = self.updates = 0
+
+    def configure_optimizer(self, lr, betas, eps, weight_decay):
+        self.opt = AdamW(self.params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+    def accumulate_grads(self, ids, labels, mask=None, first=True):
+        loss, g = self.loss_and_grads(ids, labels, mask, reduction="sum")
+        self.g = g if first else {k: self.g[k] + g[k] for k in g}
+        return loss
+
+    def grads_sq_norm(self, scale):
+        return sum(float((v.astype(np.float64) * scale) ** 2 @ np.ones(v.size)) for v in
+                   (x.ravel() for x in self.g.values()))
+
+    def apply_update(self, lr, grad_scale, clip_coef):
+        self.updates += 1
+        self.opt.step({k: v * grad_scale * clip_coef for k, v in self.g.items()}, lr=lr)
+
+    def named_grads(self):
+        self.named_grads_calls += 1
+        return self.g
+
+
+def test_device_path_checks_the_norm_it_already_has():
+    from qlora_ext.finite import NonFiniteError
+
+    rng = np.random.default_rng(10)
+    m = DeviceFakeLM()
+    t = Trainer(m, TrainConfig(lr=1e-2))
+    t.step(*random_batch(rng, 2, 6))
+    assert m.updates == 1 and m.named_grads_calls == 0  # no extra readback on a good step
+    with pytest.raises(NonFiniteError, match=r"step 2: .*gradient of lm\.w"):
+        t.step(*_poisoned_batch(m, rng))
+    assert m.updates == 1 and m.named_grads_calls == 1 and t.step_count == 1
+
+
+@pytest.mark.gpu
+def test_device_path_stops_on_nan_on_the_gpu(tmp_path):
+    """The GPU-resident model: a NaN adapter weight makes the loss and the squared norm the GPU
+    computes non-finite; the step stops and names the weight, and no update is applied."""
+    import re
+
+    from gpu_resident_support import resident_context
+    from model_factory import make_tiny_checkpoint
+    from qlora_ext.finite import NonFiniteError
+    from qlora_ext.api import load_model
+    from qlora_ext.model.lora import LoraConfig
+
+    resident_context()
+    m = load_model(make_tiny_checkpoint(tmp_path / "m", model_type="qwen3"), lora=LoraConfig(r=2, alpha=4),
+                   mode="resident", device="gpu")
+    t = Trainer(m, TrainConfig(lr=1e-2))
+    ids = np.random.default_rng(0).integers(0, m.config.vocab_size, (2, 8))
+    t.step(ids, ids)
+    good = {k: v.copy() for k, v in m.parameters().items()}
+    assert list(m.named_grads()) == list(good)
+    name = next(k for k in good if "lora_B" in k)
+    m.set_parameters({name: np.full_like(good[name], np.nan)})
+    with pytest.raises(NonFiniteError, match=rf"step 2: .*parameter {re.escape(name)}"):
+        t.step(ids, ids)
+    after = m.parameters()
+    assert t.step_count == 1 and all(np.array_equal(after[k], good[k]) for k in good if k != name)

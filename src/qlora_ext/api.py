@@ -2,6 +2,7 @@
 -> a Model with LoRA adapters in the placement chosen for it (cpu, split or resident)."""
 from __future__ import annotations
 
+from .finite import check_base_weights
 from .model.lora import LoraConfig
 from .placement import check_mode
 
@@ -34,6 +35,7 @@ def load_model(path, lora: LoraConfig | None = None, quantize: str | None = "nf4
     lora = lora if lora is not None else LoraConfig()
     state = load_state(path, quantize=quantize, double_quant=double_quant, progress=progress, threads=threads,
                        revision=revision)
+    check_base_weights(state)  # NaN/Inf in the base: refused here, before any training
     common = dict(gradient_checkpointing=gradient_checkpointing, train_lm_head=train_lm_head, threads=threads,
                   seed=seed)
     reason = "asked for"

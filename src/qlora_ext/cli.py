@@ -1,8 +1,9 @@
 """The `qlora-ext` command: train, eval, generate, info (profile: see SUBCOMMANDS).
 
-Errors the user can fix (bad data, bad flags, a missing model) print one line,
-`qlora-ext: error: <file>:<line>: <what>`, and exit with status 2; Ctrl-C during training
-saves a checkpoint and exits with status 130."""
+Every error (bad data, bad flags, a missing model, NaN in training, out of memory, a GPU
+failure) prints one line, `qlora-ext: error: <file>:<line>: <what>`, and exits with status 2
+(QLORA_EXT_DEBUG=1 shows the traceback instead); Ctrl-C during training saves a checkpoint
+and exits with status 130.  What is checked before any work: qlora_ext.cli_checks."""
 from __future__ import annotations
 
 import argparse
@@ -103,12 +104,17 @@ def _eval_report(trainer, eval_loader, pairs, n_acc, args, label) -> dict:
 
 
 def _resolved_train_settings(args) -> tuple:
-    """(settings dict, checkpoint to resume from or None, out dir).  The saved settings of a
-    resumed run (DIR/run.yaml) and a -c file arrive as args' defaults (run_config)."""
-    from .train.checkpoint import latest_checkpoint
+    """(settings dict, checkpoint to resume from or None, out dir, run id), every setting
+    checked (a flag by its name, a saved one by its file and key).  The saved settings of a
+    resumed run (DIR/run.yaml) and a -c file arrive as args' defaults (run_config); the
+    checkpoint's record of the run keeps a resume on the same run and the same adapter shape."""
+    from .cli_checks import check_same_adapter_shape, check_train_settings, flag
+    from .train.checkpoint import STATE_FILE, latest_checkpoint, read_state
+    from .train.outdir import new_run_id
 
     given = {k: getattr(args, k) for k in TRAIN_DEFAULTS if getattr(args, k) is not None}
-    ckpt = None
+    check_train_settings(given, flag)
+    ckpt, run_id = None, new_run_id()
     if args.resume:
         ckpt = latest_checkpoint(args.resume)
         if ckpt is None:
@@ -116,6 +122,11 @@ def _resolved_train_settings(args) -> tuple:
         if not (Path(args.resume) / RUN_FILE).is_file():
             raise OSError(f"{Path(args.resume) / RUN_FILE}: missing, so the run's settings are unknown; "
                           "give them with -c FILE")
+        run = read_state(ckpt).get("run", {})
+        saved = {k: v for k, v in run.items() if k in TRAIN_DEFAULTS}
+        check_train_settings(saved, lambda k: f"{ckpt / STATE_FILE}: run.{k}")
+        run_id = run.get("run_id", run_id)
+        check_same_adapter_shape(given, saved, ckpt)
     settings = {**TRAIN_DEFAULTS, **given}
     if args.steps is not None and args.epochs is not None:
         raise ValueError("give --steps or --epochs, not both")
@@ -124,7 +135,9 @@ def _resolved_train_settings(args) -> tuple:
     out = args.out or args.resume
     if not out:
         raise ValueError("train needs --out DIR (or --resume DIR)")
-    return settings, ckpt, Path(out)
+    if args.overwrite and ckpt is not None and Path(out).resolve() == Path(args.resume).resolve():
+        raise ValueError("--overwrite would delete the run that --resume continues; give one of them")
+    return settings, ckpt, Path(out), run_id
 
 
 def _check_periodic_eval(s, eval_data) -> None:
@@ -139,29 +152,37 @@ def _check_periodic_eval(s, eval_data) -> None:
 
 
 def cmd_train(args) -> int:
-    from .data import dataset_path
-    from .model.lora import LoraConfig
-    from .train.checkpoint import save_adapter_atomic
-    from .train.data import DataLoader, check_records, load_data, parse_data_spec, require_tokenizer
-    from .train.loop import MetricsLog, PeriodicEval, fit, restore
-    from .train.schedule import check_schedule
+    from .cli_checks import MAX_STEPS, bounded_threads, check_flags, check_lora_fits, int_in, prepare_train_outputs
     from .train.distributed import get_comm
-    from .train.trainer import TrainConfig, Trainer
 
     comm = get_comm()  # under mpiexec: MPI starts on every rank before anything can fail on one
     if comm.rank:  # rank 0 alone talks; every rank's errors still reach stderr
         args.quiet, sys.stdout = True, open(os.devnull, "w")
-    s, ckpt, out = _resolved_train_settings(args)
+    s, ckpt, out, run_id = _resolved_train_settings(args)
+    check_flags(args, {"save_every": int_in(0, MAX_STEPS), "keep_last": int_in(0, MAX_STEPS)})
+    args.threads = bounded_threads(args.threads)
+    check_lora_fits(s["model"], s["lora_rank"], s["targets"])
+    lock = prepare_train_outputs(args, comm, out, ckpt)
+    try:
+        return _train(args, comm, s, ckpt, out, run_id)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(args, comm, s, ckpt, out, run_id) -> int:
+    from .data import dataset_path
+    from .finite import NonFiniteError, json_safe
+    from .model.lora import LoraConfig
+    from .train.checkpoint import latest_checkpoint, save_adapter_atomic
+    from .train.data import DataLoader, check_records, load_data, parse_data_spec, require_tokenizer
+    from .train.loop import MetricsLog, PeriodicEval, fit, restore
+    from .train.schedule import check_schedule
+    from .train.trainer import TrainConfig, Trainer
+
     shipped = s["data"] is None
     data = s["data"] or str(dataset_path("train"))
     eval_data = s["eval_data"] or (str(dataset_path("eval")) if shipped else None)
-    for name in ("seq_len", "batch_size", "grad_accum", "lora_rank"):
-        if s[name] < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {s[name]}")
-    if s["steps"] is not None and s["steps"] < 1:
-        raise ValueError(f"--steps must be >= 1, got {s['steps']}")
-    if s["epochs"] is not None and not s["epochs"] > 0:
-        raise ValueError(f"--epochs must be > 0, got {s['epochs']}")
     if s["steps"] is not None:
         check_schedule(s["schedule"], s["warmup"], s["steps"])  # before the model loads
     _check_periodic_eval(s, eval_data)
@@ -233,7 +254,7 @@ def cmd_train(args) -> int:
                                           "save_every": args.save_every, "keep_last": args.keep_last})
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=trainer.step_count if ckpt else None) \
         if trainer.is_writer else None
-    run = dict(s, steps=s["steps"], data=data, eval_data=eval_data, eval_before=before)
+    run = dict(s, steps=s["steps"], data=data, eval_data=eval_data, eval_before=before, run_id=run_id)
 
     stop = {"flag": False}
 
@@ -254,6 +275,10 @@ def cmd_train(args) -> int:
                          keep_last=args.keep_last, metrics=metrics, progress=bar,
                          should_stop=lambda: comm.any_true(stop["flag"]), run=run, elapsed=elapsed,
                          periodic_eval=periodic)
+    except NonFiniteError as e:
+        last = latest_checkpoint(out)
+        raise NonFiniteError(f"{e}; " + (f"the newest good checkpoint is {last}" if last else
+                                         "no checkpoint was saved before it")) from None
     finally:
         signal.signal(signal.SIGINT, old)
         if metrics is not None:
@@ -281,7 +306,8 @@ def cmd_train(args) -> int:
                f"final loss {trainer.last_loss:.4f}; adapter saved to {out}")
     after = _eval_report(trainer, eval_loader, pairs, n_acc, args, "after") if eval_data else None
     if trainer.is_writer and (before is not None or after is not None):
-        (out / "eval.json").write_text(json.dumps({"before": before, "after": after}, indent=1))
+        (out / "eval.json").write_text(json.dumps(json_safe({"before": before, "after": after}), indent=1,
+                                                  allow_nan=False))
     return 0
 
 
@@ -302,9 +328,13 @@ def _model_with_adapter(args):
 
 def cmd_eval(args) -> int:
     from .data import dataset_path
+    from .cli_checks import MAX_ROWS, MAX_SEQ_LEN, MAX_STEPS, bounded_threads, check_flags, int_in
     from .train.data import DataLoader, check_records, load_data, parse_data_spec, require_tokenizer
     from .train.trainer import evaluate_loss
 
+    check_flags(args, {"seq_len": int_in(1, MAX_SEQ_LEN), "batch_size": int_in(1, MAX_ROWS),
+                       "accuracy": int_in(0, MAX_STEPS)})
+    args.threads = bounded_threads(args.threads)
     data = args.data or str(dataset_path("eval"))
     spec = parse_data_spec(data, "--data")
     for path, _ in spec:
@@ -332,8 +362,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from .cli_checks import MAX_NEW_TOKENS, MAX_SEED, bounded_threads, check_flags, int_in, real
     from .train.data import require_tokenizer
 
+    check_flags(args, {"max_new_tokens": int_in(0, MAX_NEW_TOKENS), "temperature": real(lambda v: v >= 0, ">= 0"),
+                       "top_p": real(lambda v: 0 < v <= 1, "in (0, 1]"), "seed": int_in(0, MAX_SEED)})
+    args.threads = bounded_threads(args.threads)
     model = _model_with_adapter(args)
     tok = require_tokenizer(model.tokenizer, args.model, need_eos=False)
     if args.chat:
@@ -466,6 +500,9 @@ def add_train_command(sub) -> None:
     p.add_argument("--keep-last", type=int, default=3,
                    help="keep only the newest K checkpoints, 0 = all (default 3)")
     p.add_argument("--resume", metavar="DIR", help="continue from the newest complete checkpoint in DIR")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete an earlier run's files in --out (checkpoints, metrics, adapter) before starting; "
+                        "without it such a directory is refused")
     p.add_argument("--device", choices=("auto", "gpu", "cpu"), help="where the FFN runs (default auto)")
     p.add_argument("--mode", choices=("auto", "split", "resident"),
                    help="split: attention on the CPU, FFN on --device; resident: the whole step on the GPU; "
@@ -542,15 +579,19 @@ def main(argv=None) -> int:
     try:
         args = apply_run_configs(parser, args, argv)  # -c FILE and --resume DIR's run.yaml
         return args.func(args)
-    except (ValueError, OSError) as e:
-        msg = " ".join(str(e).split())  # one line
-        abort_job(f"qlora-ext: error: {msg}", EXIT_USAGE)  # under mpiexec: name the rank, stop all
-        print(f"qlora-ext: error: {msg}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         abort_job("qlora-ext: interrupted", EXIT_INTERRUPTED)
         print("qlora-ext: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as e:  # every failure is one line; QLORA_EXT_DEBUG=1 shows the traceback
+        if os.environ.get("QLORA_EXT_DEBUG", "").strip() not in ("", "0"):
+            raise
+        from .cli_checks import error_line
+
+        msg = f"qlora-ext: error: {error_line(e)}"
+        abort_job(msg, EXIT_USAGE)  # under mpiexec: name the rank, stop all
+        print(msg, file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

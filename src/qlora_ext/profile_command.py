@@ -30,21 +30,24 @@ def add_profile_command(sub) -> None:
     p.set_defaults(func=cmd_profile)
 
 
-def _positive(name, value):
-    if value < 1:
-        raise ValueError(f"--{name} must be >= 1, got {value}")
-
-
 def cmd_profile(args) -> int:
     import qlora_ext as qx
+    from .cli_checks import (MAX_RANK, MAX_ROWS, MAX_SEQ_LEN, bounded_threads, check_flags, check_lora_fits,
+                             check_output_file, check_plot_output, int_in)
     from .device import adapter_info
 
-    for name in ("steps", "seq_len", "batch_size", "lora_rank"):
-        _positive(name.replace("_", "-"), getattr(args, name))
+    check_flags(args, {"steps": int_in(1, 10**6), "seq_len": int_in(1, MAX_SEQ_LEN),
+                       "batch_size": int_in(1, MAX_ROWS), "lora_rank": int_in(1, MAX_RANK)})
+    threads = bounded_threads(args.threads)
+    check_lora_fits(args.model, args.lora_rank, None)
+    if args.trace:  # outputs fail now, not after the profiled steps
+        check_output_file("--trace", args.trace)
+    if args.plot:
+        check_plot_output(args.plot)
     device = "gpu" if args.mode == "resident" else args.device
     model = qx.load_model(args.model, lora=qx.LoraConfig(r=args.lora_rank, alpha=2 * args.lora_rank),
                           quantize=None if args.quantize == "none" else args.quantize, device=device,
-                          threads=args.threads, mode=args.mode)
+                          threads=threads, mode=args.mode)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, model.config.vocab_size, (args.batch_size, args.seq_len))
     # the Trainer's step in either placement: what `qlora-ext train` runs

@@ -168,6 +168,10 @@ class GpuModel(Model):
     def set_flat_grads(self, flat: np.ndarray) -> None:
         self.ctx.write(self.device.grads, flat)
 
+    def named_grads(self) -> dict:
+        """{PEFT name: gradient} (host copies): the Trainer names a non-finite one with it."""
+        return self._grads()
+
     def optimizer_state(self) -> dict:
         """{"step", "<name>.exp_avg", "<name>.exp_avg_sq"}: the CPU AdamW's state_dict, so a
         checkpoint from either placement resumes in the other (downloads the moments)."""

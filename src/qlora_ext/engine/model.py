@@ -6,8 +6,11 @@ transformers + PEFT.
 Shape letters: B batch, T tokens, N = B*T, H hidden, V vocab."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from ..finite import NonFiniteError, first_nonfinite
 from ..model.lora import LM_HEAD_NAME, PROJECTIONS, LoraConfig, LoraWeights
 from ..model.loss import IGNORE_INDEX
 from ..profile import PhaseTimer
@@ -277,6 +280,13 @@ class Model:
         from ..model.lora import load_peft_adapter
         lora, lm_head = load_peft_adapter(directory, self._layer_shapes(),
                                           lm_head_shape=tuple(self.state.lm_head_weight.shape))
+        loaded = lora.named_parameters()
+        if lm_head is not None:
+            loaded[LM_HEAD_NAME] = lm_head
+        bad = first_nonfinite(loaded)
+        if bad is not None or not math.isfinite(lora.config.scale):
+            what = f"tensor {bad}" if bad else f"lora_alpha {lora.config.alpha!r}"
+            raise NonFiniteError(f"{directory}: adapter {what} is NaN or Inf; the adapter was not loaded")
         same = (set(lora.pairs) == set(self.lora.pairs)
                 and all(lora.pairs[k].A.shape == p.A.shape for k, p in self.lora.pairs.items()))
         head = lm_head if lm_head is not None else (None if self.lm_head is None else self.lm_head.copy())

@@ -147,6 +147,11 @@ def generate(model, prompt_ids, max_new_tokens: int = 64, temperature: float = 0
     prompts, single = _prompts(prompt_ids, V)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    context = int(model.config.max_position_embeddings)
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > context:
+        raise ValueError(f"max_new_tokens {max_new_tokens} with a {longest}-token prompt exceeds the "
+                         f"model's context of {context} positions (max_position_embeddings)")
     if not (temperature >= 0 and np.isfinite(temperature)) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"need a finite temperature >= 0 and 0 < top_p <= 1, got {temperature!r}, {top_p!r}")
     outs: list[list[int]] = [[] for _ in prompts]

@@ -165,6 +165,12 @@ def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_file(tensors: dict, path, metadata: dict | None = None, dtype: str | None = None) -> None:
     """Write tensors (numpy arrays) as safetensors, atomically (temp file + rename).
 
@@ -207,6 +213,7 @@ def save_file(tensors: dict, path, metadata: dict | None = None, dtype: str | No
     d = os.path.dirname(os.path.abspath(p))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=d)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result is an ordinary file
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(raw)))
             f.write(raw)

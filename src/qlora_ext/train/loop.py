@@ -12,6 +12,7 @@ import os
 import time
 from pathlib import Path
 
+from ..finite import NonFiniteError, first_nonfinite, json_safe
 from ..profile import PROFILER
 from .checkpoint import load_checkpoint, save_adapter_atomic, save_checkpoint
 
@@ -40,7 +41,8 @@ class MetricsLog:
         self._f = open(self.path, "a")
 
     def write(self, record: dict) -> None:
-        self._f.write(json.dumps(record, allow_nan=True) + "\n")
+        """One line of valid JSON: a NaN or Inf is written as null."""
+        self._f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         self._f.flush()
 
     def close(self) -> None:
@@ -104,8 +106,14 @@ def restore(trainer, loader, checkpoint) -> dict:
     its state dict."""
     state, opt = load_checkpoint(checkpoint)
     trainer.model.load_adapter(checkpoint)
-    trainer.load_state_dict(state, opt)
-    loader.load_state_dict(state["data"])
+    bad = first_nonfinite(trainer.model.parameters())
+    if bad is not None:
+        raise NonFiniteError(f"{checkpoint}: adapter tensor {bad} holds NaN or Inf values")
+    try:  # the messages name what is wrong; the checkpoint is what the user can act on
+        trainer.load_state_dict(state, opt)
+        loader.load_state_dict(state["data"])
+    except ValueError as e:
+        raise ValueError(f"{checkpoint}: {e}") from None
     model_step = state.get("rng", {}).get("model_step")
     if model_step is not None:
         trainer.model.step = int(model_step)
@@ -143,9 +151,8 @@ def fit(trainer, loader, total_steps: int, micro_size: int, out_dir=None, save_e
         elapsed += dt
         tokens = int(batch.attention_mask.sum())
         if metrics is not None and trainer.is_writer:
-            metrics.write({"step": trainer.step_count, "loss": None if math.isnan(loss) else loss,
-                           "lr": trainer.last_lr, "tokens": tokens, "tokens_per_s": tokens / dt if dt else None,
-                           "grad_norm": None if math.isnan(trainer.last_grad_norm) else trainer.last_grad_norm,
+            metrics.write({"step": trainer.step_count, "loss": loss, "lr": trainer.last_lr, "tokens": tokens,
+                           "tokens_per_s": tokens / dt if dt else None, "grad_norm": trainer.last_grad_norm,
                            "elapsed": elapsed})
         if progress is not None:
             progress.update(1)

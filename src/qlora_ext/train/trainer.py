@@ -12,6 +12,11 @@ decisions (1/tokens, the clip coefficient from the squared norm, the learning ra
 reads back only the loss, the squared norm, and -- across ranks -- the gradient for the
 all-reduce.
 
+Non-finite values: every update checks its loss and gradient norm (the numbers the update
+needs anyway, so the check costs nothing) before the optimizer runs.  A NaN or Inf raises
+NonFiniteError naming the step and the first non-finite parameter or gradient (looked up
+only then), and the update is not applied: the weights stay those of the last good step.
+
 Distributed slot: `comm` is any object with `rank`, `size` and
 `allreduce_sum(arrays, scalars) -> list[float]` that sums the float32 `arrays` in place
 across ranks and returns the summed `scalars`.  Only rank 0 writes (see `is_writer`)."""
@@ -22,6 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
+from ..finite import NonFiniteError, first_nonfinite
 from .distributed import flat_zeros_like
 from .optim import AdamW
 from .schedule import check_schedule, lr_at
@@ -50,10 +56,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.betas must be two numbers, got {self.betas!r}")
         if not isinstance(self.grad_accum, int) or self.grad_accum < 1:
             raise ValueError(f"TrainConfig.grad_accum must be a positive int, got {self.grad_accum!r}")
-        if self.grad_clip is not None and not self.grad_clip >= 0:
-            raise ValueError(f"TrainConfig.grad_clip must be >= 0 or None, got {self.grad_clip!r}")
-        if not self.lr >= 0:
-            raise ValueError(f"TrainConfig.lr must be >= 0, got {self.lr!r}")
+        if self.grad_clip is not None and not 0 <= self.grad_clip < math.inf:
+            raise ValueError(f"TrainConfig.grad_clip must be a finite number >= 0 or None, got {self.grad_clip!r}")
+        if not 0 <= self.lr < math.inf:
+            raise ValueError(f"TrainConfig.lr must be a finite number >= 0, got {self.lr!r}")
         check_schedule(self.schedule, self.warmup, self.total_steps)
 
     def to_dict(self) -> dict:
@@ -162,9 +168,15 @@ class Trainer:
             inv = np.float32(1.0 / tokens)
             for g in grads:
                 g *= inv
-            self.last_grad_norm = self._clip(grads)
-            self.optimizer.step(self._grad_sum, lr=lr)
             loss = loss_sum / tokens
+            norm = self._global_norm(grads)
+            self._stop_if_nonfinite(loss, norm, lambda: self._grad_sum)
+            coef = self._clip_coef(norm)
+            if coef is not None:
+                for g in grads:
+                    g *= coef
+            self.last_grad_norm = norm
+            self.optimizer.step(self._grad_sum, lr=lr)
         return self._finish_update(loss, tokens, lr)
 
     def _apply_update_on_device(self) -> float:
@@ -185,6 +197,7 @@ class Trainer:
             return self._finish_update(float("nan"), 0, lr)
         inv = np.float32(1.0 / tokens)
         norm = math.sqrt(m.grads_sq_norm(float(inv)))
+        self._stop_if_nonfinite(loss_sum / tokens, norm, m.named_grads)
         coef = self._clip_coef(norm)
         m.apply_update(lr, float(inv), 1.0 if coef is None else float(coef))
         self.last_grad_norm = norm
@@ -198,15 +211,28 @@ class Trainer:
         self._reset_accumulators()
         return loss
 
-    def _clip(self, grads: list) -> float:
-        """Global L2 norm (accumulated in float64, fixed order); scale as torch's
-        clip_grad_norm_: coef = max_norm / (norm + 1e-6), applied only when < 1."""
-        norm = math.sqrt(sum(float(np.dot(g.ravel().astype(np.float64), g.ravel().astype(np.float64))) for g in grads))
-        coef = self._clip_coef(norm)
-        if coef is not None:
-            for g in grads:
-                g *= coef
-        return norm
+    @staticmethod
+    def _global_norm(grads: list) -> float:
+        """Global L2 norm, accumulated in float64 in a fixed order."""
+        return math.sqrt(sum(float(np.dot(g.ravel().astype(np.float64), g.ravel().astype(np.float64))) for g in grads))
+
+    def _stop_if_nonfinite(self, loss: float, norm: float, named_grads) -> None:
+        """NonFiniteError before an update whose loss or gradient norm is NaN/Inf.  Only then
+        are the parameters and `named_grads()` ({name: gradient}) searched, to name the first
+        bad tensor: a NaN parameter (from the previous update) is the cause, not its gradient."""
+        if math.isfinite(loss) and math.isfinite(norm):
+            return
+        bad = first_nonfinite(self.model.parameters())
+        where = f"parameter {bad}" if bad else None
+        if where is None:
+            bad = first_nonfinite(named_grads())
+            where = f"gradient of {bad}" if bad else ("the loss" if not math.isfinite(loss) else
+                                                     "the gradient norm (it overflowed)")
+        step = self.step_count + 1
+        self._reset_accumulators()
+        raise NonFiniteError(f"step {step}: non-finite value (NaN or Inf) in {where}; loss {loss:.6g}, "
+                             f"gradient norm {norm:.6g}; the update was not applied and nothing was saved "
+                             f"for this step (a lower learning rate, or --grad-clip, usually helps)")
 
     def _clip_coef(self, norm: float):
         """torch's clip_grad_norm_: coef = max_norm / (norm + 1e-6) as float32, or None when
@@ -250,7 +276,8 @@ class Trainer:
         """JSON-able trainer state (the optimizer's arrays are separate: optimizer_state())."""
         if self._micro:
             raise ValueError("cannot save trainer state in the middle of a gradient accumulation")
-        return {"step": self.step_count, "last_loss": self.last_loss, "config": self.config.to_dict()}
+        return {"step": self.step_count, "last_loss": self.last_loss if math.isfinite(self.last_loss) else None,
+                "config": self.config.to_dict()}
 
     def load_state_dict(self, state: dict, optimizer_state: dict) -> None:
         """Restore after model.load_adapter(checkpoint): that may have replaced the model's
@@ -260,6 +287,10 @@ class Trainer:
             missing = sorted(set(self.params) ^ set(params))
             raise ValueError(f"the model's trainable parameters changed since the Trainer was built "
                              f"(e.g. {missing[0] if missing else 'order'!r}); is the adapter from another LoRA config?")
+        for name, p in params.items():
+            if p.shape != self.params[name].shape:
+                raise ValueError(f"the loaded adapter's {name} has shape {p.shape}, this Trainer's has "
+                                 f"{self.params[name].shape}: the checkpoint is from another LoRA rank")
         self.params = params
         if self.on_device:
             self.model.load_optimizer_state(optimizer_state)
@@ -267,7 +298,8 @@ class Trainer:
             self.optimizer.params = params
             self.optimizer.load_state_dict(optimizer_state)
         self.step_count = int(state["step"])
-        self.last_loss = float(state.get("last_loss", float("nan")))
+        last = state.get("last_loss")
+        self.last_loss = float("nan") if last is None else float(last)
         self._reset_accumulators()
 
     def optimizer_state(self) -> dict:
