@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 from bench_gemm import dequant_numpy, random_nf4  # noqa: E402
 from qlora_ext.backend import FfnLora  # noqa: E402
-from qlora_ext.gpu.context import GpuContext, pick_adapter, write_staging  # noqa: E402
+from qlora_ext.gpu.runtime import GpuContext, pick_adapter  # noqa: E402
 from qlora_ext.gpu.ffn import WgpuFfnBackend  # noqa: E402
 from qlora_ext.model.lora import LoraPair  # noqa: E402
 from qlora_ext.nf4 import NF4Tensor  # noqa: E402
@@ -97,8 +97,6 @@ def time_backend(be, xs, lora, rounds=3):
 def upload_time(be, layers, rounds=3):
     """Seconds to stream one layer's weights with nothing else running: host write into the
     mapped staging buffer, then the staging -> device copy (synchronized)."""
-    from qlora_ext.gpu.context import Recorder
-
     host, total = [], []
     for _ in range(rounds):
         for l in range(layers):
@@ -108,10 +106,8 @@ def upload_time(be, layers, rounds=3):
             t0 = time.perf_counter()
             be._stage(l)
             t1 = time.perf_counter()
-            rec = Recorder(be.ctx)
-            be._weights(rec, l)
-            rec.submit()
-            be.ctx.device.queue.read_buffer(be.slots[l % 2].bufs["d_abs"], 0, 4)
+            be._weights(l)
+            be.ctx.sync()
             t2 = time.perf_counter()
             host.append(t1 - t0)
             total.append(t2 - t0)
@@ -156,30 +152,14 @@ def torch_reference(hidden, inter, N, r, rounds=5):
 
 
 def profile_step(be, xs, lora):
-    """One step with every command submitted and waited for on its own: seconds per command
-    (GPU time plus a small submit cost) and per host transfer, summed by label."""
+    """One step with every kernel timed by timestamp queries (GpuContext.enable_timing, where
+    the adapter has them) and the host transfers by the host clock: seconds summed by label."""
     import collections
 
     from qlora_ext.gpu import ffn as F
-    from qlora_ext.gpu import kernels as Kmod
-    from qlora_ext.gpu.context import Recorder
 
     totals = collections.defaultdict(float)
     ctx = be.ctx
-
-    class Profiling(Recorder):
-        def submit(self):
-            ubuf, align = self._write_params()
-            ctx.device.queue.read_buffer(ctx.dummy(), 0, 4)
-            for op in self.ops:
-                t0 = time.perf_counter()
-                self._encode_submit([op], ubuf, align)
-                ctx.device.queue.read_buffer(ctx.dummy(), 0, 4)
-                label = op[6] if op[0] == "dispatch" else f"copy {op[5] >> 20} MiB"
-                totals[label] += time.perf_counter() - t0
-            if ubuf is not None:
-                ctx.release(ubuf)
-            self.ops, self.params = [], []
 
     def timed(fn, label):
         def wrapper(*a, **k):
@@ -189,15 +169,21 @@ def profile_step(be, xs, lora):
             return out
         return wrapper
 
-    saved = (Kmod.Recorder, F.write_staging, F.read_staging)
-    Kmod.Recorder, F.write_staging, F.read_staging = (Profiling, timed(F.write_staging, "host: write staging"),
-                                                       timed(F.read_staging, "host: map + read back"))
+    saved = (F.write_staging, F.read_staging)
+    F.write_staging, F.read_staging = (timed(F.write_staging, "host: write staging"),
+                                       timed(F.read_staging, "host: map + read back"))
+    if ctx.has_timestamps:
+        ctx.enable_timing()
     try:
         t0 = time.perf_counter()
         step(be, xs, lora)
         total = time.perf_counter() - t0
+        if ctx.has_timestamps:
+            for label, (sec, _) in ctx.kernel_times().items():
+                totals[label] += sec
     finally:
-        Kmod.Recorder, F.write_staging, F.read_staging = saved
+        F.write_staging, F.read_staging = saved
+        ctx.enable_timing(False)
     rows = sorted(totals.items(), key=lambda kv: -kv[1])
     return total, rows
 

@@ -204,7 +204,7 @@ def test_cpu_ffn_bad_input():
 
 def test_select_backend_falls_back_to_cpu_without_real_gpu(monkeypatch):
     from qlora_ext.device import select_backend
-    from qlora_ext.gpu import context
+    from qlora_ext.gpu import runtime as context
 
     monkeypatch.setattr(context, "pick_adapter", lambda allow_software: None)
     assert isinstance(select_backend("auto"), CpuFfnBackend)

@@ -88,7 +88,7 @@ def test_zero_b_equals_base_model_exactly():
 @pytest.mark.parametrize("model_type,quantize,gc", [("qwen3", "nf4", True), ("llama", None, False)])
 def test_parity_wgpu_backend(tmp_path, model_type, quantize, gc):
     """The FFN on the wgpu backend (lavapipe where no GPU): same tolerances."""
-    from qlora_ext.gpu.context import GpuError, pick_adapter
+    from qlora_ext.gpu.runtime import GpuError, pick_adapter
 
     if pick_adapter(allow_software=True) is None:
         pytest.skip("no wgpu adapter (install a Vulkan driver such as Mesa lavapipe)")

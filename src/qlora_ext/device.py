@@ -5,7 +5,7 @@
                             as llvmpipe/lavapipe) or when the GPU fails to initialise
     select_backend("gpu")   wgpu even on a software adapter (the tests check the shaders so)
     select_backend("cpu")   numpy BLAS + the C NF4 dequant
-GPU failures raise qlora_ext.gpu.context.GpuError naming the adapter and the request; the CPU
+GPU failures raise qlora_ext.gpu.runtime.GpuError (an OSError) naming the adapter and the request; the CPU
 backend stays usable after one (select_backend("cpu"))."""
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ DEVICES = ("auto", "gpu", "cpu")
 def adapter_info() -> dict | None:
     """The adapter device="auto" would use: {name, backend, type, vendor, description,
     software}; the best software adapter if no real GPU exists; None without any adapter."""
-    from .gpu.context import adapter_summary, pick_adapter  # noqa: PLC0415
+    from .gpu.runtime import adapter_summary, pick_adapter  # noqa: PLC0415
 
     a = pick_adapter(allow_software=False) or pick_adapter(allow_software=True)
     return adapter_summary(a) if a is not None else None
@@ -33,7 +33,7 @@ def select_backend(device: str = "auto", resident: bool = False, **kw) -> FfnBac
         from .cpu.ffn import CpuFfnBackend  # noqa: PLC0415
 
         return CpuFfnBackend(**kw)
-    from .gpu.context import GpuContext, GpuError, pick_adapter  # noqa: PLC0415
+    from .gpu.runtime import GpuError, pick_adapter, shared_context  # noqa: PLC0415
     from .gpu.ffn import WgpuFfnBackend  # noqa: PLC0415
 
     gpu_kw = {k: v for k, v in kw.items() if k in ("tiles", "max_rows")}
@@ -41,11 +41,11 @@ def select_backend(device: str = "auto", resident: bool = False, **kw) -> FfnBac
         adapter = pick_adapter(allow_software=True)
         if adapter is None:
             raise GpuError("device='gpu': wgpu found no adapter (is a Vulkan/Metal/DX12 driver installed?)")
-        return WgpuFfnBackend(GpuContext(adapter), resident=resident, **gpu_kw)
+        return WgpuFfnBackend(shared_context(adapter), resident=resident, **gpu_kw)
     adapter = pick_adapter(allow_software=False)
     if adapter is not None:
         try:
-            return WgpuFfnBackend(GpuContext(adapter), resident=resident, **gpu_kw)
+            return WgpuFfnBackend(shared_context(adapter), resident=resident, **gpu_kw)
         except GpuError as e:
             warnings.warn(f"device='auto': GPU unusable, using the CPU backend ({e})", RuntimeWarning, stacklevel=2)
     from .cpu.ffn import CpuFfnBackend  # noqa: PLC0415

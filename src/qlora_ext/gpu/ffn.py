@@ -38,7 +38,7 @@ from ..cpu.ffn import (FFN_PROJ, check_ffn_input, check_ffn_weights, check_lora,
                        dropout_key, dropout_threshold)
 from ..nf4 import NF4Tensor, dequantize_nf4
 from . import kernels as K
-from .context import GpuContext, read_staging, write_staging
+from .runtime import GpuContext, GpuError, pick_adapter, read_staging, shared_context, write_staging
 from .kernels import Nf4B, Operand
 
 F32 = 4
@@ -71,7 +71,12 @@ class WgpuFfnBackend(FfnBackend):
 
     def __init__(self, ctx: GpuContext | None = None, resident: bool = False, tiles=None,
                  max_rows: int | None = None, allow_software: bool = True, max_binding: int | None = None):
-        self.ctx = ctx if ctx is not None else GpuContext(allow_software=allow_software)
+        if ctx is None:
+            adapter = pick_adapter(allow_software=allow_software)
+            if adapter is None:
+                raise GpuError("no wgpu adapter found" + ("" if allow_software else " (software adapters excluded)"))
+            ctx = shared_context(adapter)
+        self.ctx = ctx
         # bytes per storage binding: the adapter's limit, or less (tests force weight splitting)
         self.max_binding = self.ctx.max_binding if max_binding is None else min(int(max_binding), self.ctx.max_binding)
         self.resident = bool(resident)
@@ -188,10 +193,10 @@ class WgpuFfnBackend(FfnBackend):
         if self.staged[s] == layer:
             return
         plan = self.plans[layer]
-        write_staging(self.staging[s], [(off, arr) for _, off, arr in plan.pieces], "upload weights")
+        write_staging(self.ctx, self.staging[s], [(off, arr) for _, off, arr in plan.pieces], "upload weights")
         self.staged[s] = layer
 
-    def _weights(self, rec, layer: int) -> _Slot:
+    def _weights(self, layer: int) -> _Slot:
         if self.state is None:
             raise ValueError("WgpuFfnBackend: call prepare(state) first")
         if not 0 <= layer < len(self.plans):
@@ -204,7 +209,7 @@ class WgpuFfnBackend(FfnBackend):
             plan = self.plans[layer]
             st = self.staging[layer % 2]
             for name, size in plan.sizes.items():
-                rec.copy(st, plan.offsets[name], slot.bufs[name], 0, size)
+                self.ctx.copy(st, plan.offsets[name], slot.bufs[name], 0, size)
             slot.layer = layer
         return slot
 
@@ -228,7 +233,8 @@ class WgpuFfnBackend(FfnBackend):
         return {p: (pairs[p].A.shape[0] if p in pairs else 0) for p in FFN_PROJ}
 
     def _upload_small(self, arrays: dict):
-        """Small per-call arrays (LoRA weights) -> one buffer; returns (buffer, element offsets)."""
+        """Small per-call arrays (LoRA weights, dropout keys) -> one buffer; returns (buffer, element
+        offsets, each a multiple of 64: the GEMM binds LoRA matrices as sub-ranges)."""
         offs, cur, parts = {}, 0, []
         for k, a in arrays.items():
             a = np.ascontiguousarray(a, np.float32).reshape(-1)
@@ -238,18 +244,18 @@ class WgpuFfnBackend(FfnBackend):
         buf = self.ctx.buffer(max(cur, 1) * F32, what="LoRA weights")
         blob = np.zeros(max(cur, 1), np.float32)
         for k, a in zip(offs, parts):
-            blob[offs[k]: offs[k] + a.size] = a
+            blob.view(np.uint32)[offs[k]: offs[k] + a.size] = a.view(np.uint32)   # bit-exact (the keys)
         self.ctx.device.queue.write_buffer(buf, 0, blob)
         return buf, offs
 
-    def _upload_rows(self, rec, arr: np.ndarray, what: str):
+    def _upload_rows(self, arr: np.ndarray, what: str):
         """[N, C] float32 -> per-chunk device buffers through one MAP_WRITE staging buffer."""
         st = self._act_staging(arr.nbytes, what)
-        write_staging(st, [(0, arr)], f"upload {what}")
+        write_staging(self.ctx, st, [(0, arr)], f"upload {what}")
         out = []
         for r0, r1 in self._chunk_list:
             b = self.ctx.buffer((r1 - r0) * arr.shape[1] * F32, what=f"{what} rows {r0}:{r1}")
-            rec.copy(st, r0 * arr.shape[1] * F32, b, 0, (r1 - r0) * arr.shape[1] * F32)
+            self.ctx.copy(st, r0 * arr.shape[1] * F32, b, 0, (r1 - r0) * arr.shape[1] * F32)
             out.append(b)
         return out
 
@@ -280,8 +286,7 @@ class WgpuFfnBackend(FfnBackend):
         rgu, rd = r["gate_proj"] + r["up_proj"], r["down_proj"]
         drop = lora is not None and lora.dropout > 0
         self._chunk_list = self._chunks(N)
-        rec = K.Recorder(ctx)
-        slot = self._weights(rec, layer)
+        slot = self._weights(layer)
         b_gu, b_d = self._b_operands(layer, slot)
 
         lw = {}
@@ -302,9 +307,11 @@ class WgpuFfnBackend(FfnBackend):
                 lw["sA_d"] = pr["down_proj"].A * np.float32(pr["down_proj"].scale)  # [rd, I]
                 for i, (q0, q1, _) in enumerate(b_d):
                     lw[f"B_dT{i}"] = pr["down_proj"].B.T[:, q0:q1]                  # [rd, q1-q0]
+        if drop:
+            lw["keys"] = _dropout_keys(lora, layer)
         lbuf, lo = self._upload_small(lw) if lw else (None, {})
 
-        xs = self._upload_rows(rec, x, "x")
+        xs = self._upload_rows(x, "x")
         rb = self._readback(N * H * F32)
         chunks = []
         for ci, (r0, r1) in enumerate(self._chunk_list):
@@ -322,45 +329,45 @@ class WgpuFfnBackend(FfnBackend):
                         if not r[p]:
                             continue
                         zd = c[f"xd_{p}"] = ctx.buffer(M * H * F32, what=f"dropped x for {p}")
-                        K.dropout(rec, M, H, Operand(c["x"], 0, H), Operand(zd, 0, H),
-                                  dropout_key(lora.seed, layer, p), dropout_threshold(lora.dropout),
+                        K.dropout(ctx, M, H, Operand(c["x"], 0, H), Operand(zd, 0, H),
+                                  lbuf, lo["keys"] + FFN_PROJ.index(p), dropout_threshold(lora.dropout),
                                   float(dropout_keep_scale(lora.dropout)), r0)
-                        K.gemm(rec, T, M, r[p], H, Operand(zd, 0, H), Operand(lbuf, lo["sA_gu"] + col * H, H),
-                               Operand(c["ts_gu"], col, rgu), b_t=True)
+                        K.gemm(ctx, M, r[p], H, Operand(zd, 0, H), Operand(lbuf, lo["sA_gu"] + col * H, H),
+                               Operand(c["ts_gu"], col, rgu), b_t=True, tiles=T)
                         col += r[p]
                 else:
-                    K.gemm(rec, T, M, rgu, H, Operand(c["x"], 0, H), Operand(lbuf, lo["sA_gu"], H),
-                           Operand(c["ts_gu"], 0, rgu), b_t=True)
+                    K.gemm(ctx, M, rgu, H, Operand(c["x"], 0, H), Operand(lbuf, lo["sA_gu"], H),
+                           Operand(c["ts_gu"], 0, rgu), b_t=True, tiles=T)
             for i, (s0, s1, b) in enumerate(b_gu):  # gu[:, s0:s1] = x Wgu[s0:s1]ᵀ (+ LoRA)
-                lora_gu = (Operand(c["ts_gu"], 0, rgu), rgu, _sub(lbuf, lo[f"L_gu{i}"], (s1 - s0) * rgu), 2) if rgu else None
-                K.gemm(rec, T, M, s1 - s0, H, Operand(c["x"], 0, H), b, Operand(c["gu"], s0, 2 * I),
-                       b_t=True, lora=lora_gu)
-            K.swiglu_forward(rec, M, I, c["gu"], h)
+                lora_gu = (Operand(c["ts_gu"], 0, rgu), rgu, Operand(lbuf, lo[f"L_gu{i}"]), 2) if rgu else None
+                K.gemm(ctx, M, s1 - s0, H, Operand(c["x"], 0, H), b, Operand(c["gu"], s0, 2 * I),
+                       b_t=True, lora=lora_gu, tiles=T)
+            K.swiglu_forward(ctx, M, I, Operand(c["gu"], 0, 2 * I), Operand(c["gu"], I, 2 * I), Operand(h))
             if rd:
                 c["ts_d"] = ctx.buffer(M * rd * F32, what="LoRA down inputs")
                 z = h
                 if drop:
                     z = c["hd"] = ctx.buffer(M * I * F32, what="dropped h")
-                    K.dropout(rec, M, I, Operand(h, 0, I), Operand(z, 0, I),
-                              dropout_key(lora.seed, layer, "down_proj"), dropout_threshold(lora.dropout),
+                    K.dropout(ctx, M, I, Operand(h, 0, I), Operand(z, 0, I),
+                              lbuf, lo["keys"] + FFN_PROJ.index("down_proj"), dropout_threshold(lora.dropout),
                               float(dropout_keep_scale(lora.dropout)), r0)
-                K.gemm(rec, T, M, rd, I, Operand(z, 0, I), Operand(lbuf, lo["sA_d"], I),
-                       Operand(c["ts_d"], 0, rd), b_t=True)
+                K.gemm(ctx, M, rd, I, Operand(z, 0, I), Operand(lbuf, lo["sA_d"], I),
+                       Operand(c["ts_d"], 0, rd), b_t=True, tiles=T)
             for i, (q0, q1, b) in enumerate(b_d):  # y[:, q0:q1] = h Wd[q0:q1]ᵀ (+ LoRA)
-                lora_d = (Operand(c["ts_d"], 0, rd), rd, _sub(lbuf, lo[f"B_dT{i}"], (q1 - q0) * rd), 2) if rd else None
-                K.gemm(rec, T, M, q1 - q0, I, Operand(h, 0, I), b, Operand(y, q0, H), b_t=True, lora=lora_d)
-            rec.copy(y, 0, rb, r0 * H * F32, M * H * F32)
+                lora_d = (Operand(c["ts_d"], 0, rd), rd, Operand(lbuf, lo[f"B_dT{i}"]), 2) if rd else None
+                K.gemm(ctx, M, q1 - q0, I, Operand(h, 0, I), b, Operand(y, q0, H), b_t=True, lora=lora_d, tiles=T)
+            ctx.copy(y, 0, rb, r0 * H * F32, M * H * F32)
             c["_tmp"] = [h, y]
             chunks.append(c)
         submitted = time.perf_counter()
-        rec.submit()
+        ctx.submit()
         # the GPU computes this layer now; meanwhile stage the next layer's weights and run the
         # caller's independent CPU work
         self.prefetch(layer + 1)
         if while_waiting is not None:
             while_waiting()
         out = np.empty((N, H), np.float32)
-        read_staging(rb, N * H * F32, out, submitted, "gpu ffn forward")
+        read_staging(ctx, rb, N * H * F32, out, submitted, "gpu ffn forward")
         for c in chunks:
             ctx.release(*c.pop("_tmp"))
         ctx.release(lbuf)
@@ -387,8 +394,7 @@ class WgpuFfnBackend(FfnBackend):
         rgu = rg + ru
         drop = lora is not None and lora.dropout > 0
         self._chunk_list = [(c["r0"], c["r0"] + c["M"]) for c in gctx.chunks]
-        rec = K.Recorder(ctx)
-        slot = self._weights(rec, layer)
+        slot = self._weights(layer)
         b_gu, b_d = self._b_operands(layer, slot)
         pr = lora.pairs if lora is not None else {}
         lw = {}
@@ -400,6 +406,8 @@ class WgpuFfnBackend(FfnBackend):
                 lw[f"sB_{p}"] = pr[p].B * np.float32(pr[p].scale)               # [I, r]
         if rgu:
             lw["A_gu"] = np.concatenate([pr[p].A for p in ("gate_proj", "up_proj") if r[p]], 0)  # [rgu, H]
+        if drop:
+            lw["keys"] = _dropout_keys(lora, layer)
         lbuf, lo = self._upload_small(lw) if lw else (None, {})
 
         # grads, packed after dx in the readback: per proj dA [r, in] then dB [out, r]
@@ -412,7 +420,7 @@ class WgpuFfnBackend(FfnBackend):
         gbuf = ctx.buffer(max(cur, 1) * F32, what="LoRA grads") if cur else None
         rb = self._readback((N * H + cur) * F32)
 
-        dys = self._upload_rows(rec, dy, "dy")
+        dys = self._upload_rows(dy, "dy")
         tmp = []
         for ci, c in enumerate(gctx.chunks):
             M, r0, acc = c["M"], c["r0"], ci > 0
@@ -425,33 +433,34 @@ class WgpuFfnBackend(FfnBackend):
             if rd:
                 dts_d = ctx.buffer(M * rd * F32, what="LoRA down dts")
                 tmp.append(dts_d)
-                K.gemm(rec, T, M, rd, H, Operand(dyc, 0, H), Operand(lbuf, lo["sB_d"], rd),
-                       Operand(dts_d, 0, rd), b_t=False)
+                K.gemm(ctx, M, rd, H, Operand(dyc, 0, H), Operand(lbuf, lo["sB_d"], rd),
+                       Operand(dts_d, 0, rd), b_t=False, tiles=T)
                 if not drop:
-                    lora_dh = (Operand(dts_d, 0, rd), rd, _sub(lbuf, lo["A_d"], rd * I), 2)
+                    lora_dh = (Operand(dts_d, 0, rd), rd, Operand(lbuf, lo["A_d"]), 2)
             for i, (q0, q1, b) in enumerate(b_d):  # dh = Σ dy[:, q0:q1] Wd[q0:q1] (+ LoRA once)
-                K.gemm(rec, T, M, I, q1 - q0, Operand(dyc, q0, H), b, Operand(dh, 0, I), b_t=False,
-                       lora=lora_dh if i == 0 else None, accum=i > 0)
+                K.gemm(ctx, M, I, q1 - q0, Operand(dyc, q0, H), b, Operand(dh, 0, I), b_t=False,
+                       lora=lora_dh if i == 0 else None, accumulate=i > 0, tiles=T)
             if rd:
                 if drop:
                     pd = ctx.buffer(M * I * F32, what="LoRA down dz")
                     tmp.append(pd)
-                    K.gemm(rec, T, M, I, rd, Operand(dts_d, 0, rd), Operand(lbuf, lo["A_d"], I),
-                           Operand(pd, 0, I), b_t=False)
-                    K.dropout(rec, M, I, Operand(pd, 0, I), Operand(dh, 0, I),
-                              dropout_key(lora.seed, layer, "down_proj"), dropout_threshold(lora.dropout),
+                    K.gemm(ctx, M, I, rd, Operand(dts_d, 0, rd), Operand(lbuf, lo["A_d"], I),
+                           Operand(pd, 0, I), b_t=False, tiles=T)
+                    K.dropout(ctx, M, I, Operand(pd, 0, I), Operand(dh, 0, I),
+                              lbuf, lo["keys"] + FFN_PROJ.index("down_proj"), dropout_threshold(lora.dropout),
                               float(dropout_keep_scale(lora.dropout)), r0, add=True)
                     z = c["hd"]
                 else:
                     z = ctx.buffer(M * I * F32, what="recomputed h")
                     tmp.append(z)
-                    K.swiglu_forward(rec, M, I, c["gu"], z)
+                    K.swiglu_forward(ctx, M, I, Operand(c["gu"], 0, 2 * I), Operand(c["gu"], I, 2 * I), Operand(z))
                 ga, gb = gofs["down_proj"]
-                K.lora_grad(rec, M, rd, H, Operand(c["ts_d"], 0, rd), Operand(dyc, 0, H), gbuf, gb,
+                K.lora_grad(ctx, M, rd, H, Operand(c["ts_d"], 0, rd), Operand(dyc, 0, H), gbuf, gb,
                             trans_out=True, accum=acc)
-                K.lora_grad(rec, M, rd, I, Operand(dts_d, 0, rd), Operand(z, 0, I), gbuf, ga,
+                K.lora_grad(ctx, M, rd, I, Operand(dts_d, 0, rd), Operand(z, 0, I), gbuf, ga,
                             trans_out=False, accum=acc)
-            K.swiglu_backward(rec, M, I, c["gu"], dh, dgu)
+            K.swiglu_backward(ctx, M, I, Operand(c["gu"], 0, 2 * I), Operand(c["gu"], I, 2 * I), dh,
+                              Operand(dgu, 0, 2 * I), Operand(dgu, I, 2 * I))
             lora_dx = None
             if rgu:
                 dts_gu = ctx.buffer(M * rgu * F32, what="LoRA gate|up dts")
@@ -459,14 +468,14 @@ class WgpuFfnBackend(FfnBackend):
                 col = 0
                 for p, a_off in (("gate_proj", 0), ("up_proj", I)):
                     if r[p]:
-                        K.gemm(rec, T, M, r[p], I, Operand(dgu, a_off, 2 * I), Operand(lbuf, lo[f"sB_{p}"], r[p]),
-                               Operand(dts_gu, col, rgu), b_t=False)
+                        K.gemm(ctx, M, r[p], I, Operand(dgu, a_off, 2 * I), Operand(lbuf, lo[f"sB_{p}"], r[p]),
+                               Operand(dts_gu, col, rgu), b_t=False, tiles=T)
                         col += r[p]
                 if not drop:
-                    lora_dx = (Operand(dts_gu, 0, rgu), rgu, _sub(lbuf, lo["A_gu"], rgu * H), 2)
+                    lora_dx = (Operand(dts_gu, 0, rgu), rgu, Operand(lbuf, lo["A_gu"]), 2)
             for i, (s0, s1, b) in enumerate(b_gu):  # dx = Σ dgu[:, s0:s1] Wgu[s0:s1] (+ LoRA once)
-                K.gemm(rec, T, M, H, s1 - s0, Operand(dgu, s0, 2 * I), b, Operand(dx, 0, H), b_t=False,
-                       lora=lora_dx if i == 0 else None, accum=i > 0)
+                K.gemm(ctx, M, H, s1 - s0, Operand(dgu, s0, 2 * I), b, Operand(dx, 0, H), b_t=False,
+                       lora=lora_dx if i == 0 else None, accumulate=i > 0, tiles=T)
             col = 0
             for p, y_off in (("gate_proj", 0), ("up_proj", I)):
                 if not r[p]:
@@ -474,27 +483,27 @@ class WgpuFfnBackend(FfnBackend):
                 if drop:
                     pz = ctx.buffer(M * H * F32, what=f"LoRA {p} dz")
                     tmp.append(pz)
-                    K.gemm(rec, T, M, H, r[p], Operand(dts_gu, col, rgu), Operand(lbuf, lo["A_gu"] + col * H, H),
-                           Operand(pz, 0, H), b_t=False)
-                    K.dropout(rec, M, H, Operand(pz, 0, H), Operand(dx, 0, H), dropout_key(lora.seed, layer, p),
+                    K.gemm(ctx, M, H, r[p], Operand(dts_gu, col, rgu), Operand(lbuf, lo["A_gu"] + col * H, H),
+                           Operand(pz, 0, H), b_t=False, tiles=T)
+                    K.dropout(ctx, M, H, Operand(pz, 0, H), Operand(dx, 0, H), lbuf, lo["keys"] + FFN_PROJ.index(p),
                               dropout_threshold(lora.dropout), float(dropout_keep_scale(lora.dropout)), r0, add=True)
                 ga, gb = gofs[p]
-                K.lora_grad(rec, M, r[p], I, Operand(c["ts_gu"], col, rgu), Operand(dgu, y_off, 2 * I), gbuf, gb,
+                K.lora_grad(ctx, M, r[p], I, Operand(c["ts_gu"], col, rgu), Operand(dgu, y_off, 2 * I), gbuf, gb,
                             trans_out=True, accum=acc)
                 z = c[f"xd_{p}"] if drop else c["x"]
-                K.lora_grad(rec, M, r[p], H, Operand(dts_gu, col, rgu), Operand(z, 0, H), gbuf, ga,
+                K.lora_grad(ctx, M, r[p], H, Operand(dts_gu, col, rgu), Operand(z, 0, H), gbuf, ga,
                             trans_out=False, accum=acc)
                 col += r[p]
-            rec.copy(dx, 0, rb, r0 * H * F32, M * H * F32)
+            ctx.copy(dx, 0, rb, r0 * H * F32, M * H * F32)
         if cur:
-            rec.copy(gbuf, 0, rb, N * H * F32, cur * F32)
+            ctx.copy(gbuf, 0, rb, N * H * F32, cur * F32)
         submitted = time.perf_counter()
-        rec.submit()
+        ctx.submit()
         self.prefetch(layer - 1)
         if while_waiting is not None:
             while_waiting()
         flat = np.empty(N * H + cur, np.float32)
-        read_staging(rb, flat.nbytes, flat, submitted, "gpu ffn backward")
+        read_staging(ctx, rb, flat.nbytes, flat, submitted, "gpu ffn backward")
         ctx.release(*tmp, lbuf, gbuf)
         for c in gctx.chunks:
             ctx.release(*[v for k, v in c.items() if k not in ("r0", "M")])
@@ -547,9 +556,10 @@ def _split_rows(seg_rows, cap: int, step: int, K: int, join) -> list:
     return pieces
 
 
-def _sub(buf, off_elems: int, n_elems: int):
-    """A binding of n_elems floats starting at element off_elems (offsets are 64-float aligned)."""
-    return (buf, off_elems * F32, max(n_elems, 1) * F32 if n_elems * F32 >= 16 else 16)
+def _dropout_keys(lora, layer: int) -> np.ndarray:
+    """The layer's dropout keys (one per FFN_PROJ projection) as float32 bit patterns: they
+    ride in the LoRA weight upload and dropout.wgsl reads them as u32."""
+    return np.array([dropout_key(lora.seed, layer, p) for p in FFN_PROJ], np.uint32).view(np.float32)
 
 
 class _GpuCtx:

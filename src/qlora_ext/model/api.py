@@ -36,8 +36,9 @@ def load_model(path, lora: LoraConfig | None = None, quantize: str | None = "nf4
                                                            gradient_checkpointing, train_lm_head)
         if where == "resident":
             from ..gpu.resident.model import ResidentModel
+            from ..gpu.runtime import shared_context
 
-            model = ResidentModel(state, lora, ctx=placement.context_for(adapter),
+            model = ResidentModel(state, lora, ctx=shared_context(adapter),
                                   gradient_checkpointing=gradient_checkpointing, train_lm_head=train_lm_head,
                                   threads=threads, seed=seed, weights=weights)
             model.placement_reason = reason

@@ -5,8 +5,8 @@ head, RoPE tables and one flat buffer of every LoRA parameter go up once.  Per s
 token ids, labels and mask go up; the loss comes down (`train_step`), or the loss and the
 flat gradient (`loss_and_grads`, for checks against the CPU model).
 
-Per projection product, by default one dispatch of the FFN backend's fused GEMM (NF4
-dequantized while staged, LoRA up-projection in the epilogue; fused_gemm.py); the rank-r LoRA
+Per projection product, by default one dispatch of gemm.wgsl (NF4 dequantized while staged,
+LoRA up-projection in the epilogue; qlora_ext.gpu.kernels.gemm); the rank-r LoRA
 products and gradients use resident_gemm on the flat parameter buffer at each tensor's
 offset.  gemm="dequant" instead dequantizes into an fp32 scratch (weights.py) and uses
 resident_gemm throughout.
@@ -16,7 +16,7 @@ r LoRA rank, V vocab.
 
 LoRA dropout (training steps only) uses the counter-hash masks of every placement
 (qlora_ext.model.layers.dropout_seed / qlora_ext.cpu.ffn.dropout_key): the host computes
-the 7·L keys of a step (one 4·7·L-byte upload) and shaders/resident_dropout.wgsl applies
+the 7·L keys of a step (one 4·7·L-byte upload) and shaders/dropout.wgsl applies
 them, so the resident mode drops exactly the inputs the split mode drops."""
 from __future__ import annotations
 
@@ -28,13 +28,14 @@ import numpy as np
 from ...model.lora import LM_HEAD_NAME, PROJECTIONS, peft_name
 from .adamw import AdamWGpu
 from .attention import attention_backward_gpu, attention_forward_gpu
-from .context import GpuContext, GpuTensor, default_context
+from .. import kernels
+from ..kernels import PARAM_ALIGN, Operand
+from ..runtime import GpuContext, GpuTensor, shared_context
 from .cross_entropy import IGNORE_INDEX, LmHeadLoss
-from .fused_gemm import PARAM_ALIGN, fused_gemm_gpu
 from .gemm import gemm_gpu
 from .layer_ops import (add_gpu, bias_add_gpu, embedding_gather_gpu, rmsnorm_backward_gpu, rmsnorm_forward_gpu,
-                        rope_apply_gpu, swiglu_backward_gpu, swiglu_forward_gpu)
-from .weights import ResidentWeight, StreamedLayers, WeightScratch, upload_weight
+                        rope_apply_gpu)
+from .weights import StreamedLayers, WeightScratch, upload_weight
 
 
 @dataclass
@@ -74,16 +75,16 @@ class ResidentEngine:
                  weights: str = "resident", gemm: str = "fused"):
         """weights: "resident" (the whole base uploaded once) or "stream" (the base stays on
         the host; each layer's projections go up before its forward and again before its
-        backward: for GPUs too small for the NF4 base).  gemm: "fused" (shaders/gemm.wgsl of
-        the FFN backend: NF4 dequantized in the tile loads, LoRA up-projection in the
+        backward: for GPUs too small for the NF4 base).  gemm: "fused" (shaders/gemm.wgsl:
+        NF4 dequantized in the tile loads, LoRA up-projection in the
         epilogue) or "dequant" (resident_nf4 into an fp32 scratch, then resident_gemm)."""
         if weights not in ("resident", "stream"):
             raise ValueError(f"weights={weights!r}: expected 'resident' or 'stream'")
         if gemm not in ("fused", "dequant"):
-            raise ValueError(f"gemm={gemm!r}: expected 'fused' (the ffn engineer's NF4 GEMM with "
+            raise ValueError(f"gemm={gemm!r}: expected 'fused' (gemm.wgsl: the NF4 GEMM with "
                              "the LoRA epilogue) or 'dequant' (NF4 -> fp32 scratch, then resident_gemm)")
         self.fused = gemm == "fused"
-        self.ctx = ctx = default_context() if ctx is None else ctx
+        self.ctx = ctx = shared_context() if ctx is None else ctx
         start_bytes = ctx.allocated_bytes
         cfg = model.config
         st = model.state
@@ -178,8 +179,8 @@ class ResidentEngine:
             return
         if self.fused:
             # one dispatch: NF4 dequantized in the tile loads, u Bᵀ in the epilogue
-            lora = None if lo is None else (u, lo.r, self.params, lo.b_off, 1)
-            fused_gemm_gpu(ctx, N, out, inn, x, pr, y, b_t=True, lora=lora)
+            lora = None if lo is None else (Operand(u), lo.r, Operand(self.params, lo.b_off), 1)
+            kernels.gemm(ctx, N, out, inn, Operand(x), pr.operand(), Operand(y), b_t=True, lora=lora)
         else:
             gemm_gpu(ctx, x, self.scratch.fp32(pr), y, N, out, inn, trans_b=True)
             if lo is not None:
@@ -206,15 +207,17 @@ class ResidentEngine:
             # dx = dy W + mask ⊙ (du A): the masked adapter term cannot ride in the GEMM's
             # epilogue, so it is formed apart and added through the mask.
             if self.fused:
-                fused_gemm_gpu(ctx, N, inn, out, dy, pr, dx, b_t=False, accumulate=accumulate)
+                kernels.gemm(ctx, N, inn, out, Operand(dy), pr.operand(), Operand(dx), b_t=False,
+                             accumulate=accumulate)
             else:
                 gemm_gpu(ctx, dy, self.scratch.fp32(pr), dx, N, inn, out, accumulate=accumulate)
             t = _view(self._drop_bufs[1], (N, inn))
             gemm_gpu(ctx, du, self.params, t, N, inn, lo.r, b_off=lo.a_off)
             self._apply_dropout(l, proj, t, dx, add=True)
         elif self.fused:
-            lora = None if lo is None else (du, lo.r, self.params, lo.a_off, 2)
-            fused_gemm_gpu(ctx, N, inn, out, dy, pr, dx, b_t=False, lora=lora, accumulate=accumulate)
+            lora = None if lo is None else (Operand(du), lo.r, Operand(self.params, lo.a_off), 2)
+            kernels.gemm(ctx, N, inn, out, Operand(dy), pr.operand(), Operand(dx), b_t=False, lora=lora,
+                         accumulate=accumulate)
         else:
             gemm_gpu(ctx, dy, self.scratch.fp32(pr), dx, N, inn, out, accumulate=accumulate)
             if lo is not None:
@@ -252,14 +255,9 @@ class ResidentEngine:
     def _apply_dropout(self, l, proj, z: GpuTensor, out: GpuTensor, add: bool) -> None:
         from ...cpu.ffn import dropout_keep_scale, dropout_threshold
 
-        ctx = self.ctx
         rows, cols = z.shape
-        pipe = ctx.pipeline("resident_dropout", "apply", "urrw", overrides={"WG": 256, "ADD": bool(add)})
-        thr, scale = dropout_threshold(self.dropout), float(dropout_keep_scale(self.dropout))
-        for r0 in range(0, rows, 65535):
-            n = min(65535, rows - r0)
-            par = ctx.uniform("IIIIIf", n, cols, self._drop_key(l, proj), thr, r0, scale)
-            ctx.dispatch(pipe, [par, self._drop_keys, z, out], ((cols + 255) // 256, n))
+        kernels.dropout(self.ctx, rows, cols, Operand(z), Operand(out), self._drop_keys, self._drop_key(l, proj),
+                        dropout_threshold(self.dropout), float(dropout_keep_scale(self.dropout)), 0, add=add)
 
     # ---- per-shape buffers ----------------------------------------------------------------
     def _bufs(self, B, T):
@@ -330,7 +328,7 @@ class ResidentEngine:
         rmsnorm_forward_gpu(ctx, a.x2, w["ln2"], self.eps, a.h2, a.rstd2)
         self._linear_forward(l, "gate_proj", a.h2, a.g, a.lora_u.get("gate_proj"))
         self._linear_forward(l, "up_proj", a.h2, a.u, a.lora_u.get("up_proj"))
-        swiglu_forward_gpu(ctx, a.g, a.u, a.m)
+        kernels.swiglu_forward(ctx, N, self.F, Operand(a.g), Operand(a.u), Operand(a.m))
         self._linear_forward(l, "down_proj", a.m, y, a.lora_u.get("down_proj"))
         if y is not None:
             add_gpu(ctx, y, a.x2)
@@ -341,7 +339,8 @@ class ResidentEngine:
         N, Hq, Hkv, D = B * T, self.Hq, self.Hkv, self.D
         dl, enc = s["dlora"], ctx.encoder
         self._linear_backward(l, "down_proj", dy, a.m, a.lora_u.get("down_proj"), s["dm"], False, dl)
-        swiglu_backward_gpu(ctx, a.g, a.u, s["dm"], s["dg"], s["du"])
+        kernels.swiglu_backward(ctx, N, self.F, Operand(a.g), Operand(a.u), s["dm"], Operand(s["dg"]),
+                                Operand(s["du"]))
         self._linear_backward(l, "gate_proj", s["dg"], a.h2, a.lora_u.get("gate_proj"), s["dh"], False, dl)
         self._linear_backward(l, "up_proj", s["du"], a.h2, a.lora_u.get("up_proj"), s["dh"], True, dl)
         dx2 = s["dx2"]
@@ -407,8 +406,7 @@ class ResidentEngine:
         if logits is None:
             logits = s["logits"] = ctx.empty((N, self.V))
         w, off = (self.lm_w, 0) if self.head_off is None else (self.params, self.head_off)
-        fused_gemm_gpu(ctx, N, self.V, self.H, s["xf"], ResidentWeight((self.V, self.H), fp32=w), logits,
-                       b_t=True, b_off=off)
+        kernels.gemm(ctx, N, self.V, self.H, Operand(s["xf"]), Operand(w, off, self.H), Operand(logits), b_t=True)
         return ctx.to_numpy(logits).reshape(B, T, self.V)
 
     def _record(self, input_ids, labels, attention_mask, want_grad: bool, reduction: str = "mean",

@@ -11,7 +11,7 @@ import numpy as np
 from ...model.lora import PROJECTIONS
 from ...nf4 import NF4Tensor
 from .cross_entropy import chunk_rows_for
-from .fused_gemm import PARAM_ALIGN
+from ..kernels import PARAM_ALIGN
 
 
 def _buf(n_elems: int) -> int:
