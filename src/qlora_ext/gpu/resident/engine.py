@@ -211,7 +211,7 @@ class ResidentEngine:
                              accumulate=accumulate)
             else:
                 gemm_gpu(ctx, dy, self.scratch.fp32(pr), dx, N, inn, out, accumulate=accumulate)
-            t = _view(self._drop_bufs[1], (N, inn))
+            t = self._drop_bufs[1].view((N, inn))
             gemm_gpu(ctx, du, self.params, t, N, inn, lo.r, b_off=lo.a_off)
             self._apply_dropout(l, proj, t, dx, add=True)
         elif self.fused:
@@ -248,7 +248,7 @@ class ResidentEngine:
         """x [N, in], or x with (l, proj)'s dropout mask and 1/(1-p) applied (a scratch view)."""
         if self._drop_key(l, proj) is None:
             return x
-        xd = _view(self._drop_bufs[0], x.shape)
+        xd = self._drop_bufs[0].view(x.shape)
         self._apply_dropout(l, proj, x, xd, add=False)
         return xd
 
@@ -318,12 +318,12 @@ class ResidentEngine:
         self._linear_forward(l, "k_proj", a.h1, kdst, a.lora_u.get("k_proj"))
         self._linear_forward(l, "v_proj", a.h1, a.v, a.lora_u.get("v_proj"))
         if self.qk_norm:
-            rmsnorm_forward_gpu(ctx, _view(a.q_pre, (N * Hq, D)), w["q_norm"], self.eps, _view(a.q, (N * Hq, D)), a.q_rstd)
-            rmsnorm_forward_gpu(ctx, _view(a.k_pre, (N * Hkv, D)), w["k_norm"], self.eps, _view(a.k, (N * Hkv, D)), a.k_rstd)
+            rmsnorm_forward_gpu(ctx, a.q_pre.view((N * Hq, D)), w["q_norm"], self.eps, a.q.view((N * Hq, D)), a.q_rstd)
+            rmsnorm_forward_gpu(ctx, a.k_pre.view((N * Hkv, D)), w["k_norm"], self.eps, a.k.view((N * Hkv, D)), a.k_rstd)
         rope_apply_gpu(ctx, a.q, s["pos"], self.cos, self.sin, 1)
         rope_apply_gpu(ctx, a.k, s["pos"], self.cos, self.sin, 1)
         attention_forward_gpu(ctx, a.q, a.k, a.v, mask, a.attn, a.lse)
-        self._linear_forward(l, "o_proj", _view(a.attn, (N, Hq * D)), a.x2, a.lora_u.get("o_proj"))
+        self._linear_forward(l, "o_proj", a.attn.view((N, Hq * D)), a.x2, a.lora_u.get("o_proj"))
         add_gpu(ctx, a.x2, a.x)
         rmsnorm_forward_gpu(ctx, a.x2, w["ln2"], self.eps, a.h2, a.rstd2)
         self._linear_forward(l, "gate_proj", a.h2, a.g, a.lora_u.get("gate_proj"))
@@ -346,24 +346,24 @@ class ResidentEngine:
         dx2 = s["dx2"]
         enc().copy_buffer_to_buffer(dy.buffer, 0, dx2.buffer, 0, dy.nbytes)
         rmsnorm_backward_gpu(ctx, a.x2, w["ln2"], a.rstd2, s["dh"], dx2, accumulate=True)
-        self._linear_backward(l, "o_proj", dx2, _view(a.attn, (N, Hq * D)), a.lora_u.get("o_proj"),
+        self._linear_backward(l, "o_proj", dx2, a.attn.view((N, Hq * D)), a.lora_u.get("o_proj"),
                               s["da"], False, dl)
         dq, dk, dv = s["dq"], s["dk"], s["dv"]
-        attention_backward_gpu(ctx, a.q, a.k, a.v, a.attn, a.lse, _view(s["da"], (B, T, Hq, D)), mask,
+        attention_backward_gpu(ctx, a.q, a.k, a.v, a.attn, a.lse, s["da"].view((B, T, Hq, D)), mask,
                                dq, dk, dv, s["delta"])
         rope_apply_gpu(ctx, dq, s["pos"], self.cos, self.sin, -1)
         rope_apply_gpu(ctx, dk, s["pos"], self.cos, self.sin, -1)
         if self.qk_norm:
             # Gradients through the per-head q/k norms, into their own buffers.
-            rmsnorm_backward_gpu(ctx, _view(a.q_pre, (N * Hq, D)), w["q_norm"], a.q_rstd,
-                                 _view(dq, (N * Hq, D)), s["dqn"])
-            rmsnorm_backward_gpu(ctx, _view(a.k_pre, (N * Hkv, D)), w["k_norm"], a.k_rstd,
-                                 _view(dk, (N * Hkv, D)), s["dkn"])
+            rmsnorm_backward_gpu(ctx, a.q_pre.view((N * Hq, D)), w["q_norm"], a.q_rstd,
+                                 dq.view((N * Hq, D)), s["dqn"])
+            rmsnorm_backward_gpu(ctx, a.k_pre.view((N * Hkv, D)), w["k_norm"], a.k_rstd,
+                                 dk.view((N * Hkv, D)), s["dkn"])
             dq, dk = s["dqn"], s["dkn"]
         dh = s["dh"]
-        self._linear_backward(l, "q_proj", _view(dq, (N, Hq * D)), a.h1, a.lora_u.get("q_proj"), dh, False, dl)
-        self._linear_backward(l, "k_proj", _view(dk, (N, Hkv * D)), a.h1, a.lora_u.get("k_proj"), dh, True, dl)
-        self._linear_backward(l, "v_proj", _view(dv, (N, Hkv * D)), a.h1, a.lora_u.get("v_proj"), dh, True, dl)
+        self._linear_backward(l, "q_proj", dq.view((N, Hq * D)), a.h1, a.lora_u.get("q_proj"), dh, False, dl)
+        self._linear_backward(l, "k_proj", dk.view((N, Hkv * D)), a.h1, a.lora_u.get("k_proj"), dh, True, dl)
+        self._linear_backward(l, "v_proj", dv.view((N, Hkv * D)), a.h1, a.lora_u.get("v_proj"), dh, True, dl)
         enc().copy_buffer_to_buffer(dx2.buffer, 0, dx.buffer, 0, dx2.nbytes)
         rmsnorm_backward_gpu(ctx, a.x, w["ln1"], a.rstd1, dh, dx, accumulate=True)
 
@@ -592,10 +592,3 @@ class ResidentEngine:
             rep["activations"] = self._shape_bytes[(B, T)]
         return rep
 
-
-def _view(t: GpuTensor, shape) -> GpuTensor:
-    """The same buffer seen with another shape (sizes must agree)."""
-    n = int(np.prod(shape))
-    if n > t.size:
-        raise ValueError(f"view {shape} of a tensor of shape {t.shape}")
-    return GpuTensor(t.buffer, tuple(shape), t.dtype)

@@ -53,6 +53,13 @@ class GpuTensor:
     def nbytes(self) -> int:
         return 4 * self.size
 
+    def view(self, shape) -> "GpuTensor":
+        """The same buffer seen with another shape of at most as many elements."""
+        shape = tuple(int(x) for x in shape)
+        if int(np.prod(shape, dtype=np.int64)) > self.size:
+            raise ValueError(f"view {shape} of a tensor of shape {self.shape}")
+        return GpuTensor(self.buffer, shape, self.dtype)
+
 
 class GpuContext:
     """One device, its caches and one pending command encoder.  adapter None: the default
