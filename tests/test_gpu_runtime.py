@@ -210,3 +210,21 @@ def test_default_threshold(ctx):
     t = ctx.upload(big)
     assert ctx._staging is not None and ctx._staging.size == STAGING_BYTES
     assert np.array_equal(ctx.to_numpy(t).view(np.uint32), big.view(np.uint32))
+
+
+# ---- context ----------------------------------------------------------------------------------
+
+@gpu
+def test_shared_context_per_adapter_and_cached_objects(ctx):
+    from qlora_ext.gpu.runtime import pick_adapter, shared_context
+
+    assert shared_context() is ctx and shared_context(ctx.adapter) is ctx
+    # wgpu hands out a new adapter object per enumeration: the same device is still shared
+    assert shared_context(pick_adapter(allow_software=ctx.software)) is ctx
+    made = []
+    first = ctx.cached(("test object",), lambda: made.append(1) or object())
+    assert ctx.cached(("test object",), lambda: made.append(1) or object()) is first and made == [1]
+    t = ctx.upload(np.arange(12, dtype=np.float32))
+    assert np.array_equal(ctx.to_numpy(t.view((3, 4))), np.arange(12, dtype=np.float32).reshape(3, 4))
+    with pytest.raises(ValueError, match="view"):
+        t.view((13,))

@@ -88,7 +88,6 @@ class GpuContext:
         self.limits = dict(self.device.limits)
         self.max_binding = int(self.limits["max-storage-buffer-binding-size"])
         self.max_groups = int(self.limits.get("max-compute-workgroups-per-dimension", MAX_GROUPS))
-        self.uniform_align = int(self.limits.get("min-uniform-buffer-offset-alignment", 256))
         self.trusted = (not self.software) if self.tuning.trusted is None else self.tuning.trusted
         self.queue = self.device.queue
         self._modules, self._layouts, self._pipelines, self._uniforms = {}, {}, {}, {}
