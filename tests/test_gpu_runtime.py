@@ -195,6 +195,18 @@ def test_staged_write_keeps_order_with_recorded_work(small_staging):
 
 
 @gpu
+def test_staged_write_bytes_at_an_offset(small_staging):
+    """write_bytes (the FFN backend's resident weights go up so) from byte 40, in three pieces."""
+    ctx = small_staging
+    old, raw = _bits(800, 8, np.uint32), _bits(700, 9, np.uint32)
+    t = ctx.upload(old)
+    ctx.write_bytes(t.buffer, 40, raw.view(np.uint8))
+    got = ctx.to_numpy(t)
+    assert np.array_equal(got[:10], old[:10]) and np.array_equal(got[10:710], raw)
+    assert np.array_equal(got[710:], old[710:])
+
+
+@gpu
 def test_default_threshold(ctx):
     """With the defaults, a write of STAGING_MIN_BYTES + 4 takes the staging buffer (one
     piece); smaller ones keep queue.write_buffer.  Both arrive bit-exact."""

@@ -23,8 +23,9 @@ grads in one buffer).  Weights stream by default: each layer's NF4 codes and abs
 they are (4-bit) through two reused MAP_WRITE staging buffers; right after layer l is submitted
 the host writes layer l±1 into the other staging buffer while the GPU computes (the overlap),
 and the next layer's encoder starts with the staging→device copy.  resident=True uploads all
-layers once in prepare().  Activations the backward needs (x, gu, LoRA inputs) stay on the GPU
-between a layer's forward and backward."""
+layers once in prepare() (GpuContext.write_bytes: through the context's reused staging
+buffer).  Activations the backward needs (x, gu, LoRA inputs) stay on the GPU between a
+layer's forward and backward."""
 from __future__ import annotations
 
 import math
@@ -100,7 +101,7 @@ class WgpuFfnBackend(FfnBackend):
                     raw = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
                     pad = np.zeros((raw.size + 3) // 4 * 4, np.uint8)
                     pad[: raw.size] = raw
-                    self.ctx.device.queue.write_buffer(slot.bufs[name], off - plan.offsets[name], pad)
+                    self.ctx.write_bytes(slot.bufs[name], off - plan.offsets[name], pad)
                 slot.layer = l
                 self.slots.append(slot)
         else:

@@ -147,16 +147,21 @@ class GpuContext:
         a = np.ascontiguousarray(a, dtype=_DTYPES[t.dtype])
         if a.size != t.size:
             raise ValueError(f"write: {a.size} elements into a tensor of shape {t.shape}")
-        if not a.size:
+        self.write_bytes(t.buffer, 0, a.reshape(-1).view(np.uint8))
+
+    def write_bytes(self, buf, offset: int, raw: np.ndarray) -> None:
+        """write() for a raw buffer: the bytes raw (uint8, a multiple of 4) into buf from byte
+        offset (a multiple of 4), with the same ordering and staging."""
+        if not raw.size:
             return
         self.submit()
-        if a.nbytes >= self.tuning.staging_min_bytes:
+        if raw.size >= self.tuning.staging_min_bytes:
             size = max(256, int(self.tuning.staging_bytes) // 256 * 256)
             if self._staging is None or self._staging.size != size:
                 self._staging = self.staging(size, True, "upload staging")
-            upload_chunked(self, self._staging, t.buffer, a.reshape(-1).view(np.uint8))
+            upload_chunked(self, self._staging, buf, offset, raw)
         else:
-            self.queue.write_buffer(t.buffer, 0, a)
+            self.queue.write_buffer(buf, offset, raw)
 
     def to_numpy(self, t: GpuTensor) -> np.ndarray:
         self.submit()

@@ -39,8 +39,8 @@ def write_staging(ctx, buf, pieces, what: str = "upload") -> None:
         fill_mapped(ctx, buf, pieces)
 
 
-def upload_chunked(ctx, staging, dst, raw: np.ndarray) -> None:
-    """Copy the bytes raw (a multiple of 4) into dst from byte 0, staging.size at a time: map
+def upload_chunked(ctx, staging, dst, dst_off: int, raw: np.ndarray) -> None:
+    """Copy the bytes raw (a multiple of 4) into dst from byte dst_off, staging.size at a time: map
     the staging buffer (map_sync waits until the GPU has done the previous piece's copy, so
     the buffer is free to overwrite), fill it, one copy_buffer_to_buffer, submit.  Each piece
     is its own submit: queue order puts it after all work submitted before and before all
@@ -50,7 +50,7 @@ def upload_chunked(ctx, staging, dst, raw: np.ndarray) -> None:
         piece = raw[off:off + size]
         fill_mapped(ctx, staging, [(0, piece)], size=piece.size)
         enc = ctx.device.create_command_encoder()
-        enc.copy_buffer_to_buffer(staging, 0, dst, off, piece.size)
+        enc.copy_buffer_to_buffer(staging, 0, dst, dst_off + off, piece.size)
         ctx.queue.submit([enc.finish()])
 
 
