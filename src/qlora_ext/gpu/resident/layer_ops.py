@@ -15,6 +15,7 @@ import math
 
 import numpy as np
 
+from ...cpu.kernels import _f32 as _cpu_f32
 from .. import kernels
 from ..kernels import Operand
 from ..runtime import GpuContext, GpuTensor, grid_2d, shared_context
@@ -25,13 +26,10 @@ def _ctx(ctx):
 
 
 def _f32(name: str, a, ndim: int, letters: str) -> np.ndarray:
-    if not isinstance(a, np.ndarray):
-        raise ValueError(f"{name}: expected a numpy float32 array [{letters}], got {type(a).__name__}")
-    if a.dtype != np.float32:
-        raise ValueError(f"{name}: expected dtype float32, got {a.dtype}")
-    if a.ndim != ndim:
-        raise ValueError(f"{name}: expected {ndim} dimensions [{letters}], got shape {a.shape}")
-    return np.ascontiguousarray(a)
+    """The CPU kernels' float32 check, on a contiguous copy of a strided array (uploads take any)."""
+    if isinstance(a, np.ndarray) and not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    return _cpu_f32(name, a, ndim, letters)
 
 
 def _shape(name: str, a, shape: tuple, letters: str) -> None:
