@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from qlora_ext.gpu import kernels as K  # noqa: E402
-from qlora_ext.gpu.context import GpuContext, Recorder, pick_adapter  # noqa: E402
+from qlora_ext.gpu.runtime import GpuContext, Tuning, pick_adapter  # noqa: E402
 from qlora_ext.gpu.kernels import GemmTiles, Nf4B, Operand  # noqa: E402
 from qlora_ext.nf4 import NF4_CODE  # noqa: E402
 
@@ -83,9 +83,9 @@ class GemmCase:
             self.b = Operand(upload(ctx, self.W), 0, cols)
         self.c = ctx.buffer(M * N * 4, what="bench C")
 
-    def record(self, rec, tiles):
-        K.gemm(rec, tiles, self.M, self.N, self.K, Operand(self.a, 0, self.K), self.b,
-               Operand(self.c, 0, self.N), b_t=self.b_t)
+    def record(self, tiles):
+        K.gemm(self.ctx, self.M, self.N, self.K, Operand(self.a, 0, self.K), self.b, Operand(self.c, 0, self.N),
+               b_t=self.b_t, tiles=tiles)
 
     def result(self):
         return np.frombuffer(self.ctx.device.queue.read_buffer(self.c), np.float32)[: self.M * self.N].reshape(
@@ -95,11 +95,10 @@ class GemmCase:
         """Seconds per GEMM: `reps` dispatches in one submit, synchronized by a 4-byte readback;
         reps=None picks enough for about budget_s per round.  Median of `rounds`."""
         def once(n):
-            rec = Recorder(self.ctx)
             for _ in range(n):
-                self.record(rec, tiles)
+                self.record(tiles)
             t0 = time.perf_counter()
-            rec.submit()
+            self.ctx.submit()
             self.ctx.device.queue.read_buffer(self.c, 0, 4)
             return (time.perf_counter() - t0) / n
         first = once(1)   # also compiles the pipeline
@@ -156,17 +155,15 @@ def check(ctx, tiles_list, log):
         for M, N, Kd, b_t, nf4 in [(37, 201, 133, True, False), (130, 77, 264, False, False),
                                    (45, 136, 264, True, True), (45, 264, 136, False, True)]:
             case = GemmCase(ctx, M, N, Kd, b_t, nf4, rng)
-            rec = Recorder(ctx)
-            case.record(rec, tiles)
-            rec.submit()
+            case.record(tiles)
+            ctx.submit()
             err = case.rel_err()
             exact = None
             if nf4:   # A = I: the output is the dequantized weights, bit for bit
                 case.A = np.eye(M, Kd, dtype=np.float32)
                 case.a = upload(ctx, case.A)
-                rec = Recorder(ctx)
-                case.record(rec, tiles)
-                rec.submit()
+                case.record(tiles)
+                ctx.submit()
                 want = (case.W.T if b_t else case.W)[:M]
                 exact = bool(np.array_equal(case.result()[:, :], want[:, :N] if b_t else want))
             ok = err < 1e-5 and exact in (None, True)
@@ -229,7 +226,8 @@ def main(argv=None):
     log = []
     modes = {"auto": [None], "0": [False], "1": [True], "both": [True, False]}[args.trusted]
     for trusted in modes:
-        ctx = GpuContext(pick_adapter(allow_software=False) or pick_adapter(allow_software=True), trusted=trusted)
+        ctx = GpuContext(pick_adapter(allow_software=False) or pick_adapter(allow_software=True),
+                         Tuning.from_env() if trusted is None else Tuning(trusted=trusted))
         log.append({"adapter": ctx.info, "trusted": ctx.trusted,
                     "limits": {k: ctx.limits[k] for k in ("max-storage-buffer-binding-size",
                                                           "max-compute-workgroup-storage-size")}})
@@ -261,7 +259,6 @@ def main(argv=None):
             log.append({"best_tiles": top, "trusted": ctx.trusted})
             print("best tiles", top, flush=True)
             sweep(ctx, top, Ms, log, args.reps, shapes, args.json)
-        ctx.close()
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(log, f, indent=1)

@@ -11,7 +11,7 @@ shape (Qwen3: Hq 32, Hkv 8, D 128) runs with
   PYTHONPATH=src pytest bench/bench_resident.py --benchmark-enable --benchmark-only
 Attention tiles can be swept with QLORA_EXT_ATTN_TILES="br,bc,tm,tn[,dk4]" (default 64,64,4,4
 with the largest D chunk that fits workgroup memory: 8 vec4s on NVIDIA, 4 on lavapipe); the
-fused projection GEMM takes the FFN backend's QLORA_EXT_GEMM_TILES* settings.
+projection GEMM (gemm.wgsl) takes the QLORA_EXT_GEMM_TILES* settings (qlora_ext.gpu.runtime.Tuning).
 QLORA_EXT_ATTN_HEAD_SPLIT=0|1 forces the GQA dk/dv scheme (see attention._HEAD_SPLIT_MAX)."""
 import os
 import sys
@@ -40,12 +40,12 @@ S = _sizes()
 
 @pytest.fixture(scope="module")
 def ctx():
-    from qlora_ext.gpu.resident.context import default_context, unavailable_reason
+    from qlora_ext.gpu.runtime import shared_context, unavailable_reason
 
     reason = unavailable_reason()
     if reason:
         pytest.skip(reason)
-    return default_context()
+    return shared_context()
 
 
 def _rate(benchmark, **rates):

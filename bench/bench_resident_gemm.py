@@ -1,8 +1,8 @@
 """The GEMMs of the GPU-resident training step at their exact shapes (M = B·T = 4096 token rows),
-timed per kernel with GPU timestamp queries through the resident GpuContext (what the engine
-records), for a list of tile settings:
+timed per kernel with GPU timestamp queries through the GpuContext (what the engine records),
+for a list of tile settings:
 
-  --fused   shaders/gemm.wgsl via fused_gemm_gpu: the 7 NF4 projections forward (N = out,
+  --fused   shaders/gemm.wgsl via qlora_ext.gpu.kernels.gemm: the 7 NF4 projections forward (N = out,
             K = in, LoRA B in the epilogue) and backward dx (N = in, K = out, LoRA A in the
             epilogue), and the fp32 LM head (logits: N = V, K = H; dhidden: N = H, K = V) at the
             engine's chunk rows (2048 at H = 1024, 1024 at H = 2560).
@@ -18,7 +18,7 @@ the code as it stands.  pytest-benchmark: `pytest bench/bench_resident_gemm.py -
 times the LoRA products' current choice at a shape shrunk to lavapipe.
 
 Measured 2026-11-26 on an NVIDIA H100 80GB HBM3 (Vulkan, wgpu 0.32, trusted shaders):
---fused: fused_gemm.ResidentTiles 25.0-26.9 TFLOP/s on every NF4 projection GEMM of both Qwen3
+--fused: kernels.ResidentTiles 25.0-26.9 TFLOP/s on every NF4 projection GEMM of both Qwen3
 shapes (the split mode's TileChooser: 20.7-25.6), LM head logits 29.2/29.7 (28.6), dhidden
 24.7/21.1 (24.1/21.1).  --lora: 16 x 256 tiles, TK 8, split (1024, 64): 45 / 103 ms of LoRA
 products per step at 0.6B / 4B shapes (64 x 64, (256, 256): 70 / 238 ms)."""
@@ -34,12 +34,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from qlora_ext.gpu.kernels import GemmTiles  # noqa: E402
-from qlora_ext.gpu.resident.context import GpuContext  # noqa: E402
-from qlora_ext.gpu.resident.fused_gemm import _tiles as fused_tiles  # noqa: E402
-from qlora_ext.gpu.resident.fused_gemm import fused_gemm_gpu  # noqa: E402
+from qlora_ext.gpu.kernels import GemmTiles, Operand, gemm, resident_tiles  # noqa: E402
 from qlora_ext.gpu.resident.gemm import gemm_gpu  # noqa: E402
 from qlora_ext.gpu.resident.weights import ResidentWeight  # noqa: E402
+from qlora_ext.gpu.runtime import GpuContext, shared_context, unavailable_reason  # noqa: E402
 
 # (hidden, intermediate, q heads, kv heads, head dim, LM-head chunk rows, vocab, token rows,
 # layers); "tiny" is a smoke test of this script on a software adapter
@@ -96,15 +94,15 @@ def sweep_fused(ctx, model, tiles_list, reps, log, json_path):
         n = out * inn
         w = ResidentWeight((out, inn), packed=ctx.upload(rng.integers(0, 2**32, (n + 7) // 8, dtype=np.uint32)),
                            absmax=ctx.upload(rng.uniform(0.02, 0.06, (n + 63) // 64).astype(np.float32)))
-        cases.append((f"{name}.fwd", M, out, inn, w, True, (t, r, params, 0, 1)))
-        cases.append((f"{name}.dx", M, inn, out, w, False, (t, r, params, 0, 2)))
+        cases.append((f"{name}.fwd", M, out, inn, w, True, (Operand(t), r, Operand(params), 1)))
+        cases.append((f"{name}.dx", M, inn, out, w, False, (Operand(t), r, Operand(params), 2)))
     wl = ResidentWeight((V, H), fp32=fill(ctx, V * H, rng, 0.02))
     logits = ctx.empty((chunk * V,))
     cases.append(("lm.logits", chunk, V, H, wl, True, None))
     cases.append(("lm.dhidden", chunk, H, V, wl, False, None))
     for name, Mc, N, K, w, b_t, lora in cases:
         av, cv = (logits, a) if name == "lm.dhidden" else (a, logits if name == "lm.logits" else c)
-        current = fused_tiles(ctx, Mc, N)
+        current = resident_tiles(ctx)(Mc, N)
         rows = []
         for tl in tiles_list:
             tiles = GemmTiles(*tl)
@@ -112,7 +110,8 @@ def sweep_fused(ctx, model, tiles_list, reps, log, json_path):
                 tiles.check(ctx)
             except ValueError:
                 continue
-            rec = lambda: fused_gemm_gpu(ctx, Mc, N, K, av, w, cv, b_t=b_t, lora=lora, tiles=tiles)  # noqa: E731
+            rec = lambda: gemm(ctx, Mc, N, K, Operand(av), w.operand(), Operand(cv), b_t=b_t, lora=lora,  # noqa: E731
+                               tiles=tiles)
             s = kernel_seconds(ctx, rec, reps)["gemm.main"]
             flop = 2.0 * Mc * N * K + (2.0 * Mc * N * r if lora else 0.0)
             row = {"kind": "fused", "model": model, "gemm": name, "M": Mc, "N": N, "K": K, "b_t": b_t,
@@ -229,11 +228,9 @@ def test_lora_products_rate(benchmark):
 
     import pytest
 
-    from qlora_ext.gpu.resident.context import default_context, unavailable_reason
-
     if unavailable_reason():
         pytest.skip(unavailable_reason())
-    ctx = default_context()
+    ctx = shared_context()
     rng = np.random.default_rng(0)
     M, inn, out, r = 512, 256, 384, 16
     bufs = (fill(ctx, M * out, rng), fill(ctx, M * out, rng), fill(ctx, 2 * r * out + 64, rng, 0.01),

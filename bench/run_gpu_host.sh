@@ -73,11 +73,13 @@ for shape in ((4, 1024), (64, 4096)):
     engine)
       # issue "One engine": the gpu (resident) and split placements on the one layer program,
       # HF fp32 in the same run, the 4B shape with checkpointing, generation of 32 x 64 tokens
-      python3 bench/gpu_train_throughput.py --shape qwen3-0.6b --steps 3 \
-        --modes resident,split,hf-fp32 --json "$OUT/engine_small.jsonl" 2>&1 | tee "$OUT/engine_small.log" | grep -v "^{"
-      python3 bench/gpu_train_throughput.py --shape qwen3-4b --steps 2 --checkpointing \
+      timeout 170 python3 bench/gpu_train_throughput.py --shape qwen3-0.6b --steps 3 \
+        --modes resident,hf-fp32 --json "$OUT/engine_small.jsonl" 2>&1 | tee "$OUT/engine_small.log" | grep -v "^{"
+      timeout 100 python3 bench/gpu_generate.py --shape qwen3-0.6b --mode resident --json "$OUT/engine_generate.jsonl"
+      timeout 150 python3 bench/gpu_train_throughput.py --shape qwen3-4b --steps 2 --checkpointing \
         --modes resident --json "$OUT/engine_large.jsonl" 2>&1 | tee "$OUT/engine_large.log" | grep -v "^{"
-      python3 bench/gpu_generate.py --shape qwen3-0.6b --mode resident --json "$OUT/engine_generate.jsonl" ;;
+      timeout 100 python3 bench/gpu_train_throughput.py --shape qwen3-0.6b --steps 1 \
+        --modes split --json "$OUT/engine_split.jsonl" 2>&1 | tee "$OUT/engine_split.log" | grep -v "^{" ;;
     large)
       python3 bench/gpu_train_throughput.py --shape qwen3-4b --steps 2 --checkpointing --profile \
         --modes resident,hf-bf16,hf-fp32,split-stream --json "$OUT/large.jsonl" 2>&1 | tee "$OUT/large.log" ;;

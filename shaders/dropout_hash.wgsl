@@ -1,6 +1,6 @@
 // The 32-bit mixer of the LoRA dropout masks (xorshift-multiply, 2 rounds): the same function
 // as qlora_ext.cpu.ffn._hash32, so that every placement drops the same inputs.  Included by
-// dropout.wgsl (the FFN backends) and resident_dropout.wgsl.
+// dropout.wgsl.
 fn hash32(v: u32) -> u32 {
     var x = v;
     x = x ^ (x >> 16u);

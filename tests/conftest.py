@@ -35,7 +35,7 @@ def _restore_cpu_level():
 def gpu_ctx():
     """A wgpu context on the best adapter (lavapipe where there is no GPU); skips the module's
     GPU tests, with the reason, where wgpu has no usable adapter."""
-    from qlora_ext.gpu.context import GpuContext, GpuError, pick_adapter
+    from qlora_ext.gpu.runtime import GpuContext, GpuError, pick_adapter
 
     if pick_adapter(allow_software=True) is None:
         pytest.skip("no wgpu adapter (install a Vulkan driver such as Mesa lavapipe)")

@@ -6,12 +6,12 @@ import pytest
 
 def resident_context():
     """A GpuContext on the first adapter (lavapipe in CI), or skip with the reason."""
-    from qlora_ext.gpu.resident.context import default_context, unavailable_reason
+    from qlora_ext.gpu.runtime import shared_context, unavailable_reason
 
     reason = unavailable_reason()
     if reason:
         pytest.skip(reason)
-    return default_context()
+    return shared_context()
 
 
 def rel_err(got, ref, scale=None) -> float:

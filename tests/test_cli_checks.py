@@ -275,7 +275,7 @@ def test_every_error_is_one_line(monkeypatch, capsys, exc, msg):
 
 
 def test_gpu_error_is_one_line(monkeypatch, capsys):
-    from qlora_ext.gpu.context import GpuError
+    from qlora_ext.gpu.runtime import GpuError
 
     def broken(path, **kw):
         raise GpuError("device lost")

@@ -316,7 +316,7 @@ def test_gpu_adapter_by_local_rank(monkeypatch):
     """Ranks of one host spread over its equally good GPUs, modulo their count; a worse or
     software adapter is never chosen while a better one exists."""
     pytest.importorskip("wgpu")
-    from qlora_ext.gpu import context
+    from qlora_ext.gpu.runtime import adapter as context
 
     class FakeAdapter:
         def __init__(self, name, kind, backend="Vulkan"):
@@ -346,7 +346,7 @@ def test_two_ranks_sharing_one_gpu_adapter(tiny_model, tmp_path):
     """Both ranks run the FFN through wgpu on the host's one adapter (lavapipe in CI), NF4
     base: equal to one process on the same micro-batches."""
     pytest.importorskip("wgpu")
-    from qlora_ext.gpu.context import pick_adapter
+    from qlora_ext.gpu.runtime import pick_adapter
 
     if pick_adapter(allow_software=True) is None:
         pytest.skip("no wgpu adapter")
@@ -375,7 +375,7 @@ def test_cli_train_resident_under_mpiexec_equals_single_process(tiny_model, tmp_
     lavapipe in CI): each rank's gradient comes down for the all-reduce and goes back up; the
     adapter equals the single-process run's, where both micro-batches accumulate on the GPU."""
     pytest.importorskip("wgpu")
-    from qlora_ext.gpu.resident.context import unavailable_reason
+    from qlora_ext.gpu.runtime import unavailable_reason
 
     if unavailable_reason():
         pytest.skip(unavailable_reason())

@@ -1,4 +1,4 @@
-"""WGSL kernels (gemm, swiglu, dropout, lora_grad) against float64 numpy, on whatever wgpu
+"""WGSL kernels (gemm, swiglu, dropout) against float64 numpy, on whatever wgpu
 adapter exists (lavapipe in CI).  Shapes are deliberately not multiples of the tiles."""
 from __future__ import annotations
 
@@ -34,11 +34,8 @@ def rel(a, ref):
 
 
 def run(ctx, fn):
-    from qlora_ext.gpu.context import Recorder
-
-    rec = Recorder(ctx)
-    fn(rec)
-    rec.submit()
+    fn(ctx)
+    ctx.submit()
 
 
 TILES = [None, (4, 8, 4, 8, 8), (8, 4, 8, 4, 16)]
@@ -61,8 +58,8 @@ def test_gemm_fp32(ctx, tiles, M, N, K, b_t):
     A = rng.standard_normal((M, K)).astype(np.float32)
     B = rng.standard_normal((N, K) if b_t else (K, N)).astype(np.float32)
     ab, bb, cb = up(ctx, A), up(ctx, B), ctx.buffer(M * N * 4)
-    run(ctx, lambda rec: Kk.gemm(rec, tiles_of(ctx, tiles), M, N, K, Operand(ab, 0, K),
-                                 Operand(bb, 0, B.shape[1]), Operand(cb, 0, N), b_t=b_t))
+    run(ctx, lambda c: Kk.gemm(c, M, N, K, Operand(ab, 0, K), Operand(bb, 0, B.shape[1]), Operand(cb, 0, N),
+                               b_t=b_t, tiles=tiles_of(ctx, tiles)))
     ref = A.astype(np.float64) @ (B.T if b_t else B).astype(np.float64)
     assert rel(down(ctx, cb, M * N).reshape(M, N), ref) <= 1e-5
 
@@ -85,9 +82,9 @@ def test_gemm_offsets_lora_accum(ctx, mode, vec):
     Bflat = np.concatenate([np.zeros(b_off, np.float32), B.reshape(-1)])
     ab, bb, tb, lb = up(ctx, A.reshape(-1)[a_off:]), up(ctx, Bflat), up(ctx, T), up(ctx, L)
     cb = up(ctx, C0.reshape(-1))
-    run(ctx, lambda rec: Kk.gemm(rec, Kk.tiles_for(ctx), M, N, K, Operand(ab, 0, lda), Operand(bb, b_off, N),
-                                 Operand(cb, c_off, ldc), b_t=False, lora=(Operand(tb, 1, R + 3), R, lb, mode),
-                                 accum=True))
+    run(ctx, lambda c: Kk.gemm(c, M, N, K, Operand(ab, 0, lda), Operand(bb, b_off, N), Operand(cb, c_off, ldc),
+                               b_t=False, lora=(Operand(tb, 1, R + 3), R, Operand(lb), mode), accumulate=True,
+                               tiles=Kk.tiles_for(ctx)))
     A64 = A.reshape(-1)[a_off:][: M * lda].reshape(M, lda)[:, :K].astype(np.float64)
     Lm = (L.T if mode == 1 else L).astype(np.float64)
     ref_flat = C0.reshape(-1).astype(np.float64).copy()
@@ -136,8 +133,8 @@ def test_gemm_nf4_reads_exact_dequant(ctx, tiles, shapes, b_t):
         M, N, K = rows, cols, rows
     eye = up(ctx, np.eye(M, K, dtype=np.float32))
     cb = ctx.buffer(M * N * 4)
-    run(ctx, lambda rec: Kk.gemm(rec, tiles_of(ctx, tiles), M, N, K, Operand(eye, 0, K), b,
-                                 Operand(cb, 0, N), b_t=b_t))
+    run(ctx, lambda c: Kk.gemm(c, M, N, K, Operand(eye, 0, K), b, Operand(cb, 0, N), b_t=b_t,
+                               tiles=tiles_of(ctx, tiles)))
     got = down(ctx, cb, M * N).reshape(M, N)
     assert np.array_equal(got, W.T if b_t else W)
 
@@ -155,84 +152,77 @@ def test_gemm_nf4_matches_float64(ctx, b_t):
     K, N = (56, 64) if b_t else (64, 56)
     A = rng.standard_normal((M, K)).astype(np.float32)
     ab, cb = up(ctx, A), ctx.buffer(M * N * 4)
-    run(ctx, lambda rec: Kk.gemm(rec, Kk.tiles_for(ctx), M, N, K, Operand(ab, 0, K), nf4_stack(ctx, ts),
-                                 Operand(cb, 0, N), b_t=b_t))
+    run(ctx, lambda c: Kk.gemm(c, M, N, K, Operand(ab, 0, K), nf4_stack(ctx, ts), Operand(cb, 0, N), b_t=b_t,
+                               tiles=Kk.tiles_for(ctx)))
     ref = A.astype(np.float64) @ (W.T if b_t else W)
     assert rel(down(ctx, cb, M * N).reshape(M, N), ref) <= 1e-5
 
 
-def test_swiglu_forward_backward(ctx):
+@pytest.mark.parametrize("rows_per_dispatch", [None, 3])
+def test_swiglu_forward_backward(ctx, monkeypatch, rows_per_dispatch):
+    """One kernel for both callers: gate|up side by side in one [M, 2I] buffer with dgu written
+    into one buffer (the FFN backend), and g, u, dg, du as separate [M, I] tensors (the
+    resident engine); with 3 rows per dispatch the row blocks advance every offset."""
     from qlora_ext.gpu import kernels as Kk
+    from qlora_ext.gpu.kernels import Operand
 
+    if rows_per_dispatch:
+        monkeypatch.setattr(ctx, "max_groups", rows_per_dispatch)
     rng = np.random.default_rng(5)
     M, I = 7, 301
     gu = (rng.standard_normal((M, 2 * I)) * 4).astype(np.float32)
+    gu[0, :3] = (-100.0, 100.0, 0.0)   # exp(-g) overflows to inf: sig -> 0
     dh = rng.standard_normal((M, I)).astype(np.float32)
-    gb, db, hb, dgb = up(ctx, gu), up(ctx, dh), ctx.buffer(M * I * 4), ctx.buffer(M * 2 * I * 4)
-    run(ctx, lambda rec: (Kk.swiglu_forward(rec, M, I, gb, hb), Kk.swiglu_backward(rec, M, I, gb, db, dgb)))
     g, u = gu[:, :I].astype(np.float64), gu[:, I:].astype(np.float64)
     sig = 1 / (1 + np.exp(-g))
-    assert rel(down(ctx, hb, M * I).reshape(M, I), g * sig * u) <= 1e-5
-    ref = np.concatenate([dh * u * sig * (1 + g * (1 - sig)), dh * g * sig], 1)
-    assert rel(down(ctx, dgb, M * 2 * I).reshape(M, 2 * I), ref) <= 1e-5
+    h_ref = g * sig * u
+    dg_ref, du_ref = dh * u * sig * (1 + g * (1 - sig)), dh * g * sig
+    # interleaved: the FFN backend's gu / dgu
+    gb, db, hb, dgb = up(ctx, gu), up(ctx, dh), ctx.buffer(M * I * 4), ctx.buffer(M * 2 * I * 4)
+    run(ctx, lambda c: (Kk.swiglu_forward(c, M, I, Operand(gb, 0, 2 * I), Operand(gb, I, 2 * I), Operand(hb)),
+                        Kk.swiglu_backward(c, M, I, Operand(gb, 0, 2 * I), Operand(gb, I, 2 * I), db,
+                                           Operand(dgb, 0, 2 * I), Operand(dgb, I, 2 * I))))
+    assert rel(down(ctx, hb, M * I).reshape(M, I), h_ref) <= 1e-5
+    assert rel(down(ctx, dgb, M * 2 * I).reshape(M, 2 * I), np.concatenate([dg_ref, du_ref], 1)) <= 1e-5
+    # separate tensors: the resident engine's g, u, m, dg, du
+    gt, ut = ctx.upload(np.ascontiguousarray(gu[:, :I])), ctx.upload(np.ascontiguousarray(gu[:, I:]))
+    ht, dgt, dut = ctx.empty((M, I)), ctx.empty((M, I)), ctx.empty((M, I))
+    Kk.swiglu_forward(ctx, M, I, Operand(gt), Operand(ut), Operand(ht))
+    Kk.swiglu_backward(ctx, M, I, Operand(gt), Operand(ut), ctx.upload(dh), Operand(dgt), Operand(dut))
+    assert np.array_equal(ctx.to_numpy(ht), down(ctx, hb, M * I).reshape(M, I))
+    assert np.array_equal(np.concatenate([ctx.to_numpy(dgt), ctx.to_numpy(dut)], 1),
+                          down(ctx, dgb, M * 2 * I).reshape(M, 2 * I))
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
-def test_dropout_mask_equals_cpu(ctx, p):
+@pytest.mark.parametrize("add", [False, True])
+def test_dropout_mask_equals_cpu(ctx, monkeypatch, p, add):
+    """One kernel for both callers: a strided row chunk that starts at global row row0 with its
+    key among the LoRA weights (the FFN backend), and whole contiguous tensors in dispatches of
+    a few rows with the key from a per-step key buffer (the resident engine)."""
     from qlora_ext.gpu import kernels as Kk
     from qlora_ext.gpu.kernels import Operand
 
     rng = np.random.default_rng(11)
-    rows, cols, row0, key = 9, 77, 5, 0xDEADBEEF
+    rows, cols, row0, key, ld = 9, 77, 5, 0xDEADBEEF, 80
     full = rng.standard_normal((row0 + rows, cols)).astype(np.float32)
-    zb, ob = up(ctx, full[row0:]), ctx.buffer(rows * cols * 4)
-    run(ctx, lambda rec: Kk.dropout(rec, rows, cols, Operand(zb, 0, cols), Operand(ob, 0, cols), key,
-                                    dropout_threshold(p), float(dropout_keep_scale(p)), row0))
-    ref = apply_dropout(full, p, key)[row0:] if p else full[row0:]
-    assert np.array_equal(down(ctx, ob, rows * cols).reshape(rows, cols), ref)
+    base = rng.standard_normal((rows, ld)).astype(np.float32)
+    keys = np.array([1, 2, key], np.uint32)
+    zp = np.zeros((rows, ld), np.float32)
+    zp[:, :cols] = full[row0:]
+    zb, ob, kb = up(ctx, zp), up(ctx, base), up(ctx, keys)
+    run(ctx, lambda c: Kk.dropout(c, rows, cols, Operand(zb, 0, ld), Operand(ob, 0, ld), kb, 2,
+                                  dropout_threshold(p), float(dropout_keep_scale(p)), row0, add=add))
+    masked = apply_dropout(full, p, key)[row0:] if p else full[row0:]
+    ref = base.copy()
+    ref[:, :cols] = base[:, :cols] + masked if add else masked
+    assert np.array_equal(down(ctx, ob, rows * ld).reshape(rows, ld), ref)
+    monkeypatch.setattr(ctx, "max_groups", 4)
+    z, out = ctx.upload(full), ctx.upload(np.zeros_like(full))
+    Kk.dropout(ctx, row0 + rows, cols, Operand(z), Operand(out), ctx.upload(keys), 2, dropout_threshold(p),
+               float(dropout_keep_scale(p)), 0)
+    assert np.array_equal(ctx.to_numpy(out), apply_dropout(full, p, key) if p else full)
 
-
-@pytest.mark.parametrize("trans_out", [False, True])
-def test_lora_grad(ctx, trans_out):
-    from qlora_ext.gpu import kernels as Kk
-    from qlora_ext.gpu.kernels import Operand
-
-    rng = np.random.default_rng(13)
-    M, P, Q, ldx, ldy = 45, 19, 70, 23, 75
-    X = rng.standard_normal((M, ldx)).astype(np.float32)
-    Y = rng.standard_normal((M, ldy)).astype(np.float32)
-    G0 = rng.standard_normal(P * Q + 3).astype(np.float32)
-    xb, yb, gb = up(ctx, X), up(ctx, Y), up(ctx, G0)
-    run(ctx, lambda rec: Kk.lora_grad(rec, M, P, Q, Operand(xb, 2, ldx), Operand(yb, 5, ldy), gb, 3,
-                                      trans_out=trans_out, accum=True))
-    ref = X[:, 2:2 + P].astype(np.float64).T @ Y[:, 5:5 + Q].astype(np.float64)
-    if trans_out:
-        ref = ref.T
-    got = down(ctx, gb, G0.size)
-    assert np.array_equal(got[:3], G0[:3])
-    assert rel(got[3:], G0[3:].astype(np.float64) + ref.reshape(-1)) <= 1e-5
-
-
-def test_gpu_errors_name_adapter_and_size(ctx):
-    from qlora_ext.gpu.context import GpuError
-
-    with pytest.raises(GpuError, match=r"adapter .*bytes"):
-        ctx.buffer(ctx.max_binding + 1024, what="too big")
-    with pytest.raises(ValueError, match="tiles"):
-        from qlora_ext.gpu.kernels import GemmTiles
-
-        GemmTiles(8, 8, 3, 4, 8).check(ctx)
-
-
-def test_shader_compile_error_lists_source(ctx, monkeypatch, capsys, tmp_path):
-    from qlora_ext.gpu import context as C
-
-    monkeypatch.setenv("QLORA_EXT_WGSL_DEBUG", "1")
-    (tmp_path / "broken.wgsl").write_text("@compute @workgroup_size(1)\nfn main() { let x: u32 = 1.5; }\n")
-    monkeypatch.setattr(C, "shader_dir", lambda: tmp_path)
-    with pytest.raises(C.GpuError, match="broken.wgsl"):
-        ctx.module("broken")
-    assert "   2  fn main()" in capsys.readouterr().err
 
 
 def test_trusted_modules_give_the_same_results(ctx):
@@ -242,18 +232,18 @@ def test_trusted_modules_give_the_same_results(ctx):
     if tuple(int(p) for p in wgpu.__version__.split(".")[:2]) < (0, 32):
         pytest.skip(f"wgpu {wgpu.__version__} has no trusted shader modules (checked modules are used)")
     from qlora_ext.gpu import kernels as Kk
-    from qlora_ext.gpu.context import GpuContext
     from qlora_ext.gpu.kernels import Operand
+    from qlora_ext.gpu.runtime import GpuContext, Tuning
 
-    trusted = GpuContext(ctx.adapter, trusted=True)
+    trusted = GpuContext(ctx.adapter, Tuning(trusted=True))
     rng = np.random.default_rng(17)
     M, N, K = 21, 50, 37
     A, B = rng.standard_normal((M, K)).astype(np.float32), rng.standard_normal((N, K)).astype(np.float32)
     outs = []
     for c in (ctx, trusted):
         ab, bb, cb = up(c, A), up(c, B), c.buffer(M * N * 4)
-        run(c, lambda rec, c=c, ab=ab, bb=bb, cb=cb: Kk.gemm(rec, Kk.tiles_for(c), M, N, K, Operand(ab, 0, K),
-                                                              Operand(bb, 0, K), Operand(cb, 0, N), b_t=True))
+        run(c, lambda c, ab=ab, bb=bb, cb=cb: Kk.gemm(c, M, N, K, Operand(ab, 0, K), Operand(bb, 0, K),
+                                                      Operand(cb, 0, N), b_t=True, tiles=Kk.tiles_for(c)))
         outs.append(down(c, cb, M * N))
     assert trusted.trusted
     assert np.array_equal(outs[0], outs[1])
@@ -295,7 +285,8 @@ def test_gemm_big_tiles_awkward_shapes(ctx, tiles, M, N, K, b_t, nf4):
     L = g.standard_normal((N, R) if b_t else (R, N)).astype(np.float32)
     C0 = g.standard_normal((M, N)).astype(np.float32)
     cb = up(ctx, C0)
-    run(ctx, lambda rec: Kk.gemm(rec, t, M, N, K, Operand(up(ctx, A), 0, K), b, Operand(cb, 0, N), b_t=b_t,
-                                 lora=(Operand(up(ctx, T), 0, R), R, up(ctx, L), mode), accum=True))
+    run(ctx, lambda c: Kk.gemm(c, M, N, K, Operand(up(ctx, A), 0, K), b, Operand(cb, 0, N), b_t=b_t,
+                               lora=(Operand(up(ctx, T), 0, R), R, Operand(up(ctx, L)), mode), accumulate=True,
+                               tiles=t))
     ref = C0 + A.astype(np.float64) @ (W.T if b_t else W) + T.astype(np.float64) @ (L.T if b_t else L)
     assert rel(down(ctx, cb, M * N).reshape(M, N), ref) <= 2e-6

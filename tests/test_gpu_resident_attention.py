@@ -131,60 +131,38 @@ def test_attention_bad_input(ctx):
 def test_attention_tile_override(ctx, monkeypatch, tiles):
     """QLORA_EXT_ATTN_TILES (tuning on real GPUs) changes the tiling, not the results; T = 41
     is no multiple of any block, with a padding mask and GQA."""
-    monkeypatch.setenv("QLORA_EXT_ATTN_TILES", tiles)
+    from qlora_ext.gpu.runtime import Tuning
+
+    monkeypatch.setattr(ctx, "tuning", Tuning.from_env({"QLORA_EXT_ATTN_TILES": tiles}))
     q, k, v, do = _inputs(13, 1, 41, 4, 2, 20)
     mask = np.ones((1, 41), np.int64)
     mask[0, [0, 17, 40]] = 0
     _check(ctx, q, k, v, do, mask)
 
 
-@pytest.mark.parametrize("tiles", ["16,3,8", "16,16,3,4", "16,18,2,2", "256,256,1,1", "a,b,c,d"])
-def test_attention_tile_override_bad(ctx, monkeypatch, tiles):
+def test_attention_tile_override_that_does_not_fit(ctx, monkeypatch):
+    """A tiling the adapter's workgroup limits cannot hold is an error naming the variable
+    (malformed values already fail in Tuning.from_env: tests/test_gpu_runtime.py)."""
     from qlora_ext.gpu.resident.attention import attention_forward
+    from qlora_ext.gpu.runtime import Tuning
 
-    monkeypatch.setenv("QLORA_EXT_ATTN_TILES", tiles)
+    monkeypatch.setattr(ctx, "tuning", Tuning.from_env({"QLORA_EXT_ATTN_TILES": "256,256,1,1"}))
     q, k, v, _ = _inputs(1, 1, 4, 2, 2, 16)
     with pytest.raises(ValueError, match="QLORA_EXT_ATTN_TILES"):
         attention_forward(q, k, v, ctx=ctx)
 
 
-@pytest.mark.parametrize("split", ["0", "1"])
+@pytest.mark.parametrize("split", [False, True])
 def test_attention_gqa_dkdv_modes(ctx, monkeypatch, split):
-    """GQA dk/dv: the per-kv-head loop over the group (0) and one workgroup per query head
-    with partials summed by resident_attention_group_sum (1) both match the reference."""
-    monkeypatch.setenv("QLORA_EXT_ATTN_HEAD_SPLIT", split)
+    """GQA dk/dv: the per-kv-head loop over the group (False) and one workgroup per query head
+    with partials summed by resident_attention_group_sum (True) both match the reference."""
+    import dataclasses
+
+    monkeypatch.setattr(ctx, "tuning", dataclasses.replace(ctx.tuning, attn_head_split=split))
     q, k, v, do = _inputs(17, 2, 67, 6, 2, 12)
     mask = np.ones((2, 67), np.int64)
     mask[1, :3] = 0
     _check(ctx, q, k, v, do, mask)
-
-
-def test_attention_head_split_bad(ctx, monkeypatch):
-    from qlora_ext.gpu.resident.attention import attention_backward
-
-    monkeypatch.setenv("QLORA_EXT_ATTN_HEAD_SPLIT", "yes")
-    q, k, v, do = _inputs(1, 1, 4, 2, 1, 8)
-    lse = np.zeros((1, 2, 4), np.float32)
-    with pytest.raises(ValueError, match="QLORA_EXT_ATTN_HEAD_SPLIT"):
-        attention_backward(q, k, v, q, lse, do, ctx=ctx)
-
-
-def test_shader_includes_expand_once_and_refuse_cycles(tmp_path, monkeypatch):
-    """`//!include name` puts shaders/name.wgsl in place (the attention kernels share one
-    helper file, the dropout shaders one hash); a cycle is an error naming the chain."""
-    from qlora_ext.gpu.resident.context import load_shader_source
-
-    common = load_shader_source("resident_attention_common").strip()
-    for name in ("resident_attention_fwd", "resident_attention_bwd"):
-        src = load_shader_source(name)
-        assert src.count(common) == 1 and "//!include" not in src, name
-    for name in ("dropout", "resident_dropout"):
-        assert load_shader_source(name).count("fn hash32(") == 1, name
-    (tmp_path / "a.wgsl").write_text("//!include b\n")
-    (tmp_path / "b.wgsl").write_text("fn f() {}\n//!include a\n")
-    monkeypatch.setenv("QLORA_EXT_SHADERS", str(tmp_path))
-    with pytest.raises(ValueError, match="a -> b -> a"):
-        load_shader_source("a")
 
 
 def test_attention_head_dim_limit(ctx):

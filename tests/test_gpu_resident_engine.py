@@ -54,7 +54,7 @@ def _compare(model, engine, ids, labels, mask=None, tol=2e-5):
     ("llama", None, False, "dequant"), ("qwen2", "nf4", False, "fused"), ("llama", "nf4", True, "fused")])
 def test_engine_matches_cpu_model(ctx, tmp_path, model_type, quantize, train_head, gemm):
     """qwen3: q/k norm; llama: tied embeddings (untied when the head trains); qwen2: biases;
-    both GEMM paths (the FFN backend's fused NF4 GEMM, and dequant + resident_gemm)."""
+    both GEMM paths (gemm.wgsl's fused NF4 GEMM, and dequant + resident_gemm)."""
 
     model = _model(tmp_path, model_type, quantize, train_lm_head=train_head)
     engine = gpu_twin(model, ctx, gemm=gemm)
@@ -162,7 +162,7 @@ def test_nf4_dequant_bit_equal_to_cpu(ctx, shape, blocksize, double_quant):
 def _timed_step(ctx, model, ids, labels):
     """One training step on its own device (timing stays off for the other tests) with every
     kernel timed into a fresh Profiler: (kernel_times(), profiler)."""
-    from qlora_ext.gpu.resident.context import GpuContext
+    from qlora_ext.gpu.runtime import GpuContext
     from qlora_ext.profile import Profiler
 
     tctx = GpuContext(ctx.adapter)
@@ -179,7 +179,7 @@ def _timed_step(ctx, model, ids, labels):
 
 def test_engine_kernel_times_in_profiler(ctx, tmp_path):
     """Per-kernel GPU times from timestamp queries reach the profiler's phase table."""
-    from qlora_ext.gpu.resident.context import GpuContext
+    from qlora_ext.gpu.runtime import GpuContext
 
     if not ctx.has_timestamps:
         pytest.skip("adapter without timestamp-query")
@@ -209,11 +209,11 @@ def test_engine_kernel_times_in_profiler(ctx, tmp_path):
 def test_kernel_spans_survive_a_full_query_set(ctx, tmp_path, monkeypatch):
     """A step with more passes than the query set holds: the passes resolved mid-step (set
     full) reach the profiler as well, so the phase table covers the whole step."""
-    from qlora_ext.gpu.resident import context as rc
+    from qlora_ext.gpu.runtime import timing
 
     if not ctx.has_timestamps:
         pytest.skip("adapter without timestamp-query")
-    monkeypatch.setattr(rc._PassTimer, "CAPACITY", 16)   # 8 passes per resolve
+    monkeypatch.setattr(timing.PassTimer, "CAPACITY", 16)   # 8 passes per resolve
     model = _model(tmp_path, "qwen3", "nf4")
     times, prof = _timed_step(ctx, model, *_batch(model.config.vocab_size))
     passes = sum(n for _, n in times.values())

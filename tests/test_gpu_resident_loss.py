@@ -179,10 +179,9 @@ def test_lm_head_weight_offset_and_trained_head(ctx, w_off):
 @pytest.mark.parametrize("b_t", [True, False])
 @pytest.mark.parametrize("M,N,K,a_off,b_off,c_off", [(5, 9, 7, 14, 3, 18), (6, 12, 8, 16, 8, 24),
                                                      (1, 1, 1, 0, 1, 3), (33, 67, 17, 17, 0, 67)])
-def test_fused_gemm_fp32_offsets(ctx, b_t, M, N, K, a_off, b_off, c_off):
-    """fused_gemm_gpu's element offsets for A, fp32 W and C (the LM head's row chunks)."""
-    from qlora_ext.gpu.resident.fused_gemm import fused_gemm_gpu
-    from qlora_ext.gpu.resident.weights import ResidentWeight
+def test_gemm_fp32_offsets_on_tensors(ctx, b_t, M, N, K, a_off, b_off, c_off):
+    """gemm.wgsl's element offsets for A, fp32 W and C on GpuTensors (the LM head's row chunks)."""
+    from qlora_ext.gpu.kernels import Operand, gemm
 
     g = np.random.default_rng(M * N + K)
     a = g.standard_normal(a_off + M * K + 2).astype(np.float32)
@@ -191,8 +190,8 @@ def test_fused_gemm_fp32_offsets(ctx, b_t, M, N, K, a_off, b_off, c_off):
     c0 = g.standard_normal(c_off + M * N + 5).astype(np.float32)
     for accumulate in (False, True):
         c = ctx.upload(c0)
-        fused_gemm_gpu(ctx, M, N, K, ctx.upload(a), ResidentWeight(w.shape, fp32=ctx.upload(wb)), c,
-                       b_t=b_t, accumulate=accumulate, a_off=a_off, c_off=c_off, b_off=b_off)
+        gemm(ctx, M, N, K, Operand(ctx.upload(a), a_off), Operand(ctx.upload(wb), b_off), Operand(c, c_off),
+             b_t=b_t, accumulate=accumulate)
         prod = a[a_off:a_off + M * K].reshape(M, K).astype(np.float64) @ (w.T if b_t else w)
         ref = c0.astype(np.float64)
         ref[c_off:c_off + M * N] = (ref[c_off:c_off + M * N] if accumulate else 0) + prod.reshape(-1)
@@ -200,5 +199,5 @@ def test_fused_gemm_fp32_offsets(ctx, b_t, M, N, K, a_off, b_off, c_off):
         assert np.array_equal(got[:c_off], c0[:c_off]) and np.array_equal(got[c_off + M * N:], c0[c_off + M * N:])
         assert rel_err(got, ref) <= 2e-6
     with pytest.raises(ValueError, match="a holds"):
-        fused_gemm_gpu(ctx, M, N, K, ctx.upload(a[:a_off + M * K - 1].copy()),
-                       ResidentWeight(w.shape, fp32=ctx.upload(wb)), ctx.upload(c0), b_t=b_t, a_off=a_off)
+        gemm(ctx, M, N, K, Operand(ctx.upload(a[:a_off + M * K - 1].copy()), a_off), Operand(ctx.upload(wb), b_off),
+             Operand(ctx.upload(c0)), b_t=b_t)

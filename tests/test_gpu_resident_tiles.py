@@ -1,6 +1,8 @@
-"""The resident mode's per-shape gemm.wgsl tiles (fused_gemm.ResidentTiles): the choice per
-shape, and the fused NF4 GEMM with the LoRA epilogue under each tile setting that fits the
-adapter, against float64 numpy."""
+"""The resident mode's per-shape gemm.wgsl tiles (kernels.ResidentTiles): the choice per
+shape, and the NF4 GEMM with the LoRA epilogue (kernels.gemm on the resident weights) under
+each tile setting that fits the adapter, against float64 numpy."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -15,7 +17,7 @@ def ctx():
 
 
 def test_resident_tiles_choice(ctx, monkeypatch):
-    from qlora_ext.gpu.resident.fused_gemm import ResidentTiles
+    from qlora_ext.gpu.kernels import ResidentTiles
 
     ch = ResidentTiles(ctx)
     if ctx.info["software"]:
@@ -26,14 +28,14 @@ def test_resident_tiles_choice(ctx, monkeypatch):
     assert ch(2048, 1024) == ResidentTiles.SMALL                  # 0.6B dhidden: 128 groups
     for M, N in ((4096, 1024), (4096, 9728), (4096, 2560), (1600, 2048)):
         assert ch(M, N) == ResidentTiles.BIG, (M, N)
-    monkeypatch.setenv("QLORA_EXT_GEMM_TILES", "8,8,4,4,8")
+    monkeypatch.setattr(ctx, "tuning", dataclasses.replace(ctx.tuning, gemm_tiles=(8, 8, 4, 4, 8)))
     assert not ResidentTiles(ctx).own                             # benchmarks' override wins
 
 
 @pytest.mark.parametrize("which", ["BIG", "WIDE", "SMALL"])
 @pytest.mark.parametrize("b_t,M,N,K", [(True, 67, 200, 136), (False, 45, 136, 264)])
-def test_fused_gemm_each_tile_setting(ctx, which, b_t, M, N, K):
-    from qlora_ext.gpu.resident.fused_gemm import ResidentTiles, fused_gemm_gpu
+def test_nf4_lora_gemm_each_tile_setting(ctx, which, b_t, M, N, K):
+    from qlora_ext.gpu.kernels import Operand, ResidentTiles, gemm
     from qlora_ext.gpu.resident.weights import upload_weight
     from qlora_ext.nf4 import dequantize_nf4, quantize_nf4
 
@@ -53,7 +55,7 @@ def test_fused_gemm_each_tile_setting(ctx, which, b_t, M, N, K):
     params = np.zeros(64 + L.size, np.float32)
     params[64:] = L.ravel()
     c = ctx.empty((M, N))
-    fused_gemm_gpu(ctx, M, N, K, ctx.upload(a), upload_weight(ctx, wq), c, b_t=b_t,
-                   lora=(ctx.upload(T), R, ctx.upload(params), 64, 1 if b_t else 2), tiles=tiles)
+    gemm(ctx, M, N, K, Operand(ctx.upload(a)), upload_weight(ctx, wq).operand(), Operand(c), b_t=b_t,
+         lora=(Operand(ctx.upload(T)), R, Operand(ctx.upload(params), 64), 1 if b_t else 2), tiles=tiles)
     ref = a.astype(np.float64) @ (W.T if b_t else W) + T.astype(np.float64) @ (L.T if b_t else L)
     assert rel_err(ctx.to_numpy(c), ref) <= 2e-6

@@ -89,7 +89,7 @@ def test_zero_b_equals_base_model_exactly():
 def test_parity_split_placement(tmp_path, model_type, quantize, gc):
     """The split placement (projections, FFN and LM head on wgpu -- lavapipe where no GPU --,
     norms, RoPE and attention on the CPU): same tolerances."""
-    from qlora_ext.gpu.context import GpuError, pick_adapter
+    from qlora_ext.gpu.runtime import GpuError, pick_adapter
 
     if pick_adapter(allow_software=True) is None:
         pytest.skip("no wgpu adapter (install a Vulkan driver such as Mesa lavapipe)")

@@ -48,11 +48,11 @@ def test_profile_command_resident_shows_per_kernel_gpu_time(tmp_path, capsys):
     import pytest
 
     pytest.importorskip("wgpu")
-    from qlora_ext.gpu.resident.context import GpuContext, unavailable_reason
+    from qlora_ext.gpu.runtime import shared_context, unavailable_reason
 
     if unavailable_reason():
         pytest.skip(unavailable_reason())
-    if not GpuContext().has_timestamps:
+    if not shared_context().has_timestamps:
         pytest.skip("adapter without timestamp-query")
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", model_type="qwen3", seed=2)
     assert main(["profile", "--model", str(ckpt), "--steps", "1", "--seq-len", "8", "--mode", "resident",

@@ -24,6 +24,7 @@ def load_model(path, lora: LoraConfig | None = None, quantize: str | None = "nf4
     cache, downloaded when the network is allowed."""
     from . import placement
     from .engine.gpu_model import GpuModel, SplitModel
+    from .gpu.runtime import shared_context
     from .engine.model import Model as CpuModel
     from .model.loading import load_state
 
@@ -43,7 +44,7 @@ def load_model(path, lora: LoraConfig | None = None, quantize: str | None = "nf4
         where, adapter, reason, weights = placement.choose(mode, device, state, lora, batch_shape,
                                                            gradient_checkpointing, train_lm_head)
         if where == "resident":
-            model = GpuModel(state, lora, ctx=placement.context_for(adapter), weights=weights, **common)
+            model = GpuModel(state, lora, ctx=shared_context(adapter), weights=weights, **common)
             model.placement_reason = reason
             return model
     ctx, why_cpu = (None, "device='cpu'") if device == "cpu" else split_context(device)
@@ -62,9 +63,7 @@ def split_context(device: str) -> tuple:
     start; device='gpu' raises."""
     import warnings
 
-    from . import placement
-    from .gpu.context import GpuError, pick_adapter
-    from .gpu.resident.context import unavailable_reason
+    from .gpu.runtime import GpuError, pick_adapter, shared_context, unavailable_reason
 
     adapter = pick_adapter(allow_software=(device == "gpu"))
     if adapter is None:
@@ -77,7 +76,7 @@ def split_context(device: str) -> tuple:
             raise OSError(f"device='gpu': {blocker}")
         return None, blocker
     try:
-        return placement.context_for(adapter), ""
+        return shared_context(adapter), ""
     except Exception as e:   # a driver that fails to create a device
         if device == "gpu":
             raise

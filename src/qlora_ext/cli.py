@@ -403,8 +403,7 @@ def cmd_info(args) -> int:
         except Exception as e:  # a broken driver must not break `info`, whose job is to report it
             info["gpu_adapter"] = f"unavailable: {type(e).__name__}: {e}"
     try:
-        from .gpu.resident.context import unavailable_reason
-        from .gpu.context import pick_adapter
+        from .gpu.runtime import pick_adapter, unavailable_reason
         from .placement import gpu_free_bytes
 
         reason = unavailable_reason()

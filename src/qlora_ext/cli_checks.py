@@ -221,7 +221,7 @@ def error_line(e: Exception) -> str:
         return text or type(e).__name__
     if isinstance(e, MemoryError):
         return "out of memory" + (f" ({text})" if text else "") + "; try smaller --batch-size/--seq-len"
-    from .gpu.context import GpuError
+    from .gpu.runtime import GpuError
 
     if isinstance(e, GpuError):
         return f"GPU: {text}"

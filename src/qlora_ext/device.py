@@ -18,7 +18,7 @@ def check_device(device: str) -> None:
 def adapter_info() -> dict | None:
     """The adapter device="auto" would use: {name, backend, type, vendor, description,
     software}; the best software adapter if no real GPU exists; None without any adapter."""
-    from .gpu.context import adapter_summary, pick_adapter  # noqa: PLC0415
+    from .gpu.runtime import adapter_summary, pick_adapter  # noqa: PLC0415
 
     a = pick_adapter(allow_software=False) or pick_adapter(allow_software=True)
     return adapter_summary(a) if a is not None else None

@@ -13,7 +13,6 @@ else from nvidia-smi for NVIDIA adapters; wgpu itself does not report device mem
 other GPUs auto stays split unless the variable says how much there is."""
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 
@@ -37,14 +36,13 @@ def check_mode(mode: str, device: str) -> None:
                          "not device='cpu'")
 
 
-def gpu_free_bytes(adapter) -> tuple:
-    """(free bytes or None, where the figure came from)."""
-    env = os.environ.get("QLORA_EXT_GPU_MEMORY_GIB")
-    if env:
-        try:
-            return int(float(env) * 2**30), "QLORA_EXT_GPU_MEMORY_GIB"
-        except ValueError:
-            raise ValueError(f"QLORA_EXT_GPU_MEMORY_GIB={env!r}: expected a number of GiB") from None
+def gpu_free_bytes(adapter, tuning=None) -> tuple:
+    """(free bytes or None, where the figure came from); tuning None: Tuning.from_env()."""
+    from .gpu.runtime import Tuning
+
+    gib = (Tuning.from_env() if tuning is None else tuning).gpu_memory_gib
+    if gib is not None:
+        return int(gib * 2**30), "QLORA_EXT_GPU_MEMORY_GIB"
     info = adapter.info
     name = str(info.get("device") or "")
     if "nvidia" not in f"{name} {info.get('vendor', '')}".lower() or shutil.which("nvidia-smi") is None:
@@ -77,7 +75,7 @@ def choose(mode: str, device: str, state, lora_config, batch_shape=None, gradien
     None).  weights="stream" keeps the NF4 base on the host and uploads each layer's
     projections per pass: taken when the whole placement does not fit but that does.
     Raises where mode="resident" cannot be honoured."""
-    from .gpu.context import adapter_summary, pick_adapter
+    from .gpu.runtime import adapter_summary, pick_adapter, shared_context, unavailable_reason
 
     adapter = pick_adapter(allow_software=(device == "gpu"))
     if adapter is None:
@@ -86,7 +84,6 @@ def choose(mode: str, device: str, state, lora_config, batch_shape=None, gradien
                           "used only with device='gpu')" if device == "auto" else ""))
         return "split", None, "no GPU adapter", None
     from .engine.gpu_memory import estimate_bytes
-    from .gpu.resident.context import unavailable_reason
 
     blocker = unavailable_reason()   # wgpu too old for the resident kernels
     if blocker:
@@ -97,7 +94,7 @@ def choose(mode: str, device: str, state, lora_config, batch_shape=None, gradien
     name = adapter_summary(adapter)["name"]
     B, T = batch_shape or DEFAULT_PLAN
     free, source = gpu_free_bytes(adapter)
-    ctx = context_for(adapter)
+    ctx = shared_context(adapter)
     need = {w: estimate_bytes(ctx, state, lora_config, B, T, gradient_checkpointing, train_lm_head, weights=w)
             for w in ("resident", "stream")}
     weights = None
@@ -117,18 +114,3 @@ def choose(mode: str, device: str, state, lora_config, batch_shape=None, gradien
     return "resident", adapter, (f"{have}; the resident placement needs about {gib(need[weights])} for "
                                  f"{B} x {T} tokens{streamed}"), weights
 
-
-_contexts = {}
-
-
-def context_for(adapter):
-    """One resident GpuContext per adapter for the process (a device per model would
-    duplicate pipelines and driver memory)."""
-    from .gpu.resident.context import GpuContext
-
-    # wgpu returns new adapter objects on every enumeration: key by what they describe
-    key = repr(sorted((str(k), str(v)) for k, v in dict(adapter.info).items()))
-    ctx = _contexts.get(key)
-    if ctx is None:
-        ctx = _contexts[key] = GpuContext(adapter)
-    return ctx

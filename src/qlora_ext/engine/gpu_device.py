@@ -10,32 +10,25 @@ GPU runs a layer while Python records the next.  Projections run on the fused NF
 (dequantized in the tile loads, LoRA up-projection in the epilogue); gemm="dequant" instead
 dequantizes into an fp32 scratch and uses the plain GEMM.  LoRA dropout draws the masks of
 qlora_ext.model.dropout: the host computes the step's 7·L keys (one small upload) and
-shaders/resident_dropout.wgsl applies them.
+shaders/dropout.wgsl applies them.
 
 Shape letters as in engine/acts.py."""
 from __future__ import annotations
 
 import numpy as np
 
+from ..gpu import kernels
+from ..gpu.kernels import Operand
 from ..gpu.resident.attention import attention_backward_gpu, attention_forward_gpu
-from ..gpu.resident.context import GpuTensor
 from ..gpu.resident.cross_entropy import LmHeadLoss
-from ..gpu.resident.fused_gemm import fused_gemm_gpu
 from ..gpu.resident.gemm import gemm_gpu
 from ..gpu.resident.layer_ops import (add_gpu, bias_add_gpu, embedding_gather_gpu, rmsnorm_backward_gpu,
-                                      rmsnorm_forward_gpu, rope_apply_gpu, swiglu_backward_gpu, swiglu_forward_gpu)
+                                      rmsnorm_forward_gpu, rope_apply_gpu)
 from ..gpu.resident.weights import ResidentWeight, StreamedLayers, WeightScratch, upload_weight
+from ..gpu.runtime import GpuTensor
 from ..model.dropout import dropout_keep_scale, dropout_key, dropout_seed, dropout_threshold
 from ..model.lora import PROJECTIONS
 from .acts import LayerActs, StepScratch, allocate, plan_layer_acts, plan_scratch
-
-
-def view(t: GpuTensor, shape) -> GpuTensor:
-    """The same buffer seen with another shape (sizes must agree)."""
-    n = int(np.prod(shape))
-    if n > t.size:
-        raise ValueError(f"view {shape} of a tensor of shape {t.shape}")
-    return GpuTensor(t.buffer, tuple(shape), t.dtype)
 
 
 class _LayerGpu:
@@ -119,7 +112,9 @@ class GpuDevice:
     def empty(self, shape):
         return self.ctx.empty(tuple(shape))
 
-    view = staticmethod(view)
+    @staticmethod
+    def view(t: GpuTensor, shape) -> GpuTensor:
+        return t.view(shape)
 
     def copy(self, src, dst) -> None:
         self.ctx.encoder().copy_buffer_to_buffer(src.buffer, 0, dst.buffer, 0, src.nbytes)
@@ -213,20 +208,15 @@ class GpuDevice:
         return l * len(PROJECTIONS) + PROJECTIONS.index(proj)
 
     def _apply_dropout(self, l, proj, z: GpuTensor, out: GpuTensor, add: bool) -> None:
-        ctx = self.ctx
         rows, cols = z.shape
-        pipe = ctx.pipeline("resident_dropout", "apply", "urrw", overrides={"WG": 256, "ADD": bool(add)})
-        thr, scale = dropout_threshold(self.dropout_p), float(dropout_keep_scale(self.dropout_p))
-        for r0 in range(0, rows, 65535):
-            n = min(65535, rows - r0)
-            par = ctx.uniform("IIIIIf", n, cols, self._drop_index(l, proj), thr, r0, scale)
-            ctx.dispatch(pipe, [par, self.cur.drop_keys, z, out], ((cols + 255) // 256, n))
+        kernels.dropout(self.ctx, rows, cols, Operand(z), Operand(out), self.cur.drop_keys, self._drop_index(l, proj),
+                        dropout_threshold(self.dropout_p), float(dropout_keep_scale(self.dropout_p)), 0, add=add)
 
     def _dropped(self, l, proj, x: GpuTensor) -> GpuTensor:
         """x, or x with (l, proj)'s dropout mask and 1/(1-p) applied (a scratch view)."""
         if self._drop_index(l, proj) is None:
             return x
-        xd = view(self.cur.drop[0], x.shape)
+        xd = self.cur.drop[0].view(x.shape)
         self._apply_dropout(l, proj, x, xd, add=False)
         return xd
 
@@ -241,8 +231,9 @@ class GpuDevice:
         if y is None:
             return
         if self.fused:
-            lora = None if lo is None else (u, lo.r, self.values, lo.b_off, 1)
-            fused_gemm_gpu(ctx, N, out, inn, x, pr, y, b_t=True, lora=lora)
+            # one dispatch: NF4 dequantized in the tile loads, u Bᵀ in the epilogue
+            lora = None if lo is None else (Operand(u), lo.r, Operand(self.values, lo.b_off), 1)
+            kernels.gemm(ctx, N, out, inn, Operand(x), pr.operand(), Operand(y), b_t=True, lora=lora)
         else:
             gemm_gpu(ctx, x, self.scratch_w.fp32(pr), y, N, out, inn, trans_b=True)
             if lo is not None:
@@ -256,7 +247,7 @@ class GpuDevice:
         out, inn = pr.shape
         N = dy.shape[0]
         lo = self.params.lora(l, proj)
-        du = view(self.cur.dlora, (N, lo.r)) if lo is not None else None
+        du = self.cur.dlora.view((N, lo.r)) if lo is not None else None
         if lo is not None:
             gemm_gpu(ctx, dy, u, self.grads, out, lo.r, N, trans_a=True, accumulate=True, c_off=lo.b_off)
             gemm_gpu(ctx, dy, self.values, du, N, lo.r, out, alpha=lo.scale, b_off=lo.b_off)
@@ -268,7 +259,7 @@ class GpuDevice:
             # dx = dy W + mask ⊙ (du A): the masked adapter term cannot ride in the GEMM's
             # epilogue, so it is formed apart and added through the mask
             self._base_backward(N, inn, out, dy, pr, dx, accumulate, None)
-            t = view(self.cur.drop[1], (N, inn))
+            t = self.cur.drop[1].view((N, inn))
             gemm_gpu(ctx, du, self.values, t, N, inn, lo.r, b_off=lo.a_off)
             self._apply_dropout(l, proj, t, dx, add=True)
         else:
@@ -278,8 +269,9 @@ class GpuDevice:
         """dx (+)= dy W (+ du A when lo is given)."""
         ctx = self.ctx
         if self.fused:
-            lora = None if lo is None else (du, lo.r, self.values, lo.a_off, 2)
-            fused_gemm_gpu(ctx, N, inn, out, dy, pr, dx, b_t=False, lora=lora, accumulate=accumulate)
+            lora = None if lo is None else (Operand(du), lo.r, Operand(self.values, lo.a_off), 2)
+            kernels.gemm(ctx, N, inn, out, Operand(dy), pr.operand(), Operand(dx), b_t=False, lora=lora,
+                         accumulate=accumulate)
         else:
             gemm_gpu(ctx, dy, self.scratch_w.fp32(pr), dx, N, inn, out, accumulate=accumulate)
             if lo is not None:
@@ -302,10 +294,12 @@ class GpuDevice:
         attention_backward_gpu(self.ctx, q, k, v, attn, lse, dattn, self.mask, dq, dk, dv, self.cur.delta)
 
     def swiglu_forward(self, g, u, m) -> None:
-        swiglu_forward_gpu(self.ctx, g, u, m)
+        N, F = g.shape
+        kernels.swiglu_forward(self.ctx, N, F, Operand(g), Operand(u), Operand(m))
 
     def swiglu_backward(self, g, u, dm, dg, du) -> None:
-        swiglu_backward_gpu(self.ctx, g, u, dm, dg, du)
+        N, F = g.shape
+        kernels.swiglu_backward(self.ctx, N, F, Operand(g), Operand(u), dm, Operand(dg), Operand(du))
 
     def add(self, y, x) -> None:
         add_gpu(self.ctx, y, x)
@@ -334,7 +328,7 @@ class GpuDevice:
         ctx, d = self.ctx, self.dims
         w, off = self._head()
         out = ctx.empty((d.N, self.V))
-        fused_gemm_gpu(ctx, d.N, self.V, d.H, xf, ResidentWeight((self.V, d.H), fp32=w), out, b_t=True, b_off=off)
+        kernels.gemm(ctx, d.N, self.V, d.H, Operand(xf), Operand(w, off, d.H), Operand(out), b_t=True)
         return ctx.to_numpy(out)
 
     def clear_grads(self) -> None:

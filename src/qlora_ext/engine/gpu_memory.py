@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..gpu.resident.context import GpuTensor
+from ..gpu.runtime import GpuTensor
 from ..model.lora import LoraConfig, LoraPair, LoraWeights
 from .params import FlatParams
 

@@ -33,8 +33,8 @@ class GpuModel(Model):
         super().__init__(state, lora_config, gradient_checkpointing=gradient_checkpointing,
                          train_lm_head=train_lm_head, threads=threads, seed=seed)
         if ctx is None:
-            from ..gpu.resident.context import default_context
-            ctx = default_context()
+            from ..gpu.runtime import shared_context
+            ctx = shared_context()
         self.host = self.device            # the CPU device: generation
         self._host_stale = False           # True once the GPU has updated weights the host lacks
         self._weights, self._gemm = weights, gemm

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..gpu.resident.context import GpuTensor
+from ..gpu.runtime import GpuTensor
 
 CPU, GPU = "cpu", "gpu"
 

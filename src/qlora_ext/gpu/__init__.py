@@ -1,5 +1,6 @@
-"""wgpu (WebGPU) backend: device and shaders (context.py), kernel launch helpers (kernels.py),
-the FFN backend (ffn.py), the GPU-resident step (resident/).  Imported lazily: qlora_ext
+"""wgpu (WebGPU) backend: the one GPU runtime (runtime/: device, shaders, caches, buffers,
+Tuning), the host bindings of the shared kernels (kernels.py), the FFN backend (ffn.py), the
+GPU-resident step (resident/).  Imported lazily: qlora_ext
 works without a GPU."""
 import os
 import tempfile

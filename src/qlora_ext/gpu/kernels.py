@@ -1,15 +1,18 @@
-"""Host side of the WGSL kernels: parameter blocks, variant constants, grids.
-
-Each function records ONE dispatch into a Recorder; operands are (buffer, element offset, row
-stride) with the shapes stated per function.  Tile sizes (GemmTiles) are chosen per adapter."""
+"""Host bindings of the WGSL kernels the GPU device uses: gemm.wgsl (fp32 or NF4 B, LoRA term
+in the epilogue), swiglu.wgsl and dropout.wgsl, with the gemm.wgsl tile choices.  Each function records ONE kernel into the context's pending encoder (a dispatch per
+65535 rows where a grid could exceed that); operands are Operands (buffer, element offset, row
+stride) with the shapes stated per function."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-from .context import GpuError, Recorder, pack
+from .runtime import GpuTensor
 
-GEMM_KINDS = ("uniform", "read", "read", "read", "read", "read", "read", "rw")
+GEMM_KINDS = "urrrrrrw"
+# gemm.wgsl binds the LoRA matrix L as a sub-range of its buffer, and binding offsets must be
+# multiples of 256 bytes: L starts at a multiple of PARAM_ALIGN elements (flat parameter
+# buffers align every tensor so).
+PARAM_ALIGN = 64
 
 
 @dataclass(frozen=True)
@@ -50,16 +53,23 @@ class GemmTiles:
         return {"WGX": self.wgx, "WGY": self.wgy, "TM": self.tm, "TN": self.tn, "BK": self.bk}
 
 
+def _tuned(ctx, field: str, var: str):
+    """GemmTiles from ctx.tuning.<field> (None if unset), checked against the adapter."""
+    vals = getattr(ctx.tuning, field)
+    if vals is None:
+        return None
+    try:
+        return GemmTiles(*vals).check(ctx)
+    except ValueError as e:
+        raise ValueError(f"{var}={','.join(map(str, vals))}: {e}") from None
+
+
 def tiles_for(ctx) -> GemmTiles:
-    """Per-adapter default; QLORA_EXT_GEMM_TILES='wgx,wgy,tm,tn,bk' overrides (benchmarks)."""
-    env = os.environ.get("QLORA_EXT_GEMM_TILES")
-    if env:
-        try:
-            t = GemmTiles(*[int(v) for v in env.split(",")])
-        except (TypeError, ValueError):
-            raise ValueError(f"QLORA_EXT_GEMM_TILES={env!r}: expected five integers wgx,wgy,tm,tn,bk") from None
-        return t.check(ctx)
-    if ctx.info["software"]:
+    """Per-adapter default of the large GEMMs (tuning.gemm_tiles overrides)."""
+    t = _tuned(ctx, "gemm_tiles", "QLORA_EXT_GEMM_TILES")
+    if t is not None:
+        return t
+    if ctx.software:
         return GemmTiles(8, 8, 4, 4, 8).check(ctx)
     # 128 x 128 tiles, 8 x 8 per thread, BK 16: 26.1-30.7 TFLOP/s with NF4 B at every
     # projection GEMM of the Qwen3 steps on an NVIDIA H200 (bench_gemm_ceiling.py; BK 8: 21-26)
@@ -71,22 +81,22 @@ def tiles_for(ctx) -> GemmTiles:
 
 
 class TileChooser:
-    """Tiles per GEMM shape: `big` unless its grid would leave the GPU part idle (fewer than
-    `min_groups` workgroups: the N = hidden GEMMs at small M, and the rank-r LoRA GEMMs), then
-    `small`.  QLORA_EXT_GEMM_TILES / QLORA_EXT_GEMM_TILES_SMALL override (benchmarks)."""
+    """Tiles per GEMM shape of the FFN backend: `big` unless its grid would leave the GPU part
+    idle (fewer than `min_groups` workgroups: the N = hidden GEMMs at small M, and the rank-r
+    LoRA GEMMs), then `small`.  tuning.gemm_tiles / gemm_tiles_small / gemm_min_groups
+    override (benchmarks)."""
 
     # Defaults from the sweep on an NVIDIA H200 (bench_gemm.py --direct): 64 x 128 tiles win
     # for N = 2560 at M = 2048 (down 23.7 vs 21.4, dx 26.4 vs 21.5, dh 26.4 vs 25.5 TFLOP/s fp32)
     # and 128 x 128 for gate|up (27.0 vs 24.9); grids of 128 x 128 tiles: gate|up 2432, dh 1216.
     def __init__(self, ctx, big: GemmTiles | None = None, small: GemmTiles | None = None, min_groups: int = 1300):
         self.big = (big or tiles_for(ctx)).check(ctx)
-        env = os.environ.get("QLORA_EXT_GEMM_TILES_SMALL")
-        if small is None and env:
-            small = GemmTiles(*[int(v) for v in env.split(",")])
         if small is None:
-            small = GemmTiles(8, 8, 4, 4, 8) if ctx.info["software"] else GemmTiles(16, 16, 4, 8, 8)
+            small = _tuned(ctx, "gemm_tiles_small", "QLORA_EXT_GEMM_TILES_SMALL")
+        if small is None:
+            small = GemmTiles(8, 8, 4, 4, 8) if ctx.software else GemmTiles(16, 16, 4, 8, 8)
         self.small = small.check(ctx)
-        self.min_groups = int(os.environ.get("QLORA_EXT_GEMM_MIN_GROUPS", min_groups))
+        self.min_groups = ctx.tuning.gemm_min_groups or int(min_groups)
 
     def __call__(self, M: int, N: int) -> GemmTiles:
         groups = -(-M // self.big.bm) * -(-N // self.big.bn)
@@ -96,9 +106,58 @@ class TileChooser:
         return self
 
 
+class ResidentTiles:
+    """gemm.wgsl tiles per shape for the resident mode's GEMMs: M = B·T token rows (4096 at
+    4 x 1024) for the projections, the LM head's chunk rows (1024-2048) with N or K = vocab.
+
+    From bench/bench_gemm_ceiling.py on an NVIDIA H200 (both Qwen3 shapes, every projection
+    forward and dx with NF4 and the LoRA epilogue, the LM head; BENCHMARKS.md):
+    - 128 x 128 tiles, 8 x 8 per thread, BK 16 (16,16,8,8,16): 26.1-30.7 TFLOP/s on every
+      projection GEMM, within 1-2 of the best setting at each shape (8 x 16 per thread won by
+      up to 1.3 at some shapes and lost 3-4 at N = 2560).
+    - vocab-wide N (the logits): 128 x 128 tiles of 128 threads with 8 x 16 each, BK 8
+      (8,16,8,16,8): 32.4 / 32.9 (8 x 8 per thread: 20-21).
+    - grids of fewer than 200 128 x 128 tiles (dhidden: K = vocab, M x N = 2048 x 1024 or
+      1024 x 2560, 128 or 160 tiles for 132 SMs): 64 x 128 tiles, 4 x 8 per thread
+      (16,16,4,8,8): 29.6 / 26.2 against 23.9 / 15.3 for 128 x 128.
+    Software adapters (lavapipe's 32 KiB of workgroup memory) and the gemm tile knobs of
+    Tuning keep TileChooser."""
+
+    BIG = GemmTiles(16, 16, 8, 8, 16)
+    WIDE = GemmTiles(8, 16, 8, 16, 8)
+    SMALL = GemmTiles(16, 16, 4, 8, 8)
+    WIDE_N = 32768
+    THIN_GRID = 200
+
+    def __init__(self, ctx):
+        self.fallback = TileChooser(ctx)
+        own = not ctx.software and not ctx.tuning.gemm_overridden
+        if own:
+            try:
+                for t in (self.BIG, self.WIDE, self.SMALL):
+                    t.check(ctx)
+            except ValueError:
+                own = False
+        self.own = own
+
+    def __call__(self, M: int, N: int) -> GemmTiles:
+        if not self.own:
+            return self.fallback(M, N)
+        if N >= self.WIDE_N:
+            return self.WIDE
+        groups = -(-M // 128) * -(-N // 128)
+        return self.SMALL if groups < self.THIN_GRID else self.BIG
+
+
+def resident_tiles(ctx) -> ResidentTiles:
+    """The context's ResidentTiles, made once."""
+    return ctx.cached("ResidentTiles", lambda: ResidentTiles(ctx))
+
+
 @dataclass
 class Operand:
-    """A row-major fp32 matrix in a buffer: element (i, j) at off + i·ld + j."""
+    """A row-major fp32 matrix in a buffer (a wgpu buffer or a GpuTensor): element (i, j) at
+    off + i·ld + j; ld 0 = contiguous (ld = the matrix's column count)."""
 
     buf: object
     off: int = 0
@@ -109,98 +168,121 @@ class Operand:
 class Nf4B:
     """One or two NF4 tensors stacked by rows (stored [rows, ncols], row-major blocking):
     rows < split in part 0 (from word 0, block 0), the rest in part 1 (from word code_off1,
-    block abs_off1)."""
+    block abs_off1).  One tensor: split = 1 << 31."""
 
     codes: object
     absmax: object
     ncols: int
-    split: int
-    code_off1: int
-    abs_off1: int
-    blocksize: int
+    split: int = 1 << 31
+    code_off1: int = 0
+    abs_off1: int = 0
+    blocksize: int = 64
 
 
-def gemm(rec: Recorder, tiles, M: int, N: int, K: int, a: Operand, b, c: Operand,
-         b_t: bool, lora=None, accum: bool = False) -> None:
+def _raw(b):
+    return b.buffer if isinstance(b, GpuTensor) else b
+
+
+def _check_span(what: str, op: Operand, rows: int, cols: int, ld: int) -> None:
+    """The matrix [rows, cols] at op.off with row stride ld lies inside op's tensor (buffer)."""
+    have = op.buf.size if isinstance(op.buf, GpuTensor) else op.buf.size // 4
+    need = op.off + (rows - 1) * ld + cols
+    if rows and cols and need > have:
+        raise ValueError(f"gemm: {what} holds {have} elements, needs {need} ([{rows}, {cols}] with row "
+                         f"stride {ld} from element {op.off})")
+
+
+def gemm(ctx, M: int, N: int, K: int, a: Operand, b, c: Operand, b_t: bool, lora=None,
+         accumulate: bool = False, tiles=None) -> None:
     """C[M, N] (+)= A[M, K] · op(B) (+ T · op(L)).
 
-    b: Operand (fp32; stored [N, K] if b_t else [K, N], row stride b.ld) or Nf4B.
-    lora: None or (T: Operand [M, R], R, L buffer, mode) with mode 1: L stored [N, R], 2: [R, N]."""
-    ctx = rec.ctx
-    if isinstance(tiles, TileChooser):
-        tiles = tiles(M, N)
+    b: Operand (fp32; stored [N, K] if b_t else [K, N]) or Nf4B.
+    lora: None or (T: Operand [M, R], R, L: Operand, mode) with mode 1: L stored [N, R] (LoRA
+    B, forward), 2: [R, N] (LoRA A, backward); L.off must be a multiple of PARAM_ALIGN; the
+    LoRA scale must already be in T or L.
+    tiles: GemmTiles, a chooser (M, N) -> GemmTiles, or None (the context's ResidentTiles)."""
+    tiles = resident_tiles(ctx) if tiles is None else tiles
+    tiles = tiles if isinstance(tiles, GemmTiles) else tiles(M, N)
+    lda, ldc = a.ld or K, c.ld or N
+    _check_span("a", a, M, K, lda)
+    _check_span("c", c, M, N, ldc)
     nf4 = isinstance(b, Nf4B)
-    dummy = ctx.dummy()
+    d = ctx.dummy()
     if nf4:
         ldb = b.ncols
         b_vec = ldb % 8 == 0
         nf4_fields = (b.split, b.code_off1, b.abs_off1, b.blocksize.bit_length() - 1)
         b_off = 0
-        bufs_b = (dummy, b.codes, b.absmax)
+        bufs_b = [d, _raw(b.codes), _raw(b.absmax)]
     else:
-        ldb = b.ld
+        ldb = b.ld or (K if b_t else N)
+        _check_span("b", b, N if b_t else K, K if b_t else N, ldb)
         b_vec = ldb % 4 == 0 and b.off % 4 == 0 and (K if b_t else N) % 4 == 0
         nf4_fields = (1 << 31, 0, 0, 0)
         b_off = b.off
-        bufs_b = (b.buf, dummy, dummy)
+        bufs_b = [_raw(b.buf), d, d]
     if lora is not None:
-        t, R, lbuf, mode = lora
-        lfields = (R, t.ld, t.off)
-        bufs_l = (t.buf, lbuf)
+        t, R, ll, mode = lora
+        if ll.off % PARAM_ALIGN:
+            raise ValueError(f"gemm: the LoRA matrix starts at element {ll.off}, not a multiple of {PARAM_ALIGN}")
+        lbuf = _raw(ll.buf)
+        lfields = (R, t.ld or R, t.off)
+        bufs_l = [_raw(t.buf), (lbuf, 4 * ll.off, min(max(16, 4 * R * N), lbuf.size - 4 * ll.off))]
     else:
-        mode, lfields, bufs_l = 0, (0, 0, 0), (dummy, dummy)
-    a_vec = a.off % 4 == 0 and a.ld % 4 == 0 and K % 4 == 0
-    c_vec = c.off % 4 == 0 and c.ld % 4 == 0 and N % 4 == 0
-    consts = dict(tiles.constants(), B_T=bool(b_t), B_NF4=nf4, A_VEC=a_vec, B_VEC=bool(b_vec), C_VEC=c_vec,
-                  LORA=mode, ACCUM=bool(accum))
-    params = pack("16I", M, N, K, a.ld, ldb, c.ld, a.off, c.off, *lfields, nf4_fields[0],
-                  nf4_fields[1], nf4_fields[2], nf4_fields[3], b_off)
-    grid = ((N + tiles.bn - 1) // tiles.bn, (M + tiles.bm - 1) // tiles.bm)
-    rec.dispatch("gemm", "main", GEMM_KINDS, consts, params, (a.buf,) + bufs_b + bufs_l + (c.buf,), grid,
-                 f"M={M} N={N} K={K} {'nf4' if nf4 else 'fp32'} {'NT' if b_t else 'NN'} lora={mode} "
-                 f"tiles={tiles.bm}x{tiles.bn}")
+        mode, lfields, bufs_l = 0, (0, 0, 0), [d, d]
+    consts = dict(tiles.constants(), B_T=bool(b_t), B_NF4=nf4, A_VEC=a.off % 4 == 0 and lda % 4 == 0 and K % 4 == 0,
+                  B_VEC=bool(b_vec), C_VEC=c.off % 4 == 0 and ldc % 4 == 0 and N % 4 == 0, LORA=mode,
+                  ACCUM=bool(accumulate))
+    par = ctx.uniform("16I", M, N, K, lda, ldb, ldc, a.off, c.off, *lfields, *nf4_fields, b_off)
+    ctx.dispatch(ctx.pipeline("gemm", "main", GEMM_KINDS, overrides=consts),
+                 [par, _raw(a.buf)] + bufs_b + bufs_l + [_raw(c.buf)],
+                 ((N + tiles.bn - 1) // tiles.bn, (M + tiles.bm - 1) // tiles.bm))
 
 
-def swiglu_forward(rec: Recorder, M: int, I: int, gu, h) -> None:
-    """gu [M, 2I] -> h [M, I]."""
-    d = rec.ctx.dummy()
-    rec.dispatch("swiglu", "forward", ("uniform", "read", "read", "rw", "rw"), {}, pack("4I", M, I, 0, 0),
-                 (gu, d, _second_dummy(rec.ctx), h), ((I + 255) // 256, M))
+_EW_WG = 256   # threads per workgroup of the row-wise elementwise kernels (swiglu, dropout)
 
 
-def swiglu_backward(rec: Recorder, M: int, I: int, gu, dh, dgu) -> None:
-    """gu [M, 2I], dh [M, I] -> dgu [M, 2I]."""
-    rec.dispatch("swiglu", "backward", ("uniform", "read", "read", "rw", "rw"), {}, pack("4I", M, I, 0, 0),
-                 (gu, dh, dgu, _second_dummy(rec.ctx)), ((I + 255) // 256, M))
+def _row_blocks(ctx, rows: int):
+    """(first row, rows) of each dispatch: grids take at most ctx.max_groups rows."""
+    step = ctx.max_groups
+    return [(r0, min(step, rows - r0)) for r0 in range(0, rows, step)]
 
 
-def _second_dummy(ctx):
-    # a writable binding may not alias another binding of the same dispatch: a second dummy
-    if getattr(ctx, "_dummy2", None) is None:
-        ctx._dummy2 = ctx.buffer(256, what="dummy binding 2")
-    return ctx._dummy2
+def _swiglu(ctx, entry: str, M: int, I: int, g: Operand, u: Operand, out0: Operand, out1, dh) -> None:
+    ld_in, ld_out = g.ld or I, out0.ld or I
+    if (u.ld or I) != ld_in or (out1 is not None and (out1.ld or I) != ld_out):
+        raise ValueError("swiglu: g and u (and the two outputs) must share a row stride")
+    one_out = out1 is None or _raw(out1.buf) is _raw(out0.buf)
+    o1 = ctx.dummy(1) if out1 is None else _raw(out1.buf)
+    du_off = 0 if out1 is None else out1.off
+    pipe = ctx.pipeline("swiglu", entry, "urrwwr", overrides={"WG": _EW_WG, "ONE_OUT": one_out})
+    for r0, rows in _row_blocks(ctx, M):
+        par = ctx.uniform("9I", rows, I, ld_in, g.off + r0 * ld_in, u.off + r0 * ld_in, ld_out,
+                          out0.off + r0 * ld_out, du_off + r0 * ld_out, r0 * I)
+        ctx.dispatch(pipe, [par, _raw(g.buf), _raw(u.buf), _raw(out0.buf), ctx.dummy(1) if one_out else o1,
+                            _raw(g.buf) if dh is None else _raw(dh)], ((I + _EW_WG - 1) // _EW_WG, rows))
 
 
-def dropout(rec: Recorder, rows: int, cols: int, z: Operand, out: Operand, key: int, thr: int, scale: float,
-            row0: int, add: bool = False) -> None:
-    """out[rows, cols] (+)= z · mask · scale with the hash mask of global rows row0.."""
-    params = pack("9If2I", rows, cols, z.ld, out.ld, z.off, out.off, key & 0xFFFFFFFF, thr, row0, scale, 0, 0)
-    rec.dispatch("dropout", "main", ("uniform", "read", "rw"), {"ADD": bool(add)}, params, (z.buf, out.buf),
-                 ((cols + 255) // 256, rows))
+def swiglu_forward(ctx, M: int, I: int, g: Operand, u: Operand, h: Operand) -> None:
+    """h [M, I] = silu(g) · u for g, u [M, I] with one row stride (the split backend's gu
+    [M, 2I] passes Operand(gu, 0, 2I) and Operand(gu, I, 2I))."""
+    _swiglu(ctx, "forward", M, I, g, u, h, None, None)
 
 
-def lora_grad(rec: Recorder, M: int, P: int, Q: int, x: Operand, y: Operand, g_buf, g_off: int,
-              trans_out: bool, accum: bool) -> None:
-    """G[P, Q] (or [Q, P] with trans_out) (+)= Σ_m X[m, p] Y[m, q]; X [M, P], Y [M, Q]."""
-    if P == 0 or Q == 0:
-        return
-    params = pack("8I", M, P, Q, x.ld, y.ld, x.off, y.off, g_off)
-    rec.dispatch("lora_grad", "main", ("uniform", "read", "read", "rw"),
-                 {"TRANS_OUT": bool(trans_out), "ACCUM": bool(accum)}, params, (x.buf, y.buf, g_buf),
-                 ((Q + 63) // 64, (P + 15) // 16))
+def swiglu_backward(ctx, M: int, I: int, g: Operand, u: Operand, dh, dg: Operand, du: Operand) -> None:
+    """dh [M, I] (contiguous) -> dg, du [M, I] (one row stride; may share a buffer, as the
+    halves of dgu [M, 2I])."""
+    _swiglu(ctx, "backward", M, I, g, u, dg, du, dh)
 
 
-def check_grid(ctx, rows: int) -> None:
-    lim = int(ctx.limits["max-compute-workgroups-per-dimension"])
-    if rows > lim:
-        raise GpuError(f"{ctx.describe()}: {rows} rows in one dispatch exceed {lim}")
+def dropout(ctx, rows: int, cols: int, z: Operand, out: Operand, keys, key_index: int, thr: int,
+            scale: float, row0: int, add: bool = False) -> None:
+    """out[rows, cols] (+)= z · mask · scale with the hash mask of global rows row0.. and the
+    key keys[key_index] (keys: u32 in a buffer or GpuTensor, so the uniform block repeats from
+    step to step while the key changes)."""
+    ld_in, ld_out = z.ld or cols, out.ld or cols
+    pipe = ctx.pipeline("dropout", "main", "urrw", overrides={"WG": _EW_WG, "ADD": bool(add)})
+    for r0, n in _row_blocks(ctx, rows):
+        par = ctx.uniform("9If", n, cols, ld_in, ld_out, z.off + r0 * ld_in, out.off + r0 * ld_out,
+                          int(key_index), int(thr), row0 + r0, float(scale))
+        ctx.dispatch(pipe, [par, _raw(keys), _raw(z.buf), _raw(out.buf)], ((cols + _EW_WG - 1) // _EW_WG, n))

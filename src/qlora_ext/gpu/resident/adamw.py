@@ -10,7 +10,7 @@ import struct
 import numpy as np
 
 from ...train.optim import check_hyperparameters
-from .context import GpuContext, GpuTensor, default_context, grid_2d
+from ..runtime import GpuContext, GpuTensor, grid_2d, shared_context
 
 _WG = 64
 # Workgroups of the squared-norm pass: enough to fill a large GPU, few partials to read back.
@@ -92,7 +92,7 @@ def adamw_steps(param: np.ndarray, grads, lr: float = 2e-4, betas=(0.9, 0.999), 
     if not isinstance(param, np.ndarray) or param.dtype != np.float32 or param.ndim != 1:
         raise ValueError(f"param: expected a flat float32 array, got "
                          f"{getattr(param, 'dtype', type(param).__name__)} {getattr(param, 'shape', '')}")
-    ctx = default_context() if ctx is None else ctx
+    ctx = shared_context() if ctx is None else ctx
     opt = AdamWGpu(ctx, param.size, lr, betas, eps, weight_decay)
     p = ctx.upload(param)
     g = ctx.empty(param.shape)

@@ -8,12 +8,10 @@ comments describe the register tiling), resident_attention_group_sum.wgsl (GQA d
 from __future__ import annotations
 
 import math
-import os
-import weakref
 
 import numpy as np
 
-from .context import GpuContext, GpuTensor, default_context, grid_2d
+from ..runtime import GpuContext, GpuTensor, grid_2d, shared_context
 
 # Register tilings tried in order, (BR, BC, TM, TN): BR query rows (keys in dkdv) per
 # workgroup, BC keys (queries in dkdv) per block, TM x TN scores per thread.  The first
@@ -49,26 +47,16 @@ def _tiling(ctx: GpuContext, D: int, br: int, bc: int, tm: int, tn: int, dk4: in
 
 
 def _consts(ctx: GpuContext, D: int):
-    """Prepended consts of the attention shaders.  QLORA_EXT_ATTN_TILES="br,bc,tm,tn[,dk4]"
-    picks the tiling (tuning runs on a real GPU)."""
+    """Prepended consts of the attention shaders.  tuning.attn_tiles (QLORA_EXT_ATTN_TILES=
+    "br,bc,tm,tn[,dk4]") picks the tiling (tuning runs on a real GPU)."""
     if not 1 <= D <= _MAX_HEAD_DIM:
         raise ValueError(f"head_dim D={D}: the GPU attention kernels take 1 <= D <= {_MAX_HEAD_DIM}")
-    env = os.environ.get("QLORA_EXT_ATTN_TILES")
-    if env:
-        try:
-            vals = [int(x) for x in env.split(",")]
-        except ValueError:
-            vals = []
-        if len(vals) not in (4, 5) or min(vals) < 1:
-            raise ValueError(f"QLORA_EXT_ATTN_TILES={env!r}: expected positive integers br,bc,tm,tn[,dk4]")
-        br, bc, tm, tn = vals[:4]
-        if br % tm or bc % tn or bc % 4:
-            raise ValueError(f"QLORA_EXT_ATTN_TILES={env!r}: tm must divide br, tn must divide bc, "
-                             "and bc must be a multiple of 4")
-        c = _tiling(ctx, D, br, bc, tm, tn, vals[4] if len(vals) == 5 else None)
+    vals = ctx.tuning.attn_tiles
+    if vals is not None:
+        c = _tiling(ctx, D, *vals[:4], vals[4] if len(vals) == 5 else None)
         if c is None:
-            raise ValueError(f"QLORA_EXT_ATTN_TILES={env!r}: does not fit this adapter's workgroup "
-                             f"limits at D={D}")
+            raise ValueError(f"QLORA_EXT_ATTN_TILES={','.join(map(str, vals))}: does not fit this adapter's "
+                             f"workgroup limits at D={D}")
         return c
     for t in _TILINGS:
         c = _tiling(ctx, D, *t, None)
@@ -80,15 +68,8 @@ def _consts(ctx: GpuContext, D: int):
 # Per-query-head dk / dv partials [B, T, Hq, D] of the GQA backward where it splits heads
 # (_head_split), one pair per context and shape, kept for the next call (the resident engine
 # calls backward per layer): 2 * B*T*Hq*D * 4 bytes on top of the caller's buffers.
-_PARTIALS: "weakref.WeakKeyDictionary[GpuContext, dict]" = weakref.WeakKeyDictionary()
-
-
 def _group_partials(ctx: GpuContext, shape: tuple):
-    per_ctx = _PARTIALS.setdefault(ctx, {})
-    pair = per_ctx.get(shape)
-    if pair is None:
-        pair = per_ctx[shape] = (ctx.empty(shape), ctx.empty(shape))
-    return pair
+    return ctx.cached(("attention dk/dv partials", shape), lambda: (ctx.empty(shape), ctx.empty(shape)))
 
 
 def _params(ctx, B, T, Hq, Hkv, D, has_mask, head_split=False):
@@ -104,15 +85,12 @@ def _params(ctx, B, T, Hq, Hkv, D, has_mask, head_split=False):
 _HEAD_SPLIT_MAX = 512
 
 
-def _head_split(B, T, Hq, Hkv, br):
-    """QLORA_EXT_ATTN_HEAD_SPLIT=0|1 forces the choice (tests, tuning)."""
+def _head_split(ctx, B, T, Hq, Hkv, br):
+    """tuning.attn_head_split (QLORA_EXT_ATTN_HEAD_SPLIT=0|1) forces the choice (tests, tuning)."""
     if Hq == Hkv:
         return False
-    env = os.environ.get("QLORA_EXT_ATTN_HEAD_SPLIT")
-    if env in ("0", "1"):
-        return env == "1"
-    if env:
-        raise ValueError(f"QLORA_EXT_ATTN_HEAD_SPLIT={env!r}: expected 0 or 1")
+    if ctx.tuning.attn_head_split is not None:
+        return ctx.tuning.attn_head_split
     return B * Hkv * ((T + br - 1) // br) <= _HEAD_SPLIT_MAX
 
 
@@ -153,7 +131,7 @@ def attention_backward_gpu(ctx: GpuContext, q: GpuTensor, k: GpuTensor, v: GpuTe
     m = q if mask is None else mask
     c = _consts(ctx, D)
     br, nt = c["BR"], (c["BR"] // c["TM"]) * (c["BC"] // c["TN"])
-    split = _head_split(B, T, Hq, Hkv, br)
+    split = _head_split(ctx, B, T, Hq, Hkv, br)
     par = _params(ctx, B, T, Hq, Hkv, D, mask is not None, split)
     kinds = "urrrrrrwww"
 
@@ -206,7 +184,7 @@ def attention_forward(q, k, v, mask=None, ctx=None):
     """numpy q [B, T, Hq, D], k, v [B, T, Hkv, D], mask [B, T] (nonzero = attend) or None ->
     (o [B, T, Hq, D], lse [B, Hq, T])."""
     mask = _check(q, k, v, mask)
-    ctx = default_context() if ctx is None else ctx
+    ctx = shared_context() if ctx is None else ctx
     gm = None if mask is None else ctx.upload(mask, "u32")
     o, lse = attention_forward_gpu(ctx, ctx.upload(q), ctx.upload(k), ctx.upload(v), gm)
     return ctx.to_numpy(o), ctx.to_numpy(lse)
@@ -220,7 +198,7 @@ def attention_backward(q, k, v, o, lse, do, mask=None, ctx=None):
         if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.shape != shape:
             raise ValueError(f"{name}: expected float32 of shape {shape}, got "
                              f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
-    ctx = default_context() if ctx is None else ctx
+    ctx = shared_context() if ctx is None else ctx
     gm = None if mask is None else ctx.upload(mask, "u32")
     up = ctx.upload
     dq, dk, dv = attention_backward_gpu(ctx, up(q), up(k), up(v), up(o), up(lse), up(do), gm)

@@ -2,17 +2,15 @@
 HF's shift (token t predicts labels[t + 1]) and -100 ignored.  The [N, V] logits never exist
 whole: rows go through in chunks of at most `chunk_rows`; each chunk's logits are turned into
 dlogits in place and multiplied back into dhidden (and into dW when the head trains) before
-the next.  Shaders: gemm.wgsl (the FFN backend's register-tiled GEMM, through
-fused_gemm_gpu) for logits and dhidden, resident_cross_entropy.wgsl, resident_gemm.wgsl for
+the next.  Shaders: gemm.wgsl (qlora_ext.gpu.kernels.gemm) for logits and dhidden, resident_cross_entropy.wgsl, resident_gemm.wgsl for
 the trained head's dW (a transposed-A product gemm.wgsl does not take)."""
 from __future__ import annotations
 
 import numpy as np
 
-from .context import GpuContext, GpuTensor, default_context, grid_2d
-from .fused_gemm import fused_gemm_gpu
+from ..kernels import Operand, gemm
+from ..runtime import GpuContext, GpuTensor, grid_2d, shared_context
 from .gemm import gemm_gpu
-from .weights import ResidentWeight
 
 IGNORE_INDEX = -100
 _WG = 256
@@ -88,18 +86,16 @@ class LmHeadLoss:
         want = dhidden is not None or dw_lm is not None
         pipe = ctx.pipeline("resident_cross_entropy", "rows", "urwwww", overrides={"WG": _WG})
         # W [V, C] as gemm.wgsl's fp32 B operand (at element w_off of its buffer)
-        w = ResidentWeight((V, C), fp32=w_lm)
+        w = Operand(w_lm, w_off, C)
         for r0, rows in self.chunks:
             # logits[rows, V] = hidden[r0:r0+rows] @ w_lmᵀ
-            fused_gemm_gpu(ctx, rows, V, C, hidden, w, self.logits, b_t=True, a_off=r0 * C,
-                           b_off=w_off)
+            gemm(ctx, rows, V, C, Operand(hidden, r0 * C), w, Operand(self.logits), b_t=True)
             par = ctx.uniform("IIIIIf", r0, rows, V, T, int(want), float(grad_scale))
             ctx.dispatch(pipe, [par, labels, self.logits, self.losses, self.counted, self.stats],
                          grid_2d(rows))
             if dhidden is not None:
                 # dhidden[r0:r0+rows] = dlogits[rows, V] @ w_lm[V, C]
-                fused_gemm_gpu(ctx, rows, C, V, self.logits, w, dhidden, b_t=False, b_off=w_off,
-                               c_off=r0 * C)
+                gemm(ctx, rows, C, V, Operand(self.logits), w, Operand(dhidden, r0 * C), b_t=False)
             if dw_lm is not None:
                 # dW[V, C] += dlogitsᵀ @ hidden[r0:r0+rows]
                 gemm_gpu(ctx, self.logits, hidden, dw_lm, V, C, rows, trans_a=True,
@@ -135,7 +131,7 @@ def lm_head_loss(hidden: np.ndarray, w_lm: np.ndarray, labels, want_grad: bool =
     if bad.any():
         raise ValueError(f"labels: values must be -100 or lie in [0, {V}), got {labels[bad][0]}")
     count = count_targets(labels)
-    ctx = default_context() if ctx is None else ctx
+    ctx = shared_context() if ctx is None else ctx
     head = LmHeadLoss(ctx, B * T, C, V, chunk_rows)
     gh, gw = ctx.upload(hidden.reshape(B * T, C)), ctx.upload(w_lm)
     dh = ctx.empty((B * T, C)) if want_grad else None

@@ -3,11 +3,9 @@ NF4 (the LM head's dW, the rank-r LoRA products, the dequant path's projections)
 C[M, N] (+)= alpha * op(A)[M, K] @ op(B)[K, N]."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from .context import MAX_GROUPS, GpuContext, GpuTensor, default_context, grid_2d
+from ..runtime import MAX_GROUPS, GpuContext, GpuTensor, grid_2d, shared_context
 
 # (TM, TN, TK) of resident_gemm.wgsl: a workgroup of (TN/4, TM/4) threads owns a TM x TN
 # block of C and stages TK-deep slices.  64 x 64 for the general case (LM head dW, the
@@ -29,15 +27,13 @@ _SKINNY_SPLIT = (1024, 64)
 
 
 def tiles_for(ctx: GpuContext, M: int, N: int) -> tuple:
-    """(TM, TN, TK) for C[M, N]; QLORA_EXT_RESIDENT_GEMM_TILES='TM,TN,TK' forces one
-    (benchmarks)."""
-    env = os.environ.get("QLORA_EXT_RESIDENT_GEMM_TILES")
-    if env:
+    """(TM, TN, TK) for C[M, N]; tuning.fp32_gemm_tiles (QLORA_EXT_RESIDENT_GEMM_TILES)
+    forces one (benchmarks)."""
+    if ctx.tuning.fp32_gemm_tiles is not None:
         try:
-            tm, tn, tk = (int(v) for v in env.split(","))
-        except ValueError:
-            raise ValueError(f"QLORA_EXT_RESIDENT_GEMM_TILES={env!r}: expected TM,TN,TK") from None
-        return check_tiles(ctx, tm, tn, tk)
+            return check_tiles(ctx, *ctx.tuning.fp32_gemm_tiles)
+        except ValueError as e:
+            raise ValueError(f"QLORA_EXT_RESIDENT_GEMM_TILES: {e}") from None
     short = min(M, N)
     if short > _SKINNY_MAX or max(M, N) <= _SKINNY_MAX:
         return _GENERAL
@@ -136,7 +132,7 @@ def gemm(a: np.ndarray, b: np.ndarray, trans_a: bool = False, trans_b: bool = Fa
     K2, N = b.shape[::-1] if trans_b else b.shape
     if K != K2:
         raise ValueError(f"b: inner dimension {K2} does not match a's {K}")
-    ctx = default_context() if ctx is None else ctx
+    ctx = shared_context() if ctx is None else ctx
     c = ctx.empty((M, N))
     gemm_gpu(ctx, ctx.upload(a), ctx.upload(b), c, M, N, K, trans_a, trans_b)
     return ctx.to_numpy(c)

@@ -1,5 +1,6 @@
 """Elementwise and row-wise layer kernels of the GPU-resident mode: RMSNorm (also per-head q/k
-norm), RoPE, SwiGLU, embedding gather and the residual add, forward next to backward.
+norm), RoPE, embedding gather and the residual add, forward next to backward (SwiGLU's host
+binding is qlora_ext.gpu.kernels'; its numpy form is here with the others).
 
 Each op has two forms:
 - `<op>_gpu(ctx, ...)`: GpuTensor in, GpuTensor out; only records dispatches into ctx's
@@ -14,21 +15,21 @@ import math
 
 import numpy as np
 
-from .context import GpuContext, GpuTensor, default_context, grid_2d
+from ...cpu.kernels import _f32 as _cpu_f32
+from .. import kernels
+from ..kernels import Operand
+from ..runtime import GpuContext, GpuTensor, grid_2d, shared_context
 
 
 def _ctx(ctx):
-    return default_context() if ctx is None else ctx
+    return shared_context() if ctx is None else ctx
 
 
 def _f32(name: str, a, ndim: int, letters: str) -> np.ndarray:
-    if not isinstance(a, np.ndarray):
-        raise ValueError(f"{name}: expected a numpy float32 array [{letters}], got {type(a).__name__}")
-    if a.dtype != np.float32:
-        raise ValueError(f"{name}: expected dtype float32, got {a.dtype}")
-    if a.ndim != ndim:
-        raise ValueError(f"{name}: expected {ndim} dimensions [{letters}], got shape {a.shape}")
-    return np.ascontiguousarray(a)
+    """The CPU kernels' float32 check, on a contiguous copy of a strided array (uploads take any)."""
+    if isinstance(a, np.ndarray) and not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    return _cpu_f32(name, a, ndim, letters)
 
 
 def _shape(name: str, a, shape: tuple, letters: str) -> None:
@@ -170,28 +171,6 @@ def rope_backward(dx: np.ndarray, positions, tables, ctx=None) -> np.ndarray:
 
 # ---- SwiGLU ---------------------------------------------------------------------------------
 
-_EW_WG = 64
-
-
-def swiglu_forward_gpu(ctx: GpuContext, g: GpuTensor, u: GpuTensor, h: GpuTensor | None = None):
-    """g, u [N, F] -> h = silu(g) * u [N, F]."""
-    n = g.size
-    h = ctx.empty(g.shape) if h is None else h
-    pipe = ctx.pipeline("resident_swiglu", "forward", "urrw", overrides={"WG": _EW_WG})
-    ctx.dispatch(pipe, [ctx.uniform("I", n), g, u, h], _elementwise_groups(n, _EW_WG))
-    return h
-
-
-def swiglu_backward_gpu(ctx: GpuContext, g: GpuTensor, u: GpuTensor, dh: GpuTensor,
-                        dg: GpuTensor | None = None, du: GpuTensor | None = None):
-    """g, u, dh [N, F] -> (dg, du) [N, F]."""
-    n = g.size
-    dg = ctx.empty(g.shape) if dg is None else dg
-    du = ctx.empty(g.shape) if du is None else du
-    pipe = ctx.pipeline("resident_swiglu", "backward", "urrwwr", overrides={"WG": _EW_WG})
-    ctx.dispatch(pipe, [ctx.uniform("I", n), g, u, dg, du, dh], _elementwise_groups(n, _EW_WG))
-    return dg, du
-
 
 def _same_f32(names, arrays):
     out = [_f32(names[0], arrays[0], np.ndim(arrays[0]), "N, F")]
@@ -202,22 +181,34 @@ def _same_f32(names, arrays):
     return out
 
 
+def _rows(a: np.ndarray) -> tuple:
+    """(rows, F) of a [..., F] array as the [M, I] matrix swiglu.wgsl takes."""
+    F = a.shape[-1] if a.ndim else 1
+    return (a.size // F if F else 0), F
+
+
 def swiglu_forward(g: np.ndarray, u: np.ndarray, ctx=None) -> np.ndarray:
-    """g, u [..., F] -> silu(g) * u."""
+    """g, u [..., F] -> silu(g) * u (qlora_ext.gpu.kernels.swiglu_forward)."""
     g, u = _same_f32(("g", "u"), (g, u))
     ctx = _ctx(ctx)
-    return ctx.to_numpy(swiglu_forward_gpu(ctx, ctx.upload(g), ctx.upload(u)))
+    h = ctx.empty(g.shape)
+    kernels.swiglu_forward(ctx, *_rows(g), Operand(ctx.upload(g)), Operand(ctx.upload(u)), Operand(h))
+    return ctx.to_numpy(h)
 
 
 def swiglu_backward(g: np.ndarray, u: np.ndarray, dh: np.ndarray, ctx=None):
-    """g, u, dh [..., F] -> (dg, du)."""
+    """g, u, dh [..., F] -> (dg, du) (qlora_ext.gpu.kernels.swiglu_backward)."""
     g, u, dh = _same_f32(("g", "u", "dh"), (g, u, dh))
     ctx = _ctx(ctx)
-    dg, du = swiglu_backward_gpu(ctx, ctx.upload(g), ctx.upload(u), ctx.upload(dh))
+    dg, du = ctx.empty(g.shape), ctx.empty(g.shape)
+    kernels.swiglu_backward(ctx, *_rows(g), Operand(ctx.upload(g)), Operand(ctx.upload(u)), ctx.upload(dh),
+                            Operand(dg), Operand(du))
     return ctx.to_numpy(dg), ctx.to_numpy(du)
 
 
 # ---- embedding gather -----------------------------------------------------------------------
+
+_EW_WG = 64
 
 def embedding_gather_gpu(ctx: GpuContext, ids: GpuTensor, table: GpuTensor,
                          out: GpuTensor | None = None) -> GpuTensor:

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...nf4 import NF4_CODE, NF4Tensor
-from .context import GpuContext, GpuTensor, grid_2d
+from ..kernels import Nf4B, Operand
+from ..runtime import GpuContext, GpuTensor, grid_2d
 
 _WG = 256
 
@@ -23,6 +24,12 @@ class ResidentWeight:
     packed: GpuTensor | None = None
     absmax: GpuTensor | None = None
     blocksize: int = 64
+
+    def operand(self):
+        """W [out, in] as gemm.wgsl's B operand."""
+        if self.fp32 is not None:
+            return Operand(self.fp32, 0, self.shape[1])
+        return Nf4B(self.packed, self.absmax, self.shape[1], blocksize=self.blocksize)
 
 
 def host_arrays(w) -> dict:

@@ -1,0 +1,114 @@
+"""Tuning: every knob of the GPU code (tiles, splits, chunk sizes, trusted shader modules, the
+shader folder), read from the environment in ONE place and validated there, then passed in
+(GpuContext(tuning=...)).  A field left at None means "the per-adapter default" of the code
+that reads it; the checks that need the device (workgroup memory, threads) run where the
+value is used, and their messages name the variable too.
+
+    QLORA_EXT_GEMM_TILES=wgx,wgy,tm,tn,bk     gemm.wgsl tiles of the large GEMMs (benchmarks)
+    QLORA_EXT_GEMM_TILES_SMALL=wgx,wgy,tm,tn,bk   gemm.wgsl tiles of GEMMs with small grids
+    QLORA_EXT_GEMM_MIN_GROUPS=n               grids below n workgroups take the small tiles
+    QLORA_EXT_RESIDENT_GEMM_TILES=tm,tn,tk    resident_gemm.wgsl tiles of every fp32 product
+    QLORA_EXT_ATTN_TILES=br,bc,tm,tn[,dk4]    the attention kernels' register tiling
+    QLORA_EXT_ATTN_HEAD_SPLIT=0|1             GQA dk/dv: per-kv-head loop (0) or per query head (1)
+    QLORA_EXT_WGSL_TRUSTED=0|1                shader modules without naga's runtime bounds checks
+                                              (default: on for hardware GPUs, off for CPU adapters)
+    QLORA_EXT_WGSL_DEBUG=1                    on a shader compile error, print the WGSL with line
+                                              numbers to stderr
+    QLORA_EXT_SHADERS=DIR                     load shaders/<name>.wgsl from DIR first
+    QLORA_EXT_GPU_MEMORY_GIB=x                the GPU's free memory for the placement choice
+                                              (wgpu does not report it)"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+# Writes of at least STAGING_MIN_BYTES go up through one reused MAP_WRITE staging buffer of
+# STAGING_BYTES, chunk by chunk.  queue.write_buffer makes a staging buffer per call and keeps
+# it until the next submit; the construction-time uploads (GiBs, before any submit) piled up
+# as ~4 GiB of extra GPU memory for a 4B model on an H200, and a reused mapped buffer
+# uploads about twice as fast (GPU.md).  Smaller writes (ids, labels) stay on write_buffer.
+STAGING_MIN_BYTES = 1 << 20
+STAGING_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class Tuning:
+    gemm_tiles: tuple | None = None          # (wgx, wgy, tm, tn, bk)
+    gemm_tiles_small: tuple | None = None    # (wgx, wgy, tm, tn, bk)
+    gemm_min_groups: int | None = None
+    fp32_gemm_tiles: tuple | None = None     # (tm, tn, tk)
+    attn_tiles: tuple | None = None          # (br, bc, tm, tn) or (br, bc, tm, tn, dk4)
+    attn_head_split: bool | None = None
+    trusted: bool | None = None
+    wgsl_debug: bool = False
+    shader_dir: str | None = None
+    gpu_memory_gib: float | None = None
+    staging_bytes: int = STAGING_BYTES
+    staging_min_bytes: int = STAGING_MIN_BYTES
+
+    @property
+    def gemm_overridden(self) -> bool:
+        """True when any gemm.wgsl tile knob is set (the per-shape tables then step aside)."""
+        return any(v is not None for v in (self.gemm_tiles, self.gemm_tiles_small, self.gemm_min_groups))
+
+    @classmethod
+    def from_env(cls, environ=None) -> "Tuning":
+        """The knobs set in `environ` (default os.environ); a malformed value is a ValueError
+        naming the variable."""
+        env = os.environ if environ is None else environ
+
+        def get(var):
+            v = env.get(var)
+            return v.strip() if v is not None and v.strip() else None
+
+        kw = {}
+        for var, field, n in (("QLORA_EXT_GEMM_TILES", "gemm_tiles", (5,)),
+                              ("QLORA_EXT_GEMM_TILES_SMALL", "gemm_tiles_small", (5,)),
+                              ("QLORA_EXT_RESIDENT_GEMM_TILES", "fp32_gemm_tiles", (3,)),
+                              ("QLORA_EXT_ATTN_TILES", "attn_tiles", (4, 5))):
+            v = get(var)
+            if v is not None:
+                kw[field] = _ints(var, v, n)
+        v = get("QLORA_EXT_ATTN_TILES")
+        if v is not None:
+            br, bc, tm, tn = kw["attn_tiles"][:4]
+            if br % tm or bc % tn or bc % 4:
+                raise ValueError(f"QLORA_EXT_ATTN_TILES={v!r}: tm must divide br, tn must divide bc, "
+                                 "and bc must be a multiple of 4")
+        v = get("QLORA_EXT_GEMM_MIN_GROUPS")
+        if v is not None:
+            kw["gemm_min_groups"] = _ints("QLORA_EXT_GEMM_MIN_GROUPS", v, (1,))[0]
+        for var, field in (("QLORA_EXT_ATTN_HEAD_SPLIT", "attn_head_split"), ("QLORA_EXT_WGSL_TRUSTED", "trusted")):
+            v = get(var)
+            if v is not None:
+                if v not in ("0", "1"):
+                    raise ValueError(f"{var}={v!r}: expected 0 or 1")
+                kw[field] = v == "1"
+        v = get("QLORA_EXT_WGSL_DEBUG")
+        kw["wgsl_debug"] = v is not None and v != "0"
+        v = get("QLORA_EXT_SHADERS")
+        if v is not None:
+            if not os.path.isdir(v):
+                raise ValueError(f"QLORA_EXT_SHADERS={v!r}: not a directory")
+            kw["shader_dir"] = v
+        v = get("QLORA_EXT_GPU_MEMORY_GIB")
+        if v is not None:
+            try:
+                gib = float(v)
+            except ValueError:
+                gib = -1.0
+            if not gib >= 0.0 or gib == float("inf"):
+                raise ValueError(f"QLORA_EXT_GPU_MEMORY_GIB={v!r}: expected a number of GiB")
+            kw["gpu_memory_gib"] = gib
+        return cls(**kw)
+
+
+def _ints(var: str, text: str, counts: tuple) -> tuple:
+    try:
+        vals = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) not in counts or min(vals) < 1:
+        want = " or ".join(str(c) for c in counts)
+        raise ValueError(f"{var}={text!r}: expected {want} positive integers separated by commas")
+    return vals
