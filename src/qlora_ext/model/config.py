@@ -7,7 +7,7 @@ import os
 from dataclasses import InitVar, asdict, dataclass, field
 
 from .._native import require_memory
-from ..json_input import read_json
+from .json_input import read_json
 
 # config.json model_type -> our family; Mistral's dense models are Llama-shaped.
 MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}

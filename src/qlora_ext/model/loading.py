@@ -14,7 +14,7 @@ import re
 
 import numpy as np
 
-from ..json_input import read_json
+from .json_input import read_json
 from ..nf4 import quantize_nf4
 from ..progress import Progress
 from .config import ModelConfig

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._native import require_memory
-from ..json_input import read_json
+from .json_input import read_json
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTN_PROJECTIONS = PROJECTIONS[:4]

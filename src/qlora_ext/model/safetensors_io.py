@@ -15,7 +15,7 @@ import tempfile
 import numpy as np
 
 from .._native import kernels
-from ..json_input import parse_json
+from .json_input import parse_json
 from .mapped_file import MappedFile
 
 ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
