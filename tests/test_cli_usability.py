@@ -100,9 +100,9 @@ def test_train_log_has_a_line_per_phase(tmp_path, capsys, monkeypatch):
                      "--steps", "2", "--seq-len", "32", "--device", "cpu", "--out", str(tmp_path / "run")]) == 0
     err = capsys.readouterr().err
     for phase in ("loading m: 20/20 tensors, done in", "tokenizing d.jsonl: 8 records, done in",
-                  "eval loss (before): 2/2 batches, done in", "accuracy (before): 2/2 examples, done in",
+                  "eval loss (before): 2/2 batches, done in", "generating answers (before): 2/2 examples, done in",
                   "train: 2/2 steps, done in", "saving adapter: 1/1 files, done in",
-                  "eval loss (after): 2/2 batches, done in", "accuracy (after): 2/2 examples, done in"):
+                  "eval loss (after): 2/2 batches, done in", "generating answers (after): 2/2 examples, done in"):
         assert phase in err, (phase, err)
 
 

@@ -1,6 +1,5 @@
 """Data at scale: the tokenization cache, bounded memory, weighted mixtures, Parquet input."""
 import json
-import os
 import tracemalloc
 
 import numpy as np

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from model_factory import gguf_from_hf, make_tiny_checkpoint, write_gguf
+from model_factory import gguf_from_hf, make_tiny_checkpoint
 from qlora_ext import cli
 from qlora_ext.model.tokenizer import Tokenizer
 

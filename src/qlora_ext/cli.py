@@ -86,7 +86,8 @@ def _eval_report(trainer, eval_loader, pairs, n_acc, args, label) -> dict:
         out["eval_loss"] = loss
         out["eval_ppl"] = math.exp(loss) if loss < 50 else float("inf")
     if pairs and n_acc:
-        with _progress(min(n_acc, len(pairs)), f"accuracy ({label})", args, unit="example") as p:
+        # "generating", not "accuracy": the count is of answers generated, not of right ones
+        with _progress(min(n_acc, len(pairs)), f"generating answers ({label})", args, unit="example") as p:
             acc, outputs = exact_match(trainer.model, pairs[:n_acc], progress=p)
         out["accuracy"] = acc
         out["sample"] = outputs[0]
@@ -354,7 +355,7 @@ def cmd_eval(args) -> int:
         from .train.loop import exact_match
 
         pairs = _generation_pairs(spec, tok)[:n_acc]
-        with _progress(len(pairs), "accuracy", args, unit="example") as p:
+        with _progress(len(pairs), "generating answers", args, unit="example") as p:
             acc, _ = exact_match(model, pairs, progress=p)
         line += f"  exact-match accuracy {acc:.1%} ({round(acc * len(pairs))}/{len(pairs)})"
     print(line)
