@@ -5,7 +5,7 @@ and the fp32 LM head (logits x · Wᵀ, N = vocab; dhidden dlogits · W, K = voc
 chunk rows.  Shapes that repeat (k/v, gate/up) are timed once.
 
 Each GEMM is timed with GPU timestamp queries (median of --reps dispatches) for a list of
-variants: `current` is fused_gemm's per-shape tile choice; the others name gemm.wgsl tiles
+variants: `current` is kernels.resident_tiles' per-shape choice; the others name gemm.wgsl tiles
 (wgx,wgy,tm,tn,bk) and override constants; `base:` variants run a second shader given by
 --base-shader (another version of gemm.wgsl, for a before/after in one run); `probe:` variants
 run gemm.wgsl with every K tile fetched from k = 0 (the operands stay in L1/L2: the speed of
@@ -36,9 +36,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from bench_gemm import cublas_time  # noqa: E402
 from bench_resident_gemm import MODELS, fill, kernel_seconds, projections  # noqa: E402
 
-from qlora_ext.gpu.kernels import GemmTiles  # noqa: E402
-from qlora_ext.gpu.resident.fused_gemm import _tiles as fused_tiles  # noqa: E402
-from qlora_ext.gpu.resident.fused_gemm import fused_gemm_gpu  # noqa: E402
+from qlora_ext.gpu import kernels  # noqa: E402
+from qlora_ext.gpu.kernels import GemmTiles, Operand  # noqa: E402
 from qlora_ext.gpu.resident.weights import ResidentWeight  # noqa: E402
 
 RANK = 16
@@ -81,10 +80,10 @@ def step_shapes(model: str):
 
 def shader_dir_with(base_shader: str | None):
     """A folder for QLORA_EXT_SHADERS holding gemm_base (--base-shader) and gemm_probe."""
-    from qlora_ext.gpu.resident.context import load_shader_source
+    from qlora_ext.gpu.runtime import load_shader
 
     d = tempfile.mkdtemp(prefix="gemm_ceiling_")
-    src = load_shader_source("gemm")
+    src = load_shader("gemm")
     probe, n = re.subn(r"let kf = t \* BK;", "let kf = 0u;", src)
     if n != 1:
         raise ValueError("gemm.wgsl: the probe needs exactly one line 'let kf = t * BK;'")
@@ -114,7 +113,7 @@ def shader_dir_with(base_shader: str | None):
 
 
 def with_variant(ctx, shader: str, extra: dict):
-    """Route fused_gemm_gpu's 'gemm' pipelines to `shader` with extra override constants."""
+    """Route kernels.gemm's 'gemm' pipelines to `shader` with extra override constants."""
     cls_pipeline = type(ctx).pipeline
 
     def pipeline(name, entry, kinds, consts=None, overrides=None):
@@ -135,7 +134,7 @@ def run_shape(ctx, case, variants, reps, rng, bufs):
                            absmax=ctx.upload(rng.uniform(0.02, 0.06, (n + 63) // 64).astype(np.float32)))
     else:
         w = ResidentWeight((N, K) if b_t else (K, N), fp32=fill(ctx, N * K, rng, 0.02))
-    lora = (t, RANK, params, 0, lmode) if lmode else None
+    lora = (Operand(t), RANK, Operand(params), lmode) if lmode else None
     rows = []
     for label, tiles, extra in variants:
         prefix = label.partition(":")[0] if ":" in label else ""
@@ -148,8 +147,9 @@ def run_shape(ctx, case, variants, reps, rng, bufs):
             rows.append({"variant": label, "skipped": str(e)})
             continue
         with_variant(ctx, shader, extra)
-        used = tiles or fused_tiles(ctx, M, N)
-        rec = lambda: fused_gemm_gpu(ctx, M, N, K, a_buf, w, c_buf, b_t=b_t, lora=lora, tiles=used)  # noqa: E731
+        used = tiles or kernels.resident_tiles(ctx)(M, N)
+        rec = lambda: kernels.gemm(ctx, M, N, K, Operand(a_buf), w.operand(), Operand(c_buf), b_t=b_t,  # noqa: E731
+                                   lora=lora, tiles=used)
         s = kernel_seconds(ctx, rec, reps)[shader + ".main"]
         rows.append({"variant": label, "tiles": [used.wgx, used.wgy, used.tm, used.tn, used.bk], "extra": extra,
                      "s": s, "tflops": 2.0 * M * N * K / s / 1e12})
@@ -173,7 +173,7 @@ def main(argv=None):
         print(table(a.table))
         return
     os.environ["QLORA_EXT_SHADERS"] = shader_dir_with(a.base_shader)
-    from qlora_ext.gpu.resident.context import GpuContext
+    from qlora_ext.gpu.runtime import GpuContext
 
     ctx = GpuContext()
     if not ctx.has_timestamps:
@@ -205,11 +205,11 @@ def main(argv=None):
 
 
 def table(path: str, before: str = "base:b16,base:w8,base:s8") -> str:
-    """BENCHMARKS.md rows from a --json log: per GEMM, ours with fused_gemm's tile choice (the
+    """BENCHMARKS.md rows from a --json log: per GEMM, ours with resident_tiles' choice (the
     `current` row, else the row of the same tiles without a variant prefix), cuBLAS fp32 and the
     `before` variants (base: rows, in the order BIG, WIDE, SMALL) chosen by the previous rule:
     WIDE for N >= 32768, SMALL for 133-197 tiles of 128 x 128, else BIG."""
-    from qlora_ext.gpu.resident.fused_gemm import ResidentTiles
+    from qlora_ext.gpu.kernels import ResidentTiles
 
     chooser = object.__new__(ResidentTiles)
     chooser.own = True
@@ -238,7 +238,7 @@ def test_gemm_ceiling_smoke(tmp_path):
     """Every path of the script once on a tiny shape (software adapters included)."""
     import pytest
 
-    from qlora_ext.gpu.resident.context import unavailable_reason
+    from qlora_ext.gpu.runtime import unavailable_reason
 
     if unavailable_reason():
         pytest.skip(unavailable_reason())
