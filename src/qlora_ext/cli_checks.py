@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+from ._native import available_memory
+
 # Upper bounds keep a typo from asking for unbounded work or memory; each is far beyond
 # any real run (10^9 updates; 2^20 tokens per row; 2^16 rows; LoRA rank 2^16).
 MAX_STEPS = 10**9
@@ -113,22 +115,6 @@ def bounded_threads(threads):
     return threads
 
 
-def available_memory() -> int | None:
-    """Bytes of memory the system can still hand out (Linux MemAvailable, else free pages),
-    or None where neither is known."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
 def check_lora_fits(model, rank: int, targets: str | None) -> None:
     """ValueError, before anything is allocated, when the adapters of `rank` on `targets`
     (comma-separated; None = LoraConfig's default)
@@ -153,7 +139,7 @@ def check_lora_fits(model, rank: int, targets: str | None) -> None:
     except (OSError, ValueError, TypeError, KeyError):
         return
     need, free = 4 * 4 * rank * per_rank, available_memory()
-    if free is not None and need > free:
+    if need > free:
         raise ValueError(f"--lora-rank {rank}: the adapters, their gradients and AdamW moments need "
                          f"{need / 2**30:,.1f} GiB, more than the {free / 2**30:,.1f} GiB of memory available")
 

@@ -13,19 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._native import available_memory
+
 # The cache may take at most this share of the memory the OS reports as available.
 CACHE_MEMORY_SHARE = 0.5
-
-
-def _available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 class KVCache:
@@ -35,8 +26,8 @@ class KVCache:
 
     def __init__(self, layers: int, rows: int, slots: int, Hkv: int, D: int):
         need = 2 * layers * rows * slots * Hkv * D * 4
-        avail = _available_bytes()
-        if avail is not None and need > CACHE_MEMORY_SHARE * avail:
+        avail = available_memory()
+        if need > CACHE_MEMORY_SHARE * avail:
             raise ValueError(f"max_new_tokens: the KV cache for {rows} prompt(s) x {slots} positions needs "
                              f"{need / 2**30:.1f} GiB, more than half of the {avail / 2**30:.1f} GiB available")
         self.k = [np.zeros((rows, slots, Hkv, D), np.float32) for _ in range(layers)]
