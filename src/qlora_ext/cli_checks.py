@@ -203,14 +203,14 @@ def prepare_train_outputs(args, comm, out, ckpt):
 def error_line(e: Exception) -> str:
     """The message of `e` on one line; errors that are not about the input say what they are."""
     text = " ".join(str(e).split())
+    from .gpu.runtime import GpuError   # an OSError: labelled before the generic case
+
+    if isinstance(e, GpuError):
+        return f"GPU: {text}"
     if isinstance(e, (ValueError, OSError)):
         return text or type(e).__name__
     if isinstance(e, MemoryError):
         return "out of memory" + (f" ({text})" if text else "") + "; try smaller --batch-size/--seq-len"
-    from .gpu.runtime import GpuError
-
-    if isinstance(e, GpuError):
-        return f"GPU: {text}"
     if isinstance(e, RecursionError):
         return f"input nested too deeply ({text})"
     return f"{type(e).__name__}: {text} (an internal error; QLORA_EXT_DEBUG=1 shows where)"
