@@ -59,8 +59,9 @@ static void *alloc64(size_t bytes) {
 /* ---- scalar reference ------------------------------------------------------------------ */
 /* Sequential fp32 sums in depth order.  Parallel over out features (xwt) or in-feature
    column chunks (xw), so no thread decodes what another one does. */
-static int xwt_scalar(const float *x, const uint8_t *packed, const float *absmax, int sh,
-                      int64_t n, int64_t O, int64_t I, float *y, int bf16, int nt) {
+static int xwt_scalar(const float *x, int64_t ldx, const uint8_t *packed, const float *absmax,
+                      int sh, int64_t n, int64_t O, int64_t I, float *y, int64_t ldy, int bf16,
+                      int nt) {
   int failed = 0;
 #pragma omp parallel num_threads(nt)
   {
@@ -77,13 +78,13 @@ static int xwt_scalar(const float *x, const uint8_t *packed, const float *absmax
         wrow[i] = bf16 ? round_bf16(w) : w;
       }
       for (int64_t r = 0; r < n; r++) {
-        const float *xr = x + r * I;
+        const float *xr = x + r * ldx;
         float acc = 0.0f;
         if (bf16)
           for (int64_t i = 0; i < I; i++) acc += round_bf16(xr[i]) * wrow[i];
         else
           for (int64_t i = 0; i < I; i++) acc += xr[i] * wrow[i];
-        y[r * O + o] = acc;
+        y[r * ldy + o] = acc;
       }
     }
     free(wrow);
@@ -91,8 +92,9 @@ static int xwt_scalar(const float *x, const uint8_t *packed, const float *absmax
   return failed ? QX_E_NOMEM : QX_OK;
 }
 
-static int xw_scalar(const float *dy, const uint8_t *packed, const float *absmax, int sh,
-                     int64_t n, int64_t O, int64_t I, float *dx, int bf16, int nt) {
+static int xw_scalar(const float *dy, int64_t lddy, const uint8_t *packed, const float *absmax,
+                     int sh, int64_t n, int64_t O, int64_t I, float *dx, int64_t lddx, int bf16,
+                     int nt) {
   const int64_t chunk = 256, nchunks = ceil_div(I, chunk);
   int failed = 0;
 #pragma omp parallel num_threads(nt)
@@ -106,15 +108,15 @@ static int xw_scalar(const float *dy, const uint8_t *packed, const float *absmax
     for (int64_t c = 0; c < nchunks; c++) {
       if (!wrow) continue;
       int64_t i0 = c * chunk, len = I - i0 < chunk ? I - i0 : chunk;
-      for (int64_t r = 0; r < n; r++) memset(dx + r * I + i0, 0, (size_t)len * sizeof(float));
+      for (int64_t r = 0; r < n; r++) memset(dx + r * lddx + i0, 0, (size_t)len * sizeof(float));
       for (int64_t o = 0; o < O; o++) {
         for (int64_t i = 0; i < len; i++) {
           float w = nf4_at(packed, absmax, sh, o * I + i0 + i);
           wrow[i] = bf16 ? round_bf16(w) : w;
         }
         for (int64_t r = 0; r < n; r++) {
-          float a = bf16 ? round_bf16(dy[r * O + o]) : dy[r * O + o];
-          float *d = dx + r * I + i0;
+          float a = bf16 ? round_bf16(dy[r * lddy + o]) : dy[r * lddy + o];
+          float *d = dx + r * lddx + i0;
           for (int64_t i = 0; i < len; i++) d[i] += a * wrow[i];
         }
       }
@@ -260,30 +262,31 @@ QX_TARGET_AVX512BF16 static inline __m512i interleave_pairs(__m512 r0, __m512 r1
 }
 
 /* ---- y = x Wᵀ ----------------------------------------------------------------------------- */
-/* Tile yᵀ[r][l] -> y[(n0 + l) * O + o0 + r]. */
+/* Tile yᵀ[r][l] -> y[(n0 + l) * ldy + o0 + r]. */
 static inline void store_transposed(const float *tile, int mr, int64_t n0, int64_t nl, int64_t o0,
-                                    int64_t O, float *y) {
+                                    int64_t ldy, float *y) {
   for (int64_t l = 0; l < nl; l++) {
-    float *dst = y + (n0 + l) * O + o0;
+    float *dst = y + (n0 + l) * ldy + o0;
     for (int r = 0; r < mr; r++) dst[r] = tile[r * NR + l];
   }
 }
 
 /* Transposed activation panel: strip s holds lanes n = s*NR + l, depth `dep` steps of `wpe`
    words (1 float or 1 bf16 pair).  Rows past N stay zero. */
-QX_TARGET_AVX512BF16 static void xpanel_bf16_rows(const float *x, int64_t r0, int64_t r1, int64_t I,
-                                                  int64_t Ih, uint32_t *xp, uint32_t *rowbuf) {
+QX_TARGET_AVX512BF16 static void xpanel_bf16_rows(const float *x, int64_t ldx, int64_t r0,
+                                                  int64_t r1, int64_t I, int64_t Ih, uint32_t *xp,
+                                                  uint32_t *rowbuf) {
   for (int64_t r = r0; r < r1; r++) {
-    pairs_of_row(x + r * I, I, rowbuf);
+    pairs_of_row(x + r * ldx, I, rowbuf);
     uint32_t *dst = xp + (r / NR) * Ih * NR + (r % NR);
     for (int64_t k = 0; k < Ih; k++) dst[k * NR] = rowbuf[k];
   }
 }
 
-QX_TARGET_AVX512 static void xpanel_f32_rows(const float *x, int64_t r0, int64_t r1, int64_t I,
-                                             int bf16, float *xp, float *rowbuf) {
+QX_TARGET_AVX512 static void xpanel_f32_rows(const float *x, int64_t ldx, int64_t r0, int64_t r1,
+                                             int64_t I, int bf16, float *xp, float *rowbuf) {
   for (int64_t r = r0; r < r1; r++) {
-    const float *src = x + r * I;
+    const float *src = x + r * ldx;
     if (bf16) {
       round_row_f32(src, I, rowbuf);
       src = rowbuf;
@@ -293,8 +296,9 @@ QX_TARGET_AVX512 static void xpanel_f32_rows(const float *x, int64_t r0, int64_t
   }
 }
 
-static int xwt_avx512(const float *x, const uint8_t *packed, const float *absmax, int sh,
-                      int64_t n, int64_t O, int64_t I, float *y, int mode, int native_bf16, int nt) {
+static int xwt_avx512(const float *x, int64_t ldx, const uint8_t *packed, const float *absmax,
+                      int sh, int64_t n, int64_t O, int64_t I, float *y, int64_t ldy, int mode,
+                      int native_bf16, int nt) {
   const int pairs = mode == QX_MM_BF16 && native_bf16;
   const int round = mode == QX_MM_BF16 && !native_bf16;
   const int64_t nstrips = ceil_div(n, NR), Ih = ceil_div(I, 2);
@@ -322,9 +326,9 @@ static int xwt_avx512(const float *x, const uint8_t *packed, const float *absmax
       if (!ok) continue;
       int64_t r0 = s * NR, r1 = r0 + NR < n ? r0 + NR : n;
       if (pairs)
-        xpanel_bf16_rows(x, r0, r1, I, Ih, (uint32_t *)xp, (uint32_t *)rowbuf);
+        xpanel_bf16_rows(x, ldx, r0, r1, I, Ih, (uint32_t *)xp, (uint32_t *)rowbuf);
       else
-        xpanel_f32_rows(x, r0, r1, I, round, (float *)xp, rowbuf);
+        xpanel_f32_rows(x, ldx, r0, r1, I, round, (float *)xp, rowbuf);
     }
 #pragma omp barrier
 #pragma omp for schedule(dynamic, 1)
@@ -346,7 +350,7 @@ static int xwt_avx512(const float *x, const uint8_t *packed, const float *absmax
         else
           mk_f32((const float *)wr, depth, (const float *)xp + s * depth * NR, depth, mr, tile);
         int64_t n0 = s * NR, nl = n - n0 < NR ? n - n0 : NR;
-        store_transposed(tile, mr, n0, nl, o0, O, y);
+        store_transposed(tile, mr, n0, nl, o0, ldy, y);
       }
     }
     free(rowbuf);
@@ -385,8 +389,9 @@ QX_TARGET_AVX512BF16 static void wpanel_bf16(const uint8_t *packed, const float 
   }
 }
 
-static int xw_avx512(const float *dy, const uint8_t *packed, const float *absmax, int sh,
-                     int64_t n, int64_t O, int64_t I, float *dx, int mode, int native_bf16, int nt) {
+static int xw_avx512(const float *dy, int64_t lddy, const uint8_t *packed, const float *absmax,
+                     int sh, int64_t n, int64_t O, int64_t I, float *dx, int64_t lddx, int mode,
+                     int native_bf16, int nt) {
   const int pairs = mode == QX_MM_BF16 && native_bf16;
   const int round = mode == QX_MM_BF16 && !native_bf16;
   const int64_t Oh = ceil_div(O, 2), depth = pairs ? Oh : O;
@@ -398,6 +403,7 @@ static int xw_avx512(const float *dy, const uint8_t *packed, const float *absmax
     if (!a) return QX_E_NOMEM;
   }
   const void *A = a ? (const void *)a : (const void *)dy;
+  const int64_t lda = a ? depth : lddy;
   if (nt > pstrips) nt = (int)pstrips;
   int failed = 0;
 #pragma omp parallel num_threads(nt)
@@ -412,9 +418,9 @@ static int xw_avx512(const float *dy, const uint8_t *packed, const float *absmax
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < n; r++) {
         if (pairs)
-          pairs_of_row(dy + r * O, O, (uint32_t *)a + r * depth);
+          pairs_of_row(dy + r * lddy, O, (uint32_t *)a + r * depth);
         else
-          round_row_f32(dy + r * O, O, (float *)a + r * depth);
+          round_row_f32(dy + r * lddy, O, (float *)a + r * depth);
       }
     }
 #pragma omp for schedule(dynamic, 1)
@@ -428,11 +434,11 @@ static int xw_avx512(const float *dy, const uint8_t *packed, const float *absmax
       for (int64_t n0 = 0; n0 < n; n0 += MR) {
         int mr = (int)(n - n0 < MR ? n - n0 : MR);
         if (pairs)
-          mk_bf16((const uint32_t *)A + n0 * depth, depth, (const uint32_t *)bp, depth, mr, tile);
+          mk_bf16((const uint32_t *)A + n0 * lda, lda, (const uint32_t *)bp, depth, mr, tile);
         else
-          mk_f32((const float *)A + n0 * depth, depth, (const float *)bp, depth, mr, tile);
+          mk_f32((const float *)A + n0 * lda, lda, (const float *)bp, depth, mr, tile);
         for (int r = 0; r < mr; r++)
-          memcpy(dx + (n0 + r) * I + p0, tile + r * NR, (size_t)w * sizeof(float));
+          memcpy(dx + (n0 + r) * lddx + p0, tile + r * NR, (size_t)w * sizeof(float));
       }
     }
     free(bp);
@@ -457,47 +463,51 @@ static int check_args(int64_t blocksize, int64_t n, int64_t out_f, int64_t in_f,
   return QX_OK;
 }
 
-int qx_nf4_matmul_xwt(const float *x, const uint8_t *packed, const float *absmax,
+int qx_nf4_matmul_xwt(const float *x, int64_t ldx, const uint8_t *packed, const float *absmax,
                       int64_t blocksize, int64_t n, int64_t out_f, int64_t in_f, float *y,
-                      int mode, int nthreads) {
+                      int64_t ldy, int mode, int nthreads) {
   int sh;
   int rc = check_args(blocksize, n, out_f, in_f, mode, &sh);
   if (rc != QX_OK) return rc;
+  if (ldx < in_f || ldy < out_f || (n && (ldx > INT64_MAX / 8 / n || ldy > INT64_MAX / 8 / n)))
+    return QX_E_SIZE;
   if (n == 0 || out_f == 0) return QX_OK;
   if (in_f == 0) {
-    memset(y, 0, (size_t)(n * out_f) * sizeof(float));
+    for (int64_t r = 0; r < n; r++) memset(y + r * ldy, 0, (size_t)out_f * sizeof(float));
     return QX_OK;
   }
   int nt = qx_threads(nthreads);
   const int level = qx_cpu_level();
 #if QX_X86
   if (level >= QX_LEVEL_AVX512)
-    return xwt_avx512(x, packed, absmax, sh, n, out_f, in_f, y, mode,
+    return xwt_avx512(x, ldx, packed, absmax, sh, n, out_f, in_f, y, ldy, mode,
                       level >= QX_LEVEL_AVX512_BF16, nt);
 #endif
   (void)level;
-  return xwt_scalar(x, packed, absmax, sh, n, out_f, in_f, y, mode == QX_MM_BF16,
+  return xwt_scalar(x, ldx, packed, absmax, sh, n, out_f, in_f, y, ldy, mode == QX_MM_BF16,
                     nt > out_f ? (int)out_f : nt);
 }
 
-int qx_nf4_matmul_xw(const float *dy, const uint8_t *packed, const float *absmax,
+int qx_nf4_matmul_xw(const float *dy, int64_t lddy, const uint8_t *packed, const float *absmax,
                      int64_t blocksize, int64_t n, int64_t out_f, int64_t in_f, float *dx,
-                     int mode, int nthreads) {
+                     int64_t lddx, int mode, int nthreads) {
   int sh;
   int rc = check_args(blocksize, n, out_f, in_f, mode, &sh);
   if (rc != QX_OK) return rc;
+  if (lddy < out_f || lddx < in_f || (n && (lddy > INT64_MAX / 8 / n || lddx > INT64_MAX / 8 / n)))
+    return QX_E_SIZE;
   if (n == 0 || in_f == 0) return QX_OK;
   if (out_f == 0) {
-    memset(dx, 0, (size_t)(n * in_f) * sizeof(float));
+    for (int64_t r = 0; r < n; r++) memset(dx + r * lddx, 0, (size_t)in_f * sizeof(float));
     return QX_OK;
   }
   int nt = qx_threads(nthreads);
   const int level = qx_cpu_level();
 #if QX_X86
   if (level >= QX_LEVEL_AVX512)
-    return xw_avx512(dy, packed, absmax, sh, n, out_f, in_f, dx, mode,
+    return xw_avx512(dy, lddy, packed, absmax, sh, n, out_f, in_f, dx, lddx, mode,
                      level >= QX_LEVEL_AVX512_BF16, nt);
 #endif
   (void)level;
-  return xw_scalar(dy, packed, absmax, sh, n, out_f, in_f, dx, mode == QX_MM_BF16, nt);
+  return xw_scalar(dy, lddy, packed, absmax, sh, n, out_f, in_f, dx, lddx, mode == QX_MM_BF16, nt);
 }

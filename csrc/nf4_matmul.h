@@ -18,14 +18,19 @@
 
 enum { QX_MM_F32 = 0, QX_MM_BF16 = 1 };
 
-/* x is (N, I), y is (N, O):  y = x Wᵀ. */
-int qx_nf4_matmul_xwt(const float *x, const uint8_t *packed, const float *absmax,
-                      int64_t blocksize, int64_t n, int64_t out_f, int64_t in_f, float *y,
-                      int mode, int nthreads);
+/* Activation matrices are row-major with a row stride (ld*, in elements, >= their width), so
+ * that column slices of a wider matrix (the FFN's [gate | up]) are read and written in place.
+ * nthreads <= 0: all cores; the kernels use at most one thread per output tile column. */
 
-/* dy is (N, O), dx is (N, I):  dx = dy W  (the input gradient of y = x Wᵀ). */
-int qx_nf4_matmul_xw(const float *dy, const uint8_t *packed, const float *absmax,
+/* x is (N, I) with row stride ldx, y is (N, O) with row stride ldy:  y = x Wᵀ. */
+int qx_nf4_matmul_xwt(const float *x, int64_t ldx, const uint8_t *packed, const float *absmax,
+                      int64_t blocksize, int64_t n, int64_t out_f, int64_t in_f, float *y,
+                      int64_t ldy, int mode, int nthreads);
+
+/* dy is (N, O) with row stride lddy, dx is (N, I) with row stride lddx:  dx = dy W  (the
+ * input gradient of y = x Wᵀ). */
+int qx_nf4_matmul_xw(const float *dy, int64_t lddy, const uint8_t *packed, const float *absmax,
                      int64_t blocksize, int64_t n, int64_t out_f, int64_t in_f, float *dx,
-                     int mode, int nthreads);
+                     int64_t lddx, int mode, int nthreads);
 
 #endif
