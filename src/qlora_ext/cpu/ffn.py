@@ -7,6 +7,10 @@ Shapes (Llama/Qwen MLP), N = all token rows of the batch, H = hidden, I = interm
     y  = h Wdᵀ        [N, H]
     LoRA on proj p with input z: + scale · ((drop(z) Aᵀ) Bᵀ),  A [r, in], B [out, r]
 
+The products with the frozen weights go through qlora_ext.cpu.base_matmul, in the backend's
+compute_dtype ("fp32" exact, or "bf16"; DecoderLayers sets it from LoraConfig); on AVX-512 it
+decodes NF4 inside the GEMM and the buffers below are not used.
+
 Weights: each layer's NF4 weights are dequantized just in time into two reused fp32 buffers
 ([2I, H] for gate+up, [H, I] for down) and are overwritten by the next layer.  The buffers
 remember which layer they hold, so the backward of the layer the forward just ran (the last
@@ -19,6 +23,7 @@ import numpy as np
 from ..backend import FfnBackend, FfnGrads, FfnLora
 from ..model.lora import PROJECTIONS
 from ..nf4 import NF4Tensor, dequantize_nf4
+from .base_matmul import base_matmul, fused_nf4_available
 
 FFN_PROJ = ("gate_proj", "up_proj", "down_proj")
 
@@ -162,6 +167,7 @@ class CpuFfnBackend(FfnBackend):
         # dequant, the whole FFN fwd+bwd 1.5-2x slower).  One thread dequantizes at ~7 Gelem/s,
         # a few percent of the sgemm time at N >= 512.  BLAS keeps its own thread setting.
         self.threads = threads
+        self.compute_dtype = "fp32"  # of the frozen products (qlora_ext.cpu.base_matmul)
         self.state = None
         self._wgu = self._wd = None  # reused fp32 buffers [2I, H], [H, I]
         self._held = None            # layer index whose weights are in the buffers
@@ -181,6 +187,8 @@ class CpuFfnBackend(FfnBackend):
             raise ValueError(f"layer {layer} out of range [0, {len(self.state.layers)})")
         proj = self.state.layers[layer].proj
         wg, wu, wd = proj["gate_proj"], proj["up_proj"], proj["down_proj"]
+        if all(isinstance(w, NF4Tensor) for w in (wg, wu, wd)) and fused_nf4_available():
+            return (wg, wu), wd  # decoded inside base_matmul's kernel
         H, I = self.hidden, self.inter
         fresh = self._held != layer
         if isinstance(wg, NF4Tensor) and isinstance(wu, NF4Tensor):
@@ -213,20 +221,20 @@ class CpuFfnBackend(FfnBackend):
         gate_up, wd = self._weights(layer)
         check_lora(lora, self.shapes)
         I = self.inter
-        N = x.shape[0]
+        N, cd = x.shape[0], self.compute_dtype
         if isinstance(gate_up, np.ndarray):
-            gu = x @ gate_up.T                                   # [N, 2I], one sgemm
+            gu = base_matmul(x, gate_up, cd)                     # [N, 2I], one product
         else:
             gu = np.empty((N, 2 * I), dtype=np.float32)
-            np.matmul(x, gate_up[0].T, out=gu[:, :I])
-            np.matmul(x, gate_up[1].T, out=gu[:, I:])
+            base_matmul(x, gate_up[0], cd, out=gu[:, :I])
+            base_matmul(x, gate_up[1], cd, out=gu[:, I:])
         ctx = _Ctx(layer, x, gu, lora) if need_backward else None
         pairs = lora.pairs if lora is not None else {}
         for p, sl in (("gate_proj", slice(0, I)), ("up_proj", slice(I, 2 * I))):
             if p in pairs:
                 gu[:, sl] += self._lora_fwd(ctx, layer, p, x, pairs[p], lora)
         h, _ = silu_mul(gu, I)
-        y = h @ wd.T                                             # [N, H]
+        y = base_matmul(h, wd, cd)                               # [N, H]
         if "down_proj" in pairs:
             y += self._lora_fwd(ctx, layer, "down_proj", h, pairs["down_proj"], lora)
         if while_waiting is not None:  # nothing to overlap on the host: run it after
@@ -257,7 +265,8 @@ class CpuFfnBackend(FfnBackend):
         pairs = ctx.lora.pairs if ctx.lora is not None else {}
         grads = {}
         h, sig = silu_mul(ctx.gu, I)
-        dh = dy @ wd                                             # [N, I]
+        cd = self.compute_dtype
+        dh = base_matmul(dy, wd, cd, transpose=False)            # [N, I]
         if "down_proj" in pairs:
             dh += self._lora_bwd(ctx, "down_proj", h, pairs["down_proj"], dy, grads)
         del h
@@ -276,10 +285,10 @@ class CpuFfnBackend(FfnBackend):
         dg *= dh
         del dh, sig
         if isinstance(gate_up, np.ndarray):
-            dx = dgu @ gate_up                                   # [N, H], one sgemm
+            dx = base_matmul(dgu, gate_up, cd, transpose=False)  # [N, H], one product
         else:
-            dx = dg @ gate_up[0]
-            dx += du @ gate_up[1]
+            dx = base_matmul(dg, gate_up[0], cd, transpose=False)
+            dx += base_matmul(du, gate_up[1], cd, transpose=False)
         for p, d in (("gate_proj", dg), ("up_proj", du)):
             if p in pairs:
                 dx += self._lora_bwd(ctx, p, ctx.x, pairs[p], np.ascontiguousarray(d), grads)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backend import FfnLora
+from ..cpu.base_matmul import base_matmul, check_compute_dtype, fused_nf4_available
 from ..nf4 import dequantize_nf4
 from .lora import ATTN_PROJECTIONS, FFN_PROJECTIONS, PROJECTIONS, LoraPair, peft_name
 
@@ -84,9 +85,11 @@ class LinearCtx:
     mask: np.ndarray | None = None
 
 
-def lora_linear_forward(x, W, bias, pair: LoraPair | None, mask=None, keep=True):
-    """x [N, in], W [out, in] -> y [N, out] = x Wᵀ + bias + scale (xd Aᵀ) Bᵀ, xd = x * mask."""
-    y = x @ W.T
+def lora_linear_forward(x, W, bias, pair: LoraPair | None, mask=None, keep=True,
+                        compute_dtype="fp32", threads=None):
+    """x [N, in], W [out, in] -> y [N, out] = x Wᵀ + bias + scale (xd Aᵀ) Bᵀ, xd = x * mask.
+    W is float32 or NF4; only x Wᵀ takes compute_dtype (qlora_ext.cpu.base_matmul)."""
+    y = base_matmul(x, W, compute_dtype, transpose=True, threads=threads)
     if bias is not None:
         y += bias
     if pair is None:
@@ -98,9 +101,11 @@ def lora_linear_forward(x, W, bias, pair: LoraPair | None, mask=None, keep=True)
     return y, (LinearCtx(xd, u, mask) if keep else None)
 
 
-def lora_linear_backward(dy, W, pair: LoraPair | None, ctx: LinearCtx | None, need_dx: bool = True):
-    """dy [N, out] -> (dx [N, in] or None when not needed, dA [r, in] | None, dB [out, r] | None)."""
-    dx = dy @ W if need_dx else None
+def lora_linear_backward(dy, W, pair: LoraPair | None, ctx: LinearCtx | None, need_dx: bool = True,
+                         compute_dtype="fp32", threads=None):
+    """dy [N, out] -> (dx [N, in] or None when not needed, dA [r, in] | None, dB [out, r] | None).
+    Only dy W takes compute_dtype; dA and dB stay float32."""
+    dx = base_matmul(dy, W, compute_dtype, transpose=False, threads=threads) if need_dx else None
     if pair is None:
         return dx, None, None
     dB = dy.T @ ctx.u                     # [out, r]  (u already carries the scale)
@@ -170,6 +175,10 @@ class DecoderLayers:
         self.tables = kernels.rope_tables(self.D, int(cfg.max_position_embeddings),
                                           float(cfg.rope_theta), cfg.rope_scaling)
         self._buffers: dict = {}
+        # the frozen base's products (attention projections here, the FFN on a CPU backend)
+        self.compute_dtype = check_compute_dtype(lora.config.compute_dtype) if lora is not None else "fp32"
+        if hasattr(backend, "compute_dtype"):
+            backend.compute_dtype = self.compute_dtype
 
     # Attention work (B * Hq * T^2 * D) above which it gets every core by default.
     ATTENTION_ALL_CORES_WORK = 1 << 28
@@ -191,13 +200,14 @@ class DecoderLayers:
             self.tables = self.k.rope_tables(self.D, n, float(self.cfg.rope_theta), self.cfg.rope_scaling)
 
     # -- weights, dequantized just in time into buffers reused across layers
-    def weight(self, l: int, name: str) -> np.ndarray:
-        """float32 [out, in]; an NF4 weight is dequantized into a buffer per projection that
+    def weight(self, l: int, name: str):
+        """[out, in]: the NF4Tensor itself where the fused kernel decodes it inside the GEMM
+        (AVX-512), else float32: an NF4 weight is dequantized into a buffer per projection that
         remembers its layer, so a backward (or checkpointed recompute) right after the same
         layer's forward reuses it."""
         lw = self.state.layers[l]
         w = lw.proj[name]
-        if isinstance(w, np.ndarray):
+        if isinstance(w, np.ndarray) or fused_nf4_available():
             return w
         held = self._buffers.get(name)
         if held is not None and held[0] == l:
@@ -253,7 +263,8 @@ class DecoderLayers:
             for proj in ("q_proj", "k_proj", "v_proj"):
                 bias = _bias(lw, proj)
                 y, c = lora_linear_forward(h1, self.weight(l, proj), bias, self._pair(l, proj),
-                                           self._mask_for(inp, l, proj, h1.shape), keep)
+                                           self._mask_for(inp, l, proj, h1.shape), keep,
+                                           self.compute_dtype, self.user_attention_threads)
                 outs[proj], lin[proj] = y, c
         q = outs["q_proj"].reshape(B, T, Hq, D)
         kk = outs["k_proj"].reshape(B, T, Hkv, D)
@@ -279,7 +290,8 @@ class DecoderLayers:
         with tm("projections"):
             o, lin["o_proj"] = lora_linear_forward(a2, self.weight(l, "o_proj"), _bias(lw, "o_proj"),
                                                    self._pair(l, "o_proj"),
-                                                   self._mask_for(inp, l, "o_proj", a2.shape), keep)
+                                                   self._mask_for(inp, l, "o_proj", a2.shape), keep,
+                                                   self.compute_dtype, self.user_attention_threads)
         x2 = o
         x2 += x
         with tm("norms"):
@@ -360,7 +372,8 @@ class DecoderLayers:
         if not need_dx and pair is None:
             return None
         W = self.weight(l, proj) if need_dx else None
-        dx, dA, dB = lora_linear_backward(dy, W, pair, acts.lin.get(proj), need_dx)
+        dx, dA, dB = lora_linear_backward(dy, W, pair, acts.lin.get(proj), need_dx,
+                                          self.compute_dtype, self.user_attention_threads)
         if dA is not None:
             grads[peft_name(l, proj, "A")] += dA
             grads[peft_name(l, proj, "B")] += dB

@@ -31,8 +31,14 @@ class LoraConfig:
     target_modules: tuple = PROJECTIONS
     dropout: float = 0.0
     use_rslora: bool = False
+    # precision of the frozen base's products on the CPU, as bitsandbytes' bnb_4bit_compute_dtype:
+    # "fp32" (exact) or "bf16" (qlora_ext.cpu.base_matmul); the adapters always train in fp32
+    compute_dtype: str = "fp32"
 
     def __post_init__(self):
+        from ..cpu.base_matmul import check_compute_dtype
+
+        self.compute_dtype = check_compute_dtype(self.compute_dtype, "LoraConfig.compute_dtype")
         if not isinstance(self.r, (int, np.integer)) or self.r < 1:
             raise ValueError(f"LoRA rank r must be a positive int, got {self.r!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
