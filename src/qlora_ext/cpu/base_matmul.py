@@ -39,6 +39,20 @@ def fused_nf4_available() -> bool:
     return kernels().cpu_level_name() in ("avx512", "avx512_bf16")
 
 
+def describe(compute_dtype: str) -> str:
+    """How the frozen base's NF4 products run here, for the command line's setup lines."""
+    compute_dtype = check_compute_dtype(compute_dtype)
+    level = kernels().cpu_level_name()
+    if compute_dtype == "fp32":
+        how = "NF4 decoded in the GEMM" if fused_nf4_available() else "dequantize + BLAS"
+        return f"fp32 (exact; {how}, {level})"
+    if level == "avx512_bf16":
+        return "bf16 (vdpbf16ps, fp32 sums; avx512_bf16)"
+    if level == "avx512":
+        return "bf16 (bf16-rounded operands, fp32 FMA; avx512 without BF16)"
+    return f"bf16 (bf16-rounded operands, BLAS fp32 sums; {level})"
+
+
 def round_to_bf16(a: np.ndarray) -> np.ndarray:
     """float32 copy of `a` with every value rounded to the nearest bf16 (ties to even); NaN
     stays NaN."""
