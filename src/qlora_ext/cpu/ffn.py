@@ -8,8 +8,8 @@ Shapes (Llama/Qwen MLP), N = all token rows of the batch, H = hidden, I = interm
     LoRA on proj p with input z: + scale · ((drop(z) Aᵀ) Bᵀ),  A [r, in], B [out, r]
 
 The products with the frozen weights go through qlora_ext.cpu.base_matmul, in the backend's
-compute_dtype ("fp32" exact, or "bf16"; DecoderLayers sets it from LoraConfig); on AVX-512 it
-decodes NF4 inside the GEMM and the buffers below are not used.
+compute_dtype ("fp32" exact, or "bf16"; DecoderLayers sets it from LoraConfig through
+set_base_products); on AVX-512 it decodes NF4 inside the GEMM and the buffers below are unused.
 
 Weights: each layer's NF4 weights are dequantized just in time into two reused fp32 buffers
 ([2I, H] for gate+up, [H, I] for down) and are overwritten by the next layer.  The buffers
@@ -168,9 +168,14 @@ class CpuFfnBackend(FfnBackend):
         # a few percent of the sgemm time at N >= 512.  BLAS keeps its own thread setting.
         self.threads = threads
         self.compute_dtype = "fp32"  # of the frozen products (qlora_ext.cpu.base_matmul)
+        self.base_threads = None     # their threads (None: QLORA_EXT_THREADS, else all cores)
         self.state = None
         self._wgu = self._wd = None  # reused fp32 buffers [2I, H], [H, I]
         self._held = None            # layer index whose weights are in the buffers
+
+    def set_base_products(self, compute_dtype: str, threads: int | None) -> None:
+        """The model's compute_dtype and thread count for the products with the frozen weights."""
+        self.compute_dtype, self.base_threads = compute_dtype, threads
 
     # -- weights -------------------------------------------------------------------------------
     def prepare(self, state) -> None:
@@ -221,20 +226,20 @@ class CpuFfnBackend(FfnBackend):
         gate_up, wd = self._weights(layer)
         check_lora(lora, self.shapes)
         I = self.inter
-        N, cd = x.shape[0], self.compute_dtype
+        N, cd, nt = x.shape[0], self.compute_dtype, self.base_threads
         if isinstance(gate_up, np.ndarray):
-            gu = base_matmul(x, gate_up, cd)                     # [N, 2I], one product
+            gu = base_matmul(x, gate_up, cd, threads=nt)         # [N, 2I], one product
         else:
             gu = np.empty((N, 2 * I), dtype=np.float32)
-            base_matmul(x, gate_up[0], cd, out=gu[:, :I])
-            base_matmul(x, gate_up[1], cd, out=gu[:, I:])
+            base_matmul(x, gate_up[0], cd, threads=nt, out=gu[:, :I])
+            base_matmul(x, gate_up[1], cd, threads=nt, out=gu[:, I:])
         ctx = _Ctx(layer, x, gu, lora) if need_backward else None
         pairs = lora.pairs if lora is not None else {}
         for p, sl in (("gate_proj", slice(0, I)), ("up_proj", slice(I, 2 * I))):
             if p in pairs:
                 gu[:, sl] += self._lora_fwd(ctx, layer, p, x, pairs[p], lora)
         h, _ = silu_mul(gu, I)
-        y = base_matmul(h, wd, cd)                               # [N, H]
+        y = base_matmul(h, wd, cd, threads=nt)                   # [N, H]
         if "down_proj" in pairs:
             y += self._lora_fwd(ctx, layer, "down_proj", h, pairs["down_proj"], lora)
         if while_waiting is not None:  # nothing to overlap on the host: run it after
@@ -265,8 +270,8 @@ class CpuFfnBackend(FfnBackend):
         pairs = ctx.lora.pairs if ctx.lora is not None else {}
         grads = {}
         h, sig = silu_mul(ctx.gu, I)
-        cd = self.compute_dtype
-        dh = base_matmul(dy, wd, cd, transpose=False)            # [N, I]
+        cd, nt = self.compute_dtype, self.base_threads
+        dh = base_matmul(dy, wd, cd, transpose=False, threads=nt)  # [N, I]
         if "down_proj" in pairs:
             dh += self._lora_bwd(ctx, "down_proj", h, pairs["down_proj"], dy, grads)
         del h
@@ -285,10 +290,10 @@ class CpuFfnBackend(FfnBackend):
         dg *= dh
         del dh, sig
         if isinstance(gate_up, np.ndarray):
-            dx = base_matmul(dgu, gate_up, cd, transpose=False)  # [N, H], one product
+            dx = base_matmul(dgu, gate_up, cd, transpose=False, threads=nt)  # [N, H], one product
         else:
-            dx = base_matmul(dg, gate_up[0], cd, transpose=False)
-            dx += base_matmul(du, gate_up[1], cd, transpose=False)
+            dx = base_matmul(dg, gate_up[0], cd, transpose=False, threads=nt)
+            dx += base_matmul(du, gate_up[1], cd, transpose=False, threads=nt)
         for p, d in (("gate_proj", dg), ("up_proj", du)):
             if p in pairs:
                 dx += self._lora_bwd(ctx, p, ctx.x, pairs[p], np.ascontiguousarray(d), grads)

@@ -177,8 +177,8 @@ class DecoderLayers:
         self._buffers: dict = {}
         # the frozen base's products (attention projections here, the FFN on a CPU backend)
         self.compute_dtype = check_compute_dtype(lora.config.compute_dtype) if lora is not None else "fp32"
-        if hasattr(backend, "compute_dtype"):
-            backend.compute_dtype = self.compute_dtype
+        if hasattr(backend, "set_base_products"):
+            backend.set_base_products(self.compute_dtype, attention_threads)
 
     # Attention work (B * Hq * T^2 * D) above which it gets every core by default.
     ATTENTION_ALL_CORES_WORK = 1 << 28
