@@ -360,6 +360,49 @@ static int xwt_avx512(const float *x, int64_t ldx, const uint8_t *packed, const 
   return failed ? QX_E_NOMEM : QX_OK;
 }
 
+/* A few activation rows (generation: one token at a time): a 32-lane tile would waste most of
+   its lanes, so lanes run along the depth instead; each W row is decoded once and dotted with
+   every x row (x rounded once up front in bf16 mode; bf16 products are exact in fp32, so the
+   FMAs compute the same function). */
+#define FEW_ROWS 8
+
+QX_TARGET_AVX512 static int xwt_few_rows(const float *x, int64_t ldx, const uint8_t *packed,
+                                         const float *absmax, int sh, int64_t n, int64_t O,
+                                         int64_t I, float *y, int64_t ldy, int bf16, int nt) {
+  float *xr = NULL;
+  if (bf16) {
+    xr = (float *)alloc64((size_t)n * I * 4);
+    if (!xr) return QX_E_NOMEM;
+    for (int64_t r = 0; r < n; r++) round_row_f32(x + r * ldx, I, xr + r * I);
+    x = xr;
+    ldx = I;
+  }
+  if (nt > O / 16) nt = O / 16 > 0 ? (int)(O / 16) : 1;
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t o = 0; o < O; o++) {
+    const int64_t e0 = o * I;
+    __m512 acc[FEW_ROWS];
+    for (int r = 0; r < n; r++) acc[r] = _mm512_setzero_ps();
+    int64_t i = 0;
+    if (!(e0 & 1))
+      for (; i + 16 <= I; i += 16) {
+        __m512 w = decode16(packed, absmax, sh, e0 + i);
+        if (bf16) w = round16_bf16(w);
+        for (int r = 0; r < n; r++) acc[r] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + r * ldx + i), acc[r]);
+      }
+    for (int r = 0; r < n; r++) {
+      float sum = _mm512_reduce_add_ps(acc[r]);
+      for (int64_t j = i; j < I; j++) {
+        float w = nf4_at(packed, absmax, sh, e0 + j);
+        sum += (bf16 ? round_bf16(w) : w) * x[r * ldx + j];
+      }
+      y[r * ldy + o] = sum;
+    }
+  }
+  free(xr);
+  return QX_OK;
+}
+
 /* ---- dx = dy W ---------------------------------------------------------------------------- */
 /* W panel of in-features p0..p0+NR over all O rows; columns past I are zero. */
 QX_TARGET_AVX512 static void wpanel_f32(const uint8_t *packed, const float *absmax, int sh,
@@ -479,6 +522,8 @@ int qx_nf4_matmul_xwt(const float *x, int64_t ldx, const uint8_t *packed, const 
   int nt = qx_threads(nthreads);
   const int level = qx_cpu_level();
 #if QX_X86
+  if (level >= QX_LEVEL_AVX512 && n <= FEW_ROWS)
+    return xwt_few_rows(x, ldx, packed, absmax, sh, n, out_f, in_f, y, ldy, mode == QX_MM_BF16, nt);
   if (level >= QX_LEVEL_AVX512)
     return xwt_avx512(x, ldx, packed, absmax, sh, n, out_f, in_f, y, ldy, mode,
                       level >= QX_LEVEL_AVX512_BF16, nt);

@@ -10,6 +10,7 @@
  *   summed in fp32.  The AVX512-BF16 path uses vdpbf16ps, the AVX-512 path fp32 FMAs on the
  *   bf16-valued floats (exact products), the scalar path a plain loop: the same function,
  *   summed in different orders.
+ * y = x Wᵀ with N <= 8 (generation) runs lanes along the depth instead of across rows.
  * Below AVX-512 every mode takes the scalar path (the reference; callers on such CPUs use
  * dequantize + BLAS).  Outputs are overwritten, never accumulated into. */
 #ifndef QX_NF4_MATMUL_H

@@ -17,9 +17,10 @@ from qlora_ext.nf4 import dequantize_nf4, quantize_nf4
 TOL = 1e-6
 
 # (N, out, in, blocksize): single rows and columns, primes, in not a multiple of the 16-wide
-# decode, the 32-wide tile or the block, odd in (rows start mid-byte), blocks of 32
-SHAPES = [(1, 1, 1, 64), (1, 17, 5, 64), (3, 1, 64, 64), (13, 29, 97, 64), (31, 37, 33, 32),
-          (12, 24, 32, 32), (33, 65, 130, 64), (50, 3, 1537, 128)]
+# decode, the 32-wide tile or the block, odd in (rows start mid-byte), blocks of 32; N <= 8
+# takes the few-rows (generation) kernel, larger N the tiles
+SHAPES = [(1, 1, 1, 64), (1, 17, 5, 64), (3, 1, 64, 64), (8, 9, 33, 32), (5, 40, 100, 64),
+          (13, 29, 97, 64), (31, 37, 33, 32), (12, 24, 32, 32), (33, 65, 130, 64), (50, 3, 1537, 128)]
 
 
 def _bf16_ref(a):
