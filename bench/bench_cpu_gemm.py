@@ -1,6 +1,8 @@
-"""GEMM on the CPU backend at FFN shapes: numpy fp32 sgemm on fp32 weights, and the NF4 path
-the CPU backend takes (dequantize_nf4 into a reused buffer, then the same sgemm), timed in the
-same run; GFLOP/s in extra_info.  (The wgpu GEMMs are in bench_gemm.py.)
+"""GEMM on the CPU backend at FFN shapes: numpy fp32 sgemm on fp32 weights, the NF4 path below
+AVX-512 (dequantize_nf4 into a reused buffer, then the same sgemm), and the fused NF4 kernel
+qlora_ext.cpu.base_matmul takes on AVX-512 (forward x Wᵀ and input gradient dy W, compute_dtype
+fp32 and bf16), timed in the same run; GFLOP/s in extra_info.  (The wgpu GEMMs are in
+bench_gemm.py.)
 
 Shapes y[M, N] = x[M, K] @ W[N, K]^T: SmolLM2-135M gate|up (N 3072, K 576) and down (N 576,
 K 1536) at M 256 tokens; QLORA_EXT_BENCH_GEMM_M overrides M."""
@@ -60,4 +62,29 @@ def test_nf4_dequant_then_sgemm(benchmark, request, shape):
     ref = x.astype(np.float64) @ qx.dequantize_nf4(t).T.astype(np.float64)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
     benchmark.extra_info.update(M=m, N=n, K=k)
+    _rate(benchmark, 2.0 * m * n * k)
+
+
+@pytest.mark.benchmark(group="cpu-gemm")
+@pytest.mark.parametrize("compute_dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("direction", ["forward", "input_grad"])
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_nf4_fused(benchmark, request, shape, direction, compute_dtype):
+    from qlora_ext.cpu.base_matmul import base_matmul, fused_nf4_available, round_to_bf16
+
+    if not fused_nf4_available():
+        pytest.skip("the fused NF4 kernel needs AVX-512")
+    x, w, m, n, k = _case(shape, _timed(request.config))
+    t = qx.quantize_nf4(w, blocksize=64)
+    fwd = direction == "forward"
+    a = x if fwd else np.random.default_rng(1).standard_normal((m, n), dtype=np.float32)
+    out = np.empty((m, n) if fwd else (m, k), np.float32)
+    benchmark.pedantic(base_matmul, args=(a, t, compute_dtype, fwd), kwargs={"out": out}, rounds=10,
+                       warmup_rounds=2)
+    wd = qx.dequantize_nf4(t)
+    if compute_dtype == "bf16":
+        a, wd = round_to_bf16(a), round_to_bf16(wd)
+    ref = a.astype(np.float64) @ (wd.T if fwd else wd).astype(np.float64)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+    benchmark.extra_info.update(M=m, N=n, K=k, cpu_level=qx.cpu_features()["active"])
     _rate(benchmark, 2.0 * m * n * k)

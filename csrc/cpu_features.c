@@ -27,7 +27,11 @@ static int detect_hw_level(void) {
   int avx512f = (b >> 16) & 1, avx512dq = (b >> 17) & 1, avx512bw = (b >> 30) & 1,
       avx512vl = (b >> 31) & 1;
   int zmm_state = (xcr0 & 0xE0) == 0xE0; /* opmask + upper ZMM state */
-  if (avx512f && avx512dq && avx512bw && avx512vl && zmm_state) return QX_LEVEL_AVX512;
+  if (avx512f && avx512dq && avx512bw && avx512vl && zmm_state) {
+    /* leaf 7 subleaf 1, EAX bit 5: AVX512_BF16 (vcvtne2ps2bf16, vdpbf16ps) */
+    if (__get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1)) return QX_LEVEL_AVX512_BF16;
+    return QX_LEVEL_AVX512;
+  }
   return QX_LEVEL_AVX2;
 }
 #elif QX_ARM64
@@ -44,6 +48,7 @@ static int level_from_name(const char *s) {
   if (!strcmp(s, "scalar")) return QX_LEVEL_SCALAR;
   if (!strcmp(s, "avx2")) return QX_LEVEL_AVX2;
   if (!strcmp(s, "avx512")) return QX_LEVEL_AVX512;
+  if (!strcmp(s, "avx512_bf16")) return QX_LEVEL_AVX512_BF16;
   if (!strcmp(s, "neon")) return QX_LEVEL_NEON;
   return -1;
 }
@@ -53,7 +58,7 @@ void qx_cpu_refresh(void) {
   int lvl = hw_level;
   int cap = level_from_name(getenv("QLORA_EXT_CPU"));
   if (cap == QX_LEVEL_SCALAR) lvl = QX_LEVEL_SCALAR;
-  else if (cap >= 0 && hw_level != QX_LEVEL_NEON && cap < lvl) lvl = cap;
+  else if (cap >= 0 && hw_level != QX_LEVEL_NEON && cap != QX_LEVEL_NEON && cap < lvl) lvl = cap;
   active_level = lvl;
 }
 
@@ -71,6 +76,7 @@ const char *qx_cpu_level_name(int level) {
   switch (level) {
     case QX_LEVEL_AVX2: return "avx2";
     case QX_LEVEL_AVX512: return "avx512";
+    case QX_LEVEL_AVX512_BF16: return "avx512_bf16";
     case QX_LEVEL_NEON: return "neon";
     default: return "scalar";
   }

@@ -106,21 +106,32 @@ QX_TARGET_AVX2 static void load_block_avx2(const void *x, int dtype, int64_t sta
   }
 }
 
+/* The vector absmax functions take the unsigned max of the |x| bit patterns: the same as the
+   float max for finite values, and a NaN or an infinity (bits >= 0x7f800000) makes the result
+   non-finite, so one pass both scales the block and screens it. */
+static inline uint32_t abs_bits(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return u & 0x7fffffffu;
+}
+
+static inline float float_of_bits(uint32_t u) {
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
 QX_TARGET_AVX2 static float block_absmax_avx2(const float *buf, int64_t len) {
-  __m256i absmask = _mm256_set1_epi32(0x7fffffff);
-  __m256 m = _mm256_setzero_ps();
+  const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
+  __m256i m = _mm256_setzero_si256();
   int64_t i = 0;
   for (; i + 8 <= len; i += 8)
-    m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(buf + i), _mm256_castsi256_ps(absmask)));
-  float t[8];
-  _mm256_storeu_ps(t, m);
-  float r = 0.0f;
+    m = _mm256_max_epu32(m, _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(buf + i)), absmask));
+  uint32_t t[8], r = 0;
+  _mm256_storeu_si256((__m256i *)t, m);
   for (int k = 0; k < 8; k++) r = t[k] > r ? t[k] : r;
-  for (; i < len; i++) {
-    float a = fabsf(buf[i]);
-    r = a > r ? a : r;
-  }
-  return r;
+  for (; i < len; i++) r = abs_bits(buf[i]) > r ? abs_bits(buf[i]) : r;
+  return float_of_bits(r);
 }
 
 /* Full blocks only (len a multiple of 32, blocksize >= 32). */
@@ -190,15 +201,14 @@ QX_TARGET_AVX2 static void dequant_avx2(const uint8_t *packed, const float *absm
 
 /* ---- AVX-512 ------------------------------------------------------------------------ */
 QX_TARGET_AVX512 static float block_absmax_avx512(const float *buf, int64_t len) {
-  __m512 m = _mm512_setzero_ps();
+  const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
+  __m512i m = _mm512_setzero_si512();
   int64_t i = 0;
-  for (; i + 16 <= len; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(buf + i)));
-  float r = _mm512_reduce_max_ps(m);
-  for (; i < len; i++) {
-    float a = fabsf(buf[i]);
-    r = a > r ? a : r;
-  }
-  return r;
+  for (; i + 16 <= len; i += 16)
+    m = _mm512_max_epu32(m, _mm512_and_si512(_mm512_loadu_si512(buf + i), absmask));
+  uint32_t r = _mm512_reduce_max_epu32(m);
+  for (; i < len; i++) r = abs_bits(buf[i]) > r ? abs_bits(buf[i]) : r;
+  return float_of_bits(r);
 }
 
 QX_TARGET_AVX512 static void block_pack_full_avx512(const float *buf, int64_t len, float am,
@@ -300,19 +310,19 @@ int qx_nf4_quantize(const void *x, int dtype, int64_t n, int64_t blocksize, uint
       else
 #endif
         load_block_scalar(x, dtype, start, len, buf);
-      int64_t bad = first_nonfinite(buf, len);
-      if (bad >= 0) {
-#pragma omp critical
-        if (first_bad < 0 || start + bad < first_bad) first_bad = start + bad;
-        continue;
-      }
       float am;
 #if QX_X86
       if (level >= QX_LEVEL_AVX512) am = block_absmax_avx512(buf, len);
       else if (level >= QX_LEVEL_AVX2) am = block_absmax_avx2(buf, len);
       else
 #endif
-        am = block_absmax_scalar(buf, len);
+        am = first_nonfinite(buf, len) >= 0 ? NAN : block_absmax_scalar(buf, len);
+      if (!isfinite(am)) {
+        int64_t bad = first_nonfinite(buf, len);
+#pragma omp critical
+        if (first_bad < 0 || start + bad < first_bad) first_bad = start + bad;
+        continue;
+      }
       if (!full && am < QX_ABSMAX_FLOOR) am = QX_ABSMAX_FLOOR;
       absmax[blk] = am;
       /* start is even (blocksize >= 32), so this block owns whole bytes, except an odd

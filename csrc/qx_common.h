@@ -2,7 +2,8 @@
  *
  * Every kernel has a scalar version and, on x86-64, AVX2 and AVX-512 versions compiled with
  * per-function target attributes, so one binary runs on any x86-64 CPU.  qx_cpu_level() says
- * which path the dispatchers take; QLORA_EXT_CPU=scalar|avx2|avx512 caps it (for tests).
+ * which path the dispatchers take; QLORA_EXT_CPU=scalar|avx2|avx512|avx512_bf16 caps it (for
+ * tests).
  * Kernels return QX_OK or a negative QX_E* code; they check sizes before touching memory. */
 #ifndef QX_COMMON_H
 #define QX_COMMON_H
@@ -14,7 +15,10 @@
 #include <omp.h>
 #endif
 
-enum { QX_LEVEL_SCALAR = 0, QX_LEVEL_AVX2 = 1, QX_LEVEL_AVX512 = 2, QX_LEVEL_NEON = 3 };
+/* AVX512_BF16 is AVX512 plus vdpbf16ps; it sorts above AVX512 so `level >= QX_LEVEL_AVX512`
+   holds for it (all x86 comparisons are inside QX_X86 blocks, where NEON never occurs). */
+enum { QX_LEVEL_SCALAR = 0, QX_LEVEL_AVX2 = 1, QX_LEVEL_AVX512 = 2, QX_LEVEL_NEON = 3,
+       QX_LEVEL_AVX512_BF16 = 4 };
 enum { QX_OK = 0, QX_E_NONFINITE = -1, QX_E_SIZE = -2, QX_E_ARG = -3, QX_E_NOMEM = -4 };
 enum { QX_F32 = 0, QX_F16 = 1, QX_BF16 = 2 };
 

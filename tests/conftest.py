@@ -9,7 +9,7 @@ import qlora_ext
 def _available_levels():
     best = qlora_ext.cpu_features()["best"]
     order = {"scalar": ["scalar"], "avx2": ["scalar", "avx2"], "avx512": ["scalar", "avx2", "avx512"],
-             "neon": ["scalar", "neon"]}
+             "avx512_bf16": ["scalar", "avx2", "avx512", "avx512_bf16"], "neon": ["scalar", "neon"]}
     return order[best]
 
 

@@ -111,7 +111,7 @@ def cpu_features() -> dict:
     """Which SIMD path the C kernels take: {'active', 'best', 'threads'}.
 
     'active' is what runs now, 'best' what the CPU supports; the environment variable
-    QLORA_EXT_CPU=scalar|avx2|avx512 caps 'active' (re-read by refresh_cpu_features())."""
+    QLORA_EXT_CPU=scalar|avx2|avx512|avx512_bf16 caps 'active' (re-read by refresh_cpu_features())."""
     k = kernels()
     return {"active": k.cpu_level_name(), "best": k.cpu_hw_level_name(), "threads": default_threads()}
 

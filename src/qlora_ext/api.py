@@ -2,6 +2,8 @@
 -> a Model with LoRA adapters in the placement chosen for it (cpu, split or resident)."""
 from __future__ import annotations
 
+import dataclasses
+
 from .finite import check_base_weights
 from .model.lora import LoraConfig
 from .placement import check_mode
@@ -10,7 +12,7 @@ from .placement import check_mode
 def load_model(path, lora: LoraConfig | None = None, quantize: str | None = "nf4", double_quant: bool = False,
                device: str = "auto", gradient_checkpointing: bool = False, train_lm_head: bool = False,
                threads: int | None = None, progress=None, seed: int = 0, mode: str = "auto",
-               batch_shape: tuple | None = None, revision: str | None = None):
+               batch_shape: tuple | None = None, revision: str | None = None, compute_dtype: str | None = None):
     """Load the base (NF4 projections unless quantize=None) and attach fresh LoRA adapters
     (A Kaiming-uniform from `seed`, B zero; lora=None -> LoraConfig() defaults).
 
@@ -21,7 +23,10 @@ def load_model(path, lora: LoraConfig | None = None, quantize: str | None = "nf4
     says what it took: `model.placement` ("cpu", "split" or "resident") and
     `model.placement_reason`.  path: a model directory, .gguf file, known name, or Hugging
     Face hub id ("Qwen/Qwen3-0.6B", "Qwen/Qwen3-0.6B@main" or `revision`) from the local
-    cache, downloaded when the network is allowed."""
+    cache, downloaded when the network is allowed.
+
+    compute_dtype ("fp32" or "bf16", as bitsandbytes' bnb_4bit_compute_dtype): the precision
+    of the frozen base's CPU products; None keeps lora.compute_dtype (default "fp32")."""
     from . import placement
     from .engine.gpu_model import GpuModel, SplitModel
     from .gpu.runtime import shared_context
@@ -34,6 +39,8 @@ def load_model(path, lora: LoraConfig | None = None, quantize: str | None = "nf4
     if batch_shape is not None and (len(batch_shape) != 2 or min(int(v) for v in batch_shape) < 1):
         raise ValueError(f"batch_shape must be (rows, tokens) with both >= 1, got {batch_shape!r}")
     lora = lora if lora is not None else LoraConfig()
+    if compute_dtype is not None:
+        lora = dataclasses.replace(lora, compute_dtype=compute_dtype)
     state = load_state(path, quantize=quantize, double_quant=double_quant, progress=progress, threads=threads,
                        revision=revision)
     check_base_weights(state)  # NaN/Inf in the base: refused here, before any training

@@ -6,7 +6,7 @@ cdef extern from "qx_common.h" nogil:
 
 
 def cpu_level_name():
-    """Name of the SIMD path the kernels take now: 'avx512', 'avx2', 'neon' or 'scalar'."""
+    """Name of the SIMD path the kernels take now: 'avx512_bf16', 'avx512', 'avx2', 'neon' or 'scalar'."""
     return qx_cpu_level_name(qx_cpu_level()).decode()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..cpu.base_matmul import base_matmul, fused_nf4_available
 from ..model.dropout import apply_dropout, dropout_key, dropout_seed
 from ..model.lora import ATTN_PROJECTIONS, FFN_PROJECTIONS
 from ..model.loss import IGNORE_INDEX, cross_entropy, shifted_targets
@@ -36,12 +37,14 @@ class CpuDevice:
     name = "cpu"
 
     def __init__(self, state, params, kernels, rope, threads=None, attention_threads=None, checkpointing=False,
-                 timer: PhaseTimer | None = None):
+                 timer: PhaseTimer | None = None, compute_dtype: str = "fp32"):
         cfg = state.config
         self.state, self.params, self.k = state, params, kernels
         self.layers = len(state.layers)
         self.checkpointing = bool(checkpointing)
         self.threads, self.user_attention_threads = threads, attention_threads
+        # the frozen base's products (qlora_ext.cpu.base_matmul): fp32 exact or bf16
+        self.compute_dtype = compute_dtype
         self.eps = float(cfg.rms_norm_eps)
         self.final_norm = state.norm
         self.timer = timer if timer is not None else PhaseTimer()
@@ -97,11 +100,12 @@ class CpuDevice:
         """Nothing to flush on the CPU."""
 
     # ---- weights -------------------------------------------------------------------------
-    def weight(self, l: int, proj: str) -> np.ndarray:
-        """float32 [out, in]; NF4 is dequantized into a buffer per projection that remembers
+    def weight(self, l: int, proj: str):
+        """[out, in]: the NF4Tensor itself where the fused kernel decodes it inside the GEMM
+        (AVX-512), else float32: NF4 is dequantized into a buffer per projection that remembers
         its layer, so the backward (or recompute) right after the same layer's forward reuses it."""
         w = self.state.layers[l].proj[proj]
-        if not isinstance(w, NF4Tensor):
+        if not isinstance(w, NF4Tensor) or fused_nf4_available():
             return w
         held = self._held.get(proj)
         if held is not None and held[0] == l:
@@ -135,7 +139,8 @@ class CpuDevice:
         lo = self.params.lora(l, proj)
         with self.timer(self._phase(proj)):
             if y is not None:
-                np.matmul(x, self.weight(l, proj).T, out=y)
+                base_matmul(x, self.weight(l, proj), self.compute_dtype, transpose=True,
+                            threads=self.user_attention_threads, out=y)
                 bias = self.state.layers[l].bias.get(proj) if self.state.layers[l].bias else None
                 if bias is not None:
                     y += bias
@@ -154,9 +159,10 @@ class CpuDevice:
             if dx is not None:
                 W = self.weight(l, proj)
                 if accumulate:
-                    dx += dy @ W
+                    dx += base_matmul(dy, W, self.compute_dtype, transpose=False, threads=self.user_attention_threads)
                 else:
-                    np.matmul(dy, W, out=dx)
+                    base_matmul(dy, W, self.compute_dtype, transpose=False, threads=self.user_attention_threads,
+                                out=dx)
             if lo is None:
                 return
             mask = self._mask(l, proj, x.shape)

@@ -138,7 +138,7 @@ class Model:
         self.rope = RopeCache(self.config, self.kernels)
         self.device = CpuDevice(state, self.params, self.kernels, self.rope, threads=self.kernel_threads,
                                 attention_threads=threads, checkpointing=self.gradient_checkpointing,
-                                timer=self.timer)
+                                timer=self.timer, compute_dtype=self.lora_config.compute_dtype)
 
     def _layer_shapes(self) -> list[dict]:
         return [{p: tuple(lw.proj[p].shape) for p in PROJECTIONS} for lw in self.state.layers]

@@ -28,6 +28,18 @@ def peft_name(layer: int, proj: str, which: str) -> str:
     return f"base_model.model.model.layers.{layer}.{_module_of(proj)}.{proj}.lora_{which}.weight"
 
 
+COMPUTE_DTYPES = ("fp32", "bf16")
+_ALIASES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16"}
+
+
+def check_compute_dtype(value, what: str = "compute_dtype") -> str:
+    """'fp32' or 'bf16' ('float32' / 'bfloat16' accepted); ValueError naming `what` otherwise."""
+    name = _ALIASES.get(value) if isinstance(value, str) else None
+    if name is None:
+        raise ValueError(f"{what} must be 'fp32' or 'bf16', got {value!r}")
+    return name
+
+
 @dataclass
 class LoraConfig:
     r: int = 16
@@ -35,8 +47,12 @@ class LoraConfig:
     target_modules: tuple = PROJECTIONS
     dropout: float = 0.0
     use_rslora: bool = False
+    # precision of the frozen base's products on the CPU, as bitsandbytes' bnb_4bit_compute_dtype:
+    # "fp32" (exact) or "bf16" (qlora_ext.cpu.base_matmul); the adapters always train in fp32
+    compute_dtype: str = "fp32"
 
     def __post_init__(self):
+        self.compute_dtype = check_compute_dtype(self.compute_dtype, "LoraConfig.compute_dtype")
         if isinstance(self.r, bool) or not isinstance(self.r, (int, np.integer)) or self.r < 1:
             raise ValueError(f"LoRA rank r must be a positive int, got {self.r!r}")
         for name in ("alpha", "dropout"):
