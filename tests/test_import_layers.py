@@ -14,7 +14,7 @@ LAYERS = {
     "engine": 4,
     "device": 5, "placement": 5,
     "train": 6,
-    "api": 7, "cli": 7, "profile_command": 7, "export_command": 7, "run_config": 7, "cli_checks": 7, "__init__": 7,
+    "api": 7, "cli": 7, "profile_command": 7, "export_command": 7, "info_command": 7, "run_config": 7, "cli_checks": 7, "__init__": 7,
 }
 
 # Upward imports that remain: the GPU picks its adapter by MPI rank and the GPU AdamW shares

@@ -1,4 +1,4 @@
-"""The `qlora-ext` command: train, eval, generate, info (profile: see SUBCOMMANDS).
+"""The `qlora-ext` command: train, eval, generate (info, profile, fuse, export-adapter: see SUBCOMMANDS).
 
 Every error (bad data, bad flags, a missing model, NaN in training, out of memory, a GPU
 failure) prints one line, `qlora-ext: error: <file>:<line>: <what>`, and exits with status 2
@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .profile import PROFILER
+from .info_command import add_info_command
 from .profile_command import add_profile_command
 from .export_command import add_export_adapter_command, add_fuse_command
 from .run_config import RUN_FILE, apply_run_configs, write_run_config
@@ -400,58 +401,6 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_info(args) -> int:
-    from . import __version__
-
-    info = {"version": __version__, "python": sys.version.split()[0]}
-    try:
-        from . import cpu_features
-
-        info["cpu_features"] = cpu_features()
-    except ImportError as e:
-        info["cpu_features"] = f"unavailable: {e}"
-    try:
-        from .device import adapter_info
-    except ImportError:
-        info["gpu_adapter"] = "unavailable: this build has no qlora_ext.device module"
-    else:
-        try:
-            info["gpu_adapter"] = adapter_info()
-        except Exception as e:  # a broken driver must not break `info`, whose job is to report it
-            info["gpu_adapter"] = f"unavailable: {type(e).__name__}: {e}"
-    try:
-        from .gpu.runtime import pick_adapter, unavailable_reason
-        from .placement import gpu_free_bytes
-
-        reason = unavailable_reason()
-        real = pick_adapter(allow_software=False)
-        if reason:
-            info["resident_placement"] = f"unavailable: {reason}"
-        elif real is None:
-            info["resident_placement"] = "with --device gpu only (no hardware GPU: software adapter)"
-        else:
-            free, source = gpu_free_bytes(real)
-            info["resident_placement"] = ("available; GPU free memory " + (f"{free / 2**30:.1f} GiB ({source})"
-                                          if free is not None else source))
-    except Exception as e:  # as for the adapter: report, don't fail
-        info["resident_placement"] = f"unavailable: {type(e).__name__}: {e}"
-    try:
-        from .model.loading import resolve_model_path
-
-        info["default_model"] = resolve_model_path(DEFAULT_MODEL)
-    except OSError as e:
-        info["default_model"] = f"missing: {e}"
-    from .data import dataset_path
-
-    info["dataset"] = {split: str(dataset_path(split)) for split in ("train", "eval")}
-    if args.json:
-        print(json.dumps(info, indent=1, default=str))
-    else:
-        for k, v in info.items():
-            print(f"{k}: {json.dumps(v, default=str) if isinstance(v, dict) else v}")
-    return 0
-
-
 def _add_model_args(p, adapter=True):
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"HF model directory, .gguf file, known name or hub id such as Qwen/Qwen3-0.6B "
@@ -558,12 +507,6 @@ def add_generate_command(sub) -> None:
                         "(default 1.0 = all; only with --temperature > 0)")
     p.add_argument("--seed", type=int, help="sampling seed")
     p.set_defaults(func=cmd_generate)
-
-
-def add_info_command(sub) -> None:
-    p = sub.add_parser("info", help="version, CPU features, GPU adapter, default model")
-    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    p.set_defaults(func=cmd_info)
 
 
 # Each entry adds one subcommand (a parser with set_defaults(func=...)).
