@@ -33,8 +33,7 @@ def describe(compute_dtype: str) -> str:
     compute_dtype = check_compute_dtype(compute_dtype)
     level = kernels().cpu_level_name()
     if compute_dtype == "fp32":
-        how = "NF4 decoded in the GEMM" if fused_nf4_available() else "dequantize + BLAS"
-        return f"fp32 (exact; {how}, {level})"
+        return f"fp32 (exact; dequantize + BLAS, {level})"
     if level == "avx512_bf16":
         return "bf16 (vdpbf16ps, fp32 sums; avx512_bf16)"
     if level == "avx512":

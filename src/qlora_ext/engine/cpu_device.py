@@ -101,11 +101,13 @@ class CpuDevice:
 
     # ---- weights -------------------------------------------------------------------------
     def weight(self, l: int, proj: str):
-        """[out, in]: the NF4Tensor itself where the fused kernel decodes it inside the GEMM
-        (AVX-512), else float32: NF4 is dequantized into a buffer per projection that remembers
-        its layer, so the backward (or recompute) right after the same layer's forward reuses it."""
+        """[out, in]: with bf16 products the NF4Tensor itself (the fused kernel decodes it inside
+        the GEMM on AVX-512), else float32: NF4 is dequantized into a buffer per projection that
+        remembers its layer, so the backward (or recompute) right after the same layer's forward
+        reuses it.  Exact fp32 products take dequantize + BLAS: on 2 threads (wall clock) the
+        fused fp32 kernel made a SmolLM2 step at 4 x 256 1.6x slower (BENCHMARKS.md)."""
         w = self.state.layers[l].proj[proj]
-        if not isinstance(w, NF4Tensor) or fused_nf4_available():
+        if not isinstance(w, NF4Tensor) or (self.compute_dtype == "bf16" and fused_nf4_available()):
             return w
         held = self._held.get(proj)
         if held is not None and held[0] == l:
