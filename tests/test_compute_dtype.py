@@ -55,6 +55,19 @@ def test_bf16_with_gradient_checkpointing_matches_without(checkpoints):
         np.testing.assert_allclose(ga[name], gb[name], rtol=1e-5, atol=1e-6 * np.abs(ga[name]).max())
 
 
+
+def test_load_adapter_keeps_the_models_compute_dtype(checkpoints, tmp_path):
+    """A PEFT adapter file carries no compute dtype: loading one into a bf16 model keeps the
+    model's bf16 products (the loss after loading equals the loss before saving)."""
+    model, loss16, _ = _loss_grads(checkpoints["qwen3"], "bf16")
+    model.save_adapter(tmp_path / "a")
+    fresh = load_model(checkpoints["qwen3"], lora=LoraConfig(r=4, alpha=8), quantize="nf4", device="cpu",
+                       compute_dtype="bf16")
+    fresh.load_adapter(tmp_path / "a")
+    assert fresh.lora_config.compute_dtype == "bf16"
+    ids, labels, mask = batch_with_padding(0, vocab=V)
+    assert fresh.loss_and_grads(ids, labels, mask)[0] == loss16
+
 def _cli(*args):
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), QLORA_EXT_PROGRESS="0")
     return subprocess.run([sys.executable, "-m", "qlora_ext.cli", *map(str, args)], capture_output=True, text=True,

@@ -6,6 +6,7 @@ transformers + PEFT.
 Shape letters: B batch, T tokens, N = B*T, H hidden, V vocab."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -280,6 +281,9 @@ class Model:
         from ..model.lora import load_peft_adapter
         lora, lm_head = load_peft_adapter(directory, self._layer_shapes(),
                                           lm_head_shape=tuple(self.state.lm_head_weight.shape))
+        # compute_dtype is how this model runs its base products, not part of a PEFT adapter:
+        # the file cannot carry it, so the model's own setting stays
+        lora.config = dataclasses.replace(lora.config, compute_dtype=self.lora_config.compute_dtype)
         loaded = lora.named_parameters()
         if lm_head is not None:
             loaded[LM_HEAD_NAME] = lm_head
