@@ -49,20 +49,21 @@ def build(seed: int = SEED) -> tuple:
     held_cities = set(rng.sample(CITIES, len(CITIES) // 5))
     train_names = [n for n in NAMES if n not in held_names]
     train_cities = [c for c in CITIES if c not in held_cities]
-    train, seen = [], set()
-    while len(train) < N_TRAIN:
-        r = record(rng, train_names, train_cities)
-        key = r["messages"][1]["content"]
-        if key not in seen:
-            seen.add(key)
-            train.append(r)
-    evals = []
-    while len(evals) < N_EVAL:
-        r = record(rng, NAMES, CITIES)
-        key = r["messages"][1]["content"]
-        if key not in seen:
-            seen.add(key)
-            evals.append(r)
+    seen = set()
+
+    def draw(n, names, cities):
+        """n records whose sentences differ from every record drawn before."""
+        out = []
+        while len(out) < n:
+            r = record(rng, names, cities)
+            key = r["messages"][1]["content"]
+            if key not in seen:
+                seen.add(key)
+                out.append(r)
+        return out
+
+    train = draw(N_TRAIN, train_names, train_cities)
+    evals = draw(N_EVAL, NAMES, CITIES)
     return train, evals
 
 

@@ -201,12 +201,6 @@ class GGUFFile(MappedFile):
         """Tensor names in file order."""
         return sorted(self.tensors, key=lambda k: self.tensors[k].offset)
 
-    def info(self, name) -> GGUFTensorInfo:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise KeyError(f"{self.path}: no tensor named {name!r}") from None
-
     def get_raw(self, name) -> np.ndarray:
         """The stored bytes (uint8 view)."""
         t = self.info(name)

@@ -174,7 +174,7 @@ def _pre_tokenizer_name(pre: dict | None, where: str) -> str:
     steps = (pre or {}).get("pretokenizers", [pre] if pre else [])
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's spelling; it rejects "gpt2"
     if kinds == ["Split", "ByteLevel"]:
         regex = (steps[0].get("pattern") or {}).get("Regex")
         for name, split in _SPLITS.items():

@@ -7,11 +7,22 @@ import mmap
 
 
 class MappedFile:
-    """Subclasses open `self._f` (binary, read) and set `self._mm` (an ACCESS_READ mmap of it, or
-    None for an empty file) in their constructor."""
+    """Subclasses open `self._f` (binary, read), set `self._mm` (an ACCESS_READ mmap of it, or
+    None for an empty file), `self.path` and `self.tensors` ({name: the format's record of
+    one tensor}) in their constructor."""
 
     _f = None
     _mm = None
+
+    def __contains__(self, name) -> bool:
+        return name in self.tensors
+
+    def info(self, name):
+        """The format's record of tensor `name`; KeyError naming the file if it has none."""
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor named {name!r}") from None
 
     def _drop(self, begin: int, length: int) -> None:
         """Hint that bytes [begin, begin + length) are not needed again (the page cache keeps

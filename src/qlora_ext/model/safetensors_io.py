@@ -107,15 +107,6 @@ class SafetensorsFile(MappedFile):
         """Tensor names in file order (sequential reads)."""
         return sorted(self.tensors, key=lambda k: self.tensors[k]["begin"])
 
-    def __contains__(self, name) -> bool:
-        return name in self.tensors
-
-    def info(self, name) -> dict:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise KeyError(f"{self.path}: no tensor named {name!r}") from None
-
     def get_raw(self, name) -> np.ndarray:
         """Stored bits as a read-only view: float32, float16, or uint16 (bf16 patterns)."""
         t = self.info(name)
