@@ -1,5 +1,6 @@
-"""The CPU device of the layer program: numpy BLAS (float32 sgemm) for the projections, the C
-kernels for norms, RoPE and attention, NF4 dequantized just in time.
+"""The CPU device of the layer program: the frozen NF4 products through the fused NF4 GEMM on
+AVX-512 (else NF4 dequantized just in time and numpy's BLAS), LoRA's products through numpy,
+the C kernels for norms, RoPE and attention.
 
 Buffers are numpy arrays; every op writes into the arrays it is given (engine/program.py
 states the contracts).  LoRA parameters and their gradients are views into two flat float32
@@ -9,9 +10,12 @@ Phases (qlora_ext.profile): each op is timed under the phase users see in the ta
 norms, projections (q/k/v/o), dequant, rope, attention, ffn (gate/up/SwiGLU/down), lm_head, loss."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 
 from ..cpu.base_matmul import base_matmul, fused_nf4_available
+from ..cpu.blas_threads import single_threaded_blas
 from ..model.dropout import apply_dropout, dropout_key, dropout_seed
 from ..model.lora import ATTN_PROJECTIONS, FFN_PROJECTIONS
 from ..model.loss import IGNORE_INDEX, cross_entropy, shifted_targets
@@ -45,6 +49,7 @@ class CpuDevice:
         self.threads, self.user_attention_threads = threads, attention_threads
         # the frozen base's products (qlora_ext.cpu.base_matmul): fp32 exact or bf16
         self.compute_dtype = compute_dtype
+        self.fused = fused_nf4_available()
         self.eps = float(cfg.rms_norm_eps)
         self.final_norm = state.norm
         self.timer = timer if timer is not None else PhaseTimer()
@@ -100,14 +105,18 @@ class CpuDevice:
         """Nothing to flush on the CPU."""
 
     # ---- weights -------------------------------------------------------------------------
+    def compute_scope(self):
+        """The context every computation of this device runs in: with the fused NF4 kernel,
+        numpy's BLAS on one thread (qlora_ext.cpu.blas_threads says why)."""
+        return single_threaded_blas() if self.fused else nullcontext()
+
     def weight(self, l: int, proj: str):
-        """[out, in]: with bf16 products the NF4Tensor itself (the fused kernel decodes it inside
-        the GEMM on AVX-512), else float32: NF4 is dequantized into a buffer per projection that
-        remembers its layer, so the backward (or recompute) right after the same layer's forward
-        reuses it.  Exact fp32 products take dequantize + BLAS: on 2 threads (wall clock) the
-        fused fp32 kernel made a SmolLM2 step at 4 x 256 1.6x slower (BENCHMARKS.md)."""
+        """[out, in]: where the fused kernel runs (AVX-512), the NF4Tensor itself: the kernel
+        decodes it inside the GEMM, in either compute dtype.  Elsewhere float32: NF4 is
+        dequantized into a buffer per projection that remembers its layer, so the backward (or
+        recompute) right after the same layer's forward reuses it, and BLAS does the product."""
         w = self.state.layers[l].proj[proj]
-        if not isinstance(w, NF4Tensor) or (self.compute_dtype == "bf16" and fused_nf4_available()):
+        if not isinstance(w, NF4Tensor) or self.fused:
             return w
         held = self._held.get(proj)
         if held is not None and held[0] == l:

@@ -15,6 +15,8 @@ shaders/dropout.wgsl applies them.
 Shape letters as in engine/acts.py."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 
 from ..gpu import kernels
@@ -153,6 +155,11 @@ class GpuDevice:
 
     def layer_done(self) -> None:
         self.ctx.submit()
+
+    @staticmethod
+    def compute_scope():
+        """Nothing to hold around the GPU's work (the CPU device holds numpy's BLAS)."""
+        return nullcontext()
 
     def _proj(self, l, proj) -> ResidentWeight:
         if self.streamed is not None:

@@ -7,6 +7,7 @@ Shape letters: B batch, T tokens, N = B*T, H hidden, V vocab."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -87,6 +88,16 @@ def finish_loss(total, count, reduction):
 def check_reduction(reduction):
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def _on_device(method):
+    """Runs the method inside its device's compute_scope() (the CPU device holds numpy's BLAS
+    to one thread there)."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self.device.compute_scope():
+            return method(self, *args, **kwargs)
+    return run
 
 
 class RopeCache:
@@ -195,6 +206,7 @@ class Model:
         program.forward_layers(self.device, acts, s, keep=False)
         return s, d
 
+    @_on_device
     def forward(self, input_ids, attention_mask=None) -> np.ndarray:
         """int [B, T] -> float32 logits [B, T, V]."""
         ids, mask, _ = check_inputs(self.config, input_ids, attention_mask)
@@ -211,6 +223,7 @@ class Model:
             lab = lab[None]
         return int(np.count_nonzero(lab[:, 1:] != IGNORE_INDEX))
 
+    @_on_device
     def loss(self, input_ids, labels, attention_mask=None, reduction: str = "mean") -> float:
         """Forward only (no activations kept, chunked logits): the eval loss."""
         check_reduction(reduction)
@@ -238,6 +251,7 @@ class Model:
         program.backward_layers(dev, acts, s)
         return pending
 
+    @_on_device
     def loss_and_grads(self, input_ids, labels, attention_mask=None, reduction: str = "mean"):
         """(loss, {PEFT name: float32 grad}) of the mean (or sum) cross-entropy over counted
         targets; grads of every trainable array (LoRA A/B, and the LM head when trained)."""
@@ -333,6 +347,7 @@ class Model:
                    or getattr(self.state, "path", None) or "")
 
     # ------------------------------------------------------------------ generation
+    @_on_device
     def generate(self, prompt_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  seed=None, stop_ids=None, progress=None):
         """New tokens after a prompt (list[int]), or after each of several prompts decoded
@@ -340,6 +355,7 @@ class Model:
         from ..model.generate import generate
         return generate(self, prompt_ids, max_new_tokens, temperature, top_p, seed, stop_ids, progress)
 
+    @_on_device
     def decode_step(self, ids, positions, cache, last) -> np.ndarray:
         """One generation step: ids [n, T] through the layer program with the KV cache;
         logits [n, V] of row r at position last[r]."""
