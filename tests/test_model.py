@@ -40,15 +40,19 @@ def _batch(seed=0, B=2, T=13):
     return ids, labels, mask
 
 
-@pytest.mark.parametrize("M,H,Vs,budget", [(1, 8, 5, 1 << 20), (37, 16, 53, 4 * 53 * 16), (64, 7, 300, 4 * 300 * 16)])
-def test_chunked_cross_entropy(monkeypatch, M, H, Vs, budget):
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("M,H,Vs,budget", [(1, 8, 5, 1 << 20), (37, 16, 53, 4 * 53 * 16), (64, 7, 300, 4 * 300 * 16),
+                                           (101, 9, 31, 4 * 31 * 16)])
+def test_chunked_cross_entropy(monkeypatch, M, H, Vs, budget, threads):
+    """Chunked and, with threads, cut into row parts computed at once (the shared dW under a
+    lock): the same sums and gradients as a float64 reference."""
     monkeypatch.setattr(loss_mod, "CHUNK_BYTES", budget)          # force several chunks
     rng = np.random.default_rng(M)
     h = rng.standard_normal((M, H)).astype(np.float32)
     W = rng.standard_normal((Vs, H)).astype(np.float32)
     t = rng.integers(0, Vs, M)
     dW = np.zeros_like(W)
-    total, dh = loss_mod.cross_entropy(h, W, t, 0.5, dW=dW)
+    total, dh = loss_mod.cross_entropy(h, W, t, 0.5, dW=dW, threads=threads)
     z = h.astype(np.float64) @ W.T.astype(np.float64)
     lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
     ref = float(np.sum(lse - z[np.arange(M), t]))
@@ -57,7 +61,7 @@ def test_chunked_cross_entropy(monkeypatch, M, H, Vs, budget):
     assert abs(total - ref) <= 1e-5 * abs(ref)
     np.testing.assert_allclose(dh, 0.5 * p @ W, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(dW, 0.5 * p.T @ h, rtol=1e-4, atol=1e-5)
-    total2, none = loss_mod.cross_entropy(h, W, t, None)
+    total2, none = loss_mod.cross_entropy(h, W, t, None, threads=threads)
     assert none is None and total2 == pytest.approx(total, rel=1e-6)
 
 

@@ -15,6 +15,7 @@ from contextlib import nullcontext
 import numpy as np
 
 from ..cpu.base_matmul import base_matmul, fused_nf4_available
+from .._native import resolve_threads
 from ..cpu.blas_threads import single_threaded_blas
 from ..model.dropout import apply_dropout, dropout_key, dropout_seed
 from ..model.lora import ATTN_PROJECTIONS, FFN_PROJECTIONS
@@ -286,11 +287,17 @@ class CpuDevice:
         rows = np.flatnonzero(tgt != IGNORE_INDEX)
         want = dh is not None
         total, d = cross_entropy(xf[rows], self.lm_head_weight(), tgt[rows], scale if want else None,
-                                 dW=self.params.grad_lm_head() if want else None, timer=self.timer)
+                                 dW=self.params.grad_lm_head() if want else None, timer=self.timer,
+                                 threads=self._lm_head_threads())
         if want:
             dh[...] = 0.0
             dh[rows] = d
         return total
+
+    def _lm_head_threads(self) -> int:
+        """Threads of the LM head's products: with BLAS held to one thread (compute_scope),
+        the rows are cut across the cores; otherwise BLAS threads them itself."""
+        return resolve_threads(self.user_attention_threads) if self.fused else 1
 
     @staticmethod
     def loss_value(pending) -> float:

@@ -4,11 +4,16 @@ logits matrix never exists whole (Qwen3's vocabulary is 151,936: 256 tokens woul
 Shapes: M counted rows, H hidden, V vocab, c rows per chunk."""
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 IGNORE_INDEX = -100
 # Bytes of one float32 logits chunk [c, V]: big enough for efficient sgemm, small next to the model.
 CHUNK_BYTES = 32 << 20
+# Rows below which a part of a threaded cross_entropy is not worth a thread.
+MIN_PART_ROWS = 16
 
 
 def shifted_targets(labels: np.ndarray) -> np.ndarray:
@@ -24,20 +29,39 @@ def chunk_rows(vocab: int, budget: int = CHUNK_BYTES) -> int:
 
 
 def cross_entropy(h: np.ndarray, W: np.ndarray, targets: np.ndarray, grad_scale: float | None,
-                  dW: np.ndarray | None = None, timer=None):
+                  dW: np.ndarray | None = None, timer=None, threads: int = 1):
     """Summed cross-entropy of softmax(h Wᵀ) at `targets`, chunk by chunk.
 
     h [M, H] float32 (final-norm output of the counted rows), W [V, H] the LM head,
     targets [M] in [0, V).  With grad_scale (1/count for a mean, 1 for a sum) also returns
     dh [M, H] = grad_scale · (softmax - onehot) W, and adds grad_scale · (softmax - onehot)ᵀ h
-    into dW [V, H] when given.  Returns (loss_sum as a Python float, dh or None)."""
+    into dW [V, H] when given.  Returns (loss_sum as a Python float, dh or None).
+
+    threads > 1: the rows are cut into that many contiguous parts computed at once, for a
+    caller that holds numpy's BLAS to one thread (its products release the GIL); the whole
+    call is then timed as "lm_head"."""
     M = h.shape[0]
-    V = W.shape[0]
-    c = chunk_rows(V)
-    total = 0.0
     dh = np.empty_like(h) if grad_scale is not None else None
-    nullctx = _NullTimer()
-    tm = timer if timer is not None else nullctx
+    parts = min(int(threads), M // MIN_PART_ROWS)
+    if parts <= 1:
+        return _rows_loss(h, W, targets, grad_scale, dh, dW, timer if timer is not None else _NullTimer(), None), dh
+    bounds = [M * i // parts for i in range(parts + 1)]
+    lock = threading.Lock() if dW is not None else None
+    tm = timer if timer is not None else _NullTimer()
+    with tm("lm_head"), ThreadPoolExecutor(parts) as pool:
+        sums = list(pool.map(
+            lambda i: _rows_loss(h[bounds[i]:bounds[i + 1]], W, targets[bounds[i]:bounds[i + 1]], grad_scale,
+                                 None if dh is None else dh[bounds[i]:bounds[i + 1]], dW, _NullTimer(), lock),
+            range(parts)))
+    return float(sum(sums)), dh
+
+
+def _rows_loss(h, W, targets, grad_scale, dh, dW, tm, lock) -> float:
+    """cross_entropy's work on rows h [m, H] (dh: their gradient rows, written); `lock`
+    serializes the additions into a shared dW."""
+    M = h.shape[0]
+    c = chunk_rows(W.shape[0])
+    total = 0.0
     for r0 in range(0, M, c):
         r1 = min(M, r0 + c)
         hc, tc = h[r0:r1], targets[r0:r1]
@@ -59,8 +83,10 @@ def cross_entropy(h: np.ndarray, W: np.ndarray, targets: np.ndarray, grad_scale:
         with tm("lm_head"):
             np.matmul(logits, W, out=dh[r0:r1])                  # [c, H]
             if dW is not None:
-                dW += logits.T @ hc
-    return total, dh
+                g = logits.T @ hc
+                with lock if lock is not None else _NullTimer():
+                    dW += g
+    return total
 
 
 class _NullTimer:
