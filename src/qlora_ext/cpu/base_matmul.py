@@ -33,7 +33,8 @@ def describe(compute_dtype: str) -> str:
     compute_dtype = check_compute_dtype(compute_dtype)
     level = kernels().cpu_level_name()
     if compute_dtype == "fp32":
-        return f"fp32 (exact; dequantize + BLAS, {level})"
+        how = "fused NF4 GEMM" if level in ("avx512", "avx512_bf16") else "dequantize + BLAS"
+        return f"fp32 (exact; {how}, {level})"
     if level == "avx512_bf16":
         return "bf16 (vdpbf16ps, fp32 sums; avx512_bf16)"
     if level == "avx512":
