@@ -15,6 +15,7 @@ from contextlib import nullcontext
 import numpy as np
 
 from ..cpu.base_matmul import base_matmul, fused_nf4_available
+from ..cpu.lora_products import LoraProducts
 from .._native import resolve_threads
 from ..cpu.blas_threads import single_threaded_blas
 from ..model.dropout import apply_dropout, dropout_key, dropout_seed
@@ -51,6 +52,8 @@ class CpuDevice:
         # the frozen base's products (qlora_ext.cpu.base_matmul): fp32 exact or bf16
         self.compute_dtype = compute_dtype
         self.fused = fused_nf4_available()
+        # the LoRA products: the C small-GEMM where the fused kernel runs (same thread team)
+        self.lora = LoraProducts(self.fused, attention_threads)
         self.eps = float(cfg.rms_norm_eps)
         self.final_norm = state.norm
         self.timer = timer if timer is not None else PhaseTimer()
@@ -160,10 +163,7 @@ class CpuDevice:
                 return
             mask = self._mask(l, proj, x.shape)
             xd = x if mask is None else x * mask
-            np.matmul(xd, self.params.A(lo).T, out=u)
-            u *= np.float32(lo.scale)
-            if y is not None:
-                y += u @ self.params.B(lo).T
+            self.lora.forward(xd, self.params.A(lo), self.params.B(lo), lo.scale, u, y)
 
     def linear_backward(self, l, proj, dy, x, u, dx, accumulate) -> None:
         lo = self.params.lora(l, proj)
@@ -179,15 +179,8 @@ class CpuDevice:
                 return
             mask = self._mask(l, proj, x.shape)
             xd = x if mask is None else x * mask
-            self.params.gB(lo)[...] += dy.T @ u            # u already carries the scale
-            du = dy @ self.params.B(lo)
-            du *= np.float32(lo.scale)
-            self.params.gA(lo)[...] += du.T @ xd
-            if dx is not None:
-                dxd = du @ self.params.A(lo)
-                if mask is not None:
-                    dxd *= mask
-                dx += dxd
+            self.lora.backward(xd, dy, u, self.params.A(lo), self.params.B(lo), lo.scale,
+                               self.params.gA(lo), self.params.gB(lo), dx, mask)
 
     # ---- norms, RoPE, attention, SwiGLU, residual ----------------------------------------
     def rmsnorm_forward(self, x, w, y, rstd) -> None:
