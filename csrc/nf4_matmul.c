@@ -1,4 +1,5 @@
-/* NF4-weight products decoded inside the GEMM; see nf4_matmul.h for the contract.
+/* Products with a frozen weight, NF4 decoded inside the GEMM (or float32 rows read as they
+ * are: the LM head); see nf4_matmul.h for the contract.
  *
  * Both directions run one micro-kernel: a tile[MR][NR] = sum over a depth of
  * broadcast(A[r][k]) * B[k][0..NR), A row-major with a leading dimension, B a packed panel
@@ -23,6 +24,15 @@
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
 #endif
 
+/* The weight: NF4 (packed, absmax, block shift sh) or, with dense set, float32 rows; element
+   e = o * I + i either way (dense rows are contiguous). */
+typedef struct {
+  const uint8_t *packed;
+  const float *absmax;
+  int sh;
+  const float *dense;
+} wsrc;
+
 #define MR 12 /* broadcast rows per tile: 24 accumulators + 2 panel vectors + 1 broadcast */
 #define NR 32 /* panel lanes per tile (two zmm) */
 
@@ -33,10 +43,12 @@ static int blocksize_shift(int64_t bs) {
   return s;
 }
 
-static inline float nf4_at(const uint8_t *packed, const float *absmax, int sh, int64_t e) {
-  uint8_t byte = packed[e >> 1];
+/* Element e = o * I + i of W: NF4-decoded, or read from the float32 rows. */
+static inline float w_at(const wsrc *W, int64_t e) {
+  if (W->dense) return W->dense[e];
+  uint8_t byte = W->packed[e >> 1];
   uint8_t q = (e & 1) ? (byte & 0x0F) : (byte >> 4);
-  return qx_nf4_code[q] * absmax[e >> sh];
+  return qx_nf4_code[q] * W->absmax[e >> W->sh];
 }
 
 /* float32 -> bf16, round to nearest even; NaN stays a (quiet) NaN. */
@@ -59,8 +71,7 @@ static void *alloc64(size_t bytes) {
 /* ---- scalar reference ------------------------------------------------------------------ */
 /* Sequential fp32 sums in depth order.  Parallel over out features (xwt) or in-feature
    column chunks (xw), so no thread decodes what another one does. */
-static int xwt_scalar(const float *x, int64_t ldx, const uint8_t *packed, const float *absmax,
-                      int sh, int64_t n, int64_t O, int64_t I, float *y, int64_t ldy, int bf16,
+static int xwt_scalar(const float *x, int64_t ldx, const wsrc *W, int64_t n, int64_t O, int64_t I, float *y, int64_t ldy, int bf16,
                       int nt) {
   int failed = 0;
 #pragma omp parallel num_threads(nt)
@@ -74,7 +85,7 @@ static int xwt_scalar(const float *x, int64_t ldx, const uint8_t *packed, const 
     for (int64_t o = 0; o < O; o++) {
       if (!wrow) continue;
       for (int64_t i = 0; i < I; i++) {
-        float w = nf4_at(packed, absmax, sh, o * I + i);
+        float w = w_at(W, o * I + i);
         wrow[i] = bf16 ? round_bf16(w) : w;
       }
       for (int64_t r = 0; r < n; r++) {
@@ -92,8 +103,8 @@ static int xwt_scalar(const float *x, int64_t ldx, const uint8_t *packed, const 
   return failed ? QX_E_NOMEM : QX_OK;
 }
 
-static int xw_scalar(const float *dy, int64_t lddy, const uint8_t *packed, const float *absmax,
-                     int sh, int64_t n, int64_t O, int64_t I, float *dx, int64_t lddx, int bf16,
+static int xw_scalar(const float *dy, int64_t lddy, const wsrc *W,
+                      int64_t n, int64_t O, int64_t I, float *dx, int64_t lddx, int bf16,
                      int nt) {
   const int64_t chunk = 256, nchunks = ceil_div(I, chunk);
   int failed = 0;
@@ -111,7 +122,7 @@ static int xw_scalar(const float *dy, int64_t lddy, const uint8_t *packed, const
       for (int64_t r = 0; r < n; r++) memset(dx + r * lddx + i0, 0, (size_t)len * sizeof(float));
       for (int64_t o = 0; o < O; o++) {
         for (int64_t i = 0; i < len; i++) {
-          float w = nf4_at(packed, absmax, sh, o * I + i0 + i);
+          float w = w_at(W, o * I + i0 + i);
           wrow[i] = bf16 ? round_bf16(w) : w;
         }
         for (int64_t r = 0; r < n; r++) {
@@ -129,18 +140,18 @@ static int xw_scalar(const float *dy, int64_t lddy, const uint8_t *packed, const
 #if QX_X86
 /* ---- AVX-512: decode, rounding ---------------------------------------------------------- */
 /* 16 weights from element e0 (even: whole bytes); they span at most two blocks (>= 32). */
-QX_TARGET_AVX512 static inline __m512 decode16(const uint8_t *packed, const float *absmax, int sh,
-                                               int64_t e0) {
+QX_TARGET_AVX512 static inline __m512 decode16(const wsrc *W, int64_t e0) {
   const __m512 lut = _mm512_loadu_ps(qx_nf4_code);
   const __m128i m4 = _mm_set1_epi8(0x0F);
-  __m128i b = _mm_loadl_epi64((const __m128i *)(packed + (e0 >> 1)));
+  __m128i b = _mm_loadl_epi64((const __m128i *)(W->packed + (e0 >> 1)));
   __m128i hn = _mm_and_si128(_mm_srli_epi16(b, 4), m4), ln = _mm_and_si128(b, m4);
   __m512 v = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hn, ln)), lut);
+  const int sh = W->sh;
   int64_t b0 = e0 >> sh, b1 = (e0 + 15) >> sh;
-  __m512 am = _mm512_set1_ps(absmax[b0]);
+  __m512 am = _mm512_set1_ps(W->absmax[b0]);
   if (b1 != b0) {
     int split = (int)((b1 << sh) - e0); /* first lane in block b1 */
-    am = _mm512_mask_blend_ps((__mmask16)(0xFFFFu << split), am, _mm512_set1_ps(absmax[b1]));
+    am = _mm512_mask_blend_ps((__mmask16)(0xFFFFu << split), am, _mm512_set1_ps(W->absmax[b1]));
   }
   return _mm512_mul_ps(v, am);
 }
@@ -156,16 +167,23 @@ QX_TARGET_AVX512 static inline __m512 round16_bf16(__m512 v) {
 }
 
 /* out[0..len) = W elements e0.., rounded to bf16 values when `bf16`. */
-QX_TARGET_AVX512 static void decode_run_f32(const uint8_t *packed, const float *absmax, int sh,
-                                            int64_t e0, int64_t len, int bf16, float *out) {
+QX_TARGET_AVX512 static void decode_run_f32(const wsrc *W, int64_t e0, int64_t len, int bf16,
+                                            float *out) {
   int64_t i = 0;
-  if (!(e0 & 1))
+  if (W->dense) {
+    const float *src = W->dense + e0;
     for (; i + 16 <= len; i += 16) {
-      __m512 v = decode16(packed, absmax, sh, e0 + i);
+      __m512 v = _mm512_loadu_ps(src + i);
       _mm512_storeu_ps(out + i, bf16 ? round16_bf16(v) : v);
     }
+  } else if (!(e0 & 1)) {
+    for (; i + 16 <= len; i += 16) {
+      __m512 v = decode16(W, e0 + i);
+      _mm512_storeu_ps(out + i, bf16 ? round16_bf16(v) : v);
+    }
+  }
   for (; i < len; i++) {
-    float w = nf4_at(packed, absmax, sh, e0 + i);
+    float w = w_at(W, e0 + i);
     out[i] = bf16 ? round_bf16(w) : w;
   }
 }
@@ -296,8 +314,7 @@ QX_TARGET_AVX512 static void xpanel_f32_rows(const float *x, int64_t ldx, int64_
   }
 }
 
-static int xwt_avx512(const float *x, int64_t ldx, const uint8_t *packed, const float *absmax,
-                      int sh, int64_t n, int64_t O, int64_t I, float *y, int64_t ldy, int mode,
+static int xwt_avx512(const float *x, int64_t ldx, const wsrc *W, int64_t n, int64_t O, int64_t I, float *y, int64_t ldy, int mode,
                       int native_bf16, int nt) {
   const int pairs = mode == QX_MM_BF16 && native_bf16;
   const int round = mode == QX_MM_BF16 && !native_bf16;
@@ -338,10 +355,10 @@ static int xwt_avx512(const float *x, int64_t ldx, const uint8_t *packed, const 
       int mr = (int)(O - o0 < MR ? O - o0 : MR);
       for (int r = 0; r < mr; r++) {
         if (pairs) {
-          decode_run_f32(packed, absmax, sh, (o0 + r) * I, I, 0, rowbuf);
+          decode_run_f32(W, (o0 + r) * I, I, 0, rowbuf);
           pairs_of_row(rowbuf, I, (uint32_t *)wr + r * depth);
         } else {
-          decode_run_f32(packed, absmax, sh, (o0 + r) * I, I, round, (float *)wr + r * depth);
+          decode_run_f32(W, (o0 + r) * I, I, round, (float *)wr + r * depth);
         }
       }
       for (int64_t s = 0; s < nstrips; s++) {
@@ -366,8 +383,8 @@ static int xwt_avx512(const float *x, int64_t ldx, const uint8_t *packed, const 
    FMAs compute the same function). */
 #define FEW_ROWS 8
 
-QX_TARGET_AVX512 static int xwt_few_rows(const float *x, int64_t ldx, const uint8_t *packed,
-                                         const float *absmax, int sh, int64_t n, int64_t O,
+QX_TARGET_AVX512 static int xwt_few_rows(const float *x, int64_t ldx, const wsrc *W,
+                                          int64_t n, int64_t O,
                                          int64_t I, float *y, int64_t ldy, int bf16, int nt) {
   float *xr = NULL;
   if (bf16) {
@@ -384,16 +401,16 @@ QX_TARGET_AVX512 static int xwt_few_rows(const float *x, int64_t ldx, const uint
     __m512 acc[FEW_ROWS];
     for (int r = 0; r < n; r++) acc[r] = _mm512_setzero_ps();
     int64_t i = 0;
-    if (!(e0 & 1))
+    if (W->dense || !(e0 & 1))
       for (; i + 16 <= I; i += 16) {
-        __m512 w = decode16(packed, absmax, sh, e0 + i);
+        __m512 w = W->dense ? _mm512_loadu_ps(W->dense + e0 + i) : decode16(W, e0 + i);
         if (bf16) w = round16_bf16(w);
         for (int r = 0; r < n; r++) acc[r] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + r * ldx + i), acc[r]);
       }
     for (int r = 0; r < n; r++) {
       float sum = _mm512_reduce_add_ps(acc[r]);
       for (int64_t j = i; j < I; j++) {
-        float w = nf4_at(packed, absmax, sh, e0 + j);
+        float w = w_at(W, e0 + j);
         sum += (bf16 ? round_bf16(w) : w) * x[r * ldx + j];
       }
       y[r * ldy + o] = sum;
@@ -405,24 +422,24 @@ QX_TARGET_AVX512 static int xwt_few_rows(const float *x, int64_t ldx, const uint
 
 /* ---- dx = dy W ---------------------------------------------------------------------------- */
 /* W panel of in-features p0..p0+NR over all O rows; columns past I are zero. */
-QX_TARGET_AVX512 static void wpanel_f32(const uint8_t *packed, const float *absmax, int sh,
+QX_TARGET_AVX512 static void wpanel_f32(const wsrc *W, 
                                         int64_t O, int64_t I, int64_t p0, int round, float *bp) {
   int64_t w = I - p0 < NR ? I - p0 : NR;
   for (int64_t o = 0; o < O; o++) {
     float *dst = bp + o * NR;
-    decode_run_f32(packed, absmax, sh, o * I + p0, w, round, dst);
+    decode_run_f32(W, o * I + p0, w, round, dst);
     for (int64_t c = w; c < NR; c++) dst[c] = 0.0f;
   }
 }
 
-QX_TARGET_AVX512BF16 static void wpanel_bf16(const uint8_t *packed, const float *absmax, int sh,
+QX_TARGET_AVX512BF16 static void wpanel_bf16(const wsrc *W, 
                                              int64_t O, int64_t I, int64_t p0, uint32_t *bp) {
   int64_t w = I - p0 < NR ? I - p0 : NR;
   float rows[2][NR];
   for (int64_t kp = 0; kp < ceil_div(O, 2); kp++) {
     for (int h = 0; h < 2; h++) {
       int64_t o = 2 * kp + h;
-      if (o < O) decode_run_f32(packed, absmax, sh, o * I + p0, w, 0, rows[h]);
+      if (o < O) decode_run_f32(W, o * I + p0, w, 0, rows[h]);
       for (int64_t c = o < O ? w : 0; c < NR; c++) rows[h][c] = 0.0f;
     }
     uint32_t *dst = bp + kp * NR;
@@ -432,8 +449,8 @@ QX_TARGET_AVX512BF16 static void wpanel_bf16(const uint8_t *packed, const float 
   }
 }
 
-static int xw_avx512(const float *dy, int64_t lddy, const uint8_t *packed, const float *absmax,
-                     int sh, int64_t n, int64_t O, int64_t I, float *dx, int64_t lddx, int mode,
+static int xw_avx512(const float *dy, int64_t lddy, const wsrc *W,
+                      int64_t n, int64_t O, int64_t I, float *dx, int64_t lddx, int mode,
                      int native_bf16, int nt) {
   const int pairs = mode == QX_MM_BF16 && native_bf16;
   const int round = mode == QX_MM_BF16 && !native_bf16;
@@ -471,9 +488,9 @@ static int xw_avx512(const float *dy, int64_t lddy, const uint8_t *packed, const
       if (!bp) continue;
       int64_t p0 = ps * NR, w = I - p0 < NR ? I - p0 : NR;
       if (pairs)
-        wpanel_bf16(packed, absmax, sh, O, I, p0, (uint32_t *)bp);
+        wpanel_bf16(W, O, I, p0, (uint32_t *)bp);
       else
-        wpanel_f32(packed, absmax, sh, O, I, p0, round, (float *)bp);
+        wpanel_f32(W, O, I, p0, round, (float *)bp);
       for (int64_t n0 = 0; n0 < n; n0 += MR) {
         int mr = (int)(n - n0 < MR ? n - n0 : MR);
         if (pairs)
@@ -492,10 +509,8 @@ static int xw_avx512(const float *dy, int64_t lddy, const uint8_t *packed, const
 #endif /* QX_X86 */
 
 /* ---- entry points ----------------------------------------------------------------------- */
-static int check_args(int64_t blocksize, int64_t n, int64_t out_f, int64_t in_f, int mode,
-                      int *sh) {
-  *sh = blocksize_shift(blocksize);
-  if (*sh < 0 || n < 0 || out_f < 0 || in_f < 0) return QX_E_ARG;
+static int check_shape(int64_t n, int64_t out_f, int64_t in_f, int mode) {
+  if (n < 0 || out_f < 0 || in_f < 0) return QX_E_ARG;
   if (mode != QX_MM_F32 && mode != QX_MM_BF16) return QX_E_ARG;
   /* every element index (and the panels' sizes) must fit in int64 */
   const int64_t lim = (int64_t)1 << 40;
@@ -506,11 +521,9 @@ static int check_args(int64_t blocksize, int64_t n, int64_t out_f, int64_t in_f,
   return QX_OK;
 }
 
-int qx_nf4_matmul_xwt(const float *x, int64_t ldx, const uint8_t *packed, const float *absmax,
-                      int64_t blocksize, int64_t n, int64_t out_f, int64_t in_f, float *y,
-                      int64_t ldy, int mode, int nthreads) {
-  int sh;
-  int rc = check_args(blocksize, n, out_f, in_f, mode, &sh);
+static int matmul_xwt(const float *x, int64_t ldx, const wsrc *W, int64_t n, int64_t out_f,
+                      int64_t in_f, float *y, int64_t ldy, int mode, int nthreads) {
+  int rc = check_shape(n, out_f, in_f, mode);
   if (rc != QX_OK) return rc;
   if (ldx < in_f || ldy < out_f || (n && (ldx > INT64_MAX / 8 / n || ldy > INT64_MAX / 8 / n)))
     return QX_E_SIZE;
@@ -523,21 +536,18 @@ int qx_nf4_matmul_xwt(const float *x, int64_t ldx, const uint8_t *packed, const 
   const int level = qx_cpu_level();
 #if QX_X86
   if (level >= QX_LEVEL_AVX512 && n <= FEW_ROWS)
-    return xwt_few_rows(x, ldx, packed, absmax, sh, n, out_f, in_f, y, ldy, mode == QX_MM_BF16, nt);
+    return xwt_few_rows(x, ldx, W, n, out_f, in_f, y, ldy, mode == QX_MM_BF16, nt);
   if (level >= QX_LEVEL_AVX512)
-    return xwt_avx512(x, ldx, packed, absmax, sh, n, out_f, in_f, y, ldy, mode,
-                      level >= QX_LEVEL_AVX512_BF16, nt);
+    return xwt_avx512(x, ldx, W, n, out_f, in_f, y, ldy, mode, level >= QX_LEVEL_AVX512_BF16, nt);
 #endif
   (void)level;
-  return xwt_scalar(x, ldx, packed, absmax, sh, n, out_f, in_f, y, ldy, mode == QX_MM_BF16,
+  return xwt_scalar(x, ldx, W, n, out_f, in_f, y, ldy, mode == QX_MM_BF16,
                     nt > out_f ? (int)out_f : nt);
 }
 
-int qx_nf4_matmul_xw(const float *dy, int64_t lddy, const uint8_t *packed, const float *absmax,
-                     int64_t blocksize, int64_t n, int64_t out_f, int64_t in_f, float *dx,
-                     int64_t lddx, int mode, int nthreads) {
-  int sh;
-  int rc = check_args(blocksize, n, out_f, in_f, mode, &sh);
+static int matmul_xw(const float *dy, int64_t lddy, const wsrc *W, int64_t n, int64_t out_f,
+                     int64_t in_f, float *dx, int64_t lddx, int mode, int nthreads) {
+  int rc = check_shape(n, out_f, in_f, mode);
   if (rc != QX_OK) return rc;
   if (lddy < out_f || lddx < in_f || (n && (lddy > INT64_MAX / 8 / n || lddx > INT64_MAX / 8 / n)))
     return QX_E_SIZE;
@@ -550,9 +560,36 @@ int qx_nf4_matmul_xw(const float *dy, int64_t lddy, const uint8_t *packed, const
   const int level = qx_cpu_level();
 #if QX_X86
   if (level >= QX_LEVEL_AVX512)
-    return xw_avx512(dy, lddy, packed, absmax, sh, n, out_f, in_f, dx, lddx, mode,
-                     level >= QX_LEVEL_AVX512_BF16, nt);
+    return xw_avx512(dy, lddy, W, n, out_f, in_f, dx, lddx, mode, level >= QX_LEVEL_AVX512_BF16, nt);
 #endif
   (void)level;
-  return xw_scalar(dy, lddy, packed, absmax, sh, n, out_f, in_f, dx, lddx, mode == QX_MM_BF16, nt);
+  return xw_scalar(dy, lddy, W, n, out_f, in_f, dx, lddx, mode == QX_MM_BF16, nt);
+}
+
+int qx_nf4_matmul_xwt(const float *x, int64_t ldx, const uint8_t *packed, const float *absmax,
+                      int64_t blocksize, int64_t n, int64_t out_f, int64_t in_f, float *y,
+                      int64_t ldy, int mode, int nthreads) {
+  const wsrc W = {packed, absmax, blocksize_shift(blocksize), NULL};
+  if (W.sh < 0) return QX_E_ARG;
+  return matmul_xwt(x, ldx, &W, n, out_f, in_f, y, ldy, mode, nthreads);
+}
+
+int qx_nf4_matmul_xw(const float *dy, int64_t lddy, const uint8_t *packed, const float *absmax,
+                     int64_t blocksize, int64_t n, int64_t out_f, int64_t in_f, float *dx,
+                     int64_t lddx, int mode, int nthreads) {
+  const wsrc W = {packed, absmax, blocksize_shift(blocksize), NULL};
+  if (W.sh < 0) return QX_E_ARG;
+  return matmul_xw(dy, lddy, &W, n, out_f, in_f, dx, lddx, mode, nthreads);
+}
+
+int qx_dense_matmul_xwt(const float *x, int64_t ldx, const float *w, int64_t n, int64_t out_f,
+                        int64_t in_f, float *y, int64_t ldy, int mode, int nthreads) {
+  const wsrc W = {NULL, NULL, 0, w};
+  return matmul_xwt(x, ldx, &W, n, out_f, in_f, y, ldy, mode, nthreads);
+}
+
+int qx_dense_matmul_xw(const float *dy, int64_t lddy, const float *w, int64_t n, int64_t out_f,
+                       int64_t in_f, float *dx, int64_t lddx, int mode, int nthreads) {
+  const wsrc W = {NULL, NULL, 0, w};
+  return matmul_xw(dy, lddy, &W, n, out_f, in_f, dx, lddx, mode, nthreads);
 }

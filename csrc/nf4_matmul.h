@@ -34,4 +34,11 @@ int qx_nf4_matmul_xw(const float *dy, int64_t lddy, const uint8_t *packed, const
                      int64_t blocksize, int64_t n, int64_t out_f, int64_t in_f, float *dx,
                      int64_t lddx, int mode, int nthreads);
 
+/* The same two products with a float32 weight W (O, I), rows contiguous (the LM head):
+ * mode QX_MM_BF16 rounds W and the activations to bf16 as above; QX_MM_F32 is exact. */
+int qx_dense_matmul_xwt(const float *x, int64_t ldx, const float *w, int64_t n, int64_t out_f,
+                        int64_t in_f, float *y, int64_t ldy, int mode, int nthreads);
+int qx_dense_matmul_xw(const float *dy, int64_t lddy, const float *w, int64_t n, int64_t out_f,
+                       int64_t in_f, float *dx, int64_t lddx, int mode, int nthreads);
+
 #endif

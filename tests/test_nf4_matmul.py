@@ -63,6 +63,29 @@ def test_kernel_matches_float64_reference(simd_level, N, O, I, bs, mode):
     assert _err_ratio(dx, rnd(dy), w, False) <= TOL
 
 
+@pytest.mark.parametrize("mode", ["fp32", "bf16"])
+@pytest.mark.parametrize("N,O,I", [(1, 1, 1), (1, 17, 5), (7, 29, 97), (8, 9, 33), (13, 131, 31),
+                                   (33, 65, 130), (50, 3, 1537), (97, 1021, 64)])
+def test_dense_kernel_matches_float64_reference(simd_level, N, O, I, mode):
+    """The same kernel with a float32 weight (the LM head): read instead of decoded, odd widths
+    included (no NF4 byte pairing), N <= 8 through the few-rows path."""
+    rng = np.random.default_rng(N * 7 + O + I)
+    W = rng.standard_normal((O, I)).astype(np.float32)
+    x = rng.standard_normal((N, I)).astype(np.float32)
+    dy = rng.standard_normal((N, O)).astype(np.float32)
+    k = kernels()
+    y = np.full((N, O), np.nan, np.float32)
+    dx = np.full((N, I), np.nan, np.float32)
+    k.dense_matmul_xwt(x, W, y, mode, 2)
+    k.dense_matmul_xw(dy, W, dx, mode, 2)
+    rnd = _bf16_ref if mode == "bf16" else (lambda a: a)
+    w = rnd(W).astype(np.float64)
+    assert _err_ratio(y, rnd(x), w, True) <= TOL
+    assert _err_ratio(dx, rnd(dy), w, False) <= TOL
+    with pytest.raises(ValueError, match="do not match"):
+        k.dense_matmul_xwt(x, W[:, :0] if I > 1 else np.zeros((O, 2), np.float32), y, mode)
+
+
 def test_bf16_mode_rounds_both_operands(simd_level):
     """Against the UNROUNDED float64 product the bf16 result is off by ~bf16 precision (2^-9),
     far beyond TOL: the rounding is applied, to x and to W."""

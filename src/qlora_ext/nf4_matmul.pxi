@@ -7,6 +7,10 @@ cdef extern from "nf4_matmul.h" nogil:
     int qx_nf4_matmul_xw(const float *dy, int64_t lddy, const uint8_t *packed, const float *absmax,
                          int64_t blocksize, int64_t n, int64_t out_f, int64_t in_f, float *dx,
                          int64_t lddx, int mode, int nthreads)
+    int qx_dense_matmul_xwt(const float *x, int64_t ldx, const float *w, int64_t n, int64_t out_f,
+                            int64_t in_f, float *y, int64_t ldy, int mode, int nthreads)
+    int qx_dense_matmul_xw(const float *dy, int64_t lddy, const float *w, int64_t n, int64_t out_f,
+                           int64_t in_f, float *dx, int64_t lddx, int mode, int nthreads)
 
 
 cdef int _nf4_matmul_mode(str compute_dtype) except -1:
@@ -84,3 +88,40 @@ def nf4_matmul_xw(const float[:, :] dy, const uint8_t[::1] packed, const float[:
                               &absmax[0] if out_f else NULL, blocksize, n, out_f, in_f,
                               &dx[0, 0], lddx, mode, nthreads)
     _check_matmul_rc(rc, "nf4 matmul dy W")
+
+
+def dense_matmul_xwt(const float[:, :] x, const float[:, ::1] w, float[:, :] y, str compute_dtype="fp32",
+                     int nthreads=0):
+    """y (N, O) = x (N, I) Wᵀ with W (O, I) float32, C-contiguous: nf4_matmul_xwt's kernel with
+    the weight read instead of decoded (bf16: both operands rounded to bf16, fp32 sums)."""
+    cdef int mode = _nf4_matmul_mode(compute_dtype)
+    cdef int64_t n = x.shape[0], in_f = x.shape[1], out_f = w.shape[0]
+    if w.shape[1] != in_f or y.shape[0] != n or y.shape[1] != out_f:
+        raise ValueError(f"dense matmul x Wᵀ: x ({n}, {in_f}), W ({out_f}, {w.shape[1]}), "
+                         f"y ({y.shape[0]}, {y.shape[1]}) do not match")
+    cdef int64_t ldx = _row_stride(x, "dense matmul x Wᵀ: x"), ldy = _row_stride(y, "dense matmul x Wᵀ: y")
+    if n == 0 or out_f == 0:
+        return
+    cdef int rc
+    with nogil:
+        rc = qx_dense_matmul_xwt(&x[0, 0] if in_f else NULL, ldx, &w[0, 0] if in_f else NULL, n, out_f,
+                                 in_f, &y[0, 0], ldy, mode, nthreads)
+    _check_matmul_rc(rc, "dense matmul x Wᵀ")
+
+
+def dense_matmul_xw(const float[:, :] dy, const float[:, ::1] w, float[:, :] dx, str compute_dtype="fp32",
+                    int nthreads=0):
+    """dx (N, I) = dy (N, O) W with W (O, I) float32, C-contiguous (see dense_matmul_xwt)."""
+    cdef int mode = _nf4_matmul_mode(compute_dtype)
+    cdef int64_t n = dy.shape[0], out_f = dy.shape[1], in_f = w.shape[1]
+    if w.shape[0] != out_f or dx.shape[0] != n or dx.shape[1] != in_f:
+        raise ValueError(f"dense matmul dy W: dy ({n}, {out_f}), W ({w.shape[0]}, {in_f}), "
+                         f"dx ({dx.shape[0]}, {dx.shape[1]}) do not match")
+    cdef int64_t lddy = _row_stride(dy, "dense matmul dy W: dy"), lddx = _row_stride(dx, "dense matmul dy W: dx")
+    if n == 0 or in_f == 0:
+        return
+    cdef int rc
+    with nogil:
+        rc = qx_dense_matmul_xw(&dy[0, 0] if out_f else NULL, lddy, &w[0, 0] if out_f else NULL, n, out_f,
+                                in_f, &dx[0, 0], lddx, mode, nthreads)
+    _check_matmul_rc(rc, "dense matmul dy W")

@@ -11,10 +11,11 @@ compute_dtype, named as bitsandbytes names it:
 LoRA products, norms, attention and every gradient of a trained parameter stay float32; only
 these frozen products take compute_dtype.
 
-NF4 weights on CPUs with AVX-512 go through the fused kernel (qlora_ext._kernels.nf4_matmul_*:
-decoded inside the GEMM, no dequantized copy of W), in both modes: it beats dequantize + numpy
-sgemm at the step's shapes (BENCHMARKS.md).  Elsewhere, and for float32 weights, the same
-function runs as a numpy product of (bf16-rounded) float32 operands."""
+On CPUs with AVX-512 the products go through the fused kernel (qlora_ext._kernels.nf4_matmul_*,
+NF4 decoded inside the GEMM, no dequantized copy of W; dense_matmul_* for float32 weights such
+as the LM head), in both modes: it beats dequantize + numpy sgemm at the step's shapes
+(BENCHMARKS.md) and rounds to bf16 while packing its panels instead of in a rounded copy of W.
+Elsewhere the same function runs as a numpy product of (bf16-rounded) float32 operands."""
 from __future__ import annotations
 
 import numpy as np
@@ -86,6 +87,13 @@ def base_matmul(x: np.ndarray, weight, compute_dtype: str = "fp32", transpose: b
         absmax = np.ascontiguousarray(weight.absmax, dtype=np.float32)
         fn = kernels().nf4_matmul_xwt if transpose else kernels().nf4_matmul_xw
         fn(x, weight.packed, absmax, weight.blocksize, m, out, compute_dtype, threads or default_threads())
+        return out
+    if isinstance(weight, np.ndarray) and fused_nf4_available() and weight.dtype == np.float32 \
+            and weight.flags.c_contiguous:
+        if not _rows_contiguous(x):
+            x = np.ascontiguousarray(x)
+        fn = kernels().dense_matmul_xwt if transpose else kernels().dense_matmul_xw
+        fn(x, weight, out, compute_dtype, threads or default_threads())
         return out
     w = dequantize_nf4(weight, threads=threads) if isinstance(weight, NF4Tensor) else weight
     if compute_dtype == "bf16":

@@ -281,11 +281,22 @@ class CpuDevice:
         want = dh is not None
         total, d = cross_entropy(xf[rows], self.lm_head_weight(), tgt[rows], scale if want else None,
                                  dW=self.params.grad_lm_head() if want else None, timer=self.timer,
-                                 threads=self._lm_head_threads())
+                                 threads=self._lm_head_threads(), product=self._lm_head_product(want))
         if want:
             dh[...] = 0.0
             dh[rows] = d
         return total
+
+    def _lm_head_product(self, train_step: bool):
+        """The frozen head's products in the device's compute dtype (the fused kernel on one
+        thread per row part where it runs); numpy's float32 matmul when the head is trained
+        (its gradient's products stay float32) or the kernel is not used."""
+        if not self.fused or (train_step and self.params.lm_head() is not None):
+            return None
+
+        def product(x, W, transpose, out):
+            base_matmul(x, W, self.compute_dtype, transpose=transpose, threads=1, out=out)
+        return product
 
     def _lm_head_threads(self) -> int:
         """Threads of the LM head's products: with BLAS held to one thread (compute_scope),

@@ -28,8 +28,12 @@ def chunk_rows(vocab: int, budget: int = CHUNK_BYTES) -> int:
     return max(16, budget // (4 * max(vocab, 1)))
 
 
+def _numpy_product(x: np.ndarray, W: np.ndarray, transpose: bool, out: np.ndarray) -> None:
+    np.matmul(x, W.T if transpose else W, out=out)
+
+
 def cross_entropy(h: np.ndarray, W: np.ndarray, targets: np.ndarray, grad_scale: float | None,
-                  dW: np.ndarray | None = None, timer=None, threads: int = 1):
+                  dW: np.ndarray | None = None, timer=None, threads: int = 1, product=None):
     """Summed cross-entropy of softmax(h Wᵀ) at `targets`, chunk by chunk.
 
     h [M, H] float32 (final-norm output of the counted rows), W [V, H] the LM head,
@@ -39,24 +43,31 @@ def cross_entropy(h: np.ndarray, W: np.ndarray, targets: np.ndarray, grad_scale:
 
     threads > 1: the rows are cut into that many contiguous parts computed at once, for a
     caller that holds numpy's BLAS to one thread (its products release the GIL); the whole
-    call is then timed as "lm_head"."""
+    call is then timed as "lm_head".
+
+    product(x, W, transpose, out): the two products with the frozen head, out = x Wᵀ
+    (transpose) or x W, e.g. in the device's compute dtype; numpy's float32 matmul by default.
+    The trained head's gradient dW is always a float32 numpy product."""
+    product = _numpy_product if product is None else product
     M = h.shape[0]
     dh = np.empty_like(h) if grad_scale is not None else None
     parts = min(int(threads), M // MIN_PART_ROWS)
     if parts <= 1:
-        return _rows_loss(h, W, targets, grad_scale, dh, dW, timer if timer is not None else _NullTimer(), None), dh
+        return _rows_loss(h, W, targets, grad_scale, dh, dW, timer if timer is not None else _NullTimer(), None,
+                          product), dh
     bounds = [M * i // parts for i in range(parts + 1)]
     lock = threading.Lock() if dW is not None else None
     tm = timer if timer is not None else _NullTimer()
     with tm("lm_head"), ThreadPoolExecutor(parts) as pool:
         sums = list(pool.map(
             lambda i: _rows_loss(h[bounds[i]:bounds[i + 1]], W, targets[bounds[i]:bounds[i + 1]], grad_scale,
-                                 None if dh is None else dh[bounds[i]:bounds[i + 1]], dW, _NullTimer(), lock),
+                                 None if dh is None else dh[bounds[i]:bounds[i + 1]], dW, _NullTimer(), lock,
+                                 product),
             range(parts)))
     return float(sum(sums)), dh
 
 
-def _rows_loss(h, W, targets, grad_scale, dh, dW, tm, lock) -> float:
+def _rows_loss(h, W, targets, grad_scale, dh, dW, tm, lock, product) -> float:
     """cross_entropy's work on rows h [m, H] (dh: their gradient rows, written); `lock`
     serializes the additions into a shared dW."""
     M = h.shape[0]
@@ -66,7 +77,8 @@ def _rows_loss(h, W, targets, grad_scale, dh, dW, tm, lock) -> float:
         r1 = min(M, r0 + c)
         hc, tc = h[r0:r1], targets[r0:r1]
         with tm("lm_head"):
-            logits = hc @ W.T                                   # [c, V]
+            logits = np.empty((r1 - r0, W.shape[0]), np.float32)
+            product(hc, W, True, logits)                        # [c, V]
         with tm("loss"):
             rows = np.arange(r1 - r0)
             m = logits.max(axis=1, keepdims=True)
@@ -81,7 +93,7 @@ def _rows_loss(h, W, targets, grad_scale, dh, dW, tm, lock) -> float:
             logits *= (grad_scale / z).astype(np.float32)[:, None]
             logits[rows, tc] -= np.float32(grad_scale)
         with tm("lm_head"):
-            np.matmul(logits, W, out=dh[r0:r1])                  # [c, H]
+            product(logits, W, False, dh[r0:r1])                # [c, H]
             if dW is not None:
                 g = logits.T @ hc
                 with lock if lock is not None else _NullTimer():
