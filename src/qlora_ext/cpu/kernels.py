@@ -1,7 +1,7 @@
-"""CPU kernels of a layer's attention block: causal GQA attention, RoPE and RMSNorm, forward
+"""CPU kernels of a layer: causal GQA attention, RoPE, RMSNorm and SwiGLU, forward
 and backward.  Checks live here (every bad input raises ValueError before any memory is
-touched); the loops live in csrc/{attention,rope,rmsnorm}.c behind the Cython contracts in
-src/qlora_ext/{attention,rope,rmsnorm}.pxi.
+touched); the loops live in csrc/{attention,rope,rmsnorm,swiglu}.c behind the Cython contracts in
+src/qlora_ext/{attention,rope,rmsnorm,swiglu}.pxi.
 
 Shape letters: B batch, T tokens, Hq query heads, Hkv key/value heads, D head_dim,
 N rows, C channels, P table positions.  Arrays are float32 and C-contiguous."""
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..model import reference_kernels
 from ..model.rope_freq import rope_inv_freq
 
 from .._native import kernels, require_memory, resolve_threads
@@ -222,3 +223,37 @@ def attention_backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndar
     dv = np.empty_like(v)
     kernels().attention_backward(q, k, v, out, lse, dout, mask, dq, dk, dv, nt)
     return dq, dk, dv
+
+
+# ---- SwiGLU -------------------------------------------------------------------------------
+
+def _swiglu_arrays(names: str, arrays, shape) -> list:
+    out = []
+    for name, a in zip(names.split(), arrays):
+        _f32(name, a, len(shape), "N F")
+        _same_shape(name, a, shape, "N F")
+        out.append(a.reshape(-1))
+    return out
+
+
+def _swiglu_in_c() -> bool:
+    """One C pass with a vector exp on AVX-512; below it numpy's SIMD passes are faster than
+    the C loop's scalar expf (model.reference_kernels)."""
+    return kernels().cpu_level_name() in ("avx512", "avx512_bf16")
+
+
+def swiglu_forward(g: np.ndarray, u: np.ndarray, m: np.ndarray, threads=None) -> None:
+    """m [N, F] = silu(g) · u, written in place (csrc/swiglu.c)."""
+    flat = _swiglu_arrays("g u m", (g, u, m), g.shape)
+    if not _swiglu_in_c():
+        return reference_kernels.swiglu_forward(g, u, m)
+    kernels().swiglu_forward(*flat, resolve_threads(threads))
+
+
+def swiglu_backward(g: np.ndarray, u: np.ndarray, dm: np.ndarray, dg: np.ndarray, du: np.ndarray,
+                    threads=None) -> None:
+    """du = dm · silu(g), dg = dm · u · σ(g)(1 + g(1 - σ(g))), written in place."""
+    flat = _swiglu_arrays("g u dm dg du", (g, u, dm, dg, du), g.shape)
+    if not _swiglu_in_c():
+        return reference_kernels.swiglu_backward(g, u, dm, dg, du)
+    kernels().swiglu_backward(*flat, resolve_threads(threads))

@@ -236,28 +236,12 @@ class CpuDevice:
     def swiglu_forward(self, g, u, m) -> None:
         """m = silu(g) * u."""
         with self.timer("ffn"):
-            np.negative(g, out=m)
-            np.exp(m, out=m)
-            m += 1.0
-            np.reciprocal(m, out=m)               # sigmoid(g)
-            m *= g
-            m *= u
+            self.k.swiglu_forward(g, u, m, threads=self.user_attention_threads)
 
     def swiglu_backward(self, g, u, dm, dg, du) -> None:
         """du = dm silu(g); dg = dm u sig (1 + g (1 - sig)), sig = sigmoid(g)."""
         with self.timer("ffn"):
-            sig = np.negative(g)
-            np.exp(sig, out=sig)
-            sig += 1.0
-            np.reciprocal(sig, out=sig)
-            np.multiply(g, sig, out=du)
-            du *= dm
-            np.subtract(1.0, sig, out=dg)
-            dg *= g
-            dg += 1.0
-            dg *= sig
-            dg *= u
-            dg *= dm
+            self.k.swiglu_backward(g, u, dm, dg, du, threads=self.user_attention_threads)
 
     @staticmethod
     def add(y, x) -> None:

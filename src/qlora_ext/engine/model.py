@@ -33,7 +33,7 @@ def default_kernels():
         return reference_kernels
     chosen = {}
     for group in (("attention_forward", "attention_backward"), ("rope_tables", "rope_forward", "rope_backward"),
-                  ("rmsnorm_forward", "rmsnorm_backward")):
+                  ("rmsnorm_forward", "rmsnorm_backward"), ("swiglu_forward", "swiglu_backward")):
         src = compiled if all(hasattr(compiled, f) for f in group) else reference_kernels
         chosen.update({f: getattr(src, f) for f in group})
     return SimpleNamespace(**chosen)

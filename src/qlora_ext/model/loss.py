@@ -9,6 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .._native import kernels
+
 IGNORE_INDEX = -100
 # Bytes of one float32 logits chunk [c, V]: big enough for efficient sgemm, small next to the model.
 CHUNK_BYTES = 32 << 20
@@ -80,24 +82,39 @@ def _rows_loss(h, W, targets, grad_scale, dh, dW, tm, lock, product) -> float:
             logits = np.empty((r1 - r0, W.shape[0]), np.float32)
             product(hc, W, True, logits)                        # [c, V]
         with tm("loss"):
-            rows = np.arange(r1 - r0)
-            m = logits.max(axis=1, keepdims=True)
-            picked = logits[rows, tc] - m[:, 0]
-            logits -= m
-            np.exp(logits, out=logits)                           # e = exp(logit - max)
-            z = logits.sum(axis=1, dtype=np.float64)
-            total += float(np.sum(np.log(z) - picked.astype(np.float64)))
+            total += _softmax_rows(logits, tc, grad_scale)
             if grad_scale is None:
                 continue
-            # dlogits = scale * (softmax - onehot), built in the logits buffer
-            logits *= (grad_scale / z).astype(np.float32)[:, None]
-            logits[rows, tc] -= np.float32(grad_scale)
         with tm("lm_head"):
             product(logits, W, False, dh[r0:r1])                # [c, H]
             if dW is not None:
                 g = logits.T @ hc
                 with lock if lock is not None else _NullTimer():
                     dW += g
+    return total
+
+
+def _softmax_rows(logits: np.ndarray, targets: np.ndarray, grad_scale: float | None) -> float:
+    """Summed loss of the chunk's rows; with grad_scale the logits become grad_scale ·
+    (softmax - onehot) in place.  On AVX-512 one C pass per row (csrc/cross_entropy.c, the
+    row stays in cache), elsewhere numpy's passes over the chunk."""
+    if kernels().cpu_level_name() in ("avx512", "avx512_bf16"):
+        loss = np.empty(logits.shape[0], np.float64)
+        kernels().cross_entropy_rows(logits, np.ascontiguousarray(targets, np.int64), loss,
+                                     1.0 if grad_scale is None else float(grad_scale),
+                                     grad_scale is not None, 1)
+        return float(np.sum(loss))
+    rows = np.arange(logits.shape[0])
+    m = logits.max(axis=1, keepdims=True)
+    picked = logits[rows, targets] - m[:, 0]
+    logits -= m
+    np.exp(logits, out=logits)                           # e = exp(logit - max)
+    z = logits.sum(axis=1, dtype=np.float64)
+    total = float(np.sum(np.log(z) - picked.astype(np.float64)))
+    if grad_scale is not None:
+        # dlogits = scale * (softmax - onehot), built in the logits buffer
+        logits *= (grad_scale / z).astype(np.float32)[:, None]
+        logits[rows, targets] -= np.float32(grad_scale)
     return total
 
 

@@ -151,3 +151,29 @@ def rmsnorm_backward(x, weight, rstd, dy, weight_grad=False, threads=None):
     dx = rstd.astype(np.float64)[:, None] * (g - xhat * (g * xhat).mean(axis=-1, keepdims=True))
     dw = (dy64 * xhat).sum(axis=0).astype(np.float32) if weight_grad else None
     return dx.astype(np.float32), dw
+
+
+def swiglu_forward(g, u, m, threads=None):
+    """m = silu(g) * u, in place (numpy)."""
+    np.negative(g, out=m)
+    np.exp(m, out=m)
+    m += 1.0
+    np.reciprocal(m, out=m)               # sigmoid(g)
+    m *= g
+    m *= u
+
+
+def swiglu_backward(g, u, dm, dg, du, threads=None):
+    """du = dm silu(g); dg = dm u sig (1 + g (1 - sig)), sig = sigmoid(g), in place (numpy)."""
+    sig = np.negative(g)
+    np.exp(sig, out=sig)
+    sig += 1.0
+    np.reciprocal(sig, out=sig)
+    np.multiply(g, sig, out=du)
+    du *= dm
+    np.subtract(1.0, sig, out=dg)
+    dg *= g
+    dg += 1.0
+    dg *= sig
+    dg *= u
+    dg *= dm
