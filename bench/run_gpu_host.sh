@@ -75,7 +75,7 @@ for shape in ((4, 1024), (64, 4096)):
       # HF fp32 in the same run, the 4B shape with checkpointing, generation of 32 x 64 tokens
       timeout 170 python3 bench/gpu_train_throughput.py --shape qwen3-0.6b --steps 3 \
         --modes resident,hf-fp32 --json "$OUT/engine_small.jsonl" 2>&1 | tee "$OUT/engine_small.log" | grep -v "^{"
-      timeout 100 python3 bench/gpu_generate.py --shape qwen3-0.6b --mode resident --json "$OUT/engine_generate.jsonl"
+      timeout 100 python3 bench/gpu_generate.py --shape qwen3-0.6b --modes gpu --sampling greedy,sampled --json "$OUT/engine_generate.jsonl"
       timeout 150 python3 bench/gpu_train_throughput.py --shape qwen3-4b --steps 2 --checkpointing \
         --modes resident --json "$OUT/engine_large.jsonl" 2>&1 | tee "$OUT/engine_large.log" | grep -v "^{"
       timeout 100 python3 bench/gpu_train_throughput.py --shape qwen3-0.6b --steps 1 \

@@ -121,7 +121,7 @@ class FakeLM:
         for k, v in read_safetensors(Path(d) / "adapter_model.safetensors").items():
             self.params[k][...] = v
 
-    def generate(self, prompt_ids, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=None, stop_ids=None):
+    def generate(self, prompt_ids, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=None, stop_ids=None, top_k=50):
         if len(prompt_ids) and isinstance(prompt_ids[0], (list, tuple, np.ndarray)):
             return [self.generate(p, max_new_tokens, temperature, top_p, seed, stop_ids) for p in prompt_ids]
         out, last = [], prompt_ids[-1]

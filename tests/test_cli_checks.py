@@ -90,6 +90,7 @@ def test_train_flags_are_range_checked_before_loading(tmp_path, data, loads, cap
     ("generate", ["--top-p", "0"], "--top-p must be a finite number in (0, 1]"),
     ("generate", ["--temperature", "nan"], "--temperature must be a finite number >= 0"),
     ("generate", ["--seed", "-5"], "--seed must be >= 0"),
+    ("generate", ["--top-k", "-1"], "--top-k must be >= 0"),
     ("generate", ["--threads", "-3"], "--threads must be >= 1"),
 ])
 def test_eval_and_generate_flags_are_range_checked(loads, capsys, cmd, args, msg):

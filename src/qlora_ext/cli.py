@@ -42,9 +42,9 @@ COMPUTE_DTYPE_HELP = ("precision of the frozen base's CPU products: fp32 (exact)
 
 
 def load_model(path, lora=None, device="auto", quantize="nf4", threads=None, seed=0,
-               gradient_checkpointing=False, progress=None, mode="split", batch_shape=None, revision=None):
+               gradient_checkpointing=False, progress=None, mode="auto", batch_shape=None, revision=None):
     """The one place the CLI builds a model (tests replace it with a stand-in).  eval and
-    generate keep the split placement (generation runs on the CPU decoder either way)."""
+    generate take the automatic placement: on a GPU with the memory, generation runs there."""
     from .api import load_model as _load
 
     return _load(path, lora=lora, quantize=None if quantize == "none" else quantize, device=device,
@@ -339,6 +339,10 @@ def _model_with_adapter(args):
 
     model = load_model(args.model, lora=LoraConfig(compute_dtype=args.compute_dtype), device=args.device,
                        threads=args.threads, progress=False if args.quiet else None, revision=args.revision)
+    if not args.quiet and hasattr(model, "placement"):
+        # stderr: generate's stdout is the generated text alone
+        print(f"placement: {model.placement}" + (f" ({model.placement_reason})" if model.placement_reason else ""),
+              file=sys.stderr, flush=True)
     if args.adapter:
         model.load_adapter(args.adapter)
     return model
@@ -380,11 +384,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .cli_checks import MAX_NEW_TOKENS, MAX_SEED, bounded_threads, check_flags, int_in, real
+    from .cli_checks import MAX_NEW_TOKENS, MAX_SEED, MAX_TOP_K, bounded_threads, check_flags, int_in, real
     from .train.data import require_tokenizer
 
     check_flags(args, {"max_new_tokens": int_in(0, MAX_NEW_TOKENS), "temperature": real(lambda v: v >= 0, ">= 0"),
-                       "top_p": real(lambda v: 0 < v <= 1, "in (0, 1]"), "seed": int_in(0, MAX_SEED)})
+                       "top_p": real(lambda v: 0 < v <= 1, "in (0, 1]"), "top_k": int_in(0, MAX_TOP_K),
+                       "seed": int_in(0, MAX_SEED)})
     args.threads = bounded_threads(args.threads)
     model = _model_with_adapter(args)
     tok = require_tokenizer(model.tokenizer, args.model, need_eos=False)
@@ -396,7 +401,7 @@ def cmd_generate(args) -> int:
     eos = tok.eos_token_id
     stop = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else None)
     out = model.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_p=args.top_p, seed=args.seed, stop_ids=stop)
+                         top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop_ids=stop)
     print(tok.decode(out, skip_special_tokens=True))
     return 0
 
@@ -505,6 +510,9 @@ def add_generate_command(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0,
                    help="nucleus sampling: sample from the smallest set of tokens holding this probability "
                         "(default 1.0 = all; only with --temperature > 0)")
+    p.add_argument("--top-k", type=int, default=50,
+                   help="sample from the K most likely tokens, before --top-p (default 50, as transformers; "
+                        "0 = all; only with --temperature > 0)")
     p.add_argument("--seed", type=int, help="sampling seed")
     p.set_defaults(func=cmd_generate)
 

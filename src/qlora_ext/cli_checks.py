@@ -21,6 +21,7 @@ MAX_ROWS = 1 << 16
 MAX_RANK = 1 << 16
 MAX_NEW_TOKENS = 1 << 20
 MAX_SEED = 2**63 - 1
+MAX_TOP_K = 1 << 24      # above any vocabulary: the whole one
 
 
 def _is_int(v) -> bool:

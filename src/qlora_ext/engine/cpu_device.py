@@ -19,6 +19,7 @@ from ..cpu.lora_products import LoraProducts
 from .._native import resolve_threads
 from ..cpu.blas_threads import single_threaded_blas
 from ..model.dropout import apply_dropout, dropout_key, dropout_seed
+from ..model.generate import KVCache, top_candidates
 from ..model.lora import ATTN_PROJECTIONS, FFN_PROJECTIONS
 from ..model.loss import IGNORE_INDEX, cross_entropy, shifted_targets
 from ..nf4 import NF4Tensor, dequantize_nf4
@@ -216,7 +217,9 @@ class CpuDevice:
             np.copyto(attn, o)
             np.copyto(lse, s)
 
-    def attention_cached(self, l, cache, q, k, v, attn) -> None:
+    def attention_cached(self, l, cache, q, k, v, attn, lse) -> None:
+        """Generation: the prompts' causal attention (cache empty) or the new tokens' over the
+        cache; the new keys and values go into the cache.  lse is not written."""
         with self.timer("attention"):
             if cache.length == 0:
                 o, _ = self.k.attention_forward(q, k, v, self.mask, threads=self._attention_threads())
@@ -298,3 +301,20 @@ class CpuDevice:
     def logits(self, xf) -> np.ndarray:
         with self.timer("lm_head"):
             return xf @ self.lm_head_weight().T
+
+    # ---- generation ----------------------------------------------------------------------
+    def kv_cache(self, rows: int, slots: int) -> KVCache:
+        cfg = self.state.config
+        return KVCache(self.layers, rows, slots, int(cfg.num_key_value_heads), int(cfg.head_dim))
+
+    def final_rows(self, x, last) -> np.ndarray:
+        """The final norm of rows last[r] of each sequence of x [N, H] -> [n, H]."""
+        rows = x[np.arange(len(last)) * self.dims.T + last]
+        h = np.empty_like(rows)
+        self.rmsnorm_forward(rows, self.final_norm, h, np.empty(len(last), np.float32))
+        return h
+
+    def next_tokens(self, x, last, k: int) -> tuple:
+        """(values [n, k], ids [n, k]): the k most likely tokens after position last[r] of
+        each sequence of x [N, H] (the layers' output), best first; k 0: all."""
+        return top_candidates(self.logits(self.final_rows(x, last)), k)

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..gpu import kernels
 from ..gpu.kernels import Operand
+from ..gpu.decode import MAX_TOP_K, decode_attention_gpu, kv_store_gpu, topk_gpu
 from ..gpu.resident.attention import attention_backward_gpu, attention_forward_gpu
 from ..gpu.resident.cross_entropy import LmHeadLoss
 from ..gpu.resident.gemm import gemm_gpu
@@ -29,6 +30,7 @@ from ..gpu.resident.layer_ops import (add_gpu, bias_add_gpu, embedding_gather_gp
 from ..gpu.resident.weights import ResidentWeight, StreamedLayers, WeightScratch, upload_weight
 from ..gpu.runtime import GpuTensor
 from ..model.dropout import dropout_keep_scale, dropout_key, dropout_seed, dropout_threshold
+from ..model.generate import top_candidates
 from ..model.lora import PROJECTIONS
 from .acts import LayerActs, StepScratch, allocate, plan_layer_acts, plan_scratch
 
@@ -55,7 +57,7 @@ class _StepGpu:
         self.mask = ctx.empty((d.B, d.T), "u32")
         self.delta = ctx.empty((d.B, d.Hq, d.T))
         self.dlora = ctx.empty((N, max(max_rank, 1)))     # scale · dy B of one projection
-        self.head = LmHeadLoss(ctx, N, d.H, vocab)
+        self.head = None     # LmHeadLoss, made by the first loss (generation never needs it)
         self.drop = self.drop_keys = None    # LoRA dropout's buffers, made by its first step
 
     def dropout_buffers(self, ctx, d, layers) -> None:
@@ -63,6 +65,40 @@ class _StepGpu:
             width = d.N * max(d.H, d.Hq * d.D, d.F)
             self.drop = (ctx.empty((width,)), ctx.empty((width,)))
             self.drop_keys = ctx.empty((layers * len(PROJECTIONS),), "u32")
+
+
+class GpuKVCache:
+    """Keys (after RoPE) and values of every layer in GPU memory, k[l], v[l] [B, S, Hkv, D],
+    and which slots each row may attend to: valid u32 [B, S] (1 = a real token of that row),
+    uploaded from its host copy as slots are marked.  As model.generate.KVCache otherwise,
+    but rows that finish stay (compacts False): the step costs the same with them, and a
+    fixed batch shape keeps its buffers."""
+
+    compacts = False
+
+    def __init__(self, ctx, layers: int, rows: int, slots: int, Hkv: int, D: int):
+        self.ctx = ctx
+        self.k = [ctx.empty((rows, slots, Hkv, D)) for _ in range(layers)]
+        self.v = [ctx.empty((rows, slots, Hkv, D)) for _ in range(layers)]
+        self.valid = ctx.zeros((rows, slots), "u32")
+        self._valid = np.zeros((rows, slots), np.uint32)
+        self.length = 0
+
+    def advance(self, t: int, valid: np.ndarray) -> None:
+        """Mark the t slots just stored: valid [B, t] says which hold real tokens."""
+        self._valid[:, self.length:self.length + t] = valid
+        self.ctx.write(self.valid, self._valid)
+        self.length += t
+
+
+class _DecodeRows:
+    """Generation's buffers for n rows: the rows' positions in the step, their hidden states,
+    after the final norm, and their logits."""
+
+    def __init__(self, ctx, n: int, H: int, V: int):
+        self.index = ctx.empty((n,), "i32")
+        self.rows, self.h, self.rstd = ctx.empty((n, H)), ctx.empty((n, H)), ctx.empty((n,))
+        self.logits = ctx.empty((n, V))
 
 
 class GpuDevice:
@@ -104,6 +140,7 @@ class GpuDevice:
         self.grads = ctx.zeros((params.size,))
         self.resident_bytes = ctx.allocated_bytes - start
         self._steps: dict = {}       # (dims, keep) -> (LayerActs list, StepScratch)
+        self._decode_rows: dict = {}  # n -> _DecodeRows
         self._inputs: dict = {}      # dims -> _StepGpu
         self.step_bytes: dict = {}
         self.cur = None
@@ -121,7 +158,8 @@ class GpuDevice:
     def copy(self, src, dst) -> None:
         self.ctx.encoder().copy_buffer_to_buffer(src.buffer, 0, dst.buffer, 0, src.nbytes)
 
-    def _step(self, d) -> _StepGpu:
+    def step_inputs(self, d) -> _StepGpu:
+        """The batch shape d's input buffers and kernel scratch (made once per shape)."""
         st = self._inputs.get(d)
         if st is None:
             start = self.ctx.allocated_bytes
@@ -130,6 +168,14 @@ class GpuDevice:
                 st.dropout_buffers(self.ctx, d, self.layers)
             self.step_bytes[d] = self.step_bytes.get(d, 0) + self.ctx.allocated_bytes - start
         return st
+
+    def _loss_head(self, d) -> LmHeadLoss:
+        st = self.step_inputs(d)
+        if st.head is None:
+            start = self.ctx.allocated_bytes
+            st.head = LmHeadLoss(self.ctx, d.N, d.H, self.V)
+            self.step_bytes[d] += self.ctx.allocated_bytes - start
+        return st.head
 
     def buffers(self, d, keep: bool):
         """(LayerActs list, StepScratch) for dims d, allocated once per (shape, keep)."""
@@ -145,8 +191,9 @@ class GpuDevice:
         return bufs
 
     def shape_bytes(self, d, keep: bool = True) -> int:
-        """GPU bytes of one batch shape's buffers (allocating them if they are not yet)."""
-        self._step(d)
+        """GPU bytes of one training batch shape's buffers, the loss's included (allocating
+        them if they are not yet)."""
+        self._loss_head(d)
         self.buffers(d, keep)
         return self.step_bytes[d] + self.step_bytes[(d, keep)]
 
@@ -173,7 +220,7 @@ class GpuDevice:
         dropout, the step's mask keys."""
         self.dims = dims
         ctx = self.ctx
-        st = self.cur = self._step(dims)
+        st = self.cur = self.step_inputs(dims)
         self._upload_tables(int(np.max(positions)) + 1)
         B, T = dims.B, dims.T
         pos = np.broadcast_to(np.asarray(positions, np.int32), (B, T))
@@ -325,7 +372,7 @@ class GpuDevice:
         gradient and the trained head's gradient added.  Returns the stats tensor [sum, count]."""
         w, off = self._head()
         dw = self.grads if (dh is not None and self.params.head_off is not None) else None
-        return self.cur.head.record(xf, w, self.cur.labels, self.dims.T, scale or 0.0, dhidden=dh, dw_lm=dw,
+        return self._loss_head(self.dims).record(xf, w, self.cur.labels, self.dims.T, scale or 0.0, dhidden=dh, dw_lm=dw,
                                     w_off=off, dw_off=off)
 
     def loss_value(self, stats) -> float:
@@ -340,3 +387,68 @@ class GpuDevice:
 
     def clear_grads(self) -> None:
         self.ctx.encoder().clear_buffer(self.grads.buffer)
+
+    # ---- generation ----------------------------------------------------------------------------
+    def kv_cache(self, rows: int, slots: int) -> GpuKVCache:
+        cfg = self.state.config
+        return GpuKVCache(self.ctx, self.layers, rows, slots, int(cfg.num_key_value_heads), int(cfg.head_dim))
+
+    def attention_cached(self, l, cache, q, k, v, attn, lse) -> None:
+        """The prompts' causal flash attention (cache empty; lse written), or the new tokens'
+        over the cache; either way the new keys and values go into the cache first."""
+        ctx = self.ctx
+        kv_store_gpu(ctx, k, v, cache.k[l], cache.v[l], cache.length)
+        if cache.length == 0:
+            attention_forward_gpu(ctx, q, k, v, mask=self.mask, o=attn, lse=lse)
+        else:
+            decode_attention_gpu(ctx, q, cache.k[l], cache.v[l], cache.valid, cache.length, attn)
+
+    def generation_bytes(self, prefill, step) -> int:
+        """GPU bytes of generating for prompts of dims `prefill` (rows x prompt length) with
+        decoding steps of dims `step` (rows x 1), slots = prefill.T: the prefill's and the
+        step's buffers (allocated here if they are not yet: the device keeps them) and the KV
+        cache (counted, not allocated: a generation makes its own)."""
+        from .gpu_memory import CountingContext
+
+        start = self.ctx.allocated_bytes
+        for d in (prefill, step):
+            self.step_inputs(d)
+            self.buffers(d, keep=False)
+        self.decode_rows(step.B)
+        counting = CountingContext(self.ctx)
+        cfg = self.state.config
+        GpuKVCache(counting, self.layers, step.B, prefill.T, int(cfg.num_key_value_heads), int(cfg.head_dim))
+        return self.ctx.allocated_bytes - start + counting.allocated_bytes
+
+    def decode_rows(self, n: int) -> _DecodeRows:
+        b = self._decode_rows.get(n)
+        if b is None:
+            b = self._decode_rows[n] = _DecodeRows(self.ctx, n, int(self.state.config.hidden_size), self.V)
+        return b
+
+    def next_tokens(self, x, last, k: int) -> tuple:
+        """(values [n, k] or None when k is 1, ids [n, k]): the k most likely tokens after
+        position last[r] of each sequence of x [N, H] (the layers' output), best first; k 0:
+        all.  Only the k ids (and values) per row come back from the GPU."""
+        ctx, d, n = self.ctx, self.dims, len(last)
+        b = self.decode_rows(n)
+        rows = x
+        if d.T > 1:
+            ctx.write(b.index, (np.arange(n) * d.T + last).astype(np.int32))
+            embedding_gather_gpu(ctx, b.index, x.view((d.N, d.H)), b.rows)
+            rows = b.rows
+        rmsnorm_forward_gpu(ctx, rows, self.final_norm, self.eps, b.h, b.rstd)
+        return self.head_candidates(b.h, k)
+
+    def head_candidates(self, h: GpuTensor, k: int) -> tuple:
+        """next_tokens() from the final-normed rows h [n, H]."""
+        ctx = self.ctx
+        n, H = h.shape
+        b = self.decode_rows(n)
+        w, off = self._head()
+        kernels.gemm(ctx, n, self.V, H, Operand(h), Operand(w, off, H), Operand(b.logits), b_t=True)
+        if k == 0 or k > MAX_TOP_K:
+            return top_candidates(ctx.to_numpy(b.logits), k)
+        vals, ids = topk_gpu(ctx, b.logits, k)
+        return (ctx.to_numpy(vals) if k > 1 else None), ctx.to_numpy(ids).astype(np.int64)
+

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..gpu.runtime import GpuTensor
 from ..model.lora import LoraConfig, LoraPair, LoraWeights
+from ..model.generate import group_rows
 from .params import FlatParams
 
 
@@ -52,12 +53,19 @@ def _shape_only_lora(state, lora_config: LoraConfig) -> LoraWeights:
     return LoraWeights(lora_config, pairs)
 
 
+# Prompts the estimate plans to generate for: the held-out eval's batch (train.loop.exact_match),
+# each with up to T positions of prompt and answer.
+GENERATE_ROWS = 32
+
+
 def estimate_bytes(ctx, state, lora_config, B: int, T: int, gradient_checkpointing: bool = False,
                    train_lm_head: bool = False, weights: str = "resident") -> int:
     """Bytes the gpu placement allocates for training batches of B rows x T tokens: resident
     weights, parameters, gradients and AdamW moments, the batch shape's buffers, and the GQA
     attention backward's per-query-head dk/dv partials (allocated on the first backward that
-    splits heads: counted whenever Hq != Hkv)."""
+    splits heads: counted whenever Hq != Hkv); and beside them, generation of GENERATE_ROWS
+    prompts of T positions (train's eval, in groups as model.generate makes them): the KV
+    cache, the prefill's and the decoding step's buffers."""
     from .gpu_device import GpuDevice
     from .model import Model, RopeCache, default_kernels
 
@@ -68,6 +76,9 @@ def estimate_bytes(ctx, state, lora_config, B: int, T: int, gradient_checkpointi
     dev = GpuDevice(state, params, counting, rope, checkpointing=gradient_checkpointing, weights=weights,
                     dropout=float(lora_config.dropout))
     dev.shape_bytes(Model.dims_of(state, B, T))
+    rows = group_rows(GENERATE_ROWS, T)
+    dev.generation_bytes(Model.dims_of(state, rows, T), Model.dims_of(state, rows, 1))  # its buffers
+    dev.kv_cache(rows, T)                               # and the cache, here counted by `counting`
     counting.empty((params.size,))
     counting.empty((params.size,))                      # AdamW's two moments
     cfg = state.config

@@ -2,8 +2,8 @@
 
 The base, the LoRA weights, their gradients and the AdamW moments live on the GPU; the host
 keeps the flat parameter array as a mirror that is refreshed only when read (parameters(),
-save_adapter, generate), so a training step moves nothing but ids and labels up and the loss
-down.  Generation runs the layer program on the CPU device over the refreshed weights.
+save_adapter), so a training step moves nothing but ids and labels up and the loss down.
+Generation runs the layer program on the GPU too, with the KV cache in GPU memory.
 
 The Trainer drives the device path through the methods under `# ---- the Trainer's device
 path`: gradients accumulate on the GPU, clipping needs one float of squared norm, AdamW updates
@@ -35,7 +35,7 @@ class GpuModel(Model):
         if ctx is None:
             from ..gpu.runtime import shared_context
             ctx = shared_context()
-        self.host = self.device            # the CPU device: generation
+        self.host = self.device            # the CPU device (the split placement's CPU side)
         self._host_stale = False           # True once the GPU has updated weights the host lacks
         self._weights, self._gemm = weights, gemm
         self.device = self._gpu_device(ctx)
@@ -84,17 +84,6 @@ class GpuModel(Model):
     def save_adapter(self, directory) -> None:
         self._pull()
         super().save_adapter(directory)
-
-    def generate(self, *args, **kwargs):
-        self._pull()
-        return super().generate(*args, **kwargs)
-
-    def decode_step(self, ids, positions, cache, last) -> np.ndarray:
-        gpu, self.device = self.device, self.host
-        try:
-            return super().decode_step(ids, positions, cache, last)
-        finally:
-            self.device = gpu
 
     # ---- forward / loss / gradients on the GPU --------------------------------------------
     @contextmanager

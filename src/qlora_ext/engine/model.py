@@ -349,26 +349,29 @@ class Model:
     # ------------------------------------------------------------------ generation
     @_on_device
     def generate(self, prompt_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 seed=None, stop_ids=None, progress=None):
+                 seed=None, stop_ids=None, progress=None, top_k: int = 50):
         """New tokens after a prompt (list[int]), or after each of several prompts decoded
-        together (a list of lists, or an int array [B, T]); see qlora_ext.model.generate."""
+        together (a list of lists, or an int array [B, T]), on this placement's device; see
+        qlora_ext.model.generate (top_k 0: sample from every token)."""
         from ..model.generate import generate
-        return generate(self, prompt_ids, max_new_tokens, temperature, top_p, seed, stop_ids, progress)
+        return generate(self, prompt_ids, max_new_tokens, temperature, top_p, seed, stop_ids, progress, top_k)
+
+    def kv_cache(self, rows: int, slots: int):
+        """An empty KV cache of `rows` sequences x `slots` positions on the device."""
+        return self.device.kv_cache(rows, slots)
 
     @_on_device
-    def decode_step(self, ids, positions, cache, last) -> np.ndarray:
-        """One generation step: ids [n, T] through the layer program with the KV cache;
-        logits [n, V] of row r at position last[r]."""
-        n, T = ids.shape
+    def decode_step(self, ids, positions, cache, last, k: int) -> tuple:
+        """One generation step: ids [n, T] through the layer program with the KV cache; the k
+        most likely next tokens after row r's position last[r] (k 0: all), as (values [n, k]
+        or None, ids int64 [n, k]), best first."""
         _, acts, s = self._begin(ids, None, positions=positions)
         dev = self.device
         dev.embed(s.x)
         for l in range(len(self.state.layers)):
             program.layer_forward(dev, l, acts[0], s.x, s.x, cache=cache)
-        rows = s.x[np.arange(n) * T + last]
-        h = np.empty_like(rows)
-        dev.rmsnorm_forward(rows, dev.final_norm, h, np.empty(n, np.float32))
-        return dev.logits(h)
+            dev.layer_done()
+        return dev.next_tokens(s.x, np.asarray(last, np.int64), k)
 
     # ------------------------------------------------------------------ reports
     def memory_report(self) -> dict:

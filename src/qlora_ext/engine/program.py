@@ -38,7 +38,7 @@ def layer_forward(dev, l: int, a, x, y, cache=None) -> None:
     if cache is None:
         dev.attention_forward(a.q, a.k, a.v, a.attn, a.lse)
     else:
-        dev.attention_cached(l, cache, a.q, a.k, a.v, a.attn)
+        dev.attention_cached(l, cache, a.q, a.k, a.v, a.attn, a.lse)
     dev.linear_forward(l, "o_proj", dev.view(a.attn, (N, Hq * D)), a.x2, a.lora_u.get("o_proj"))
     dev.add(a.x2, a.x)
     dev.rmsnorm_forward(a.x2, w.ln2, a.h2, a.rstd2)

@@ -172,6 +172,16 @@ class SplitDevice:
     def logits(self, xf) -> np.ndarray:
         return self.gpu.logits(self._dev(xf))
 
+    # ---- generation: the cache beside the attention (CPU), the LM head on the GPU ----------------
+    def kv_cache(self, rows: int, slots: int):
+        return self.cpu.kv_cache(rows, slots)
+
+    def next_tokens(self, x, last, k: int) -> tuple:
+        h = self.cpu.final_rows(self._host(x), last)
+        buf = self.gpu.decode_rows(len(last)).rows
+        self.ctx.write(buf, h)
+        return self.gpu.head_candidates(buf, k)
+
     # ---- CPU ops -------------------------------------------------------------------------------
     def rmsnorm_forward(self, x, w, y, rstd) -> None:
         xh = self._host(x)
@@ -188,9 +198,9 @@ class SplitDevice:
         qh, kh, vh = self._host(q), self._host(k), self._host(v)
         self.cpu.attention_forward(qh, kh, vh, self._out(CPU, attn), self._out(CPU, lse))
 
-    def attention_cached(self, l, cache, q, k, v, attn) -> None:
+    def attention_cached(self, l, cache, q, k, v, attn, lse) -> None:
         qh, kh, vh = self._host(q), self._host(k), self._host(v)
-        self.cpu.attention_cached(l, cache, qh, kh, vh, self._out(CPU, attn))
+        self.cpu.attention_cached(l, cache, qh, kh, vh, self._out(CPU, attn), None)
 
     def attention_backward(self, q, k, v, attn, lse, dattn, dq, dk, dv) -> None:
         ins = [self._host(t) for t in (q, k, v, attn, lse, dattn)]
