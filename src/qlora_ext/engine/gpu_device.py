@@ -372,8 +372,9 @@ class GpuDevice:
         gradient and the trained head's gradient added.  Returns the stats tensor [sum, count]."""
         w, off = self._head()
         dw = self.grads if (dh is not None and self.params.head_off is not None) else None
-        return self._loss_head(self.dims).record(xf, w, self.cur.labels, self.dims.T, scale or 0.0, dhidden=dh, dw_lm=dw,
-                                    w_off=off, dw_off=off)
+        head = self._loss_head(self.dims)
+        return head.record(xf, w, self.cur.labels, self.dims.T, scale or 0.0, dhidden=dh, dw_lm=dw, w_off=off,
+                           dw_off=off)
 
     def loss_value(self, stats) -> float:
         return float(self.ctx.to_numpy(stats)[0])
