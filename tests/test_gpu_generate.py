@@ -170,6 +170,20 @@ def test_generation_in_row_groups(models, monkeypatch):
     assert gpu.generate(PROMPTS, **kw) == want_sampled
 
 
+def test_lm_head_in_row_passes(models, monkeypatch):
+    """More rows than one pass of the LM head's logits holds: the same tokens."""
+    from qlora_ext.engine import gpu_device
+
+    cpu, gpu, _ = models
+    prompts = PROMPTS + [[7, 7], [1, 2, 3, 5, 8, 13, 21]]      # 7 rows: passes of 3, 3 and 1
+    monkeypatch.setattr(gpu_device, "HEAD_ROWS", 3)
+    kw = dict(max_new_tokens=4, stop_ids=[])
+    assert gpu.generate(prompts, **kw) == cpu.generate(prompts, **kw)
+    sampled = dict(kw, temperature=1.1, top_k=3, seed=9)
+    assert gpu.generate(prompts, **sampled) == cpu.generate(prompts, **sampled)
+    assert gpu.device.decode_rows(7).logits.shape[0] == 3
+
+
 def test_gpu_sampling_seeded(models):
     cpu, gpu, _ = models
     kw = dict(max_new_tokens=8, temperature=1.3, top_k=5, top_p=0.95, stop_ids=[])

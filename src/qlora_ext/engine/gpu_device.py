@@ -91,14 +91,19 @@ class GpuKVCache:
         self.length += t
 
 
+# Rows of logits one pass of generation's LM head holds: [64, V] floats (39 MB at V = 151,936;
+# lavapipe binds at most 128 MiB), however many prompts are prefilled together.
+HEAD_ROWS = 64
+
+
 class _DecodeRows:
     """Generation's buffers for n rows: the rows' positions in the step, their hidden states,
-    after the final norm, and their logits."""
+    after the final norm, and the logits of up to HEAD_ROWS of them."""
 
     def __init__(self, ctx, n: int, H: int, V: int):
         self.index = ctx.empty((n,), "i32")
         self.rows, self.h, self.rstd = ctx.empty((n, H)), ctx.empty((n, H)), ctx.empty((n,))
-        self.logits = ctx.empty((n, V))
+        self.logits = ctx.empty((min(n, HEAD_ROWS), V))
 
 
 class GpuDevice:
@@ -442,14 +447,22 @@ class GpuDevice:
         return self.head_candidates(b.h, k)
 
     def head_candidates(self, h: GpuTensor, k: int) -> tuple:
-        """next_tokens() from the final-normed rows h [n, H]."""
+        """next_tokens() from the final-normed rows h [n, H], HEAD_ROWS rows per pass."""
         ctx = self.ctx
         n, H = h.shape
         b = self.decode_rows(n)
         w, off = self._head()
-        kernels.gemm(ctx, n, self.V, H, Operand(h), Operand(w, off, H), Operand(b.logits), b_t=True)
-        if k == 0 or k > MAX_TOP_K:
-            return top_candidates(ctx.to_numpy(b.logits), k)
-        vals, ids = topk_gpu(ctx, b.logits, k)
-        return (ctx.to_numpy(vals) if k > 1 else None), ctx.to_numpy(ids).astype(np.int64)
+        vals, ids = [], []
+        for r0 in range(0, n, b.logits.shape[0]):
+            rows = min(b.logits.shape[0], n - r0)
+            logits = b.logits.view((rows, self.V))
+            kernels.gemm(ctx, rows, self.V, H, Operand(h, r0 * H), Operand(w, off, H), Operand(logits), b_t=True)
+            if k == 0 or k > MAX_TOP_K:
+                v, i = top_candidates(ctx.to_numpy(logits), k)
+            else:
+                gv, gi = topk_gpu(ctx, logits, k)
+                v, i = (ctx.to_numpy(gv) if k > 1 else None), ctx.to_numpy(gi).astype(np.int64)
+            vals.append(v)
+            ids.append(i)
+        return (None if vals[0] is None else np.concatenate(vals)), np.concatenate(ids)
 
