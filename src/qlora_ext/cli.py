@@ -510,9 +510,11 @@ def add_generate_command(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0,
                    help="nucleus sampling: sample from the smallest set of tokens holding this probability "
                         "(default 1.0 = all; only with --temperature > 0)")
-    p.add_argument("--top-k", type=int, default=50,
-                   help="sample from the K most likely tokens, before --top-p (default 50, as transformers; "
-                        "0 = all; only with --temperature > 0)")
+    from .model.generate import DEFAULT_TOP_K
+
+    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
+                   help=f"sample from the K most likely tokens, before --top-p (default {DEFAULT_TOP_K}, as "
+                        "transformers; 0 = all; only with --temperature > 0)")
     p.add_argument("--seed", type=int, help="sampling seed")
     p.set_defaults(func=cmd_generate)
 

@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from ..finite import NonFiniteError, first_nonfinite
+from ..model.generate import DEFAULT_TOP_K
 from ..model.lora import LM_HEAD_NAME, PROJECTIONS, LoraConfig, LoraWeights
 from ..model.loss import IGNORE_INDEX
 from ..profile import PhaseTimer
@@ -349,7 +350,7 @@ class Model:
     # ------------------------------------------------------------------ generation
     @_on_device
     def generate(self, prompt_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 seed=None, stop_ids=None, progress=None, top_k: int = 50):
+                 seed=None, stop_ids=None, progress=None, top_k: int = DEFAULT_TOP_K):
         """New tokens after a prompt (list[int]), or after each of several prompts decoded
         together (a list of lists, or an int array [B, T]), on this placement's device; see
         qlora_ext.model.generate (top_k 0: sample from every token)."""

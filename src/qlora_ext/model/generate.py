@@ -19,9 +19,9 @@ Shapes: B rows, Tp padded prompt length, S cache slots, Tn new tokens per row an
 Hq/Hkv heads, D head dim, g = Hq/Hkv, V vocabulary, k candidates."""
 from __future__ import annotations
 
-import numpy as np
-
 from dataclasses import dataclass
+
+import numpy as np
 
 from .._native import available_memory
 
