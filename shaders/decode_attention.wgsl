@@ -35,35 +35,8 @@ const NEG: f32 = -3.4028234663852886e38;
 
 var<workgroup> qs: array<f32, 256>;      // this query row
 var<workgroup> ps: array<f32, WG>;       // the block's probabilities
-var<workgroup> red: array<f32, WG>;
 
-fn reduce_max(li: u32, x: f32) -> f32 {
-    red[li] = x;
-    workgroupBarrier();
-    for (var w = WG / 2u; w > 0u; w = w / 2u) {
-        if (li < w) {
-            red[li] = max(red[li], red[li + w]);
-        }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
-
-fn reduce_sum(li: u32, x: f32) -> f32 {
-    red[li] = x;
-    workgroupBarrier();
-    for (var w = WG / 2u; w > 0u; w = w / 2u) {
-        if (li < w) {
-            red[li] = red[li] + red[li + w];
-        }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
+//!include workgroup_reduce
 
 @compute @workgroup_size(WG)
 fn attend(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
