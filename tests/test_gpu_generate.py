@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from model_factory import make_tiny_checkpoint
 
-from gpu_resident_support import rel_err, resident_context
+from gpu_resident_support import gpu_twin, rel_err, resident_context
 
 from qlora_ext.api import load_model
 from qlora_ext.model.generate import Sampling, top_candidates
@@ -116,8 +116,6 @@ PROMPTS = [[5, 17, 33, 8, 61, 2, 90], [2], [40, 41, 42, 43, 44, 45, 46, 47, 48, 
 
 @pytest.fixture(scope="module")
 def models(ctx, tmp_path_factory):
-    from gpu_resident_support import gpu_twin
-
     from qlora_ext.engine.gpu_model import SplitModel
 
     path = make_tiny_checkpoint(tmp_path_factory.mktemp("gen") / "q3", model_type="qwen3", seed=4)
@@ -142,6 +140,9 @@ def test_gpu_greedy_equals_cpu_token_for_token(models):
     assert gpu.generate(PROMPTS, max_new_tokens=9, stop_ids=stop) == want_stop
     assert len(want_stop[0]) <= 3 and len(want_stop[2]) <= 1
     assert gpu.generate(PROMPTS[1], max_new_tokens=4, stop_ids=[]) == want[1][:4]
+    # the NF4 base streamed per layer (the placement when only that fits): the same tokens
+    streamed = gpu_twin(cpu, gpu.ctx, weights="stream")
+    assert streamed.generate(PROMPTS, max_new_tokens=9, stop_ids=[]) == want
 
 
 def test_kv_cache_counts_what_it_allocates(ctx, models):
