@@ -73,6 +73,8 @@ class ByteTokenizer:
 
 
 class FakeLM:
+    pad_multiple = 1
+
     def __init__(self, dim=8, seed=0):
         rng = np.random.default_rng(seed)
         self.tokenizer = ByteTokenizer()
@@ -121,11 +123,15 @@ class FakeLM:
         for k, v in read_safetensors(Path(d) / "adapter_model.safetensors").items():
             self.params[k][...] = v
 
-    def generate(self, prompt_ids, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=None, stop_ids=None, top_k=50):
+    def generate(self, prompt_ids, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=None, stop_ids=None,
+                 top_k=50, progress=None):
         if len(prompt_ids) and isinstance(prompt_ids[0], (list, tuple, np.ndarray)):
-            return [self.generate(p, max_new_tokens, temperature, top_p, seed, stop_ids) for p in prompt_ids]
+            return [self.generate(p, max_new_tokens, temperature, top_p, seed, stop_ids, top_k, progress)
+                    for p in prompt_ids]
         out, last = [], prompt_ids[-1]
         for _ in range(max_new_tokens):
+            if progress is not None:
+                progress.update(1)
             last = int(np.argmax(self.E[last] @ self.params["lm.w"] + self.params["lm.b"]))
             if stop_ids and last in stop_ids:
                 break

@@ -26,6 +26,10 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
 def _check(path: str, key: str, value, action: argparse.Action):
     """The value as the flag would hold it, or ValueError naming the key."""
     where = f"{path}: key {key!r}"
+    if isinstance(action, argparse.BooleanOptionalAction):  # --x / --no-x: the value itself
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}")
+        return value
     if isinstance(action, (argparse._StoreConstAction, argparse._StoreTrueAction)):
         if not isinstance(value, bool):
             raise ValueError(f"{where}: expected true or false, got {value!r}")

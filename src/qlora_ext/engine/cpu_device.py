@@ -42,6 +42,9 @@ class CpuDevice:
     """state: a ModelState; params: engine.params.FlatParams; kernels: the C kernel module."""
 
     name = "cpu"
+    # Batch rows are padded to a multiple of this many tokens: the C kernels take any length
+    # and a step's buffers are made for its shape, so padding would only cost time.
+    pad_multiple = 1
 
     def __init__(self, state, params, kernels, rope, threads=None, attention_threads=None, checkpointing=False,
                  timer: PhaseTimer | None = None, compute_dtype: str = "fp32"):

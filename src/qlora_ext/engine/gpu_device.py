@@ -111,6 +111,10 @@ class GpuDevice:
     the truth while training); ctx: the GPU runtime."""
 
     name = "gpu"
+    # Batch rows are padded to a multiple of this many tokens: a step's buffers are allocated
+    # once per batch shape and kept, so rounding lengths bounds the shapes (seq_len / 64 of
+    # them); 64 tokens is also the attention kernels' largest query/key tile.
+    pad_multiple = 64
 
     def __init__(self, state, params, ctx, rope, checkpointing=False, weights: str = "resident",
                  gemm: str = "fused", dropout: float = 0.0):

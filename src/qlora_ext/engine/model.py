@@ -157,6 +157,11 @@ class Model:
         return [{p: tuple(lw.proj[p].shape) for p in PROJECTIONS} for lw in self.state.layers]
 
     @property
+    def pad_multiple(self) -> int:
+        """Batches for this model are padded to a multiple of this many tokens (its device's)."""
+        return self.device.pad_multiple
+
+    @property
     def train_lm_head(self) -> bool:
         return self.params.head_off is not None
 

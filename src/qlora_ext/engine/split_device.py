@@ -52,6 +52,10 @@ class SplitDevice:
         self._steps: dict = {}
         self.dims = None
 
+    @property
+    def pad_multiple(self) -> int:
+        return max(self.cpu.pad_multiple, self.gpu.pad_multiple)
+
     def __getattr__(self, name):
         # the GPU device holds the parameters, gradients and memory accounting
         return getattr(self.gpu, name)

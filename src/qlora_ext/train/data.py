@@ -7,6 +7,11 @@ concatenated examples (pack mode).  Epoch e's row order comes from numpy's
 default_rng([seed, e]) (for a weighted mixture of files, each file's share of the epoch is
 drawn from the same generator), so the position (epoch, row) alone determines every later
 batch: that is what a checkpoint stores.
+
+Pad mode pads a batch only to its longest row, rounded up to the model's `pad_multiple`
+(the tile its kernels and buffer shapes want), and with group_by_length draws rows of
+similar length into the same batch (length_grouped_order), so that little of each batch
+is padding.
 """
 from __future__ import annotations
 
@@ -16,26 +21,30 @@ import numpy as np
 
 # the names callers use, from the modules that define them
 from .records import DataError, check_records, parse_data_spec  # noqa: F401
-from .token_cache import Example, LoadStats, load_data, load_examples  # noqa: F401
+from .token_cache import Example, LoadStats, TokenizedData, load_data, load_examples  # noqa: F401
 from .tokenize import IGNORE, generation_pairs, require_tokenizer, tokenize_record  # noqa: F401
 
 
 @dataclass
 class Batch:
-    """input_ids, labels, attention_mask: int64 [rows, T] (T = longest row of the batch)."""
+    """input_ids, labels, attention_mask: int64 [rows, T] (T = longest row of the batch,
+    rounded up to `multiple` where the width allows)."""
 
     input_ids: np.ndarray
     labels: np.ndarray
     attention_mask: np.ndarray
+    multiple: int = 1
 
     def __len__(self):
         return self.input_ids.shape[0]
 
     def rows(self, start: int, stop: int) -> "Batch":
-        """Rows [start, stop), with trailing all-padding columns trimmed."""
+        """Rows [start, stop), with trailing all-padding columns trimmed (down to the longest
+        of these rows, rounded up to `multiple`)."""
         m = self.attention_mask[start:stop]
         t = int(m.any(axis=0).nonzero()[0].max()) + 1 if m.size and m.any() else 0
-        return Batch(self.input_ids[start:stop, :t], self.labels[start:stop, :t], m[:, :t])
+        t = padded_width(t, self.multiple, m.shape[1]) if t else 0
+        return Batch(self.input_ids[start:stop, :t], self.labels[start:stop, :t], m[:, :t], self.multiple)
 
     def shard(self, rank: int, size: int) -> "Batch":
         """This rank's disjoint, contiguous slice of a global batch (may be empty)."""
@@ -50,9 +59,40 @@ class Batch:
         return self.input_ids, self.labels, self.attention_mask
 
 
-def make_batch(rows: list, pad_id: int, width: int | None = None) -> Batch:
-    """rows: [(ids, labels)] -> right-padded Batch of width max(len) (or `width`)."""
-    t = width or max(len(r[0]) for r in rows)
+def padded_width(longest: int, multiple: int, limit: int) -> int:
+    """`longest` rounded up to a multiple of `multiple`, but not past `limit` (the widest a
+    row may be) unless `longest` itself is."""
+    return max(longest, min(-(-longest // multiple) * multiple, limit))
+
+
+def length_grouped_order(order: np.ndarray, lengths: np.ndarray, batch_rows: int, rng,
+                         group_batches: int = 50) -> np.ndarray:
+    """`order` rearranged so that each run of `batch_rows` holds rows of similar length (as
+    HF's group_by_length does): the shuffled order is cut into groups of `group_batches`
+    batches, each group sorted by length (stable: ties keep the shuffled order) and cut into
+    batches, and the full batches are shuffled by `rng` so that neither the epoch nor a
+    group runs from long to short.  A short last batch stays last; the result is a
+    permutation of `order`."""
+    group = batch_rows * group_batches
+    parts = [chunk[np.argsort(lengths[chunk], kind="stable")]
+             for chunk in (order[i:i + group] for i in range(0, len(order), group))]
+    grouped = np.concatenate(parts) if parts else order
+    full = len(grouped) // batch_rows
+    batches = grouped[:full * batch_rows].reshape(full, batch_rows)[rng.permutation(full)]
+    return np.concatenate([batches.reshape(-1), grouped[full * batch_rows:]])
+
+
+def example_lengths(examples) -> np.ndarray:
+    """Token count of each example: from a TokenizedData's index, else by reading them."""
+    if isinstance(examples, TokenizedData):
+        return examples.lengths()
+    return np.array([len(e.ids) for e in examples], np.int64)
+
+
+def make_batch(rows: list, pad_id: int, width: int | None = None, multiple: int = 1) -> Batch:
+    """rows: [(ids, labels)] -> right-padded Batch of width `width`, or else the longest row
+    rounded up to `multiple`."""
+    t = width or -(-max(len(r[0]) for r in rows) // multiple) * multiple
     ids = np.full((len(rows), t), pad_id, dtype=np.int64)
     labels = np.full((len(rows), t), IGNORE, dtype=np.int64)
     mask = np.zeros((len(rows), t), dtype=np.int64)
@@ -60,7 +100,7 @@ def make_batch(rows: list, pad_id: int, width: int | None = None) -> Batch:
         ids[i, :len(ri)] = ri
         labels[i, :len(rl)] = rl
         mask[i, :len(ri)] = 1
-    return Batch(ids, labels, mask)
+    return Batch(ids, labels, mask, multiple)
 
 
 def mixture_counts(sizes: list, weights: list) -> list:
@@ -82,18 +122,25 @@ class DataLoader:
     need them: pad mode holds only the epoch's order in memory).  A TokenizedData with
     weights is a mixture: each epoch has as many rows as all files together, each file's
     share given by its weight, its examples drawn without replacement (then again, reshuffled,
-    when a share is larger than the file)."""
+    when a share is larger than the file).
+
+    Pad mode: a batch is as wide as its longest row rounded up to `pad_multiple` (at most
+    seq_len); with `group_by_length` each epoch's order is length_grouped_order's."""
 
     def __init__(self, examples, seq_len: int, batch_rows: int, seed: int = 0, pack: bool = False,
-                 pad_id: int = 0, shuffle: bool = True):
+                 pad_id: int = 0, shuffle: bool = True, pad_multiple: int = 1, group_by_length: bool = False):
         if not len(examples):
             raise ValueError("DataLoader needs at least one example")
         if batch_rows < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_rows!r}")
+        if pad_multiple < 1:
+            raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple!r}")
         self.examples, self.seq_len, self.batch_rows = examples, seq_len, batch_rows
         self.seed, self.pack, self.pad_id, self.shuffle = seed, pack, pad_id, shuffle
+        self.pad_multiple, self.group_by_length = int(pad_multiple), bool(group_by_length)
         self.epoch, self.row = 0, 0
         self._rows_epoch, self._rows = None, None
+        self._lengths = None
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         n = len(self.examples)
@@ -122,6 +169,12 @@ class DataLoader:
                 rows = [(ids[i:i + L], labels[i:i + L]) for i in range(0, len(ids), L)]
                 # Row boundaries cut examples; a row whose only target is at position 0 trains nothing.
                 rows = [r for r in rows if any(l != IGNORE for l in r[1][1:])]
+            elif self.group_by_length and self.shuffle:
+                if self._lengths is None:
+                    self._lengths = example_lengths(self.examples)
+                # a generator of its own: the shuffled order stays the same with grouping off
+                rows = length_grouped_order(order, self._lengths, self.batch_rows,
+                                            np.random.default_rng([self.seed, epoch, 1]))
             else:
                 rows = order
             self._rows_epoch, self._rows = epoch, rows
@@ -146,13 +199,17 @@ class DataLoader:
             rows = self._epoch_rows(self.epoch)
         chunk = self._take(rows[self.row:self.row + self.batch_rows])
         self.row += len(chunk)
-        return make_batch(chunk, self.pad_id, self.seq_len if self.pack else None)
+        return make_batch(chunk, self.pad_id, self.seq_len) if self.pack else self._padded(chunk)
+
+    def _padded(self, rows: list) -> Batch:
+        width = padded_width(max(len(r[0]) for r in rows), self.pad_multiple, self.seq_len)
+        return make_batch(rows, self.pad_id, width, self.pad_multiple)
 
     def __iter__(self):
         """Batches of one pass in file order (for evaluation; does not move the position)."""
         n = len(self.examples)
         for i in range(0, n, self.batch_rows):
-            yield make_batch(self._take_examples(range(i, min(i + self.batch_rows, n))), self.pad_id)
+            yield self._padded(self._take_examples(range(i, min(i + self.batch_rows, n))))
 
     def _take_examples(self, indices) -> list:
         return [(e.ids, e.labels) for e in (self.examples[int(i)] for i in indices)]

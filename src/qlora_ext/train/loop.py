@@ -120,6 +120,13 @@ def restore(trainer, loader, checkpoint) -> dict:
     return state
 
 
+def computed_tokens(batch, world_size: int, micro_size: int) -> int:
+    """Token positions the step computes for a global batch, padding included: each rank's
+    micro-batches are as wide as their own longest row (rounded to the batch's multiple)."""
+    return sum(mb[0].size for rank in range(world_size)
+               for mb in batch.shard(rank, world_size).micro_batches(micro_size))
+
+
 def fit(trainer, loader, total_steps: int, micro_size: int, out_dir=None, save_every: int = 0,
         keep_last: int | None = None, metrics: MetricsLog | None = None, progress=None,
         should_stop=lambda: False, run: dict | None = None, elapsed: float = 0.0,
@@ -149,14 +156,15 @@ def fit(trainer, loader, total_steps: int, micro_size: int, out_dir=None, save_e
             loss = trainer.train_step(local.micro_batches(micro_size))
         dt = time.perf_counter() - t0
         elapsed += dt
-        tokens = int(batch.attention_mask.sum())
+        tokens, padded = int(batch.attention_mask.sum()), computed_tokens(batch, trainer.world_size, micro_size)
         if metrics is not None and trainer.is_writer:
             metrics.write({"step": trainer.step_count, "loss": loss, "lr": trainer.last_lr, "tokens": tokens,
-                           "tokens_per_s": tokens / dt if dt else None, "grad_norm": trainer.last_grad_norm,
-                           "elapsed": elapsed})
+                           "padded_tokens": padded, "tokens_per_s": tokens / dt if dt else None,
+                           "grad_norm": trainer.last_grad_norm, "elapsed": elapsed})
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(f"loss={loss:.4f} tok/s={tokens / dt:.0f}" if dt else f"loss={loss:.4f}")
+            progress.set_postfix(f"loss={loss:.4f}" + (f" tok/s={tokens / dt:.0f}" if dt else "")
+                                 + f" (real tokens; padding {1 - tokens / padded:.0%})")
         early = periodic_eval is not None and periodic_eval.due(trainer.step_count) \
             and periodic_eval(trainer, metrics)
         if save_every and trainer.step_count % save_every == 0:
@@ -168,9 +176,23 @@ def fit(trainer, loader, total_steps: int, micro_size: int, out_dir=None, save_e
     return {"status": status, "step": trainer.step_count, "elapsed": elapsed}
 
 
+class _DecodeTicks:
+    """generate()'s per-token progress as a heartbeat of an examples counter: the postfix
+    names the token, and update(0) lets a log line out when one is due."""
+
+    def __init__(self, progress, limit: int):
+        self.progress, self.limit, self.token = progress, limit, 0
+
+    def update(self, n: int = 1) -> None:
+        self.token += n
+        self.progress.set_postfix(f"token {self.token}/{self.limit}")
+        self.progress.update(0)
+
+
 def exact_match(model, pairs, max_new_tokens: int | None = None, progress=None, batch_size: int = 32) -> tuple:
     """Greedy generation for each (prompt_ids, expected_text), `batch_size` prompts decoded
-    together; returns (accuracy, outputs).  `progress` advances by one per finished prompt."""
+    together (KV cache; a batch ends when every row has stopped); returns (accuracy,
+    outputs).  `progress` advances by one per finished prompt and shows the token decoded."""
     tok = model.tokenizer
     eos = tok.eos_token_id
     stop = list(eos) if isinstance(eos, (list, tuple)) else [eos]
@@ -180,7 +202,9 @@ def exact_match(model, pairs, max_new_tokens: int | None = None, progress=None, 
         # An exact answer ends (stop token) right after its own tokens: a little slack for
         # another tokenization of the same text, no more (generation is the slow part).
         limits = [max_new_tokens or len(tok.encode(expected)) + 2 for _, expected in chunk]
-        outs = model.generate([p for p, _ in chunk], max_new_tokens=max(limits), temperature=0.0, stop_ids=stop)
+        ticks = _DecodeTicks(progress, max(limits)) if progress is not None else None
+        outs = model.generate([p for p, _ in chunk], max_new_tokens=max(limits), temperature=0.0, stop_ids=stop,
+                              progress=ticks)
         for (_, expected), out, n in zip(chunk, outs, limits):
             text = tok.decode(out[:n], skip_special_tokens=True).strip()
             outputs.append(text)

@@ -121,6 +121,10 @@ class TokenizedData:
         k = bisect.bisect_right(self.starts, i) - 1
         return self.files[k][i - self.starts[k]]
 
+    def lengths(self) -> np.ndarray:
+        """int64 [len(self)]: each example's token count, from the index (nothing read)."""
+        return np.concatenate([np.diff(f.offsets) for f in self.files]).astype(np.int64)
+
     @property
     def sources(self) -> list:
         """[(start, count)] of each file's examples in this sequence."""
