@@ -23,7 +23,7 @@ SAMPLING = {"greedy": {}, "sampled": {"temperature": 0.8, "top_k": 50, "top_p": 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="qwen3-0.6b")
-    ap.add_argument("--modes", default="gpu", help="comma-separated: gpu, split, cpu")
+    ap.add_argument("--modes", default="gpu", help="placements, comma-separated: gpu, split, cpu")
     ap.add_argument("--sampling", default="greedy", help=f"comma-separated: {', '.join(SAMPLING)}")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=40)
@@ -46,7 +46,7 @@ def main(argv=None):
             t0 = time.perf_counter()
             out = model.generate(prompts, max_new_tokens=a.new, stop_ids=[], **kw)
             dt = time.perf_counter() - t0
-            res = {"shape": a.shape, "mode": mode, "sampling": name, **kw, "prompts": a.prompts,
+            res = {"shape": a.shape, "placement": mode, "sampling": name, **kw, "prompts": a.prompts,
                    "prompt_tokens": sum(map(len, prompts)), "new_tokens": a.new, "seconds": dt,
                    "tokens_per_s": sum(len(o) for o in out) / dt}
             print(json.dumps(res), flush=True)

@@ -1,9 +1,9 @@
-"""Training throughput on a real GPU: qlora_ext's modes against HF transformers + PEFT
+"""Training throughput on a real GPU: qlora_ext's placements against HF transformers + PEFT
 (+ bitsandbytes NF4 where installed) on the same GPU, in one run.
 
     python bench/gpu_train_throughput.py --shape qwen3-0.6b --batch 4 --seq 1024 --json out.json
 
-Modes: "resident" (the whole step on the GPU: qlora_ext.engine.gpu_model.GpuModel + Trainer),
+Runs (--modes): "gpu" (the whole step on the GPU: qlora_ext.engine.gpu_model.GpuModel + Trainer),
 "split" (projections, FFN and LM head on the GPU, norms, RoPE and attention on the CPU
 kernels: SplitModel + Trainer), "hf-bf16" / "hf-fp32" (PEFT LoRA over a
 bitsandbytes NF4 base with that compute dtype; plain fp32/bf16 linears when bitsandbytes
@@ -106,9 +106,9 @@ def run_qlora_ext(mode, state, batch, seq, steps, checkpointing, profile=False):
     result = {"mode": mode, "adapter": adapter_info(), "batch": batch, "seq": seq,
               "gradient_checkpointing": checkpointing}
     with GpuMemoryPoller() as mem:
-        # What load_model(mode=...) builds, driven by the Trainer as `qlora-ext train` does
+        # What load_model(placement=...) builds, driven by the Trainer as `qlora-ext train` does
         # (clipping at 1.0: one squared-norm readback per update).
-        cls = GpuModel if mode == "resident" else SplitModel
+        cls = GpuModel if mode == "gpu" else SplitModel
         model = cls(state, lora, gradient_checkpointing=checkpointing)
         trainer = qx.Trainer(model, qx.TrainConfig(lr=2e-4))
         step = lambda: trainer.step(ids, ids)  # noqa: E731
@@ -132,7 +132,7 @@ def run_qlora_ext(mode, state, batch, seq, steps, checkpointing, profile=False):
             print(PROFILER.table(), flush=True)
             result["profile"] = PROFILER.summary()
         result.update(step_s=float(np.median(times)), steps=len(times), loss_first=float(loss0), loss_last=float(loss))
-    if mode == "resident":
+    if mode == "gpu":
         result["engine_memory_gib"] = {k: v / 2**30 for k, v in model.memory_report((batch, seq)).items()
                                        if k.startswith("gpu_")}
     result["tokens_per_s"] = batch * seq / result["step_s"]
@@ -202,13 +202,14 @@ def run_hf(mode, shape, batch, seq, steps):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="qwen3-0.6b", choices=sorted(SHAPES))
-    ap.add_argument("--modes", default="resident,split,hf-bf16,hf-fp32")
+    ap.add_argument("--modes", default="gpu,split,hf-bf16,hf-fp32",
+                    help="runs: the qlora_ext placements gpu and split, HF + PEFT with hf-bf16 / hf-fp32 compute")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
-    ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing in qlora_ext modes")
+    ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing on every layer in the qlora_ext placements")
     ap.add_argument("--json", help="append one JSON line per mode here")
-    ap.add_argument("--profile", action="store_true", help="print the profiler's phase table for qlora_ext modes")
+    ap.add_argument("--profile", action="store_true", help="print the profiler's phase table for the qlora_ext placements")
     a = ap.parse_args(argv)
     state = None
     for mode in a.modes.split(","):

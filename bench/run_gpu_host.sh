@@ -2,12 +2,12 @@
 # The GPU-host session behind BENCHMARKS.md's GPU figures: sets up the offline host (Vulkan
 # loader from .gl/, wheels from .whl/, see ../shared/scripts/gpu-host-bundle.sh), builds the
 # package, then runs the stages named on the command line, logging under $OUT.
-#   bash bench/run_gpu_host.sh small     Qwen3-0.6B shape: every mode + HF; attention vs SDPA
-#   bash bench/run_gpu_host.sh large     Qwen3-4B shape: every mode + HF
-#   bash bench/run_gpu_host.sh small-split   Qwen3-0.6B shape: the split modes only
+#   bash bench/run_gpu_host.sh small     Qwen3-0.6B shape: every placement + HF; attention vs SDPA
+#   bash bench/run_gpu_host.sh large     Qwen3-4B shape: every placement + HF
+#   bash bench/run_gpu_host.sh small-split   Qwen3-0.6B shape: the split placement only
 #   bash bench/run_gpu_host.sh dist      MPI: all-reduce time, 1 -> 2 ranks on CPU, 2 ranks sharing the GPU
 #   bash bench/run_gpu_host.sh engine    the gpu and split placements on the one layer program, generation
-#   bash bench/run_gpu_host.sh resident  issue #11's figures: the resident placement (ResidentModel + Trainer)
+#   bash bench/run_gpu_host.sh gpu       the gpu placement (GpuModel + Trainer)
 #                                        and HF fp32/bf16 at 0.6B and 4B shapes, attention vs SDPA, the auto choice
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -24,7 +24,7 @@ for stage in "$@"; do
   case $stage in
     small)
       python3 bench/gpu_train_throughput.py --shape qwen3-0.6b --steps 3 --profile \
-        --modes resident,hf-bf16,hf-fp32,split --json "$OUT/small.jsonl" 2>&1 | tee "$OUT/small.log"
+        --modes gpu,hf-bf16,hf-fp32,split --json "$OUT/small.jsonl" 2>&1 | tee "$OUT/small.log"
       for T in 1024 4096; do
         QLORA_EXT_RESIDENT_BENCH="B=1,T=$T,HQ=32,HKV=8,D=128,C=2560,V=151936" python3 -m pytest -q -p no:cacheprovider \
           bench/bench_resident.py -k attention --benchmark-enable --benchmark-only --benchmark-json="$OUT/attn_T$T.json" 2>&1 | tail -15
@@ -53,35 +53,35 @@ print('/tmp/mpich/' + libs[0].split('/data/lib/')[0] + '/data/lib')")
           python3 -m pytest -q -p no:cacheprovider bench/bench_distributed.py -k scaling --benchmark-enable \
           --benchmark-json="$OUT/dist_scaling_$dev.json" 2>&1 | tail -3
       done ;;
-    resident)
+    gpu)
       python3 bench/gpu_train_throughput.py --shape qwen3-0.6b --steps 5 --profile \
-        --modes resident,hf-bf16,hf-fp32 --json "$OUT/resident_small.jsonl" 2>&1 | tee "$OUT/resident_small.log" | grep -v "^{"
+        --modes gpu,hf-bf16,hf-fp32 --json "$OUT/gpu_small.jsonl" 2>&1 | tee "$OUT/gpu_small.log" | grep -v "^{"
       python3 bench/gpu_train_throughput.py --shape qwen3-4b --steps 3 --checkpointing --profile \
-        --modes resident,hf-bf16,hf-fp32 --json "$OUT/resident_large.jsonl" 2>&1 | tee "$OUT/resident_large.log" | grep -v "^{"
+        --modes gpu,hf-bf16,hf-fp32 --json "$OUT/gpu_large.jsonl" 2>&1 | tee "$OUT/gpu_large.log" | grep -v "^{"
       for T in 1024 4096; do
         QLORA_EXT_RESIDENT_BENCH="B=1,T=$T,HQ=32,HKV=8,D=128,C=2560,V=151936" python3 -m pytest -q -p no:cacheprovider \
           bench/bench_resident.py -k attention --benchmark-enable --benchmark-only --benchmark-json="$OUT/attn_T$T.json" 2>&1 | tail -6
       done
-      # what load_model(mode="auto") chooses here, and why (free memory from nvidia-smi)
+      # what load_model(placement="auto") chooses here, and why (free memory from nvidia-smi)
       python3 bench/make_checkpoint.py /tmp/q06 --shape qwen3-0.6b > /dev/null
       python3 -c "
 import qlora_ext as qx
 for shape in ((4, 1024), (64, 4096)):
-    m = qx.load_model('/tmp/q06', mode='auto', batch_shape=shape, progress=False)
+    m = qx.load_model('/tmp/q06', placement='auto', batch_shape=shape, progress=False)
     print('auto', shape, '->', m.placement, '|', m.placement_reason)
 " 2>&1 | tee "$OUT/auto.log" ;;
     engine)
-      # issue "One engine": the gpu (resident) and split placements on the one layer program,
+      # issue "One engine": the gpu and split placements on the one layer program,
       # HF fp32 in the same run, the 4B shape with checkpointing, generation of 32 x 64 tokens
       timeout 170 python3 bench/gpu_train_throughput.py --shape qwen3-0.6b --steps 3 \
-        --modes resident,hf-fp32 --json "$OUT/engine_small.jsonl" 2>&1 | tee "$OUT/engine_small.log" | grep -v "^{"
+        --modes gpu,hf-fp32 --json "$OUT/engine_small.jsonl" 2>&1 | tee "$OUT/engine_small.log" | grep -v "^{"
       timeout 100 python3 bench/gpu_generate.py --shape qwen3-0.6b --modes gpu --sampling greedy,sampled --json "$OUT/engine_generate.jsonl"
       timeout 150 python3 bench/gpu_train_throughput.py --shape qwen3-4b --steps 2 --checkpointing \
-        --modes resident --json "$OUT/engine_large.jsonl" 2>&1 | tee "$OUT/engine_large.log" | grep -v "^{"
+        --modes gpu --json "$OUT/engine_large.jsonl" 2>&1 | tee "$OUT/engine_large.log" | grep -v "^{"
       timeout 100 python3 bench/gpu_train_throughput.py --shape qwen3-0.6b --steps 1 \
         --modes split --json "$OUT/engine_split.jsonl" 2>&1 | tee "$OUT/engine_split.log" | grep -v "^{" ;;
     large)
       python3 bench/gpu_train_throughput.py --shape qwen3-4b --steps 2 --checkpointing --profile \
-        --modes resident,hf-bf16,hf-fp32,split-stream --json "$OUT/large.jsonl" 2>&1 | tee "$OUT/large.log" ;;
+        --modes gpu,hf-bf16,hf-fp32,split-stream --json "$OUT/large.jsonl" 2>&1 | tee "$OUT/large.log" ;;
   esac
 done

@@ -190,7 +190,7 @@ def test_eval_and_generate_with_adapter(tiny, unbroken):
 def test_info():
     r = cli("info", "--json")
     info = json.loads(r.stdout)
-    assert info["version"] and "cpu_features" in info and "gpu_adapter" in info and "resident_placement" in info
+    assert info["version"] and "cpu_features" in info and "gpu_adapter" in info and "gpu_placement" in info
     assert Path(info["dataset"]["train"]).is_file()
     assert "version:" in cli("info").stdout
 
@@ -239,3 +239,31 @@ def test_two_threads_runs_are_bit_identical(tiny):
     a, b = adapter(outs[0]), adapter(outs[1])
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert metric_losses(outs[0]) == metric_losses(outs[1])
+
+
+def test_placement_and_checkpointing_flags(tiny):
+    """--placement and --gradient-checkpointing as a user gives them: said in the output, kept
+    in run.yaml and on --resume; --no-gradient-checkpointing; the deprecated --mode still
+    works with a line on stderr; a GPU placement with --device cpu is one error line."""
+    common = ["--model", tiny["model"], "--data", tiny["data"], "--seq-len", "24", "--batch-size", "2",
+              "--lora-rank", "2", "--threads", "1"]
+    out = tiny["root"] / "placed"
+    r = cli("train", *common, "--out", out, "--steps", 1, "--placement", "cpu", "--gradient-checkpointing")
+    import yaml
+
+    saved = yaml.safe_load((out / "run.yaml").read_text())
+    assert saved["placement"] == "cpu" and saved["gradient_checkpointing"] is True and "mode" not in saved
+    r = cli("train", "--resume", out, "--steps", 2)
+    assert "placement: cpu (asked for; activation checkpointing on every layer (asked for))" in r.stdout
+    r = cli("train", *common, "--out", tiny["root"] / "placed2", "--steps", 1, "--device", "cpu",
+            "--no-gradient-checkpointing", "--mode", "split")
+    assert "--mode is deprecated: use --placement cpu" in r.stderr
+    assert "placement: cpu (asked for; no activation checkpointing (asked for))" in r.stdout
+    r = cli("eval", "--model", tiny["model"], "--data", tiny["eval"], "--placement", "cpu", "--quiet")
+    assert "loss" in r.stdout
+    r = cli("generate", "--model", tiny["model"], "--prompt", "add 1 2:", "--max-new-tokens", 2,
+            "--placement", "gpu", "--device", "cpu", check=False)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "placement='gpu' runs on a GPU: it needs device='auto' or 'gpu'" in r.stderr
+    r = cli("generate", "--model", tiny["model"], "--prompt", "a", "--placement", "resident", check=False)
+    assert r.returncode == 2 and "invalid choice: 'resident'" in r.stderr

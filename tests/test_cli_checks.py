@@ -326,7 +326,7 @@ def test_nan_adapter_or_alpha_is_refused_by_load_adapter(tiny, tmp_path):
     from qlora_ext.model.lora import LoraConfig
     from qlora_ext.model.safetensors_io import save_file
 
-    model = load_model(tiny, lora=LoraConfig(r=2), device="cpu", mode="split")
+    model = load_model(tiny, lora=LoraConfig(r=2), placement="cpu")
     model.save_adapter(tmp_path / "a")
     params = {k: v.copy() for k, v in model.parameters().items()}
     cfg_path = tmp_path / "a" / "adapter_config.json"
@@ -345,7 +345,7 @@ def test_nan_adapter_or_alpha_is_refused_by_load_adapter(tiny, tmp_path):
 def test_adapter_files_get_the_same_mode(tiny, tmp_path):
     from qlora_ext.api import load_model
 
-    model = load_model(tiny, device="cpu", mode="split")
+    model = load_model(tiny, placement="cpu")
     model.save_adapter(tmp_path / "a")
     mask = os.umask(0)
     os.umask(mask)
@@ -356,7 +356,7 @@ def test_adapter_files_get_the_same_mode(tiny, tmp_path):
 def test_generate_rejects_float_ids_and_lengths_past_the_context(tiny, capsys):
     from qlora_ext.api import load_model
 
-    model = load_model(tiny, device="cpu", mode="split", progress=False)
+    model = load_model(tiny, placement="cpu", progress=False)
     with pytest.raises(ValueError, match="integer token ids"):
         model.generate([1.5, 2.0], max_new_tokens=2)
     with pytest.raises(ValueError, match="exceeds the model's context of 128 positions"):

@@ -52,7 +52,7 @@ def test_readme_command_table_names_every_flag():
     _, sub = subcommands()
     assert set(sub.choices) <= set(table), f"commands missing from README's table: {set(sub.choices) - set(table)}"
     missing = [f"{name} {a.option_strings[-1]}" for name, p in sub.choices.items() for a in p._actions
-               if a.option_strings and not isinstance(a, argparse._HelpAction)
+               if a.option_strings and not isinstance(a, argparse._HelpAction) and a.help != argparse.SUPPRESS
                and not re.search(re.escape(a.option_strings[-1]) + r"(?![\w-])", table[name])]
     assert not missing, f"flags missing from README's command table: {missing}"
     assert "qlora-ext --version" in README.read_text()

@@ -370,8 +370,8 @@ def test_launcher_and_mpi_library_disagreeing_is_an_error(monkeypatch):
 
 
 @needs_mpi
-def test_cli_train_resident_under_mpiexec_equals_single_process(tiny_model, tmp_path):
-    """The GPU-resident placement under `mpiexec -n 2` (both ranks on the host's one adapter,
+def test_cli_train_gpu_placement_under_mpiexec_equals_single_process(tiny_model, tmp_path):
+    """The gpu placement under `mpiexec -n 2` (both ranks on the host's one adapter,
     lavapipe in CI): each rank's gradient comes down for the all-reduce and goes back up; the
     adapter equals the single-process run's, where both micro-batches accumulate on the GPU."""
     pytest.importorskip("wgpu")
@@ -384,10 +384,10 @@ def test_cli_train_resident_under_mpiexec_equals_single_process(tiny_model, tmp_
                             for i in range(13)))
     args = ["train", "--model", tiny_model, "--data", data, "--steps", "3", "--batch-size", "2",
             "--grad-accum", "2", "--seq-len", "24", "--lora-rank", "4", "--lr", "1e-2", "--device", "gpu",
-            "--mode", "resident", "--threads", "1", "--save-every", "2"]
+            "--placement", "gpu", "--threads", "1", "--save-every", "2"]
     outs = _cli_alone_and_under_mpiexec(args, tmp_path)
     for out, stdout in outs.values():
-        assert stdout.count("placement: resident") == 1, stdout
+        assert stdout.count("placement: gpu") == 1, stdout
     single, mpi = outs[None][0], outs[2][0]
     assert rel_err(read_safetensors(mpi / "adapter_model.safetensors"),
                    read_safetensors(single / "adapter_model.safetensors")) <= 1e-5

@@ -141,7 +141,7 @@ def test_gpu_greedy_equals_cpu_token_for_token(models):
     assert len(want_stop[0]) <= 3 and len(want_stop[2]) <= 1
     assert gpu.generate(PROMPTS[1], max_new_tokens=4, stop_ids=[]) == want[1][:4]
     # the NF4 base streamed per layer (the placement when only that fits): the same tokens
-    streamed = gpu_twin(cpu, gpu.ctx, weights="stream")
+    streamed = gpu_twin(cpu, gpu.ctx, weights="streamed")
     assert streamed.generate(PROMPTS, max_new_tokens=9, stop_ids=[]) == want
 
 

@@ -62,18 +62,20 @@ def test_engine_matches_cpu_model(ctx, tmp_path, model_type, quantize, train_hea
     _compare(model, engine, ids, labels)
 
 
-@pytest.mark.parametrize("weights", ["resident", "stream"])
-def test_engine_padding_and_checkpointing(ctx, tmp_path, weights):
-    """Also: the base streamed layer by layer instead of resident gives the same results."""
+@pytest.mark.parametrize("weights,recompute", [("on GPU", True), ("streamed", True), ("on GPU", 1)])
+def test_engine_padding_and_checkpointing(ctx, tmp_path, weights, recompute):
+    """Also: the base streamed layer by layer instead of held on the GPU, and one of the two
+    layers recomputing (the other keeping its activations), give the same results."""
 
     model = _model(tmp_path, "qwen3", "nf4")
-    engine = gpu_twin(model, ctx, gradient_checkpointing=True, weights=weights)
+    engine = gpu_twin(model, ctx, gradient_checkpointing=recompute, weights=weights)
+    assert engine.recompute_layers == (2 if recompute is True else recompute)
     ids, labels = _batch(model.config.vocab_size, B=2, T=11, seed=4)
     mask = np.ones_like(ids)
     mask[1, :3] = 0      # left padding
     labels[1, :3] = -100
     _compare(model, engine, ids, labels, mask)
-    if weights == "stream":
+    if weights == "streamed":
         # Forward loads layers 0, 1; backward recomputes + differentiates layer 1 (still
         # loaded), then layer 0 (loaded again): 3 layer loads of 7 projections.
         per_layer = sum(arr.nbytes for proj in engine.device.streamed.host[0].values() for arr in proj.values())
@@ -119,7 +121,7 @@ def test_engine_memory_report(ctx, tmp_path):
     ckpt = gpu_twin(model, ctx, gradient_checkpointing=True).memory_report((2, 16))
     # NF4 codes are half a byte per weight: the resident part is far below fp32 weights.
     fp32_weights = sum(4 * np.prod(lw.shape(p)) for lw in model.state.layers for p in lw.proj)
-    assert 0 < full["gpu_resident_bytes"] < fp32_weights
+    assert 0 < full["gpu_fixed_bytes"] < fp32_weights
     assert ckpt["gpu_activation_bytes"] < full["gpu_activation_bytes"]
 
 
@@ -131,7 +133,7 @@ def test_engine_dropout_drops_what_the_cpu_model_drops(ctx, tmp_path, gemm, chec
 
     model = _model(tmp_path, "qwen3", "nf4")
     model.lora_config.dropout = model.lora.config.dropout = 0.3
-    model.gradient_checkpointing = checkpointing
+    model.device.recompute_layers = len(model.state.layers) if checkpointing else 0
     engine = gpu_twin(model, ctx, gemm=gemm, gradient_checkpointing=checkpointing)
     ids, labels = _batch(model.config.vocab_size)
     model.step = engine.step = 4

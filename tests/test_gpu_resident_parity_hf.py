@@ -46,7 +46,7 @@ def test_resident_parity_left_padding_double_quant_rslora(ctx):
     hf = tiny_hf_model("qwen3", seed=4)
     model = Model(state_from_hf(hf, quantize="nf4", double_quant=True), LoraConfig(r=3, alpha=5, use_rslora=True))
     randomize_lora(model, seed=2)
-    _check(gpu_twin(model, ctx, weights="stream"), peft_twin(hf, model), *_batch(1, pad_right=False))
+    _check(gpu_twin(model, ctx, weights="streamed"), peft_twin(hf, model), *_batch(1, pad_right=False))
 
 
 def test_resident_parity_subset_targets_checkpointing_lm_head(ctx):
@@ -58,12 +58,12 @@ def test_resident_parity_subset_targets_checkpointing_lm_head(ctx):
     _check(gpu_twin(model, ctx, gradient_checkpointing=True), peft_twin(hf, model), *_batch(2))
 
 
-def test_resident_placement_from_load_model_parity(ctx, tmp_path):
-    """The user's path: load_model(mode="resident") gives a model whose forward, loss and
+def test_gpu_placement_from_load_model_parity(ctx, tmp_path):
+    """The user's path: load_model(placement="gpu") gives a model whose forward, loss and
     grads (the Model API over the engine) match HF + PEFT."""
     path = make_tiny_checkpoint(tmp_path / "ckpt", model_type="qwen3", seed=6, vocab_size=V)
-    model = load_model(path, lora=LoraConfig(r=4, alpha=8), quantize="nf4", device="gpu", mode="resident")
-    assert model.placement == "resident"
+    model = load_model(path, lora=LoraConfig(r=4, alpha=8), quantize="nf4", device="gpu", placement="gpu")
+    assert model.placement == "gpu"
     randomize_lora(model, seed=4)
     _check(model, peft_twin(hf_from_checkpoint(path, model.state), model), *_batch(3))
 

@@ -8,13 +8,13 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "qlora_ext"
 
 # lower number = lower layer
 LAYERS = {
-    "_native": 0, "nf4": 0, "profile": 0, "progress": 0, "data": 0, "finite": 0,
+    "_native": 0, "nf4": 0, "profile": 0, "progress": 0, "data": 0, "finite": 0, "options": 0,
     "model": 1,
     "cpu": 2, "gpu": 2,
     "engine": 4,
     "device": 5, "placement": 5,
     "train": 6,
-    "api": 7, "cli": 7, "profile_command": 7, "export_command": 7, "info_command": 7, "run_config": 7, "cli_checks": 7, "__init__": 7,
+    "api": 7, "cli": 7, "profile_command": 7, "export_command": 7, "info_command": 7, "run_config": 7, "cli_checks": 7, "cli_args": 7, "__init__": 7,
 }
 
 # Upward imports that remain: the GPU picks its adapter by MPI rank and the GPU AdamW shares

@@ -91,13 +91,24 @@ def test_one_dimensional_input_is_batch_of_one(ckpt):
     assert a.shape == (1, 9, V) and np.array_equal(a, b)
 
 
-def test_gradient_checkpointing_is_exact(ckpt):
+@pytest.mark.parametrize("recompute", [True, 1, 2])
+def test_gradient_checkpointing_is_exact(ckpt, recompute):
+    """Every layer, or only the first of the two, recomputing its activations: the same
+    loss and gradients bit for bit."""
     ids, labels, mask = _batch(1)
     la, ga = _model(ckpt, quantize="nf4").loss_and_grads(ids, labels, mask)
-    lb, gb = _model(ckpt, quantize="nf4", gradient_checkpointing=True).loss_and_grads(ids, labels, mask)
+    m = _model(ckpt, quantize="nf4", gradient_checkpointing=recompute)
+    assert m.recompute_layers == (2 if recompute is True else recompute)
+    lb, gb = m.loss_and_grads(ids, labels, mask)
     assert la == lb
     for k in ga:
         assert np.array_equal(ga[k], gb[k]), k
+
+
+@pytest.mark.parametrize("bad", [3, -1, 1.5, "all"])
+def test_gradient_checkpointing_count_is_checked(ckpt, bad):
+    with pytest.raises(ValueError, match="gradient_checkpointing must be"):
+        _model(ckpt, gradient_checkpointing=bad)
 
 
 def test_compiled_kernels_match_reference_kernels(ckpt):

@@ -96,7 +96,7 @@ def test_parity_split_placement(tmp_path, model_type, quantize, gc):
     path = make_tiny_checkpoint(tmp_path / "ckpt", model_type=model_type, seed=5, vocab_size=V)
     try:
         model = load_model(path, lora=LoraConfig(r=4, alpha=8), quantize=quantize, device="gpu",
-                           gradient_checkpointing=gc, mode="split")
+                           gradient_checkpointing=gc, placement="split")
     except GpuError as e:
         pytest.skip(f"wgpu adapter unusable: {e}")
     assert model.placement == "split"

@@ -42,8 +42,8 @@ def test_train_trace(tmp_path):
     assert sum(e["ph"] == "X" and e["cat"] == "step" for e in events) == 2
 
 
-def test_profile_command_resident_shows_per_kernel_gpu_time(tmp_path, capsys):
-    """--mode resident: the Trainer's step on the GPU (lavapipe in CI), each kernel timed by
+def test_profile_command_gpu_placement_shows_per_kernel_gpu_time(tmp_path, capsys):
+    """--placement gpu: the Trainer's step on the GPU (lavapipe in CI), each kernel timed by
     timestamp queries in the phase table."""
     import pytest
 
@@ -55,10 +55,10 @@ def test_profile_command_resident_shows_per_kernel_gpu_time(tmp_path, capsys):
     if not shared_context().has_timestamps:
         pytest.skip("adapter without timestamp-query")
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", model_type="qwen3", seed=2)
-    assert main(["profile", "--model", str(ckpt), "--steps", "1", "--seq-len", "8", "--mode", "resident",
+    assert main(["profile", "--model", str(ckpt), "--steps", "1", "--seq-len", "8", "--placement", "gpu",
                  "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     phases = {(p["phase"], p["device"]) for p in summary["phases"]}
     for kernel in ("attention_fwd.forward", "attention_bwd.dq", "gemm.main", "adamw.step", "grad_norm.sq_norm"):
         assert (kernel, "gpu") in phases, kernel
-    assert summary["meta"]["mode"] == "resident"
+    assert summary["meta"]["placement"] == "gpu"

@@ -276,7 +276,7 @@ def test_state_dict_writes_null_for_a_nan_loss():
 
 
 class DeviceFakeLM(FakeLM):
-    """The Trainer's device protocol (what the GPU-resident model implements) over FakeLM:
+    """The Trainer's device protocol (what the gpu placement's model implements) over FakeLM:
     summed gradients kept "on the device", a squared norm, the update applied there."""
 
     keeps_optimizer_on_device = True
@@ -321,7 +321,7 @@ def test_device_path_checks_the_norm_it_already_has():
 
 @pytest.mark.gpu
 def test_device_path_stops_on_nan_on_the_gpu(tmp_path):
-    """The GPU-resident model: a NaN adapter weight makes the loss and the squared norm the GPU
+    """The gpu placement's model: a NaN adapter weight makes the loss and the squared norm the GPU
     computes non-finite; the step stops and names the weight, and no update is applied."""
     import re
 
@@ -333,7 +333,7 @@ def test_device_path_stops_on_nan_on_the_gpu(tmp_path):
 
     resident_context()
     m = load_model(make_tiny_checkpoint(tmp_path / "m", model_type="qwen3"), lora=LoraConfig(r=2, alpha=4),
-                   mode="resident", device="gpu")
+                   placement="gpu", device="gpu")
     t = Trainer(m, TrainConfig(lr=1e-2))
     ids = np.random.default_rng(0).integers(0, m.config.vocab_size, (2, 8))
     t.step(ids, ids)

@@ -19,9 +19,9 @@ from .profile import PROFILER
 from .info_command import add_info_command
 from .profile_command import add_profile_command
 from .export_command import add_export_adapter_command, add_fuse_command
+from .cli_args import DEFAULT_MODEL, add_model_args, placement_of_args
 from .run_config import RUN_FILE, apply_run_configs, write_run_config
 
-DEFAULT_MODEL = "smollm2-135m"
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 # Settings of `train` that define a run: stored in every checkpoint, and taken from it on
@@ -31,25 +31,22 @@ TRAIN_DEFAULTS = {
     "seq_len": 256, "batch_size": 4, "grad_accum": 1, "lr": 1e-3, "warmup": 0, "schedule": "constant",
     "weight_decay": 0.0, "grad_clip": 1.0, "lora_rank": 16, "lora_alpha": 32.0, "lora_dropout": 0.0,
     "targets": "q,k,v,o,gate,up,down", "pack": False, "seed": 0, "device": "auto", "quantize": "nf4",
-    "gradient_checkpointing": False, "eval_accuracy": None, "mode": "auto", "revision": None,
+    "gradient_checkpointing": None, "eval_accuracy": None, "placement": "auto", "revision": None,
     "eval_every": 0, "save_best": False, "early_stop": 0, "compute_dtype": "fp32", "group_by_length": True,
 }
 # With the shipped dataset and batch 4: 160 of its 400 examples; measured on 2 cores: held-out
 # exact match 0/32 -> 29/32, training ~1 minute (20 steps gave 14/16, 12 steps 20/24).
 DEFAULT_STEPS = 40
-COMPUTE_DTYPE_HELP = ("precision of the frozen base's CPU products: fp32 (exact) or bf16 (bf16 operands, "
-                      "fp32 sums; twice as fast on CPUs with AVX512-BF16); adapters always train in fp32")
 
 
-def load_model(path, lora=None, device="auto", quantize="nf4", threads=None, seed=0,
-               gradient_checkpointing=False, progress=None, mode="auto", batch_shape=None, revision=None):
-    """The one place the CLI builds a model (tests replace it with a stand-in).  eval and
-    generate take the automatic placement: on a GPU with the memory, generation runs there."""
+def load_model(path, lora=None, **options):
+    """The one place the CLI builds a model (tests replace it with a stand-in); options are
+    qlora_ext.options.LoadOptions fields, quantize="none" meaning float32."""
     from .api import load_model as _load
 
-    return _load(path, lora=lora, quantize=None if quantize == "none" else quantize, device=device,
-                 gradient_checkpointing=gradient_checkpointing, threads=threads, progress=progress, seed=seed,
-                 mode=mode, batch_shape=batch_shape, revision=revision)
+    if options.get("quantize") == "none":
+        options["quantize"] = None
+    return _load(path, lora=lora, **options)
 
 
 def _say(args, *parts) -> None:
@@ -117,6 +114,9 @@ def _resolved_train_settings(args) -> tuple:
     from .train.outdir import new_run_id
 
     given = {k: getattr(args, k) for k in TRAIN_DEFAULTS if getattr(args, k) is not None}
+    placement = placement_of_args(args, given.get("placement"), given.get("device", TRAIN_DEFAULTS["device"]))
+    if placement is not None:
+        given["placement"] = placement
     check_train_settings(given, flag)
     ckpt, run_id = None, new_run_id()
     if args.resume:
@@ -203,7 +203,7 @@ def _train(args, comm, s, ckpt, out, run_id) -> int:
     model = load_model(s["model"], lora=lora, device=s["device"], quantize=s["quantize"],
                        threads=args.threads if args.threads is not None else comm.default_threads(),
                        seed=s["seed"] + 7919 * comm.rank, gradient_checkpointing=s["gradient_checkpointing"],
-                       progress=False if args.quiet else None, mode=s["mode"],
+                       progress=False if args.quiet else None, placement=s["placement"],
                        batch_shape=(s["batch_size"], s["seq_len"]), revision=s["revision"])
     tok = require_tokenizer(model.tokenizer, s["model"])
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -335,7 +335,7 @@ def _base_products_line(placement: str, compute_dtype: str) -> str:
     """Which precision the frozen base's products use (the CPU's; on a GPU they are fp32)."""
     from .cpu.base_matmul import describe
 
-    if placement in ("resident", "split"):
+    if placement in ("gpu", "split"):
         return f"base products: fp32 ({placement} placement: the projections run on the GPU; compute_dtype " \
                "applies to CPU products)"
     return f"base products: {describe(compute_dtype)}"
@@ -344,8 +344,10 @@ def _base_products_line(placement: str, compute_dtype: str) -> str:
 def _model_with_adapter(args):
     from .model.lora import LoraConfig
 
+    placement = placement_of_args(args, args.placement, args.device) or "auto"
     model = load_model(args.model, lora=LoraConfig(compute_dtype=args.compute_dtype), device=args.device,
-                       threads=args.threads, progress=False if args.quiet else None, revision=args.revision)
+                       placement=placement, threads=args.threads, progress=False if args.quiet else None,
+                       revision=args.revision)
     if not args.quiet and hasattr(model, "placement"):
         # stderr: generate's stdout is the generated text alone
         print(f"placement: {model.placement}" + (f" ({model.placement_reason})" if model.placement_reason else ""),
@@ -414,16 +416,9 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _add_model_args(p, adapter=True):
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"HF model directory, .gguf file, known name or hub id such as Qwen/Qwen3-0.6B "
-                        f"(default {DEFAULT_MODEL})")
-    p.add_argument("--revision", help="hub revision (branch, tag or commit) when --model is a hub id")
-    if adapter:
-        p.add_argument("--adapter", help="PEFT adapter directory (e.g. a train --out DIR)")
-    p.add_argument("--device", default="auto", choices=("auto", "gpu", "cpu"), help="where the FFN runs")
-    p.add_argument("--threads", type=int, help="CPU threads for the kernels (default: all cores)")
-    p.add_argument("--compute-dtype", default="fp32", choices=("fp32", "bf16"), help=COMPUTE_DTYPE_HELP)
+def _add_model_args(p):
+    add_model_args(p)
+    p.add_argument("--adapter", help="PEFT adapter directory (e.g. a train --out DIR)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -437,9 +432,7 @@ def add_train_command(sub) -> None:
     p.add_argument("-c", "--config", metavar="FILE.yaml",
                    help="settings from a YAML file whose keys are these flags' names (seq-len or seq_len); "
                         "flags given here override it; every run writes its own to --out/run.yaml")
-    p.add_argument("--model", help=f"model directory, .gguf, known name or hub id such as Qwen/Qwen3-0.6B[@rev] "
-                                   f"(default {d['model']})")
-    p.add_argument("--revision", help="hub revision (branch, tag or commit) when --model is a hub id")
+    add_model_args(p, run_setting=True, backward=True)
     p.add_argument("--data", metavar="FILE[:W],...",
                    help='JSONL or Parquet with "text", "prompt"+"completion" or "messages" records; several files '
                         "are concatenated, or mixed with weights: a.jsonl:0.7,b.jsonl:0.3 (each epoch draws that "
@@ -468,7 +461,6 @@ def add_train_command(sub) -> None:
                         "to its longest row, holds little padding (default on; --no-group-by-length: plain "
                         "shuffle)")
     p.add_argument("--quantize", choices=("nf4", "none"), help="base weights format (default nf4)")
-    p.add_argument("--gradient-checkpointing", action="store_const", const=True, help="recompute activations")
     p.add_argument("--eval-accuracy", type=int, metavar="N",
                    help="exact-match accuracy on the first N eval examples (default: all, shipped dataset only)")
     p.add_argument("--eval-every", type=int, metavar="N",
@@ -486,12 +478,6 @@ def add_train_command(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="delete an earlier run's files in --out (checkpoints, metrics, adapter) before starting; "
                         "without it such a directory is refused")
-    p.add_argument("--device", choices=("auto", "gpu", "cpu"), help="where the FFN runs (default auto)")
-    p.add_argument("--mode", choices=("auto", "split", "resident"),
-                   help="split: attention on the CPU, FFN on --device; resident: the whole step on the GPU; "
-                        "auto (default): resident when a GPU is used and has the memory, and says which")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
-    p.add_argument("--compute-dtype", choices=("fp32", "bf16"), help=COMPUTE_DTYPE_HELP + " (default fp32)")
     p.add_argument("--seed", type=int, help="seed for LoRA init, data order, dropout (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no setup lines (results still print)")
     p.add_argument("--trace", metavar="FILE.json", help="write a Chrome/Perfetto trace of the training steps")

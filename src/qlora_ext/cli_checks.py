@@ -61,9 +61,9 @@ TRAIN_SETTINGS = {
     "targets": of_type(str, "comma-separated projection names"), "pack": of_type(bool, "true or false"),
     "seed": int_in(0, MAX_SEED), "device": one_of("auto", "gpu", "cpu"), "quantize": one_of("nf4", "none"),
     "gradient_checkpointing": of_type(bool, "true or false"), "eval_accuracy": int_in(0, MAX_STEPS),
-    "mode": one_of("auto", "split", "resident"), "group_by_length": of_type(bool, "true or false"),
+    "placement": one_of("auto", "cpu", "split", "gpu"), "group_by_length": of_type(bool, "true or false"),
 }
-OPTIONAL = {"data", "eval_data", "steps", "epochs", "eval_accuracy"}  # None: not given
+OPTIONAL = {"data", "eval_data", "steps", "epochs", "eval_accuracy", "gradient_checkpointing"}  # None: not given
 
 
 def flag(name: str) -> str:

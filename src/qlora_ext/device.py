@@ -1,18 +1,6 @@
-"""Which GPU adapter a run would use (`adapter_info`, shown by `qlora-ext info`) and the
-accepted values of `device=`:
-
-    "auto"  a real GPU adapter if wgpu finds one (discrete first, then integrated); the CPU
-            when there is none (no adapter, or only a CPU rasterizer such as lavapipe)
-    "gpu"   wgpu even on a software adapter (the tests check the shaders so)
-    "cpu"   the CPU alone"""
+"""Which GPU adapter a run would use (`adapter_info`, shown by `qlora-ext info`); the accepted
+values of `device=` are those of qlora_ext.options."""
 from __future__ import annotations
-
-DEVICES = ("auto", "gpu", "cpu")
-
-
-def check_device(device: str) -> None:
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {', '.join(map(repr, DEVICES))}, got {device!r}")
 
 
 def adapter_info() -> dict | None:

@@ -1,4 +1,4 @@
-"""`qlora-ext info`: the version, the CPU's SIMD path, the GPU adapter and whether the resident
+"""`qlora-ext info`: the version, the CPU's SIMD path, the GPU adapter and whether the gpu
 placement can run there, the default model and the shipped dataset."""
 from __future__ import annotations
 
@@ -33,15 +33,15 @@ def cmd_info(args) -> int:
         reason = unavailable_reason()
         real = pick_adapter(allow_software=False)
         if reason:
-            info["resident_placement"] = f"unavailable: {reason}"
+            info["gpu_placement"] = f"unavailable: {reason}"
         elif real is None:
-            info["resident_placement"] = "with --device gpu only (no hardware GPU: software adapter)"
+            info["gpu_placement"] = "with --device gpu only (no hardware GPU: software adapter)"
         else:
             free, source = gpu_free_bytes(real)
-            info["resident_placement"] = ("available; GPU free memory " + (f"{free / 2**30:.1f} GiB ({source})"
+            info["gpu_placement"] = ("available; GPU free memory " + (f"{free / 2**30:.1f} GiB ({source})"
                                           if free is not None else source))
     except Exception as e:  # as for the adapter: report, don't fail
-        info["resident_placement"] = f"unavailable: {type(e).__name__}: {e}"
+        info["gpu_placement"] = f"unavailable: {type(e).__name__}: {e}"
     try:
         from .model.loading import resolve_model_path
 

@@ -9,21 +9,18 @@ import time
 
 import numpy as np
 
+from .cli_args import add_model_args, placement_of_args
 from .profile import PROFILER
 
 
 def add_profile_command(sub) -> None:
     p = sub.add_parser("profile", help="profile training steps: time per phase and device, CPU/GPU overlap")
-    p.add_argument("--model", default="smollm2-135m", help="model directory, .gguf or known name")
+    add_model_args(p, backward=True)
     p.add_argument("--steps", type=int, default=3, help="profiled steps, after one warm-up step (default 3)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per row of the profiled step (default 256)")
     p.add_argument("--batch-size", type=int, default=1, help="rows of the profiled step (default 1)")
     p.add_argument("--lora-rank", type=int, default=16, help="LoRA r of the adapters (default 16)")
-    p.add_argument("--device", default="auto", choices=("auto", "gpu", "cpu"), help="where the FFN runs")
-    p.add_argument("--mode", default="split", choices=("split", "resident"),
-                   help="split: attention on the CPU, FFN on the backend; resident: the whole step on the GPU")
     p.add_argument("--quantize", default="nf4", choices=("nf4", "none"), help="base weights format (default nf4)")
-    p.add_argument("--threads", type=int, help="CPU threads for the kernels (default: all cores)")
     p.add_argument("--trace", metavar="FILE.json", help="write a Chrome/Perfetto trace")
     p.add_argument("--plot", metavar="FILE.png", help="draw the split as a chart (needs matplotlib)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
@@ -44,10 +41,13 @@ def cmd_profile(args) -> int:
         check_output_file("--trace", args.trace)
     if args.plot:
         check_plot_output(args.plot)
-    device = "gpu" if args.mode == "resident" else args.device
+    placement = placement_of_args(args, args.placement, args.device) or "auto"
+    # a GPU placement asked for by name may take a software adapter (lavapipe: the profile of CI)
+    device = "gpu" if placement in ("gpu", "split") and args.device == "auto" else args.device
     model = qx.load_model(args.model, lora=qx.LoraConfig(r=args.lora_rank, alpha=2 * args.lora_rank),
                           quantize=None if args.quantize == "none" else args.quantize, device=device,
-                          threads=threads, mode=args.mode)
+                          threads=threads, placement=placement, gradient_checkpointing=args.gradient_checkpointing,
+                          revision=args.revision, compute_dtype=args.compute_dtype)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, model.config.vocab_size, (args.batch_size, args.seq_len))
     # the Trainer's step in either placement: what `qlora-ext train` runs
@@ -55,7 +55,7 @@ def cmd_profile(args) -> int:
     step = lambda: trainer.step(ids, ids)  # noqa: E731
     step()  # warm-up: buffers, pipelines, BLAS threads
     info = adapter_info() if device != "cpu" else None
-    PROFILER.start(model=str(args.model), mode=model.placement,
+    PROFILER.start(model=str(args.model), placement=model.placement,
                    adapter=(info or {}).get("name", "none (CPU backend)"),
                    tokens_per_step=args.batch_size * args.seq_len)
     t0 = time.perf_counter()

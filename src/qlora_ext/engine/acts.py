@@ -88,10 +88,17 @@ class StepScratch:
     dv: object       # [B, T, Hkv, D]
     dqn: object      # [N*Hq, D] gradient before q_norm (q/k norm models)
     dkn: object      # [N*Hkv, D]
-    inputs: list     # L x [N, H] layer inputs (activation checkpointing), else []
+    inputs: list     # R x [N, H] inputs of the R layers that recompute their activations
 
 
-def plan_scratch(d: Dims, layers: int, checkpointing: bool) -> dict:
+def act_slot(l: int, recompute: int) -> int:
+    """Which LayerActs layer l uses in a training step: layers 0..R-1 recompute into the shared
+    slot 0, the others keep their own."""
+    return 0 if l < recompute else l - recompute + (1 if recompute else 0)
+
+
+def plan_scratch(d: Dims, recompute: int) -> dict:
+    """recompute: how many layers (the first ones) save their input and recompute the rest."""
     N, qk = d.N, d.qk_norm
     return {
         "x": (N, d.H), "xf": (N, d.H), "rstdf": (N,), "gy": (N, d.H), "gx": (N, d.H),
@@ -99,7 +106,7 @@ def plan_scratch(d: Dims, layers: int, checkpointing: bool) -> dict:
         "da": (N, d.Hq * d.D), "dq": (d.B, d.T, d.Hq, d.D), "dk": (d.B, d.T, d.Hkv, d.D),
         "dv": (d.B, d.T, d.Hkv, d.D),
         "dqn": (N * d.Hq, d.D) if qk else None, "dkn": (N * d.Hkv, d.D) if qk else None,
-        "inputs": [(N, d.H)] * (layers if checkpointing else 0),
+        "inputs": [(N, d.H)] * recompute,
     }
 
 
@@ -114,6 +121,17 @@ def allocate(cls, plan: dict, empty):
             return [make(v) for v in spec]
         return empty(spec)
     return cls(**{f.name: make(plan[f.name]) for f in fields(cls)})
+
+
+def allocate_step(d: Dims, layers: int, recompute: int, keep: bool, ranks, empty) -> tuple:
+    """(LayerActs list, StepScratch) of one step, each buffer made by empty(shape).  keep (a
+    training step): one LayerActs per layer that keeps its activations and one that the first
+    `recompute` layers share (see act_slot), and the recomputing layers' saved inputs; else
+    one LayerActs that every layer reuses.  ranks(l): layer l's {proj: LoRA rank}."""
+    R = recompute if keep else 0
+    owners = [0] if not keep else ([0, *range(R, layers)] if R else list(range(layers)))
+    acts = [allocate(LayerActs, plan_layer_acts(d, ranks(l)), empty) for l in owners]
+    return acts, allocate(StepScratch, plan_scratch(d, R), empty)
 
 
 def planned_elements(plan: dict) -> int:

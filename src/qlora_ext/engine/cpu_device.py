@@ -24,7 +24,7 @@ from ..model.lora import ATTN_PROJECTIONS, FFN_PROJECTIONS
 from ..model.loss import IGNORE_INDEX, cross_entropy, shifted_targets
 from ..nf4 import NF4Tensor, dequantize_nf4
 from ..profile import PhaseTimer
-from .acts import LayerActs, StepScratch, allocate, plan_layer_acts, plan_scratch
+from .acts import allocate_step
 
 # Attention work (B * Hq * T^2 * D) above which the attention kernels get every core.
 ATTENTION_ALL_CORES_WORK = 1 << 28
@@ -46,12 +46,12 @@ class CpuDevice:
     # and a step's buffers are made for its shape, so padding would only cost time.
     pad_multiple = 1
 
-    def __init__(self, state, params, kernels, rope, threads=None, attention_threads=None, checkpointing=False,
+    def __init__(self, state, params, kernels, rope, threads=None, attention_threads=None, recompute_layers: int = 0,
                  timer: PhaseTimer | None = None, compute_dtype: str = "fp32"):
         cfg = state.config
         self.state, self.params, self.k = state, params, kernels
         self.layers = len(state.layers)
-        self.checkpointing = bool(checkpointing)
+        self.recompute_layers = int(recompute_layers)
         self.threads, self.user_attention_threads = threads, attention_threads
         # the frozen base's products (qlora_ext.cpu.base_matmul): fp32 exact or bf16
         self.compute_dtype = compute_dtype
@@ -82,9 +82,7 @@ class CpuDevice:
 
     def buffers(self, dims, keep: bool):
         """The program's buffers (LayerActs list, StepScratch), fresh each step."""
-        n = self.layers if keep and not self.checkpointing else 1
-        acts = [allocate(LayerActs, plan_layer_acts(dims, self.params.ranks(l)), self.empty) for l in range(n)]
-        return acts, allocate(StepScratch, plan_scratch(dims, self.layers, keep and self.checkpointing), self.empty)
+        return allocate_step(dims, self.layers, self.recompute_layers, keep, self.params.ranks, self.empty)
 
     def begin(self, dims, positions, mask, ids, labels=None, keep: bool = False, dropout: float = 0.0,
               seed: int = 0, step: int | None = None):

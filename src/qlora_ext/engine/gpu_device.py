@@ -1,6 +1,6 @@
 """The GPU device of the layer program: every op in WGSL on one wgpu device.
 
-At construction the base (NF4 codes + absmax, or fp32 projections; or, with weights="stream",
+At construction the base (NF4 codes + absmax, or fp32 projections; or, with weights="streamed",
 one slot per projection that each layer is uploaded into before use), norms, embeddings, the
 LM head and the flat parameter buffer go up once.  Per step only the token ids, labels, mask
 and positions go up; the loss statistics come down.
@@ -32,19 +32,20 @@ from ..gpu.runtime import GpuTensor
 from ..model.dropout import dropout_keep_scale, dropout_key, dropout_seed, dropout_threshold
 from ..model.generate import top_candidates
 from ..model.lora import PROJECTIONS
-from .acts import LayerActs, StepScratch, allocate, plan_layer_acts, plan_scratch
+from ..options import WEIGHTS_ON_GPU, WEIGHTS_STREAMED
+from .acts import allocate_step
 
 
 class _LayerGpu:
     __slots__ = ("ln1", "ln2", "q_norm", "k_norm", "bias", "proj")
 
-    def __init__(self, up, lw, resident: bool):
+    def __init__(self, up, lw, on_gpu: bool):
         self.ln1, self.ln2 = up(lw.input_layernorm), up(lw.post_attention_layernorm)
         self.q_norm = up(lw.q_norm) if lw.q_norm is not None else None
         self.k_norm = up(lw.k_norm) if lw.k_norm is not None else None
         # frozen biases: Qwen2's q/k/v; q/k/v/o of Llama-family configs with attention_bias
         self.bias = {p: up(lw.bias[p]) for p in PROJECTIONS if lw.bias and p in lw.bias}
-        self.proj = None if not resident else {}
+        self.proj = None if not on_gpu else {}
 
 
 class _StepGpu:
@@ -116,10 +117,10 @@ class GpuDevice:
     # them); 64 tokens is also the attention kernels' largest query/key tile.
     pad_multiple = 64
 
-    def __init__(self, state, params, ctx, rope, checkpointing=False, weights: str = "resident",
+    def __init__(self, state, params, ctx, rope, recompute_layers: int = 0, weights: str = WEIGHTS_ON_GPU,
                  gemm: str = "fused", dropout: float = 0.0):
-        if weights not in ("resident", "stream"):
-            raise ValueError(f"weights={weights!r}: expected 'resident' or 'stream'")
+        if weights not in (WEIGHTS_ON_GPU, WEIGHTS_STREAMED):
+            raise ValueError(f"weights={weights!r}: expected {WEIGHTS_ON_GPU!r} or {WEIGHTS_STREAMED!r}")
         if gemm not in ("fused", "dequant"):
             raise ValueError(f"gemm={gemm!r}: expected 'fused' (NF4 dequantized in the GEMM's tile loads) or "
                              "'dequant' (NF4 -> fp32 scratch, then the plain GEMM)")
@@ -127,7 +128,7 @@ class GpuDevice:
         self.ctx, self.state = ctx, state
         start = ctx.allocated_bytes
         self.layers = len(state.layers)
-        self.checkpointing = bool(checkpointing)
+        self.recompute_layers = int(recompute_layers)
         self.fused = gemm == "fused"
         self.eps = float(cfg.rms_norm_eps)
         self.V = int(cfg.vocab_size)
@@ -137,17 +138,17 @@ class GpuDevice:
         self.head_w = self.embed_w if state.lm_head is None else up(state.lm_head)
         self.final_norm = up(state.norm)
         self.scratch_w = WeightScratch(ctx)
-        self._layers = [_LayerGpu(up, lw, weights == "resident") for lw in state.layers]
-        if weights == "resident":
+        self._layers = [_LayerGpu(up, lw, weights == WEIGHTS_ON_GPU) for lw in state.layers]
+        if weights == WEIGHTS_ON_GPU:
             for lg, lw in zip(self._layers, state.layers):
                 lg.proj = {p: upload_weight(ctx, lw.proj[p]) for p in PROJECTIONS}
-        self.streamed = StreamedLayers(ctx, state.layers, PROJECTIONS) if weights == "stream" else None
+        self.streamed = StreamedLayers(ctx, state.layers, PROJECTIONS) if weights == WEIGHTS_STREAMED else None
         self.rope_cache = rope
         self._tab_src = None
         self.params = params
         self.values = up(params.values)
         self.grads = ctx.zeros((params.size,))
-        self.resident_bytes = ctx.allocated_bytes - start
+        self.fixed_bytes = ctx.allocated_bytes - start
         self._steps: dict = {}       # (dims, keep) -> (LayerActs list, StepScratch)
         self._decode_rows: dict = {}  # n -> _DecodeRows
         self._inputs: dict = {}      # dims -> _StepGpu
@@ -192,10 +193,8 @@ class GpuDevice:
         bufs = self._steps.get(key)
         if bufs is None:
             start = self.ctx.allocated_bytes
-            n = self.layers if keep and not self.checkpointing else 1
-            acts = [allocate(LayerActs, plan_layer_acts(d, self.params.ranks(l)), self.empty) for l in range(n)]
-            s = allocate(StepScratch, plan_scratch(d, self.layers, keep and self.checkpointing), self.empty)
-            bufs = self._steps[key] = (acts, s)
+            bufs = self._steps[key] = allocate_step(d, self.layers, self.recompute_layers, keep, self.params.ranks,
+                                                    self.empty)
             self.step_bytes[key] = self.ctx.allocated_bytes - start
         return bufs
 

@@ -11,6 +11,7 @@ import numpy as np
 from ..gpu.runtime import GpuTensor
 from ..model.lora import LoraConfig, LoraPair, LoraWeights
 from ..model.generate import group_rows
+from ..options import WEIGHTS_ON_GPU
 from .params import FlatParams
 
 
@@ -58,10 +59,12 @@ def _shape_only_lora(state, lora_config: LoraConfig) -> LoraWeights:
 GENERATE_ROWS = 32
 
 
-def estimate_bytes(ctx, state, lora_config, B: int, T: int, gradient_checkpointing: bool = False,
-                   train_lm_head: bool = False, weights: str = "resident") -> int:
-    """Bytes the gpu placement allocates for training batches of B rows x T tokens: resident
-    weights, parameters, gradients and AdamW moments, the batch shape's buffers, and the GQA
+def estimate_bytes(ctx, state, lora_config, B: int, T: int, recompute_layers: int = 0,
+                   train_lm_head: bool = False, weights: str = WEIGHTS_ON_GPU) -> int:
+    """Bytes the gpu placement allocates for training batches of B rows x T tokens with the
+    first `recompute_layers` layers recomputing their activations: the weights (on the GPU, or
+    the streamed layers' slots), parameters, gradients and AdamW moments, the batch shape's
+    buffers (engine/acts.py's plan: kept activations, the recompute slot, saved inputs), and the GQA
     attention backward's per-query-head dk/dv partials (allocated on the first backward that
     splits heads: counted whenever Hq != Hkv); and beside them, generation of GENERATE_ROWS
     prompts of T positions (train's eval, in groups as model.generate makes them): the KV
@@ -73,7 +76,7 @@ def estimate_bytes(ctx, state, lora_config, B: int, T: int, gradient_checkpointi
     head = np.empty(state.lm_head_weight.shape, np.float32) if train_lm_head else None
     params = FlatParams(_shape_only_lora(state, lora_config), head)
     rope = RopeCache(state.config, default_kernels())
-    dev = GpuDevice(state, params, counting, rope, checkpointing=gradient_checkpointing, weights=weights,
+    dev = GpuDevice(state, params, counting, rope, recompute_layers=recompute_layers, weights=weights,
                     dropout=float(lora_config.dropout))
     dev.shape_bytes(Model.dims_of(state, B, T))
     rows = group_rows(GENERATE_ROWS, T)

@@ -16,20 +16,21 @@ from contextlib import contextmanager
 import numpy as np
 
 from ..gpu.resident.adamw import AdamWGpu
+from ..options import WEIGHTS_ON_GPU
 from .gpu_device import GpuDevice
 from .model import Model
 
 
 class GpuModel(Model):
-    """See Model; `ctx` is the GPU runtime context.  weights: "resident" (the NF4 base uploaded
-    once) or "stream" (one slot per projection, each layer uploaded before use)."""
+    """See Model; `ctx` is the GPU runtime context.  weights: "on GPU" (the NF4 base uploaded
+    once) or "streamed" (one slot per projection, each layer uploaded before use)."""
 
-    placement = "resident"
+    placement = "gpu"
     keeps_optimizer_on_device = True
 
-    def __init__(self, state, lora_config=None, ctx=None, gradient_checkpointing: bool = False,
+    def __init__(self, state, lora_config=None, ctx=None, gradient_checkpointing: bool | int = False,
                  train_lm_head: bool = False, threads: int | None = None, seed: int = 0,
-                 weights: str = "resident", gemm: str = "fused"):
+                 weights: str = WEIGHTS_ON_GPU, gemm: str = "fused"):
         super().__init__(state, lora_config, gradient_checkpointing=gradient_checkpointing,
                          train_lm_head=train_lm_head, threads=threads, seed=seed)
         if ctx is None:
@@ -42,7 +43,7 @@ class GpuModel(Model):
         self.optimizer = AdamWGpu(ctx, self.params.size)
 
     def _gpu_device(self, ctx) -> GpuDevice:
-        return GpuDevice(self.state, self.params, ctx, self.rope, checkpointing=self.gradient_checkpointing,
+        return GpuDevice(self.state, self.params, ctx, self.rope, recompute_layers=self.recompute_layers,
                          weights=self._weights, gemm=self._gemm, dropout=float(self.lora_config.dropout))
 
     @property
@@ -210,9 +211,9 @@ class GpuModel(Model):
     # ---- reports ----------------------------------------------------------------------------
     def memory_report(self, batch_shape: tuple | None = None) -> dict:
         """Host bytes as Model's, plus the GPU's: weights, parameters and optimizer state
-        ("gpu_resident_bytes"), and with batch_shape (B, T) the per-shape buffers."""
+        ("gpu_fixed_bytes": held for the whole run), and with batch_shape (B, T) the per-shape buffers."""
         rep = super().memory_report()
-        rep["gpu_resident_bytes"] = int(self.device.resident_bytes + 2 * 4 * self.params.size)
+        rep["gpu_fixed_bytes"] = int(self.device.fixed_bytes + 2 * 4 * self.params.size)
         if batch_shape is not None:
             B, T = batch_shape
             rep["gpu_activation_bytes"] = int(self.device.shape_bytes(self.dims(B, T)))
@@ -233,5 +234,5 @@ class SplitModel(GpuModel):
 
     def memory_report(self, batch_shape: tuple | None = None) -> dict:
         rep = Model.memory_report(self)
-        rep["gpu_resident_bytes"] = int(self.device.resident_bytes + 2 * 4 * self.params.size)
+        rep["gpu_fixed_bytes"] = int(self.device.fixed_bytes + 2 * 4 * self.params.size)
         return rep

@@ -16,6 +16,7 @@ from ..finite import NonFiniteError, first_nonfinite
 from ..model.generate import DEFAULT_TOP_K
 from ..model.lora import LM_HEAD_NAME, PROJECTIONS, LoraConfig, LoraWeights
 from ..model.loss import IGNORE_INDEX
+from ..options import recompute_count
 from ..profile import PhaseTimer
 from . import program
 from .acts import Dims
@@ -123,7 +124,7 @@ class Model:
 
     placement = "cpu"
 
-    def __init__(self, state, lora_config: LoraConfig | None = None, gradient_checkpointing: bool = False,
+    def __init__(self, state, lora_config: LoraConfig | None = None, gradient_checkpointing: bool | int = False,
                  train_lm_head: bool = False, threads: int | None = None, seed: int = 0, kernels=None):
         from .cpu_device import CpuDevice
 
@@ -131,7 +132,7 @@ class Model:
         self.config = state.config
         self.tokenizer = getattr(state, "tokenizer", None)
         self.lora_config = lora_config if lora_config is not None else LoraConfig()
-        self.gradient_checkpointing = bool(gradient_checkpointing)
+        self.recompute_layers = recompute_count(gradient_checkpointing, len(state.layers))
         self.threads = threads
         # C kernel threads.  Default 1: these kernels run between sgemms, and an OpenMP team
         # started while OpenBLAS's threads still spin fights them for the cores (measured on
@@ -150,7 +151,7 @@ class Model:
         self.optimizer_bytes = 0  # the trainer reports its moments here for memory_report()
         self.rope = RopeCache(self.config, self.kernels)
         self.device = CpuDevice(state, self.params, self.kernels, self.rope, threads=self.kernel_threads,
-                                attention_threads=threads, checkpointing=self.gradient_checkpointing,
+                                attention_threads=threads, recompute_layers=self.recompute_layers,
                                 timer=self.timer, compute_dtype=self.lora_config.compute_dtype)
 
     def _layer_shapes(self) -> list[dict]:

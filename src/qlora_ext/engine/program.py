@@ -13,6 +13,8 @@ Op contracts (every placement):
 Shape letters as in engine/acts.py."""
 from __future__ import annotations
 
+from .acts import act_slot
+
 
 def layer_forward(dev, l: int, a, x, y, cache=None) -> None:
     """x [N, H] (copied into a.x) -> y [N, H] = the layer's output.  y None (the recompute of
@@ -86,13 +88,13 @@ def layer_backward(dev, l: int, a, dy, dx, s) -> None:
 
 def forward_layers(dev, acts: list, s, keep: bool) -> None:
     """Embedded s.x through every layer, then the final norm into s.xf / s.rstdf.  keep: save
-    what backward reads (every layer's LayerActs, or with checkpointing each layer's input);
-    else one LayerActs serves every layer."""
-    ckpt = keep and dev.checkpointing
+    what backward reads (the LayerActs of each layer that keeps them, the input of each of the
+    dev.recompute_layers layers that recompute); else one LayerActs serves every layer."""
+    R = dev.recompute_layers if keep else 0
     x = s.x
     for l in range(dev.layers):
-        a = acts[0 if (ckpt or not keep) else l]
-        if ckpt:
+        a = acts[act_slot(l, R) if keep else 0]
+        if l < R:
             dev.copy(x, s.inputs[l])
         layer_forward(dev, l, a, x, x)
         dev.layer_done()
@@ -102,10 +104,11 @@ def forward_layers(dev, acts: list, s, keep: bool) -> None:
 def backward_layers(dev, acts: list, s) -> None:
     """From s.dh (the gradient of the final norm's output) back through every layer."""
     dy, dx = s.gy, s.gx
+    R = dev.recompute_layers
     dev.rmsnorm_backward(s.x, dev.final_norm, s.rstdf, s.dh, dy, False)
     for l in reversed(range(dev.layers)):
-        a = acts[0 if dev.checkpointing else l]
-        if dev.checkpointing:
+        a = acts[act_slot(l, R)]
+        if l < R:
             # recompute this layer's activations from its saved input; its output is not
             # read, so the down projection's GEMM is skipped
             layer_forward(dev, l, a, s.inputs[l], None)

@@ -45,7 +45,7 @@ class SplitDevice:
     def __init__(self, cpu, gpu):
         self.cpu, self.gpu = cpu, gpu
         self.ctx = gpu.ctx
-        self.layers, self.checkpointing = gpu.layers, gpu.checkpointing
+        self.layers, self.recompute_layers = gpu.layers, gpu.recompute_layers
         self.final_norm = cpu.final_norm
         self.timer = cpu.timer
         self.timer.devices.update(upload="transfer", readback="transfer")
@@ -122,12 +122,10 @@ class SplitDevice:
         self.gpu.prepare(dims, positions, mask, ids, labels, dropout, seed, step)
         key = (dims, keep)
         if key not in self._steps:
-            from .acts import LayerActs, StepScratch, allocate, plan_layer_acts, plan_scratch
+            from .acts import allocate_step
 
-            n = self.layers if keep and not self.checkpointing else 1
-            acts = [allocate(LayerActs, plan_layer_acts(dims, self.params.ranks(l)), self.empty) for l in range(n)]
-            s = allocate(StepScratch, plan_scratch(dims, self.layers, keep and self.checkpointing), self.empty)
-            self._steps[key] = (acts, s)
+            self._steps[key] = allocate_step(dims, self.layers, self.recompute_layers, keep, self.params.ranks,
+                                             self.empty)
         acts, s = self._steps[key]
         return acts, s
 
