@@ -78,10 +78,10 @@ def run_train(spec: dict, comm) -> None:
 
     state = load_state(spec["model"], quantize=spec.get("quantize"))
     if spec.get("device") == "gpu":  # every rank on this host's one (software) adapter
-        from qlora_ext.api import split_context
         from qlora_ext.engine.gpu_model import SplitModel
+        from qlora_ext.gpu.runtime import shared_context
 
-        model = SplitModel(state, LoraConfig(r=4, alpha=8), ctx=split_context("gpu")[0], threads=1, seed=3)
+        model = SplitModel(state, LoraConfig(r=4, alpha=8), ctx=shared_context(), threads=1, seed=3)
     else:
         from qlora_ext.engine.model import Model
 

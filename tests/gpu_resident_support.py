@@ -41,10 +41,11 @@ def gpu_twin(model, ctx, **kw):
     return gpu
 
 
-def gpu_train_step(gpu, ids, labels) -> float:
+def gpu_train_step(update, ids, labels) -> float:
     """Forward, backward and AdamW of the mean loss without clipping, through the Trainer's
-    device path; returns the mean loss."""
-    loss_sum = gpu.accumulate_grads(ids, labels)
-    n = gpu.count_tokens(labels)
-    gpu.apply_update(gpu.optimizer.lr, 1.0 / n, 1.0)
+    GpuAdamW `update`; returns the mean loss."""
+    loss_sum = update.accumulate(ids, labels, None, first=True)
+    n = update.model.count_tokens(labels)
+    update.scaled_norm(1.0 / n)
+    update.step(update.optimizer.lr, None)
     return loss_sum / n

@@ -254,11 +254,11 @@ def test_stuck_rank_times_out(tiny_model, tmp_path):
 
 
 def test_trainer_gradients_are_reduced_in_place():
-    """The Trainer accumulates into views of one flat buffer: no packing copy per step."""
+    """HostAdamW accumulates into views of one flat buffer: no packing copy per step."""
     from fake_lm import FakeLM
     from qlora_ext.train.trainer import Trainer
 
-    grads = list(Trainer(FakeLM())._grad_sum.values())
+    grads = list(Trainer(FakeLM()).update.grads.values())
     assert not dist._FlatBuckets(grads, bucket_elems=1 << 20).copies
 
 

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 from gpu_resident_support import gpu_train_step, gpu_twin, rel_err, resident_context
+from qlora_ext.train.trainer import TrainConfig
+from qlora_ext.train.update import GpuAdamW
 
 pytestmark = pytest.mark.gpu
 
@@ -87,11 +89,11 @@ def test_engine_train_steps_match_cpu_adamw(ctx, tmp_path):
 
     model = _model(tmp_path, "llama", None)
     engine = gpu_twin(model, ctx)
-    engine.configure_optimizer(lr=1e-2, weight_decay=0.01)
+    update = GpuAdamW(engine, TrainConfig(lr=1e-2, weight_decay=0.01))
     opt = AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
     ids, labels = _batch(model.config.vocab_size, B=1, T=9, seed=5)
     for _ in range(3):
-        loss_gpu = gpu_train_step(engine, ids, labels)
+        loss_gpu = gpu_train_step(update, ids, labels)
         loss_cpu, grads = model.loss_and_grads(ids, labels)
         opt.step(grads)
         assert abs(loss_gpu - loss_cpu) <= 1e-4 * abs(loss_cpu)
@@ -99,19 +101,19 @@ def test_engine_train_steps_match_cpu_adamw(ctx, tmp_path):
     for n, a in model.parameters().items():
         assert rel_err(got[n], a) <= 1e-4, n
     # The optimizer state has the CPU AdamW's format: a checkpoint resumes in either mode.
-    gpu_state, cpu_state = engine.optimizer_state(), opt.state_dict()
+    gpu_state, cpu_state = update.optimizer_state(), opt.state_dict()
     assert set(gpu_state) == set(cpu_state) and int(gpu_state["step"]) == 3
     for k in cpu_state:
         if k != "step":
             assert rel_err(gpu_state[k], cpu_state[k]) <= 1e-4, k
     resumed = gpu_twin(model, ctx)
-    resumed.configure_optimizer(lr=1e-2, weight_decay=0.01)
+    resumed_update = GpuAdamW(resumed, TrainConfig(lr=1e-2, weight_decay=0.01))
     resumed.set_parameters(got)
-    resumed.load_optimizer_state(gpu_state)
-    assert gpu_train_step(resumed, ids, labels) == gpu_train_step(engine, ids, labels)
+    resumed_update.load_optimizer_state(gpu_state)
+    assert gpu_train_step(resumed_update, ids, labels) == gpu_train_step(update, ids, labels)
     np.testing.assert_array_equal(resumed.ctx.to_numpy(resumed.device.values), engine.ctx.to_numpy(engine.device.values))
     with pytest.raises(ValueError, match="exp_avg"):
-        resumed.load_optimizer_state({"step": 1})
+        resumed_update.load_optimizer_state({"step": 1})
 
 
 def test_engine_memory_report(ctx, tmp_path):
@@ -173,7 +175,7 @@ def _timed_step(ctx, model, ids, labels):
     tctx.enable_timing(profiler=prof)
     prof.start()
     with prof.step():
-        gpu_train_step(engine, ids, labels)
+        gpu_train_step(GpuAdamW(engine, TrainConfig()), ids, labels)
         times = tctx.kernel_times()
     prof.stop()
     return times, prof
@@ -195,7 +197,7 @@ def test_engine_kernel_times_in_profiler(ctx, tmp_path):
     PROFILER.start()
     try:
         with PROFILER.step():
-            gpu_train_step(auto, ids, labels)
+            gpu_train_step(GpuAdamW(auto, TrainConfig()), ids, labels)
     finally:
         PROFILER.stop()
     assert "attention_bwd.dq" in PROFILER.table() and any(sp.device == "gpu" for sp in PROFILER.spans)

@@ -8,7 +8,7 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "qlora_ext"
 
 # lower number = lower layer
 LAYERS = {
-    "_native": 0, "nf4": 0, "profile": 0, "progress": 0, "data": 0, "finite": 0, "options": 0,
+    "_native": 0, "nf4": 0, "profile": 0, "progress": 0, "data": 0, "finite": 0, "options": 0, "hyperparams": 0,
     "model": 1,
     "cpu": 2, "gpu": 2,
     "engine": 4,
@@ -21,7 +21,6 @@ LAYERS = {
 # the CPU AdamW's checks.  Each line goes when its import does (a stale entry fails the test too).
 KNOWN = {
     ("gpu/runtime/adapter.py", "train"),
-    ("gpu/resident/adamw.py", "train"),
 }
 
 

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from fake_lm import VOCAB, FakeLM
-from qlora_ext.train.optim import AdamW
 from qlora_ext.train.trainer import TrainConfig, Trainer
 
 
@@ -99,7 +98,7 @@ def test_grad_clip_scales_to_max_norm():
     t.step(ids, labels)
     assert t.last_grad_norm == pytest.approx(norm, rel=1e-6)
     # lr=0: weights unchanged, and the moments hold (1 - b1) * clipped grads.
-    clipped = np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in t.optimizer.exp_avg.values())) / 0.1
+    clipped = np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in t.update.optimizer.exp_avg.values())) / 0.1
     assert clipped == pytest.approx(norm / 4, rel=1e-5)
 
 
@@ -275,48 +274,34 @@ def test_state_dict_writes_null_for_a_nan_loss():
     assert math.isnan(t.last_loss)
 
 
-class DeviceFakeLM(FakeLM):
-    """The Trainer's device protocol (what the gpu placement's model implements) over FakeLM:
-    summed gradients kept "on the device", a squared norm, the update applied there."""
-
-    keeps_optimizer_on_device = True
-
-    def __init__(self):
-        super().__init__()
-        self.named_grads_calls = self.updates = 0
-
-    def configure_optimizer(self, lr, betas, eps, weight_decay):
-        self.opt = AdamW(self.params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-
-    def accumulate_grads(self, ids, labels, mask=None, first=True):
-        loss, g = self.loss_and_grads(ids, labels, mask, reduction="sum")
-        self.g = g if first else {k: self.g[k] + g[k] for k in g}
-        return loss
-
-    def grads_sq_norm(self, scale):
-        return sum(float((v.astype(np.float64) * scale) ** 2 @ np.ones(v.size)) for v in
-                   (x.ravel() for x in self.g.values()))
-
-    def apply_update(self, lr, grad_scale, clip_coef):
-        self.updates += 1
-        self.opt.step({k: v * grad_scale * clip_coef for k, v in self.g.items()}, lr=lr)
-
-    def named_grads(self):
-        self.named_grads_calls += 1
-        return self.g
-
-
-def test_device_path_checks_the_norm_it_already_has():
+def test_the_norm_check_reads_no_gradient_on_a_good_step(monkeypatch):
+    """The Trainer checks the norm the strategy already computed: the gradients (a readback on
+    a GPU) are read only to name a bad one.  A model names its strategy by optimizer_device."""
     from qlora_ext.finite import NonFiniteError
+    from qlora_ext.train import update
 
+    class CountingAdamW(update.HostAdamW):
+        named = steps = 0
+
+        def named_grads(self):
+            CountingAdamW.named += 1
+            return super().named_grads()
+
+        def step(self, lr, clip_coef):
+            CountingAdamW.steps += 1
+            super().step(lr, clip_coef)
+
+    monkeypatch.setitem(update.UPDATES, "counting", CountingAdamW)
     rng = np.random.default_rng(10)
-    m = DeviceFakeLM()
+    m = FakeLM()
+    m.optimizer_device = "counting"
     t = Trainer(m, TrainConfig(lr=1e-2))
+    assert isinstance(t.update, CountingAdamW)
     t.step(*random_batch(rng, 2, 6))
-    assert m.updates == 1 and m.named_grads_calls == 0  # no extra readback on a good step
+    assert CountingAdamW.steps == 1 and CountingAdamW.named == 0
     with pytest.raises(NonFiniteError, match=r"step 2: .*gradient of lm\.w"):
         t.step(*_poisoned_batch(m, rng))
-    assert m.updates == 1 and m.named_grads_calls == 1 and t.step_count == 1
+    assert CountingAdamW.steps == 1 and CountingAdamW.named == 1 and t.step_count == 1
 
 
 @pytest.mark.gpu
@@ -338,7 +323,7 @@ def test_device_path_stops_on_nan_on_the_gpu(tmp_path):
     ids = np.random.default_rng(0).integers(0, m.config.vocab_size, (2, 8))
     t.step(ids, ids)
     good = {k: v.copy() for k, v in m.parameters().items()}
-    assert list(m.named_grads()) == list(good)
+    assert list(t.update.named_grads()) == list(good)
     name = next(k for k in good if "lora_B" in k)
     m.set_parameters({name: np.full_like(good[name], np.nan)})
     with pytest.raises(NonFiniteError, match=rf"step 2: .*parameter {re.escape(name)}"):

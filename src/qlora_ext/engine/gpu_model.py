@@ -5,17 +5,16 @@ keeps the flat parameter array as a mirror that is refreshed only when read (par
 save_adapter), so a training step moves nothing but ids and labels up and the loss down.
 Generation runs the layer program on the GPU too, with the KV cache in GPU memory.
 
-The Trainer drives the device path through the methods under `# ---- the Trainer's device
-path`: gradients accumulate on the GPU, clipping needs one float of squared norm, AdamW updates
-in place; checkpoints download the weights and moments in the CPU AdamW's format, so a
-checkpoint of either placement resumes in the other."""
+The Trainer's GpuAdamW (train/update.py) drives the step: gradients accumulate on the GPU
+(accumulate_grads), clipping needs one float of squared norm, AdamW updates in place;
+checkpoints download the weights and moments in the host AdamW's format, so a checkpoint of
+any placement resumes in any other."""
 from __future__ import annotations
 
 from contextlib import contextmanager
 
 import numpy as np
 
-from ..gpu.resident.adamw import AdamWGpu
 from ..options import WEIGHTS_ON_GPU
 from .gpu_device import GpuDevice
 from .model import Model
@@ -26,7 +25,7 @@ class GpuModel(Model):
     once) or "streamed" (one slot per projection, each layer uploaded before use)."""
 
     placement = "gpu"
-    keeps_optimizer_on_device = True
+    optimizer_device = "gpu"   # the Trainer's update strategy: GpuAdamW
 
     def __init__(self, state, lora_config=None, ctx=None, gradient_checkpointing: bool | int = False,
                  train_lm_head: bool = False, threads: int | None = None, seed: int = 0,
@@ -40,7 +39,6 @@ class GpuModel(Model):
         self._host_stale = False           # True once the GPU has updated weights the host lacks
         self._weights, self._gemm = weights, gemm
         self.device = self._gpu_device(ctx)
-        self.optimizer = AdamWGpu(ctx, self.params.size)
 
     def _gpu_device(self, ctx) -> GpuDevice:
         return GpuDevice(self.state, self.params, ctx, self.rope, recompute_layers=self.recompute_layers,
@@ -76,11 +74,8 @@ class GpuModel(Model):
             self.device.params = self.params
             self._push()
         else:
-            # other targets or rank: the flat layout changes; a new device and fresh moments
-            # (the optimizer's hyperparameters kept)
-            opt = self.optimizer
+            # other targets or rank: the flat layout changes, and with it the device's buffers
             self.device = self._gpu_device(self.ctx)
-            self.optimizer = AdamWGpu(self.ctx, self.params.size, opt.lr, opt.betas, opt.eps, opt.weight_decay)
 
     def save_adapter(self, directory) -> None:
         self._pull()
@@ -88,7 +83,7 @@ class GpuModel(Model):
 
     # ---- forward / loss / gradients on the GPU --------------------------------------------
     @contextmanager
-    def _kernel_timing(self):
+    def kernel_timing(self):
         """With qlora_ext.profile.PROFILER on (and timestamp queries available), every kernel
         recorded inside becomes a "gpu" span of it; otherwise nothing."""
         from ..profile import PROFILER
@@ -103,109 +98,35 @@ class GpuModel(Model):
         ctx.kernel_times()   # the remaining passes become spans
 
     def forward(self, input_ids, attention_mask=None) -> np.ndarray:
-        with self._kernel_timing():
+        with self.kernel_timing():
             return super().forward(input_ids, attention_mask)
 
     __call__ = forward
 
     def loss(self, input_ids, labels, attention_mask=None, reduction: str = "mean") -> float:
-        with self._kernel_timing():
+        with self.kernel_timing():
             return super().loss(input_ids, labels, attention_mask, reduction)
 
     def loss_and_grads(self, input_ids, labels, attention_mask=None, reduction: str = "mean"):
-        with self._kernel_timing():
+        with self.kernel_timing():
             return super().loss_and_grads(input_ids, labels, attention_mask, reduction)
 
     def _grads(self) -> dict:
         return self.params.named(self.ctx.to_numpy(self.device.grads))
 
-    # ---- the Trainer's device path ----------------------------------------------------------
-    def configure_optimizer(self, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0) -> None:
-        """A fresh AdamW (zero moments, step 0) with these hyperparameters."""
-        self.optimizer = AdamWGpu(self.ctx, self.params.size, lr, betas, eps, weight_decay)
-
+    # ---- what the Trainer's GpuAdamW (train/update.py) drives ------------------------------
     def accumulate_grads(self, input_ids, labels, attention_mask=None, first: bool = True) -> float:
         """Summed token loss of the micro-batch; its gradient is written (first) or added to
-        the GPU gradient buffer.  Only the 8-byte loss statistics come down."""
+        the GPU gradient buffer (device.grads).  Only the 8-byte loss statistics come down."""
         from .model import check_inputs
 
         ids, mask, lab = check_inputs(self.config, input_ids, attention_mask, labels)
-        with self._kernel_timing():
+        with self.kernel_timing():
             pending = self._forward_backward(ids, mask, lab, 1.0, clear=first)
             return self.device.loss_value(pending) if self.count_tokens(lab) else 0.0
 
-    def grads_sq_norm(self, scale: float) -> float:
-        """sum((scale * g)^2) over the gradient buffer (fixed-order partials: deterministic)."""
-        with self._kernel_timing():
-            return self.optimizer.sq_norm(self.device.grads, scale)
-
-    def apply_update(self, lr: float, grad_scale: float, clip_coef: float) -> None:
-        """AdamW on g = (grad * grad_scale) * clip_coef, each product rounded to float32 as the
-        CPU Trainer's in-place scalings are."""
-        with self._kernel_timing():
-            self.optimizer.step(self.device.values, self.device.grads, lr, grad_scale=grad_scale,
-                                clip_coef=clip_coef)
-        self._host_stale = True
-
-    @property
-    def flat_grad_size(self) -> int:
-        return self.params.size
-
-    def flat_grads(self) -> np.ndarray:
-        """The flat gradient buffer (float32 [n], aligned layout) for an all-reduce."""
-        return self.ctx.to_numpy(self.device.grads)
-
-    def set_flat_grads(self, flat: np.ndarray) -> None:
-        self.ctx.write(self.device.grads, flat)
-
-    def named_grads(self) -> dict:
-        """{PEFT name: gradient} (host copies): the Trainer names a non-finite one with it."""
-        return self._grads()
-
-    def optimizer_state(self) -> dict:
-        """{"step", "<name>.exp_avg", "<name>.exp_avg_sq"}: the CPU AdamW's state_dict, so a
-        checkpoint from either placement resumes in the other (downloads the moments)."""
-        st = self.optimizer.state_dict()
-        out = {"step": st["step"]}
-        for kind in ("exp_avg", "exp_avg_sq"):
-            out.update({f"{n}.{kind}": a.copy() for n, a in self.params.named(st[kind]).items()})
-        return out
-
-    def load_optimizer_state(self, state: dict) -> None:
-        flat = {"step": state.get("step")}
-        if flat["step"] is None:
-            raise ValueError("optimizer state has no 'step' entry")
-        for kind in ("exp_avg", "exp_avg_sq"):
-            buf = np.zeros(self.params.size, np.float32)
-            for n, view in self.params.named(buf).items():
-                key = f"{n}.{kind}"
-                if key not in state:
-                    raise ValueError(f"optimizer state lacks {key!r} (was it saved for another LoRA config?)")
-                a = np.asarray(state[key], np.float32)
-                if a.shape != view.shape:
-                    raise ValueError(f"optimizer state {key!r} has shape {a.shape}, parameter has {view.shape}")
-                view[...] = a
-            flat[kind] = buf
-        self.optimizer.load_state_dict(flat)
-
-    @property
-    def optimizer_step_count(self) -> int:
-        return self.optimizer.step_count
-
-    @optimizer_step_count.setter
-    def optimizer_step_count(self, value: int) -> None:
-        self.optimizer.step_count = int(value)
-
-    def state_arrays(self) -> list:
-        """[flat weights, flat exp_avg, flat exp_avg_sq] (host copies): what must be equal on
-        every rank of a data-parallel run."""
-        st = self.optimizer.state_dict()
-        return [self.ctx.to_numpy(self.device.values), st["exp_avg"], st["exp_avg_sq"]]
-
-    def set_state_arrays(self, arrays: list) -> None:
-        params, m, v = arrays
-        self.ctx.write(self.device.values, params)
-        self.optimizer.load_state_dict({"step": self.optimizer.step_count, "exp_avg": m, "exp_avg_sq": v})
+    def weights_changed(self) -> None:
+        """The GPU's parameters were updated: the host mirror is refreshed on its next read."""
         self._host_stale = True
 
     # ---- reports ----------------------------------------------------------------------------

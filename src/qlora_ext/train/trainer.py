@@ -6,11 +6,10 @@ sum; the sums and the counted targets are added over micro-batches (and, with a 
 over ranks) before one division.  The update therefore equals the one for the mean loss
 over the whole global batch, however it is split into micro-batches or ranks.
 
-Device path: a model with `keeps_optimizer_on_device` (the GPU-resident placement) keeps the
-summed gradients and the AdamW moments on the GPU; the Trainer then sends it the same
-decisions (1/tokens, the clip coefficient from the squared norm, the learning rate) and
-reads back only the loss, the squared norm, and -- across ranks -- the gradient for the
-all-reduce.
+Where the work happens: an update strategy of the device holding the parameters
+(train/update.py: HostAdamW on host arrays, GpuAdamW on the GPU's flat buffer) sums the
+gradients, scales, clips and runs AdamW; the Trainer makes the same decisions for both
+(1/tokens, the clip coefficient from the norm, the learning rate).
 
 Non-finite values: every update checks its loss and gradient norm (the numbers the update
 needs anyway, so the check costs nothing) before the optimizer runs.  A NaN or Inf raises
@@ -28,9 +27,8 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 from ..finite import NonFiniteError, first_nonfinite
-from .distributed import flat_zeros_like
-from .optim import AdamW
 from .schedule import check_schedule, lr_at
+from .update import update_for
 
 
 def _help(text: str, default):
@@ -87,13 +85,7 @@ class Trainer:
         self.params = model.parameters()
         if not self.params:
             raise ValueError("the model has no trainable parameters (was it loaded with lora=None?)")
-        c = self.config
-        self.on_device = bool(getattr(model, "keeps_optimizer_on_device", False))
-        if self.on_device:
-            model.configure_optimizer(c.lr, c.betas, c.eps, c.weight_decay)
-            self.optimizer = None
-        else:
-            self.optimizer = AdamW(self.params, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
+        self.update = update_for(model, self.config)
         if hasattr(model, "optimizer_bytes"):  # the model's memory_report() lists the moments
             model.optimizer_bytes = 2 * sum(p.nbytes for p in self.params.values())
         self.step_count = 0
@@ -101,10 +93,8 @@ class Trainer:
         self.last_grad_norm = float("nan")
         self.last_tokens = 0
         self.last_lr = float("nan")
-        # Accumulators of the update being built: summed grads (f32, fixed parameter order),
-        # summed token loss, counted targets, micro-batches seen.  The grads are views of one
-        # flat buffer, which an MPI all-reduce sums in place (no packing copy per step).
-        self._grad_sum = None if self.on_device else flat_zeros_like(self.params)
+        # Accumulators of the update being built (the gradient is the strategy's): summed token
+        # loss, counted targets, micro-batches seen.
         self._loss_sum = 0.0
         self._tokens = 0
         self._micro = 0
@@ -131,19 +121,10 @@ class Trainer:
         """Forward+backward of one micro-batch; adds its summed loss and grads to the update
         being built.  Returns the micro-batch's own mean loss (nan if it has no targets)."""
         n = int(self.model.count_tokens(labels))
-        if n > 0 and self.on_device:
-            # the first counted micro-batch of the update overwrites the device gradients
-            loss_sum = self.model.accumulate_grads(input_ids, labels, attention_mask, first=self._tokens == 0)
-            self._loss_sum += float(loss_sum)
-            self._tokens += n
-        elif n > 0:
-            loss_sum, grads = self.model.loss_and_grads(input_ids, labels, attention_mask, reduction="sum")
-            for name, acc in self._grad_sum.items():
-                g = grads.get(name)
-                if g is None:
-                    raise ValueError(f"the model returned no gradient for trainable parameter {name!r}")
-                acc += g
-            self._loss_sum += float(loss_sum)
+        if n > 0:
+            # the first counted micro-batch of the update starts the gradient
+            loss_sum = self.update.accumulate(input_ids, labels, attention_mask, first=self._tokens == 0)
+            self._loss_sum += loss_sum
             self._tokens += n
         self._micro += 1
         return float(loss_sum) / n if n > 0 else float("nan")
@@ -153,55 +134,21 @@ class Trainer:
         Returns the mean token loss of the whole update (nan and no update if no rank had
         a counted target).  A rank with no micro-batch (a global batch smaller than the number
         of ranks) still joins the all-reduce with zeros."""
-        if self.on_device:
-            return self._apply_update_on_device()
-        grads = list(self._grad_sum.values())
+        up = self.update
         loss_sum, tokens = self._loss_sum, float(self._tokens)
         if self.comm is not None:
-            loss_sum, tokens = self.comm.allreduce_sum(grads, [loss_sum, tokens])
-        tokens = int(round(tokens))
-        lr = self.current_lr()
-        if tokens == 0:
-            loss = float("nan")
-            self.last_grad_norm = float("nan")
-        else:
-            inv = np.float32(1.0 / tokens)
-            for g in grads:
-                g *= inv
-            loss = loss_sum / tokens
-            norm = self._global_norm(grads)
-            self._stop_if_nonfinite(loss, norm, lambda: self._grad_sum)
-            coef = self._clip_coef(norm)
-            if coef is not None:
-                for g in grads:
-                    g *= coef
-            self.last_grad_norm = norm
-            self.optimizer.step(self._grad_sum, lr=lr)
-        return self._finish_update(loss, tokens, lr)
-
-    def _apply_update_on_device(self) -> float:
-        """apply_update for the device path: the same arithmetic, done where the gradients are."""
-        m = self.model
-        loss_sum, tokens = self._loss_sum, float(self._tokens)
-        if self.comm is not None:
-            # The all-reduce runs on host memory: the gradient comes down and goes back up
-            # (a rank without counted targets this update sends zeros).
-            flat = m.flat_grads() if self._tokens else np.zeros(m.flat_grad_size, np.float32)
-            loss_sum, tokens = self.comm.allreduce_sum([flat], [loss_sum, tokens])
-            if round(tokens):
-                m.set_flat_grads(flat)
+            loss_sum, tokens = up.allreduce(self.comm, [loss_sum, tokens], have_grads=self._tokens > 0)
         tokens = int(round(tokens))
         lr = self.current_lr()
         if tokens == 0:
             self.last_grad_norm = float("nan")
             return self._finish_update(float("nan"), 0, lr)
-        inv = np.float32(1.0 / tokens)
-        norm = math.sqrt(m.grads_sq_norm(float(inv)))
-        self._stop_if_nonfinite(loss_sum / tokens, norm, m.named_grads)
-        coef = self._clip_coef(norm)
-        m.apply_update(lr, float(inv), 1.0 if coef is None else float(coef))
+        loss = loss_sum / tokens
+        norm = up.scaled_norm(float(np.float32(1.0 / tokens)))
+        self._stop_if_nonfinite(loss, norm)
+        up.step(lr, self._clip_coef(norm))
         self.last_grad_norm = norm
-        return self._finish_update(loss_sum / tokens, tokens, lr)
+        return self._finish_update(loss, tokens, lr)
 
     def _finish_update(self, loss: float, tokens: int, lr: float) -> float:
         self.step_count += 1
@@ -211,21 +158,16 @@ class Trainer:
         self._reset_accumulators()
         return loss
 
-    @staticmethod
-    def _global_norm(grads: list) -> float:
-        """Global L2 norm, accumulated in float64 in a fixed order."""
-        return math.sqrt(sum(float(np.dot(g.ravel().astype(np.float64), g.ravel().astype(np.float64))) for g in grads))
-
-    def _stop_if_nonfinite(self, loss: float, norm: float, named_grads) -> None:
+    def _stop_if_nonfinite(self, loss: float, norm: float) -> None:
         """NonFiniteError before an update whose loss or gradient norm is NaN/Inf.  Only then
-        are the parameters and `named_grads()` ({name: gradient}) searched, to name the first
+        are the parameters and the strategy's named_grads() searched, to name the first
         bad tensor: a NaN parameter (from the previous update) is the cause, not its gradient."""
         if math.isfinite(loss) and math.isfinite(norm):
             return
         bad = first_nonfinite(self.model.parameters())
         where = f"parameter {bad}" if bad else None
         if where is None:
-            bad = first_nonfinite(named_grads())
+            bad = first_nonfinite(self.update.named_grads())
             where = f"gradient of {bad}" if bad else ("the loss" if not math.isfinite(loss) else
                                                      "the gradient norm (it overflowed)")
         step = self.step_count + 1
@@ -243,8 +185,7 @@ class Trainer:
         return None
 
     def _reset_accumulators(self):
-        for g in (self._grad_sum or {}).values():
-            g[...] = 0.0
+        self.update.reset()
         self._loss_sum = 0.0
         self._tokens = 0
         self._micro = 0
@@ -292,46 +233,34 @@ class Trainer:
                 raise ValueError(f"the loaded adapter's {name} has shape {p.shape}, this Trainer's has "
                                  f"{self.params[name].shape}: the checkpoint is from another LoRA rank")
         self.params = params
-        if self.on_device:
-            self.model.load_optimizer_state(optimizer_state)
-        else:
-            self.optimizer.params = params
-            self.optimizer.load_state_dict(optimizer_state)
+        self.update.rebind(params)
+        self.update.load_optimizer_state(optimizer_state)
         self.step_count = int(state["step"])
         last = state.get("last_loss")
         self.last_loss = float("nan") if last is None else float(last)
         self._reset_accumulators()
 
     def optimizer_state(self) -> dict:
-        """The AdamW state in the CPU optimizer's format (downloaded on the device path)."""
-        return self.model.optimizer_state() if self.on_device else self.optimizer.state_dict()
+        """The AdamW state in the host optimizer's format (downloaded from a GPU)."""
+        return self.update.optimizer_state()
 
     # -- what must be equal on every rank (qlora_ext.train.distributed) ---------------------------
     @property
     def optimizer_step_count(self) -> int:
-        return self.model.optimizer_step_count if self.on_device else self.optimizer.step_count
+        return self.update.step_count
 
     @optimizer_step_count.setter
     def optimizer_step_count(self, value: int) -> None:
-        if self.on_device:
-            self.model.optimizer_step_count = value
-        else:
-            self.optimizer.step_count = int(value)
+        self.update.step_count = value
 
     def state_arrays(self) -> list:
         """Every float32 array of the trainable state: LoRA weights and AdamW moments (host
-        arrays; copies on the device path, the live arrays otherwise)."""
-        if self.on_device:
-            return self.model.state_arrays()
-        names = list(self.params)
-        opt = self.optimizer
-        return ([self.params[n] for n in names] + [opt.exp_avg[n] for n in names]
-                + [opt.exp_avg_sq[n] for n in names])
+        arrays; copies from a GPU, the live arrays otherwise)."""
+        return self.update.state_arrays()
 
     def set_state_arrays(self, arrays: list) -> None:
         """After the arrays of state_arrays() were changed (a broadcast): apply them."""
-        if self.on_device:
-            self.model.set_state_arrays(arrays)
+        self.update.set_state_arrays(arrays)
 
 
 def evaluate_loss(model, batches, comm=None) -> float:

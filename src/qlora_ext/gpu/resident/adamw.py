@@ -1,4 +1,4 @@
-"""AdamW on the GPU (resident mode) over one flat buffer of all LoRA parameters, with
+"""AdamW on the GPU over one flat buffer of all LoRA parameters, with
 torch.optim.AdamW semantics (bias correction, decoupled weight decay) as
 qlora_ext.train.optim.AdamW, and the squared gradient norm that global-norm clipping needs.
 Shaders: shaders/resident_adamw.wgsl, resident_grad_norm.wgsl."""
@@ -9,7 +9,7 @@ import struct
 
 import numpy as np
 
-from ...train.optim import check_hyperparameters
+from ...hyperparams import check_hyperparameters
 from ..runtime import GpuContext, GpuTensor, grid_2d, shared_context
 
 _WG = 64
