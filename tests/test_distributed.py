@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import qlora_ext
+from qlora_ext import launcher
 from qlora_ext.train import distributed as dist
 from qlora_ext.train.checkpoint import latest_checkpoint, list_checkpoints, read_safetensors
 
@@ -112,9 +113,9 @@ def test_launch_detection_reads_only_the_environment():
     assert dist.launched_by_mpi({dist.FORCE_VAR: "1"})
     with pytest.raises(ValueError, match=dist.FORCE_VAR):
         dist.launched_by_mpi({dist.FORCE_VAR: "yes"})
-    assert dist._local_rank_from_env({"MPI_LOCALRANKID": "3"}) == 3
-    assert dist._local_rank_from_env({"OMPI_COMM_WORLD_LOCAL_RANK": "1"}) == 1
-    assert dist._local_rank_from_env({}) is None
+    assert launcher.local_rank_from_env({"MPI_LOCALRANKID": "3"}) == 3
+    assert launcher.local_rank_from_env({"OMPI_COMM_WORLD_LOCAL_RANK": "1"}) == 1
+    assert launcher.local_rank_from_env({}) is None
 
 
 def test_single_process_comm_is_a_no_op():
@@ -334,9 +335,9 @@ def test_gpu_adapter_by_local_rank(monkeypatch):
     assert context.pick_adapter(allow_software=True, index=3).info["device"] == "llvmpipe"
     # index None: the launcher's local rank (this pytest process has none, so 0)
     monkeypatch.setattr(context, "list_adapters", lambda: gpus)
-    monkeypatch.setattr(dist, "_COMM", None)
+    monkeypatch.setattr(launcher, "_known", None)
     monkeypatch.setenv("MPI_LOCALRANKID", "3")
-    assert dist.local_rank() == 3
+    assert launcher.local_rank() == 3
     assert context.pick_adapter(allow_software=False).info["device"] == "gpu1"
 
 

@@ -36,13 +36,14 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from ..launcher import local_rank_from_env, set_local_rank
+
 # Environment variables that MPI launchers set in every process they start, holding the
 # world size: MPICH/Intel MPI/Slurm PMI-2 (PMI_SIZE), Open MPI, MVAPICH.
 _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 # A PMIx launcher (Open MPI 5's prterun, `srun --mpi=pmix`) may set only the rank.
 _PMIX_VARS = ("PMIX_RANK",)
 # The process's rank among those on its host, where the launcher tells it.
-_LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID")
 # Gradients are reduced in float32 buckets of this many bytes: large enough that per-call
 # latency vanishes, small enough to stay in the MPI library's pipelined path (measured in
 # bench/bench_distributed.py: 16 MiB buckets beat one 132 MB call by ~2x on shared memory).
@@ -72,15 +73,6 @@ def _launcher_size(environ=None):
     """Number of ranks the launcher says it started (None when it does not say)."""
     env = os.environ if environ is None else environ
     for var in _SIZE_VARS:
-        v = env.get(var, "").strip()
-        if v.isdigit():
-            return int(v)
-    return None
-
-
-def _local_rank_from_env(environ=None):
-    env = os.environ if environ is None else environ
-    for var in _LOCAL_RANK_VARS:
         v = env.get(var, "").strip()
         if v.isdigit():
             return int(v)
@@ -258,7 +250,7 @@ class MpiComm:
         self.timeout_s = timeout_s
         self.host = socket.gethostname()
         node = self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
-        env_local = _local_rank_from_env()
+        env_local = local_rank_from_env()
         self.local_rank = env_local if env_local is not None else node.Get_rank()
         self.local_size = node.Get_size()
         node.Free()
@@ -451,15 +443,6 @@ class MpiComm:
 _COMM = None
 
 
-def local_rank() -> int:
-    """This process's rank among the ranks on its host, without starting MPI: the comm's
-    if get_comm() has run, else the launcher's environment, else 0.  Picks a GPU adapter."""
-    if _COMM is not None:
-        return int(_COMM.local_rank)
-    r = _local_rank_from_env()
-    return r if r is not None else 0
-
-
 def abort_job(cause: str, status: int = 1) -> None:
     """Under MPI (once get_comm() has built an MpiComm): print `rank N: cause` and stop every
     rank.  Otherwise return, and the caller reports and exits as usual.  For code paths
@@ -480,6 +463,7 @@ def get_comm(bucket_bytes: int = DEFAULT_BUCKET_BYTES, timeout_s: float | None =
         return _COMM
     if not launched_by_mpi():
         _COMM = SingleProcess()
+        set_local_rank(_COMM.local_rank)
         return _COMM
     if timeout_s is None and os.environ.get(TIMEOUT_VAR, "").strip():
         raw = os.environ[TIMEOUT_VAR].strip()
@@ -498,8 +482,10 @@ def get_comm(bucket_bytes: int = DEFAULT_BUCKET_BYTES, timeout_s: float | None =
                       "LD_LIBRARY_PATH at its lib/ directory")
     if comm.size == 1 and os.environ.get(FORCE_VAR, "").strip() != "1":
         _COMM = SingleProcess()  # a PMIx launch of one process
+        set_local_rank(_COMM.local_rank)
         return _COMM
     if announce and comm.rank == 0:
         print(f"qlora-ext: {comm.describe()}", file=sys.stderr, flush=True)
     _COMM = comm
+    set_local_rank(comm.local_rank)
     return _COMM

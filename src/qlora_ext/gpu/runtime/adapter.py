@@ -81,7 +81,7 @@ def pick_adapter(allow_software: bool, index: int | None = None):
     if not best:
         return None
     if index is None:
-        from ...train.distributed import local_rank  # noqa: PLC0415
+        from ...launcher import local_rank  # noqa: PLC0415
 
         index = local_rank()
     return best[index % len(best)]
