@@ -10,13 +10,18 @@ LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_R
 _known: int | None = None   # the comm's local rank, once a comm exists
 
 
-def local_rank_from_env(environ=None) -> int | None:
+def first_int(names, environ=None) -> int | None:
+    """The first of the environment variables `names` that holds a whole number, as an int."""
     env = os.environ if environ is None else environ
-    for var in LOCAL_RANK_VARS:
+    for var in names:
         v = env.get(var, "").strip()
         if v.isdigit():
             return int(v)
     return None
+
+
+def local_rank_from_env(environ=None) -> int | None:
+    return first_int(LOCAL_RANK_VARS, environ)
 
 
 def set_local_rank(rank: int | None) -> None:

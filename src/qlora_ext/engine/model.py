@@ -41,6 +41,16 @@ def default_kernels():
     return SimpleNamespace(**chosen)
 
 
+def _like_ids(a, name: str, shape: tuple) -> np.ndarray:
+    """a as [B, T] ([T] taken as one row), or a ValueError when it is not input_ids' shape."""
+    out = np.asarray(a)
+    if out.ndim == 1:
+        out = out[None]
+    if out.shape != shape:
+        raise ValueError(f"{name} has shape {np.shape(a)}, expected {shape} like input_ids")
+    return out
+
+
 def check_inputs(config, input_ids, attention_mask, labels=None):
     """(ids int [B, T], mask uint8 [B, T] or None (no padding), labels [B, T] or None), with a
     ValueError naming what is wrong."""
@@ -57,21 +67,13 @@ def check_inputs(config, input_ids, attention_mask, labels=None):
     B, T = ids.shape
     mask = None
     if attention_mask is not None:
-        m = np.asarray(attention_mask)
-        if m.ndim == 1:
-            m = m[None]
-        if m.shape != (B, T):
-            raise ValueError(f"attention_mask has shape {np.shape(attention_mask)}, expected {(B, T)}")
+        m = _like_ids(attention_mask, "attention_mask", (B, T))
         if not np.isin(m, (0, 1)).all():
             raise ValueError("attention_mask must hold only 0 and 1")
         mask = None if m.all() else np.ascontiguousarray(m, dtype=np.uint8)
     lab = None
     if labels is not None:
-        lab = np.asarray(labels)
-        if lab.ndim == 1:
-            lab = lab[None]
-        if lab.shape != (B, T):
-            raise ValueError(f"labels has shape {np.shape(labels)}, expected {(B, T)} like input_ids")
+        lab = _like_ids(labels, "labels", (B, T))
         if not np.issubdtype(lab.dtype, np.integer):
             raise ValueError(f"labels must be integers, got {lab.dtype}")
         bad = (lab != IGNORE_INDEX) & ((lab < 0) | (lab >= V))

@@ -36,7 +36,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from ..launcher import local_rank_from_env, set_local_rank
+from ..launcher import first_int, local_rank_from_env, set_local_rank
 
 # Environment variables that MPI launchers set in every process they start, holding the
 # world size: MPICH/Intel MPI/Slurm PMI-2 (PMI_SIZE), Open MPI, MVAPICH.
@@ -71,12 +71,7 @@ def launched_by_mpi(environ=None) -> bool:
 
 def _launcher_size(environ=None):
     """Number of ranks the launcher says it started (None when it does not say)."""
-    env = os.environ if environ is None else environ
-    for var in _SIZE_VARS:
-        v = env.get(var, "").strip()
-        if v.isdigit():
-            return int(v)
-    return None
+    return first_int(_SIZE_VARS, environ)
 
 
 class SingleProcess:

@@ -27,7 +27,19 @@ from .distributed import flat_zeros_like
 from .optim import AdamW
 
 
-class HostAdamW:
+class _Steps:
+    """AdamW's step count, kept by the strategy's optimizer (a broadcast sets it)."""
+
+    @property
+    def step_count(self) -> int:
+        return self.optimizer.step_count
+
+    @step_count.setter
+    def step_count(self, value: int) -> None:
+        self.optimizer.step_count = int(value)
+
+
+class HostAdamW(_Steps):
     """Gradients summed into host arrays (views of one flat buffer, which an MPI all-reduce sums
     in place), scaled and clipped in place in float32, then the host AdamW."""
 
@@ -79,14 +91,6 @@ class HostAdamW:
     def load_optimizer_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state)
 
-    @property
-    def step_count(self) -> int:
-        return self.optimizer.step_count
-
-    @step_count.setter
-    def step_count(self, value: int) -> None:
-        self.optimizer.step_count = int(value)
-
     def state_arrays(self) -> list:
         """The live arrays: weights, then both moments, in parameter order."""
         opt = self.optimizer
@@ -100,7 +104,7 @@ class HostAdamW:
         self.optimizer.params = params
 
 
-class GpuAdamW:
+class GpuAdamW(_Steps):
     """The gradient summed in the GPU device's flat buffer; the squared norm and AdamW run there
     (gpu/resident/adamw.py), so a step moves only the loss and one float of norm.  Only an
     all-reduce brings the gradient down (and back up)."""
@@ -176,14 +180,6 @@ class GpuAdamW:
                 view[...] = a
             flat[kind] = buf
         self.optimizer.load_state_dict(flat)
-
-    @property
-    def step_count(self) -> int:
-        return self.optimizer.step_count
-
-    @step_count.setter
-    def step_count(self, value: int) -> None:
-        self.optimizer.step_count = int(value)
 
     def state_arrays(self) -> list:
         """[flat weights, flat exp_avg, flat exp_avg_sq] (host copies)."""
