@@ -90,9 +90,9 @@ def test_model_forward_backward(benchmark, which, gc):
                           for k, v in model.parameters().items() if ".lora_B." in k})
     model.loss_and_grads(ids, ids)                     # warm-up: buffers, BLAS threads
     peak = _peak_bytes(lambda: model.loss_and_grads(ids, ids))
-    model.phase_times()
+    model.timer.reset()
     benchmark.pedantic(model.loss_and_grads, args=(ids, ids), rounds=3, warmup_rounds=0)
-    phases = model.phase_times()
+    phases = model.timer.reset()
     total = sum(phases.values())
     med = benchmark.stats.stats.median
     benchmark.extra_info.update({

@@ -65,7 +65,7 @@ def test_tuning_bad_value_names_the_variable(var, value):
 # the Vulkan loader, the CPU kernels' thread/SIMD switches, the progress bar, the MPI
 # launcher's rank variables, the command's traceback switch and where the token cache lives.
 _ENV_READERS = {"gpu/runtime/tuning.py", "gpu/__init__.py", "_native.py", "progress.py", "train/distributed.py",
-                "cli.py", "train/token_cache.py"}
+                "launcher.py", "cli.py", "train/token_cache.py"}
 
 
 def test_environment_read_only_in_the_allowed_modules():

@@ -132,19 +132,3 @@ def allocate_step(d: Dims, layers: int, recompute: int, keep: bool, ranks, empty
     owners = [0] if not keep else ([0, *range(R, layers)] if R else list(range(layers)))
     acts = [allocate(LayerActs, plan_layer_acts(d, ranks(l)), empty) for l in owners]
     return acts, allocate(StepScratch, plan_scratch(d, R), empty)
-
-
-def planned_elements(plan: dict) -> int:
-    """float32 elements a plan allocates (the memory estimate's unit)."""
-    def count(spec):
-        if spec is None:
-            return 0
-        if isinstance(spec, dict):
-            return sum(count(v) for v in spec.values())
-        if isinstance(spec, list):
-            return sum(count(v) for v in spec)
-        n = 1
-        for s in spec:
-            n *= int(s)
-        return n
-    return sum(count(v) for v in plan.values())

@@ -20,7 +20,7 @@ from .._native import resolve_threads
 from ..cpu.blas_threads import single_threaded_blas
 from ..model.dropout import apply_dropout, dropout_key, dropout_seed
 from ..model.generate import KVCache, top_candidates
-from ..model.lora import ATTN_PROJECTIONS, FFN_PROJECTIONS
+from ..model.lora import FFN_PROJECTIONS
 from ..model.loss import IGNORE_INDEX, cross_entropy, shifted_targets
 from ..nf4 import NF4Tensor, dequantize_nf4
 from ..profile import PhaseTimer
@@ -134,11 +134,6 @@ class CpuDevice:
             dequantize_nf4(w, out=buf, threads=1)
         self._held[proj] = (l, buf)
         return buf
-
-    def prefetch(self, l: int, projs=ATTN_PROJECTIONS) -> None:
-        if 0 <= l < self.layers:
-            for p in projs:
-                self.weight(l, p)
 
     # ---- LoRA linear ---------------------------------------------------------------------
     @staticmethod

@@ -391,7 +391,3 @@ class Model:
         if self.optimizer_bytes:
             rep["optimizer_bytes"] = int(self.optimizer_bytes)
         return rep
-
-    def phase_times(self, reset: bool = True) -> dict:
-        """Seconds per phase since the last reset (see qlora_ext.profile.PhaseTimer)."""
-        return self.timer.reset() if reset else dict(self.timer.times)

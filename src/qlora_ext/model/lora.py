@@ -122,9 +122,6 @@ class LoraWeights:
             out[peft_name(l, proj, "B")] = p.B
         return out
 
-    def num_parameters(self) -> int:
-        return sum(p.A.size + p.B.size for p in self.pairs.values())
-
 
 # ------------------------------------------------------------------ PEFT adapter files
 ADAPTER_CONFIG = "adapter_config.json"

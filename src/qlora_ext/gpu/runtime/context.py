@@ -99,7 +99,7 @@ class GpuContext:
         self._free = {}        # (size, usage) -> pooled buffers
         self._dummies = []
         self._objects = {}     # cached(): per-context objects of the kernels' modules
-        self._encoder = self._pass = self._sync_buf = self._staging = self._timing = None
+        self._encoder = self._pass = self._staging = self._timing = None
         # Bytes of every buffer made through empty() (never decreases: callers keep what they
         # allocate); memory reports take differences of it.
         self.allocated_bytes = 0
@@ -188,10 +188,6 @@ class GpuContext:
         for b in bufs:
             if b is not None:
                 self._free.setdefault((b.size, int(b.usage)), []).append(b)
-
-    def trim(self) -> None:
-        """Drop pooled free buffers."""
-        self._free.clear()
 
     def dummy(self, i: int = 0):
         """The i-th 256-byte storage buffer for bindings a pipeline variant does not read or
@@ -353,16 +349,6 @@ class GpuContext:
             except Exception as e:
                 raise GpuError(f"{self.describe()}: submitting the recorded work failed: {e}") from e
 
-    def sync(self) -> None:
-        """Submit and wait until the GPU has finished (wgpu 0.32's on_submitted_work_done_sync
-        is broken: GPU.md; a 4-byte read back waits for the queue instead)."""
-        self.submit()
-        if self._sync_buf is None:
-            u = self.wgpu.BufferUsage
-            self._sync_buf = self.device.create_buffer(size=16, usage=u.STORAGE | u.COPY_SRC)
-        self.queue.read_buffer(self._sync_buf, 0, 4)
-
-    # ---- per-kernel GPU time --------------------------------------------------------------
     def enable_timing(self, on: bool = True, profiler=None) -> None:
         """Time every compute pass with timestamp queries (needs the adapter's timestamp-query
         feature); kernel_times() then returns GPU seconds per kernel.  With a
