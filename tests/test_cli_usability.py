@@ -132,3 +132,19 @@ def test_base_model_is_named_as_a_user_would(tmp_path, monkeypatch):
     assert cli.main(args + ["--out", str(tmp_path / "r2"), "--lora-rank", "2", "--targets", "q"]) == 0
     cfg = json.loads((tmp_path / "r2" / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_generating_answers_logs_the_token_being_decoded(capsys, monkeypatch):
+    """One batch of prompts is one generate() call: the phase still leaves log lines while it
+    decodes, naming the token reached."""
+    from fake_lm import FakeLM
+    from qlora_ext.train.loop import exact_match
+
+    monkeypatch.setenv("QLORA_EXT_PROGRESS_INTERVAL", "0")
+    model = FakeLM()
+    pairs = [(model.tokenizer.encode("ab"), "xyz"), (model.tokenizer.encode("c"), "w")]
+    with Progress(2, "generating answers", unit="example") as p:
+        exact_match(model, pairs, progress=p)
+    lines = capsys.readouterr().err.splitlines()
+    assert re.fullmatch(r"generating answers: 0/2 examples \(0%\), \d+\.\ds elapsed, token 1/\d+", lines[0])
+    assert lines[-1].startswith("generating answers: 2/2 examples, done in ")
