@@ -5,7 +5,7 @@ and the fp32 LM head (logits x · Wᵀ, N = vocab; dhidden dlogits · W, K = voc
 chunk rows.  Shapes that repeat (k/v, gate/up) are timed once.
 
 Each GEMM is timed with GPU timestamp queries (median of --reps dispatches) for a list of
-variants: `current` is kernels.resident_tiles' per-shape choice; the others name gemm.wgsl tiles
+variants: `current` is kernels.step_gemm_tiles' per-shape choice; the others name gemm.wgsl tiles
 (wgx,wgy,tm,tn,bk) and override constants; `base:` variants run a second shader given by
 --base-shader (another version of gemm.wgsl, for a before/after in one run); `probe:` variants
 run gemm.wgsl with every K tile fetched from k = 0 (the operands stay in L1/L2: the speed of
@@ -38,7 +38,7 @@ from bench_resident_gemm import MODELS, fill, kernel_seconds, projections  # noq
 
 from qlora_ext.gpu import kernels  # noqa: E402
 from qlora_ext.gpu.kernels import GemmTiles, Operand  # noqa: E402
-from qlora_ext.gpu.resident.weights import ResidentWeight  # noqa: E402
+from qlora_ext.gpu.resident.weights import GpuWeight  # noqa: E402
 
 RANK = 16
 DEFAULT_VARIANTS = "current"
@@ -130,10 +130,10 @@ def run_shape(ctx, case, variants, reps, rng, bufs):
     if nf4:
         out_f, inn = (N, K) if b_t else (K, N)
         n = out_f * inn
-        w = ResidentWeight((out_f, inn), packed=ctx.upload(rng.integers(0, 2**32, (n + 7) // 8, dtype=np.uint32)),
+        w = GpuWeight((out_f, inn), packed=ctx.upload(rng.integers(0, 2**32, (n + 7) // 8, dtype=np.uint32)),
                            absmax=ctx.upload(rng.uniform(0.02, 0.06, (n + 63) // 64).astype(np.float32)))
     else:
-        w = ResidentWeight((N, K) if b_t else (K, N), fp32=fill(ctx, N * K, rng, 0.02))
+        w = GpuWeight((N, K) if b_t else (K, N), fp32=fill(ctx, N * K, rng, 0.02))
     lora = (Operand(t), RANK, Operand(params), lmode) if lmode else None
     rows = []
     for label, tiles, extra in variants:
@@ -147,7 +147,7 @@ def run_shape(ctx, case, variants, reps, rng, bufs):
             rows.append({"variant": label, "skipped": str(e)})
             continue
         with_variant(ctx, shader, extra)
-        used = tiles or kernels.resident_tiles(ctx)(M, N)
+        used = tiles or kernels.step_gemm_tiles(ctx)(M, N)
         rec = lambda: kernels.gemm(ctx, M, N, K, Operand(a_buf), w.operand(), Operand(c_buf), b_t=b_t,  # noqa: E731
                                    lora=lora, tiles=used)
         s = kernel_seconds(ctx, rec, reps)[shader + ".main"]
@@ -205,13 +205,13 @@ def main(argv=None):
 
 
 def table(path: str, before: str = "base:b16,base:w8,base:s8") -> str:
-    """BENCHMARKS.md rows from a --json log: per GEMM, ours with resident_tiles' choice (the
+    """BENCHMARKS.md rows from a --json log: per GEMM, ours with step_gemm_tiles' choice (the
     `current` row, else the row of the same tiles without a variant prefix), cuBLAS fp32 and the
     `before` variants (base: rows, in the order BIG, WIDE, SMALL) chosen by the previous rule:
     WIDE for N >= 32768, SMALL for 133-197 tiles of 128 x 128, else BIG."""
-    from qlora_ext.gpu.kernels import ResidentTiles
+    from qlora_ext.gpu.kernels import StepGemmTiles
 
-    chooser = object.__new__(ResidentTiles)
+    chooser = object.__new__(StepGemmTiles)
     chooser.own = True
     big, wide, small = before.split(",")
     lines = ["| GEMM | M × N × K | B | ours TFLOP/s | tiles | cuBLAS fp32 | ours / cuBLAS | before |",

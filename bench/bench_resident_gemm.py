@@ -18,7 +18,7 @@ the code as it stands.  pytest-benchmark: `pytest bench/bench_resident_gemm.py -
 times the LoRA products' current choice at a shape shrunk to lavapipe.
 
 Measured 2026-11-26 on an NVIDIA H100 80GB HBM3 (Vulkan, wgpu 0.32, trusted shaders):
---fused: kernels.ResidentTiles 25.0-26.9 TFLOP/s on every NF4 projection GEMM of both Qwen3
+--fused: kernels.StepGemmTiles 25.0-26.9 TFLOP/s on every NF4 projection GEMM of both Qwen3
 shapes (the split mode's TileChooser: 20.7-25.6), LM head logits 29.2/29.7 (28.6), dhidden
 24.7/21.1 (24.1/21.1).  --lora: 16 x 256 tiles, TK 8, split (1024, 64): 45 / 103 ms of LoRA
 products per step at 0.6B / 4B shapes (64 x 64, (256, 256): 70 / 238 ms)."""
@@ -34,9 +34,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from qlora_ext.gpu.kernels import GemmTiles, Operand, gemm, resident_tiles  # noqa: E402
+from qlora_ext.gpu.kernels import GemmTiles, Operand, gemm, step_gemm_tiles  # noqa: E402
 from qlora_ext.gpu.resident.gemm import gemm_gpu  # noqa: E402
-from qlora_ext.gpu.resident.weights import ResidentWeight  # noqa: E402
+from qlora_ext.gpu.resident.weights import GpuWeight  # noqa: E402
 from qlora_ext.gpu.runtime import GpuContext, shared_context, unavailable_reason  # noqa: E402
 
 # (hidden, intermediate, q heads, kv heads, head dim, LM-head chunk rows, vocab, token rows,
@@ -92,17 +92,17 @@ def sweep_fused(ctx, model, tiles_list, reps, log, json_path):
     cases = []
     for name, inn, out in projections(model):
         n = out * inn
-        w = ResidentWeight((out, inn), packed=ctx.upload(rng.integers(0, 2**32, (n + 7) // 8, dtype=np.uint32)),
+        w = GpuWeight((out, inn), packed=ctx.upload(rng.integers(0, 2**32, (n + 7) // 8, dtype=np.uint32)),
                            absmax=ctx.upload(rng.uniform(0.02, 0.06, (n + 63) // 64).astype(np.float32)))
         cases.append((f"{name}.fwd", M, out, inn, w, True, (Operand(t), r, Operand(params), 1)))
         cases.append((f"{name}.dx", M, inn, out, w, False, (Operand(t), r, Operand(params), 2)))
-    wl = ResidentWeight((V, H), fp32=fill(ctx, V * H, rng, 0.02))
+    wl = GpuWeight((V, H), fp32=fill(ctx, V * H, rng, 0.02))
     logits = ctx.empty((chunk * V,))
     cases.append(("lm.logits", chunk, V, H, wl, True, None))
     cases.append(("lm.dhidden", chunk, H, V, wl, False, None))
     for name, Mc, N, K, w, b_t, lora in cases:
         av, cv = (logits, a) if name == "lm.dhidden" else (a, logits if name == "lm.logits" else c)
-        current = resident_tiles(ctx)(Mc, N)
+        current = step_gemm_tiles(ctx)(Mc, N)
         rows = []
         for tl in tiles_list:
             tiles = GemmTiles(*tl)

@@ -1,4 +1,4 @@
-"""Shared pieces of the GPU-resident tests: the wgpu context (skip with a reason when no adapter
+"""Shared pieces of the GPU placement tests: the wgpu context (skip with a reason when no adapter
 exists) and the error measure used against float64 references."""
 import numpy as np
 import pytest

@@ -184,7 +184,7 @@ def test_swiglu_forward_backward(ctx, monkeypatch, rows_per_dispatch):
                                            Operand(dgb, 0, 2 * I), Operand(dgb, I, 2 * I))))
     assert rel(down(ctx, hb, M * I).reshape(M, I), h_ref) <= 1e-5
     assert rel(down(ctx, dgb, M * 2 * I).reshape(M, 2 * I), np.concatenate([dg_ref, du_ref], 1)) <= 1e-5
-    # separate tensors: the resident engine's g, u, m, dg, du
+    # separate tensors: the GPU device's g, u, m, dg, du
     gt, ut = ctx.upload(np.ascontiguousarray(gu[:, :I])), ctx.upload(np.ascontiguousarray(gu[:, I:]))
     ht, dgt, dut = ctx.empty((M, I)), ctx.empty((M, I)), ctx.empty((M, I))
     Kk.swiglu_forward(ctx, M, I, Operand(gt), Operand(ut), Operand(ht))
@@ -199,7 +199,7 @@ def test_swiglu_forward_backward(ctx, monkeypatch, rows_per_dispatch):
 def test_dropout_mask_equals_cpu(ctx, monkeypatch, p, add):
     """One kernel for both callers: a strided row chunk that starts at global row row0 with its
     key among the LoRA weights (the FFN backend), and whole contiguous tensors in dispatches of
-    a few rows with the key from a per-step key buffer (the resident engine)."""
+    a few rows with the key from a per-step key buffer (the GPU device)."""
     from qlora_ext.gpu import kernels as Kk
     from qlora_ext.gpu.kernels import Operand
 

@@ -1,4 +1,4 @@
-"""GPU-resident causal GQA flash attention, forward and backward, against a float64 numpy
+"""GPU causal GQA flash attention, forward and backward, against a float64 numpy
 reference that builds the full T x T matrix (the kernels never do)."""
 import numpy as np
 import pytest

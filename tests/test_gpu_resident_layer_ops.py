@@ -1,4 +1,4 @@
-"""GPU-resident layer kernels (RMSNorm, RoPE, SwiGLU, embedding gather, residual add) against
+"""GPU layer kernels (RMSNorm, RoPE, SwiGLU, embedding gather, residual add) against
 float64 numpy references on awkward sizes (1, primes, non-multiples of the workgroup size)."""
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""The rank-r LoRA products of the resident engine (engine.py _linear_forward/_linear_backward)
+"""The rank-r LoRA products of the GPU device (engine.py _linear_forward/_linear_backward)
 through resident_gemm with its skinny tiles and split K, against float64 numpy:
   u  = scale · x Aᵀ      [N, r]   (K = in)
   dB += dyᵀ u            [out, r] (K = N)

@@ -1,4 +1,4 @@
-"""GPU-resident fp32 GEMM and LM head + chunked cross-entropy against float64 numpy."""
+"""GPU fp32 GEMM and LM head + chunked cross-entropy against float64 numpy."""
 import numpy as np
 import pytest
 

@@ -1,4 +1,4 @@
-"""The split mode's acceptance tests, for the GPU-resident engine: logits, loss and LoRA
+"""The parity tests against HF + PEFT for the gpu placement: logits, loss and LoRA
 gradients against HF transformers + PEFT (torch autograd) on tiny Qwen3 / Qwen2 / Llama
 models, fp32 and NF4 base, all 7 projections, non-zero B (on lavapipe in CI).  Tolerances as
 tests/test_parity_hf.py: logits 1e-4 of the largest logit, loss 1e-5, grads 1e-3."""

@@ -1,4 +1,4 @@
-"""The resident mode's per-shape gemm.wgsl tiles (kernels.ResidentTiles): the choice per
+"""The resident mode's per-shape gemm.wgsl tiles (kernels.StepGemmTiles): the choice per
 shape, and the NF4 GEMM with the LoRA epilogue (kernels.gemm on the resident weights) under
 each tile setting that fits the adapter, against float64 numpy."""
 import dataclasses
@@ -16,30 +16,30 @@ def ctx():
     return resident_context()
 
 
-def test_resident_tiles_choice(ctx, monkeypatch):
-    from qlora_ext.gpu.kernels import ResidentTiles
+def test_step_gemm_tiles_choice(ctx, monkeypatch):
+    from qlora_ext.gpu.kernels import StepGemmTiles
 
-    ch = ResidentTiles(ctx)
+    ch = StepGemmTiles(ctx)
     if ctx.info["software"]:
         assert not ch.own and ch(4096, 1024) == ch.fallback(4096, 1024)
     ch.own = True   # the rule itself, as on a real GPU
-    assert ch(2048, 151936) == ResidentTiles.WIDE                 # logits
-    assert ch(1024, 2560) == ResidentTiles.SMALL                  # 4B dhidden: 160 groups
-    assert ch(2048, 1024) == ResidentTiles.SMALL                  # 0.6B dhidden: 128 groups
+    assert ch(2048, 151936) == StepGemmTiles.WIDE                 # logits
+    assert ch(1024, 2560) == StepGemmTiles.SMALL                  # 4B dhidden: 160 groups
+    assert ch(2048, 1024) == StepGemmTiles.SMALL                  # 0.6B dhidden: 128 groups
     for M, N in ((4096, 1024), (4096, 9728), (4096, 2560), (1600, 2048)):
-        assert ch(M, N) == ResidentTiles.BIG, (M, N)
+        assert ch(M, N) == StepGemmTiles.BIG, (M, N)
     monkeypatch.setattr(ctx, "tuning", dataclasses.replace(ctx.tuning, gemm_tiles=(8, 8, 4, 4, 8)))
-    assert not ResidentTiles(ctx).own                             # benchmarks' override wins
+    assert not StepGemmTiles(ctx).own                             # benchmarks' override wins
 
 
 @pytest.mark.parametrize("which", ["BIG", "WIDE", "SMALL"])
 @pytest.mark.parametrize("b_t,M,N,K", [(True, 67, 200, 136), (False, 45, 136, 264)])
 def test_nf4_lora_gemm_each_tile_setting(ctx, which, b_t, M, N, K):
-    from qlora_ext.gpu.kernels import Operand, ResidentTiles, gemm
+    from qlora_ext.gpu.kernels import Operand, StepGemmTiles, gemm
     from qlora_ext.gpu.resident.weights import upload_weight
     from qlora_ext.nf4 import dequantize_nf4, quantize_nf4
 
-    tiles = getattr(ResidentTiles, which)
+    tiles = getattr(StepGemmTiles, which)
     try:
         tiles.check(ctx)
     except ValueError as e:

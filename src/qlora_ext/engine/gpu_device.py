@@ -27,7 +27,7 @@ from ..gpu.resident.cross_entropy import LmHeadLoss
 from ..gpu.resident.gemm import gemm_gpu
 from ..gpu.resident.layer_ops import (add_gpu, bias_add_gpu, embedding_gather_gpu, rmsnorm_backward_gpu,
                                       rmsnorm_forward_gpu, rope_apply_gpu)
-from ..gpu.resident.weights import ResidentWeight, StreamedLayers, WeightScratch, upload_weight
+from ..gpu.resident.weights import GpuWeight, StreamedLayers, WeightScratch, upload_weight
 from ..gpu.runtime import GpuTensor
 from ..model.dropout import dropout_keep_scale, dropout_key, dropout_seed, dropout_threshold
 from ..model.generate import top_candidates
@@ -216,7 +216,7 @@ class GpuDevice:
         """Nothing to hold around the GPU's work (the CPU device holds numpy's BLAS)."""
         return nullcontext()
 
-    def _proj(self, l, proj) -> ResidentWeight:
+    def _proj(self, l, proj) -> GpuWeight:
         if self.streamed is not None:
             return self.streamed.load(l)[proj]
         return self._layers[l].proj[proj]

@@ -1,7 +1,7 @@
 """wgpu (WebGPU) backend: the one GPU runtime (runtime/: device, shaders, caches, buffers,
-Tuning), the host bindings of the shared kernels (kernels.py), the FFN backend (ffn.py), the
-GPU-resident step (resident/).  Imported lazily: qlora_ext
-works without a GPU."""
+Tuning), the host bindings of the shared kernels (kernels.py), generation's decode kernels
+(decode.py), and the host bindings of the GPU device's other kernels (resident/).  Imported
+lazily: qlora_ext works without a GPU."""
 import os
 import tempfile
 

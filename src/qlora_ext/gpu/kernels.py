@@ -106,8 +106,8 @@ class TileChooser:
         return self
 
 
-class ResidentTiles:
-    """gemm.wgsl tiles per shape for the resident mode's GEMMs: M = B·T token rows (4096 at
+class StepGemmTiles:
+    """gemm.wgsl tiles per shape for the gpu placement's GEMMs: M = B·T token rows (4096 at
     4 x 1024) for the projections, the LM head's chunk rows (1024-2048) with N or K = vocab.
 
     From bench/bench_gemm_ceiling.py on an NVIDIA H200 (both Qwen3 shapes, every projection
@@ -149,9 +149,9 @@ class ResidentTiles:
         return self.SMALL if groups < self.THIN_GRID else self.BIG
 
 
-def resident_tiles(ctx) -> ResidentTiles:
-    """The context's ResidentTiles, made once."""
-    return ctx.cached("ResidentTiles", lambda: ResidentTiles(ctx))
+def step_gemm_tiles(ctx) -> StepGemmTiles:
+    """The context's StepGemmTiles, made once."""
+    return ctx.cached("StepGemmTiles", lambda: StepGemmTiles(ctx))
 
 
 @dataclass
@@ -200,8 +200,8 @@ def gemm(ctx, M: int, N: int, K: int, a: Operand, b, c: Operand, b_t: bool, lora
     lora: None or (T: Operand [M, R], R, L: Operand, mode) with mode 1: L stored [N, R] (LoRA
     B, forward), 2: [R, N] (LoRA A, backward); L.off must be a multiple of PARAM_ALIGN; the
     LoRA scale must already be in T or L.
-    tiles: GemmTiles, a chooser (M, N) -> GemmTiles, or None (the context's ResidentTiles)."""
-    tiles = resident_tiles(ctx) if tiles is None else tiles
+    tiles: GemmTiles, a chooser (M, N) -> GemmTiles, or None (the context's StepGemmTiles)."""
+    tiles = step_gemm_tiles(ctx) if tiles is None else tiles
     tiles = tiles if isinstance(tiles, GemmTiles) else tiles(M, N)
     lda, ldc = a.ld or K, c.ld or N
     _check_span("a", a, M, K, lda)

@@ -286,7 +286,7 @@ def fuse(model, adapter=None, out=None, *, gguf=None, outtype: str = "f16", dequ
     lm_head = None
     if hasattr(model, "state") and hasattr(model, "lora"):  # a loaded Model
         if adapter is None:
-            model.parameters()  # a GPU-resident model refreshes its host copy here
+            model.parameters()  # a GPU placement's model refreshes its host copy here
             adapter, lm_head = model.lora, model.lm_head
         blocksize, double_quant = model.state.blocksize, model.state.double_quant
         source = model.state.source
@@ -315,7 +315,7 @@ def fuse(model, adapter=None, out=None, *, gguf=None, outtype: str = "f16", dequ
 def fused_projections(model) -> dict:
     """{HF name: float32 fused weight} for every adapted projection of a loaded Model, from
     the model's own base (the NF4 dequantization when it holds NF4)."""
-    model.parameters()  # refresh a GPU-resident model's host copy
+    model.parameters()  # refresh a GPU placement's model's host copy
     out = {}
     for (l, proj), pair in sorted(model.lora.pairs.items(), key=lambda kv: (kv[0][0], PROJECTIONS.index(kv[0][1]))):
         w = model.state.layers[l].weight(proj)

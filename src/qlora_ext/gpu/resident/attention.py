@@ -1,4 +1,4 @@
-"""Causal GQA flash attention on the GPU (resident mode), forward and backward.
+"""Causal GQA flash attention on the GPU, forward and backward.
 
 Conventions as qlora_ext.cpu.kernels: q [B, T, Hq, D], k/v [B, T, Hkv, D], query head h uses
 kv head h // (Hq/Hkv), scale 1/sqrt(D), lse [B, Hq, T]; optional key padding mask [B, T]
@@ -66,7 +66,7 @@ def _consts(ctx: GpuContext, D: int):
 
 
 # Per-query-head dk / dv partials [B, T, Hq, D] of the GQA backward where it splits heads
-# (_head_split), one pair per context and shape, kept for the next call (the resident engine
+# (_head_split), one pair per context and shape, kept for the next call (the GPU device
 # calls backward per layer): 2 * B*T*Hq*D * 4 bytes on top of the caller's buffers.
 def _group_partials(ctx: GpuContext, shape: tuple):
     return ctx.cached(("attention dk/dv partials", shape), lambda: (ctx.empty(shape), ctx.empty(shape)))

@@ -1,4 +1,4 @@
-"""LM head + chunked cross-entropy of the resident mode: logits = hidden @ W_lmᵀ, loss with
+"""LM head + chunked cross-entropy on the GPU: logits = hidden @ W_lmᵀ, loss with
 HF's shift (token t predicts labels[t + 1]) and -100 ignored.  The [N, V] logits never exist
 whole: rows go through in chunks of at most `chunk_rows`; each chunk's logits are turned into
 dlogits in place and multiplied back into dhidden (and into dW when the head trains) before

@@ -1,4 +1,4 @@
-"""fp32 GEMM of the resident mode (shaders/resident_gemm.wgsl), used where the weight is not
+"""fp32 GEMM of the GPU device (shaders/resident_gemm.wgsl), used where the weight is not
 NF4 (the LM head's dW, the rank-r LoRA products, the dequant path's projections):
 C[M, N] (+)= alpha * op(A)[M, K] @ op(B)[K, N]."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Elementwise and row-wise layer kernels of the GPU-resident mode: RMSNorm (also per-head q/k
+"""Elementwise and row-wise layer kernels of the GPU device: RMSNorm (also per-head q/k
 norm), RoPE, embedding gather and the residual add, forward next to backward (SwiGLU's host
 binding is qlora_ext.gpu.kernels'; its numpy form is here with the others).
 

@@ -1,4 +1,4 @@
-"""Base projection weights of the resident mode: uploaded once (NF4 codes + absmax, or fp32)
+"""Base projection weights of the GPU device: uploaded once (NF4 codes + absmax, or fp32)
 and dequantized on the GPU into a reusable fp32 scratch buffer before the GEMM.
 Shader: shaders/resident_nf4.wgsl."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ _WG = 256
 
 
 @dataclass
-class ResidentWeight:
+class GpuWeight:
     """One projection on the GPU: shape (out, in); either fp32 or NF4 (packed bytes as u32
     words, zero-padded to a multiple of 4 bytes, and f32 absmax per block)."""
 
@@ -45,12 +45,12 @@ def host_arrays(w) -> dict:
     return {"fp32": np.ascontiguousarray(w, np.float32)}
 
 
-def upload_weight(ctx: GpuContext, w) -> ResidentWeight:
+def upload_weight(ctx: GpuContext, w) -> GpuWeight:
     """An NF4Tensor or a float32 [out, in] array, uploaded once."""
     arrs = host_arrays(w)
     if "fp32" in arrs:
-        return ResidentWeight(tuple(w.shape), fp32=ctx.upload(arrs["fp32"]))
-    return ResidentWeight(tuple(w.shape), packed=ctx.upload(arrs["packed"], "u32"),
+        return GpuWeight(tuple(w.shape), fp32=ctx.upload(arrs["fp32"]))
+    return GpuWeight(tuple(w.shape), packed=ctx.upload(arrs["packed"], "u32"),
                           absmax=ctx.upload(arrs["absmax"]), blocksize=int(w.blocksize))
 
 
@@ -73,16 +73,16 @@ class StreamedLayers:
                     raise ValueError(f"streamed weights: layer {l} {p} differs in shape or format "
                                      "from layer 0 (one slot per projection needs equal shapes)")
             if "fp32" in a:
-                self.slots[p] = ResidentWeight(tuple(w.shape), fp32=ctx.empty(a["fp32"].shape))
+                self.slots[p] = GpuWeight(tuple(w.shape), fp32=ctx.empty(a["fp32"].shape))
             else:
-                self.slots[p] = ResidentWeight(tuple(w.shape), packed=ctx.empty(a["packed"].shape, "u32"),
+                self.slots[p] = GpuWeight(tuple(w.shape), packed=ctx.empty(a["packed"].shape, "u32"),
                                                absmax=ctx.empty(a["absmax"].shape),
                                                blocksize=int(w.blocksize))
         self.loaded = None
         self.bytes_streamed = 0
 
     def load(self, l: int) -> dict:
-        """{proj: ResidentWeight} holding layer l (streamed unless already there)."""
+        """{proj: GpuWeight} holding layer l (streamed unless already there)."""
         if self.loaded != l:
             for p, slot in self.slots.items():
                 for k, a in self.host[l][p].items():
@@ -100,8 +100,8 @@ class WeightScratch:
         self.code = ctx.upload(NF4_CODE.astype(np.float32))
         self._bufs = {}
 
-    def fp32(self, w: ResidentWeight) -> GpuTensor:
-        """fp32 [out, in]: the resident tensor, or (recorded) the NF4 weight dequantized into
+    def fp32(self, w: GpuWeight) -> GpuTensor:
+        """fp32 [out, in]: the fp32 tensor on the GPU, or (recorded) the NF4 weight dequantized into
         the scratch buffer of its shape -- valid until the next weight of that shape."""
         if w.fp32 is not None:
             return w.fp32

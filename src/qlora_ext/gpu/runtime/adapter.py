@@ -3,7 +3,7 @@ installed wgpu can run the GPU kernels at all."""
 from __future__ import annotations
 
 _SOFTWARE_NAMES = ("llvmpipe", "lavapipe", "swiftshader", "softpipe", "warp")
-# The resident placement's kernels were developed and validated on wgpu 0.32 (wgpu-native 29);
+# The GPU kernels were developed and validated on wgpu 0.32 (wgpu-native 29);
 # wgpu 0.31's shader translator lays out some of their uniform structs differently and they fail
 # validation.  The split placement's kernels also run on 0.31 (Python 3.10's last wgpu).
 MIN_WGPU_FOR_RESIDENT = (0, 32)
@@ -23,12 +23,12 @@ def import_wgpu():
     return wgpu
 
 
-def require_wgpu_for_resident(version: str) -> None:
-    """Raise GpuError (with the fix) when the installed wgpu is too old for the resident placement."""
+def require_wgpu_for_kernels(version: str) -> None:
+    """Raise GpuError (with the fix) when the installed wgpu is too old for the GPU kernels."""
     parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
     if parts < MIN_WGPU_FOR_RESIDENT:
         need = ".".join(map(str, MIN_WGPU_FOR_RESIDENT))
-        raise GpuError(f"the GPU-resident mode needs wgpu >= {need} (installed: {version}; wgpu {need} needs "
+        raise GpuError(f"the gpu and split placements need wgpu >= {need} (installed: {version}; wgpu {need} needs "
                        f"Python >= 3.11): pip install 'wgpu>={need}', or use the split placement")
 
 
@@ -93,13 +93,13 @@ def default_adapter():
 
 
 def unavailable_reason() -> str | None:
-    """Why the resident placement cannot run here (wgpu missing or too old, no adapter), or None."""
+    """Why the gpu and split placements cannot run here (wgpu missing or too old, no adapter), or None."""
     try:
         import wgpu  # noqa: PLC0415
     except ImportError:
         return "wgpu is not installed"
     try:
-        require_wgpu_for_resident(wgpu.__version__)
+        require_wgpu_for_kernels(wgpu.__version__)
     except GpuError as e:
         return str(e)
     if default_adapter() is None:
