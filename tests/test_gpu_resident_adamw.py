@@ -32,7 +32,7 @@ def _reference(p, grads, lr, betas, eps, wd):
 @pytest.mark.parametrize("n", [1, 67, 4099])
 @pytest.mark.parametrize("wd", [0.0, 0.1])
 def test_adamw_matches_reference(ctx, n, wd):
-    from qlora_ext.gpu.resident.adamw import adamw_steps
+    from gpu_numpy_forms import adamw_steps
 
     g = np.random.default_rng(n)
     p0 = g.standard_normal(n).astype(np.float32)
@@ -50,7 +50,7 @@ def test_adamw_matches_reference(ctx, n, wd):
 
 def test_adamw_matches_torch(ctx):
     torch = pytest.importorskip("torch")
-    from qlora_ext.gpu.resident.adamw import adamw_steps
+    from gpu_numpy_forms import adamw_steps
 
     g = np.random.default_rng(1)
     p0 = g.standard_normal(53).astype(np.float32)

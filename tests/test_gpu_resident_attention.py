@@ -53,7 +53,7 @@ def _inputs(seed, B, T, Hq, Hkv, D):
 
 
 def _check(ctx, q, k, v, do, mask, tol=1e-5):
-    from qlora_ext.gpu.resident.attention import attention_backward, attention_forward
+    from gpu_numpy_forms import attention_backward, attention_forward
 
     o_ref, lse_ref, dq_ref, dk_ref, dv_ref = _reference(q, k, v, mask, do)
     o, lse = attention_forward(q, k, v, mask=mask, ctx=ctx)
@@ -112,7 +112,7 @@ def test_attention_large_scores(ctx):
 
 
 def test_attention_bad_input(ctx):
-    from qlora_ext.gpu.resident.attention import attention_forward
+    from gpu_numpy_forms import attention_forward
 
     q, k, v, _ = _inputs(1, 1, 4, 3, 2, 8)
     with pytest.raises(ValueError, match="Hq=3"):
@@ -143,7 +143,7 @@ def test_attention_tile_override(ctx, monkeypatch, tiles):
 def test_attention_tile_override_that_does_not_fit(ctx, monkeypatch):
     """A tiling the adapter's workgroup limits cannot hold is an error naming the variable
     (malformed values already fail in Tuning.from_env: tests/test_gpu_runtime.py)."""
-    from qlora_ext.gpu.resident.attention import attention_forward
+    from gpu_numpy_forms import attention_forward
     from qlora_ext.gpu.runtime import Tuning
 
     monkeypatch.setattr(ctx, "tuning", Tuning.from_env({"QLORA_EXT_ATTN_TILES": "256,256,1,1"}))
@@ -166,7 +166,7 @@ def test_attention_gqa_dkdv_modes(ctx, monkeypatch, split):
 
 
 def test_attention_head_dim_limit(ctx):
-    from qlora_ext.gpu.resident.attention import attention_forward
+    from gpu_numpy_forms import attention_forward
 
     q, k, v, _ = _inputs(1, 1, 3, 1, 1, 257)
     with pytest.raises(ValueError, match="D=257"):
@@ -176,7 +176,7 @@ def test_attention_head_dim_limit(ctx):
 def test_attention_backward_deterministic(ctx):
     """Bit-identical gradients run to run (checkpoint resume relies on it): no atomics, the
     GQA per-head partials are summed in head order."""
-    from qlora_ext.gpu.resident.attention import attention_backward, attention_forward
+    from gpu_numpy_forms import attention_backward, attention_forward
 
     q, k, v, do = _inputs(5, 2, 70, 4, 1, 16)
     o, lse = attention_forward(q, k, v, ctx=ctx)

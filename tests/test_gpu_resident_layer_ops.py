@@ -37,7 +37,7 @@ def _rms_bwd_ref(x, w, dy, eps):
 
 @pytest.mark.parametrize("N,C", [(1, 1), (1, 7), (5, 13), (3, 129), (17, 300), (2, 1031)])
 def test_rmsnorm_forward_backward(ctx, N, C):
-    from qlora_ext.gpu.resident.layer_ops import rmsnorm_backward, rmsnorm_forward
+    from gpu_numpy_forms import rmsnorm_backward, rmsnorm_forward
 
     g = _rng(N * 1000 + C)
     x = g.standard_normal((N, C)).astype(np.float32) * 3
@@ -59,7 +59,7 @@ def test_rmsnorm_forward_backward(ctx, N, C):
 
 def test_rmsnorm_per_head_qk_norm(ctx):
     """Qwen3's q/k norm: the same kernel over [B*T*H, D] with one weight per head dim."""
-    from qlora_ext.gpu.resident.layer_ops import rmsnorm_forward
+    from gpu_numpy_forms import rmsnorm_forward
 
     g = _rng(3)
     B, T, H, D = 2, 5, 3, 10
@@ -87,7 +87,7 @@ def test_rmsnorm_backward_accumulates(ctx):
 
 
 def test_rmsnorm_bad_input(ctx):
-    from qlora_ext.gpu.resident.layer_ops import rmsnorm_forward
+    from gpu_numpy_forms import rmsnorm_forward
 
     with pytest.raises(ValueError, match="weight"):
         rmsnorm_forward(np.ones((2, 3), np.float32), np.ones(4, np.float32), 1e-6, ctx=ctx)
@@ -114,7 +114,7 @@ def _rope_ref(x, pos, tables, sign):
                                              "original_max_position_embeddings": 16}])
 def test_rope_forward_backward(ctx, B, T, H, D, scaling):
     from qlora_ext.cpu.kernels import rope_tables
-    from qlora_ext.gpu.resident.layer_ops import rope_backward, rope_forward
+    from gpu_numpy_forms import rope_backward, rope_forward
 
     g = _rng(B * 100 + T * 10 + D)
     tables = rope_tables(D, 64, 10000.0, scaling)
@@ -130,7 +130,7 @@ def test_rope_forward_backward(ctx, B, T, H, D, scaling):
 
 def test_rope_positions_1d_and_checks(ctx):
     from qlora_ext.cpu.kernels import rope_tables
-    from qlora_ext.gpu.resident.layer_ops import rope_forward
+    from gpu_numpy_forms import rope_forward
 
     tables = rope_tables(8, 10, 1e6)
     x = _rng(5).standard_normal((2, 4, 3, 8)).astype(np.float32)
@@ -147,7 +147,7 @@ def test_rope_positions_1d_and_checks(ctx):
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7), (11, 65), (5, 131)])
 def test_swiglu_forward_backward(ctx, shape):
-    from qlora_ext.gpu.resident.layer_ops import swiglu_backward, swiglu_forward
+    from gpu_numpy_forms import swiglu_backward, swiglu_forward
 
     g_ = _rng(shape[0] * 7 + shape[1])
     gate = (g_.standard_normal(shape) * 4).astype(np.float32)
@@ -168,7 +168,7 @@ def test_swiglu_forward_backward(ctx, shape):
 
 @pytest.mark.parametrize("N,V,C", [(1, 1, 1), (7, 11, 13), (29, 5, 67)])
 def test_embedding_gather(ctx, N, V, C):
-    from qlora_ext.gpu.resident.layer_ops import embedding_gather
+    from gpu_numpy_forms import embedding_gather
 
     g = _rng(N + V + C)
     table = g.standard_normal((V, C)).astype(np.float32)
@@ -181,7 +181,7 @@ def test_embedding_gather(ctx, N, V, C):
 
 @pytest.mark.parametrize("n", [1, 63, 1031])
 def test_residual_add(ctx, n):
-    from qlora_ext.gpu.resident.layer_ops import residual_add
+    from gpu_numpy_forms import residual_add
 
     g = _rng(n)
     x = g.standard_normal(n).astype(np.float32)
@@ -192,7 +192,7 @@ def test_residual_add(ctx, n):
 
 def test_residual_add_2d_grid(ctx):
     """More than 65,535 workgroups: the linear id spans a 2-D grid."""
-    from qlora_ext.gpu.resident.layer_ops import residual_add
+    from gpu_numpy_forms import residual_add
 
     n = 64 * 65535 + 77
     x = np.arange(n, dtype=np.float32) % 1000
@@ -202,7 +202,7 @@ def test_residual_add_2d_grid(ctx):
 
 @pytest.mark.parametrize("N,C", [(1, 1), (5, 7), (13, 67)])
 def test_bias_add(ctx, N, C):
-    from qlora_ext.gpu.resident.layer_ops import bias_add
+    from gpu_numpy_forms import bias_add
 
     g = _rng(N * C)
     y = g.standard_normal((N, C)).astype(np.float32)

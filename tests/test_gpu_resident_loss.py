@@ -15,7 +15,7 @@ def ctx():
 @pytest.mark.parametrize("M,N,K", [(1, 1, 1), (7, 13, 5), (67, 3, 131), (65, 129, 17)])
 @pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False), (True, True)])
 def test_gemm(ctx, M, N, K, trans_a, trans_b):
-    from qlora_ext.gpu.resident.gemm import gemm
+    from gpu_numpy_forms import gemm
 
     g = np.random.default_rng(M * 100 + N * 10 + K)
     a = g.standard_normal((K, M) if trans_a else (M, K)).astype(np.float32)
@@ -88,7 +88,7 @@ def _ce_reference(hidden, w, labels):
                                             (1, 19, 16, 1000, None), (2, 150, 7, 257, 128),
                                             (3, 61, 12, 131, 130), (1, 23, 8, 64, 5)])
 def test_lm_head_chunked_cross_entropy(ctx, B, T, C, V, chunk):
-    from qlora_ext.gpu.resident.cross_entropy import lm_head_loss
+    from gpu_numpy_forms import lm_head_loss
 
     g = np.random.default_rng(B + T + C + V)
     hidden = g.standard_normal((B, T, C)).astype(np.float32)
@@ -107,7 +107,7 @@ def test_lm_head_chunked_cross_entropy(ctx, B, T, C, V, chunk):
 
 
 def test_lm_head_all_ignored_and_bad_labels(ctx):
-    from qlora_ext.gpu.resident.cross_entropy import lm_head_loss
+    from gpu_numpy_forms import lm_head_loss
 
     hidden = np.ones((1, 4, 3), np.float32)
     w = np.ones((5, 3), np.float32)

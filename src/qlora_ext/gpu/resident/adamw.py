@@ -10,7 +10,7 @@ import struct
 import numpy as np
 
 from ...hyperparams import check_hyperparameters
-from ..runtime import GpuContext, GpuTensor, grid_2d, shared_context
+from ..runtime import GpuContext, GpuTensor, grid_2d
 
 _WG = 64
 # Workgroups of the squared-norm pass: enough to fill a large GPU, few partials to read back.
@@ -83,24 +83,3 @@ class AdamWGpu:
                 raise ValueError(f"optimizer state {key!r} has shape {a.shape}, expected ({self.n},)")
             self.ctx.write(t, a)
         self.step_count = int(np.asarray(state["step"]))
-
-
-def adamw_steps(param: np.ndarray, grads, lr: float = 2e-4, betas=(0.9, 0.999), eps: float = 1e-8,
-                weight_decay: float = 0.0, ctx=None):
-    """numpy: run len(grads) AdamW steps on a copy of param (flat float32) from the given
-    gradients; returns (param, exp_avg, exp_avg_sq)."""
-    if not isinstance(param, np.ndarray) or param.dtype != np.float32 or param.ndim != 1:
-        raise ValueError(f"param: expected a flat float32 array, got "
-                         f"{getattr(param, 'dtype', type(param).__name__)} {getattr(param, 'shape', '')}")
-    ctx = shared_context() if ctx is None else ctx
-    opt = AdamWGpu(ctx, param.size, lr, betas, eps, weight_decay)
-    p = ctx.upload(param)
-    g = ctx.empty(param.shape)
-    for i, gi in enumerate(grads):
-        gi = np.asarray(gi)
-        if gi.shape != param.shape:
-            raise ValueError(f"grads[{i}]: expected shape {param.shape}, got {gi.shape}")
-        ctx.write(g, gi.astype(np.float32))
-        opt.step(p, g)
-    st = opt.state_dict()
-    return ctx.to_numpy(p), st["exp_avg"], st["exp_avg_sq"]

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
-from ..runtime import GpuContext, GpuTensor, grid_2d, shared_context
+from ..runtime import GpuContext, GpuTensor, grid_2d
 
 # Register tilings tried in order, (BR, BC, TM, TN): BR query rows (keys in dkdv) per
 # workgroup, BC keys (queries in dkdv) per block, TM x TN scores per thread.  The first
@@ -153,53 +151,3 @@ def attention_backward_gpu(ctx: GpuContext, q: GpuTensor, k: GpuTensor, v: GpuTe
         ctx.dispatch(ctx.pipeline("resident_attention_group_sum", "group_sum", "urrww"),
                      [sp, pk, pv, dk, dv], grid_2d((n + 255) // 256))
     return dq, dk, dv
-
-
-# ---- numpy forms ----------------------------------------------------------------------------
-
-def _check(q, k, v, mask):
-    for name, a in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.ndim != 4:
-            raise ValueError(f"{name}: expected a float32 array [B, T, H, D], got "
-                             f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
-    B, T, Hq, D = q.shape
-    if k.shape[:2] != (B, T) or k.shape[3] != D:
-        raise ValueError(f"k: expected shape ({B}, {T}, Hkv, {D}) [B, T, Hkv, D], got {k.shape}")
-    if v.shape != k.shape:
-        raise ValueError(f"v: expected shape {k.shape} (as k), got {v.shape}")
-    Hkv = k.shape[2]
-    if Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"q/k heads: Hq={Hq} must be a multiple of Hkv={Hkv}")
-    if D == 0:
-        raise ValueError("q: head_dim D must be >= 1")
-    if mask is not None:
-        mask = np.asarray(mask)
-        if mask.shape != (B, T):
-            raise ValueError(f"mask: expected shape ({B}, {T}) [B, T], got {mask.shape}")
-        mask = np.ascontiguousarray(mask != 0, dtype=np.uint32)
-    return mask
-
-
-def attention_forward(q, k, v, mask=None, ctx=None):
-    """numpy q [B, T, Hq, D], k, v [B, T, Hkv, D], mask [B, T] (nonzero = attend) or None ->
-    (o [B, T, Hq, D], lse [B, Hq, T])."""
-    mask = _check(q, k, v, mask)
-    ctx = shared_context() if ctx is None else ctx
-    gm = None if mask is None else ctx.upload(mask, "u32")
-    o, lse = attention_forward_gpu(ctx, ctx.upload(q), ctx.upload(k), ctx.upload(v), gm)
-    return ctx.to_numpy(o), ctx.to_numpy(lse)
-
-
-def attention_backward(q, k, v, o, lse, do, mask=None, ctx=None):
-    """numpy: gradients (dq, dk, dv) of attention_forward for upstream gradient do."""
-    mask = _check(q, k, v, mask)
-    B, T, Hq, D = q.shape
-    for name, a, shape in (("o", o, q.shape), ("do", do, q.shape), ("lse", lse, (B, Hq, T))):
-        if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.shape != shape:
-            raise ValueError(f"{name}: expected float32 of shape {shape}, got "
-                             f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
-    ctx = shared_context() if ctx is None else ctx
-    gm = None if mask is None else ctx.upload(mask, "u32")
-    up = ctx.upload
-    dq, dk, dv = attention_backward_gpu(ctx, up(q), up(k), up(v), up(o), up(lse), up(do), gm)
-    return ctx.to_numpy(dq), ctx.to_numpy(dk), ctx.to_numpy(dv)

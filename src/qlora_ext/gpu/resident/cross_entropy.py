@@ -6,13 +6,10 @@ the next.  Shaders: gemm.wgsl (qlora_ext.gpu.kernels.gemm) for logits and dhidde
 the trained head's dW (a transposed-A product gemm.wgsl does not take)."""
 from __future__ import annotations
 
-import numpy as np
-
 from ..kernels import Operand, gemm
-from ..runtime import GpuContext, GpuTensor, grid_2d, shared_context
+from ..runtime import GpuContext, GpuTensor, grid_2d
 from .gemm import gemm_gpu
 
-IGNORE_INDEX = -100
 _WG = 256
 # Default chunk.  The skinny product of a chunk, dhidden[R, H] = dlogits[R, V] @ W[V, H] (K = V
 # is long), has only R*H/(64*128) workgroups of gemm.wgsl, so R sets how busy a large GPU is.
@@ -104,40 +101,3 @@ class LmHeadLoss:
         ctx.dispatch(red, [ctx.uniform("IIIIIf", 0, N, V, T, 0, 0.0), labels, self.logits,
                            self.losses, self.counted, self.stats], (1,))
         return self.stats
-
-
-def count_targets(labels: np.ndarray) -> int:
-    """Tokens that count in the loss for labels [B, T] (HF shift: labels[:, 1:] != -100)."""
-    return int(np.count_nonzero(labels[:, 1:] != IGNORE_INDEX))
-
-
-def lm_head_loss(hidden: np.ndarray, w_lm: np.ndarray, labels, want_grad: bool = True,
-                 train_head: bool = False, chunk_rows: int | None = None, ctx=None):
-    """numpy: hidden [B, T, C], w_lm [V, C], labels int [B, T] -> (loss_sum, count, dhidden
-    [B, T, C] or None, dw_lm [V, C] or None), loss_sum and count as computed on the GPU;
-    gradients are those of the mean loss loss_sum / count (zero when count is 0)."""
-    if not isinstance(hidden, np.ndarray) or hidden.dtype != np.float32 or hidden.ndim != 3:
-        raise ValueError(f"hidden: expected float32 [B, T, C], got "
-                         f"{getattr(hidden, 'dtype', type(hidden).__name__)} {getattr(hidden, 'shape', '')}")
-    B, T, C = hidden.shape
-    if not isinstance(w_lm, np.ndarray) or w_lm.dtype != np.float32 or w_lm.ndim != 2 or w_lm.shape[1] != C:
-        raise ValueError(f"w_lm: expected float32 [V, {C}], got {getattr(w_lm, 'shape', type(w_lm).__name__)}")
-    V = w_lm.shape[0]
-    labels = np.asarray(labels)
-    if labels.dtype.kind not in "iu" or labels.shape != (B, T):
-        raise ValueError(f"labels: expected an integer array of shape ({B}, {T}), got "
-                         f"{labels.dtype} {labels.shape}")
-    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= V))
-    if bad.any():
-        raise ValueError(f"labels: values must be -100 or lie in [0, {V}), got {labels[bad][0]}")
-    count = count_targets(labels)
-    ctx = shared_context() if ctx is None else ctx
-    head = LmHeadLoss(ctx, B * T, C, V, chunk_rows)
-    gh, gw = ctx.upload(hidden.reshape(B * T, C)), ctx.upload(w_lm)
-    dh = ctx.empty((B * T, C)) if want_grad else None
-    dw = ctx.zeros((V, C)) if (want_grad and train_head) else None
-    stats = head.record(gh, gw, ctx.upload(labels.reshape(-1).astype(np.int32), "i32"), T,
-                        1.0 / count if count else 0.0, dh, dw)
-    loss_sum, n = ctx.to_numpy(stats)
-    return (float(loss_sum), int(n), None if dh is None else ctx.to_numpy(dh).reshape(B, T, C),
-            None if dw is None else ctx.to_numpy(dw))

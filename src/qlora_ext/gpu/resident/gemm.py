@@ -3,9 +3,7 @@ NF4 (the LM head's dW, the rank-r LoRA products, the dequant path's projections)
 C[M, N] (+)= alpha * op(A)[M, K] @ op(B)[K, N]."""
 from __future__ import annotations
 
-import numpy as np
-
-from ..runtime import MAX_GROUPS, GpuContext, GpuTensor, grid_2d, shared_context
+from ..runtime import MAX_GROUPS, GpuContext, GpuTensor, grid_2d
 
 # (TM, TN, TK) of resident_gemm.wgsl: a workgroup of (TN/4, TM/4) threads owns a TM x TN
 # block of C and stages TK-deep slices.  64 x 64 for the general case (LM head dW, the
@@ -119,20 +117,3 @@ def _scratch(ctx: GpuContext, n: int) -> GpuTensor:
     if t is None or t.size < n:
         t = ctx._gemm_split_scratch = ctx.empty((n,))
     return t
-
-
-def gemm(a: np.ndarray, b: np.ndarray, trans_a: bool = False, trans_b: bool = False,
-         ctx=None) -> np.ndarray:
-    """numpy float32: op(a) @ op(b)."""
-    for name, t in (("a", a), ("b", b)):
-        if not isinstance(t, np.ndarray) or t.dtype != np.float32 or t.ndim != 2:
-            raise ValueError(f"{name}: expected a 2-D float32 array, got "
-                             f"{getattr(t, 'dtype', type(t).__name__)} {getattr(t, 'shape', '')}")
-    M, K = a.shape[::-1] if trans_a else a.shape
-    K2, N = b.shape[::-1] if trans_b else b.shape
-    if K != K2:
-        raise ValueError(f"b: inner dimension {K2} does not match a's {K}")
-    ctx = shared_context() if ctx is None else ctx
-    c = ctx.empty((M, N))
-    gemm_gpu(ctx, ctx.upload(a), ctx.upload(b), c, M, N, K, trans_a, trans_b)
-    return ctx.to_numpy(c)
