@@ -38,7 +38,7 @@ from bench_resident_gemm import MODELS, fill, kernel_seconds, projections  # noq
 
 from qlora_ext.gpu import kernels  # noqa: E402
 from qlora_ext.gpu.kernels import GemmTiles, Operand  # noqa: E402
-from qlora_ext.gpu.resident.weights import GpuWeight  # noqa: E402
+from qlora_ext.gpu.bindings.weights import GpuWeight  # noqa: E402
 
 RANK = 16
 DEFAULT_VARIANTS = "current"

@@ -73,7 +73,7 @@ def _attn_inputs():
 
 @pytest.mark.benchmark(group="resident-attention-fwd-bwd")
 def test_attention_fwd_bwd_gpu(benchmark, ctx):
-    from qlora_ext.gpu.resident.attention import attention_backward_gpu, attention_forward_gpu
+    from qlora_ext.gpu.bindings.attention import attention_backward_gpu, attention_forward_gpu
 
     q, k, v, do = (ctx.upload(a) for a in _attn_inputs())
     o, lse = attention_forward_gpu(ctx, q, k, v)
@@ -121,7 +121,7 @@ def _head_inputs():
 
 @pytest.mark.benchmark(group="resident-lm-head-ce")
 def test_lm_head_ce_gpu(benchmark, ctx):
-    from qlora_ext.gpu.resident.cross_entropy import LmHeadLoss
+    from qlora_ext.gpu.bindings.cross_entropy import LmHeadLoss
 
     N, hidden, w, labels = _head_inputs()
     head = LmHeadLoss(ctx, N, S["C"], S["V"])

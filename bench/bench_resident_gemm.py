@@ -35,8 +35,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from qlora_ext.gpu.kernels import GemmTiles, Operand, gemm, step_gemm_tiles  # noqa: E402
-from qlora_ext.gpu.resident.gemm import gemm_gpu  # noqa: E402
-from qlora_ext.gpu.resident.weights import GpuWeight  # noqa: E402
+from qlora_ext.gpu.bindings.gemm import gemm_gpu  # noqa: E402
+from qlora_ext.gpu.bindings.weights import GpuWeight  # noqa: E402
 from qlora_ext.gpu.runtime import GpuContext, shared_context, unavailable_reason  # noqa: E402
 
 # (hidden, intermediate, q heads, kv heads, head dim, LM-head chunk rows, vocab, token rows,

@@ -1,5 +1,5 @@
 """numpy forms of the GPU device's kernels, for the tests: numpy in, numpy out, checked at the
-boundary, each a thin wrapper over the `<op>_gpu` host binding in qlora_ext.gpu.resident that
+boundary, each a thin wrapper over the `<op>_gpu` host binding in qlora_ext.gpu.bindings that
 the engine chains (and, for RMSNorm's weight gradient, the shader entry only tests use: the
 norms are frozen in training).
 
@@ -14,11 +14,11 @@ import numpy as np
 from qlora_ext.cpu.kernels import _f32 as _cpu_f32
 from qlora_ext.gpu import kernels
 from qlora_ext.gpu.kernels import Operand
-from qlora_ext.gpu.resident.adamw import AdamWGpu
-from qlora_ext.gpu.resident.attention import attention_backward_gpu, attention_forward_gpu
-from qlora_ext.gpu.resident.cross_entropy import LmHeadLoss
-from qlora_ext.gpu.resident.gemm import gemm_gpu
-from qlora_ext.gpu.resident.layer_ops import (_RMS_WG, add_gpu, bias_add_gpu,
+from qlora_ext.gpu.bindings.adamw import AdamWGpu
+from qlora_ext.gpu.bindings.attention import attention_backward_gpu, attention_forward_gpu
+from qlora_ext.gpu.bindings.cross_entropy import LmHeadLoss
+from qlora_ext.gpu.bindings.gemm import gemm_gpu
+from qlora_ext.gpu.bindings.layer_ops import (_RMS_WG, add_gpu, bias_add_gpu,
                                               embedding_gather_gpu, rmsnorm_backward_gpu, rmsnorm_forward_gpu,
                                               rope_apply_gpu)
 from qlora_ext.gpu.runtime import GpuContext, GpuTensor, grid_2d, shared_context

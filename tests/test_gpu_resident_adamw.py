@@ -68,7 +68,7 @@ def test_adamw_matches_torch(ctx):
 
 def test_adamw_state_round_trip(ctx):
     """Saving after 2 steps and resuming in a new optimizer equals 4 unbroken steps."""
-    from qlora_ext.gpu.resident.adamw import AdamWGpu
+    from qlora_ext.gpu.bindings.adamw import AdamWGpu
 
     g = np.random.default_rng(2)
     p0 = g.standard_normal(31).astype(np.float32)
@@ -101,7 +101,7 @@ def test_adamw_state_round_trip(ctx):
 def test_sq_norm_matches_float64(ctx, n):
     """The squared norm of (g * scale), n not a multiple of the workgroup or of the
     workgroup count, against float64; the same bits on a second run (fixed order)."""
-    from qlora_ext.gpu.resident.adamw import AdamWGpu
+    from qlora_ext.gpu.bindings.adamw import AdamWGpu
 
     g = np.random.default_rng(n).standard_normal(n).astype(np.float32) * 3
     opt = AdamWGpu(ctx, n)
@@ -115,7 +115,7 @@ def test_sq_norm_matches_float64(ctx, n):
 
 def test_adamw_grad_scale_and_clip_are_the_cpu_trainers_products(ctx):
     """step(grad_scale=s, clip_coef=c) equals a plain step on (g * f32(s)) * f32(c)."""
-    from qlora_ext.gpu.resident.adamw import AdamWGpu
+    from qlora_ext.gpu.bindings.adamw import AdamWGpu
 
     rng = np.random.default_rng(3)
     n = 1031

@@ -154,7 +154,7 @@ def test_engine_dropout_drops_what_the_cpu_model_drops(ctx, tmp_path, gemm, chec
 def test_nf4_dequant_bit_equal_to_cpu(ctx, shape, blocksize, double_quant):
     """The NF4 dequant shader gives the CPU dequantizer's floats bit for bit (odd element
     counts: a half-used last byte and a packed length not a multiple of 4)."""
-    from qlora_ext.gpu.resident.weights import WeightScratch, upload_weight
+    from qlora_ext.gpu.bindings.weights import WeightScratch, upload_weight
     from qlora_ext.nf4 import dequantize_nf4, quantize_nf4
 
     w = np.random.default_rng(shape[1]).standard_normal(shape).astype(np.float32)

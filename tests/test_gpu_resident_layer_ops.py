@@ -71,7 +71,7 @@ def test_rmsnorm_per_head_qk_norm(ctx):
 
 
 def test_rmsnorm_backward_accumulates(ctx):
-    from qlora_ext.gpu.resident.layer_ops import rmsnorm_backward_gpu, rmsnorm_forward_gpu
+    from qlora_ext.gpu.bindings.layer_ops import rmsnorm_backward_gpu, rmsnorm_forward_gpu
 
     g = _rng(4)
     x = g.standard_normal((6, 11)).astype(np.float32)

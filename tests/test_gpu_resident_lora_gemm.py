@@ -20,7 +20,7 @@ def ctx():
 
 
 def _products(ctx, x, dy, A, B, scale, g0, a_off, b_off, ga_off, gb_off, **kw):
-    from qlora_ext.gpu.resident.gemm import gemm_gpu
+    from qlora_ext.gpu.bindings.gemm import gemm_gpu
 
     N, inn = x.shape
     out, r = B.shape
@@ -69,7 +69,7 @@ def test_lora_products_match_float64(ctx, N, inn, out, r):
 
 def test_skinny_tiles_follow_the_rank(ctx):
     """The short side of C = r gets a tile side of its own (not the general 64 x 64)."""
-    from qlora_ext.gpu.resident.gemm import _GENERAL, tiles_for
+    from qlora_ext.gpu.bindings.gemm import _GENERAL, tiles_for
 
     assert tiles_for(ctx, 4096, 16)[1] == 16 and tiles_for(ctx, 16, 3072)[0] == 16
     assert tiles_for(ctx, 4096, 3)[1] == 4 and tiles_for(ctx, 64, 2048)[0] == 64

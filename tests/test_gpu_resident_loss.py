@@ -30,7 +30,7 @@ def test_gemm(ctx, M, N, K, trans_a, trans_b):
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_gemm_split_k(ctx, M, N, K, trans_a, accumulate):
     """Skinny products with long K (LoRA grads: M = rank, K = tokens) take the split-K path."""
-    from qlora_ext.gpu.resident.gemm import gemm_gpu, split_count
+    from qlora_ext.gpu.bindings.gemm import gemm_gpu, split_count
 
     assert split_count(-(-N // 64) * -(-M // 64), K) > 1
     g = np.random.default_rng(M + N + K)
@@ -47,7 +47,7 @@ def test_gemm_split_k(ctx, M, N, K, trans_a, accumulate):
 
 
 def test_gemm_offsets_and_accumulate(ctx):
-    from qlora_ext.gpu.resident.gemm import gemm_gpu
+    from qlora_ext.gpu.bindings.gemm import gemm_gpu
 
     g = np.random.default_rng(5)
     a = g.standard_normal((10, 6)).astype(np.float32)
@@ -121,7 +121,7 @@ def test_lm_head_all_ignored_and_bad_labels(ctx):
 
 def test_chunk_rows_and_starts(ctx):
     """Chunks cover every row once, none longer than the buffer, near-equal in length."""
-    from qlora_ext.gpu.resident.cross_entropy import chunk_rows_for, chunk_starts
+    from qlora_ext.gpu.bindings.cross_entropy import chunk_rows_for, chunk_starts
 
     lim = ctx.limits["max-storage-buffer-binding-size"]
     R = chunk_rows_for(ctx, 151936)
@@ -149,7 +149,7 @@ def test_chunk_rows_and_starts(ctx):
 def test_lm_head_weight_offset_and_trained_head(ctx, w_off):
     """The head read from (and its gradient added into) a flat buffer at an element offset, as
     the engine's trained head does; odd offsets take gemm.wgsl's scalar loads."""
-    from qlora_ext.gpu.resident.cross_entropy import LmHeadLoss
+    from qlora_ext.gpu.bindings.cross_entropy import LmHeadLoss
 
     g = np.random.default_rng(w_off)
     B, T, C, V = 2, 9, 11, 53

@@ -36,7 +36,7 @@ def test_step_gemm_tiles_choice(ctx, monkeypatch):
 @pytest.mark.parametrize("b_t,M,N,K", [(True, 67, 200, 136), (False, 45, 136, 264)])
 def test_nf4_lora_gemm_each_tile_setting(ctx, which, b_t, M, N, K):
     from qlora_ext.gpu.kernels import Operand, StepGemmTiles, gemm
-    from qlora_ext.gpu.resident.weights import upload_weight
+    from qlora_ext.gpu.bindings.weights import upload_weight
     from qlora_ext.nf4 import dequantize_nf4, quantize_nf4
 
     tiles = getattr(StepGemmTiles, which)

@@ -7,7 +7,7 @@ import math
 
 def check_hyperparameters(lr, betas, eps, weight_decay) -> tuple:
     """(lr, (b1, b2), eps, weight_decay) as floats; ValueError naming the bad one.  Shared by
-    the host AdamW (train/optim.py) and the GPU one (gpu/resident/adamw.py)."""
+    the host AdamW (train/optim.py) and the GPU one (gpu/bindings/adamw.py)."""
     if not 0.0 <= lr < math.inf:
         raise ValueError(f"AdamW lr must be a finite number >= 0, got {lr!r}")
     b1, b2 = (float(b) for b in betas)

@@ -22,12 +22,12 @@ import numpy as np
 from ..gpu import kernels
 from ..gpu.kernels import Operand
 from ..gpu.decode import MAX_TOP_K, decode_attention_gpu, kv_store_gpu, topk_gpu
-from ..gpu.resident.attention import attention_backward_gpu, attention_forward_gpu
-from ..gpu.resident.cross_entropy import LmHeadLoss
-from ..gpu.resident.gemm import gemm_gpu
-from ..gpu.resident.layer_ops import (add_gpu, bias_add_gpu, embedding_gather_gpu, rmsnorm_backward_gpu,
+from ..gpu.bindings.attention import attention_backward_gpu, attention_forward_gpu
+from ..gpu.bindings.cross_entropy import LmHeadLoss
+from ..gpu.bindings.gemm import gemm_gpu
+from ..gpu.bindings.layer_ops import (add_gpu, bias_add_gpu, embedding_gather_gpu, rmsnorm_backward_gpu,
                                       rmsnorm_forward_gpu, rope_apply_gpu)
-from ..gpu.resident.weights import GpuWeight, StreamedLayers, WeightScratch, upload_weight
+from ..gpu.bindings.weights import GpuWeight, StreamedLayers, WeightScratch, upload_weight
 from ..gpu.runtime import GpuTensor
 from ..model.dropout import dropout_keep_scale, dropout_key, dropout_seed, dropout_threshold
 from ..model.generate import top_candidates

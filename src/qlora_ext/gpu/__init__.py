@@ -1,6 +1,6 @@
 """wgpu (WebGPU) backend: the one GPU runtime (runtime/: device, shaders, caches, buffers,
 Tuning), the host bindings of the shared kernels (kernels.py), generation's decode kernels
-(decode.py), and the host bindings of the GPU device's other kernels (resident/).  Imported
+(decode.py), and the host bindings of the GPU device's other kernels (bindings/).  Imported
 lazily: qlora_ext works without a GPU."""
 import os
 import tempfile

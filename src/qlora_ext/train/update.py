@@ -106,7 +106,7 @@ class HostAdamW(_Steps):
 
 class GpuAdamW(_Steps):
     """The gradient summed in the GPU device's flat buffer; the squared norm and AdamW run there
-    (gpu/resident/adamw.py), so a step moves only the loss and one float of norm.  Only an
+    (gpu/bindings/adamw.py), so a step moves only the loss and one float of norm.  Only an
     all-reduce brings the gradient down (and back up)."""
 
     def __init__(self, model, config):
@@ -116,7 +116,7 @@ class GpuAdamW(_Steps):
         self.scale = 1.0
 
     def _adamw(self):
-        from ..gpu.resident.adamw import AdamWGpu
+        from ..gpu.bindings.adamw import AdamWGpu
 
         return AdamWGpu(self.model.ctx, self.model.params.size, **self.hyper)
 

@@ -1,5 +1,5 @@
-"""The WGSL kernels of the gpu placement (qlora_ext.engine.gpu_device runs the layer program
-on them, on the one runtime of qlora_ext.gpu.runtime).
+"""Host bindings of the GPU device's WGSL kernels (qlora_ext.engine.gpu_device runs the layer
+program on them, on the one runtime of qlora_ext.gpu.runtime).
 
 Modules: layer_ops (RMSNorm, RoPE, embedding gather, residual add), attention (causal GQA
 flash attention), gemm (the fp32 resident_gemm.wgsl products), cross_entropy (LM head +
