@@ -124,7 +124,7 @@ def run_qlora_ext(mode, state, batch, seq, steps, checkpointing, profile=False):
             times.append(time.perf_counter() - t)
         if profile:
             # Separate, untimed steps: per-kernel timestamps cost a pass per dispatch.
-            PROFILER.start(mode=mode, adapter=(result["adapter"] or {}).get("name"))
+            PROFILER.start(placement=mode, adapter=(result["adapter"] or {}).get("name"))
             for _ in range(2):
                 with PROFILER.step():
                     step()
