@@ -106,6 +106,9 @@ def test_placement_is_frozen_data():
 
 
 def test_load_options_are_checked():
+    import qlora_ext as qx
+
+    assert qx.LoadOptions is LoadOptions
     assert LoadOptions().placement == "auto" and LoadOptions().gradient_checkpointing is None
     with pytest.raises(ValueError, match="placement must be one of"):
         LoadOptions(placement="resident")

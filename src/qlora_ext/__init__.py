@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 # tokenizers) for code that only quantizes.
 _LAZY = {
     "load_model": "qlora_ext.api",
+    "LoadOptions": "qlora_ext.options",
     "Model": "qlora_ext.engine.model",
     "LoraConfig": "qlora_ext.model.lora",
     "ModelConfig": "qlora_ext.model.config",
