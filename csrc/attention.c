@@ -21,7 +21,13 @@
  * Non-finite input: a NaN or Inf in q or k makes a valid key's score non-finite, and every
  * path then gives that query row NaN (out, lse, and the gradients it feeds), never a silent 0
  * or a finite value; the SIMD paths' exp and row max keep NaN so that the result does not
- * depend on the CPU.  A padding key stays -inf whatever its score. */
+ * depend on the CPU.  A padding key stays -inf whatever its score.
+ *
+ * Packed rows (segments): each position knows where its document's run starts (run_starts);
+ * query i sees keys [start(i), i].  Starts never decrease along a row, so a query tile's first
+ * row has the earliest start: key tiles before it are skipped, and within a tile pair the
+ * products begin at the group's first visible key.  A row's keys before its own start are
+ * handed to the row ops as an offset (the ops see only [start, ...)) and their P set to 0. */
 #include "attention.h"
 
 #include <math.h>
@@ -501,6 +507,17 @@ static float *key_bias(const uint8_t *mask, int64_t B, int64_t T) {
   return bias;
 }
 
+/* Segment ids (B, T) -> for each position the first position of its run of equal ids. */
+static int64_t *run_starts(const int32_t *seg, int64_t B, int64_t T) {
+  if (!seg) return NULL;
+  int64_t *st = (int64_t *)malloc((size_t)(B * T) * sizeof(int64_t));
+  if (st)
+    for (int64_t b = 0; b < B; b++)
+      for (int64_t t = 0; t < T; t++)
+        st[b * T + t] = t > 0 && seg[b * T + t] == seg[b * T + t - 1] ? st[b * T + t - 1] : t;
+  return st;
+}
+
 /* Tile of rows [j0, j0 + n) of x (row stride ld) packed transposed: xt[d * BC + c]. */
 static void pack_transposed(const float *x, int64_t ld, int64_t n, int64_t D, float *xt) {
   for (int64_t c = 0; c < n; c++) {
@@ -519,7 +536,7 @@ static int thread_count(int nthreads, int64_t items) {
 
 /* ==== forward ============================================================================ */
 int qx_attention_forward(const float *q, const float *k, const float *v, const uint8_t *mask,
-                         int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, float *out,
+                         const int32_t *segments, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, float *out,
                          float *lse, int nthreads) {
   if (!check_dims(B, T, Hq, Hkv, D)) return QX_E_ARG;
   const attn_ops ops = ops_for_level(qx_cpu_level());
@@ -533,9 +550,11 @@ int qx_attention_forward(const float *q, const float *k, const float *v, const u
   const size_t per_thread = (size_t)(BR * BC + BR * D + 2 * BR);
   float *work = (float *)malloc((kt_len + (size_t)nt * per_thread) * sizeof(float));
   float *bias = key_bias(mask, B, T);
-  if (!work || (mask && !bias)) {
+  int64_t *starts = run_starts(segments, B, T);
+  if (!work || (mask && !bias) || (segments && !starts)) {
     free(work);
     free(bias);
+    free(starts);
     return QX_E_NOMEM;
   }
   float *kt_all = work;
@@ -568,28 +587,37 @@ int qx_attention_forward(const float *q, const float *k, const float *v, const u
       const int64_t i0 = it * BR, rows = min64(BR, T - i0);
       const float *qi = q + ((b * T + i0) * Hq + h) * D;
       const float *bb = bias ? bias + b * T : NULL;
+      const int64_t *st = starts ? starts + b * T + i0 : NULL; /* rows' run starts */
       for (int64_t r = 0; r < rows; r++) {
         mrow[r] = -INFINITY;
         lrow[r] = 0.0f;
       }
       memset(O, 0, (size_t)(rows * D) * sizeof(float));
       const int64_t last_key = i0 + rows - 1;
-      for (int64_t jt = 0; jt * BC <= last_key; jt++) {
+      for (int64_t jt = st ? st[0] / BC : 0; jt * BC <= last_key; jt++) {
         const int64_t j0 = jt * BC, ncols = min64(BC, T - j0);
         const float *ktile = kt_all + (size_t)((b * Hkv + kvh) * nkt + jt) * (size_t)(D * BC);
         const float *vj = v + ((b * T + j0) * Hkv + kvh) * D;
-        /* rows in groups of G needing keys [0, nmax) (see DG) */
-        const int64_t G = j0 + ncols - 1 > i0 ? DG : rows;
+        /* rows in groups of G needing keys [c0, nmax) (see DG); a run starting inside the
+           tile pair also takes groups, each beginning at its first row's start */
+        const int split = j0 + ncols - 1 > i0 || (st && st[rows - 1] > j0);
+        const int64_t G = split ? DG : rows;
         for (int64_t r0 = 0; r0 < rows; r0 += G) {
           const int64_t g = min64(G, rows - r0), nmax = clamp64(i0 + r0 + g - j0, 0, ncols);
-          if (nmax == 0) continue; /* these rows see no key of this tile */
-          ops.gemm(g, nmax, D, qi + r0 * Hq * D, Hq * D, 1, ktile, BC, S + r0 * BC, BC, 0);
+          const int64_t c0 = st ? clamp64(st[r0] - j0, 0, nmax) : 0;
+          if (c0 == nmax) continue; /* these rows see no key of this tile */
+          ops.gemm(g, nmax - c0, D, qi + r0 * Hq * D, Hq * D, 1, ktile + c0, BC, S + r0 * BC + c0,
+                   BC, 0);
           for (int64_t r = r0; r < r0 + g; r++) {
             const int64_t nv = clamp64(i0 + r - j0 + 1, 0, ncols);
-            ops.row_fwd(S + r * BC, nmax, nv, bb ? bb + j0 : NULL, scale, &mrow[r], &lrow[r],
-                        O + r * D, D);
+            const int64_t lo = st ? clamp64(st[r] - j0, c0, nmax) : 0;
+            float *s = S + r * BC;
+            ops.row_fwd(s + lo, nmax - lo, nv > lo ? nv - lo : 0, bb ? bb + j0 + lo : NULL, scale,
+                        &mrow[r], &lrow[r], O + r * D, D);
+            for (int64_t c = c0; c < lo; c++) s[c] = 0.0f;
           }
-          ops.gemm(g, D, nmax, S + r0 * BC, BC, 1, vj, Hkv * D, O + r0 * D, D, 1);
+          ops.gemm(g, D, nmax - c0, S + r0 * BC + c0, BC, 1, vj + c0 * Hkv * D, Hkv * D,
+                   O + r0 * D, D, 1);
         }
       }
       for (int64_t r = 0; r < rows; r++) {
@@ -604,6 +632,7 @@ int qx_attention_forward(const float *q, const float *k, const float *v, const u
   }
   free(work);
   free(bias);
+  free(starts);
   return QX_OK;
 }
 
@@ -623,8 +652,8 @@ static void wait_turn(const int64_t *turn, int64_t jt) {
 }
 
 int qx_attention_backward(const float *q, const float *k, const float *v, const float *out,
-                          const float *lse, const float *dout, const uint8_t *mask, int64_t B,
-                          int64_t T, int64_t Hq, int64_t Hkv, int64_t D, float *dq, float *dk,
+                          const float *lse, const float *dout, const uint8_t *mask,
+                          const int32_t *segments, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, float *dq, float *dk,
                           float *dv, int nthreads) {
   if (!check_dims(B, T, Hq, Hkv, D)) return QX_E_ARG;
   const attn_ops ops = ops_for_level(qx_cpu_level());
@@ -641,12 +670,20 @@ int qx_attention_backward(const float *q, const float *k, const float *v, const 
   float *work = (float *)malloc((di_len + (size_t)nt * per_thread) * sizeof(float));
   int64_t *turn = (int64_t *)calloc((size_t)(B * Hq * nqt), sizeof(int64_t));
   float *bias = key_bias(mask, B, T);
-  if (!work || !turn || (mask && !bias)) {
+  int64_t *starts = run_starts(segments, B, T);
+  if (!work || !turn || (mask && !bias) || (segments && !starts)) {
     free(work);
     free(turn);
     free(bias);
+    free(starts);
     return QX_E_NOMEM;
   }
+  /* a query tile's first dQ share comes from the key tile of its first row's run start */
+  if (starts)
+    for (int64_t i = 0; i < B * Hq * nqt; i++) {
+      const int64_t b = i / (Hq * nqt), it = i % nqt;
+      turn[i] = starts[b * T + it * BR] / BC;
+    }
   float *Di = work;
   int64_t next_item = 0;
 
@@ -686,48 +723,63 @@ int qx_attention_backward(const float *q, const float *k, const float *v, const 
       const int64_t j0 = jt * BC, ncols = min64(BC, T - j0);
       const float *kj = k + ((b * T + j0) * Hkv + kvh) * D, *vj = v + ((b * T + j0) * Hkv + kvh) * D;
       const float *bb = bias ? bias + b * T + j0 : NULL;
+      const int64_t *sb = starts ? starts + b * T : NULL;
       pack_transposed(kj, Hkv * D, ncols, D, Kt);
       pack_transposed(vj, Hkv * D, ncols, D, Vt);
       memset(dK, 0, (size_t)(ncols * D) * sizeof(float));
       memset(dV, 0, (size_t)(ncols * D) * sizeof(float));
       for (int64_t h = kvh * group; h < (kvh + 1) * group; h++) {
-        for (int64_t it = j0 / BR; it < nqt; it++) {
+        /* query tiles from the diagonal to the last whose first row's run starts in or
+           before this key tile */
+        for (int64_t it = j0 / BR; it < nqt && (!sb || sb[it * BR] < j0 + ncols); it++) {
           const int64_t i0 = it * BR, rows = min64(BR, T - i0);
+          const int64_t *st = sb ? sb + i0 : NULL; /* rows' run starts */
           const float *qi = q + ((b * T + i0) * Hq + h) * D;
           const float *doi = dout + ((b * T + i0) * Hq + h) * D;
           const float *lse_i = lse + (b * Hq + h) * T + i0, *di = Di + (b * Hq + h) * T + i0;
           /* query rows in groups of G needing keys [0, nmax); keys in groups of G seen
              by rows [rs, rows) (see DG) */
-          const int64_t G = j0 + ncols - 1 > i0 ? DG : (rows > ncols ? rows : ncols);
+          const int split = j0 + ncols - 1 > i0 || (st && st[rows - 1] > j0);
+          const int64_t G = split ? DG : (rows > ncols ? rows : ncols);
           for (int64_t r0 = 0; r0 < rows; r0 += G) {
             const int64_t g = min64(G, rows - r0), nmax = clamp64(i0 + r0 + g - j0, 0, ncols);
-            float *Pg = P + r0 * BC, *dSg = dS + r0 * BC;
-            ops.gemm(g, nmax, D, qi + r0 * Hq * D, Hq * D, 1, Kt, BC, Pg, BC, 0); /* S = Q Kt */
-            ops.gemm(g, nmax, D, doi + r0 * Hq * D, Hq * D, 1, Vt, BC, dSg, BC, 0); /* dP = dO Vt */
+            const int64_t c0 = st ? clamp64(st[r0] - j0, 0, nmax) : 0;
+            float *Pg = P + r0 * BC + c0, *dSg = dS + r0 * BC + c0;
+            /* S = Q Kt, dP = dO Vt over the keys [c0, nmax) these rows may see */
+            ops.gemm(g, nmax - c0, D, qi + r0 * Hq * D, Hq * D, 1, Kt + c0, BC, Pg, BC, 0);
+            ops.gemm(g, nmax - c0, D, doi + r0 * Hq * D, Hq * D, 1, Vt + c0, BC, dSg, BC, 0);
             for (int64_t r = r0; r < r0 + g; r++) {
-              /* P and dS are 0 past the row's valid keys, up to ncols, for the products below */
-              ops.row_p(P + r * BC, ncols, clamp64(i0 + r - j0 + 1, 0, ncols), bb, scale, lse_i[r]);
-              ops.row_ds(P + r * BC, dS + r * BC, nmax, di[r], scale);
-              for (int64_t c = nmax; c < ncols; c++) dS[r * BC + c] = 0.0f;
+              /* P and dS are 0 outside the row's valid keys, up to ncols, for the products below */
+              const int64_t nv = clamp64(i0 + r - j0 + 1, 0, ncols);
+              const int64_t lo = st ? clamp64(st[r] - j0, c0, nmax) : 0;
+              float *p = P + r * BC, *ds = dS + r * BC;
+              ops.row_p(p + lo, ncols - lo, nv > lo ? nv - lo : 0, bb ? bb + lo : NULL, scale, lse_i[r]);
+              ops.row_ds(p + lo, ds + lo, nmax - lo, di[r], scale);
+              for (int64_t c = 0; c < lo; c++) p[c] = ds[c] = 0.0f;
+              for (int64_t c = nmax; c < ncols; c++) ds[c] = 0.0f;
             }
-            ops.gemm(g, D, nmax, dSg, BC, 1, kj, Hkv * D, dQt + r0 * D, D, 0); /* dQ share = dS K */
+            ops.gemm(g, D, nmax - c0, dSg, BC, 1, kj + c0 * Hkv * D, Hkv * D, dQt + r0 * D, D,
+                     0); /* dQ share = dS K */
           }
           for (int64_t c0 = 0; c0 < ncols; c0 += G) {
             const int64_t gc = min64(G, ncols - c0), rs = clamp64(j0 + c0 - i0, 0, rows);
-            if (rs == rows) continue;
-            ops.gemm(gc, D, rows - rs, P + rs * BC + c0, 1, BC, doi + rs * Hq * D, Hq * D,
+            int64_t re = rows; /* rows past the run of the group's last key see none of it */
+            while (st && re > rs && st[re - 1] > j0 + c0 + gc - 1) re--;
+            if (rs == re) continue;
+            ops.gemm(gc, D, re - rs, P + rs * BC + c0, 1, BC, doi + rs * Hq * D, Hq * D,
                      dV + c0 * D, D, 1);                                   /* dV += P^T dO */
-            ops.gemm(gc, D, rows - rs, dS + rs * BC + c0, 1, BC, qi + rs * Hq * D, Hq * D,
+            ops.gemm(gc, D, re - rs, dS + rs * BC + c0, 1, BC, qi + rs * Hq * D, Hq * D,
                      dK + c0 * D, D, 1);                                   /* dK += dS^T Q */
           }
-          /* key tile 0 sees every query row, so its share initialises dq */
+          /* the first key tile a query tile sees (tile 0, or its first row's run start)
+             initialises dq */
           float *dqi = dq + ((b * T + i0) * Hq + h) * D;
           int64_t *slot = turn + (b * Hq + h) * nqt + it;
           wait_turn(slot, jt);
           for (int64_t r = 0; r < rows; r++) {
             float *dst = dqi + r * Hq * D;
             const float *src = dQt + r * D;
-            if (jt == 0) memcpy(dst, src, (size_t)D * sizeof(float));
+            if (jt == (st ? st[0] / BC : 0)) memcpy(dst, src, (size_t)D * sizeof(float));
             else for (int64_t d = 0; d < D; d++) dst[d] += src[d];
           }
           __atomic_store_n(slot, jt + 1, __ATOMIC_RELEASE);
@@ -742,5 +794,6 @@ int qx_attention_backward(const float *q, const float *k, const float *v, const 
   free(work);
   free(turn);
   free(bias);
+  free(starts);
   return QX_OK;
 }

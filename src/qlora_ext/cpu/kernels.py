@@ -192,28 +192,44 @@ def _attn_args(q, k, v, mask):
     return B, T, Hq, Hkv, D, mask
 
 
-def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask=None, threads=None):
+def _segment_arg(segments, B, T):
+    if segments is None:
+        return None
+    if not isinstance(segments, np.ndarray) or segments.dtype.kind not in "iu":
+        raise ValueError(f"segments: expected an integer numpy array [B, T], got "
+                         f"{getattr(segments, 'dtype', type(segments).__name__)}")
+    _same_shape("segments", segments, (B, T), "B, T")
+    return np.ascontiguousarray(segments, dtype=np.int32)
+
+
+def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask=None, threads=None,
+                      segments=None):
     """Causal self-attention with grouped-query heads.
 
     q [B, T, Hq, D], k, v [B, T, Hkv, D]: query head h uses key/value head h // (Hq // Hkv);
     scale 1/sqrt(D); mask [B, T] bool/uint8 (1 = real token, 0 = padding key nobody attends)
     or None.  Returns (out [B, T, Hq, D], lse [B, Hq, T]), lse the log-sum-exp of each row's
     scaled scores (what attention_backward needs).  A query row with no key to attend (left
-    padding) gets out = 0 and lse = -inf.  Work memory O(T * D) per head."""
+    padding) gets out = 0 and lse = -inf.  segments [B, T] integer or None: documents packed
+    into one row, each a run of equal ids, attend only within their run (block-diagonal causal;
+    key tiles wholly before a query tile's run are skipped).  Work memory O(T * D) per head."""
     B, T, Hq, Hkv, D, mask = _attn_args(q, k, v, mask)
+    segments = _segment_arg(segments, B, T)
     nt = resolve_threads(threads)
     out = np.empty_like(q)
     lse = np.empty((B, Hq, T), np.float32)
-    kernels().attention_forward(q, k, v, mask, out, lse, nt)
+    kernels().attention_forward(q, k, v, mask, out, lse, nt, segments)
     return out, lse
 
 
 def attention_backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray,
-                       lse: np.ndarray, dout: np.ndarray, mask=None, threads=None):
+                       lse: np.ndarray, dout: np.ndarray, mask=None, threads=None, segments=None):
     """Gradients (dq [B, T, Hq, D], dk, dv [B, T, Hkv, D]) of attention_forward for the
     upstream gradient dout [B, T, Hq, D], given its out and lse.  Scores are recomputed tile
-    by tile (flash-attention style); memory stays O(T * D) per head."""
+    by tile (flash-attention style); memory stays O(T * D) per head.  segments as in
+    attention_forward."""
     B, T, Hq, Hkv, D, mask = _attn_args(q, k, v, mask)
+    segments = _segment_arg(segments, B, T)
     _same_shape("out", _f32("out", out, 4, "B, T, Hq, D"), q.shape, "B, T, Hq, D")
     _same_shape("dout", _f32("dout", dout, 4, "B, T, Hq, D"), q.shape, "B, T, Hq, D")
     _same_shape("lse", _f32("lse", lse, 3, "B, Hq, T"), (B, Hq, T), "B, Hq, T")
@@ -221,7 +237,7 @@ def attention_backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndar
     dq = np.empty_like(q)
     dk = np.empty_like(k)
     dv = np.empty_like(v)
-    kernels().attention_backward(q, k, v, out, lse, dout, mask, dq, dk, dv, nt)
+    kernels().attention_backward(q, k, v, out, lse, dout, mask, dq, dk, dv, nt, segments)
     return dq, dk, dv
 
 
