@@ -241,3 +241,21 @@ def test_shared_context_per_adapter_and_cached_objects(ctx):
     assert np.array_equal(ctx.to_numpy(t.view((3, 4))), np.arange(12, dtype=np.float32).reshape(3, 4))
     with pytest.raises(ValueError, match="view"):
         t.view((13,))
+
+
+@gpu
+@pytest.mark.parametrize("n", [1, _STAGE // 4 - 1, _STAGE // 4, _STAGE // 4 + 1, 3 * _STAGE // 4 + 1, 1009])
+@pytest.mark.parametrize("dtype", ["f32", "i32"])
+def test_staged_readback_bit_exact(small_staging, n, dtype):
+    """read_into: through the reused MAP_READ staging buffer in pieces, after the recorded work."""
+    ctx = small_staging
+    a = _bits(n, n + 7, {"f32": np.float32, "i32": np.int32}[dtype])
+    t = ctx.upload(a, dtype)
+    later = ctx.empty((n,), dtype)
+    ctx.encoder().copy_buffer_to_buffer(t.buffer, 0, later.buffer, 0, t.nbytes)   # recorded, not sent
+    out = np.full(n, 5, a.dtype)
+    ctx.read_into(later, out)
+    assert ctx._read_staging is not None and ctx._read_staging.size == _STAGE
+    assert np.array_equal(out.view(np.uint32), a.view(np.uint32))
+    with pytest.raises(ValueError, match="read_into"):
+        ctx.read_into(t, np.empty(n + 1, a.dtype))

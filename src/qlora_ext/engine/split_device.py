@@ -75,7 +75,7 @@ class SplitDevice:
             st.host = np.empty(st.size, np.float32)
         if CPU not in st.valid and GPU in st.valid:
             with self.timer("readback"):
-                st.host[...] = self.ctx.to_numpy(GpuTensor(st.dev.buffer, (st.size,)))
+                self.ctx.read_into(GpuTensor(st.dev.buffer, (st.size,)), st.host)
             st.valid.add(CPU)
         return st.host.reshape(t.shape)
 

@@ -17,7 +17,7 @@ import numpy as np
 from .adapter import GpuError, adapter_summary, default_adapter, import_wgpu
 from .shaders import compile_module
 from .timing import PassTimer
-from .transfer import upload_chunked
+from .transfer import read_chunked, upload_chunked
 from .tuning import Tuning
 
 _DTYPES = {"f32": np.float32, "i32": np.int32, "u32": np.uint32}
@@ -99,7 +99,7 @@ class GpuContext:
         self._free = {}        # (size, usage) -> pooled buffers
         self._dummies = []
         self._objects = {}     # cached(): per-context objects of the kernels' modules
-        self._encoder = self._pass = self._staging = self._timing = None
+        self._encoder = self._pass = self._staging = self._read_staging = self._timing = None
         # Bytes of every buffer made through empty() (never decreases: callers keep what they
         # allocate); memory reports take differences of it.
         self.allocated_bytes = 0
@@ -169,6 +169,25 @@ class GpuContext:
             return np.zeros(t.shape, _DTYPES[t.dtype])
         raw = self.queue.read_buffer(t.buffer, 0, t.nbytes)
         return np.frombuffer(raw, dtype=_DTYPES[t.dtype]).reshape(t.shape).copy()
+
+    def read_into(self, t: GpuTensor, out: np.ndarray) -> None:
+        """t's contents into out (C-contiguous, t's dtype and size), after all recorded work.
+        Reads of at least tuning.staging_min_bytes go through one reused MAP_READ staging
+        buffer of tuning.staging_bytes (transfer.read_chunked says why); smaller ones through
+        queue.read_buffer."""
+        if out.dtype != np.dtype(_DTYPES[t.dtype]) or out.size != t.size or not out.flags.c_contiguous:
+            raise ValueError(f"read_into: out {out.dtype} {out.shape} does not hold a tensor "
+                             f"{t.dtype} {t.shape} (C-contiguous)")
+        if t.size == 0:
+            return
+        if t.nbytes < self.tuning.staging_min_bytes:
+            out.reshape(-1)[...] = self.to_numpy(t).reshape(-1)
+            return
+        self.submit()
+        size = max(256, int(self.tuning.staging_bytes) // 256 * 256)
+        if self._read_staging is None or self._read_staging.size != size:
+            self._read_staging = self.staging(size, False, "readback")
+        read_chunked(self, self._read_staging, t.buffer, out.reshape(-1).view(np.uint8))
 
     # ---- pooled buffers: per-call temporaries --------------------------------------------
     def buffer(self, nbytes: int, usage=None, what: str = "buffer"):

@@ -54,6 +54,35 @@ def upload_chunked(ctx, staging, dst, dst_off: int, raw: np.ndarray) -> None:
         ctx.queue.submit([enc.finish()])
 
 
+def copy_mapped_out(ctx, buf, nbytes: int, out: np.ndarray) -> None:
+    """Map a MAP_READ buffer (waits for the GPU's copy into it), copy its first nbytes into
+    out (uint8, preallocated), unmap."""
+    try:
+        buf.map_sync(mode=ctx.wgpu.MapMode.READ, offset=0, size=(nbytes + 3) // 4 * 4 if nbytes else 4)
+    except Exception as e:  # a lost device or a failed submit surfaces here
+        raise GpuError(f"{ctx.describe()}: reading back {nbytes} bytes through {buf.label!r} failed: {e}") from e
+    try:
+        if nbytes:
+            mem = buf.read_mapped(0, (nbytes + 3) // 4 * 4, copy=False)
+            np.copyto(out.reshape(-1).view(np.uint8)[:nbytes], np.frombuffer(mem, np.uint8, count=nbytes))
+    finally:
+        buf.unmap()
+
+
+def read_chunked(ctx, staging, src, raw: np.ndarray) -> None:
+    """Copy src's first raw.size bytes (a multiple of 4) into raw (uint8, preallocated),
+    staging.size at a time: one copy_buffer_to_buffer and submit per piece, then map and copy
+    out (the reused MAP_READ buffer avoids queue.read_buffer's buffer per call and its extra
+    copy: GPU.md measured 2.8 against 1.45 GB/s)."""
+    size = staging.size
+    for off in range(0, raw.size, size):
+        n = min(size, raw.size - off)
+        enc = ctx.device.create_command_encoder()
+        enc.copy_buffer_to_buffer(src, off, staging, 0, n)
+        ctx.queue.submit([enc.finish()])
+        copy_mapped_out(ctx, staging, n, raw[off:off + n])
+
+
 def read_staging(ctx, buf, nbytes: int, out: np.ndarray, submitted_at: float | None = None,
                  gpu_phase: str = "gpu") -> None:
     """Wait for the GPU, copy the first nbytes of a MAP_READ buffer into out (preallocated).
