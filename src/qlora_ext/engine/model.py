@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 
+from ..cpu.base_matmul import fused_nf4_available
 from ..finite import NonFiniteError, first_nonfinite
 from ..model.generate import DEFAULT_TOP_K
 from ..model.lora import LM_HEAD_NAME, PROJECTIONS, LoraConfig, LoraWeights
@@ -136,11 +137,17 @@ class Model:
         self.lora_config = lora_config if lora_config is not None else LoraConfig()
         self.recompute_layers = recompute_count(gradient_checkpointing, len(state.layers))
         self.threads = threads
-        # C kernel threads.  Default 1: these kernels run between sgemms, and an OpenMP team
-        # started while OpenBLAS's threads still spin fights them for the cores (measured on
-        # 2 shared cores: RoPE + norms + attention of SmolLM2 at seq 256 took 3.3 s with 2
-        # threads, 0.09 s with 1).  BLAS keeps its own setting.
-        self.kernel_threads = 1 if threads is None else int(threads)
+        # C kernel threads.  Where numpy's BLAS does the products (below AVX-512) the default
+        # is 1: these kernels run between sgemms, and an OpenMP team started while OpenBLAS's
+        # threads still spin fights them for the cores (measured on 2 shared cores: RoPE +
+        # norms + attention of SmolLM2 at seq 256 took 3.3 s with 2 threads, 0.09 s with 1).
+        # With the fused kernels BLAS is held to one thread (CpuDevice.compute_scope) and every
+        # kernel shares one OpenMP team: all cores (None), which the split placement's CPU ops
+        # need on a many-core host.
+        if threads is not None:
+            self.kernel_threads = int(threads)
+        else:
+            self.kernel_threads = None if fused_nf4_available() else 1
         self.seed = int(seed)
         self.kernels = kernels if kernels is not None else default_kernels()
         self.timer = PhaseTimer()
