@@ -142,8 +142,8 @@ class GpuModel(Model):
 
 
 class SplitModel(GpuModel):
-    """The split placement: projections with LoRA, SwiGLU, residual adds and the LM head on
-    the GPU; norms, RoPE and attention on the CPU (engine/split_device.py).  Parameters,
+    """The split placement: projections with LoRA, norms, SwiGLU, residual adds and the LM head
+    on the GPU; RoPE and attention on the CPU (engine/split_device.py).  Parameters,
     gradients and AdamW live on the GPU as in the gpu placement."""
 
     placement = "split"
