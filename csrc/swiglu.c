@@ -70,7 +70,10 @@ static void backward_scalar(const float *g, const float *u, const float *dm, flo
   }
 }
 
-int qx_swiglu_forward(const float *g, const float *u, float *m, int64_t n, int nthreads) {
+/* Both directions over contiguous ranges of the n elements, one range per thread; dm NULL
+   means the forward (out0 = m), otherwise the backward (out0 = dg, out1 = du). */
+static int run(const float *g, const float *u, const float *dm, float *out0, float *out1,
+               int64_t n, int nthreads) {
   if (n < 0) return QX_E_SIZE;
   const int nt = threads_for(n, nthreads);
   const int vec = QX_X86 && qx_cpu_level() >= QX_LEVEL_AVX512;
@@ -83,36 +86,25 @@ int qx_swiglu_forward(const float *g, const float *u, float *m, int64_t n, int n
 #endif
     const int64_t i0 = n * t / T, i1 = n * (t + 1) / T;
 #if QX_X86
-    if (vec)
-      forward_avx512(g, u, m, i0, i1);
-    else
+    if (vec) {
+      if (dm) backward_avx512(g, u, dm, out0, out1, i0, i1);
+      else forward_avx512(g, u, out0, i0, i1);
+    } else
 #endif
-      forward_scalar(g, u, m, i0, i1);
+    {
+      if (dm) backward_scalar(g, u, dm, out0, out1, i0, i1);
+      else forward_scalar(g, u, out0, i0, i1);
+    }
   }
   (void)vec;
   return QX_OK;
 }
 
+int qx_swiglu_forward(const float *g, const float *u, float *m, int64_t n, int nthreads) {
+  return run(g, u, NULL, m, NULL, n, nthreads);
+}
+
 int qx_swiglu_backward(const float *g, const float *u, const float *dm, float *dg, float *du,
                        int64_t n, int nthreads) {
-  if (n < 0) return QX_E_SIZE;
-  const int nt = threads_for(n, nthreads);
-  const int vec = QX_X86 && qx_cpu_level() >= QX_LEVEL_AVX512;
-#pragma omp parallel num_threads(nt)
-  {
-#ifdef _OPENMP
-    const int t = omp_get_thread_num(), T = omp_get_num_threads();
-#else
-    const int t = 0, T = 1;
-#endif
-    const int64_t i0 = n * t / T, i1 = n * (t + 1) / T;
-#if QX_X86
-    if (vec)
-      backward_avx512(g, u, dm, dg, du, i0, i1);
-    else
-#endif
-      backward_scalar(g, u, dm, dg, du, i0, i1);
-  }
-  (void)vec;
-  return QX_OK;
+  return run(g, u, dm, dg, du, n, nthreads);
 }
