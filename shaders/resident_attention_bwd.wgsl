@@ -26,23 +26,7 @@
 // current one, so that global-load latency hides behind it.
 // Splitting dq from dk/dv avoids float atomics at the price of computing P twice.
 
-struct Params {
-    batch: u32,
-    t: u32,
-    hq: u32,
-    hkv: u32,
-    has_mask: u32,
-    scale: f32,
-    head_split: u32,   // dkdv: 1 = one query head per workgroup (GQA partials), 0 = all G
-}
-
-const DP4: u32 = (HEAD_DIM + 3u) / 4u;
-const NX: u32 = BC / TN;
-const NY: u32 = BR / TM;
-const NT: u32 = NX * NY;
-const DV4: u32 = (DP4 + NX - 1u) / NX;
-const CS: u32 = DK4 + 1u;
-const PS: u32 = BC / 4u + 1u;
+// Params and the tile constants: resident_attention_common.
 
 // tensors named by the fetch helpers
 const SRC_Q: u32 = 0u;
@@ -69,38 +53,15 @@ fn key_ok(b: u32, j: u32) -> bool {
     return j < p.t && (p.has_mask == 0u || mask[b * p.t + j] != 0u);
 }
 
-// vec4 c4 of row t of q / do (head h of Hq) or k / v (head h of Hkv), zero past D; the
-// caller checks t < T and c4 < DP4.  As in resident_attention_fwd: one vec4 load where
-// D % 4 == 0, else the dims one by one.
-fn fetch4(src: u32, b: u32, t: u32, h: u32, c4: u32) -> vec4<f32> {
-    var nh = p.hkv;
-    if (src == SRC_Q || src == SRC_DO) {
-        nh = p.hq;
+// The i-th vec4 of source src (SRC_Q, SRC_K, SRC_V, SRC_DO): fetch4 in
+// resident_attention_common reads the tensors through it.
+fn load4(src: u32, i: u32) -> vec4<f32> {
+    switch src {
+        case 0u: { return q[i]; }
+        case 1u: { return k[i]; }
+        case 2u: { return v[i]; }
+        default: { return d_o[i]; }
     }
-    let row = (b * p.t + t) * nh + h;
-    if (HEAD_DIM % 4u == 0u) {
-        let i = row * DP4 + c4;
-        switch src {
-            case 0u: { return q[i]; }
-            case 1u: { return k[i]; }
-            case 2u: { return v[i]; }
-            default: { return d_o[i]; }
-        }
-    }
-    var x = vec4<f32>(0.0);
-    for (var u = 0u; u < 4u; u = u + 1u) {
-        let d = c4 * 4u + u;
-        if (d < HEAD_DIM) {
-            let e = row * HEAD_DIM + d;
-            switch src {
-                case 0u: { x[u] = q[e / 4u][e % 4u]; }
-                case 1u: { x[u] = k[e / 4u][e % 4u]; }
-                case 2u: { x[u] = v[e / 4u][e % 4u]; }
-                default: { x[u] = d_o[e / 4u][e % 4u]; }
-            }
-        }
-    }
-    return x;
 }
 
 //!include resident_attention_common

@@ -2,10 +2,54 @@
 // resident_attention_bwd.wgsl (an include line naming this file): staging, scores and
 // accumulation.  They use names each including shader defines: the bindings q, k, v,
 // the uniform p, the consts and workgroup arrays declared above the include line.
+
+// Module-scope declarations may come in any order in WGSL: the bindings above the include
+// line use these.
+struct Params {
+    batch: u32,
+    t: u32,
+    hq: u32,
+    hkv: u32,
+    has_mask: u32,
+    scale: f32,
+    head_split: u32,   // backward dkdv: 1 = one query head per workgroup (GQA partials), 0 = all G
+}
+
+const DP4: u32 = (HEAD_DIM + 3u) / 4u;   // vec4s per head row (zero-padded past D)
+const NX: u32 = BC / TN;                 // threads across a key block (and across O's vec4s)
+const NY: u32 = BR / TM;
+const NT: u32 = NX * NY;
+const DV4: u32 = (DP4 + NX - 1u) / NX;   // O vec4 columns per thread
+const CS: u32 = DK4 + 1u;                // staged chunk row stride (vec4s)
+const PS: u32 = BC / 4u + 1u;            // P row stride (vec4s)
+
+// vec4 c4 of row t of q / dO (head h of Hq) or k / v (head h of Hkv), zero past D; the
+// caller checks t < T and c4 < DP4.  The tensors are bound as vec4 arrays (buffers are whole
+// vec4s): with D % 4 == 0 a row is whole vec4s and one load brings four dims; otherwise the
+// four dims are picked out one by one.  The including shader defines load4(src, i).
+fn fetch4(src: u32, b: u32, t: u32, h: u32, c4: u32) -> vec4<f32> {
+    var nh = p.hkv;
+    if (src == SRC_Q || src == SRC_DO) {
+        nh = p.hq;
+    }
+    let row = (b * p.t + t) * nh + h;
+    if (HEAD_DIM % 4u == 0u) {
+        return load4(src, row * DP4 + c4);
+    }
+    var x = vec4<f32>(0.0);
+    for (var u = 0u; u < 4u; u = u + 1u) {
+        let d = c4 * 4u + u;
+        if (d < HEAD_DIM) {
+            let e = row * HEAD_DIM + d;
+            x[u] = load4(src, e / 4u)[e % 4u];
+        }
+    }
+    return x;
+}
+
 // ---- staging: each thread fetches its share of the next staged piece into registers
 // before the current piece's arithmetic (the loads' latency hides behind it), then stores
 // it to workgroup memory between two barriers.
-
 // vec4s of one D chunk (both sides) and of one stage of VK full rows; per-thread shares.
 const NCH: u32 = (BR + BC) * DK4;
 const NPRE: u32 = (NCH + NT - 1u) / NT;

@@ -23,23 +23,7 @@
 // Output o = acc / l, lse = m + log(l); a row without any visible key gets o = 0 and
 // lse = -inf (backward then gives it zero gradients).
 
-struct Params {
-    batch: u32,
-    t: u32,
-    hq: u32,
-    hkv: u32,
-    has_mask: u32,
-    scale: f32,
-    head_split: u32,   // (backward only)
-}
-
-const DP4: u32 = (HEAD_DIM + 3u) / 4u;   // vec4s per head row (zero-padded past D)
-const NX: u32 = BC / TN;                 // threads across a key block (and across O's vec4s)
-const NY: u32 = BR / TM;
-const NT: u32 = NX * NY;
-const DV4: u32 = (DP4 + NX - 1u) / NX;   // O vec4 columns per thread
-const CS: u32 = DK4 + 1u;                // staged chunk row stride (vec4s)
-const PS: u32 = BC / 4u + 1u;            // P row stride (vec4s)
+// Params and the tile constants: resident_attention_common.
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
@@ -58,41 +42,19 @@ var<workgroup> red_s: array<f32, BR * NX>;       // per-row partials [row][tx]
 const SRC_Q: u32 = 0u;
 const SRC_K: u32 = 1u;
 const SRC_V: u32 = 2u;
+const SRC_DO: u32 = 3u;   // the backward's dO; never used here (fetch4 is shared)
 
 // Below any finite score; exp(NEG_BIG - s) is 0 without inf - inf arithmetic.
 const NEG_BIG: f32 = -3.0e38;
 
-// vec4 c4 of row t of q (src 0, head h of Hq) or k / v (src 1 / 2, head h of Hkv),
-// zero past D; the caller checks t < T and c4 < DP4.  The tensors are bound as vec4 arrays
-// (buffers are whole vec4s): with D % 4 == 0 a row is whole vec4s and one load brings four
-// dims; otherwise the four dims are picked out one by one.
-fn fetch4(src: u32, b: u32, t: u32, h: u32, c4: u32) -> vec4<f32> {
-    var nh = p.hkv;
-    if (src == SRC_Q) {
-        nh = p.hq;
+// The i-th vec4 of source src (SRC_Q, SRC_K, SRC_V): fetch4 in resident_attention_common
+// reads the tensors through it.
+fn load4(src: u32, i: u32) -> vec4<f32> {
+    switch src {
+        case 0u: { return q[i]; }
+        case 1u: { return k[i]; }
+        default: { return v[i]; }
     }
-    let row = (b * p.t + t) * nh + h;
-    if (HEAD_DIM % 4u == 0u) {
-        let i = row * DP4 + c4;
-        switch src {
-            case 0u: { return q[i]; }
-            case 1u: { return k[i]; }
-            default: { return v[i]; }
-        }
-    }
-    var x = vec4<f32>(0.0);
-    for (var u = 0u; u < 4u; u = u + 1u) {
-        let d = c4 * 4u + u;
-        if (d < HEAD_DIM) {
-            let e = row * HEAD_DIM + d;
-            switch src {
-                case 0u: { x[u] = q[e / 4u][e % 4u]; }
-                case 1u: { x[u] = k[e / 4u][e % 4u]; }
-                default: { x[u] = v[e / 4u][e % 4u]; }
-            }
-        }
-    }
-    return x;
 }
 
 //!include resident_attention_common
