@@ -19,6 +19,9 @@ import sys
 import numpy as np
 import pytest
 
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_resident_gemm import wait_gpu  # noqa: E402
+
 pytestmark = pytest.mark.gpu
 
 _DEFAULT = {"B": 1, "T": 64, "HQ": 4, "HKV": 2, "D": 32, "C": 64, "V": 1000}
@@ -82,7 +85,7 @@ def test_attention_fwd_bwd_gpu(benchmark, ctx):
     def step():
         attention_forward_gpu(ctx, q, k, v, o=o, lse=lse)
         attention_backward_gpu(ctx, q, k, v, o, lse, do, dq=dq, dk=dk, dv=dv)
-        ctx.sync()
+        wait_gpu(ctx)
 
     benchmark.pedantic(step, rounds=5, warmup_rounds=1)
     assert np.isfinite(ctx.to_numpy(dq)).all()
@@ -130,7 +133,7 @@ def test_lm_head_ce_gpu(benchmark, ctx):
 
     def step():
         head.record(gh, gw, gl, S["T"], 1.0 / (N - S["B"]), dhidden=dh)
-        ctx.sync()
+        wait_gpu(ctx)
 
     benchmark.pedantic(step, rounds=5, warmup_rounds=1)
     _rate(benchmark, tokens_per_s=N)

@@ -67,10 +67,16 @@ def fill(ctx, n, rng, scale=1.0, dtype=np.float32):
     return ctx.upload(np.resize(block, n).astype(dtype, copy=False))
 
 
+def wait_gpu(ctx):
+    """Submit and wait until the GPU is done (a 4-byte read back waits for the queue; wgpu
+    0.32's on_submitted_work_done_sync is broken: GPU.md)."""
+    ctx.to_numpy(ctx.cached("bench wait", lambda: ctx.empty((1,))))
+
+
 def kernel_seconds(ctx, record, reps):
     """{kernel: median GPU seconds per call} over `reps` calls, each pass timestamped."""
     record()   # compiles the pipelines
-    ctx.sync()
+    wait_gpu(ctx)
     per = {}
     for _ in range(reps):
         ctx.enable_timing(True)
@@ -240,7 +246,7 @@ def test_lora_products_rate(benchmark):
         t0 = time.perf_counter()
         for rec, _, _ in lora_calls(ctx, M, inn, out, r, bufs, tiles, split).values():
             rec()
-        ctx.sync()
+        wait_gpu(ctx)
         return time.perf_counter() - t0
 
     flop = sum(f for _, f, _ in lora_calls(ctx, M, inn, out, r, bufs, None, None).values())

