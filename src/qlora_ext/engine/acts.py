@@ -47,7 +47,6 @@ class LayerActs:
     rstd2: object    # [N]
     g: object        # [N, F] gate projection
     u: object        # [N, F] up projection
-    m: object        # [N, F] silu(g) * u
     lora_u: dict     # proj -> [N, r] scale * xd Aᵀ (adapted projections only)
 
 
@@ -62,7 +61,7 @@ def plan_layer_acts(d: Dims, ranks: dict) -> dict:
         "q": (d.B, d.T, d.Hq, d.D), "k": (d.B, d.T, d.Hkv, d.D), "v": (d.B, d.T, d.Hkv, d.D),
         "attn": (d.B, d.T, d.Hq, d.D), "lse": (d.B, d.Hq, d.T),
         "x2": (N, d.H), "h2": (N, d.H), "rstd2": (N,),
-        "g": (N, d.F), "u": (N, d.F), "m": (N, d.F),
+        "g": (N, d.F), "u": (N, d.F),
         "lora_u": {p: (N, r) for p, r in ranks.items()},
     }
 
@@ -70,9 +69,15 @@ def plan_layer_acts(d: Dims, ranks: dict) -> dict:
 @dataclass
 class StepScratch:
     """Buffers of one step that no layer keeps: the running hidden state, the final norm, the
-    gradients flowing back (reused by every layer), and the inputs saved for recompute."""
+    SwiGLU product, the gradients flowing back (reused by every layer), and the inputs saved
+    for recompute.
+
+    The SwiGLU product m = silu(g) * u is not kept per layer: the backward recomputes it from
+    the kept g and u (one elementwise pass) into this one buffer, which saves an [N, F] buffer
+    per layer (1.3 GiB for Qwen3-0.6B at 4 x 1024) for about 0.3% of the step's time."""
 
     x: object        # [N, H] hidden state between layers
+    m: object        # [N, F] silu(g) * u of the layer being run
     xf: object       # [N, H] final norm output
     rstdf: object    # [N]
     gy: object       # [N, H] gradient of a layer's output (ping-pong with gx)
@@ -101,7 +106,7 @@ def plan_scratch(d: Dims, recompute: int) -> dict:
     """recompute: how many layers (the first ones) save their input and recompute the rest."""
     N, qk = d.N, d.qk_norm
     return {
-        "x": (N, d.H), "xf": (N, d.H), "rstdf": (N,), "gy": (N, d.H), "gx": (N, d.H),
+        "x": (N, d.H), "m": (N, d.F), "xf": (N, d.H), "rstdf": (N,), "gy": (N, d.H), "gx": (N, d.H),
         "dx2": (N, d.H), "dh": (N, d.H), "dm": (N, d.F), "dg": (N, d.F), "du": (N, d.F),
         "da": (N, d.Hq * d.D), "dq": (d.B, d.T, d.Hq, d.D), "dk": (d.B, d.T, d.Hkv, d.D),
         "dv": (d.B, d.T, d.Hkv, d.D),

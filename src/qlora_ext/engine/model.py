@@ -385,7 +385,7 @@ class Model:
         dev = self.device
         dev.embed(s.x)
         for l in range(len(self.state.layers)):
-            program.layer_forward(dev, l, acts[0], s.x, s.x, cache=cache)
+            program.layer_forward(dev, l, acts[0], s, s.x, s.x, cache=cache)
             dev.layer_done()
         return dev.next_tokens(s.x, np.asarray(last, np.int64), k)
 

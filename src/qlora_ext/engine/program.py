@@ -16,8 +16,9 @@ from __future__ import annotations
 from .acts import act_slot
 
 
-def layer_forward(dev, l: int, a, x, y, cache=None) -> None:
-    """x [N, H] (copied into a.x) -> y [N, H] = the layer's output.  y None (the recompute of
+def layer_forward(dev, l: int, a, s, x, y, cache=None) -> None:
+    """x [N, H] (copied into a.x) -> y [N, H] = the layer's output; s is the step's
+    StepScratch (the SwiGLU product goes to s.m).  y None (the recompute of
     activation checkpointing): everything backward reads, without the down projection's
     output.  `cache`: a KV cache (generation): the new keys and values go in, and the
     attention covers the cached ones."""
@@ -46,8 +47,8 @@ def layer_forward(dev, l: int, a, x, y, cache=None) -> None:
     dev.rmsnorm_forward(a.x2, w.ln2, a.h2, a.rstd2)
     dev.linear_forward(l, "gate_proj", a.h2, a.g, a.lora_u.get("gate_proj"))
     dev.linear_forward(l, "up_proj", a.h2, a.u, a.lora_u.get("up_proj"))
-    dev.swiglu_forward(a.g, a.u, a.m)
-    dev.linear_forward(l, "down_proj", a.m, y, a.lora_u.get("down_proj"))
+    dev.swiglu_forward(a.g, a.u, s.m)
+    dev.linear_forward(l, "down_proj", s.m, y, a.lora_u.get("down_proj"))
     if y is not None:
         dev.add(y, a.x2)
 
@@ -60,7 +61,8 @@ def layer_backward(dev, l: int, a, dy, dx, s) -> None:
     N, Hq, Hkv, D = d.N, d.Hq, d.Hkv, d.D
     w = dev.layer_weights(l)
     lu = a.lora_u.get
-    dev.linear_backward(l, "down_proj", dy, a.m, lu("down_proj"), s.dm, False)
+    dev.swiglu_forward(a.g, a.u, s.m)      # not kept per layer (acts.StepScratch says why)
+    dev.linear_backward(l, "down_proj", dy, s.m, lu("down_proj"), s.dm, False)
     dev.swiglu_backward(a.g, a.u, s.dm, s.dg, s.du)
     dev.linear_backward(l, "gate_proj", s.dg, a.h2, lu("gate_proj"), s.dh, False)
     dev.linear_backward(l, "up_proj", s.du, a.h2, lu("up_proj"), s.dh, True)
@@ -96,7 +98,7 @@ def forward_layers(dev, acts: list, s, keep: bool) -> None:
         a = acts[act_slot(l, R) if keep else 0]
         if l < R:
             dev.copy(x, s.inputs[l])
-        layer_forward(dev, l, a, x, x)
+        layer_forward(dev, l, a, s, x, x)
         dev.layer_done()
     dev.rmsnorm_forward(x, dev.final_norm, s.xf, s.rstdf)
 
@@ -111,7 +113,7 @@ def backward_layers(dev, acts: list, s) -> None:
         if l < R:
             # recompute this layer's activations from its saved input; its output is not
             # read, so the down projection's GEMM is skipped
-            layer_forward(dev, l, a, s.inputs[l], None)
+            layer_forward(dev, l, a, s, s.inputs[l], None)
         layer_backward(dev, l, a, dy, dx if l > 0 else None, s)
         dev.layer_done()
         dy, dx = dx, dy
