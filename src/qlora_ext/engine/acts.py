@@ -74,10 +74,11 @@ class StepScratch:
 
     The SwiGLU product m = silu(g) * u is not kept per layer: the backward recomputes it from
     the kept g and u (one elementwise pass) into this one buffer, which saves an [N, F] buffer
-    per layer (1.3 GiB for Qwen3-0.6B at 4 x 1024) for about 0.3% of the step's time."""
+    per layer (1.3 GiB for Qwen3-0.6B at 4 x 1024) for about 0.3% of the step's time.  Once
+    the down projection's backward has read m, its buffer takes the gate's gradient dg."""
 
     x: object        # [N, H] hidden state between layers
-    m: object        # [N, F] silu(g) * u of the layer being run
+    m: object        # [N, F] silu(g) * u of the layer being run, then its dg
     xf: object       # [N, H] final norm output
     rstdf: object    # [N]
     gy: object       # [N, H] gradient of a layer's output (ping-pong with gx)
@@ -85,7 +86,6 @@ class StepScratch:
     dx2: object      # [N, H]
     dh: object       # [N, H] gradient of a normed input
     dm: object       # [N, F]
-    dg: object       # [N, F]
     du: object       # [N, F]
     da: object       # [N, Hq*D] gradient of the attention output
     dq: object       # [B, T, Hq, D]
@@ -107,7 +107,7 @@ def plan_scratch(d: Dims, recompute: int) -> dict:
     N, qk = d.N, d.qk_norm
     return {
         "x": (N, d.H), "m": (N, d.F), "xf": (N, d.H), "rstdf": (N,), "gy": (N, d.H), "gx": (N, d.H),
-        "dx2": (N, d.H), "dh": (N, d.H), "dm": (N, d.F), "dg": (N, d.F), "du": (N, d.F),
+        "dx2": (N, d.H), "dh": (N, d.H), "dm": (N, d.F), "du": (N, d.F),
         "da": (N, d.Hq * d.D), "dq": (d.B, d.T, d.Hq, d.D), "dk": (d.B, d.T, d.Hkv, d.D),
         "dv": (d.B, d.T, d.Hkv, d.D),
         "dqn": (N * d.Hq, d.D) if qk else None, "dkn": (N * d.Hkv, d.D) if qk else None,

@@ -63,8 +63,9 @@ def layer_backward(dev, l: int, a, dy, dx, s) -> None:
     lu = a.lora_u.get
     dev.swiglu_forward(a.g, a.u, s.m)      # not kept per layer (acts.StepScratch says why)
     dev.linear_backward(l, "down_proj", dy, s.m, lu("down_proj"), s.dm, False)
-    dev.swiglu_backward(a.g, a.u, s.dm, s.dg, s.du)
-    dev.linear_backward(l, "gate_proj", s.dg, a.h2, lu("gate_proj"), s.dh, False)
+    dg = s.m                               # m is read: its buffer takes dg
+    dev.swiglu_backward(a.g, a.u, s.dm, dg, s.du)
+    dev.linear_backward(l, "gate_proj", dg, a.h2, lu("gate_proj"), s.dh, False)
     dev.linear_backward(l, "up_proj", s.du, a.h2, lu("up_proj"), s.dh, True)
     dev.copy(dy, s.dx2)
     dev.rmsnorm_backward(a.x2, w.ln2, a.rstd2, s.dh, s.dx2, True)
