@@ -27,7 +27,7 @@ for stage in "$@"; do
       python3 bench/gpu_train_throughput.py --shape qwen3-0.6b --steps 3 --profile \
         --modes gpu,hf-bf16,hf-fp32,split --json "$OUT/small.jsonl" 2>&1 | tee "$OUT/small.log"
       for T in 1024 4096; do
-        QLORA_EXT_RESIDENT_BENCH="B=1,T=$T,HQ=32,HKV=8,D=128,C=2560,V=151936" python3 -m pytest -q -p no:cacheprovider \
+        QLORA_EXT_RESIDENT_BENCH="B=1,T=$T,HQ=32,HKV=8,D=128,C=2560,V=151936,DOC=256" python3 -m pytest -q -p no:cacheprovider \
           bench/bench_resident.py -k attention --benchmark-enable --benchmark-only --benchmark-json="$OUT/attn_T$T.json" 2>&1 | tail -15
       done ;;
     small-split)
@@ -60,7 +60,7 @@ print('/tmp/mpich/' + libs[0].split('/data/lib/')[0] + '/data/lib')")
       python3 bench/gpu_train_throughput.py --shape qwen3-4b --steps 3 --checkpointing --profile \
         --modes gpu,hf-bf16,hf-fp32 --json "$OUT/gpu_large.jsonl" 2>&1 | tee "$OUT/gpu_large.log" | grep -v "^{"
       for T in 1024 4096; do
-        QLORA_EXT_RESIDENT_BENCH="B=1,T=$T,HQ=32,HKV=8,D=128,C=2560,V=151936" python3 -m pytest -q -p no:cacheprovider \
+        QLORA_EXT_RESIDENT_BENCH="B=1,T=$T,HQ=32,HKV=8,D=128,C=2560,V=151936,DOC=256" python3 -m pytest -q -p no:cacheprovider \
           bench/bench_resident.py -k attention --benchmark-enable --benchmark-only --benchmark-json="$OUT/attn_T$T.json" 2>&1 | tail -6
       done
       # what load_model(placement="auto") chooses here, and why (free memory from nvidia-smi)
