@@ -95,7 +95,7 @@ def random_state(shape: str, seed=0):
     return ModelState(cfg, embed, np.ones(cfg.hidden_size, np.float32), None, layers, source=f"random {shape}")
 
 
-def run_qlora_ext(mode, state, batch, seq, steps, checkpointing, profile=False):
+def run_qlora_ext(mode, state, batch, seq, steps, checkpointing, profile=False, lanes=None, trace_dir=None):
     import qlora_ext as qx
     from qlora_ext.device import adapter_info
     from qlora_ext.engine.gpu_model import GpuModel, SplitModel
@@ -109,7 +109,10 @@ def run_qlora_ext(mode, state, batch, seq, steps, checkpointing, profile=False):
         # What load_model(placement=...) builds, driven by the Trainer as `qlora-ext train` does
         # (clipping at 1.0: one squared-norm readback per update).
         cls = GpuModel if mode == "gpu" else SplitModel
-        model = cls(state, lora, gradient_checkpointing=checkpointing)
+        model = cls(state, lora, gradient_checkpointing=checkpointing,
+                    **({"lanes": lanes} if mode == "split" else {}))
+        if mode == "split":
+            result["lanes"] = min(model.lanes, batch)
         trainer = qx.Trainer(model, qx.TrainConfig(lr=2e-4))
         step = lambda: trainer.step(ids, ids)  # noqa: E731
         t0 = time.perf_counter()
@@ -124,13 +127,17 @@ def run_qlora_ext(mode, state, batch, seq, steps, checkpointing, profile=False):
             times.append(time.perf_counter() - t)
         if profile:
             # Separate, untimed steps: per-kernel timestamps cost a pass per dispatch.
-            PROFILER.start(placement=mode, adapter=(result["adapter"] or {}).get("name"))
+            PROFILER.start(placement=mode, adapter=(result["adapter"] or {}).get("name"),
+                           **({"lanes": result["lanes"]} if mode == "split" else {}))
             for _ in range(2):
                 with PROFILER.step():
                     step()
             PROFILER.stop()
             print(PROFILER.table(), flush=True)
             result["profile"] = PROFILER.summary()
+            if trace_dir:
+                name = mode + (f"-lanes{result['lanes']}" if mode == "split" else "")
+                PROFILER.write_trace(f"{trace_dir}/{name}.trace.json")
         result.update(step_s=float(np.median(times)), steps=len(times), loss_first=float(loss0), loss_last=float(loss))
     if mode == "gpu":
         result["engine_memory_gib"] = {k: v / 2**30 for k, v in model.memory_report((batch, seq)).items()
@@ -210,6 +217,8 @@ def main(argv=None):
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing on every layer in the qlora_ext placements")
     ap.add_argument("--json", help="append one JSON line per mode here")
     ap.add_argument("--profile", action="store_true", help="print the profiler's phase table for the qlora_ext placements")
+    ap.add_argument("--lanes", type=int, help="split: micro-batches in flight at once (default: the model's, 2)")
+    ap.add_argument("--trace-dir", help="with --profile: write a Perfetto trace per qlora_ext mode here")
     a = ap.parse_args(argv)
     state = None
     for mode in a.modes.split(","):
@@ -220,7 +229,8 @@ def main(argv=None):
             else:
                 if state is None:
                     state = random_state(a.shape)
-                res = run_qlora_ext(mode, state, a.batch, a.seq, a.steps, a.checkpointing, a.profile)
+                res = run_qlora_ext(mode, state, a.batch, a.seq, a.steps, a.checkpointing, a.profile, a.lanes,
+                                    a.trace_dir)
         except Exception as e:  # one failing mode must not lose the others' figures
             res = {"mode": mode, "error": f"{type(e).__name__}: {e}"}
         res.update(shape=a.shape, wall_s=time.perf_counter() - t0)

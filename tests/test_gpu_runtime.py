@@ -1,7 +1,8 @@
 """The GPU runtime (qlora_ext.gpu.runtime): Tuning read from the environment in one place,
-errors that name the adapter, the shader loader, and GpuContext.upload/write (large arrays go
-up through one reused MAP_WRITE staging buffer in pieces; contents must arrive bit-exact and
-writes must keep their ordering with recorded work)."""
+errors that name the adapter, the shader loader, and the transfers (large arrays go up and
+come back through pooled mapped staging buffers in pieces, copied by several threads; contents
+must arrive bit-exact, writes must keep their ordering with recorded work, and the pool must
+reuse its buffers)."""
 import ast
 import dataclasses
 from pathlib import Path
@@ -9,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qlora_ext.gpu.runtime.transfer import POOL_MIN_BYTES
+
 from gpu_resident_support import resident_context
 
 gpu = pytest.mark.gpu
 SRC = Path(__file__).resolve().parents[1] / "src" / "qlora_ext"
 
-_STAGE = 1024  # bytes: a tiny staging buffer, so that small arrays take several pieces
+_STAGE = 1024  # bytes: a tiny staging piece, so that small arrays take several pieces
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +27,11 @@ def ctx():
 
 @pytest.fixture
 def small_staging(ctx, monkeypatch):
-    """Every write through a 1 KiB staging buffer."""
+    """Every transfer staged, in pieces of 1 KiB, from an empty pool."""
+    from qlora_ext.gpu.runtime.transfer import StagingPool
+
     monkeypatch.setattr(ctx, "tuning", dataclasses.replace(ctx.tuning, staging_bytes=_STAGE, staging_min_bytes=0))
+    monkeypatch.setattr(ctx, "staging_pool", StagingPool(ctx))
     return ctx
 
 
@@ -39,10 +45,12 @@ def test_tuning_from_env_reads_every_knob(tmp_path):
                          "QLORA_EXT_GEMM_MIN_GROUPS": "100", "QLORA_EXT_RESIDENT_GEMM_TILES": "64,64,16",
                          "QLORA_EXT_ATTN_TILES": "32,32,4,4,2", "QLORA_EXT_ATTN_HEAD_SPLIT": "0",
                          "QLORA_EXT_WGSL_TRUSTED": "1", "QLORA_EXT_WGSL_DEBUG": "1",
-                         "QLORA_EXT_SHADERS": str(tmp_path), "QLORA_EXT_GPU_MEMORY_GIB": "1.5"})
+                         "QLORA_EXT_SHADERS": str(tmp_path), "QLORA_EXT_GPU_MEMORY_GIB": "1.5",
+                         "QLORA_EXT_COPY_THREADS": "3"})
     assert (t.gemm_tiles, t.gemm_tiles_small, t.gemm_min_groups) == ((16, 16, 8, 8, 16), (8, 8, 4, 4, 8), 100)
     assert (t.fp32_gemm_tiles, t.attn_tiles, t.attn_head_split) == ((64, 64, 16), (32, 32, 4, 4, 2), False)
     assert (t.trusted, t.wgsl_debug, t.shader_dir, t.gpu_memory_gib) == (True, True, str(tmp_path), 1.5)
+    assert t.copy_threads == 3
     assert t.gemm_overridden and not Tuning(fp32_gemm_tiles=(64, 64, 16)).gemm_overridden
     assert Tuning.from_env({"QLORA_EXT_WGSL_DEBUG": "0", "QLORA_EXT_ATTN_TILES": ""}) == Tuning()
 
@@ -53,7 +61,7 @@ def test_tuning_from_env_reads_every_knob(tmp_path):
     ("QLORA_EXT_ATTN_TILES", "16,3,8"), ("QLORA_EXT_ATTN_TILES", "16,16,3,4"), ("QLORA_EXT_ATTN_TILES", "16,18,2,2"),
     ("QLORA_EXT_ATTN_TILES", "a,b,c,d"), ("QLORA_EXT_ATTN_HEAD_SPLIT", "yes"), ("QLORA_EXT_WGSL_TRUSTED", "2"),
     ("QLORA_EXT_SHADERS", "/nonexistent/qlora-ext-shaders"), ("QLORA_EXT_GPU_MEMORY_GIB", "lots"),
-    ("QLORA_EXT_GPU_MEMORY_GIB", "-1")])
+    ("QLORA_EXT_GPU_MEMORY_GIB", "-1"), ("QLORA_EXT_COPY_THREADS", "0")])
 def test_tuning_bad_value_names_the_variable(var, value):
     from qlora_ext.gpu.runtime import Tuning
 
@@ -148,6 +156,11 @@ def test_shader_compile_error_lists_source(ctx, capsys, tmp_path):
 
 # ---- uploads --------------------------------------------------------------------------------
 
+def _staging_sizes(ctx, write: bool) -> set:
+    flag = ctx.wgpu.BufferUsage.MAP_WRITE if write else ctx.wgpu.BufferUsage.MAP_READ
+    return {b.size for b in ctx.staging_pool.buffers() if b.usage & flag}
+
+
 def _bits(n, seed, dtype):
     # every 32-bit pattern is fair game (f32 NaNs and denormals included): compare as u32
     return np.random.default_rng(seed).integers(0, 2**32, size=n, dtype=np.uint32).view(dtype)
@@ -161,7 +174,7 @@ def test_staged_upload_bit_exact(small_staging, n, dtype):
     ctx = small_staging
     a = _bits(n, n, {"f32": np.float32, "u32": np.uint32, "i32": np.int32}[dtype])
     t = ctx.upload(a, dtype)
-    assert ctx._staging is not None and ctx._staging.size == _STAGE
+    assert _staging_sizes(ctx, write=True) == {POOL_MIN_BYTES}
     got = ctx.to_numpy(t)
     assert got.shape == (n,) and np.array_equal(got.view(np.uint32), a.view(np.uint32))
     # a second write into the same tensor replaces every element
@@ -215,15 +228,74 @@ def test_default_threshold(ctx):
 
     assert STAGING_MIN_BYTES <= STAGING_BYTES
     small = _bits(STAGING_MIN_BYTES // 4 - 1, 4, np.float32)
-    ctx._staging = None
+    pool = ctx.staging_pool
+    before = len(pool.buffers())
     t = ctx.upload(small)
-    assert ctx._staging is None
+    assert len(pool.buffers()) == before
     assert np.array_equal(ctx.to_numpy(t).view(np.uint32), small.view(np.uint32))
     big = _bits(STAGING_MIN_BYTES // 4 + 1, 5, np.float32)
     t = ctx.upload(big)
-    assert ctx._staging is not None and ctx._staging.size == STAGING_BYTES
+    assert pool.size_for(big.nbytes) in _staging_sizes(ctx, write=True)
     assert np.array_equal(ctx.to_numpy(t).view(np.uint32), big.view(np.uint32))
 
+
+
+@pytest.mark.parametrize("n", [0, 1, 63, 64, 1009, 4099])
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+def test_copy_bytes_in_pieces_bit_exact(monkeypatch, n, threads):
+    """copy_bytes cuts the bytes across threads (pieces of at least COPY_PIECE_MIN, here 64):
+    every byte lands once, nothing outside dst's range is touched."""
+    from qlora_ext.gpu.runtime import transfer
+
+    monkeypatch.setattr(transfer, "COPY_PIECE_MIN", 64)
+    src = _bits((n + 3) // 4, n, np.uint32).view(np.uint8)[:n]
+    dst = np.full(n + 8, 7, np.uint8)
+    transfer.copy_bytes(dst[4:4 + n], src, threads)
+    assert np.array_equal(dst[4:4 + n], src) and (dst[:4] == 7).all() and (dst[4 + n:] == 7).all()
+
+
+@gpu
+def test_staging_pool_reuses_its_buffers(small_staging):
+    """Repeated uploads and readbacks of one size keep the pool at the buffers one of each
+    needs (uploads return at submit, readbacks after finish)."""
+    ctx = small_staging
+    a = _bits(700, 11, np.uint32)
+    t = ctx.upload(a)
+    out = np.empty_like(a)
+    for i in range(3):
+        b = _bits(700, 12 + i, np.uint32)
+        ctx.write(t, b)
+        ctx.read_into(t, out)
+        assert np.array_equal(out, b)
+    writes, reads = (len([x for x in ctx.staging_pool.buffers() if x.usage & flag])
+                     for flag in (ctx.wgpu.BufferUsage.MAP_WRITE, ctx.wgpu.BufferUsage.MAP_READ))
+    assert writes <= 3 and reads == 3   # 700 u32 = 2,800 bytes: three 1 KiB pieces
+
+
+@gpu
+def test_reads_in_flight_finish_in_any_order(small_staging):
+    """Two read_starts before either finishes (the split placement's lanes do so), finished in
+    the other order: each gets its own tensor; staging comes back to the pool."""
+    ctx = small_staging
+    a, b = _bits(300, 21, np.uint32), _bits(200, 22, np.uint32)
+    ta, tb = ctx.upload(a), ctx.upload(b)
+    oa, ob = np.empty_like(a), np.empty_like(b)
+    ra, rb = ctx.read_start(ta, oa), ctx.read_start(tb, ob)
+    rb.finish()
+    ra.finish()
+    assert np.array_equal(oa, a) and np.array_equal(ob, b)
+    ra.finish()   # a finished read has nothing left to do
+    assert np.array_equal(oa, a)
+
+
+@gpu
+def test_upload_without_a_writable_mapped_view(small_staging, monkeypatch):
+    """Where wgpu has no writable view of mapped memory, write_mapped copies (one thread)."""
+    from qlora_ext.gpu.runtime import transfer
+
+    monkeypatch.setattr(transfer, "_writable_view", lambda buf, n: None)
+    a = _bits(1009, 31, np.float32)
+    assert np.array_equal(small_staging.to_numpy(small_staging.upload(a)).view(np.uint32), a.view(np.uint32))
 
 # ---- context ----------------------------------------------------------------------------------
 
@@ -255,7 +327,7 @@ def test_staged_readback_bit_exact(small_staging, n, dtype):
     ctx.encoder().copy_buffer_to_buffer(t.buffer, 0, later.buffer, 0, t.nbytes)   # recorded, not sent
     out = np.full(n, 5, a.dtype)
     ctx.read_into(later, out)
-    assert ctx._read_staging is not None and ctx._read_staging.size == _STAGE
+    assert _staging_sizes(ctx, write=False) == {POOL_MIN_BYTES}
     assert np.array_equal(out.view(np.uint32), a.view(np.uint32))
     with pytest.raises(ValueError, match="read_into"):
         ctx.read_into(t, np.empty(n + 1, a.dtype))

@@ -76,3 +76,32 @@ def test_overhead_when_off_is_small():
             pass
     per_call = (time.perf_counter() - t0) / n
     assert per_call < 2e-6
+
+
+def test_phase_timer_nests_per_thread():
+    """Two threads' phases overlap (the split placement's lanes and its CPU worker): each
+    thread's phase keeps its own time.  A 'a' opens, B 'b' opens, A closes, B sleeps and closes:
+    'b' holds the sleep, 'a' almost nothing."""
+    from qlora_ext.profile import PhaseTimer
+
+    timer = PhaseTimer()
+    b_open, a_closed = threading.Event(), threading.Event()
+
+    def thread_a():
+        with timer("a"):
+            b_open.wait()
+        a_closed.set()
+
+    def thread_b():
+        with timer("b"):
+            b_open.set()
+            a_closed.wait()
+            time.sleep(0.05)
+
+    ts = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    times = timer.reset()
+    assert times["b"] >= 0.05 and times["a"] < 0.04

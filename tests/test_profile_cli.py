@@ -62,3 +62,33 @@ def test_profile_command_gpu_placement_shows_per_kernel_gpu_time(tmp_path, capsy
     for kernel in ("attention_fwd.forward", "attention_bwd.dq", "gemm.main", "adamw.step", "grad_norm.sq_norm"):
         assert (kernel, "gpu") in phases, kernel
     assert summary["meta"]["placement"] == "gpu"
+
+
+def test_profile_command_split_lanes_overlap_cpu_and_transfers(tmp_path, capsys):
+    """--placement split (lavapipe in CI): with its default two lanes (batch 2 by default) one
+    lane's transfers run while the other's attention runs on the CPU, so CPU and transfer
+    spans overlap in the trace; --lanes 1 runs one pass, where they cannot."""
+    import pytest
+
+    pytest.importorskip("wgpu")
+    from qlora_ext.gpu.runtime import unavailable_reason
+    from qlora_ext.profile import _intersection_length, _intervals
+
+    if unavailable_reason():
+        pytest.skip(unavailable_reason())
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", model_type="qwen3", seed=2)
+    overlap = {}
+    for lanes in (None, 1):
+        trace = tmp_path / f"trace{lanes}.json"
+        args = ["profile", "--model", str(ckpt), "--steps", "2", "--seq-len", "64", "--placement", "split",
+                "--json", "--trace", str(trace)]
+        assert main(args + ([] if lanes is None else ["--lanes", str(lanes)])) == 0
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert summary["meta"]["lanes"] == (2 if lanes is None else 1)
+        assert summary["meta"]["tokens_per_step"] == 2 * 64
+        events = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
+        spans = lambda cat: _intervals([(e["ts"], e["ts"] + e["dur"]) for e in events if e["cat"] == cat])  # noqa: E731
+        overlap[lanes] = _intersection_length(spans("cpu"), spans("transfer"))
+    assert overlap[None] > 0 and overlap[1] == 0
+    assert main(["profile", "--model", str(ckpt), "--placement", "split", "--lanes", "0"]) == 2
+    assert "--lanes" in capsys.readouterr().err

@@ -50,6 +50,6 @@ def build_model(state, lora: LoraConfig, placement, options: LoadOptions):
     elif placement.name == "gpu":
         model = GpuModel(state, lora, ctx=shared_context(placement.adapter), weights=placement.weights, **common)
     else:
-        model = SplitModel(state, lora, ctx=shared_context(placement.adapter), **common)
+        model = SplitModel(state, lora, ctx=shared_context(placement.adapter), lanes=options.lanes, **common)
     model.placement_reason = placement.reason
     return model

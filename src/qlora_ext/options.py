@@ -36,6 +36,20 @@ def placement_of_mode(mode: str, device: str = "auto") -> str:
     return DEPRECATED_MODES[mode]
 
 
+# The split placement's lanes (engine/lanes.py) when LoadOptions.lanes is None: two keep the
+# CPU and the GPU busy at once (one lane's attention beside the other's projections); a batch
+# of one row runs as one pass.
+DEFAULT_LANES = 2
+
+
+def check_lanes(lanes) -> int:
+    """lanes as an int >= 1, else ValueError."""
+    if isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 1:
+        raise ValueError(f"lanes must be an int >= 1 (micro-batches of a split step in flight at once), "
+                         f"got {lanes!r}")
+    return int(lanes)
+
+
 def recompute_count(gradient_checkpointing, layers: int) -> int:
     """Layers that recompute their activations in the backward: True every layer, False none,
     an int that many (the first ones)."""
@@ -65,6 +79,10 @@ class LoadOptions:
     compute_dtype: str | None = _help("fp32 or bf16 CPU base products; None keeps the LoraConfig's", None)
     threads: int | None = _help("CPU threads for the kernels; None: all cores", None)
     seed: int = _help("seed of the LoRA A init and the dropout masks", 0)
+    lanes: int | None = _help(
+        "split placement: micro-batches of a training step in flight at once, so that the CPU's "
+        f"attention of one runs beside the GPU's work of another (same results for any count); "
+        f"None: {DEFAULT_LANES}", None)
     revision: str | None = _help("hub revision when the path is a hub id", None)
     progress: object = _help("a progress bar for loading: None (auto), False (off) or True", None)
 
@@ -76,6 +94,8 @@ class LoadOptions:
         if self.placement in ("split", "gpu") and self.device == "cpu":
             raise ValueError(f"placement={self.placement!r} runs on a GPU: it needs device='auto' or 'gpu', "
                              "not device='cpu'")
+        if self.lanes is not None:
+            check_lanes(self.lanes)
         gc = self.gradient_checkpointing
         if gc is not None and not isinstance(gc, bool) and (not isinstance(gc, int) or gc < 0):
             raise ValueError(f"gradient_checkpointing must be True, False, a layer count >= 0 or None "

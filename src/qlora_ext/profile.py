@@ -231,7 +231,9 @@ class PhaseTimer:
     """Exclusive seconds per phase (embed, norms, projections, dequant, attention, rope, ffn,
     loss, lm_head), accumulated until reset().  A phase nested in another (dequant inside
     projections) pauses its parent, so the shares add up to the total; each uninterrupted
-    segment also goes to the step profiler (qlora_ext.PROFILER) as a CPU span when it is on."""
+    segment also goes to the step profiler (qlora_ext.PROFILER) as a CPU span when it is on.
+    Threads nest their phases apart (the split placement times from its lanes and its CPU
+    worker at once) and add into the same totals."""
 
     def __init__(self):
         self.profiler = PROFILER
@@ -239,27 +241,33 @@ class PhaseTimer:
         # profiler device per phase (default "cpu"); the model marks "ffn" as "wait" when a
         # GPU backend runs it, since the host then only waits for the GPU
         self.devices: dict[str, str] = {}
-        self._stack: list[list] = []        # [name, start of its current segment]
+        self._local = threading.local()     # .stack: [name, start of its current segment]
+        self._lock = threading.Lock()
 
     def _close(self, entry, now):
         name, t0 = entry
-        self.times[name] = self.times.get(name, 0.0) + now - t0
+        with self._lock:
+            self.times[name] = self.times.get(name, 0.0) + now - t0
         self.profiler.record(name, self.devices.get(name, "cpu"), t0, now)
 
     @contextmanager
     def __call__(self, name: str):
         now = time.perf_counter()
-        if self._stack:
-            self._close(self._stack[-1], now)
-        self._stack.append([name, now])
+        stack = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        if stack:
+            self._close(stack[-1], now)
+        stack.append([name, now])
         try:
             yield
         finally:
             now = time.perf_counter()
-            self._close(self._stack.pop(), now)
-            if self._stack:
-                self._stack[-1][1] = now
+            self._close(stack.pop(), now)
+            if stack:
+                stack[-1][1] = now
 
     def reset(self) -> dict:
-        out, self.times = self.times, {}
+        with self._lock:
+            out, self.times = self.times, {}
         return out

@@ -18,7 +18,10 @@ def add_profile_command(sub) -> None:
     add_model_args(p, backward=True)
     p.add_argument("--steps", type=int, default=3, help="profiled steps, after one warm-up step (default 3)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per row of the profiled step (default 256)")
-    p.add_argument("--batch-size", type=int, default=1, help="rows of the profiled step (default 1)")
+    p.add_argument("--batch-size", type=int, help="rows of the profiled step (default 1; 2 with --placement "
+                                                   "split, whose lanes then overlap CPU and GPU work)")
+    p.add_argument("--lanes", type=int, help="split placement: micro-batches in flight at once (default 2; "
+                                             "1 runs the step as one pass)")
     p.add_argument("--lora-rank", type=int, default=16, help="LoRA r of the adapters (default 16)")
     p.add_argument("--quantize", default="nf4", choices=("nf4", "none"), help="base weights format (default nf4)")
     p.add_argument("--trace", metavar="FILE.json", help="write a Chrome/Perfetto trace")
@@ -34,7 +37,8 @@ def cmd_profile(args) -> int:
     from .device import adapter_info
 
     check_flags(args, {"steps": int_in(1, 10**6), "seq_len": int_in(1, MAX_SEQ_LEN),
-                       "batch_size": int_in(1, MAX_ROWS), "lora_rank": int_in(1, MAX_RANK)})
+                       "batch_size": int_in(1, MAX_ROWS), "lora_rank": int_in(1, MAX_RANK),
+                       "lanes": int_in(1, MAX_ROWS)})
     threads = bounded_threads(args.threads)
     check_lora_fits(args.model, args.lora_rank, None)
     if args.trace:  # outputs fail now, not after the profiled steps
@@ -44,10 +48,12 @@ def cmd_profile(args) -> int:
     placement = placement_of_args(args, args.placement, args.device) or "auto"
     # a GPU placement asked for by name may take a software adapter (lavapipe: the profile of CI)
     device = "gpu" if placement in ("gpu", "split") and args.device == "auto" else args.device
+    if args.batch_size is None:
+        args.batch_size = 2 if placement == "split" else 1
     model = qx.load_model(args.model, lora=qx.LoraConfig(r=args.lora_rank, alpha=2 * args.lora_rank),
                           quantize=None if args.quantize == "none" else args.quantize, device=device,
                           threads=threads, placement=placement, gradient_checkpointing=args.gradient_checkpointing,
-                          revision=args.revision, compute_dtype=args.compute_dtype)
+                          revision=args.revision, compute_dtype=args.compute_dtype, lanes=args.lanes)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, model.config.vocab_size, (args.batch_size, args.seq_len))
     # the Trainer's step in either placement: what `qlora-ext train` runs
@@ -57,7 +63,8 @@ def cmd_profile(args) -> int:
     info = adapter_info() if device != "cpu" else None
     PROFILER.start(model=str(args.model), placement=model.placement,
                    adapter=(info or {}).get("name", "none (CPU backend)"),
-                   tokens_per_step=args.batch_size * args.seq_len)
+                   tokens_per_step=args.batch_size * args.seq_len,
+                   **({"lanes": min(model.lanes, args.batch_size)} if model.placement == "split" else {}))
     t0 = time.perf_counter()
     try:
         for _ in range(args.steps):

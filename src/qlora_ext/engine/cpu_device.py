@@ -10,6 +10,7 @@ Phases (qlora_ext.profile): each op is timed under the phase users see in the ta
 norms, projections (q/k/v/o), dequant, rope, attention, ffn (gate/up/SwiGLU/down), lm_head, loss."""
 from __future__ import annotations
 
+import copy
 from contextlib import nullcontext
 
 import numpy as np
@@ -79,6 +80,11 @@ class CpuDevice:
         self.tables = self.rope_cache.covering(int(np.max(positions)) + 1)
         self.dropout = float(dropout) if step is not None else 0.0
         self.drop_seed, self.drop_step = int(seed), step
+
+    def lane(self) -> "CpuDevice":
+        """A device for a micro-batch run beside this one (the split placement's lanes): the
+        same weights, parameters and timer; prepare() gives it its own batch."""
+        return copy.copy(self)
 
     def buffers(self, dims, keep: bool):
         """The program's buffers (LayerActs list, StepScratch), fresh each step."""

@@ -15,6 +15,7 @@ shaders/dropout.wgsl applies them.
 Shape letters as in engine/acts.py."""
 from __future__ import annotations
 
+import copy
 from contextlib import nullcontext
 
 import numpy as np
@@ -22,9 +23,9 @@ import numpy as np
 from ..gpu import kernels
 from ..gpu.kernels import Operand
 from ..gpu.decode import MAX_TOP_K, decode_attention_gpu, kv_store_gpu, topk_gpu
-from ..gpu.bindings.attention import attention_backward_gpu, attention_forward_gpu, document_starts
+from ..gpu.bindings.attention import attention_backward_gpu, attention_forward_gpu
 from ..gpu.bindings.cross_entropy import LmHeadLoss
-from ..gpu.bindings.gemm import gemm_gpu
+from ..gpu.bindings.gemm import gemm_gpu, row_stable_options
 from ..gpu.bindings.layer_ops import (add_gpu, bias_add_gpu, embedding_gather_gpu, rmsnorm_backward_gpu,
                                       rmsnorm_forward_gpu, rope_apply_gpu)
 from ..gpu.bindings.weights import GpuWeight, StreamedLayers, WeightScratch, upload_weight
@@ -56,7 +57,6 @@ class _StepGpu:
         self.ids, self.labels = ctx.empty((N,), "i32"), ctx.empty((N,), "i32")
         self.pos = ctx.empty((N,), "i32")
         self.mask = ctx.empty((d.B, d.T), "u32")
-        self.starts = ctx.empty((d.B, d.T), "i32")   # packed rows: each position's document start
         self.delta = ctx.empty((d.B, d.Hq, d.T))
         self.dlora = ctx.empty((N, max(max_rank, 1)))     # scale · dy B of one projection
         self.head = None     # LmHeadLoss, made by the first loss (generation never needs it)
@@ -156,8 +156,15 @@ class GpuDevice:
         self.step_bytes: dict = {}
         self.cur = None
         self.dims = None
-        self.mask = self.starts = None   # the step's padding mask and document starts (prepare)
         self._drop_on = False
+        # the first token row of this device's batch within the step's (a lane of the split
+        # placement runs rows further on): dropout masks are drawn per global row
+        self.row0 = 0
+        # row_stable (the split placement, engine/lanes.py): each token row's results do not
+        # depend on how many rows share a call, and gradients that sum over rows (LoRA, the
+        # trained LM head) add one batch row at a time in row order, so a step cut into lanes
+        # gives the bits of one pass
+        self.row_stable = False
 
     # ---- buffers ---------------------------------------------------------------------------
     def empty(self, shape):
@@ -185,7 +192,7 @@ class GpuDevice:
         st = self.step_inputs(d)
         if st.head is None:
             start = self.ctx.allocated_bytes
-            st.head = LmHeadLoss(self.ctx, d.N, d.H, self.V)
+            st.head = LmHeadLoss(self.ctx, d.N, d.H, self.V, row_block=d.T if self.row_stable else None)
             self.step_bytes[d] += self.ctx.allocated_bytes - start
         return st.head
 
@@ -207,6 +214,21 @@ class GpuDevice:
         self.buffers(d, keep)
         return self.step_bytes[d] + self.step_bytes[(d, keep)]
 
+    def lane(self, kept: "GpuDevice | None" = None) -> "GpuDevice":
+        """A device for rows run beside this one's (the split placement's lanes): this device's
+        weights, parameters and gradient buffer as they are now, its own batch inputs and step
+        buffers (kept's, the lane an earlier step made).  Not with streamed weights: their
+        slots hold one layer at a time."""
+        if self.streamed is not None:
+            raise ValueError("lanes need the weights on the GPU (streamed slots hold one layer at a time)")
+        ln = copy.copy(self)
+        if kept is None:
+            ln._steps, ln._inputs, ln.step_bytes, ln._decode_rows = {}, {}, {}, {}
+        else:
+            ln._steps, ln._inputs, ln.step_bytes, ln._decode_rows = (kept._steps, kept._inputs, kept.step_bytes,
+                                                                     kept._decode_rows)
+        return ln
+
     def layer_weights(self, l: int) -> _LayerGpu:
         return self._layers[l]
 
@@ -225,10 +247,9 @@ class GpuDevice:
 
     # ---- the step's inputs -----------------------------------------------------------------
     def prepare(self, dims, positions, mask, ids, labels=None, dropout: float = 0.0, seed: int = 0,
-                step: int | None = None, segments=None) -> None:
-        """Upload the batch (ids, labels, mask, positions; segments int [B, T] of packed rows,
-        documents as runs of equal ids, or None) and, for a training step with dropout, the
-        step's mask keys."""
+                step: int | None = None) -> None:
+        """Upload the batch (ids, labels, mask, positions) and, for a training step with
+        dropout, the step's mask keys."""
         self.dims = dims
         ctx = self.ctx
         st = self.cur = self.step_inputs(dims)
@@ -243,13 +264,6 @@ class GpuDevice:
         if mask is not None:
             ctx.write(st.mask, mask.astype(np.uint32))
             self.mask = st.mask
-        self.starts = None
-        if segments is not None:
-            starts = document_starts(np.asarray(segments))
-            if starts.shape != (B, T):
-                raise ValueError(f"segments: expected shape ({B}, {T}) [B, T], got {starts.shape}")
-            ctx.write(st.starts, starts)
-            self.starts = st.starts
         self._drop_on = step is not None and dropout > 0.0
         if self._drop_on:
             self.dropout_p = float(dropout)
@@ -262,9 +276,9 @@ class GpuDevice:
             ctx.write(st.drop_keys, keys)
 
     def begin(self, dims, positions, mask, ids, labels=None, keep: bool = False, dropout: float = 0.0,
-              seed: int = 0, step: int | None = None, segments=None):
+              seed: int = 0, step: int | None = None):
         """prepare() and buffers(): the program's buffers for this batch."""
-        self.prepare(dims, positions, mask, ids, labels, dropout, seed, step, segments)
+        self.prepare(dims, positions, mask, ids, labels, dropout, seed, step)
         return self.buffers(dims, keep)
 
     def _upload_tables(self, n: int):
@@ -282,7 +296,8 @@ class GpuDevice:
     def _apply_dropout(self, l, proj, z: GpuTensor, out: GpuTensor, add: bool) -> None:
         rows, cols = z.shape
         kernels.dropout(self.ctx, rows, cols, Operand(z), Operand(out), self.cur.drop_keys, self._drop_index(l, proj),
-                        dropout_threshold(self.dropout_p), float(dropout_keep_scale(self.dropout_p)), 0, add=add)
+                        dropout_threshold(self.dropout_p), float(dropout_keep_scale(self.dropout_p)), self.row0,
+                        add=add)
 
     def _dropped(self, l, proj, x: GpuTensor) -> GpuTensor:
         """x, or x with (l, proj)'s dropout mask and 1/(1-p) applied (a scratch view)."""
@@ -299,7 +314,7 @@ class GpuDevice:
         lo = self.params.lora(l, proj)
         if lo is not None:
             gemm_gpu(ctx, self._dropped(l, proj, x), self.values, u, N, lo.r, inn, trans_b=True, alpha=lo.scale,
-                     b_off=lo.a_off)
+                     b_off=lo.a_off, **self._rows(lo.r))
         if y is None:
             return
         if self.fused:
@@ -321,10 +336,10 @@ class GpuDevice:
         lo = self.params.lora(l, proj)
         du = self.cur.dlora.view((N, lo.r)) if lo is not None else None
         if lo is not None:
-            gemm_gpu(ctx, dy, u, self.grads, out, lo.r, N, trans_a=True, accumulate=True, c_off=lo.b_off)
-            gemm_gpu(ctx, dy, self.values, du, N, lo.r, out, alpha=lo.scale, b_off=lo.b_off)
+            self._grad_add(dy, u, out, lo.r, N, lo.b_off)
+            gemm_gpu(ctx, dy, self.values, du, N, lo.r, out, alpha=lo.scale, b_off=lo.b_off, **self._rows(lo.r))
             xa = self._dropped(l, proj, x)   # recomputed from x: the same mask as forward
-            gemm_gpu(ctx, du, xa, self.grads, lo.r, inn, N, trans_a=True, accumulate=True, c_off=lo.a_off)
+            self._grad_add(du, xa, lo.r, inn, N, lo.a_off)
         if dx is None:
             return
         if lo is not None and self._drop_index(l, proj) is not None:
@@ -336,6 +351,18 @@ class GpuDevice:
             self._apply_dropout(l, proj, t, dx, add=True)
         else:
             self._base_backward(N, inn, out, dy, pr, dx, accumulate, lo, du)
+
+    def _rows(self, r: int) -> dict:
+        """gemm_gpu options of a rank-r product over token rows ([N, r] out, or in as A)."""
+        return row_stable_options(self.ctx, r) if self.row_stable else {}
+
+    def _grad_add(self, a, b, M: int, N: int, rows: int, c_off: int) -> None:
+        """grads[c_off:][M, N] += aᵀ b summed over `rows` token rows: one product, or with
+        row_stable one per batch row, in row order."""
+        block = self.dims.T if self.row_stable else rows
+        for r0 in range(0, rows, block):
+            gemm_gpu(self.ctx, a, b, self.grads, M, N, min(block, rows - r0), trans_a=True, accumulate=True,
+                     a_off=r0 * M, b_off=r0 * N, c_off=c_off)
 
     def _base_backward(self, N, inn, out, dy, pr, dx, accumulate, lo, du=None) -> None:
         """dx (+)= dy W (+ du A when lo is given)."""
@@ -360,11 +387,10 @@ class GpuDevice:
         rope_apply_gpu(self.ctx, t, self.cur.pos, self.cos, self.sin, 1 if sign > 0 else -1)
 
     def attention_forward(self, q, k, v, attn, lse) -> None:
-        attention_forward_gpu(self.ctx, q, k, v, self.mask, attn, lse, starts=self.starts)
+        attention_forward_gpu(self.ctx, q, k, v, self.mask, attn, lse)
 
     def attention_backward(self, q, k, v, attn, lse, dattn, dq, dk, dv) -> None:
-        attention_backward_gpu(self.ctx, q, k, v, attn, lse, dattn, self.mask, dq, dk, dv, self.cur.delta,
-                               starts=self.starts)
+        attention_backward_gpu(self.ctx, q, k, v, attn, lse, dattn, self.mask, dq, dk, dv, self.cur.delta)
 
     def swiglu_forward(self, g, u, m) -> None:
         N, F = g.shape

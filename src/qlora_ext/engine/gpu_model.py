@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from ..options import WEIGHTS_ON_GPU
+from ..options import DEFAULT_LANES, WEIGHTS_ON_GPU, check_lanes
 from .gpu_device import GpuDevice
 from .model import Model
 
@@ -148,10 +148,32 @@ class SplitModel(GpuModel):
 
     placement = "split"
 
+    def __init__(self, state, lora_config=None, ctx=None, lanes: int | None = None, **kw):
+        super().__init__(state, lora_config, ctx=ctx, **kw)
+        self.lanes = lanes
+
+    @property
+    def lanes(self) -> int:
+        """Micro-batches of a training step in flight at once (engine/lanes.py): with 2, one
+        lane's attention runs on the CPU while the other's projections run on the GPU; 1: one
+        pass.  Any count gives the same bits; a batch of B rows runs min(lanes, B)."""
+        return self._lanes
+
+    @lanes.setter
+    def lanes(self, n: int | None) -> None:
+        self._lanes = DEFAULT_LANES if n is None else check_lanes(n)
+
     def _gpu_device(self, ctx):
         from .split_device import SplitDevice
 
         return SplitDevice(self.host, super()._gpu_device(ctx))
+
+    def _forward_backward(self, ids, mask, lab, scale: float, clear: bool = True):
+        if self.lanes < 2 or ids.shape[0] < 2 or self.device.gpu.streamed is not None:
+            return super()._forward_backward(ids, mask, lab, scale, clear)
+        from .lanes import forward_backward_lanes
+
+        return forward_backward_lanes(self, ids, mask, lab, scale, clear, self.lanes)
 
     def memory_report(self, batch_shape: tuple | None = None) -> dict:
         rep = Model.memory_report(self)

@@ -204,14 +204,17 @@ class Model:
     def dims(self, B: int, T: int) -> Dims:
         return self.dims_of(self.state, B, T)
 
-    def _begin(self, ids, mask, labels=None, keep: bool = False, training: bool = False, positions=None):
-        """(dims, LayerActs list, StepScratch) of the batch, handed to the device."""
+    def _begin(self, ids, mask, labels=None, keep: bool = False, training: bool = False, positions=None,
+               device=None):
+        """(dims, LayerActs list, StepScratch) of the batch, handed to the device (None: the
+        model's; the split placement's lanes pass their own)."""
         B, T = ids.shape
         d = self.dims(B, T)
         pos = np.arange(T, dtype=np.int64) if positions is None else positions
         drop = float(self.lora_config.dropout) if training else 0.0
-        acts, s = self.device.begin(d, pos, mask, ids, labels, keep=keep, dropout=drop, seed=self.seed,
-                                    step=self.step if training else None)
+        dev = self.device if device is None else device
+        acts, s = dev.begin(d, pos, mask, ids, labels, keep=keep, dropout=drop, seed=self.seed,
+                            step=self.step if training else None)
         return d, acts, s
 
     # ------------------------------------------------------------------ forward

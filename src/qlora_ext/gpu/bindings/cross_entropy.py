@@ -58,15 +58,20 @@ def chunk_starts(n_rows: int, max_rows: int) -> list:
 
 class LmHeadLoss:
     """Buffers of one (N, C, V) configuration, reused step to step: the logits chunk, per-row
-    losses and counts, stats [loss_sum, count]."""
+    losses and counts, stats [loss_sum, count].  row_block: no chunk crosses a multiple of
+    this many rows (the split placement's batch rows: the trained head's dW then adds up the
+    same way however the batch is cut into lanes)."""
 
     def __init__(self, ctx: GpuContext, n_rows: int, hidden: int, vocab: int,
-                 chunk_rows: int | None = None):
+                 chunk_rows: int | None = None, row_block: int | None = None):
         self.ctx, self.N, self.C, self.V = ctx, int(n_rows), int(hidden), int(vocab)
         if chunk_rows is not None and int(chunk_rows) < 1:
             raise ValueError(f"chunk_rows={chunk_rows}: expected a positive number of rows")
         self.R = min(self.N, int(chunk_rows) if chunk_rows else chunk_rows_for(ctx, self.V, hidden=self.C))
-        self.chunks = chunk_starts(self.N, self.R)
+        block = self.N if row_block is None else int(row_block)
+        self.chunks = [(b0 + r0, rows) for b0 in range(0, self.N, block)
+                       for r0, rows in chunk_starts(min(block, self.N - b0), self.R)]
+        self.R = max(rows for _, rows in self.chunks)
         self.logits = ctx.empty((self.R, self.V))
         self.losses = ctx.empty((self.N,))
         self.counted = ctx.empty((self.N,), "u32")

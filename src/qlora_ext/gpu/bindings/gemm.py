@@ -46,6 +46,19 @@ def tiles_for(ctx: GpuContext, M: int, N: int) -> tuple:
     return (long_, s, tk) if N == short else (s, long_, tk)
 
 
+# Row-stable rank-r products (row_stable_options) take their tiles as for this many rows.
+_STABLE_ROWS = 1 << 16
+
+
+def row_stable_options(ctx: GpuContext, r: int) -> dict:
+    """gemm_gpu options (tiles, split) for a product with token rows on one side and r on the
+    other ([rows, K] @ [K, r]) under which each row's result does not depend on the row count:
+    the tiles as for many rows, K split as finely as _SKINNY_SPLIT allows whatever the grid (a
+    row's sum is the fixed-order sum of its K chunks; which chunks depends on the split and
+    TK only).  Many rows take these values anyway."""
+    return {"tiles": tiles_for(ctx, _STABLE_ROWS, r), "split": (1 << 30, _SKINNY_SPLIT[1])}
+
+
 def check_tiles(ctx: GpuContext, tm: int, tn: int, tk: int) -> tuple:
     """TM, TN multiples of 4; the workgroup's threads and workgroup memory within the limits."""
     threads = (tm // 4) * (tn // 4)

@@ -4,15 +4,14 @@
     shaders.py   the shader loader (`//!include`, override folder, debug listing, trusted modules)
     context.py   GpuContext (device, limits, caches, tensors and pooled buffers, recording),
                  GpuTensor, shared_context
-    transfer.py  staged uploads and readbacks
+    transfer.py  staged uploads and readbacks (a pool of mapped buffers, threaded host copies)
     timing.py    per-kernel GPU times from timestamp queries"""
 from .adapter import (GpuError, adapter_summary, default_adapter, is_software, list_adapters, pick_adapter,
                       unavailable_reason)
 from .context import MAX_GROUPS, GpuContext, GpuTensor, grid_2d, shared_context
 from .shaders import load_shader
-from .transfer import read_staging, write_staging
 from .tuning import Tuning
 
 __all__ = ["MAX_GROUPS", "GpuContext", "GpuError", "GpuTensor", "Tuning", "adapter_summary", "default_adapter",
-           "grid_2d", "is_software", "list_adapters", "load_shader", "pick_adapter", "read_staging",
-           "shared_context", "unavailable_reason", "write_staging"]
+           "grid_2d", "is_software", "list_adapters", "load_shader", "pick_adapter",
+           "shared_context", "unavailable_reason"]

@@ -8,6 +8,7 @@ writes buffers and records dispatches (STYLE.md: GPU objects created once, cache
 from __future__ import annotations
 
 import struct
+import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import numpy as np
 from .adapter import GpuError, adapter_summary, default_adapter, import_wgpu
 from .shaders import compile_module
 from .timing import PassTimer
-from .transfer import read_chunked, upload_chunked
+from .transfer import PendingRead, StagingPool, default_copy_threads, read_staged, upload_staged
 from .tuning import Tuning
 
 _DTYPES = {"f32": np.float32, "i32": np.int32, "u32": np.uint32}
@@ -99,7 +100,12 @@ class GpuContext:
         self._free = {}        # (size, usage) -> pooled buffers
         self._dummies = []
         self._objects = {}     # cached(): per-context objects of the kernels' modules
-        self._encoder = self._pass = self._staging = self._read_staging = self._timing = None
+        self._encoder = self._pass = self._timing = None
+        self.staging_pool = StagingPool(self)
+        self.copy_threads = self.tuning.copy_threads or default_copy_threads()
+        # Held around every use of the context by code that drives it from several threads
+        # (the split placement's lanes): one pending encoder is shared.
+        self.lock = threading.RLock()
         # Bytes of every buffer made through empty() (never decreases: callers keep what they
         # allocate); memory reports take differences of it.
         self.allocated_bytes = 0
@@ -142,8 +148,8 @@ class GpuContext:
     def write(self, t: GpuTensor, a: np.ndarray) -> None:
         """Replace t's contents with a.  Work recorded before the call sees the old contents,
         work recorded after it the new ones (the pending encoder is submitted first, then the
-        copy is queued).  Writes of at least tuning.staging_min_bytes go through one reused
-        MAP_WRITE staging buffer of tuning.staging_bytes (tuning.py says why)."""
+        copy is recorded).  Writes of at least tuning.staging_min_bytes go through pooled
+        MAP_WRITE staging buffers (transfer.py and tuning.py say why)."""
         a = np.ascontiguousarray(a, dtype=_DTYPES[t.dtype])
         if a.size != t.size:
             raise ValueError(f"write: {a.size} elements into a tensor of shape {t.shape}")
@@ -154,13 +160,11 @@ class GpuContext:
         offset (a multiple of 4), with the same ordering and staging."""
         if not raw.size:
             return
-        self.submit()
         if raw.size >= self.tuning.staging_min_bytes:
-            size = max(256, int(self.tuning.staging_bytes) // 256 * 256)
-            if self._staging is None or self._staging.size != size:
-                self._staging = self.staging(size, True, "upload staging")
-            upload_chunked(self, self._staging, buf, offset, raw)
+            upload_staged(self, buf, offset, raw, self.copy_threads)
         else:
+            # queue.write_buffer lands before the next submit's work: submit what is recorded
+            self.submit()
             self.queue.write_buffer(buf, offset, raw)
 
     def to_numpy(self, t: GpuTensor) -> np.ndarray:
@@ -171,23 +175,25 @@ class GpuContext:
         return np.frombuffer(raw, dtype=_DTYPES[t.dtype]).reshape(t.shape).copy()
 
     def read_into(self, t: GpuTensor, out: np.ndarray) -> None:
-        """t's contents into out (C-contiguous, t's dtype and size), after all recorded work.
-        Reads of at least tuning.staging_min_bytes go through one reused MAP_READ staging
-        buffer of tuning.staging_bytes (transfer.read_chunked says why); smaller ones through
-        queue.read_buffer."""
+        """t's contents into out (C-contiguous, t's dtype and size), after all recorded work:
+        read_start(t, out).finish()."""
+        self.read_start(t, out).finish()
+
+    def read_start(self, t: GpuTensor, out: np.ndarray) -> PendingRead:
+        """Start reading t into out (C-contiguous, t's dtype and size) after all recorded work;
+        out holds it once the result's finish() returns.  Reads of at least
+        tuning.staging_min_bytes go through pooled MAP_READ staging buffers, and only finish()
+        waits for the GPU, so the caller may release `lock` before it; smaller ones are read
+        at once through queue.read_buffer."""
         if out.dtype != np.dtype(_DTYPES[t.dtype]) or out.size != t.size or not out.flags.c_contiguous:
             raise ValueError(f"read_into: out {out.dtype} {out.shape} does not hold a tensor "
                              f"{t.dtype} {t.shape} (C-contiguous)")
-        if t.size == 0:
-            return
+        raw = out.reshape(-1).view(np.uint8)
         if t.nbytes < self.tuning.staging_min_bytes:
-            out.reshape(-1)[...] = self.to_numpy(t).reshape(-1)
-            return
-        self.submit()
-        size = max(256, int(self.tuning.staging_bytes) // 256 * 256)
-        if self._read_staging is None or self._read_staging.size != size:
-            self._read_staging = self.staging(size, False, "readback")
-        read_chunked(self, self._read_staging, t.buffer, out.reshape(-1).view(np.uint8))
+            if t.size:
+                out.reshape(-1)[...] = self.to_numpy(t).reshape(-1)
+            return PendingRead(self, [], raw, 1)
+        return read_staged(self, t.buffer, raw, self.copy_threads)
 
     # ---- pooled buffers: per-call temporaries --------------------------------------------
     def buffer(self, nbytes: int, usage=None, what: str = "buffer"):
@@ -367,6 +373,8 @@ class GpuContext:
                 self.queue.submit([enc.finish()])
             except Exception as e:
                 raise GpuError(f"{self.describe()}: submitting the recorded work failed: {e}") from e
+            finally:
+                self.staging_pool.submitted()
 
     def enable_timing(self, on: bool = True, profiler=None) -> None:
         """Time every compute pass with timestamp queries (needs the adapter's timestamp-query

@@ -16,17 +16,19 @@ value is used, and their messages name the variable too.
                                               numbers to stderr
     QLORA_EXT_SHADERS=DIR                     load shaders/<name>.wgsl from DIR first
     QLORA_EXT_GPU_MEMORY_GIB=x                the GPU's free memory for the placement choice
-                                              (wgpu does not report it)"""
+                                              (wgpu does not report it)
+    QLORA_EXT_COPY_THREADS=n                  threads of a host copy into or out of staging
+                                              (default: up to 8, transfer.py)"""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 
-# Writes of at least STAGING_MIN_BYTES go up through one reused MAP_WRITE staging buffer of
-# STAGING_BYTES, chunk by chunk.  queue.write_buffer makes a staging buffer per call and keeps
-# it until the next submit; the construction-time uploads (GiBs, before any submit) piled up
-# as ~4 GiB of extra GPU memory for a 4B model on an H200, and a reused mapped buffer
-# uploads about twice as fast (GPU.md).  Smaller writes (ids, labels) stay on write_buffer.
+# Transfers of at least STAGING_MIN_BYTES go through pooled mapped staging buffers in pieces of
+# at most STAGING_BYTES.  queue.write_buffer makes a staging buffer per call and keeps it until
+# the next submit; the construction-time uploads (GiBs, before any submit) piled up as ~4 GiB
+# of extra GPU memory for a 4B model on an H200, and a reused mapped buffer moves data about
+# twice as fast (GPU.md).  Smaller transfers (ids, labels) stay on write_buffer / read_buffer.
 STAGING_MIN_BYTES = 1 << 20
 STAGING_BYTES = 64 << 20
 
@@ -45,6 +47,7 @@ class Tuning:
     gpu_memory_gib: float | None = None
     staging_bytes: int = STAGING_BYTES
     staging_min_bytes: int = STAGING_MIN_BYTES
+    copy_threads: int | None = None
 
     @property
     def gemm_overridden(self) -> bool:
@@ -75,9 +78,10 @@ class Tuning:
             if br % tm or bc % tn or bc % 4:
                 raise ValueError(f"QLORA_EXT_ATTN_TILES={v!r}: tm must divide br, tn must divide bc, "
                                  "and bc must be a multiple of 4")
-        v = get("QLORA_EXT_GEMM_MIN_GROUPS")
-        if v is not None:
-            kw["gemm_min_groups"] = _ints("QLORA_EXT_GEMM_MIN_GROUPS", v, (1,))[0]
+        for var, field in (("QLORA_EXT_GEMM_MIN_GROUPS", "gemm_min_groups"), ("QLORA_EXT_COPY_THREADS", "copy_threads")):
+            v = get(var)
+            if v is not None:
+                kw[field] = _ints(var, v, (1,))[0]
         for var, field in (("QLORA_EXT_ATTN_HEAD_SPLIT", "attn_head_split"), ("QLORA_EXT_WGSL_TRUSTED", "trusted")):
             v = get(var)
             if v is not None:
