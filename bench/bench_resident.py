@@ -12,7 +12,10 @@ shape (Qwen3: Hq 32, Hkv 8, D 128) runs with
 Attention tiles can be swept with QLORA_EXT_ATTN_TILES="br,bc,tm,tn[,dk4]" (default 64,64,4,4
 with the largest D chunk that fits workgroup memory: 8 vec4s on NVIDIA, 4 on lavapipe); the
 projection GEMM (gemm.wgsl) takes the QLORA_EXT_GEMM_TILES* settings (qlora_ext.gpu.runtime.Tuning).
-QLORA_EXT_ATTN_HEAD_SPLIT=0|1 forces the GQA dk/dv scheme (see attention._HEAD_SPLIT_MAX)."""
+QLORA_EXT_ATTN_HEAD_SPLIT=0|1 forces the GQA dk/dv scheme (see attention._HEAD_SPLIT_MAX).
+The GPU attention also runs on packed rows: documents of DOC tokens (the last one shorter
+where DOC does not divide T) attending only within themselves; its TFLOP/s count the
+block-diagonal's work, so the time against the one-document run shows what tile skipping saves."""
 import os
 import sys
 
@@ -24,7 +27,7 @@ from bench_resident_gemm import wait_gpu  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
-_DEFAULT = {"B": 1, "T": 64, "HQ": 4, "HKV": 2, "D": 32, "C": 64, "V": 1000}
+_DEFAULT = {"B": 1, "T": 64, "HQ": 4, "HKV": 2, "D": 32, "C": 64, "V": 1000, "DOC": 13}
 
 
 def _sizes():
@@ -60,8 +63,13 @@ def _rate(benchmark, **rates):
     benchmark.extra_info.update({k: v / med for k, v in rates.items()})
 
 
-def _attn_flops():
-    fwd = 4 * S["B"] * S["HQ"] * S["T"] * S["T"] * S["D"] / 2
+def _doc_lengths(packed: bool):
+    T, doc = S["T"], S["DOC"]
+    return [min(doc, T - t) for t in range(0, T, doc)] if packed else [T]
+
+
+def _attn_flops(packed: bool = False):
+    fwd = 4 * S["B"] * S["HQ"] * sum(n * n for n in _doc_lengths(packed)) * S["D"] / 2
     return 3.5 * fwd
 
 
@@ -75,22 +83,27 @@ def _attn_inputs():
 
 
 @pytest.mark.benchmark(group="resident-attention-fwd-bwd")
-def test_attention_fwd_bwd_gpu(benchmark, ctx):
-    from qlora_ext.gpu.bindings.attention import attention_backward_gpu, attention_forward_gpu
+@pytest.mark.parametrize("packed", [False, True], ids=["one-document", "packed"])
+def test_attention_fwd_bwd_gpu(benchmark, ctx, packed):
+    from qlora_ext.gpu.bindings.attention import attention_backward_gpu, attention_forward_gpu, document_starts
 
     q, k, v, do = (ctx.upload(a) for a in _attn_inputs())
-    o, lse = attention_forward_gpu(ctx, q, k, v)
-    dq, dk, dv = attention_backward_gpu(ctx, q, k, v, o, lse, do)
+    starts = None
+    if packed:
+        seg = np.repeat(np.arange(len(_doc_lengths(True))), _doc_lengths(True)).astype(np.int32)
+        starts = ctx.upload(document_starts(np.tile(seg, (S["B"], 1))), "i32")
+    o, lse = attention_forward_gpu(ctx, q, k, v, starts=starts)
+    dq, dk, dv = attention_backward_gpu(ctx, q, k, v, o, lse, do, starts=starts)
 
     def step():
-        attention_forward_gpu(ctx, q, k, v, o=o, lse=lse)
-        attention_backward_gpu(ctx, q, k, v, o, lse, do, dq=dq, dk=dk, dv=dv)
+        attention_forward_gpu(ctx, q, k, v, o=o, lse=lse, starts=starts)
+        attention_backward_gpu(ctx, q, k, v, o, lse, do, dq=dq, dk=dk, dv=dv, starts=starts)
         wait_gpu(ctx)
 
     benchmark.pedantic(step, rounds=5, warmup_rounds=1)
     assert np.isfinite(ctx.to_numpy(dq)).all()
-    _rate(benchmark, TFLOP_per_s=_attn_flops() / 1e12)
-    benchmark.extra_info.update(adapter=ctx.adapter.info.get("device", ""), **S)
+    _rate(benchmark, TFLOP_per_s=_attn_flops(packed) / 1e12)
+    benchmark.extra_info.update(adapter=ctx.adapter.info.get("device", ""), packed=packed, **S)
 
 
 @pytest.mark.benchmark(group="resident-attention-fwd-bwd")

@@ -8,6 +8,8 @@
 #   bash bench/run_gpu_host.sh dist      MPI: all-reduce time, 1 -> 2 ranks on CPU, 2 ranks sharing the GPU
 #   bash bench/run_gpu_host.sh final     the closing figures: gpu + HF fp32 at 0.6B, 4B forced/auto recompute, split
 #   bash bench/run_gpu_host.sh engine    the gpu and split placements on the one layer program, generation
+#   bash bench/run_gpu_host.sh real-tokens   the bundled task on real tokens, padded vs grouped (needs
+#                                        SmolLM2's tokenizer files in .trial/smoltok: bench_real_tokens.py --prepare)
 #   bash bench/run_gpu_host.sh gpu       the gpu placement (GpuModel + Trainer)
 #                                        and HF fp32/bf16 at 0.6B and 4B shapes, attention vs SDPA, the auto choice
 set -uo pipefail
@@ -27,7 +29,7 @@ for stage in "$@"; do
       python3 bench/gpu_train_throughput.py --shape qwen3-0.6b --steps 3 --profile \
         --modes gpu,hf-bf16,hf-fp32,split --json "$OUT/small.jsonl" 2>&1 | tee "$OUT/small.log"
       for T in 1024 4096; do
-        QLORA_EXT_RESIDENT_BENCH="B=1,T=$T,HQ=32,HKV=8,D=128,C=2560,V=151936" python3 -m pytest -q -p no:cacheprovider \
+        QLORA_EXT_RESIDENT_BENCH="B=1,T=$T,HQ=32,HKV=8,D=128,C=2560,V=151936,DOC=256" python3 -m pytest -q -p no:cacheprovider \
           bench/bench_resident.py -k attention --benchmark-enable --benchmark-only --benchmark-json="$OUT/attn_T$T.json" 2>&1 | tail -15
       done ;;
     small-split)
@@ -63,7 +65,7 @@ print('/tmp/mpich/' + libs[0].split('/data/lib/')[0] + '/data/lib')")
       python3 bench/gpu_train_throughput.py --shape qwen3-4b --steps 3 --checkpointing --profile \
         --modes gpu,hf-bf16,hf-fp32 --json "$OUT/gpu_large.jsonl" 2>&1 | tee "$OUT/gpu_large.log" | grep -v "^{"
       for T in 1024 4096; do
-        QLORA_EXT_RESIDENT_BENCH="B=1,T=$T,HQ=32,HKV=8,D=128,C=2560,V=151936" python3 -m pytest -q -p no:cacheprovider \
+        QLORA_EXT_RESIDENT_BENCH="B=1,T=$T,HQ=32,HKV=8,D=128,C=2560,V=151936,DOC=256" python3 -m pytest -q -p no:cacheprovider \
           bench/bench_resident.py -k attention --benchmark-enable --benchmark-only --benchmark-json="$OUT/attn_T$T.json" 2>&1 | tail -6
       done
       # what load_model(placement="auto") chooses here, and why (free memory from nvidia-smi)
@@ -95,6 +97,10 @@ for shape in ((4, 1024), (64, 4096)):
         --modes gpu --json "$OUT/final_large_auto.jsonl" 2>&1 | tee "$OUT/final_large_auto.log" | grep -v "^{"
       timeout 100 python3 bench/gpu_train_throughput.py --shape qwen3-0.6b --steps 1 --profile \
         --modes split --json "$OUT/final_split.jsonl" 2>&1 | tee "$OUT/final_split.log" | grep -v "^{" ;;
+    real-tokens)
+      python3 bench/make_checkpoint.py /tmp/smol --shape smollm2-135m > /dev/null && cp .trial/smoltok/* /tmp/smol/
+      QLORA_EXT_BENCH_DEVICE=gpu QLORA_EXT_BENCH_MODEL=/tmp/smol timeout 200 python3 -m pytest -q -p no:cacheprovider \
+        bench/bench_real_tokens.py --benchmark-enable --benchmark-only --benchmark-json="$OUT/real_tokens_gpu.json" 2>&1 | tail -4 ;;
     large)
       python3 bench/gpu_train_throughput.py --shape qwen3-4b --steps 2 --checkpointing --profile \
         --modes gpu,hf-bf16,hf-fp32,split-stream --json "$OUT/large.jsonl" 2>&1 | tee "$OUT/large.log" ;;

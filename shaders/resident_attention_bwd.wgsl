@@ -2,15 +2,19 @@
 // resident_attention_fwd (same prepended consts: HEAD_DIM, BR, BC, TM, TN, DK4, VK, TILE_V4),
 // recomputing probabilities from the forward's lse; the T x T matrix never exists.
 //   q, o, do, dq: [B, T, Hq, D]; k, v, dk, dv: [B, T, Hkv, D]; lse, delta: [B, Hq, T];
-//   mask: [B, T] u32 (1 = attend), read only when has_mask = 1.
+//   mask: [B, T] u32 (1 = attend), read only when has_mask = 1; starts: [B, T] i32 (packed
+//   documents: each position's document start), read only when SEGMENTS = 1.
+// Visibility as in the forward (j <= i, key j not padding, SEGMENTS: j >= starts[b, i]).
 // With P[i,j] = exp(scale * q_i . k_j - lse_i) (0 where key j is invisible to query i):
 //   delta_i = do_i . o_i                          (entry `prep`, one thread per row)
 //   dS[i,j] = P[i,j] * (do_i . v_j - delta_i)
 //   dq_i = scale * sum_j dS[i,j] k_j              (entry `dq`: BR query rows of one head per
-//                                                  workgroup, key blocks of BC up to the diagonal)
+//                                                  workgroup, key blocks of BC up to the diagonal,
+//                                                  from the first query's document on)
 //   dk_j = scale * sum_{i, h in group} dS[i,j] q_i,  dv_j = sum P[i,j] do_i
 //                                                 (entry `dkdv`: BR key rows per workgroup, query
-//                                                  blocks of BC from the diagonal on, for all G
+//                                                  blocks of BC from the diagonal on, up to the
+//                                                  last key's document's end, for all G
 //                                                  query heads of the kv head in head order; or,
 //                                                  where that gives too few workgroups, for ONE
 //                                                  query head, writing per-query-head partials
@@ -39,11 +43,12 @@ const SRC_DO: u32 = 3u;
 @group(0) @binding(2) var<storage, read> k: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> v: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read> mask: array<u32>;
-@group(0) @binding(5) var<storage, read> d_o: array<vec4<f32>>;
-@group(0) @binding(6) var<storage, read> lse: array<f32>;
-@group(0) @binding(7) var<storage, read_write> delta: array<f32>;  // prep writes; dq, dkdv read
-@group(0) @binding(8) var<storage, read_write> out0: array<f32>;   // prep: o (read); dq: dq; dkdv: dk
-@group(0) @binding(9) var<storage, read_write> out1: array<f32>;   // dkdv: dv
+@group(0) @binding(5) var<storage, read> starts: array<i32>;
+@group(0) @binding(6) var<storage, read> d_o: array<vec4<f32>>;
+@group(0) @binding(7) var<storage, read> lse: array<f32>;
+@group(0) @binding(8) var<storage, read_write> delta: array<f32>;  // prep writes; dq, dkdv read
+@group(0) @binding(9) var<storage, read_write> out0: array<f32>;   // prep: o (read); dq: dq; dkdv: dk
+@group(0) @binding(10) var<storage, read_write> out1: array<f32>;  // dkdv: dv
 
 // Row-side chunk [BR][CS] then column-side chunk [BC][CS]; or VK rows [VK][DP4].
 var<workgroup> tile_s: array<vec4<f32>, TILE_V4>;
@@ -136,10 +141,12 @@ fn dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<
 
     var l_r: array<f32, TM>;
     var d_r: array<f32, TM>;
+    var first_key: array<u32, TM>;
     for (var i = 0u; i < TM; i = i + 1u) {
         let qi = q0 + ty * TM + i;
         l_r[i] = 0.0;
         d_r[i] = 0.0;
+        first_key[i] = row_start(b, qi);
         if (qi < p.t) {
             l_r[i] = lse[(b * p.hq + h) * p.t + qi];
             d_r[i] = delta[(b * p.hq + h) * p.t + qi];
@@ -147,7 +154,7 @@ fn dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<
     }
     var acc = zero_acc();
     let kend = min(p.t, q0 + BR);
-    for (var k0 = 0u; k0 < kend; k0 = k0 + BC) {
+    for (var k0 = block_start(b, q0); k0 < kend; k0 = k0 + BC) {
         let s = scores(b, SRC_Q, h, q0, p.scale, SRC_K, hk, k0, 1.0, li);
         let dp = scores(b, SRC_DO, h, q0, 1.0, SRC_V, hk, k0, 1.0, li);
         let first = fetch_rows(b, SRC_K, hk, k0, li);
@@ -157,7 +164,7 @@ fn dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<
             let ok = key_ok(b, kj);
             for (var i = 0u; i < TM; i = i + 1u) {
                 let qi = q0 + ty * TM + i;
-                if (ok && kj <= qi && qi < p.t) {
+                if (ok && kj <= qi && kj >= first_key[i] && qi < p.t) {
                     ds[i][j] = exp(s[i][j] - l_r[i]) * (dp[i][j] - d_r[i]);
                 }
             }
@@ -194,11 +201,17 @@ fn dkdv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     for (var i = 0u; i < TM; i = i + 1u) {
         rok[i] = key_ok(b, j0 + ty * TM + i);
     }
+    // The block's last key: query blocks whose first query's document starts after it (and
+    // all later ones: starts never decrease along a row) see none of the block's keys.
+    let jlast = min(p.t, j0 + BR) - 1u;
     var dk = zero_acc();
     var dv = zero_acc();
     for (var h = h_first; h < h_end; h = h + 1u) {
         // Queries before j0 see none of this workgroup's keys.
         for (var i0 = j0 / BC * BC; i0 < p.t; i0 = i0 + BC) {
+            if (row_start(b, i0) > jlast) {
+                break;
+            }
             let st = scores(b, SRC_K, hk, j0, 1.0, SRC_Q, h, i0, p.scale, li);   // S^T: [keys][queries]
             let dpt = scores(b, SRC_V, hk, j0, 1.0, SRC_DO, h, i0, 1.0, li);    // dP^T
             let first_do = fetch_rows(b, SRC_DO, h, i0, li);
@@ -212,8 +225,10 @@ fn dkdv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 // A query that sees any key has a finite lse.
                 let lq = lse[(b * p.hq + h) * p.t + qi];
                 let dl = delta[(b * p.hq + h) * p.t + qi];
+                let first_key = row_start(b, qi);
                 for (var i = 0u; i < TM; i = i + 1u) {
-                    if (rok[i] && j0 + ty * TM + i <= qi) {
+                    let kj = j0 + ty * TM + i;
+                    if (rok[i] && kj <= qi && kj >= first_key) {
                         let pij = exp(st[i][j] - lq);
                         pt[i][j] = pij;
                         dst[i][j] = pij * (dpt[i][j] - dl);

@@ -1,7 +1,7 @@
 // Helpers of the resident attention kernels, included by resident_attention_fwd.wgsl and
 // resident_attention_bwd.wgsl (an include line naming this file): staging, scores and
 // accumulation.  They use names each including shader defines: the bindings q, k, v,
-// the uniform p, the consts and workgroup arrays declared above the include line.
+// starts, the uniform p, the consts and workgroup arrays declared above the include line.
 
 // Module-scope declarations may come in any order in WGSL: the bindings above the include
 // line use these.
@@ -22,6 +22,21 @@ const NT: u32 = NX * NY;
 const DV4: u32 = (DP4 + NX - 1u) / NX;   // O vec4 columns per thread
 const CS: u32 = DK4 + 1u;                // staged chunk row stride (vec4s)
 const PS: u32 = BC / 4u + 1u;            // P row stride (vec4s)
+
+// The first key row t may see: its document's start (SEGMENTS), else 0; t past T: 0.
+fn row_start(b: u32, t: u32) -> u32 {
+    if (SEGMENTS == 0u || t >= p.t) {
+        return 0u;
+    }
+    return u32(starts[b * p.t + t]);
+}
+
+// The first key block (multiple of BC) that row block r0's queries see: the one holding the
+// document start of its first row; r0 < T.  Uniform across the workgroup: b, r0 and the
+// read-only starts are.
+fn block_start(b: u32, r0: u32) -> u32 {
+    return row_start(b, r0) / BC * BC;
+}
 
 // vec4 c4 of row t of q / dO (head h of Hq) or k / v (head h of Hkv), zero past D; the
 // caller checks t < T and c4 < DP4.  The tensors are bound as vec4 arrays (buffers are whole

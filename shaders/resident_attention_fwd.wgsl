@@ -1,13 +1,16 @@
 // Causal GQA flash attention, forward (GPU-resident mode), register-tiled.
 //   q, o: [B, T, Hq, D] f32; k, v: [B, T, Hkv, D] f32; lse: [B, Hq, T] f32;
-//   mask: [B, T] u32 key padding mask (1 = attend, 0 = padding), read only when has_mask = 1.
+//   mask: [B, T] u32 key padding mask (1 = attend, 0 = padding), read only when has_mask = 1;
+//   starts: [B, T] i32 packed documents: the first position of each position's document,
+//   read only when SEGMENTS = 1.
 // Query head h reads kv head h / (Hq / Hkv); scores are (q . k) * scale (scale = 1/sqrt(D));
-// key j is visible to query i when j <= i and mask[b, j] != 0.
+// key j is visible to query i when j <= i, mask[b, j] != 0 and (SEGMENTS) j >= starts[b, i].
 //
 // Prepended consts (attention.py picks them to fit workgroup memory):
 //   HEAD_DIM = D; BR query rows per workgroup; BC keys per key block; TM x TN the register
 //   tile of scores each thread owns; DK4 vec4s of D per staged chunk; VK rows of V per
-//   staged chunk; TILE_V4 vec4s of the staging area (max of both uses).
+//   staged chunk; TILE_V4 vec4s of the staging area (max of both uses); SEGMENTS 1 where
+//   the row holds packed documents (0 compiles the document checks out).
 // Grid (ceil(T / BR), Hq, B); NT = (BR / TM) * (BC / TN) threads.  Thread (ty, tx) owns
 // query rows ty*TM + i (i < TM) and, per key block, keys tx + NX*j (j < TN): S = Q K^T is
 // a GEMM whose operands come in chunks of DK4 vec4s through workgroup memory (rows padded
@@ -19,7 +22,9 @@
 // and vec4 columns tx + NX*j4 of the output, with V in chunks of VK keys.
 // Each thread fetches the next staged piece into registers before the arithmetic on the
 // current one, so that global-load latency hides behind it.
-// Key blocks wholly above the diagonal are never visited; the T x T matrix never exists.
+// Key blocks wholly above the diagonal are never visited, nor (SEGMENTS) those wholly before
+// the document of the block's first query (starts never decrease along a row, so no query of
+// the block sees them); the T x T matrix never exists.
 // Output o = acc / l, lse = m + log(l); a row without any visible key gets o = 0 and
 // lse = -inf (backward then gives it zero gradients).
 
@@ -30,8 +35,9 @@
 @group(0) @binding(2) var<storage, read> k: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> v: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read> mask: array<u32>;
-@group(0) @binding(5) var<storage, read_write> o: array<f32>;
-@group(0) @binding(6) var<storage, read_write> lse: array<f32>;
+@group(0) @binding(5) var<storage, read> starts: array<i32>;
+@group(0) @binding(6) var<storage, read_write> o: array<f32>;
+@group(0) @binding(7) var<storage, read_write> lse: array<f32>;
 
 // Q chunk [BR][CS] then K chunk [BC][CS]; or V chunk [VK][DP4].
 var<workgroup> tile_s: array<vec4<f32>, TILE_V4>;
@@ -76,9 +82,13 @@ fn forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
         m[i] = NEG_BIG;
         lp[i] = 0.0;
     }
+    var first_key: array<u32, TM>;   // of each of the thread's rows (its document's start)
+    for (var i = 0u; i < TM; i = i + 1u) {
+        first_key[i] = row_start(b, q0 + ty * TM + i);
+    }
     var acc = zero_acc();
     let kend = min(p.t, q0 + BR);
-    for (var k0 = 0u; k0 < kend; k0 = k0 + BC) {
+    for (var k0 = block_start(b, q0); k0 < kend; k0 = k0 + BC) {
         let s = scores(b, SRC_Q, h, q0, p.scale, SRC_K, hk, k0, 1.0, li);
         let first = fetch_rows(b, SRC_V, hk, k0, li);
         // visibility; row max (exact, so every thread of a row gets the same)
@@ -90,7 +100,7 @@ fn forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
                 ok = mask[b * p.t + kj] != 0u;
             }
             for (var i = 0u; i < TM; i = i + 1u) {
-                vis[i][j] = ok && kj <= q0 + ty * TM + i;
+                vis[i][j] = ok && kj <= q0 + ty * TM + i && kj >= first_key[i];
             }
         }
         for (var i = 0u; i < TM; i = i + 1u) {

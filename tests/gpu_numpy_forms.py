@@ -15,7 +15,7 @@ from qlora_ext.cpu.kernels import _f32 as _cpu_f32
 from qlora_ext.gpu import kernels
 from qlora_ext.gpu.kernels import Operand
 from qlora_ext.gpu.bindings.adamw import AdamWGpu
-from qlora_ext.gpu.bindings.attention import attention_backward_gpu, attention_forward_gpu
+from qlora_ext.gpu.bindings.attention import attention_backward_gpu, attention_forward_gpu, document_starts
 from qlora_ext.gpu.bindings.cross_entropy import LmHeadLoss
 from qlora_ext.gpu.bindings.gemm import gemm_gpu
 from qlora_ext.gpu.bindings.layer_ops import (_RMS_WG, add_gpu, bias_add_gpu,
@@ -211,17 +211,28 @@ def _check(q, k, v, mask):
     return mask
 
 
-def attention_forward(q, k, v, mask=None, ctx=None):
-    """numpy q [B, T, Hq, D], k, v [B, T, Hkv, D], mask [B, T] (nonzero = attend) or None ->
-    (o [B, T, Hq, D], lse [B, Hq, T])."""
+def _starts(ctx, q, segments):
+    if segments is None:
+        return None
+    st = document_starts(segments)
+    if st.shape != q.shape[:2]:
+        raise ValueError(f"segments: expected shape {q.shape[:2]} [B, T], got {st.shape}")
+    return ctx.upload(st, "i32")
+
+
+def attention_forward(q, k, v, mask=None, ctx=None, segments=None):
+    """numpy q [B, T, Hq, D], k, v [B, T, Hkv, D], mask [B, T] (nonzero = attend) or None,
+    segments int [B, T] (packed documents, runs of equal ids) or None -> (o [B, T, Hq, D],
+    lse [B, Hq, T])."""
     mask = _check(q, k, v, mask)
     ctx = shared_context() if ctx is None else ctx
     gm = None if mask is None else ctx.upload(mask, "u32")
-    o, lse = attention_forward_gpu(ctx, ctx.upload(q), ctx.upload(k), ctx.upload(v), gm)
+    o, lse = attention_forward_gpu(ctx, ctx.upload(q), ctx.upload(k), ctx.upload(v), gm,
+                                   starts=_starts(ctx, q, segments))
     return ctx.to_numpy(o), ctx.to_numpy(lse)
 
 
-def attention_backward(q, k, v, o, lse, do, mask=None, ctx=None):
+def attention_backward(q, k, v, o, lse, do, mask=None, ctx=None, segments=None):
     """numpy: gradients (dq, dk, dv) of attention_forward for upstream gradient do."""
     mask = _check(q, k, v, mask)
     B, T, Hq, D = q.shape
@@ -232,7 +243,8 @@ def attention_backward(q, k, v, o, lse, do, mask=None, ctx=None):
     ctx = shared_context() if ctx is None else ctx
     gm = None if mask is None else ctx.upload(mask, "u32")
     up = ctx.upload
-    dq, dk, dv = attention_backward_gpu(ctx, up(q), up(k), up(v), up(o), up(lse), up(do), gm)
+    dq, dk, dv = attention_backward_gpu(ctx, up(q), up(k), up(v), up(o), up(lse), up(do), gm,
+                                        starts=_starts(ctx, q, segments))
     return ctx.to_numpy(dq), ctx.to_numpy(dk), ctx.to_numpy(dv)
 
 

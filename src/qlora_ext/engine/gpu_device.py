@@ -23,7 +23,7 @@ import numpy as np
 from ..gpu import kernels
 from ..gpu.kernels import Operand
 from ..gpu.decode import MAX_TOP_K, decode_attention_gpu, kv_store_gpu, topk_gpu
-from ..gpu.bindings.attention import attention_backward_gpu, attention_forward_gpu
+from ..gpu.bindings.attention import attention_backward_gpu, attention_forward_gpu, document_starts
 from ..gpu.bindings.cross_entropy import LmHeadLoss
 from ..gpu.bindings.gemm import gemm_gpu, row_stable_options
 from ..gpu.bindings.layer_ops import (add_gpu, bias_add_gpu, embedding_gather_gpu, rmsnorm_backward_gpu,
@@ -57,6 +57,7 @@ class _StepGpu:
         self.ids, self.labels = ctx.empty((N,), "i32"), ctx.empty((N,), "i32")
         self.pos = ctx.empty((N,), "i32")
         self.mask = ctx.empty((d.B, d.T), "u32")
+        self.starts = ctx.empty((d.B, d.T), "i32")   # packed rows: each position's document start
         self.delta = ctx.empty((d.B, d.Hq, d.T))
         self.dlora = ctx.empty((N, max(max_rank, 1)))     # scale · dy B of one projection
         self.head = None     # LmHeadLoss, made by the first loss (generation never needs it)
@@ -156,6 +157,7 @@ class GpuDevice:
         self.step_bytes: dict = {}
         self.cur = None
         self.dims = None
+        self.mask = self.starts = None   # the step's padding mask and document starts (prepare)
         self._drop_on = False
         # the first token row of this device's batch within the step's (a lane of the split
         # placement runs rows further on): dropout masks are drawn per global row
@@ -247,9 +249,10 @@ class GpuDevice:
 
     # ---- the step's inputs -----------------------------------------------------------------
     def prepare(self, dims, positions, mask, ids, labels=None, dropout: float = 0.0, seed: int = 0,
-                step: int | None = None) -> None:
-        """Upload the batch (ids, labels, mask, positions) and, for a training step with
-        dropout, the step's mask keys."""
+                step: int | None = None, segments=None) -> None:
+        """Upload the batch (ids, labels, mask, positions; segments int [B, T] of packed rows,
+        documents as runs of equal ids, or None) and, for a training step with dropout, the
+        step's mask keys."""
         self.dims = dims
         ctx = self.ctx
         st = self.cur = self.step_inputs(dims)
@@ -264,6 +267,13 @@ class GpuDevice:
         if mask is not None:
             ctx.write(st.mask, mask.astype(np.uint32))
             self.mask = st.mask
+        self.starts = None
+        if segments is not None:
+            starts = document_starts(np.asarray(segments))
+            if starts.shape != (B, T):
+                raise ValueError(f"segments: expected shape ({B}, {T}) [B, T], got {starts.shape}")
+            ctx.write(st.starts, starts)
+            self.starts = st.starts
         self._drop_on = step is not None and dropout > 0.0
         if self._drop_on:
             self.dropout_p = float(dropout)
@@ -276,9 +286,9 @@ class GpuDevice:
             ctx.write(st.drop_keys, keys)
 
     def begin(self, dims, positions, mask, ids, labels=None, keep: bool = False, dropout: float = 0.0,
-              seed: int = 0, step: int | None = None):
+              seed: int = 0, step: int | None = None, segments=None):
         """prepare() and buffers(): the program's buffers for this batch."""
-        self.prepare(dims, positions, mask, ids, labels, dropout, seed, step)
+        self.prepare(dims, positions, mask, ids, labels, dropout, seed, step, segments)
         return self.buffers(dims, keep)
 
     def _upload_tables(self, n: int):
@@ -387,10 +397,11 @@ class GpuDevice:
         rope_apply_gpu(self.ctx, t, self.cur.pos, self.cos, self.sin, 1 if sign > 0 else -1)
 
     def attention_forward(self, q, k, v, attn, lse) -> None:
-        attention_forward_gpu(self.ctx, q, k, v, self.mask, attn, lse)
+        attention_forward_gpu(self.ctx, q, k, v, self.mask, attn, lse, starts=self.starts)
 
     def attention_backward(self, q, k, v, attn, lse, dattn, dq, dk, dv) -> None:
-        attention_backward_gpu(self.ctx, q, k, v, attn, lse, dattn, self.mask, dq, dk, dv, self.cur.delta)
+        attention_backward_gpu(self.ctx, q, k, v, attn, lse, dattn, self.mask, dq, dk, dv, self.cur.delta,
+                               starts=self.starts)
 
     def swiglu_forward(self, g, u, m) -> None:
         N, F = g.shape

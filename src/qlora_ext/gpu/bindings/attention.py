@@ -2,12 +2,17 @@
 
 Conventions as qlora_ext.cpu.kernels: q [B, T, Hq, D], k/v [B, T, Hkv, D], query head h uses
 kv head h // (Hq/Hkv), scale 1/sqrt(D), lse [B, Hq, T]; optional key padding mask [B, T]
-(nonzero = attend).  A query row that sees no key gets o = 0 and lse = -inf.
+(nonzero = attend).  A query row that sees no key gets o = 0 and lse = -inf.  Packed rows:
+documents as runs of equal segment ids attend only within themselves (block-diagonal causal),
+as the CPU kernels' `segments`; the kernels take each position's document start, which
+document_starts() makes from the ids on the host (the step's ids are host data anyway).
 Shaders: shaders/resident_attention_fwd.wgsl, resident_attention_bwd.wgsl (their header
 comments describe the register tiling), resident_attention_group_sum.wgsl (GQA dk/dv)."""
 from __future__ import annotations
 
 import math
+
+import numpy as np
 
 from ..runtime import GpuContext, GpuTensor, grid_2d
 
@@ -92,6 +97,23 @@ def _head_split(ctx, B, T, Hq, Hkv, br):
     return B * Hkv * ((T + br - 1) // br) <= _HEAD_SPLIT_MAX
 
 
+def document_starts(segments: np.ndarray) -> np.ndarray:
+    """segments int [B, T] (documents as runs of equal ids) -> int32 [B, T]: the first
+    position of each position's run, what the kernels' `starts` take."""
+    if not isinstance(segments, np.ndarray) or segments.dtype.kind not in "iu" or segments.ndim != 2:
+        raise ValueError(f"segments: expected an integer numpy array [B, T], got "
+                         f"{getattr(segments, 'dtype', type(segments).__name__)} {getattr(segments, 'shape', '')}")
+    B, T = segments.shape
+    pos = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
+    new = np.ones((B, T), bool)
+    new[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return np.maximum.accumulate(np.where(new, pos, 0), axis=1).astype(np.int32)
+
+
+def _consts_for(ctx: GpuContext, D: int, starts: GpuTensor | None):
+    return dict(_consts(ctx, D), SEGMENTS=int(starts is not None))
+
+
 def _dims(q: GpuTensor, k: GpuTensor):
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
@@ -100,16 +122,16 @@ def _dims(q: GpuTensor, k: GpuTensor):
 
 def attention_forward_gpu(ctx: GpuContext, q: GpuTensor, k: GpuTensor, v: GpuTensor,
                           mask: GpuTensor | None = None, o: GpuTensor | None = None,
-                          lse: GpuTensor | None = None):
-    """q [B, T, Hq, D], k, v [B, T, Hkv, D], mask u32 [B, T] or None -> (o [B, T, Hq, D],
-    lse [B, Hq, T])."""
+                          lse: GpuTensor | None = None, starts: GpuTensor | None = None):
+    """q [B, T, Hq, D], k, v [B, T, Hkv, D], mask u32 [B, T] or None, starts i32 [B, T]
+    (document_starts of the segment ids) or None -> (o [B, T, Hq, D], lse [B, Hq, T])."""
     B, T, Hq, Hkv, D = _dims(q, k)
     o = ctx.empty(q.shape) if o is None else o
     lse = ctx.empty((B, Hq, T)) if lse is None else lse
-    c = _consts(ctx, D)
-    pipe = ctx.pipeline("resident_attention_fwd", "forward", "urrrrww", consts=c)
+    c = _consts_for(ctx, D, starts)
+    pipe = ctx.pipeline("resident_attention_fwd", "forward", "urrrrrww", consts=c)
     ctx.dispatch(pipe, [_params(ctx, B, T, Hq, Hkv, D, mask is not None), q, k, v,
-                        q if mask is None else mask, o, lse],
+                        q if mask is None else mask, q if starts is None else starts, o, lse],
                  ((T + c["BR"] - 1) // c["BR"], Hq, B))
     return o, lse
 
@@ -118,34 +140,35 @@ def attention_backward_gpu(ctx: GpuContext, q: GpuTensor, k: GpuTensor, v: GpuTe
                            o: GpuTensor, lse: GpuTensor, do: GpuTensor,
                            mask: GpuTensor | None = None, dq: GpuTensor | None = None,
                            dk: GpuTensor | None = None, dv: GpuTensor | None = None,
-                           delta: GpuTensor | None = None):
+                           delta: GpuTensor | None = None, starts: GpuTensor | None = None):
     """Gradients of attention_forward_gpu: do [B, T, Hq, D] -> (dq, dk, dv), written (not
-    accumulated).  delta [B, Hq, T] is scratch (given to reuse it)."""
+    accumulated).  delta [B, Hq, T] is scratch (given to reuse it); starts as the forward's."""
     B, T, Hq, Hkv, D = _dims(q, k)
     dq = ctx.empty(q.shape) if dq is None else dq
     dk = ctx.empty(k.shape) if dk is None else dk
     dv = ctx.empty(k.shape) if dv is None else dv
     delta = ctx.empty((B, Hq, T)) if delta is None else delta
     m = q if mask is None else mask
-    c = _consts(ctx, D)
+    st = q if starts is None else starts
+    c = _consts_for(ctx, D, starts)
     br, nt = c["BR"], (c["BR"] // c["TM"]) * (c["BC"] // c["TN"])
     split = _head_split(ctx, B, T, Hq, Hkv, br)
     par = _params(ctx, B, T, Hq, Hkv, D, mask is not None, split)
-    kinds = "urrrrrrwww"
+    kinds = "urrrrrrrwww"
 
     def pipe(entry):
         return ctx.pipeline("resident_attention_bwd", entry, kinds, consts=c)
 
     rowblocks = (T + br - 1) // br
-    ctx.dispatch(pipe("prep"), [par, q, k, v, m, do, lse, delta, o, dq],
+    ctx.dispatch(pipe("prep"), [par, q, k, v, m, st, do, lse, delta, o, dq],
                  grid_2d((B * Hq * T + nt - 1) // nt))
-    ctx.dispatch(pipe("dq"), [par, q, k, v, m, do, lse, delta, dq, dk], (rowblocks, Hq, B))
+    ctx.dispatch(pipe("dq"), [par, q, k, v, m, st, do, lse, delta, dq, dk], (rowblocks, Hq, B))
     if not split:
-        ctx.dispatch(pipe("dkdv"), [par, q, k, v, m, do, lse, delta, dk, dv], (rowblocks, Hkv, B))
+        ctx.dispatch(pipe("dkdv"), [par, q, k, v, m, st, do, lse, delta, dk, dv], (rowblocks, Hkv, B))
     else:
         # per-query-head partials [B, T, Hq, D], summed in head order
         pk, pv = _group_partials(ctx, q.shape)
-        ctx.dispatch(pipe("dkdv"), [par, q, k, v, m, do, lse, delta, pk, pv], (rowblocks, Hq, B))
+        ctx.dispatch(pipe("dkdv"), [par, q, k, v, m, st, do, lse, delta, pk, pv], (rowblocks, Hq, B))
         n = B * T * Hkv * D
         sp = ctx.uniform("IIII", n, Hkv, Hq // Hkv, D)
         ctx.dispatch(ctx.pipeline("resident_attention_group_sum", "group_sum", "urrww"),
