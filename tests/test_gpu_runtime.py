@@ -331,3 +331,35 @@ def test_staged_readback_bit_exact(small_staging, n, dtype):
     assert np.array_equal(out.view(np.uint32), a.view(np.uint32))
     with pytest.raises(ValueError, match="read_into"):
         ctx.read_into(t, np.empty(n + 1, a.dtype))
+
+
+@gpu
+def test_timed_passes_are_placed_after_their_submit_not_at_the_read(ctx):
+    """The profiler's GPU spans sit on the host clock from their submit: a kernel submitted to
+    an idle GPU and read 0.3 s later shows at its submit, not 0.3 s late (which would show the
+    GPU busy while the host alone worked)."""
+    import time
+
+    from qlora_ext.gpu.bindings.layer_ops import add_gpu
+    from qlora_ext.profile import Profiler
+
+    if not ctx.has_timestamps:
+        pytest.skip("adapter without timestamp-query")
+    prof = Profiler()
+    prof.start()
+    x = ctx.upload(np.ones(1000, np.float32))
+    y = ctx.upload(np.zeros(1000, np.float32))
+    ctx.enable_timing(profiler=prof)
+    try:
+        ctx.to_numpy(y)   # the uploads done: the GPU is idle
+        add_gpu(ctx, y, x)
+        t_submit = time.perf_counter()
+        ctx.submit()
+        time.sleep(0.3)
+        ctx.kernel_times()
+    finally:
+        ctx.enable_timing(False)
+    spans = [s for s in prof.spans if s.device == "gpu"]
+    assert spans and np.array_equal(ctx.to_numpy(y), np.ones(1000, np.float32))
+    assert all(t_submit - 0.01 <= s.start <= s.end < t_submit + 0.15 for s in spans), \
+        [(s.start - t_submit, s.end - t_submit) for s in spans]

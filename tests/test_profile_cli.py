@@ -66,12 +66,14 @@ def test_profile_command_gpu_placement_shows_per_kernel_gpu_time(tmp_path, capsy
 
 def test_profile_command_split_lanes_overlap_cpu_and_transfers(tmp_path, capsys):
     """--placement split (lavapipe in CI): with its default two lanes (batch 2 by default) one
-    lane's transfers run while the other's attention runs on the CPU, so CPU and transfer
-    spans overlap in the trace; --lanes 1 runs one pass, where they cannot."""
+    lane's transfers and GPU kernels run while the other's attention runs on the CPU, so CPU
+    spans overlap transfer and GPU spans in the trace; --lanes 1 runs one pass, where the CPU
+    never works beside a transfer (and the GPU spans, placed from their submits, stay off the
+    CPU's)."""
     import pytest
 
     pytest.importorskip("wgpu")
-    from qlora_ext.gpu.runtime import unavailable_reason
+    from qlora_ext.gpu.runtime import shared_context, unavailable_reason
     from qlora_ext.profile import _intersection_length, _intervals
 
     if unavailable_reason():
@@ -88,7 +90,10 @@ def test_profile_command_split_lanes_overlap_cpu_and_transfers(tmp_path, capsys)
         assert summary["meta"]["tokens_per_step"] == 2 * 64
         events = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
         spans = lambda cat: _intervals([(e["ts"], e["ts"] + e["dur"]) for e in events if e["cat"] == cat])  # noqa: E731
-        overlap[lanes] = _intersection_length(spans("cpu"), spans("transfer"))
-    assert overlap[None] > 0 and overlap[1] == 0
+        overlap[lanes] = [_intersection_length(spans("cpu"), spans(other)) for other in ("transfer", "gpu")]
+        assert (summary["totals"]["overlap_ms"] > 0) == (lanes is None)
+    assert overlap[None][0] > 0 and overlap[1][0] == 0
+    if shared_context().has_timestamps:
+        assert overlap[None][1] > 0 and overlap[1][1] == 0
     assert main(["profile", "--model", str(ckpt), "--placement", "split", "--lanes", "0"]) == 2
     assert "--lanes" in capsys.readouterr().err

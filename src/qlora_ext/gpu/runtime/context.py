@@ -369,6 +369,8 @@ class GpuContext:
         self._end_pass()
         if self._encoder is not None:
             enc, self._encoder = self._encoder, None
+            if self._timing is not None:
+                self._timing.submitted()
             try:
                 self.queue.submit([enc.finish()])
             except Exception as e:
