@@ -1,21 +1,22 @@
-"""shaders/gemm.wgsl at every GEMM shape of the Qwen3 4 × 1024 training step against cuBLAS fp32
-(torch, TF32 off) at the same shapes in the same run: the 7 NF4 projections forward (x · Wᵀ,
-LoRA B in the epilogue) and backward dx (dy · W, LoRA A in the epilogue), M = 4096 token rows,
-and the fp32 LM head (logits x · Wᵀ, N = vocab; dhidden dlogits · W, K = vocab) at the engine's
-chunk rows.  Shapes that repeat (k/v, gate/up) are timed once.
+"""The training step's GEMMs against cuBLAS fp32 (torch, TF32 off) at the same shapes in the
+same run: the 7 NF4 projections forward (x · Wᵀ, LoRA B as extra K tiles) and backward dx
+(dy · W, LoRA A), M = 4096 token rows, and the fp32 LM head (logits x · Wᵀ, N = vocab; dhidden
+dlogits · W, K = vocab) at the engine's chunk rows.  Shapes that repeat (k/v, gate/up) are
+timed once.
 
-Each GEMM is timed with GPU timestamp queries (median of --reps dispatches) for a list of
-variants: `current` is kernels.step_gemm_tiles' per-shape choice; the others name gemm.wgsl tiles
-(wgx,wgy,tm,tn,bk) and override constants; `base:` variants run a second shader given by
---base-shader (another version of gemm.wgsl, for a before/after in one run); `probe:` variants
-run gemm.wgsl with every K tile fetched from k = 0 (the operands stay in L1/L2: the speed of
-the multiply and the workgroup-memory traffic alone; a diagnostic, its results are not a GEMM);
-`mul:` variants run gemm.wgsl with the k loop's fma() written as `acc += b * s`; `unroll:`
-variants with the k loop unrolled in the source (BK 8 or 16 only).
-TFLOP/s count 2·M·N·K for ours and cuBLAS alike (the LoRA epilogue's 2·M·N·r is extra work of
+Each GEMM is timed with GPU timestamp queries (median of --reps calls) for a list of variants:
+`current` is what the gpu placement's step records (NF4: the weight dequantized into the fp32
+scratch, shaders/resident_nf4.wgsl, then shaders/gemm_f32.wgsl with kernels.step_gemm_tiles'
+choice; the row's time is both kernels); a variant `label=wgx,wgy,tm,tn,bk[,unroll=0][,splits=s]`
+runs gemm_f32.wgsl with those tiles on the fp32 weight (at NF4 shapes the dequantized one; the
+row's time is the GEMM alone, `dequant_s` of the shape is logged apart); `nf4:label=...` runs
+shaders/gemm.wgsl with NF4 B dequantized in the tile loads (the `fused` GEMM).  Split variants
+run only where the unsplit grid has fewer than 2 workgroups per SM (264).
+TFLOP/s count 2·M·N·K for ours and cuBLAS alike (the LoRA term's 2·M·N·r is extra work of
 ours, not counted).
 
-    python bench/bench_gemm_ceiling.py --json out.json [--variants "label=wgx,wgy,tm,tn,bk[,KEY=V...]";...]
+    python bench/bench_gemm_ceiling.py --json out.json [--variants "current;label=16,16,8,8,16,unroll=0;..."]
+    python bench/bench_gemm_ceiling.py --table out.json     # BENCHMARKS.md rows
 
 pytest runs `test_gemm_ceiling_smoke` once on a software adapter (a tiny shape, all paths)."""
 from __future__ import annotations
@@ -23,10 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import shutil
 import sys
-import tempfile
 
 import numpy as np
 
@@ -38,29 +36,30 @@ from bench_resident_gemm import MODELS, fill, kernel_seconds, projections  # noq
 
 from qlora_ext.gpu import kernels  # noqa: E402
 from qlora_ext.gpu.kernels import GemmTiles, Operand  # noqa: E402
-from qlora_ext.gpu.bindings.weights import GpuWeight  # noqa: E402
+from qlora_ext.gpu.bindings.weights import GpuWeight, WeightScratch  # noqa: E402
 
 RANK = 16
 DEFAULT_VARIANTS = "current"
+FULL_GRID = 264     # 2 workgroups per SM of an H200
 
 
 def parse_variants(text: str):
-    """'label=wgx,wgy,tm,tn,bk[,KEY=V...];...' -> [(label, GemmTiles | None, {KEY: value})];
-    label 'current' alone is the per-shape choice; a label starting 'base:' or 'probe:' picks
-    that shader."""
+    """'label=wgx,wgy,tm,tn,bk[,unroll=0][,splits=s];...' -> [(label, GemmTiles | None)];
+    label 'current' alone is the step's choice; a label starting 'nf4:' runs the NF4 GEMM."""
     out = []
     for item in filter(None, (s.strip() for s in text.split(";"))):
         if item == "current":
-            out.append(("current", None, {}))
+            out.append(("current", None))
             continue
         label, _, spec = item.partition("=")
         parts = spec.split(",")
-        tiles = GemmTiles(*[int(v) for v in parts[:5]])
-        extra = {}
+        kw = {}
         for kv in parts[5:]:
             k, _, v = kv.partition("=")
-            extra[k] = {"true": True, "false": False}.get(v.lower(), int(v) if v.isdigit() else v)
-        out.append((label, tiles, extra))
+            if k not in ("unroll", "splits"):
+                raise ValueError(f"variant {label}: unknown key {k!r}")
+            kw[k] = int(v) if k == "splits" else bool(int(v))
+        out.append((label, GemmTiles(*[int(v) for v in parts[:5]], **kw)))
     return out
 
 
@@ -78,91 +77,61 @@ def step_shapes(model: str):
     return out
 
 
-def shader_dir_with(base_shader: str | None):
-    """A folder for QLORA_EXT_SHADERS holding gemm_base (--base-shader) and gemm_probe."""
-    from qlora_ext.gpu.runtime import load_shader
-
-    d = tempfile.mkdtemp(prefix="gemm_ceiling_")
-    src = load_shader("gemm")
-    probe, n = re.subn(r"let kf = t \* BK;", "let kf = 0u;", src)
-    if n != 1:
-        raise ValueError("gemm.wgsl: the probe needs exactly one line 'let kf = t * BK;'")
-    # the multiply as vector-times-scalar plus add (left to the driver to fuse) instead of fma()
-    mul, n1 = re.subn(r"let s = vec4<f32>\((fa\d)\[r\]\[i\]\);", r"let s = \1[r][i];", src)
-    mul, n2 = re.subn(r"acc\[o\] = fma\(s, (fb\d)\[q\], acc\[o\]\);", r"acc[o] += \1[q] * s;", mul)
-    if n1 != 2 or n2 != 2:
-        raise ValueError("gemm.wgsl: the mul variant needs the two splat and fma lines of the k loop")
-    files = {"gemm_probe": probe, "gemm_mul": mul}
-    # the k loop unrolled in the source (BK 8 and 16), for drivers that keep it rolled
-    head = "for (var kk = 0u; kk < BK; kk += 2u) {"
-    start = src.index(head)
-    end, depth = start + len(head), 1
-    while depth:
-        depth += {"{": 1, "}": -1}.get(src[end], 0)
-        end += 1
-    body = src[start + len(head):end - 1]
-    for bk in (8, 16):
-        files[f"gemm_unroll{bk}"] = src[:start] + "".join(
-            f"{{ let kk = {k}u;{body}}}\n" for k in range(0, bk, 2)) + src[end:]
-    for name, text in files.items():
-        with open(os.path.join(d, name + ".wgsl"), "w") as f:
-            f.write(text)
-    if base_shader:
-        shutil.copy(base_shader, os.path.join(d, "gemm_base.wgsl"))
-    return d
-
-
-def with_variant(ctx, shader: str, extra: dict):
-    """Route kernels.gemm's 'gemm' pipelines to `shader` with extra override constants."""
-    cls_pipeline = type(ctx).pipeline
-
-    def pipeline(name, entry, kinds, consts=None, overrides=None):
-        if name == "gemm":
-            name, overrides = shader, dict(overrides or {}, **extra)
-        return cls_pipeline(ctx, name, entry, kinds, consts, overrides)
-
-    ctx.pipeline = pipeline
-
-
 def run_shape(ctx, case, variants, reps, rng, bufs):
+    """(rows, dequant seconds or None) of one GEMM shape."""
     name, M, N, K, b_t, nf4, lmode = case
-    a_buf, c_buf, t, params = bufs
+    a_buf, c_buf, t, params, split_buf, scratch = bufs
     if nf4:
         out_f, inn = (N, K) if b_t else (K, N)
         n = out_f * inn
         w = GpuWeight((out_f, inn), packed=ctx.upload(rng.integers(0, 2**32, (n + 7) // 8, dtype=np.uint32)),
-                           absmax=ctx.upload(rng.uniform(0.02, 0.06, (n + 63) // 64).astype(np.float32)))
+                      absmax=ctx.upload(rng.uniform(0.02, 0.06, (n + 63) // 64).astype(np.float32)))
+        deq = kernel_seconds(ctx, lambda: scratch.fp32(w), reps)["nf4.dequant"]
     else:
         w = GpuWeight((N, K) if b_t else (K, N), fp32=fill(ctx, N * K, rng, 0.02))
+        deq = None
+    wf = scratch.fp32(w)
     lora = (Operand(t), RANK, Operand(params), lmode) if lmode else None
     rows = []
-    for label, tiles, extra in variants:
-        prefix = label.partition(":")[0] if ":" in label else ""
-        shader = {"base": "gemm_base", "probe": "gemm_probe", "mul": "gemm_mul",
-                  "unroll": f"gemm_unroll{tiles.bk if tiles else 0}"}.get(prefix, "gemm")
+    for label, tiles in variants:
+        if label.startswith("nf4:") and not nf4:
+            continue
         try:
             if tiles is not None:
                 tiles.check(ctx)
+                grid = -(-M // tiles.bm) * -(-N // tiles.bn)
+                if tiles.splits > 1 and grid >= FULL_GRID:
+                    continue
         except ValueError as e:
             rows.append({"variant": label, "skipped": str(e)})
             continue
-        with_variant(ctx, shader, extra)
-        used = tiles or kernels.step_gemm_tiles(ctx)(M, N)
-        rec = lambda: kernels.gemm(ctx, M, N, K, Operand(a_buf), w.operand(), Operand(c_buf), b_t=b_t,  # noqa: E731
-                                   lora=lora, tiles=used)
-        s = kernel_seconds(ctx, rec, reps)[shader + ".main"]
-        rows.append({"variant": label, "tiles": [used.wgx, used.wgy, used.tm, used.tn, used.bk], "extra": extra,
-                     "s": s, "tflops": 2.0 * M * N * K / s / 1e12})
-        del ctx.pipeline
+        fb = Operand(wf, 0, w.shape[1])
+        if label == "current":
+            # as the step: the LM head's split K goes through the weight scratch (idle then)
+            used = kernels.step_gemm_tiles(ctx)(M, N, K, False)
+            rec = lambda: kernels.gemm(ctx, M, N, K, Operand(a_buf), Operand(scratch.fp32(w), 0, w.shape[1]),  # noqa: E731
+                                       Operand(c_buf), b_t=b_t, lora=lora, scratch=None if nf4 else scratch.buf)
+        elif label.startswith("nf4:"):
+            used = tiles
+            rec = lambda: kernels.gemm(ctx, M, N, K, Operand(a_buf), w.operand(), Operand(c_buf), b_t=b_t,  # noqa: E731
+                                       lora=lora, tiles=used)
+        else:
+            used = tiles
+            rec = lambda: kernels.gemm(ctx, M, N, K, Operand(a_buf), fb, Operand(c_buf), b_t=b_t,  # noqa: E731
+                                       lora=lora, tiles=used, scratch=split_buf)
+        per = kernel_seconds(ctx, rec, reps)
+        s = sum(per.values())
+        rows.append({"variant": label, "tiles": [used.wgx, used.wgy, used.tm, used.tn, used.bk],
+                     "unroll": used.unroll, "splits": used.splits, "kernels": per, "s": s,
+                     "tflops": 2.0 * M * N * K / s / 1e12})
     del w
-    return rows
+    return rows, deq
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="qwen3-0.6b,qwen3-4b")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS)
-    ap.add_argument("--base-shader", default=None)
     ap.add_argument("--only", default=None, help="comma-separated GEMM names (q.fwd,lm.logits,...)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-cublas", action="store_true")
@@ -172,31 +141,34 @@ def main(argv=None):
     if a.table:
         print(table(a.table))
         return
-    os.environ["QLORA_EXT_SHADERS"] = shader_dir_with(a.base_shader)
     from qlora_ext.gpu.runtime import GpuContext
 
     ctx = GpuContext()
     if not ctx.has_timestamps:
         raise SystemExit(f"{ctx.describe()} has no timestamp-query feature")
     variants = parse_variants(a.variants)
+    max_splits = max([t.splits for _, t in variants if t is not None] + [kernels.StepGemmTiles.F32_THIN.splits])
     log = [{"adapter": ctx.info, "trusted": ctx.trusted, "variants": a.variants}]
     print(ctx.info, "trusted", ctx.trusted, flush=True)
     rng = np.random.default_rng(0)
     for model in a.shapes.split(","):
         cases = [c for c in step_shapes(model) if not a.only or c[0] in a.only.split(",")]
         big = max(max(M * K, M * N) for _, M, N, K, *_ in cases)
+        thin = max([M * N for _, M, N, *_ in cases if -(-M // 128) * -(-N // 128) < FULL_GRID] + [1])
         bufs = (fill(ctx, big, rng), ctx.empty((big,)), fill(ctx, MODELS[model][7] * RANK, rng, 0.1),
-                fill(ctx, RANK * 151936, rng, 0.01))
+                fill(ctx, RANK * 151936, rng, 0.01), ctx.empty((max_splits * thin,)),
+                WeightScratch(ctx, [(o, i) for _, i, o in projections(model)]))
         for case in cases:
             name, M, N, K, b_t = case[:5]
-            rows = run_shape(ctx, case, variants, a.reps, rng, bufs)
+            rows, deq = run_shape(ctx, case, variants, a.reps, rng, bufs)
             ref = None if a.no_cublas else cublas_time(M, N, K, reps=3, b_t=b_t)
             entry = {"model": model, "gemm": name, "M": M, "N": N, "K": K, "b_t": b_t, "nf4": case[5],
-                     "lora": case[6], "rows": rows,
+                     "lora": case[6], "rows": rows, "dequant_s": deq,
                      "cublas_tflops": 2.0 * M * N * K / ref / 1e12 if ref else None}
             log.append(entry)
             timed = sorted((r for r in rows if "s" in r), key=lambda r: r["s"])
-            print(f"{model} {name:10s} M={M} N={N} K={K} cuBLAS {entry['cublas_tflops'] or float('nan'):5.1f} | "
+            print(f"{model} {name:10s} M={M} N={N} K={K} cuBLAS {entry['cublas_tflops'] or float('nan'):5.1f} "
+                  f"dequant {1e6 * (deq or 0):.0f} us | "
                   + "  ".join(f"{r['variant']} {r['tflops']:.1f}" for r in timed), flush=True)
             if a.json:
                 with open(a.json, "w") as f:
@@ -204,33 +176,39 @@ def main(argv=None):
         del bufs
 
 
-def table(path: str, before: str = "base:b16,base:w8,base:s8") -> str:
-    """BENCHMARKS.md rows from a --json log: per GEMM, ours with step_gemm_tiles' choice (the
-    `current` row, else the row of the same tiles without a variant prefix), cuBLAS fp32 and the
-    `before` variants (base: rows, in the order BIG, WIDE, SMALL) chosen by the previous rule:
-    WIDE for N >= 32768, SMALL for 133-197 tiles of 128 x 128, else BIG."""
-    from qlora_ext.gpu.kernels import StepGemmTiles
-
-    chooser = object.__new__(StepGemmTiles)
+def table(path: str) -> str:
+    """BENCHMARKS.md rows from a --json log: per GEMM, the step's tiles (StepGemmTiles' rule for
+    a real GPU): the `current` row if it ran them, else the variant row of those tiles, plus
+    the shape's dequant time at NF4 shapes (both from the same run); the GEMM alone; cuBLAS
+    fp32; and the `nf4:` row (the NF4 GEMM dequantizing in its tile loads) where there is one."""
+    chooser = object.__new__(kernels.StepGemmTiles)
     chooser.own = True
-    big, wide, small = before.split(",")
-    lines = ["| GEMM | M × N × K | B | ours TFLOP/s | tiles | cuBLAS fp32 | ours / cuBLAS | before |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| GEMM | M × N × K | B | ours TFLOP/s | GEMM alone | tiles | cuBLAS fp32 | ours / cuBLAS | "
+             "NF4 in the tile loads |", "|---|---|---|---|---|---|---|---|---|"]
     for e in json.load(open(path))[1:]:
         M, N, K = e["M"], e["N"], e["K"]
-        t = chooser(M, N)
-        want = [t.wgx, t.wgy, t.tm, t.tn, t.bk]
-        rows = {r["variant"]: r for r in e["rows"] if "s" in r}
-        ours = rows.get("current") or next(
-            r for r in rows.values() if ":" not in r["variant"] and r["tiles"] == want
-            and not any(r.get("extra", {}).values()))
-        groups = -(-M // 128) * -(-N // 128)
-        old = rows.get(wide if N >= 32768 else small if 133 <= groups <= 197 else big)
+        flop = 2.0 * M * N * K
+        t = chooser(M, N, K, False)
+        key = ([t.wgx, t.wgy, t.tm, t.tn, t.bk], t.unroll, t.splits)
+        rows = [r for r in e["rows"] if "s" in r]
+        same = [r for r in rows if (r["tiles"], r["unroll"], r["splits"]) == key
+                and not r["variant"].startswith("nf4:")]
+        cur = next((r for r in same if r["variant"] == "current"), None)
+        if cur is not None:
+            gemm_s = sum(v for k, v in cur["kernels"].items() if k.startswith("gemm"))
+            total, kernels_run = cur["s"], cur["kernels"]
+        else:
+            r = same[0]
+            gemm_s, kernels_run = r["s"], r["kernels"]
+            total = gemm_s + (e["dequant_s"] or 0.0)
+        split = "gemm_f32.reduce" in kernels_run
+        fused = next((r for r in rows if r["variant"].startswith("nf4:")), None)
         cub = e["cublas_tflops"]
         kind = ("NF4" if e["nf4"] else "fp32") + (" Wᵀ" if e["b_t"] else " W") + (" + LoRA" if e["lora"] else "")
-        was = f"{old['tflops']:.1f}" if old else "—"
-        lines.append(f"| {e['model']} {e['gemm']} | {M} × {N} × {K} | {kind} | **{ours['tflops']:.1f}** | "
-                     f"{','.join(map(str, ours['tiles']))} | {cub:.1f} | {ours['tflops'] / cub:.2f} | {was} |")
+        tiles = ",".join(map(str, key[0])) + (f" split {t.splits}" if split else "")
+        lines.append(f"| {e['model']} {e['gemm']} | {M} × {N} × {K} | {kind} | **{flop / total / 1e12:.1f}** | "
+                     f"{flop / gemm_s / 1e12:.1f} | {tiles} | {cub:.1f} | {flop / total / 1e12 / cub:.2f} | "
+                     + (f"{fused['tflops']:.1f} |" if fused else "— |"))
     return "\n".join(lines)
 
 
@@ -242,22 +220,20 @@ def test_gemm_ceiling_smoke(tmp_path):
 
     if unavailable_reason():
         pytest.skip(unavailable_reason())
-    base = os.path.join(os.path.dirname(__file__), "..", "shaders", "gemm.wgsl")
     out = tmp_path / "log.json"
-    old = os.environ.get("QLORA_EXT_SHADERS")
-    try:
-        main(["--shapes", "tiny", "--only", "q.fwd,down.dx,lm.dhidden", "--reps", "1", "--no-cublas",
-              "--base-shader", base, "--json", str(out),
-              "--variants", "current;a=8,8,4,4,8;base:b=8,8,4,4,8;probe:p=8,8,4,4,8;mul:m=8,8,4,4,8;"
-              "unroll:u=8,8,4,4,8"])
-    finally:
-        if old is None:
-            os.environ.pop("QLORA_EXT_SHADERS", None)
-        else:
-            os.environ["QLORA_EXT_SHADERS"] = old
+    main(["--shapes", "tiny", "--only", "q.fwd,down.dx,lm.dhidden", "--reps", "1", "--no-cublas",
+          "--json", str(out), "--variants", "current;a=8,8,4,4,8;r=8,8,4,4,16,unroll=0;s=8,8,4,4,8,splits=3;t=16,8,8,8,16,splits=4;b=16,8,8,8,8;"
+          "nf4:n=8,8,4,4,8"])
     log = json.loads(out.read_text())
     assert [e["gemm"] for e in log[1:]] == ["q.fwd", "down.dx", "lm.dhidden"]
-    assert all(len([r for r in e["rows"] if r.get("tflops", 0) > 0]) == 6 for e in log[1:])
+    assert [len([r for r in e["rows"] if r.get("tflops", 0) > 0]) for e in log[1:]] == [7, 7, 6]
+    assert all(e["dequant_s"] > 0 for e in log[1:3]) and log[3]["dequant_s"] is None
+    for e in log[1:]:
+        e["cublas_tflops"] = 1.0
+    out.write_text(json.dumps(log))
+    rows = table(str(out)).splitlines()[2:]   # the step's tiles on a real GPU: variant rows here
+    assert [r.split(" | ")[0] for r in rows] == ["| tiny q.fwd", "| tiny down.dx", "| tiny lm.dhidden"]
+    assert "16,8,8,8,16 split 4" in rows[2]
 
 
 if __name__ == "__main__":

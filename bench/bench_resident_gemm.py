@@ -108,7 +108,7 @@ def sweep_fused(ctx, model, tiles_list, reps, log, json_path):
     cases.append(("lm.dhidden", chunk, H, V, wl, False, None))
     for name, Mc, N, K, w, b_t, lora in cases:
         av, cv = (logits, a) if name == "lm.dhidden" else (a, logits if name == "lm.logits" else c)
-        current = step_gemm_tiles(ctx)(Mc, N)
+        current = step_gemm_tiles(ctx)(Mc, N, K, w.fp32 is None)
         rows = []
         for tl in tiles_list:
             tiles = GemmTiles(*tl)
@@ -118,7 +118,7 @@ def sweep_fused(ctx, model, tiles_list, reps, log, json_path):
                 continue
             rec = lambda: gemm(ctx, Mc, N, K, Operand(av), w.operand(), Operand(cv), b_t=b_t, lora=lora,  # noqa: E731
                                tiles=tiles)
-            s = kernel_seconds(ctx, rec, reps)["gemm.main"]
+            s = sum(kernel_seconds(ctx, rec, reps).values())   # gemm.wgsl (NF4) or gemm_f32.wgsl
             flop = 2.0 * Mc * N * K + (2.0 * Mc * N * r if lora else 0.0)
             row = {"kind": "fused", "model": model, "gemm": name, "M": Mc, "N": N, "K": K, "b_t": b_t,
                    "tiles": list(tl), "current": tiles == current, "s": s, "tflops": flop / s / 1e12}

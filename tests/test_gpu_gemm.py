@@ -290,3 +290,76 @@ def test_gemm_big_tiles_awkward_shapes(ctx, tiles, M, N, K, b_t, nf4):
                                tiles=t))
     ref = C0 + A.astype(np.float64) @ (W.T if b_t else W) + T.astype(np.float64) @ (L.T if b_t else L)
     assert rel(down(ctx, cb, M * N).reshape(M, N), ref) <= 2e-6
+
+
+# gemm_f32.wgsl's forms (fp32 B): the k loop written out (BK 8 and 16), rolled, and split K
+# (2 and 5 splits: the LoRA tiles in the last split, a split count above the tile count
+# clipped), on tiles that fit a software adapter (the step's 64 x 128 ones included).
+F32_FORMS = [dict(tiles=(8, 8, 4, 4, 8)), dict(tiles=(8, 8, 4, 4, 16)), dict(tiles=(16, 8, 8, 8, 8)),
+             dict(tiles=(4, 8, 4, 8, 8), unroll=False), dict(tiles=(8, 4, 8, 4, 16), splits=2),
+             dict(tiles=(16, 8, 8, 8, 16), splits=5), dict(tiles=(8, 8, 8, 8, 8), splits=64)]
+
+
+@pytest.mark.parametrize("form", range(len(F32_FORMS)))
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (37, 45, 23), (131, 137, 203)])
+@pytest.mark.parametrize("b_t", [True, False])
+@pytest.mark.parametrize("lora_accum", [(False, False), (True, True), (True, False)])
+def test_gemm_f32_forms_awkward_shapes(ctx, form, M, N, K, b_t, lora_accum):
+    """Every form against float64 at 1, primes and non-multiples of every tile, both B
+    layouts, with and without the LoRA term (mode 1 with Wᵀ, 2 with W) and accumulation."""
+    from qlora_ext.gpu import kernels as Kk
+    from qlora_ext.gpu.kernels import Operand
+
+    f = dict(F32_FORMS[form])
+    tiles = Kk.GemmTiles(*f.pop("tiles"), **f).check(ctx)
+    lora_on, accum = lora_accum
+    g = np.random.default_rng(M * 31 + N + K + form)
+    B = g.standard_normal((N, K) if b_t else (K, N)).astype(np.float32)
+    A = g.standard_normal((M, K)).astype(np.float32)
+    C0 = g.standard_normal((M, N)).astype(np.float32)
+    ref = A.astype(np.float64) @ (B.T if b_t else B).astype(np.float64) + (C0 if accum else 0.0)
+    lora = None
+    if lora_on:
+        R = 5
+        T = g.standard_normal((M, R)).astype(np.float32)
+        L = g.standard_normal((N, R) if b_t else (R, N)).astype(np.float32)
+        lora = (Operand(ctx.upload(T)), R, Operand(ctx.upload(L)), 1 if b_t else 2)
+        ref = ref + T.astype(np.float64) @ (L.T if b_t else L).astype(np.float64)
+    c = ctx.upload(C0)
+    scratch = ctx.empty((tiles.splits * M * N,)) if tiles.splits > 1 else None
+    Kk.gemm(ctx, M, N, K, Operand(ctx.upload(A)), Operand(ctx.upload(B)), Operand(c), b_t=b_t, lora=lora,
+            accumulate=accum, tiles=tiles, scratch=scratch)
+    assert rel(ctx.to_numpy(c), ref) <= 2e-6
+
+
+def test_gemm_f32_split_needs_room(ctx):
+    """Split K with a scratch smaller than splits·M·N (or none) runs unsplit: same result as
+    no split, scratch untouched; a split result equals the unsplit one to rounding."""
+    from qlora_ext.gpu import kernels as Kk
+    from qlora_ext.gpu.kernels import Operand
+
+    g = np.random.default_rng(23)
+    M, N, K = 19, 29, 301
+    A, B = g.standard_normal((M, K)).astype(np.float32), g.standard_normal((K, N)).astype(np.float32)
+    outs = []
+    for splits, room in ((1, 0), (3, 3 * M * N - 1), (3, 3 * M * N)):
+        tiles = Kk.GemmTiles(8, 8, 4, 4, 8, splits=splits).check(ctx)
+        scratch = ctx.upload(np.full(max(room, 1), 7.0, np.float32))
+        c = ctx.empty((M, N))
+        Kk.gemm(ctx, M, N, K, Operand(ctx.upload(A)), Operand(ctx.upload(B)), Operand(c), b_t=False, tiles=tiles,
+                scratch=scratch)
+        outs.append(ctx.to_numpy(c))
+        if splits > 1 and room < splits * M * N:
+            assert np.all(ctx.to_numpy(scratch) == 7.0)
+    assert np.array_equal(outs[0], outs[1])
+    assert rel(outs[2], A.astype(np.float64) @ B) <= 2e-6 and not np.array_equal(outs[2], 7.0)
+
+
+def test_gemm_f32_unrolled_needs_bk_8_or_16(ctx):
+    from qlora_ext.gpu import kernels as Kk
+    from qlora_ext.gpu.kernels import Operand
+
+    t = ctx.upload(np.zeros(64, np.float32))
+    with pytest.raises(ValueError, match="BK 8 or 16"):
+        Kk.gemm(ctx, 4, 4, 4, Operand(t), Operand(t), Operand(ctx.empty((4, 4))), b_t=True,
+                tiles=Kk.GemmTiles(8, 8, 4, 4, 24))

@@ -159,7 +159,7 @@ def test_nf4_dequant_bit_equal_to_cpu(ctx, shape, blocksize, double_quant):
 
     w = np.random.default_rng(shape[1]).standard_normal(shape).astype(np.float32)
     t = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
-    got = ctx.to_numpy(WeightScratch(ctx).fp32(upload_weight(ctx, t)))
+    got = ctx.to_numpy(WeightScratch(ctx, [t.shape]).fp32(upload_weight(ctx, t)))
     np.testing.assert_array_equal(got, dequantize_nf4(t))
 
 
@@ -201,7 +201,7 @@ def test_engine_kernel_times_in_profiler(ctx, tmp_path):
     finally:
         PROFILER.stop()
     assert "attention_bwd.dq" in PROFILER.table() and any(sp.device == "gpu" for sp in PROFILER.spans)
-    for k in ("attention_fwd.forward", "attention_bwd.dkdv", "gemm.gemm", "gemm.main",
+    for k in ("attention_fwd.forward", "attention_bwd.dkdv", "gemm.gemm", "gemm_f32.main", "nf4.dequant",
               "cross_entropy.rows", "adamw.step", "rope.apply", "rmsnorm.backward"):
         assert k in times and times[k][0] > 0 and times[k][1] >= 1, k
     assert times["attention_fwd.forward"][1] == model.config.num_hidden_layers

@@ -201,3 +201,41 @@ def test_gemm_fp32_offsets_on_tensors(ctx, b_t, M, N, K, a_off, b_off, c_off):
     with pytest.raises(ValueError, match="a holds"):
         gemm(ctx, M, N, K, Operand(ctx.upload(a[:a_off + M * K - 1].copy()), a_off), Operand(ctx.upload(wb), b_off),
              Operand(ctx.upload(c0)), b_t=b_t)
+
+
+@pytest.mark.parametrize("room", [0, 1])
+def test_lm_head_dhidden_split_k_through_scratch(ctx, room):
+    """The step's tile rule on (as on a real GPU): dhidden (K = vocab, a thin grid) splits K
+    into the scratch the caller lends when it holds the partials (room 1), else runs unsplit
+    (room 0); both give float64's loss gradients, over several row chunks."""
+    from qlora_ext.gpu import kernels
+    from qlora_ext.gpu.bindings.cross_entropy import LmHeadLoss
+    from qlora_ext.gpu.runtime import GpuContext
+
+    own = GpuContext(ctx.adapter)
+    ch = kernels.step_gemm_tiles(own)
+    for t in (ch.F32_BIG, ch.F32_THIN):
+        try:
+            t.check(own)
+        except ValueError as e:
+            pytest.skip(f"{t}: {e}")
+    ch.own = True
+    g = np.random.default_rng(41 + room)
+    B, T, C, V = 2, 21, 19, 1003
+    hidden = g.standard_normal((B, T, C)).astype(np.float32)
+    w = (g.standard_normal((V, C)) / np.sqrt(C)).astype(np.float32)
+    labels = g.integers(0, V, size=(B, T))
+    head = LmHeadLoss(own, B * T, C, V, chunk_rows=16)
+    splits = ch.F32_THIN.splits
+    rows = max(k for _, k in head.chunks)
+    assert len(head.chunks) > 1 and all(k == rows for _, k in head.chunks)
+    scratch = own.upload(np.full(splits * rows * C - (1 - room), 3.0, np.float32))
+    dh = own.empty((B * T, C))
+    ls_ref, n_ref, dh_ref, _ = _ce_reference(hidden, w, labels)
+    stats = head.record(own.upload(hidden.reshape(B * T, C)), own.upload(w),
+                        own.upload(labels.reshape(-1).astype(np.int32), "i32"), T, 1.0 / n_ref, dhidden=dh,
+                        scratch=scratch)
+    loss_sum, count = own.to_numpy(stats)
+    assert int(count) == n_ref and abs(loss_sum - ls_ref) <= 1e-5 * abs(ls_ref)
+    assert rel_err(own.to_numpy(dh).reshape(B, T, C), dh_ref) <= 1e-5
+    assert np.all(own.to_numpy(scratch) == 3.0) == (room == 0)

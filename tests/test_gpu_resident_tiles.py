@@ -1,5 +1,5 @@
-"""The resident mode's per-shape gemm.wgsl tiles (kernels.StepGemmTiles): the choice per
-shape, and the NF4 GEMM with the LoRA epilogue (kernels.gemm on the resident weights) under
+"""The gpu placement's per-shape GEMM tiles (kernels.StepGemmTiles): the choice per shape, and
+the NF4 GEMM with the LoRA epilogue (kernels.gemm on the resident weights) under
 each tile setting that fits the adapter, against float64 numpy."""
 import dataclasses
 
@@ -23,16 +23,18 @@ def test_step_gemm_tiles_choice(ctx, monkeypatch):
     if ctx.info["software"]:
         assert not ch.own and ch(4096, 1024) == ch.fallback(4096, 1024)
     ch.own = True   # the rule itself, as on a real GPU
-    assert ch(2048, 151936) == StepGemmTiles.WIDE                 # logits
-    assert ch(1024, 2560) == StepGemmTiles.SMALL                  # 4B dhidden: 160 groups
-    assert ch(2048, 1024) == StepGemmTiles.SMALL                  # 0.6B dhidden: 128 groups
+    assert ch(2048, 151936, 1024, False) == StepGemmTiles.F32_BIG   # logits
+    assert ch(1024, 2560, 151936, False) == StepGemmTiles.F32_THIN  # 4B dhidden: 160 groups
+    assert ch(2048, 1024, 151936, False) == StepGemmTiles.F32_THIN  # 0.6B dhidden: 128 groups
+    assert ch(2048, 1024, 151936, True) == StepGemmTiles.SMALL
     for M, N in ((4096, 1024), (4096, 9728), (4096, 2560), (1600, 2048)):
-        assert ch(M, N) == StepGemmTiles.BIG, (M, N)
+        assert ch(M, N, 1024, True) == StepGemmTiles.BIG, (M, N)
+        assert ch(M, N, 1024, False) == StepGemmTiles.F32_BIG, (M, N)
     monkeypatch.setattr(ctx, "tuning", dataclasses.replace(ctx.tuning, gemm_tiles=(8, 8, 4, 4, 8)))
     assert not StepGemmTiles(ctx).own                             # benchmarks' override wins
 
 
-@pytest.mark.parametrize("which", ["BIG", "WIDE", "SMALL"])
+@pytest.mark.parametrize("which", ["BIG", "SMALL"])
 @pytest.mark.parametrize("b_t,M,N,K", [(True, 67, 200, 136), (False, 45, 136, 264)])
 def test_nf4_lora_gemm_each_tile_setting(ctx, which, b_t, M, N, K):
     from qlora_ext.gpu.kernels import Operand, StepGemmTiles, gemm

@@ -59,7 +59,7 @@ def test_profile_command_gpu_placement_shows_per_kernel_gpu_time(tmp_path, capsy
                  "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     phases = {(p["phase"], p["device"]) for p in summary["phases"]}
-    for kernel in ("attention_fwd.forward", "attention_bwd.dq", "gemm.main", "adamw.step", "grad_norm.sq_norm"):
+    for kernel in ("attention_fwd.forward", "attention_bwd.dq", "gemm_f32.main", "adamw.step", "grad_norm.sq_norm"):
         assert (kernel, "gpu") in phases, kernel
     assert summary["meta"]["placement"] == "gpu"
 

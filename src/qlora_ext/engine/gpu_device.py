@@ -6,9 +6,10 @@ LM head and the flat parameter buffer go up once.  Per step only the token ids, 
 and positions go up; the loss statistics come down.
 
 Each op records dispatches into the runtime's pending encoder; layer_done() submits, so the
-GPU runs a layer while Python records the next.  Projections run on the fused NF4 GEMM
-(dequantized in the tile loads, LoRA up-projection in the epilogue); gemm="dequant" instead
-dequantizes into an fp32 scratch and uses the plain GEMM.  LoRA dropout draws the masks of
+GPU runs a layer while Python records the next.  Projections (gemm="dequant", the default)
+dequantize the NF4 weight into one fp32 scratch buffer and run the fp32 GEMM
+(shaders/gemm_f32.wgsl) with the LoRA term as extra K tiles; gemm="fused" runs the NF4 GEMM
+that dequantizes in its tile loads (shaders/gemm.wgsl: no scratch, slower).  LoRA dropout draws the masks of
 qlora_ext.model.dropout: the host computes the step's 7·L keys (one small upload) and
 shaders/dropout.wgsl applies them.
 
@@ -33,6 +34,7 @@ from ..gpu.runtime import GpuTensor
 from ..model.dropout import dropout_keep_scale, dropout_key, dropout_seed, dropout_threshold
 from ..model.generate import top_candidates
 from ..model.lora import PROJECTIONS
+from ..nf4 import NF4Tensor
 from ..options import WEIGHTS_ON_GPU, WEIGHTS_STREAMED
 from .acts import allocate_step
 
@@ -120,12 +122,12 @@ class GpuDevice:
     pad_multiple = 64
 
     def __init__(self, state, params, ctx, rope, recompute_layers: int = 0, weights: str = WEIGHTS_ON_GPU,
-                 gemm: str = "fused", dropout: float = 0.0):
+                 gemm: str = "dequant", dropout: float = 0.0):
         if weights not in (WEIGHTS_ON_GPU, WEIGHTS_STREAMED):
             raise ValueError(f"weights={weights!r}: expected {WEIGHTS_ON_GPU!r} or {WEIGHTS_STREAMED!r}")
         if gemm not in ("fused", "dequant"):
-            raise ValueError(f"gemm={gemm!r}: expected 'fused' (NF4 dequantized in the GEMM's tile loads) or "
-                             "'dequant' (NF4 -> fp32 scratch, then the plain GEMM)")
+            raise ValueError(f"gemm={gemm!r}: expected 'dequant' (NF4 -> fp32 scratch, then the fp32 GEMM) or "
+                             "'fused' (NF4 dequantized in the GEMM's tile loads)")
         cfg = state.config
         self.ctx, self.state = ctx, state
         start = ctx.allocated_bytes
@@ -139,7 +141,9 @@ class GpuDevice:
         self.embed_w = up(state.embed_tokens)
         self.head_w = self.embed_w if state.lm_head is None else up(state.lm_head)
         self.final_norm = up(state.norm)
-        self.scratch_w = WeightScratch(ctx)
+        nf4_shapes = [] if self.fused else [w.shape for lw in state.layers for w in lw.proj.values()
+                                             if isinstance(w, NF4Tensor)]
+        self.scratch_w = WeightScratch(ctx, nf4_shapes)
         self._layers = [_LayerGpu(up, lw, weights == WEIGHTS_ON_GPU) for lw in state.layers]
         if weights == WEIGHTS_ON_GPU:
             for lg, lw in zip(self._layers, state.layers):
@@ -327,14 +331,8 @@ class GpuDevice:
                      b_off=lo.a_off, **self._rows(lo.r))
         if y is None:
             return
-        if self.fused:
-            # one dispatch: NF4 dequantized in the tile loads, u Bᵀ in the epilogue
-            lora = None if lo is None else (Operand(u), lo.r, Operand(self.values, lo.b_off), 1)
-            kernels.gemm(ctx, N, out, inn, Operand(x), pr.operand(), Operand(y), b_t=True, lora=lora)
-        else:
-            gemm_gpu(ctx, x, self.scratch_w.fp32(pr), y, N, out, inn, trans_b=True)
-            if lo is not None:
-                gemm_gpu(ctx, u, self.values, y, N, out, lo.r, trans_b=True, accumulate=True, b_off=lo.b_off)
+        lora = None if lo is None else (Operand(u), lo.r, Operand(self.values, lo.b_off), 1)
+        kernels.gemm(ctx, N, out, inn, Operand(x), self._operand(pr), Operand(y), b_t=True, lora=lora)
         bias = self._layers[l].bias.get(proj)
         if bias is not None:
             bias_add_gpu(ctx, y, bias)
@@ -376,15 +374,16 @@ class GpuDevice:
 
     def _base_backward(self, N, inn, out, dy, pr, dx, accumulate, lo, du=None) -> None:
         """dx (+)= dy W (+ du A when lo is given)."""
-        ctx = self.ctx
-        if self.fused:
-            lora = None if lo is None else (Operand(du), lo.r, Operand(self.values, lo.a_off), 2)
-            kernels.gemm(ctx, N, inn, out, Operand(dy), pr.operand(), Operand(dx), b_t=False, lora=lora,
-                         accumulate=accumulate)
-        else:
-            gemm_gpu(ctx, dy, self.scratch_w.fp32(pr), dx, N, inn, out, accumulate=accumulate)
-            if lo is not None:
-                gemm_gpu(ctx, du, self.values, dx, N, inn, lo.r, accumulate=True, b_off=lo.a_off)
+        lora = None if lo is None else (Operand(du), lo.r, Operand(self.values, lo.a_off), 2)
+        kernels.gemm(self.ctx, N, inn, out, Operand(dy), self._operand(pr), Operand(dx), b_t=False, lora=lora,
+                     accumulate=accumulate)
+
+    def _operand(self, pr: GpuWeight):
+        """The projection as the GEMM's B: NF4 (fused) or fp32 (its own, or dequantized into
+        the scratch)."""
+        if self.fused or pr.fp32 is not None:
+            return pr.operand()
+        return Operand(self.scratch_w.fp32(pr), 0, pr.shape[1])
 
     # ---- norms, RoPE, attention, SwiGLU, residual ----------------------------------------------
     def rmsnorm_forward(self, x, w, y, rstd) -> None:
@@ -429,8 +428,9 @@ class GpuDevice:
         w, off = self._head()
         dw = self.grads if (dh is not None and self.params.head_off is not None) else None
         head = self._loss_head(self.dims)
+        # the projections' weight scratch is idle during the head: room for dhidden's split K
         return head.record(xf, w, self.cur.labels, self.dims.T, scale or 0.0, dhidden=dh, dw_lm=dw, w_off=off,
-                           dw_off=off)
+                           dw_off=off, scratch=self.scratch_w.buf)
 
     def loss_value(self, stats) -> float:
         return float(self.ctx.to_numpy(stats)[0])

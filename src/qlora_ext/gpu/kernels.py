@@ -1,12 +1,13 @@
-"""Host bindings of the WGSL kernels the GPU device uses: gemm.wgsl (fp32 or NF4 B, LoRA term
-in the epilogue), swiglu.wgsl and dropout.wgsl, with the gemm.wgsl tile choices.  Each function records ONE kernel into the context's pending encoder (a dispatch per
+"""Host bindings of the WGSL kernels the GPU device uses: gemm_f32.wgsl (fp32 B) and gemm.wgsl
+(NF4 B), both with the LoRA term as extra K tiles, swiglu.wgsl and dropout.wgsl, with the GEMM
+tile choices.  Each function records ONE kernel into the context's pending encoder (a dispatch per
 65535 rows where a grid could exceed that); operands are Operands (buffer, element offset, row
 stride) with the shapes stated per function."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .runtime import GpuTensor
+from .runtime import GpuTensor, grid_2d
 
 GEMM_KINDS = "urrrrrrw"
 # gemm.wgsl binds the LoRA matrix L as a sub-range of its buffer, and binding offsets must be
@@ -24,6 +25,10 @@ class GemmTiles:
     tm: int = 4
     tn: int = 4
     bk: int = 8
+    # gemm_f32.wgsl only (fp32 B): the tile's k steps written out (UNROLL), and K cut into
+    # `splits` runs whose partial products a reduction sums (needs the caller's scratch)
+    unroll: bool = True
+    splits: int = 1
 
     @property
     def bm(self):
@@ -38,9 +43,11 @@ class GemmTiles:
         ok = (self.tm % 4 == 0 and self.tn % 4 == 0 and self.tm <= 16 and self.tn <= 16
               and self.tm * self.tn <= 128 and self.bk % 8 == 0 and self.bn % 8 == 0
               and (self.bm * self.bk // 4 + nt - 1) // nt <= 8 and (self.bn * self.bk // 4 + nt - 1) // nt <= 8)
+        ok = ok and self.splits >= 1
         if not ok:
             raise ValueError(f"unsupported GEMM tiles {self}: TM, TN multiples of 4 (≤16, TM·TN ≤ 128), "
-                             "BK and BN multiples of 8, at most 8 vec4 loads per thread per K tile")
+                             "BK and BN multiples of 8, at most 8 vec4 loads per thread per K tile, "
+                             "splits ≥ 1")
         if ctx is not None:
             smem = 2 * self.bk * (self.bm + self.bn) * 4 + 64
             if smem > int(ctx.limits["max-compute-workgroup-storage-size"]) or nt > int(
@@ -98,7 +105,7 @@ class TileChooser:
         self.small = small.check(ctx)
         self.min_groups = ctx.tuning.gemm_min_groups or int(min_groups)
 
-    def __call__(self, M: int, N: int) -> GemmTiles:
+    def __call__(self, M: int, N: int, K: int = 0, nf4: bool = True) -> GemmTiles:
         groups = -(-M // self.big.bm) * -(-N // self.big.bn)
         return self.big if groups >= self.min_groups else self.small
 
@@ -107,26 +114,30 @@ class TileChooser:
 
 
 class StepGemmTiles:
-    """gemm.wgsl tiles per shape for the gpu placement's GEMMs: M = B·T token rows (4096 at
-    4 x 1024) for the projections, the LM head's chunk rows (1024-2048) with N or K = vocab.
+    """Tiles per shape for the gpu placement's GEMMs: M = B·T token rows (4096 at 4 x 1024) for
+    the projections, the LM head's chunk rows (1024-2048) with N or K = vocab.
 
-    From bench/bench_gemm_ceiling.py on an NVIDIA H200 (both Qwen3 shapes, every projection
-    forward and dx with NF4 and the LoRA epilogue, the LM head; BENCHMARKS.md):
+    NF4 B (shaders/gemm.wgsl, the `fused` GEMM), from bench/bench_gemm_ceiling.py on an NVIDIA
+    H200 (BENCHMARKS.md):
     - 128 x 128 tiles, 8 x 8 per thread, BK 16 (16,16,8,8,16): 26.1-30.7 TFLOP/s on every
-      projection GEMM, within 1-2 of the best setting at each shape (8 x 16 per thread won by
-      up to 1.3 at some shapes and lost 3-4 at N = 2560).
-    - vocab-wide N (the logits): 128 x 128 tiles of 128 threads with 8 x 16 each, BK 8
-      (8,16,8,16,8): 32.4 / 32.9 (8 x 8 per thread: 20-21).
-    - grids of fewer than 200 128 x 128 tiles (dhidden: K = vocab, M x N = 2048 x 1024 or
-      1024 x 2560, 128 or 160 tiles for 132 SMs): 64 x 128 tiles, 4 x 8 per thread
-      (16,16,4,8,8): 29.6 / 26.2 against 23.9 / 15.3 for 128 x 128.
+      projection GEMM, within 1-2 of the best setting at each shape.
+    - grids of fewer than 200 128 x 128 tiles: 64 x 128 tiles, 4 x 8 per thread (16,16,4,8,8).
+    fp32 B (shaders/gemm_f32.wgsl: the dequantized projections and the LM head), from the same
+    script (bench/results/h200_gemm_f32_sweep2.json):
+    - 64 x 128 tiles of 128 threads, 8 x 8 per thread, BK 8, k loop written out (16,8,8,8,8):
+      27.5-33.9 TFLOP/s on every projection GEMM and the logits, the best or within 1-2 of the
+      best of 22 settings at each shape (128 x 128 or 128 x 256 tiles won forward GEMMs of N
+      1024-3072 by up to 1.6 and lost up to 7 at K = 2560-9728).
+    - grids of fewer than THIN_GRID 128 x 128 tiles (dhidden: K = vocab): 64 x 128 tiles with
+      BK 16 and K split 4 ways where the caller's scratch holds the partials (32.4 at 4B,
+      where the projections' weight scratch does; unsplit at 0.6B: 32.7).
     Software adapters (lavapipe's 32 KiB of workgroup memory) and the gemm tile knobs of
     Tuning keep TileChooser."""
 
     BIG = GemmTiles(16, 16, 8, 8, 16)
-    WIDE = GemmTiles(8, 16, 8, 16, 8)
     SMALL = GemmTiles(16, 16, 4, 8, 8)
-    WIDE_N = 32768
+    F32_BIG = GemmTiles(16, 8, 8, 8, 8)
+    F32_THIN = GemmTiles(16, 8, 8, 8, 16, splits=4)
     THIN_GRID = 200
 
     def __init__(self, ctx):
@@ -134,19 +145,19 @@ class StepGemmTiles:
         own = not ctx.software and not ctx.tuning.gemm_overridden
         if own:
             try:
-                for t in (self.BIG, self.WIDE, self.SMALL):
+                for t in (self.BIG, self.SMALL, self.F32_BIG, self.F32_THIN):
                     t.check(ctx)
             except ValueError:
                 own = False
         self.own = own
 
-    def __call__(self, M: int, N: int) -> GemmTiles:
+    def __call__(self, M: int, N: int, K: int = 0, nf4: bool = True) -> GemmTiles:
         if not self.own:
             return self.fallback(M, N)
-        if N >= self.WIDE_N:
-            return self.WIDE
-        groups = -(-M // 128) * -(-N // 128)
-        return self.SMALL if groups < self.THIN_GRID else self.BIG
+        thin = -(-M // 128) * -(-N // 128) < self.THIN_GRID
+        if nf4:
+            return self.SMALL if thin else self.BIG
+        return self.F32_THIN if thin else self.F32_BIG
 
 
 def step_gemm_tiles(ctx) -> StepGemmTiles:
@@ -193,34 +204,24 @@ def _check_span(what: str, op: Operand, rows: int, cols: int, ld: int) -> None:
 
 
 def gemm(ctx, M: int, N: int, K: int, a: Operand, b, c: Operand, b_t: bool, lora=None,
-         accumulate: bool = False, tiles=None) -> None:
+         accumulate: bool = False, tiles=None, scratch: GpuTensor | None = None) -> None:
     """C[M, N] (+)= A[M, K] · op(B) (+ T · op(L)).
 
-    b: Operand (fp32; stored [N, K] if b_t else [K, N]) or Nf4B.
+    b: Operand (fp32, stored [N, K] if b_t else [K, N]: shaders/gemm_f32.wgsl) or Nf4B
+    (shaders/gemm.wgsl, NF4 dequantized in the tile loads).
     lora: None or (T: Operand [M, R], R, L: Operand, mode) with mode 1: L stored [N, R] (LoRA
     B, forward), 2: [R, N] (LoRA A, backward); L.off must be a multiple of PARAM_ALIGN; the
     LoRA scale must already be in T or L.
-    tiles: GemmTiles, a chooser (M, N) -> GemmTiles, or None (the context's StepGemmTiles)."""
+    tiles: GemmTiles, a chooser (M, N, K) -> GemmTiles, or None (the context's StepGemmTiles).
+    scratch: f32 GpuTensor for the partial products of split K (tiles.splits > 1, fp32 B):
+    splits·M·N elements; without it (or too small) K is not split."""
+    nf4 = isinstance(b, Nf4B)
     tiles = step_gemm_tiles(ctx) if tiles is None else tiles
-    tiles = tiles if isinstance(tiles, GemmTiles) else tiles(M, N)
+    tiles = tiles if isinstance(tiles, GemmTiles) else tiles(M, N, K, nf4)
     lda, ldc = a.ld or K, c.ld or N
     _check_span("a", a, M, K, lda)
     _check_span("c", c, M, N, ldc)
-    nf4 = isinstance(b, Nf4B)
     d = ctx.dummy()
-    if nf4:
-        ldb = b.ncols
-        b_vec = ldb % 8 == 0
-        nf4_fields = (b.split, b.code_off1, b.abs_off1, b.blocksize.bit_length() - 1)
-        b_off = 0
-        bufs_b = [d, _raw(b.codes), _raw(b.absmax)]
-    else:
-        ldb = b.ld or (K if b_t else N)
-        _check_span("b", b, N if b_t else K, K if b_t else N, ldb)
-        b_vec = ldb % 4 == 0 and b.off % 4 == 0 and (K if b_t else N) % 4 == 0
-        nf4_fields = (1 << 31, 0, 0, 0)
-        b_off = b.off
-        bufs_b = [_raw(b.buf), d, d]
     if lora is not None:
         t, R, ll, mode = lora
         if ll.off % PARAM_ALIGN:
@@ -230,13 +231,55 @@ def gemm(ctx, M: int, N: int, K: int, a: Operand, b, c: Operand, b_t: bool, lora
         bufs_l = [_raw(t.buf), (lbuf, 4 * ll.off, min(max(16, 4 * R * N), lbuf.size - 4 * ll.off))]
     else:
         mode, lfields, bufs_l = 0, (0, 0, 0), [d, d]
-    consts = dict(tiles.constants(), B_T=bool(b_t), B_NF4=nf4, A_VEC=a.off % 4 == 0 and lda % 4 == 0 and K % 4 == 0,
-                  B_VEC=bool(b_vec), C_VEC=c.off % 4 == 0 and ldc % 4 == 0 and N % 4 == 0, LORA=mode,
-                  ACCUM=bool(accumulate))
-    par = ctx.uniform("16I", M, N, K, lda, ldb, ldc, a.off, c.off, *lfields, *nf4_fields, b_off)
+    a_vec = a.off % 4 == 0 and lda % 4 == 0 and K % 4 == 0
+    grid = ((N + tiles.bn - 1) // tiles.bn, (M + tiles.bm - 1) // tiles.bm)
+    if not nf4:
+        _gemm_f32(ctx, M, N, K, a, b, c, b_t, lda, ldc, a_vec, mode, lfields, bufs_l, accumulate, tiles, grid,
+                  scratch)
+        return
+    ldb = b.ncols
+    nf4_fields = (b.split, b.code_off1, b.abs_off1, b.blocksize.bit_length() - 1)
+    consts = dict(tiles.constants(), B_T=bool(b_t), B_NF4=True, A_VEC=a_vec, B_VEC=ldb % 8 == 0,
+                  C_VEC=c.off % 4 == 0 and ldc % 4 == 0 and N % 4 == 0, LORA=mode, ACCUM=bool(accumulate))
+    par = ctx.uniform("16I", M, N, K, lda, ldb, ldc, a.off, c.off, *lfields, *nf4_fields, 0)
     ctx.dispatch(ctx.pipeline("gemm", "main", GEMM_KINDS, overrides=consts),
-                 [par, _raw(a.buf)] + bufs_b + bufs_l + [_raw(c.buf)],
-                 ((N + tiles.bn - 1) // tiles.bn, (M + tiles.bm - 1) // tiles.bm))
+                 [par, _raw(a.buf), d, _raw(b.codes), _raw(b.absmax)] + bufs_l + [_raw(c.buf)], grid)
+
+
+GEMM_F32_KINDS = "urrrrw"
+
+
+def _gemm_f32(ctx, M, N, K, a, b, c, b_t, lda, ldc, a_vec, mode, lfields, bufs_l, accumulate, tiles, grid,
+              scratch) -> None:
+    """kernels.gemm with fp32 B on shaders/gemm_f32.wgsl (split K through `scratch`)."""
+    if tiles.unroll and tiles.bk not in (8, 16):
+        raise ValueError(f"gemm_f32: the unrolled k loop needs BK 8 or 16, got {tiles}")
+    ldb = b.ld or (K if b_t else N)
+    _check_span("b", b, N if b_t else K, K if b_t else N, ldb)
+    b_vec = ldb % 4 == 0 and b.off % 4 == 0 and (K if b_t else N) % 4 == 0
+    ntiles = -(-K // tiles.bk) + (-(-lfields[0] // tiles.bk) if mode else 0)
+    splits = min(tiles.splits, ntiles)
+    if splits > 1 and (scratch is None or scratch.size < splits * M * N):
+        splits = 1
+    tps = -(-ntiles // splits)
+    splits = -(-ntiles // tps)
+    base = dict(tiles.constants(), UNROLL=bool(tiles.unroll), B_T=bool(b_t), A_VEC=a_vec, B_VEC=bool(b_vec),
+                LORA=mode)
+    c_vec = c.off % 4 == 0 and ldc % 4 == 0 and N % 4 == 0
+    ab = [_raw(a.buf), _raw(b.buf)] + bufs_l
+    if splits == 1:
+        par = ctx.uniform("16I", M, N, K, lda, ldb, ldc, a.off, c.off, *lfields, b.off, tps, 0, 1, 0)
+        pipe = ctx.pipeline("gemm_f32", "main", GEMM_F32_KINDS, overrides=dict(base, C_VEC=c_vec,
+                                                                              ACCUM=bool(accumulate)))
+        ctx.dispatch(pipe, [par] + ab + [_raw(c.buf)], grid)
+        return
+    par = ctx.uniform("16I", M, N, K, lda, ldb, N, a.off, 0, *lfields, b.off, tps, M * N, splits, 0)
+    pipe = ctx.pipeline("gemm_f32", "main", GEMM_F32_KINDS, overrides=dict(base, C_VEC=N % 4 == 0, ACCUM=False))
+    ctx.dispatch(pipe, [par] + ab + [scratch], grid + (splits,))
+    par = ctx.uniform("16I", M, N, K, lda, ldb, ldc, a.off, c.off, *lfields, b.off, tps, M * N, splits, 0)
+    red = ctx.pipeline("gemm_f32", "reduce", GEMM_F32_KINDS, overrides={"ACCUM": bool(accumulate)})
+    d = ctx.dummy()
+    ctx.dispatch(red, [par, scratch, d, d, d, _raw(c.buf)], grid_2d(-(-M * N // 256)))
 
 
 _EW_WG = 256   # threads per workgroup of the row-wise elementwise kernels (swiglu, dropout)

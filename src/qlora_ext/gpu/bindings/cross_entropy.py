@@ -2,7 +2,7 @@
 HF's shift (token t predicts labels[t + 1]) and -100 ignored.  The [N, V] logits never exist
 whole: rows go through in chunks of at most `chunk_rows`; each chunk's logits are turned into
 dlogits in place and multiplied back into dhidden (and into dW when the head trains) before
-the next.  Shaders: gemm.wgsl (qlora_ext.gpu.kernels.gemm) for logits and dhidden, resident_cross_entropy.wgsl, resident_gemm.wgsl for
+the next.  Shaders: gemm_f32.wgsl (qlora_ext.gpu.kernels.gemm) for logits and dhidden, resident_cross_entropy.wgsl, resident_gemm.wgsl for
 the trained head's dW (a transposed-A product gemm.wgsl does not take)."""
 from __future__ import annotations
 
@@ -79,11 +79,13 @@ class LmHeadLoss:
 
     def record(self, hidden: GpuTensor, w_lm: GpuTensor, labels: GpuTensor, T: int,
                grad_scale: float, dhidden: GpuTensor | None = None,
-               dw_lm: GpuTensor | None = None, w_off: int = 0, dw_off: int = 0) -> GpuTensor:
+               dw_lm: GpuTensor | None = None, w_off: int = 0, dw_off: int = 0,
+               scratch: GpuTensor | None = None) -> GpuTensor:
         """hidden [N, C] (final-normed), w_lm [V, C] (at element offset w_off of its buffer),
         labels i32 [N] (flattened [B, T]).  Records the loss into self.stats; with dhidden
         [N, C] writes d(grad_scale * loss_sum)/dhidden, with dw_lm [V, C] (at dw_off) *adds*
-        d(...)/dW into it.  Returns self.stats."""
+        d(...)/dW into it.  scratch: f32 room for dhidden's split-K partials (kernels.gemm),
+        idle during this call.  Returns self.stats."""
         ctx, N, C, V = self.ctx, self.N, self.C, self.V
         want = dhidden is not None or dw_lm is not None
         pipe = ctx.pipeline("resident_cross_entropy", "rows", "urwwww", overrides={"WG": _WG})
@@ -97,7 +99,8 @@ class LmHeadLoss:
                          grid_2d(rows))
             if dhidden is not None:
                 # dhidden[r0:r0+rows] = dlogits[rows, V] @ w_lm[V, C]
-                gemm(ctx, rows, C, V, Operand(self.logits), w, Operand(dhidden, r0 * C), b_t=False)
+                gemm(ctx, rows, C, V, Operand(self.logits), w, Operand(dhidden, r0 * C), b_t=False,
+                     scratch=scratch)
             if dw_lm is not None:
                 # dW[V, C] += dlogitsᵀ @ hidden[r0:r0+rows]
                 gemm_gpu(ctx, self.logits, hidden, dw_lm, V, C, rows, trans_a=True,

@@ -1,13 +1,12 @@
-"""fp32 GEMM of the GPU device (shaders/resident_gemm.wgsl), used where the weight is not
-NF4 (the LM head's dW, the rank-r LoRA products, the dequant path's projections):
+"""fp32 GEMM of the GPU device (shaders/resident_gemm.wgsl) for the transposed-A products
+(the LM head's dW, the rank-r LoRA products):
 C[M, N] (+)= alpha * op(A)[M, K] @ op(B)[K, N]."""
 from __future__ import annotations
 
 from ..runtime import MAX_GROUPS, GpuContext, GpuTensor, grid_2d
 
 # (TM, TN, TK) of resident_gemm.wgsl: a workgroup of (TN/4, TM/4) threads owns a TM x TN
-# block of C and stages TK-deep slices.  64 x 64 for the general case (LM head dW, the
-# dequant path's projections).
+# block of C and stages TK-deep slices.  64 x 64 for the general case (LM head dW).
 _GENERAL = (64, 64, 16)
 # The rank-r LoRA products have one side of C = r <= 64 (u, du: [tokens, r]; dB: [out, r];
 # dA: [r, in]).  A 64 x 64 tile there computes 64 / r times the needed columns (4x at r = 16),

@@ -26,7 +26,7 @@ class GpuWeight:
     blocksize: int = 64
 
     def operand(self):
-        """W [out, in] as gemm.wgsl's B operand."""
+        """W [out, in] as kernels.gemm's B operand (fp32: gemm_f32.wgsl; NF4: gemm.wgsl)."""
         if self.fp32 is not None:
             return Operand(self.fp32, 0, self.shape[1])
         return Nf4B(self.packed, self.absmax, self.shape[1], blocksize=self.blocksize)
@@ -93,23 +93,28 @@ class StreamedLayers:
 
 
 class WeightScratch:
-    """fp32 scratch weights, one per shape, that NF4 projections dequantize into."""
+    """One fp32 scratch buffer that NF4 projections dequantize into ahead of the fp32 GEMM,
+    sized for the largest of `shapes` (out, in) and allocated here, so the memory estimate
+    (which runs this constructor against a counting context) includes it.  Each dequantized
+    weight is valid until the next one: the queue orders the dispatches."""
 
-    def __init__(self, ctx: GpuContext):
+    def __init__(self, ctx: GpuContext, shapes=()):
         self.ctx = ctx
         self.code = ctx.upload(NF4_CODE.astype(np.float32))
-        self._bufs = {}
+        n = max((int(o) * int(i) for o, i in shapes), default=0)
+        self.buf = ctx.empty((n,)) if n else None
 
     def fp32(self, w: GpuWeight) -> GpuTensor:
         """fp32 [out, in]: the fp32 tensor on the GPU, or (recorded) the NF4 weight dequantized into
-        the scratch buffer of its shape -- valid until the next weight of that shape."""
+        the scratch buffer."""
         if w.fp32 is not None:
             return w.fp32
         ctx = self.ctx
-        buf = self._bufs.get(w.shape)
-        if buf is None:
-            buf = self._bufs[w.shape] = ctx.empty(w.shape)
         n = w.shape[0] * w.shape[1]
+        if self.buf is None or self.buf.size < n:
+            raise ValueError(f"WeightScratch: a {w.shape} weight needs {n} elements, the scratch holds "
+                             f"{0 if self.buf is None else self.buf.size}")
+        buf = self.buf.view(w.shape)
         pipe = ctx.pipeline("resident_nf4", "dequant", "urrrw", overrides={"WG": _WG})
         ctx.dispatch(pipe, [ctx.uniform("II", n, w.blocksize), w.packed, w.absmax, self.code, buf],
                      grid_2d((n + _WG - 1) // _WG))

@@ -4,8 +4,8 @@ shader folder), read from the environment in ONE place and validated there, then
 that reads it; the checks that need the device (workgroup memory, threads) run where the
 value is used, and their messages name the variable too.
 
-    QLORA_EXT_GEMM_TILES=wgx,wgy,tm,tn,bk     gemm.wgsl tiles of the large GEMMs (benchmarks)
-    QLORA_EXT_GEMM_TILES_SMALL=wgx,wgy,tm,tn,bk   gemm.wgsl tiles of GEMMs with small grids
+    QLORA_EXT_GEMM_TILES=wgx,wgy,tm,tn,bk     gemm.wgsl / gemm_f32.wgsl tiles of the large GEMMs (benchmarks)
+    QLORA_EXT_GEMM_TILES_SMALL=wgx,wgy,tm,tn,bk   their tiles of GEMMs with small grids
     QLORA_EXT_GEMM_MIN_GROUPS=n               grids below n workgroups take the small tiles
     QLORA_EXT_RESIDENT_GEMM_TILES=tm,tn,tk    resident_gemm.wgsl tiles of every fp32 product
     QLORA_EXT_ATTN_TILES=br,bc,tm,tn[,dk4]    the attention kernels' register tiling
@@ -51,7 +51,7 @@ class Tuning:
 
     @property
     def gemm_overridden(self) -> bool:
-        """True when any gemm.wgsl tile knob is set (the per-shape tables then step aside)."""
+        """True when any gemm.wgsl / gemm_f32.wgsl tile knob is set (the per-shape tables then step aside)."""
         return any(v is not None for v in (self.gemm_tiles, self.gemm_tiles_small, self.gemm_min_groups))
 
     @classmethod
