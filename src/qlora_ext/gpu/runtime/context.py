@@ -7,6 +7,7 @@ Kernels record with `dispatch(ctx.pipeline(...), buffers, groups)`: per step the
 writes buffers and records dispatches (STYLE.md: GPU objects created once, cached by content)."""
 from __future__ import annotations
 
+import math
 import struct
 import threading
 import weakref
@@ -30,8 +31,12 @@ _LIMITS = ("max-storage-buffer-binding-size", "max-buffer-size", "max-compute-wo
 _FEATURES = ("timestamp-query", "timestamp-query-inside-passes")
 # The WebGPU default of workgroups per dimension (wgpu 0.32 enforces the device's: GPU.md).
 MAX_GROUPS = 65535
-# Bind groups kept (LRU): a step of a 36-layer model binds about 1,500 distinct groups.
-_BIND_GROUP_CACHE = 4096
+# Bind groups kept (LRU).  A step binds about 70 distinct groups per layer and batch shape
+# (2,100 for a 30-layer model), and batches padded to their longest row come in several
+# widths: a cache smaller than all of them re-creates every group of every step once three
+# shapes alternate.  32,768 holds ~15 shapes of a 30-layer model; a group is a few hundred
+# bytes of host and descriptor memory.
+_BIND_GROUP_CACHE = 32768
 _KINDS = {"u": "uniform", "r": "read_only_storage", "w": "storage"}
 
 
@@ -57,7 +62,7 @@ class GpuTensor:
     def view(self, shape) -> "GpuTensor":
         """The same buffer seen with another shape of at most as many elements."""
         shape = tuple(int(x) for x in shape)
-        if int(np.prod(shape, dtype=np.int64)) > self.size:
+        if math.prod(shape) > self.size:     # math.prod: views are made per op, np.prod costs ~10x
             raise ValueError(f"view {shape} of a tensor of shape {self.shape}")
         return GpuTensor(self.buffer, shape, self.dtype)
 
