@@ -15,7 +15,8 @@ from qlora_ext.cpu.kernels import _f32 as _cpu_f32
 from qlora_ext.gpu import kernels
 from qlora_ext.gpu.kernels import Operand
 from qlora_ext.gpu.bindings.adamw import AdamWGpu
-from qlora_ext.gpu.bindings.attention import attention_backward_gpu, attention_forward_gpu, document_starts
+from qlora_ext.gpu.bindings.attention import attention_backward_gpu, attention_forward_gpu
+from qlora_ext.model.packing import document_starts
 from qlora_ext.gpu.bindings.cross_entropy import LmHeadLoss
 from qlora_ext.gpu.bindings.gemm import gemm_gpu
 from qlora_ext.gpu.bindings.layer_ops import (_RMS_WG, add_gpu, bias_add_gpu,

@@ -141,7 +141,7 @@ def test_one_document_is_plain_causal(ctx):
 def test_document_starts():
     """Runs of equal ids, as the CPU kernels read them: an id that comes back later starts a
     new document."""
-    from qlora_ext.gpu.bindings.attention import document_starts
+    from qlora_ext.model.packing import document_starts
 
     seg = np.array([[0, 0, 1, 1, 1, 0, 2], [5, 5, 5, 5, 5, 5, 5], [0, 1, 2, 3, 4, 5, 6]])
     np.testing.assert_array_equal(document_starts(seg), [[0, 0, 2, 2, 2, 5, 6], [0] * 7, list(range(7))])

@@ -66,16 +66,17 @@ class CpuDevice:
         self.rope_cache = rope
         self._held: dict = {}       # proj -> (layer, fp32 weight buffer)
         self.dims = None
-        self.positions = self.mask = None
+        self.positions = self.mask = self.segments = None
         self.dropout = 0.0
         self.drop_seed = self.drop_step = None
 
     # ---- the step's inputs ---------------------------------------------------------------
     def prepare(self, dims, positions, mask, ids, labels=None, dropout: float = 0.0, seed: int = 0,
-                step: int | None = None) -> None:
+                step: int | None = None, segments=None) -> None:
         """Take the batch: ids int [B, T], labels [B, T] or None, positions int [T] or [B, T],
-        mask uint8 [B, T] or None; dropout applies when `step` is given."""
-        self.dims, self.positions, self.mask = dims, positions, mask
+        mask uint8 [B, T] or None, segments int [B, T] of packed rows or None; dropout applies
+        when `step` is given."""
+        self.dims, self.positions, self.mask, self.segments = dims, positions, mask, segments
         self.ids, self.labels = ids, labels
         self.tables = self.rope_cache.covering(int(np.max(positions)) + 1)
         self.dropout = float(dropout) if step is not None else 0.0
@@ -91,9 +92,9 @@ class CpuDevice:
         return allocate_step(dims, self.layers, self.recompute_layers, keep, self.params.ranks, self.empty)
 
     def begin(self, dims, positions, mask, ids, labels=None, keep: bool = False, dropout: float = 0.0,
-              seed: int = 0, step: int | None = None):
+              seed: int = 0, step: int | None = None, segments=None):
         """prepare() and buffers(): the program's buffers for this batch."""
-        self.prepare(dims, positions, mask, ids, labels, dropout, seed, step)
+        self.prepare(dims, positions, mask, ids, labels, dropout, seed, step, segments)
         return self.buffers(dims, keep)
 
     def empty(self, shape, dtype=np.float32):
@@ -215,7 +216,8 @@ class CpuDevice:
 
     def attention_forward(self, q, k, v, attn, lse) -> None:
         with self.timer("attention"):
-            o, s = self.k.attention_forward(q, k, v, self.mask, threads=self._attention_threads())
+            o, s = self.k.attention_forward(q, k, v, self.mask, threads=self._attention_threads(),
+                                            segments=self.segments)
             np.copyto(attn, o)
             np.copyto(lse, s)
 
@@ -233,7 +235,7 @@ class CpuDevice:
     def attention_backward(self, q, k, v, attn, lse, dattn, dq, dk, dv) -> None:
         with self.timer("attention"):
             a, b, c = self.k.attention_backward(q, k, v, attn, lse, dattn, self.mask,
-                                                threads=self._attention_threads())
+                                                threads=self._attention_threads(), segments=self.segments)
             np.copyto(dq, a)
             np.copyto(dk, b)
             np.copyto(dv, c)

@@ -24,7 +24,7 @@ import numpy as np
 from ..gpu import kernels
 from ..gpu.kernels import Operand
 from ..gpu.decode import MAX_TOP_K, decode_attention_gpu, kv_store_gpu, topk_gpu
-from ..gpu.bindings.attention import attention_backward_gpu, attention_forward_gpu, document_starts
+from ..gpu.bindings.attention import attention_backward_gpu, attention_forward_gpu
 from ..gpu.bindings.cross_entropy import LmHeadLoss
 from ..gpu.bindings.gemm import gemm_gpu, row_stable_options
 from ..gpu.bindings.layer_ops import (add_gpu, bias_add_gpu, embedding_gather_gpu, rmsnorm_backward_gpu,
@@ -34,6 +34,7 @@ from ..gpu.runtime import GpuTensor
 from ..model.dropout import dropout_keep_scale, dropout_key, dropout_seed, dropout_threshold
 from ..model.generate import top_candidates
 from ..model.lora import PROJECTIONS
+from ..model.packing import document_starts
 from ..nf4 import NF4Tensor
 from ..options import WEIGHTS_ON_GPU, WEIGHTS_STREAMED
 from .acts import allocate_step

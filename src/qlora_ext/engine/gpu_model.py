@@ -97,32 +97,36 @@ class GpuModel(Model):
         yield
         ctx.kernel_times()   # the remaining passes become spans
 
-    def forward(self, input_ids, attention_mask=None) -> np.ndarray:
+    def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None) -> np.ndarray:
         with self.kernel_timing():
-            return super().forward(input_ids, attention_mask)
+            return super().forward(input_ids, attention_mask, position_ids, segment_ids)
 
     __call__ = forward
 
-    def loss(self, input_ids, labels, attention_mask=None, reduction: str = "mean") -> float:
+    def loss(self, input_ids, labels, attention_mask=None, reduction: str = "mean", position_ids=None,
+             segment_ids=None) -> float:
         with self.kernel_timing():
-            return super().loss(input_ids, labels, attention_mask, reduction)
+            return super().loss(input_ids, labels, attention_mask, reduction, position_ids, segment_ids)
 
-    def loss_and_grads(self, input_ids, labels, attention_mask=None, reduction: str = "mean"):
+    def loss_and_grads(self, input_ids, labels, attention_mask=None, reduction: str = "mean", position_ids=None,
+                       segment_ids=None):
         with self.kernel_timing():
-            return super().loss_and_grads(input_ids, labels, attention_mask, reduction)
+            return super().loss_and_grads(input_ids, labels, attention_mask, reduction, position_ids, segment_ids)
 
     def _grads(self) -> dict:
         return self.params.named(self.ctx.to_numpy(self.device.grads))
 
     # ---- what the Trainer's GpuAdamW (train/update.py) drives ------------------------------
-    def accumulate_grads(self, input_ids, labels, attention_mask=None, first: bool = True) -> float:
+    def accumulate_grads(self, input_ids, labels, attention_mask=None, first: bool = True, position_ids=None,
+                         segment_ids=None) -> float:
         """Summed token loss of the micro-batch; its gradient is written (first) or added to
         the GPU gradient buffer (device.grads).  Only the 8-byte loss statistics come down."""
         from .model import check_inputs
 
         ids, mask, lab = check_inputs(self.config, input_ids, attention_mask, labels)
+        pack, lab = self._packing(ids, lab, position_ids, segment_ids)
         with self.kernel_timing():
-            pending = self._forward_backward(ids, mask, lab, 1.0, clear=first)
+            pending = self._forward_backward(ids, mask, lab, 1.0, clear=first, pack=pack)
             return self.device.loss_value(pending) if self.count_tokens(lab) else 0.0
 
     def weights_changed(self) -> None:
@@ -168,12 +172,12 @@ class SplitModel(GpuModel):
 
         return SplitDevice(self.host, super()._gpu_device(ctx))
 
-    def _forward_backward(self, ids, mask, lab, scale: float, clear: bool = True):
+    def _forward_backward(self, ids, mask, lab, scale: float, clear: bool = True, pack=None):
         if self.lanes < 2 or ids.shape[0] < 2 or self.device.gpu.streamed is not None:
-            return super()._forward_backward(ids, mask, lab, scale, clear)
+            return super()._forward_backward(ids, mask, lab, scale, clear, pack)
         from .lanes import forward_backward_lanes
 
-        return forward_backward_lanes(self, ids, mask, lab, scale, clear, self.lanes)
+        return forward_backward_lanes(self, ids, mask, lab, scale, clear, self.lanes, pack)
 
     def memory_report(self, batch_shape: tuple | None = None) -> dict:
         rep = Model.memory_report(self)

@@ -79,7 +79,7 @@ class Turns:
         return lambda: self.turn(lane)
 
 
-def forward_backward_lanes(model, ids, mask, lab, scale: float, clear: bool, lanes: int) -> list:
+def forward_backward_lanes(model, ids, mask, lab, scale: float, clear: bool, lanes: int, pack=None) -> list:
     """Model._forward_backward for a model whose device is a SplitDevice, the rows in `lanes`
     lanes: the gradient of scale · (summed loss) written to (clear) or added to the device's
     gradient buffer; returns the lanes' per-token losses in row order (the device's
@@ -109,8 +109,9 @@ def forward_backward_lanes(model, ids, mask, lab, scale: float, clear: bool, lan
         for i, ((a, b), dev) in enumerate(zip(rows, devs)):
             dev.gpu.row0 = a * T
             dev.grad_turn = turns.of(i)
+            pos, segs = ((None if p is None else p[a:b]) for p in (pack or (None, None)))
             _, acts, s = model._begin(ids[a:b], None if mask is None else mask[a:b], lab[a:b], keep=True,
-                                      training=True, device=dev)
+                                      training=True, device=dev, positions=pos, segments=segs)
             work.append((dev, acts, s))
         model.step += 1     # after: the dropout masks are those of the step before
         others = [_pool(len(work) - 1).submit(run, i) for i in range(1, len(work))]

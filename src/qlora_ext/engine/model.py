@@ -17,6 +17,7 @@ from ..finite import NonFiniteError, first_nonfinite
 from ..model.generate import DEFAULT_TOP_K
 from ..model.lora import LM_HEAD_NAME, PROJECTIONS, LoraConfig, LoraWeights
 from ..model.loss import IGNORE_INDEX
+from ..model.packing import check_packing, mask_cross_document_targets
 from ..options import recompute_count
 from ..profile import PhaseTimer
 from . import program
@@ -205,49 +206,74 @@ class Model:
         return self.dims_of(self.state, B, T)
 
     def _begin(self, ids, mask, labels=None, keep: bool = False, training: bool = False, positions=None,
-               device=None):
+               device=None, segments=None):
         """(dims, LayerActs list, StepScratch) of the batch, handed to the device (None: the
-        model's; the split placement's lanes pass their own)."""
+        model's; the split placement's lanes pass their own).  segments: int32 [B, T] of
+        packed rows (model/packing.py) or None."""
         B, T = ids.shape
         d = self.dims(B, T)
         pos = np.arange(T, dtype=np.int64) if positions is None else positions
         drop = float(self.lora_config.dropout) if training else 0.0
         dev = self.device if device is None else device
+        extra = {} if segments is None else {"segments": segments}
         acts, s = dev.begin(d, pos, mask, ids, labels, keep=keep, dropout=drop, seed=self.seed,
-                            step=self.step if training else None)
+                            step=self.step if training else None, **extra)
         return d, acts, s
 
+    def _packing(self, ids, labels, position_ids, segment_ids) -> tuple:
+        """(pack, labels): pack = (positions [B, T], segments [B, T] or None) or None for
+        plain rows; with segment ids the labels lose their cross-document targets."""
+        if position_ids is None and segment_ids is None:
+            return None, labels
+        T = ids.shape[1]
+        pos, segs = check_packing(ids.shape, position_ids, segment_ids,
+                                  max(int(self.config.max_position_embeddings), T))
+        if segs is not None and labels is not None:
+            labels = mask_cross_document_targets(labels, segs)
+        return (pos, segs), labels
+
     # ------------------------------------------------------------------ forward
-    def _hidden(self, ids, mask, labels=None):
+    def _hidden(self, ids, mask, labels=None, pack=None):
         """The step's scratch with the final-norm hidden states in s.xf (no activations kept)."""
-        d, acts, s = self._begin(ids, mask, labels)
+        pos, segs = pack or (None, None)
+        d, acts, s = self._begin(ids, mask, labels, positions=pos, segments=segs)
         self.device.embed(s.x)
         program.forward_layers(self.device, acts, s, keep=False)
         return s, d
 
     @_on_device
-    def forward(self, input_ids, attention_mask=None) -> np.ndarray:
-        """int [B, T] -> float32 logits [B, T, V]."""
+    def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None) -> np.ndarray:
+        """int [B, T] -> float32 logits [B, T, V].  Packed rows: segment_ids [B, T] (documents
+        as runs of equal ids; positions then restart per document) and/or position_ids [B, T]
+        (model/packing.py)."""
         ids, mask, _ = check_inputs(self.config, input_ids, attention_mask)
-        s, d = self._hidden(ids, mask)
+        pack, _ = self._packing(ids, None, position_ids, segment_ids)
+        s, d = self._hidden(ids, mask, pack=pack)
         return self.device.logits(s.xf).reshape(d.B, d.T, -1)
 
     __call__ = forward
 
     @staticmethod
-    def count_tokens(labels) -> int:
-        """Targets the loss counts: labels after the shift that are not -100."""
+    def count_tokens(labels, segment_ids=None) -> int:
+        """Targets the loss counts: labels after the shift that are not -100 (and, in packed
+        rows, that do not predict the next document's first token)."""
         lab = np.asarray(labels)
         if lab.ndim == 1:
             lab = lab[None]
-        return int(np.count_nonzero(lab[:, 1:] != IGNORE_INDEX))
+        counted = lab[:, 1:] != IGNORE_INDEX
+        if segment_ids is not None:
+            seg = np.asarray(segment_ids).reshape(lab.shape)
+            counted &= seg[:, 1:] == seg[:, :-1]
+        return int(np.count_nonzero(counted))
 
     @_on_device
-    def loss(self, input_ids, labels, attention_mask=None, reduction: str = "mean") -> float:
+    def loss(self, input_ids, labels, attention_mask=None, reduction: str = "mean", position_ids=None,
+             segment_ids=None) -> float:
         """Forward only (no activations kept, chunked logits): the eval loss."""
         check_reduction(reduction)
         ids, mask, lab = check_inputs(self.config, input_ids, attention_mask, labels)
-        s, _ = self._hidden(ids, mask, lab)
+        pack, lab = self._packing(ids, lab, position_ids, segment_ids)
+        s, _ = self._hidden(ids, mask, lab, pack)
         dev = self.device
         total = dev.loss_value(dev.lm_head_loss(s.xf, None, None))
         return finish_loss(total, self.count_tokens(lab), reduction)
@@ -256,10 +282,12 @@ class Model:
     def zero_grads(self) -> dict:
         return {name: np.zeros_like(a) for name, a in self.parameters().items()}
 
-    def _forward_backward(self, ids, mask, lab, scale: float, clear: bool = True):
+    def _forward_backward(self, ids, mask, lab, scale: float, clear: bool = True, pack=None):
         """Forward + backward of one batch; the gradient of scale · (summed loss) is written to
-        (clear) or added to the device's gradient buffer.  Returns the pending loss."""
-        _, acts, s = self._begin(ids, mask, lab, keep=True, training=True)
+        (clear) or added to the device's gradient buffer.  Returns the pending loss.  pack:
+        _packing's (positions, segments) or None."""
+        pos, segs = pack or (None, None)
+        _, acts, s = self._begin(ids, mask, lab, keep=True, training=True, positions=pos, segments=segs)
         self.step += 1     # after: the dropout masks are those of the step before
         dev = self.device
         if clear:
@@ -271,16 +299,19 @@ class Model:
         return pending
 
     @_on_device
-    def loss_and_grads(self, input_ids, labels, attention_mask=None, reduction: str = "mean"):
+    def loss_and_grads(self, input_ids, labels, attention_mask=None, reduction: str = "mean", position_ids=None,
+                       segment_ids=None):
         """(loss, {PEFT name: float32 grad}) of the mean (or sum) cross-entropy over counted
-        targets; grads of every trainable array (LoRA A/B, and the LM head when trained)."""
+        targets; grads of every trainable array (LoRA A/B, and the LM head when trained).
+        position_ids / segment_ids: packed rows, as forward()."""
         check_reduction(reduction)
         ids, mask, lab = check_inputs(self.config, input_ids, attention_mask, labels)
+        pack, lab = self._packing(ids, lab, position_ids, segment_ids)
         count = self.count_tokens(lab)
         if count == 0:
             self.step += 1
             return finish_loss(0.0, 0, reduction), self.zero_grads()
-        pending = self._forward_backward(ids, mask, lab, 1.0 if reduction == "sum" else 1.0 / count)
+        pending = self._forward_backward(ids, mask, lab, 1.0 if reduction == "sum" else 1.0 / count, pack=pack)
         total = self.device.loss_value(pending)
         return finish_loss(total, count, reduction), self._grads()
 

@@ -178,9 +178,9 @@ class SplitDevice:
     # ---- the step ------------------------------------------------------------------------------
     @_gpu_op
     def begin(self, dims, positions, mask, ids, labels=None, keep: bool = False, dropout: float = 0.0,
-              seed: int = 0, step: int | None = None):
+              seed: int = 0, step: int | None = None, segments=None):
         self.dims = dims
-        self.cpu.prepare(dims, positions, mask, ids, labels, dropout, seed, step)
+        self.cpu.prepare(dims, positions, mask, ids, labels, dropout, seed, step, segments)  # attention's
         self.gpu.prepare(dims, positions, mask, ids, labels, dropout, seed, step)
         key = (dims, keep)
         if key not in self._steps:

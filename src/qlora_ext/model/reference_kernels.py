@@ -12,10 +12,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .packing import document_starts
+
 
 # --------------------------------------------------------------------------- attention
-def _scores(q, k, mask):
-    """q [B,T,Hq,D], k [B,T,Hkv,D] -> masked scores [B,Hq,T,T] float64 (-inf where hidden)."""
+def _scores(q, k, mask, segments=None):
+    """q [B,T,Hq,D], k [B,T,Hkv,D] -> masked scores [B,Hq,T,T] float64 (-inf where hidden);
+    segments [B,T]: packed documents (runs of equal ids) see only their own keys."""
     B, T, Hq, D = q.shape
     g = Hq // k.shape[2]
     kk = np.repeat(k.astype(np.float64), g, axis=2)
@@ -23,15 +26,18 @@ def _scores(q, k, mask):
     hidden = np.triu(np.ones((T, T), dtype=bool), 1)[None, None]
     if mask is not None:
         hidden = hidden | (np.asarray(mask) == 0)[:, None, None, :]
+    if segments is not None:
+        st = document_starts(np.asarray(segments))
+        hidden = hidden | (st[:, :, None] != st[:, None, :])[:, None]
     return np.where(hidden, -np.inf, s)
 
 
-def attention_forward(q, k, v, mask=None, threads=None):
+def attention_forward(q, k, v, mask=None, threads=None, segments=None):
     """Causal GQA attention, scale 1/sqrt(D).  q [B,T,Hq,D], k/v [B,T,Hkv,D], mask [B,T]
     (1 = real token; padding keys ignored).  Returns (out [B,T,Hq,D], lse [B,Hq,T]).
     A query that sees no key (left padding) gets out = 0 and lse = -inf."""
     g = q.shape[2] // k.shape[2]
-    s = _scores(q, k, mask)
+    s = _scores(q, k, mask, segments)
     m = s.max(axis=-1, keepdims=True)
     live = np.isfinite(m)
     m = np.where(live, m, 0.0)
@@ -45,12 +51,12 @@ def attention_forward(q, k, v, mask=None, threads=None):
     return out.astype(np.float32), lse.astype(np.float32)
 
 
-def attention_backward(q, k, v, out, lse, dout, mask=None, threads=None):
+def attention_backward(q, k, v, out, lse, dout, mask=None, threads=None, segments=None):
     """Gradients of attention_forward: (dq [B,T,Hq,D], dk, dv [B,T,Hkv,D])."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     g = Hq // Hkv
-    s = _scores(q, k, mask)
+    s = _scores(q, k, mask, segments)
     lse64 = lse.astype(np.float64)[..., None]
     live = np.isfinite(lse64)
     p = np.where(live, np.exp(s - np.where(live, lse64, 0.0)), 0.0)

@@ -5,7 +5,7 @@ kv head h // (Hq/Hkv), scale 1/sqrt(D), lse [B, Hq, T]; optional key padding mas
 (nonzero = attend).  A query row that sees no key gets o = 0 and lse = -inf.  Packed rows:
 documents as runs of equal segment ids attend only within themselves (block-diagonal causal),
 as the CPU kernels' `segments`; the kernels take each position's document start, which
-document_starts() makes from the ids on the host (the step's ids are host data anyway).
+qlora_ext.model.packing.document_starts() makes from the ids on the host.
 Shaders: shaders/resident_attention_fwd.wgsl, resident_attention_bwd.wgsl (their header
 comments describe the register tiling), resident_attention_group_sum.wgsl (GQA dk/dv)."""
 from __future__ import annotations
@@ -95,19 +95,6 @@ def _head_split(ctx, B, T, Hq, Hkv, br):
     if ctx.tuning.attn_head_split is not None:
         return ctx.tuning.attn_head_split
     return B * Hkv * ((T + br - 1) // br) <= _HEAD_SPLIT_MAX
-
-
-def document_starts(segments: np.ndarray) -> np.ndarray:
-    """segments int [B, T] (documents as runs of equal ids) -> int32 [B, T]: the first
-    position of each position's run, what the kernels' `starts` take."""
-    if not isinstance(segments, np.ndarray) or segments.dtype.kind not in "iu" or segments.ndim != 2:
-        raise ValueError(f"segments: expected an integer numpy array [B, T], got "
-                         f"{getattr(segments, 'dtype', type(segments).__name__)} {getattr(segments, 'shape', '')}")
-    B, T = segments.shape
-    pos = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
-    new = np.ones((B, T), bool)
-    new[:, 1:] = segments[:, 1:] != segments[:, :-1]
-    return np.maximum.accumulate(np.where(new, pos, 0), axis=1).astype(np.int32)
 
 
 def _consts_for(ctx: GpuContext, D: int, starts: GpuTensor | None):
