@@ -138,8 +138,8 @@ def test_padding_packing_and_sharding(tmp_path):
     assert (b.input_ids[b.attention_mask == 0] == pad).all()
     pk = DataLoader(ex, 16, 100, seed=0, pack=True, pad_id=TOK.pad_token_id)
     rows = pk.next_batch()
-    total = sum(len(e.ids) for e in ex)
-    assert rows.input_ids.shape == (-(-total // 16), 16) and int(rows.attention_mask.sum()) == total
+    assert rows.segment_ids is not None and rows.input_ids.shape[1] <= 16
+    assert int(rows.attention_mask.sum()) == sum(len(e.ids) for e in ex)   # whole examples, none cut
     # shards: disjoint, cover the batch, possibly empty; micro-batches trim padding
     shards = [b.shard(r, 3) for r in range(3)]
     assert sum(len(s) for s in shards) == 5
@@ -173,3 +173,36 @@ def test_shipped_dataset_is_valid_and_deterministic(tmp_path):
     assert len(ex) == len(train)
     with pytest.raises(ValueError, match="unknown split"):
         dataset_path("test")
+
+
+def test_pack_rows_whole_examples_with_segments():
+    from qlora_ext.train.data import make_batch, pack_rows
+
+    ex = [([1, 2, 3], [IGNORE, 2, 3]), ([4, 5], [4, 5]), ([6], [6]), ([7, 8, 9, 10], [7, 8, 9, 10]),
+          ([11] * 6, [IGNORE] * 6)]
+    rows = pack_rows(ex, 6)
+    # [1 2 3 | 4 5 | 6] fills 6; [7..10] starts a row; the all-IGNORE example makes a row that
+    # trains nothing, so it is dropped
+    assert [r[0] for r in rows] == [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10]]
+    assert rows[0][2] == [0, 0, 0, 1, 1, 2]
+    # each later example's first label is ignored: no example learns the next one's start
+    assert rows[0][1] == [IGNORE, 2, 3, IGNORE, 5, IGNORE]
+    assert rows[1][1] == [7, 8, 9, 10]
+    b = make_batch(rows, pad_id=0, width=6)
+    assert b.segment_ids.tolist() == [[0, 0, 0, 1, 1, 2], [0, 0, 0, 0, 1, 1]]
+    assert b.attention_mask.tolist()[1] == [1, 1, 1, 1, 0, 0]
+    assert len(b.as_tuple()) == 4 and len(b.rows(1, 2).micro_batches(1)[0]) == 4
+
+
+def test_packed_loader_is_seeded_and_resumable(tmp_path):
+    ex = make_examples(tmp_path)
+    a = DataLoader(ex, 24, 2, seed=3, pack=True, pad_id=TOK.pad_token_id)
+    first = [a.next_batch() for _ in range(2)]
+    state = a.state_dict()
+    nxt = a.next_batch()
+    b = DataLoader(ex, 24, 2, seed=3, pack=True, pad_id=TOK.pad_token_id)
+    b.load_state_dict(state)
+    again = b.next_batch()
+    assert np.array_equal(nxt.input_ids, again.input_ids) and np.array_equal(nxt.segment_ids, again.segment_ids)
+    c = DataLoader(ex, 24, 2, seed=3, pack=True, pad_id=TOK.pad_token_id)
+    assert all(np.array_equal(x.segment_ids, c.next_batch().segment_ids) for x in first)

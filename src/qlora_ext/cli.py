@@ -455,7 +455,9 @@ def add_train_command(sub) -> None:
     p.add_argument("--lora-alpha", type=float, help=f"LoRA alpha (default {d['lora_alpha']:g})")
     p.add_argument("--lora-dropout", type=float, help="dropout on the adapter input (default 0)")
     p.add_argument("--targets", help=f"projections to adapt (default {d['targets']})")
-    p.add_argument("--pack", action="store_const", const=True, help="pack examples into full rows instead of padding")
+    p.add_argument("--pack", action="store_const", const=True,
+                   help="pack whole examples into rows of --seq-len instead of padding each; packed examples "
+                        "do not attend to each other and restart their positions")
     p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction,
                    help="batch rows of similar length together (seeded by --seed), so that each batch, padded "
                         "to its longest row, holds little padding (default on; --no-group-by-length: plain "

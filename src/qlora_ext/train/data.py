@@ -2,8 +2,10 @@
 
 records.py reads and validates the files (JSONL or Parquet, streamed), tokenize.py turns a
 record into (ids, labels), token_cache.py keeps the tokenized examples on disk; this module
-makes batches.  A row is one example padded (pad mode) or a seq_len slice of the shuffled,
-concatenated examples (pack mode).  Epoch e's row order comes from numpy's
+makes batches.  A row is one example padded (pad mode) or whole shuffled examples packed one
+after another until the next would pass seq_len (pack mode: each example a document of its
+own, told apart by segment ids, so that it attends only to itself and restarts its positions:
+model/packing.py).  Epoch e's row order comes from numpy's
 default_rng([seed, e]) (for a weighted mixture of files, each file's share of the epoch is
 drawn from the same generator), so the position (epoch, row) alone determines every later
 batch: that is what a checkpoint stores.
@@ -28,12 +30,14 @@ from .tokenize import IGNORE, generation_pairs, require_tokenizer, tokenize_reco
 @dataclass
 class Batch:
     """input_ids, labels, attention_mask: int64 [rows, T] (T = longest row of the batch,
-    rounded up to `multiple` where the width allows)."""
+    rounded up to `multiple` where the width allows); segment_ids int64 [rows, T] for packed
+    rows (documents as runs of equal ids, the padding a run of its own), else None."""
 
     input_ids: np.ndarray
     labels: np.ndarray
     attention_mask: np.ndarray
     multiple: int = 1
+    segment_ids: np.ndarray | None = None
 
     def __len__(self):
         return self.input_ids.shape[0]
@@ -44,7 +48,8 @@ class Batch:
         m = self.attention_mask[start:stop]
         t = int(m.any(axis=0).nonzero()[0].max()) + 1 if m.size and m.any() else 0
         t = padded_width(t, self.multiple, m.shape[1]) if t else 0
-        return Batch(self.input_ids[start:stop, :t], self.labels[start:stop, :t], m[:, :t], self.multiple)
+        seg = None if self.segment_ids is None else self.segment_ids[start:stop, :t]
+        return Batch(self.input_ids[start:stop, :t], self.labels[start:stop, :t], m[:, :t], self.multiple, seg)
 
     def shard(self, rank: int, size: int) -> "Batch":
         """This rank's disjoint, contiguous slice of a global batch (may be empty)."""
@@ -52,11 +57,14 @@ class Batch:
         return self.rows(n * rank // size, n * (rank + 1) // size)
 
     def micro_batches(self, micro_size: int) -> list:
-        """(input_ids, labels, attention_mask) tuples of at most micro_size rows."""
+        """as_tuple()s of at most micro_size rows each."""
         return [self.rows(i, min(i + micro_size, len(self))).as_tuple() for i in range(0, len(self), micro_size)]
 
     def as_tuple(self) -> tuple:
-        return self.input_ids, self.labels, self.attention_mask
+        """(input_ids, labels, attention_mask[, segment_ids]): Trainer.step's arguments."""
+        if self.segment_ids is None:
+            return self.input_ids, self.labels, self.attention_mask
+        return self.input_ids, self.labels, self.attention_mask, self.segment_ids
 
 
 def padded_width(longest: int, multiple: int, limit: int) -> int:
@@ -90,17 +98,44 @@ def example_lengths(examples) -> np.ndarray:
 
 
 def make_batch(rows: list, pad_id: int, width: int | None = None, multiple: int = 1) -> Batch:
-    """rows: [(ids, labels)] -> right-padded Batch of width `width`, or else the longest row
-    rounded up to `multiple`."""
+    """rows: [(ids, labels)] (pad mode) or [(ids, labels, segment_ids)] (packed rows) ->
+    right-padded Batch of width `width`, or else the longest row rounded up to `multiple`."""
     t = width or -(-max(len(r[0]) for r in rows) // multiple) * multiple
     ids = np.full((len(rows), t), pad_id, dtype=np.int64)
     labels = np.full((len(rows), t), IGNORE, dtype=np.int64)
     mask = np.zeros((len(rows), t), dtype=np.int64)
-    for i, (ri, rl) in enumerate(rows):
-        ids[i, :len(ri)] = ri
-        labels[i, :len(rl)] = rl
-        mask[i, :len(ri)] = 1
-    return Batch(ids, labels, mask, multiple)
+    packed = len(rows[0]) == 3
+    seg = np.zeros((len(rows), t), dtype=np.int64) if packed else None
+    for i, r in enumerate(rows):
+        n = len(r[0])
+        ids[i, :n] = r[0]
+        labels[i, :len(r[1])] = r[1]
+        mask[i, :n] = 1
+        if packed:
+            seg[i, :n] = r[2]
+            seg[i, n:] = (r[2][-1] + 1) if n else 0     # the padding: a run of its own
+    return Batch(ids, labels, mask, multiple, seg)
+
+
+def pack_rows(examples, seq_len: int) -> list:
+    """Examples (ids, labels), in order, into rows of at most seq_len tokens: an example goes
+    into the current row when it fits, else it starts the next one (examples are at most
+    seq_len long: tokenization cuts longer ones).  Each row is (ids, labels, segment ids);
+    the label of every example's first token after the row's first is IGNORE (no example
+    learns to predict the next one's start).  Rows with no target left are dropped."""
+    rows, cur = [], ([], [], [])
+    for ids, labels in examples:
+        if cur[0] and len(cur[0]) + len(ids) > seq_len:
+            rows.append(cur)
+            cur = ([], [], [])
+        doc = cur[2][-1] + 1 if cur[2] else 0
+        first = list(labels[:1]) if not cur[0] else [IGNORE] * min(1, len(labels))
+        cur[0].extend(ids[:seq_len])
+        cur[1].extend(first + list(labels[1:seq_len]))
+        cur[2].extend([doc] * min(len(ids), seq_len))
+    if cur[0]:
+        rows.append(cur)
+    return [r for r in rows if any(l != IGNORE for l in r[1][1:])]
 
 
 def mixture_counts(sizes: list, weights: list) -> list:
@@ -163,12 +198,7 @@ class DataLoader:
         if self._rows_epoch != epoch:
             order = self._epoch_order(epoch)
             if self.pack:
-                ids = [t for i in order for t in self.examples[int(i)].ids]
-                labels = [t for i in order for t in self.examples[int(i)].labels]
-                L = self.seq_len
-                rows = [(ids[i:i + L], labels[i:i + L]) for i in range(0, len(ids), L)]
-                # Row boundaries cut examples; a row whose only target is at position 0 trains nothing.
-                rows = [r for r in rows if any(l != IGNORE for l in r[1][1:])]
+                rows = pack_rows(self._take_examples(order), self.seq_len)
             elif self.group_by_length and self.shuffle:
                 if self._lengths is None:
                     self._lengths = example_lengths(self.examples)
@@ -199,7 +229,7 @@ class DataLoader:
             rows = self._epoch_rows(self.epoch)
         chunk = self._take(rows[self.row:self.row + self.batch_rows])
         self.row += len(chunk)
-        return make_batch(chunk, self.pad_id, self.seq_len) if self.pack else self._padded(chunk)
+        return self._padded(chunk)
 
     def _padded(self, rows: list) -> Batch:
         width = padded_width(max(len(r[0]) for r in rows), self.pad_multiple, self.seq_len)

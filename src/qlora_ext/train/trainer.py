@@ -117,13 +117,16 @@ class Trainer:
         return lr_at(self.step_count, c.lr, c.warmup, c.schedule, c.total_steps)
 
     # -- accumulation --------------------------------------------------------------------------
-    def accumulate(self, input_ids, labels, attention_mask=None) -> float:
+    def accumulate(self, input_ids, labels, attention_mask=None, segment_ids=None) -> float:
         """Forward+backward of one micro-batch; adds its summed loss and grads to the update
-        being built.  Returns the micro-batch's own mean loss (nan if it has no targets)."""
-        n = int(self.model.count_tokens(labels))
+        being built.  Returns the micro-batch's own mean loss (nan if it has no targets).
+        segment_ids: packed rows (the model's loss_and_grads says what they do)."""
+        # packed rows only: a model without packing keeps the protocol's plain signatures
+        packed = {} if segment_ids is None else {"segment_ids": segment_ids}
+        n = int(self.model.count_tokens(labels, **packed))
         if n > 0:
             # the first counted micro-batch of the update starts the gradient
-            loss_sum = self.update.accumulate(input_ids, labels, attention_mask, first=self._tokens == 0)
+            loss_sum = self.update.accumulate(input_ids, labels, attention_mask, first=self._tokens == 0, **packed)
             self._loss_sum += loss_sum
             self._tokens += n
         self._micro += 1
@@ -191,17 +194,17 @@ class Trainer:
         self._micro = 0
 
     # -- public steps ----------------------------------------------------------------------------
-    def step(self, input_ids, labels, attention_mask=None) -> float:
+    def step(self, input_ids, labels, attention_mask=None, segment_ids=None) -> float:
         """Feed one micro-batch.  Every `grad_accum`-th call applies the update and returns the
         mean loss of the whole update; the calls in between return their micro-batch's loss."""
-        micro_loss = self.accumulate(input_ids, labels, attention_mask)
+        micro_loss = self.accumulate(input_ids, labels, attention_mask, segment_ids)
         if self._micro >= self.config.grad_accum:
             return self.apply_update()
         return micro_loss
 
     def train_step(self, micro_batches) -> float:
         """One optimizer update over this rank's `micro_batches` (an iterable of
-        (input_ids, labels[, attention_mask]) tuples, any number of them)."""
+        (input_ids, labels[, attention_mask[, segment_ids]]) tuples, any number of them)."""
         if self._micro:
             raise ValueError("train_step() called while step() has a partial accumulation pending")
         for mb in micro_batches:

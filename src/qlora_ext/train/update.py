@@ -50,8 +50,9 @@ class HostAdamW(_Steps):
                                weight_decay=config.weight_decay)
         self.grads = flat_zeros_like(params)
 
-    def accumulate(self, input_ids, labels, attention_mask, first: bool) -> float:
-        loss_sum, grads = self.model.loss_and_grads(input_ids, labels, attention_mask, reduction="sum")
+    def accumulate(self, input_ids, labels, attention_mask, first: bool, **packed) -> float:
+        """packed: segment_ids of packed rows, passed on only when given."""
+        loss_sum, grads = self.model.loss_and_grads(input_ids, labels, attention_mask, reduction="sum", **packed)
         for name, acc in self.grads.items():
             g = grads.get(name)
             if g is None:
@@ -124,8 +125,8 @@ class GpuAdamW(_Steps):
     def _dev(self):
         return self.model.device
 
-    def accumulate(self, input_ids, labels, attention_mask, first: bool) -> float:
-        return float(self.model.accumulate_grads(input_ids, labels, attention_mask, first=first))
+    def accumulate(self, input_ids, labels, attention_mask, first: bool, **packed) -> float:
+        return float(self.model.accumulate_grads(input_ids, labels, attention_mask, first=first, **packed))
 
     def allreduce(self, comm, scalars: list, have_grads: bool) -> list:
         ctx = self.model.ctx
