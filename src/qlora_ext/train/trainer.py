@@ -267,16 +267,19 @@ class Trainer:
 
 
 def evaluate_loss(model, batches, comm=None) -> float:
-    """Mean token loss over `batches` ((input_ids, labels[, attention_mask]) tuples): summed
-    token losses over summed counts, so batch sizes do not weight it.  nan if nothing is
-    counted.  With `comm`, each rank passes its own batches and gets the global mean."""
+    """Mean token loss over `batches` ((input_ids, labels[, attention_mask[, segment_ids]])
+    tuples, as Batch.as_tuple gives them): summed token losses over summed counts, so batch
+    sizes do not weight it.  nan if nothing is counted.  With `comm`, each rank passes its own
+    batches and gets the global mean."""
     loss_sum, tokens = 0.0, 0
     for b in batches:
         input_ids, labels = b[0], b[1]
         mask = b[2] if len(b) > 2 else None
-        n = int(model.count_tokens(labels))
+        # packed rows only: a model without packing keeps the protocol's plain signatures
+        packed = {"segment_ids": b[3]} if len(b) > 3 and b[3] is not None else {}
+        n = int(model.count_tokens(labels, **packed))
         if n:
-            loss_sum += float(model.loss(input_ids, labels, mask, reduction="sum"))
+            loss_sum += float(model.loss(input_ids, labels, mask, reduction="sum", **packed))
             tokens += n
     if comm is not None:
         loss_sum, tokens = comm.allreduce_sum([], [loss_sum, float(tokens)])
