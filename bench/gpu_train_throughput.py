@@ -25,6 +25,10 @@ SHAPES = {
                        num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128),
     "qwen3-4b": dict(model_type="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728,
                      num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+    # SmolLM2-135M's published shape (llama, no q/k norm): a step whose GPU work is small
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                         qk_norm=False, rms_norm_eps=1e-5, rope_theta=100000.0),
     "tiny": dict(model_type="qwen3", vocab_size=211, hidden_size=64, intermediate_size=96,
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
 }
@@ -78,7 +82,7 @@ def random_state(shape: str, seed=0):
     from qlora_ext.model.state import LayerWeights, ModelState
     from qlora_ext.nf4 import NF4Tensor
 
-    cfg = ModelConfig(**SHAPES[shape], **COMMON)
+    cfg = ModelConfig(**{**COMMON, **SHAPES[shape]})
     rng = np.random.default_rng(seed)
 
     def nf4(shape_):
@@ -90,7 +94,8 @@ def random_state(shape: str, seed=0):
     for _ in range(cfg.num_hidden_layers):
         ones = np.ones(cfg.hidden_size, np.float32)
         layers.append(LayerWeights(ones, ones.copy(), {p: nf4(s) for p, s in cfg.projection_shapes().items()}, {},
-                                   np.ones(cfg.head_dim, np.float32), np.ones(cfg.head_dim, np.float32)))
+                                   *((np.ones(cfg.head_dim, np.float32), np.ones(cfg.head_dim, np.float32))
+                                     if cfg.qk_norm else (None, None))))
     embed = (rng.standard_normal((cfg.vocab_size, cfg.hidden_size), dtype=np.float32) * np.float32(0.02))
     return ModelState(cfg, embed, np.ones(cfg.hidden_size, np.float32), None, layers, source=f"random {shape}")
 

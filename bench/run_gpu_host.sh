@@ -6,7 +6,8 @@
 #   bash bench/run_gpu_host.sh large     Qwen3-4B shape: every placement + HF
 #   bash bench/run_gpu_host.sh small-split   Qwen3-0.6B shape: the split placement only, lanes 2 then 1
 #   bash bench/run_gpu_host.sh dist      MPI: all-reduce time, 1 -> 2 ranks on CPU, 2 ranks sharing the GPU
-#   bash bench/run_gpu_host.sh final     the closing figures: gpu + HF fp32 at 0.6B, 4B forced/auto recompute, split
+#   bash bench/run_gpu_host.sh final     the closing figures: gpu + HF fp32 at 0.6B, 4B forced/auto recompute
+#   bash bench/run_gpu_host.sh overheads host work per small step (SmolLM2 shape), attention on packed rows
 #   bash bench/run_gpu_host.sh engine    the gpu and split placements on the one layer program, generation
 #   bash bench/run_gpu_host.sh real-tokens   the bundled task on real tokens, padded vs grouped (needs
 #                                        SmolLM2's tokenizer files in .trial/smoltok: bench_real_tokens.py --prepare)
@@ -95,8 +96,20 @@ for shape in ((4, 1024), (64, 4096)):
         --modes gpu --json "$OUT/final_large.jsonl" 2>&1 | tee "$OUT/final_large.log" | grep -v "^{"
       timeout 120 python3 bench/gpu_train_throughput.py --shape qwen3-4b --steps 2 \
         --modes gpu --json "$OUT/final_large_auto.jsonl" 2>&1 | tee "$OUT/final_large_auto.log" | grep -v "^{"
-      timeout 100 python3 bench/gpu_train_throughput.py --shape qwen3-0.6b --steps 1 --profile \
-        --modes split --json "$OUT/final_split.jsonl" 2>&1 | tee "$OUT/final_split.log" | grep -v "^{" ;;
+      ;;
+    overheads)
+      # host work per step where the GPU's work is small: SmolLM2-135M's shape at 4 x 64 and
+      # 4 x 256 (the bundled task's padded and grouped widths), and the attention on one
+      # document against packed rows of 256-token documents at T 1024 and 4096
+      for T in 64 256; do
+        timeout 60 python3 bench/gpu_train_throughput.py --shape smollm2-135m --batch 4 --seq $T --steps 5 --profile \
+          --modes gpu --json "$OUT/overheads.jsonl" 2>&1 | grep -v "^{" | tail -9
+      done
+      for T in 1024 4096; do
+        QLORA_EXT_RESIDENT_BENCH="B=1,T=$T,HQ=32,HKV=8,D=128,C=2560,V=151936,DOC=256" timeout 80 python3 -m pytest -q \
+          -p no:cacheprovider bench/bench_resident.py -k attention --benchmark-enable --benchmark-only \
+          --benchmark-json="$OUT/attn_T$T.json" 2>&1 | tail -8
+      done ;;
     real-tokens)
       python3 bench/make_checkpoint.py /tmp/smol --shape smollm2-135m > /dev/null && cp .trial/smoltok/* /tmp/smol/
       QLORA_EXT_BENCH_DEVICE=gpu QLORA_EXT_BENCH_MODEL=/tmp/smol timeout 200 python3 -m pytest -q -p no:cacheprovider \
