@@ -223,3 +223,13 @@ def test_kernel_spans_survive_a_full_query_set(ctx, tmp_path, monkeypatch):
     passes = sum(n for _, n in times.values())
     assert passes > 8
     assert sum(sp.device == "gpu" for sp in prof.spans) == passes
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_default_gemm_path_follows_the_memory_choice(ctx, tmp_path, checkpointing):
+    """Recomputing layers mean memory is short: the default GEMM path then dequantizes in the
+    tile loads and holds no fp32 weight scratch; otherwise the scratch + fp32 GEMM path."""
+    model = _model(tmp_path, "qwen3", "nf4")
+    engine = gpu_twin(model, ctx, gradient_checkpointing=checkpointing)
+    assert engine.device.fused is checkpointing
+    assert (engine.device.scratch_w.buf is None) is checkpointing

@@ -6,10 +6,12 @@ LM head and the flat parameter buffer go up once.  Per step only the token ids, 
 and positions go up; the loss statistics come down.
 
 Each op records dispatches into the runtime's pending encoder; layer_done() submits, so the
-GPU runs a layer while Python records the next.  Projections (gemm="dequant", the default)
-dequantize the NF4 weight into one fp32 scratch buffer and run the fp32 GEMM
-(shaders/gemm_f32.wgsl) with the LoRA term as extra K tiles; gemm="fused" runs the NF4 GEMM
-that dequantizes in its tile loads (shaders/gemm.wgsl: no scratch, slower).  LoRA dropout draws the masks of
+GPU runs a layer while Python records the next.  Projections (gemm="dequant") dequantize the
+NF4 weight into one fp32 scratch buffer and run the fp32 GEMM (shaders/gemm_f32.wgsl) with the
+LoRA term as extra K tiles; gemm="fused" runs the NF4 GEMM that dequantizes in its tile loads
+(shaders/gemm.wgsl: no scratch, 3-10% slower).  The default follows the memory choice: layers
+that recompute their activations mean memory is short, so the scratch (the largest
+projection in fp32: 100 MB at Qwen3-4B) is left out; otherwise the faster path.  LoRA dropout draws the masks of
 qlora_ext.model.dropout: the host computes the step's 7·L keys (one small upload) and
 shaders/dropout.wgsl applies them.
 
@@ -123,9 +125,11 @@ class GpuDevice:
     pad_multiple = 64
 
     def __init__(self, state, params, ctx, rope, recompute_layers: int = 0, weights: str = WEIGHTS_ON_GPU,
-                 gemm: str = "dequant", dropout: float = 0.0):
+                 gemm: str | None = None, dropout: float = 0.0):
         if weights not in (WEIGHTS_ON_GPU, WEIGHTS_STREAMED):
             raise ValueError(f"weights={weights!r}: expected {WEIGHTS_ON_GPU!r} or {WEIGHTS_STREAMED!r}")
+        if gemm is None:
+            gemm = "fused" if recompute_layers else "dequant"
         if gemm not in ("fused", "dequant"):
             raise ValueError(f"gemm={gemm!r}: expected 'dequant' (NF4 -> fp32 scratch, then the fp32 GEMM) or "
                              "'fused' (NF4 dequantized in the GEMM's tile loads)")

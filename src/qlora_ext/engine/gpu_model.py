@@ -29,7 +29,7 @@ class GpuModel(Model):
 
     def __init__(self, state, lora_config=None, ctx=None, gradient_checkpointing: bool | int = False,
                  train_lm_head: bool = False, threads: int | None = None, seed: int = 0,
-                 weights: str = WEIGHTS_ON_GPU, gemm: str = "dequant"):
+                 weights: str = WEIGHTS_ON_GPU, gemm: str | None = None):
         super().__init__(state, lora_config, gradient_checkpointing=gradient_checkpointing,
                          train_lm_head=train_lm_head, threads=threads, seed=seed)
         if ctx is None:
