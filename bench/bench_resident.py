@@ -85,7 +85,8 @@ def _attn_inputs():
 @pytest.mark.benchmark(group="resident-attention-fwd-bwd")
 @pytest.mark.parametrize("packed", [False, True], ids=["one-document", "packed"])
 def test_attention_fwd_bwd_gpu(benchmark, ctx, packed):
-    from qlora_ext.gpu.bindings.attention import attention_backward_gpu, attention_forward_gpu, document_starts
+    from qlora_ext.gpu.bindings.attention import attention_backward_gpu, attention_forward_gpu
+    from qlora_ext.model.packing import document_starts
 
     q, k, v, do = (ctx.upload(a) for a in _attn_inputs())
     starts = None

@@ -34,7 +34,7 @@ for stage in "$@"; do
           bench/bench_resident.py -k attention --benchmark-enable --benchmark-only --benchmark-json="$OUT/attn_T$T.json" 2>&1 | tail -15
       done ;;
     small-split)
-      # the default lanes (2), then one pass (--lanes 1) for comparison; a trace of each
+      # two lanes, then one pass (the default) for comparison; a trace of each
       for lanes in 2 1; do
         python3 bench/gpu_train_throughput.py --shape qwen3-0.6b --steps 2 --profile --lanes $lanes \
           --trace-dir "$OUT" --modes split --json "$OUT/small_split.jsonl" 2>&1 | tee -a "$OUT/small_split.log"

@@ -65,9 +65,9 @@ def test_profile_command_gpu_placement_shows_per_kernel_gpu_time(tmp_path, capsy
 
 
 def test_profile_command_split_lanes_overlap_cpu_and_transfers(tmp_path, capsys):
-    """--placement split (lavapipe in CI): with its default two lanes (batch 2 by default) one
+    """--placement split (lavapipe in CI): with --lanes 2 (batch 2 by default) one
     lane's transfers and GPU kernels run while the other's attention runs on the CPU, so CPU
-    spans overlap transfer and GPU spans in the trace; --lanes 1 runs one pass, where the CPU
+    spans overlap transfer and GPU spans in the trace; the default runs one pass, where the CPU
     never works beside a transfer (and the GPU spans, placed from their submits, stay off the
     CPU's)."""
     import pytest
@@ -80,20 +80,20 @@ def test_profile_command_split_lanes_overlap_cpu_and_transfers(tmp_path, capsys)
         pytest.skip(unavailable_reason())
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", model_type="qwen3", seed=2)
     overlap = {}
-    for lanes in (None, 1):
+    for lanes in (2, None):
         trace = tmp_path / f"trace{lanes}.json"
         args = ["profile", "--model", str(ckpt), "--steps", "2", "--seq-len", "64", "--placement", "split",
                 "--json", "--trace", str(trace)]
         assert main(args + ([] if lanes is None else ["--lanes", str(lanes)])) == 0
         summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        assert summary["meta"]["lanes"] == (2 if lanes is None else 1)
+        assert summary["meta"]["lanes"] == (2 if lanes == 2 else 1)   # the default: one pass
         assert summary["meta"]["tokens_per_step"] == 2 * 64
         events = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
         spans = lambda cat: _intervals([(e["ts"], e["ts"] + e["dur"]) for e in events if e["cat"] == cat])  # noqa: E731
         overlap[lanes] = [_intersection_length(spans("cpu"), spans(other)) for other in ("transfer", "gpu")]
-        assert (summary["totals"]["overlap_ms"] > 0) == (lanes is None)
-    assert overlap[None][0] > 0 and overlap[1][0] == 0
+        assert (summary["totals"]["overlap_ms"] > 0) == (lanes == 2)
+    assert overlap[2][0] > 0 and overlap[None][0] == 0
     if shared_context().has_timestamps:
-        assert overlap[None][1] > 0 and overlap[1][1] == 0
+        assert overlap[2][1] > 0 and overlap[None][1] == 0
     assert main(["profile", "--model", str(ckpt), "--placement", "split", "--lanes", "0"]) == 2
     assert "--lanes" in capsys.readouterr().err

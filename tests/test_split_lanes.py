@@ -139,7 +139,7 @@ def test_turns_order_lanes_and_release_on_failure():
 
 
 def test_lanes_option_is_validated(tmp_path):
-    assert LoadOptions().lanes is None and DEFAULT_LANES == 2
+    assert LoadOptions().lanes is None and DEFAULT_LANES == 1
     assert LoadOptions(lanes=3).lanes == 3
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="lanes"):

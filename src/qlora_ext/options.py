@@ -36,10 +36,13 @@ def placement_of_mode(mode: str, device: str = "auto") -> str:
     return DEPRECATED_MODES[mode]
 
 
-# The split placement's lanes (engine/lanes.py) when LoadOptions.lanes is None: two keep the
-# CPU and the GPU busy at once (one lane's attention beside the other's projections); a batch
-# of one row runs as one pass.
-DEFAULT_LANES = 2
+# The split placement's lanes (engine/lanes.py) when LoadOptions.lanes is None: one pass.  Two
+# lanes keep the CPU and the GPU busy at once (one lane's attention beside the other's
+# projections), but on the H200 host (16 cores) the Qwen3-0.6B 4 x 1024 step ran at 907
+# tokens/s with two against 992 with one: the lanes' CPU work grew (2.76 against 2.29 s a step)
+# and their readbacks contended (2.31 against 1.27 s) by more than the 0.93 s of overlap won
+# (BENCHMARKS.md).  lanes=2 stays available where the CPU is a larger share.
+DEFAULT_LANES = 1
 
 
 def check_lanes(lanes) -> int:

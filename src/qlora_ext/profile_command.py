@@ -19,9 +19,9 @@ def add_profile_command(sub) -> None:
     p.add_argument("--steps", type=int, default=3, help="profiled steps, after one warm-up step (default 3)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per row of the profiled step (default 256)")
     p.add_argument("--batch-size", type=int, help="rows of the profiled step (default 1; 2 with --placement "
-                                                   "split, whose lanes then overlap CPU and GPU work)")
-    p.add_argument("--lanes", type=int, help="split placement: micro-batches in flight at once (default 2; "
-                                             "1 runs the step as one pass)")
+                                                   "split, so that --lanes 2 can overlap CPU and GPU work)")
+    p.add_argument("--lanes", type=int, help="split placement: micro-batches in flight at once (default 1, one "
+                                             "pass; 2 overlaps one lane's CPU attention with the other's GPU work)")
     p.add_argument("--lora-rank", type=int, default=16, help="LoRA r of the adapters (default 16)")
     p.add_argument("--quantize", default="nf4", choices=("nf4", "none"), help="base weights format (default nf4)")
     p.add_argument("--trace", metavar="FILE.json", help="write a Chrome/Perfetto trace")
