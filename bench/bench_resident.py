@@ -11,7 +11,7 @@ shape (Qwen3: Hq 32, Hkv 8, D 128) runs with
   PYTHONPATH=src pytest bench/bench_resident.py --benchmark-enable --benchmark-only
 Attention tiles can be swept with QLORA_EXT_ATTN_TILES="br,bc,tm,tn[,dk4]" (default 64,64,4,4
 with the largest D chunk that fits workgroup memory: 8 vec4s on NVIDIA, 4 on lavapipe); the
-projection GEMM (gemm.wgsl) takes the QLORA_EXT_GEMM_TILES* settings (qlora_ext.gpu.runtime.Tuning).
+projection GEMM (gemm_f32.wgsl) takes the QLORA_EXT_GEMM_TILES* settings (qlora_ext.gpu.runtime.Tuning).
 QLORA_EXT_ATTN_HEAD_SPLIT=0|1 forces the GQA dk/dv scheme (see attention._HEAD_SPLIT_MAX).
 The GPU attention also runs on packed rows: documents of DOC tokens (the last one shorter
 where DOC does not divide T) attending only within themselves; its TFLOP/s count the

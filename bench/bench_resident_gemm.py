@@ -2,9 +2,9 @@
 timed per kernel with GPU timestamp queries through the GpuContext (what the engine records),
 for a list of tile settings:
 
-  --fused   shaders/gemm.wgsl via qlora_ext.gpu.kernels.gemm: the 7 NF4 projections forward (N = out,
-            K = in, LoRA B in the epilogue) and backward dx (N = in, K = out, LoRA A in the
-            epilogue), and the fp32 LM head (logits: N = V, K = H; dhidden: N = H, K = V) at the
+  --fused   qlora_ext.gpu.kernels.gemm (gemm.wgsl with NF4 B, gemm_f32.wgsl with fp32 B): the 7 NF4
+            projections forward (N = out, K = in, LoRA B as extra K tiles) and backward dx (N = in,
+            K = out, LoRA A), and the fp32 LM head (logits: N = V, K = H; dhidden: N = H, K = V) at the
             engine's chunk rows (2048 at H = 1024, 1024 at H = 2560).
   --lora    shaders/resident_gemm.wgsl via gemm_gpu: the rank-r products per projection
             u = s·x Aᵀ, dB += dyᵀ u, du = s·dy B, dA += duᵀ x, over skinny tiles and split-K

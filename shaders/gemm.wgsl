@@ -1,12 +1,12 @@
-// gemm.wgsl: register-tiled fp32 GEMM; B optionally NF4, dequantized while it is staged in
-// workgroup memory; optional LoRA term added in the epilogue.
+// gemm.wgsl: register-tiled GEMM of fp32 A and NF4 B, B dequantized while it is staged in
+// workgroup memory; optional LoRA term as extra K tiles.  (fp32 B: shaders/gemm_f32.wgsl.)
 //
 //   C[M, N]  (= or +=)  A[M, K] · op(B)  +  T[M, R] · op(L)
 //
 //   A  fp32, row-major, row stride lda, first element at a_off (elements).
 //   B  stored row-major: B_T = true  -> stored [N, K] (an HF weight W[out, in] in x · Wᵀ);
 //                        B_T = false -> stored [K, N] (W in dy · W).   Row stride ldb.
-//      B_NF4: the stored matrix is one or two NF4 tensors stacked by rows (gate over up):
+//      The stored matrix is one or two NF4 tensors stacked by rows (gate over up):
 //      stored rows < split are part 0 (words from 0, blocks from 0), the rest part 1 (words
 //      from code_off1, blocks from abs_off1).  Element e of a part (row-major, row length ldb)
 //      sits in word e/8, byte (e/2)%4 (little-endian), high nibble when e is even; its value is
@@ -16,14 +16,14 @@
 //      as ceil(R / BK) extra K tiles after the main ones (A tile from T, B tile from L), so the
 //      epilogue stays a plain store: a loop over R there kept the accumulators out of registers
 //      (12x slower on an H200).
-//   C  row stride ldc, first element at c_off.  fp32 B starts at element b_off.
+//   C  row stride ldc, first element at c_off.
 //
 // Tiling: a workgroup of WGX × WGY threads owns a BM × BN tile of C (BM = WGY·TM, BN = WGX·TN);
 // each thread holds TM × TN accumulators (TM, TN multiples of 4) whose rows are 4-row groups
 // spaced WGY·4 apart and whose columns are vec4 groups spaced WGX·4 apart.  Workgroup memory
 // holds the A tile transposed ([k][m]) and the B tile as [k][n], so one k step is TM/4 + TN/4
 // vec4 reads per thread for TM·TN FMAs.  K advances BK at a time through two workgroup buffers:
-// tile t+1 is fetched into registers (NF4: the raw code word and its block scale) while tile t
+// tile t+1 is fetched into registers (B: the raw code word and its block scale) while tile t
 // is multiplied, then stored, dequantized, into the other buffer; one barrier per K tile.
 // Inside a tile the reads of k step kk+1 are issued before the FMAs of step kk (two register
 // sets, the k loop unrolled by two), so the shared-memory latency can hide behind arithmetic
@@ -33,15 +33,15 @@
 // (fewer distinct addresses per shared-memory read) ran 15-25% slower on an H200.
 // Loads: thread idx takes tile row (m or n) idx % BM (BN) and k group idx / BM (BN), so the
 // scalar stores of the transposed tiles go to consecutive addresses across a warp (no bank
-// conflicts); fp32 B stored [K, N] and NF4 B stored [K, N] are copied as whole vec4s.
-// The *_VEC constants select vec4 (fp32) / whole-word (NF4) loads and stores; the host sets
+// conflicts); B stored [K, N] is stored as whole vec4s.
+// The *_VEC constants select vec4 (A, C) / whole-word (B) loads and stores; the host sets
 // them only when strides, offsets and extents are multiples of 4 (8).
 
 struct Params {
     M: u32, N: u32, K: u32, lda: u32,
     ldb: u32, ldc: u32, a_off: u32, c_off: u32,
     R: u32, ldt: u32, t_off: u32, split: u32,
-    code_off1: u32, abs_off1: u32, bs_shift: u32, b_off: u32,
+    code_off1: u32, abs_off1: u32, bs_shift: u32, pad: u32,
 }
 
 override WGX: u32 = 8u;
@@ -50,7 +50,6 @@ override TM: u32 = 4u;
 override TN: u32 = 4u;
 override BK: u32 = 8u;
 override B_T: bool = true;
-override B_NF4: bool = false;
 override A_VEC: bool = false;
 override B_VEC: bool = false;
 override C_VEC: bool = false;
@@ -62,19 +61,18 @@ override BN: u32 = WGX * TN;
 override NT: u32 = WGX * WGY;
 override TM4: u32 = TM / 4u;
 override TN4: u32 = TN / 4u;
-// per-thread loads of one K tile: A and fp32 B in vec4s, NF4 B in 8-element words
+// per-thread loads of one K tile: A in vec4s, B in 8-element words
 override A_LOADS: u32 = (BM * BK / 4u + NT - 1u) / NT;
-override B_LOADS: u32 = select((BN * BK / 4u + NT - 1u) / NT, (BN * BK / 8u + NT - 1u) / NT, B_NF4);
+override B_LOADS: u32 = (BN * BK / 8u + NT - 1u) / NT;
 override L_LOADS: u32 = (BN * BK / 4u + NT - 1u) / NT;   // a LoRA tile of L, in vec4s
 
 @group(0) @binding(0) var<uniform> P: Params;
 @group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> bf: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> codes: array<u32>;
-@group(0) @binding(4) var<storage, read> absmax: array<f32>;
-@group(0) @binding(5) var<storage, read> lt: array<f32>;
-@group(0) @binding(6) var<storage, read> ll: array<f32>;
-@group(0) @binding(7) var<storage, read_write> c: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> codes: array<u32>;
+@group(0) @binding(3) var<storage, read> absmax: array<f32>;
+@group(0) @binding(4) var<storage, read> lt: array<f32>;
+@group(0) @binding(5) var<storage, read> ll: array<f32>;
+@group(0) @binding(6) var<storage, read_write> c: array<vec4<f32>>;
 
 var<workgroup> As: array<vec4<f32>, 2u * BK * BM / 4u>;   // [2][BK][BM]
 var<workgroup> Bs: array<vec4<f32>, 2u * BK * BN / 4u>;   // [2][BK][BN]
@@ -87,7 +85,6 @@ const NF4_CODE = array<f32, 16>(
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0);
 
 fn a_at(i: u32) -> f32 { return a[i >> 2u][i & 3u]; }
-fn bf_at(i: u32) -> f32 { return bf[i >> 2u][i & 3u]; }
 
 // NF4 element `col` of stored row `row` (both in range): the part's word and its block scale
 fn nf4_elem(row: u32, col: u32) -> f32 {
@@ -138,7 +135,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     for (var i = 0u; i < TM4 * 4u * TN4; i++) {
         acc[i] = vec4<f32>(0.0);
     }
-    // prefetch registers: A (vec4), B (vec4 fp32, or NF4 word bits + scale in .x/.y)
+    // prefetch registers: A (vec4), B (NF4 word bits + scale in .x/.y)
     var ra: array<vec4<f32>, 8>;
     var rb: array<vec4<f32>, 8>;
 
@@ -197,50 +194,22 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
             for (var i = 0u; i < B_LOADS; i++) {
                 let idx = li + i * NT;
                 var v = vec4<f32>(0.0);
-                if (B_NF4) {
-                    // one word = 8 elements along the stored row
-                    var row: u32; var col: u32; var ok: bool;
-                    if (B_T) {
-                        row = n0 + idx % BN; col = kf + (idx / BN) * 8u;
-                        ok = idx < BN * BK / 8u && row < N;
-                    } else {
-                        row = kf + idx / (BN / 8u); col = n0 + (idx % (BN / 8u)) * 8u;
-                        ok = idx < BN * BK / 8u && row < K;
-                    }
-                    if (ok && B_VEC && col < P.ldb) {
-                        let p1 = row >= P.split;
-                        let e = select(row, row - P.split, p1) * P.ldb + col;
-                        v.x = bitcast<f32>(codes[select(0u, P.code_off1, p1) + (e >> 3u)]);
-                        v.y = absmax[select(0u, P.abs_off1, p1) + (e >> P.bs_shift)];
-                    }
-                    // !B_VEC: elements are read one by one at store time (below)
-                } else if (B_T) {
-                    let row = n0 + idx % BN;
-                    let k = kf + (idx / BN) * 4u;
-                    if (idx < BN * BK / 4u && row < N) {
-                        let base = P.b_off + row * P.ldb + k;
-                        if (B_VEC) {
-                            if (k < K) { v = bf[base >> 2u]; }
-                        } else {
-                            for (var j = 0u; j < 4u; j++) {
-                                if (k + j < K) { v[j] = bf_at(base + j); }
-                            }
-                        }
-                    }
+                // one word = 8 elements along the stored row
+                var row: u32; var col: u32; var ok: bool;
+                if (B_T) {
+                    row = n0 + idx % BN; col = kf + (idx / BN) * 8u;
+                    ok = idx < BN * BK / 8u && row < N;
                 } else {
-                    let row = kf + idx / (BN / 4u);
-                    let n = n0 + (idx % (BN / 4u)) * 4u;
-                    if (idx < BN * BK / 4u && row < K) {
-                        let base = P.b_off + row * P.ldb + n;
-                        if (B_VEC) {
-                            if (n < N) { v = bf[base >> 2u]; }
-                        } else {
-                            for (var j = 0u; j < 4u; j++) {
-                                if (n + j < N) { v[j] = bf_at(base + j); }
-                            }
-                        }
-                    }
+                    row = kf + idx / (BN / 8u); col = n0 + (idx % (BN / 8u)) * 8u;
+                    ok = idx < BN * BK / 8u && row < K;
                 }
+                if (ok && B_VEC && col < P.ldb) {
+                    let p1 = row >= P.split;
+                    let e = select(row, row - P.split, p1) * P.ldb + col;
+                    v.x = bitcast<f32>(codes[select(0u, P.code_off1, p1) + (e >> 3u)]);
+                    v.y = absmax[select(0u, P.abs_off1, p1) + (e >> P.bs_shift)];
+                }
+                // !B_VEC: elements are read one by one at store time (below)
                 rb[i] = v;
             }
         }
@@ -307,51 +276,37 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
             } else {
             for (var i = 0u; i < B_LOADS; i++) {
                 let idx = li + i * NT;
-                if (B_NF4) {
-                    if (idx < BN * BK / 8u) {
-                        let w = bitcast<u32>(rb[i].x);
-                        let s = rb[i].y;
-                        if (B_T) {
-                            // word of stored row n0 + nb, k from k0 + kb: eight rows of Bs
-                            let nb = idx % BN;
-                            let kb = (idx / BN) * 8u;
-                            let ok = n0 + nb < N;
-                            for (var j = 0u; j < 8u; j++) {
-                                var v = 0.0;
-                                if (ok && k0 + kb + j < P.ldb) {
-                                    if (B_VEC) { v = nf4_word(w, s, j); } else { v = nf4_elem(n0 + nb, k0 + kb + j); }
-                                }
-                                store_b(nxt, kb + j, nb, v);
+                if (idx < BN * BK / 8u) {
+                    let w = bitcast<u32>(rb[i].x);
+                    let s = rb[i].y;
+                    if (B_T) {
+                        // word of stored row n0 + nb, k from k0 + kb: eight rows of Bs
+                        let nb = idx % BN;
+                        let kb = (idx / BN) * 8u;
+                        let ok = n0 + nb < N;
+                        for (var j = 0u; j < 8u; j++) {
+                            var v = 0.0;
+                            if (ok && k0 + kb + j < P.ldb) {
+                                if (B_VEC) { v = nf4_word(w, s, j); } else { v = nf4_elem(n0 + nb, k0 + kb + j); }
                             }
-                        } else {
-                            // word of stored row k0 + kb, n from n0 + nb: two vec4s of one Bs row
-                            let kb = idx / (BN / 8u);
-                            let nb = (idx % (BN / 8u)) * 8u;
-                            let ok = k0 + kb < K;
-                            var h: array<vec4<f32>, 2>;
-                            for (var j = 0u; j < 8u; j++) {
-                                var v = 0.0;
-                                if (ok && n0 + nb + j < P.ldb) {
-                                    if (B_VEC) { v = nf4_word(w, s, j); } else { v = nf4_elem(k0 + kb, n0 + nb + j); }
-                                }
-                                h[j >> 2u][j & 3u] = v;
-                            }
-                            let o = ((nxt * BK + kb) * BN + nb) / 4u;
-                            Bs[o] = h[0];
-                            Bs[o + 1u] = h[1];
+                            store_b(nxt, kb + j, nb, v);
                         }
-                    }
-                } else if (B_T) {
-                    if (idx < BN * BK / 4u) {
-                        let n = idx % BN;
-                        let kq = idx / BN;
-                        for (var j = 0u; j < 4u; j++) { store_b(nxt, kq * 4u + j, n, rb[i][j]); }
-                    }
-                } else {
-                    if (idx < BN * BK / 4u) {
-                        let kr = idx / (BN / 4u);
-                        let nq = idx % (BN / 4u);
-                        Bs[(nxt * BK * BN + kr * BN) / 4u + nq] = rb[i];
+                    } else {
+                        // word of stored row k0 + kb, n from n0 + nb: two vec4s of one Bs row
+                        let kb = idx / (BN / 8u);
+                        let nb = (idx % (BN / 8u)) * 8u;
+                        let ok = k0 + kb < K;
+                        var h: array<vec4<f32>, 2>;
+                        for (var j = 0u; j < 8u; j++) {
+                            var v = 0.0;
+                            if (ok && n0 + nb + j < P.ldb) {
+                                if (B_VEC) { v = nf4_word(w, s, j); } else { v = nf4_elem(k0 + kb, n0 + nb + j); }
+                            }
+                            h[j >> 2u][j & 3u] = v;
+                        }
+                        let o = ((nxt * BK + kb) * BN + nb) / 4u;
+                        Bs[o] = h[0];
+                        Bs[o + 1u] = h[1];
                     }
                 }
             }

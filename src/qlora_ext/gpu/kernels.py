@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from .runtime import GpuTensor, grid_2d
 
-GEMM_KINDS = "urrrrrrw"
+GEMM_KINDS = "urrrrrw"
 # gemm.wgsl binds the LoRA matrix L as a sub-range of its buffer, and binding offsets must be
 # multiples of 256 bytes: L starts at a multiple of PARAM_ALIGN elements (flat parameter
 # buffers align every tensor so).
@@ -239,11 +239,11 @@ def gemm(ctx, M: int, N: int, K: int, a: Operand, b, c: Operand, b_t: bool, lora
         return
     ldb = b.ncols
     nf4_fields = (b.split, b.code_off1, b.abs_off1, b.blocksize.bit_length() - 1)
-    consts = dict(tiles.constants(), B_T=bool(b_t), B_NF4=True, A_VEC=a_vec, B_VEC=ldb % 8 == 0,
+    consts = dict(tiles.constants(), B_T=bool(b_t), A_VEC=a_vec, B_VEC=ldb % 8 == 0,
                   C_VEC=c.off % 4 == 0 and ldc % 4 == 0 and N % 4 == 0, LORA=mode, ACCUM=bool(accumulate))
     par = ctx.uniform("16I", M, N, K, lda, ldb, ldc, a.off, c.off, *lfields, *nf4_fields, 0)
     ctx.dispatch(ctx.pipeline("gemm", "main", GEMM_KINDS, overrides=consts),
-                 [par, _raw(a.buf), d, _raw(b.codes), _raw(b.absmax)] + bufs_l + [_raw(c.buf)], grid)
+                 [par, _raw(a.buf), _raw(b.codes), _raw(b.absmax)] + bufs_l + [_raw(c.buf)], grid)
 
 
 GEMM_F32_KINDS = "urrrrw"
