@@ -1,5 +1,5 @@
-// gemm_f32.wgsl: register-tiled fp32 GEMM with the k loop of a workgroup tile unrolled in the
-// source; optional LoRA term as extra K tiles; optional split K.
+// gemm_f32.wgsl: register-tiled fp32 GEMM with the k loop of a workgroup tile written out in
+// the source (UNROLL); optional LoRA term as extra K tiles; optional split K.
 //
 //   C[M, N]  (= or +=)  A[M, K] · op(B)  +  T[M, R] · op(L)
 //
@@ -23,8 +23,8 @@
 // holds the A tile transposed ([k][m]) and the B tile as [k][n] in two buffers: tile t+1 is
 // fetched into registers while tile t is multiplied, then stored; one barrier per K tile.
 // UNROLL: the BK k steps of a tile are written out (ksteps8, constant offsets) instead of looped
-// over: the NVIDIA driver keeps a loop over an override bound rolled, and on an H200 the rolled
-// form ran 23 TFLOP/s where the written-out one ran 27 (BK 16) and 28-34 (BK 8) (BENCHMARKS.md).
+// over: the NVIDIA driver keeps a loop over an override bound rolled, and on an H200 the same
+// BK 8 tiles ran 15-25 TFLOP/s rolled and 23-32 written out (BENCHMARKS.md).  BK 8 or 16 only.
 // Loads: thread idx takes tile row (m or n) idx % BM (BN) and k group idx / BM (BN), so the
 // scalar stores of the transposed tiles go to consecutive addresses across a warp; B stored
 // [K, N] is copied as whole vec4s.  The *_VEC constants select vec4 loads and stores; the host
