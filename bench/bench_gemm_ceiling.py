@@ -6,7 +6,7 @@ timed once.
 
 Each GEMM is timed with GPU timestamp queries (median of --reps calls) for a list of variants:
 `current` is what the gpu placement's step records (NF4: the weight dequantized into the fp32
-scratch, shaders/resident_nf4.wgsl, then shaders/gemm_f32.wgsl with kernels.step_gemm_tiles'
+scratch, shaders/nf4.wgsl, then shaders/gemm_f32.wgsl with kernels.step_gemm_tiles'
 choice; the row's time is both kernels); a variant `label=wgx,wgy,tm,tn,bk[,unroll=0][,splits=s]`
 runs gemm_f32.wgsl with those tiles on the fp32 weight (at NF4 shapes the dequantized one; the
 row's time is the GEMM alone, `dequant_s` of the shape is logged apart); `nf4:label=...` runs
@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from bench_gemm import cublas_time  # noqa: E402
-from bench_resident_gemm import MODELS, fill, kernel_seconds, projections  # noqa: E402
+from bench_small_gemm import MODELS, fill, kernel_seconds, projections  # noqa: E402
 
 from qlora_ext.gpu import kernels  # noqa: E402
 from qlora_ext.gpu.kernels import GemmTiles, Operand  # noqa: E402

@@ -30,8 +30,8 @@ for stage in "$@"; do
       python3 bench/gpu_train_throughput.py --shape qwen3-0.6b --steps 3 --profile \
         --modes gpu,hf-bf16,hf-fp32,split --json "$OUT/small.jsonl" 2>&1 | tee "$OUT/small.log"
       for T in 1024 4096; do
-        QLORA_EXT_RESIDENT_BENCH="B=1,T=$T,HQ=32,HKV=8,D=128,C=2560,V=151936,DOC=256" python3 -m pytest -q -p no:cacheprovider \
-          bench/bench_resident.py -k attention --benchmark-enable --benchmark-only --benchmark-json="$OUT/attn_T$T.json" 2>&1 | tail -15
+        QLORA_EXT_GPU_BENCH="B=1,T=$T,HQ=32,HKV=8,D=128,C=2560,V=151936,DOC=256" python3 -m pytest -q -p no:cacheprovider \
+          bench/bench_gpu_ops.py -k attention --benchmark-enable --benchmark-only --benchmark-json="$OUT/attn_T$T.json" 2>&1 | tail -15
       done ;;
     small-split)
       # two lanes, then one pass (the default) for comparison; a trace of each
@@ -66,8 +66,8 @@ print('/tmp/mpich/' + libs[0].split('/data/lib/')[0] + '/data/lib')")
       python3 bench/gpu_train_throughput.py --shape qwen3-4b --steps 3 --checkpointing --profile \
         --modes gpu,hf-bf16,hf-fp32 --json "$OUT/gpu_large.jsonl" 2>&1 | tee "$OUT/gpu_large.log" | grep -v "^{"
       for T in 1024 4096; do
-        QLORA_EXT_RESIDENT_BENCH="B=1,T=$T,HQ=32,HKV=8,D=128,C=2560,V=151936,DOC=256" python3 -m pytest -q -p no:cacheprovider \
-          bench/bench_resident.py -k attention --benchmark-enable --benchmark-only --benchmark-json="$OUT/attn_T$T.json" 2>&1 | tail -6
+        QLORA_EXT_GPU_BENCH="B=1,T=$T,HQ=32,HKV=8,D=128,C=2560,V=151936,DOC=256" python3 -m pytest -q -p no:cacheprovider \
+          bench/bench_gpu_ops.py -k attention --benchmark-enable --benchmark-only --benchmark-json="$OUT/attn_T$T.json" 2>&1 | tail -6
       done
       # what load_model(placement="auto") chooses here, and why (free memory from nvidia-smi)
       python3 bench/make_checkpoint.py /tmp/q06 --shape qwen3-0.6b > /dev/null
@@ -106,8 +106,8 @@ for shape in ((4, 1024), (64, 4096)):
           --modes gpu --json "$OUT/overheads.jsonl" 2>&1 | grep -v "^{" | tail -9
       done
       for T in 1024 4096; do
-        QLORA_EXT_RESIDENT_BENCH="B=1,T=$T,HQ=32,HKV=8,D=128,C=2560,V=151936,DOC=256" timeout 80 python3 -m pytest -q \
-          -p no:cacheprovider bench/bench_resident.py -k attention --benchmark-enable --benchmark-only \
+        QLORA_EXT_GPU_BENCH="B=1,T=$T,HQ=32,HKV=8,D=128,C=2560,V=151936,DOC=256" timeout 80 python3 -m pytest -q \
+          -p no:cacheprovider bench/bench_gpu_ops.py -k attention --benchmark-enable --benchmark-only \
           --benchmark-json="$OUT/attn_T$T.json" 2>&1 | tail -8
       done ;;
     real-tokens)

@@ -49,7 +49,7 @@ def rmsnorm_dweight_gpu(ctx: GpuContext, x: GpuTensor, rstd: GpuTensor, dy: GpuT
     """dweight [C] (+)= sum_n dy * x * rstd (weight is only bound, not read)."""
     N, C = x.shape
     dweight = ctx.empty((C,)) if dweight is None else dweight
-    pipe = ctx.pipeline("resident_rmsnorm", "dweight", "urrwwr", overrides={"WG": _RMS_WG})
+    pipe = ctx.pipeline("rmsnorm", "dweight", "urrwwr", overrides={"WG": _RMS_WG})
     ctx.dispatch(pipe, [ctx.uniform("IIfI", N, C, 0.0, int(accumulate)), x, weight, dweight, rstd, dy],
                  grid_2d((C + _RMS_WG - 1) // _RMS_WG))
     return dweight

@@ -148,9 +148,9 @@ def test_padded_loss_and_grads_equal_the_rows_own_on_the_cpu(tmp_path):
 
 
 def test_padded_loss_equals_the_rows_own_on_the_gpu(tmp_path):
-    from gpu_resident_support import gpu_twin, resident_context
+    from gpu_support import gpu_twin, gpu_context
 
-    ctx = resident_context()
+    ctx = gpu_context()
     gpu = gpu_twin(_tiny_model(tmp_path), ctx)
     assert gpu.pad_multiple == 64
     _, _, padded, unpadded = _per_row_vs_padded(gpu, gpu.pad_multiple)

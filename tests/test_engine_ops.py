@@ -39,7 +39,7 @@ class _Cpu:
 
 class _Gpu:
     def __init__(self, model, ctx):
-        from gpu_resident_support import gpu_twin
+        from gpu_support import gpu_twin
 
         self.model = gpu_twin(model, ctx)
         self.dev, self.ctx = self.model.device, ctx
@@ -60,9 +60,9 @@ class _Gpu:
 def _side(request, cpu_model):
     if request.param == "cpu":
         return _Cpu(cpu_model)
-    from gpu_resident_support import resident_context
+    from gpu_support import gpu_context
 
-    return _Gpu(cpu_model, resident_context())
+    return _Gpu(cpu_model, gpu_context())
 
 
 @pytest.fixture(params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])

@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from gpu_resident_support import rel_err, resident_context
+from gpu_support import rel_err, gpu_context
 from test_attention_segments import ref_packed, segments_of
 
 pytestmark = pytest.mark.gpu
@@ -19,7 +19,7 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def ctx():
-    return resident_context()
+    return gpu_context()
 
 
 def _inputs(seed, B, T, Hq, Hkv, D):

@@ -162,7 +162,7 @@ def test_gemm_nf4_matches_float64(ctx, b_t):
 def test_swiglu_forward_backward(ctx, monkeypatch, rows_per_dispatch):
     """One kernel for both callers: gate|up side by side in one [M, 2I] buffer with dgu written
     into one buffer (the FFN backend), and g, u, dg, du as separate [M, I] tensors (the
-    resident engine); with 3 rows per dispatch the row blocks advance every offset."""
+    gpu placement); with 3 rows per dispatch the row blocks advance every offset."""
     from qlora_ext.gpu import kernels as Kk
     from qlora_ext.gpu.kernels import Operand
 

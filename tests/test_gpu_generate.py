@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from model_factory import make_tiny_checkpoint
 
-from gpu_resident_support import gpu_twin, rel_err, resident_context
+from gpu_support import gpu_twin, rel_err, gpu_context
 
 from qlora_ext.api import load_model
 from qlora_ext.model.generate import Sampling, top_candidates
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(scope="module")
 def ctx():
-    return resident_context()
+    return gpu_context()
 
 
 def _decode_reference(q, kc, vc, valid, length):

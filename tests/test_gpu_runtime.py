@@ -12,7 +12,7 @@ import pytest
 
 from qlora_ext.gpu.runtime.transfer import POOL_MIN_BYTES
 
-from gpu_resident_support import resident_context
+from gpu_support import gpu_context
 
 gpu = pytest.mark.gpu
 SRC = Path(__file__).resolve().parents[1] / "src" / "qlora_ext"
@@ -22,7 +22,7 @@ _STAGE = 1024  # bytes: a tiny staging piece, so that small arrays take several 
 
 @pytest.fixture(scope="module")
 def ctx():
-    return resident_context()
+    return gpu_context()
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def test_tuning_from_env_reads_every_knob(tmp_path):
 
     assert Tuning.from_env({}) == Tuning()
     t = Tuning.from_env({"QLORA_EXT_GEMM_TILES": "16,16,8,8,16", "QLORA_EXT_GEMM_TILES_SMALL": " 8,8,4,4,8 ",
-                         "QLORA_EXT_GEMM_MIN_GROUPS": "100", "QLORA_EXT_RESIDENT_GEMM_TILES": "64,64,16",
+                         "QLORA_EXT_GEMM_MIN_GROUPS": "100", "QLORA_EXT_SMALL_GEMM_TILES": "64,64,16",
                          "QLORA_EXT_ATTN_TILES": "32,32,4,4,2", "QLORA_EXT_ATTN_HEAD_SPLIT": "0",
                          "QLORA_EXT_WGSL_TRUSTED": "1", "QLORA_EXT_WGSL_DEBUG": "1",
                          "QLORA_EXT_SHADERS": str(tmp_path), "QLORA_EXT_GPU_MEMORY_GIB": "1.5",
@@ -57,7 +57,7 @@ def test_tuning_from_env_reads_every_knob(tmp_path):
 
 @pytest.mark.parametrize("var,value", [
     ("QLORA_EXT_GEMM_TILES", "8,8,4,4"), ("QLORA_EXT_GEMM_TILES_SMALL", "a,b,c,d,e"),
-    ("QLORA_EXT_GEMM_MIN_GROUPS", "0"), ("QLORA_EXT_RESIDENT_GEMM_TILES", "64,64"),
+    ("QLORA_EXT_GEMM_MIN_GROUPS", "0"), ("QLORA_EXT_SMALL_GEMM_TILES", "64,64"),
     ("QLORA_EXT_ATTN_TILES", "16,3,8"), ("QLORA_EXT_ATTN_TILES", "16,16,3,4"), ("QLORA_EXT_ATTN_TILES", "16,18,2,2"),
     ("QLORA_EXT_ATTN_TILES", "a,b,c,d"), ("QLORA_EXT_ATTN_HEAD_SPLIT", "yes"), ("QLORA_EXT_WGSL_TRUSTED", "2"),
     ("QLORA_EXT_SHADERS", "/nonexistent/qlora-ext-shaders"), ("QLORA_EXT_GPU_MEMORY_GIB", "lots"),
@@ -102,7 +102,7 @@ def test_gpu_errors_are_oserrors_naming_adapter_and_size(ctx):
         ctx.buffer(ctx.max_binding + 1024, what="too big")
     with pytest.raises(GpuError, match=r"adapter .*storage binding limit"):
         ctx.empty((ctx.max_binding // 4 + 1,))
-    pipe = ctx.pipeline("resident_add", "axpy", "uwr", overrides={"WG": 64})
+    pipe = ctx.pipeline("add", "axpy", "uwr", overrides={"WG": 64})
     with pytest.raises(GpuError, match=r"adapter .*per dimension"):
         ctx.dispatch(pipe, [ctx.uniform("IfI", 1, 1.0, 1), ctx.empty((4,)), ctx.empty((4,))], (ctx.max_groups + 1,))
     with pytest.raises(ValueError, match="tiles"):
@@ -124,8 +124,8 @@ def test_shader_includes_expand_once_and_refuse_cycles(tmp_path):
     error naming the chain."""
     from qlora_ext.gpu.runtime import load_shader
 
-    common = load_shader("resident_attention_common").strip()
-    for name in ("resident_attention_fwd", "resident_attention_bwd"):
+    common = load_shader("attention_common").strip()
+    for name in ("attention_fwd", "attention_bwd"):
         src = load_shader(name)
         assert src.count(common) == 1 and "//!include" not in src, name
     assert load_shader("dropout").count("fn hash32(") == 1
@@ -210,7 +210,7 @@ def test_staged_write_keeps_order_with_recorded_work(small_staging):
 
 @gpu
 def test_staged_write_bytes_at_an_offset(small_staging):
-    """write_bytes (the FFN backend's resident weights go up so) from byte 40, in three pieces."""
+    """write_bytes (weights kept on the GPU go up so) from byte 40, in three pieces."""
     ctx = small_staging
     old, raw = _bits(800, 8, np.uint32), _bits(700, 9, np.uint32)
     t = ctx.upload(old)

@@ -4,7 +4,7 @@ segment_ids; the numpy fallback's segments (what runs without the C build) match
 import numpy as np
 import pytest
 
-from gpu_resident_support import rel_err
+from gpu_support import rel_err
 from hf_reference import hf_from_checkpoint, peft_twin, randomize_lora
 from model_factory import make_tiny_checkpoint
 

@@ -310,13 +310,13 @@ def test_device_path_stops_on_nan_on_the_gpu(tmp_path):
     computes non-finite; the step stops and names the weight, and no update is applied."""
     import re
 
-    from gpu_resident_support import resident_context
+    from gpu_support import gpu_context
     from model_factory import make_tiny_checkpoint
     from qlora_ext.finite import NonFiniteError
     from qlora_ext.api import load_model
     from qlora_ext.model.lora import LoraConfig
 
-    resident_context()
+    gpu_context()
     m = load_model(make_tiny_checkpoint(tmp_path / "m", model_type="qwen3"), lora=LoraConfig(r=2, alpha=4),
                    placement="gpu", device="gpu")
     t = Trainer(m, TrainConfig(lr=1e-2))

@@ -1,7 +1,7 @@
 """AdamW on the GPU over one flat buffer of all LoRA parameters, with
 torch.optim.AdamW semantics (bias correction, decoupled weight decay) as
 qlora_ext.train.optim.AdamW, and the squared gradient norm that global-norm clipping needs.
-Shaders: shaders/resident_adamw.wgsl, resident_grad_norm.wgsl."""
+Shaders: shaders/adamw.wgsl, grad_norm.wgsl."""
 from __future__ import annotations
 
 import math
@@ -49,7 +49,7 @@ class AdamWGpu:
         # The pending encoder may hold the previous step's update, which must see its own values.
         ctx.submit()
         ctx.queue.write_buffer(self._params, 0, data + b"\0" * (48 - len(data)))
-        pipe = ctx.pipeline("resident_adamw", "step", "uwrww", overrides={"WG": _WG})
+        pipe = ctx.pipeline("adamw", "step", "uwrww", overrides={"WG": _WG})
         ctx.dispatch(pipe, [self._params, param, grad, self.m, self.v],
                      grid_2d((self.n + _WG - 1) // _WG))
 
@@ -64,7 +64,7 @@ class AdamWGpu:
         part = getattr(self, "_partials", None)
         if part is None or part.size != groups:
             part = self._partials = ctx.empty((groups,))
-        pipe = ctx.pipeline("resident_grad_norm", "sq_norm", "urw", overrides={"WG": _WG})
+        pipe = ctx.pipeline("grad_norm", "sq_norm", "urw", overrides={"WG": _WG})
         ctx.dispatch(pipe, [ctx.uniform("If", self.n, float(np.float32(scale))), grad, part], (groups,))
         return float(np.sum(ctx.to_numpy(part), dtype=np.float64))
 

@@ -6,8 +6,8 @@ kv head h // (Hq/Hkv), scale 1/sqrt(D), lse [B, Hq, T]; optional key padding mas
 documents as runs of equal segment ids attend only within themselves (block-diagonal causal),
 as the CPU kernels' `segments`; the kernels take each position's document start, which
 qlora_ext.model.packing.document_starts() makes from the ids on the host.
-Shaders: shaders/resident_attention_fwd.wgsl, resident_attention_bwd.wgsl (their header
-comments describe the register tiling), resident_attention_group_sum.wgsl (GQA dk/dv)."""
+Shaders: shaders/attention_fwd.wgsl, attention_bwd.wgsl (their header
+comments describe the register tiling), attention_group_sum.wgsl (GQA dk/dv)."""
 from __future__ import annotations
 
 import math
@@ -116,7 +116,7 @@ def attention_forward_gpu(ctx: GpuContext, q: GpuTensor, k: GpuTensor, v: GpuTen
     o = ctx.empty(q.shape) if o is None else o
     lse = ctx.empty((B, Hq, T)) if lse is None else lse
     c = _consts_for(ctx, D, starts)
-    pipe = ctx.pipeline("resident_attention_fwd", "forward", "urrrrrww", consts=c)
+    pipe = ctx.pipeline("attention_fwd", "forward", "urrrrrww", consts=c)
     ctx.dispatch(pipe, [_params(ctx, B, T, Hq, Hkv, D, mask is not None), q, k, v,
                         q if mask is None else mask, q if starts is None else starts, o, lse],
                  ((T + c["BR"] - 1) // c["BR"], Hq, B))
@@ -144,7 +144,7 @@ def attention_backward_gpu(ctx: GpuContext, q: GpuTensor, k: GpuTensor, v: GpuTe
     kinds = "urrrrrrrwww"
 
     def pipe(entry):
-        return ctx.pipeline("resident_attention_bwd", entry, kinds, consts=c)
+        return ctx.pipeline("attention_bwd", entry, kinds, consts=c)
 
     rowblocks = (T + br - 1) // br
     ctx.dispatch(pipe("prep"), [par, q, k, v, m, st, do, lse, delta, o, dq],
@@ -158,6 +158,6 @@ def attention_backward_gpu(ctx: GpuContext, q: GpuTensor, k: GpuTensor, v: GpuTe
         ctx.dispatch(pipe("dkdv"), [par, q, k, v, m, st, do, lse, delta, pk, pv], (rowblocks, Hq, B))
         n = B * T * Hkv * D
         sp = ctx.uniform("IIII", n, Hkv, Hq // Hkv, D)
-        ctx.dispatch(ctx.pipeline("resident_attention_group_sum", "group_sum", "urrww"),
+        ctx.dispatch(ctx.pipeline("attention_group_sum", "group_sum", "urrww"),
                      [sp, pk, pv, dk, dv], grid_2d((n + 255) // 256))
     return dq, dk, dv

@@ -2,7 +2,7 @@
 HF's shift (token t predicts labels[t + 1]) and -100 ignored.  The [N, V] logits never exist
 whole: rows go through in chunks of at most `chunk_rows`; each chunk's logits are turned into
 dlogits in place and multiplied back into dhidden (and into dW when the head trains) before
-the next.  Shaders: gemm_f32.wgsl (qlora_ext.gpu.kernels.gemm) for logits and dhidden, resident_cross_entropy.wgsl, resident_gemm.wgsl for
+the next.  Shaders: gemm_f32.wgsl (qlora_ext.gpu.kernels.gemm) for logits and dhidden, cross_entropy.wgsl, small_gemm.wgsl for
 the trained head's dW (a transposed-A product gemm.wgsl does not take)."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ _WG = 256
 # Measured on an H200 (N = 4096, V = 151936, gemm.wgsl's 64x128 tiles): dhidden ran at 3.8,
 # 7.6, 24.0 TFLOP/s for R = 256, 512, 2048 at H = 1024, and 9.5, 14.4, 20.9, 25.6 for R = 256,
 # 512, 1024, 2048 at H = 2560; the logits product ran at 28 TFLOP/s at every R >= 256.  The
-# old 64 MiB chunk (110 rows on resident_gemm) took 290 / 612 ms for the whole head at
+# old 64 MiB chunk (110 rows on small_gemm) took 290 / 612 ms for the whole head at
 # H = 1024 / 2560, 1024 rows on gemm.wgsl ~130 (the step profile's gemm.main growth) / 267 ms,
 # 2048 rows 101 / 238 ms.  So: rows
 # for R*H >= 2M elements (2048 rows at H = 1024, where it pays 30 ms a step), at least 1024
@@ -88,7 +88,7 @@ class LmHeadLoss:
         idle during this call.  Returns self.stats."""
         ctx, N, C, V = self.ctx, self.N, self.C, self.V
         want = dhidden is not None or dw_lm is not None
-        pipe = ctx.pipeline("resident_cross_entropy", "rows", "urwwww", overrides={"WG": _WG})
+        pipe = ctx.pipeline("cross_entropy", "rows", "urwwww", overrides={"WG": _WG})
         # W [V, C] as gemm.wgsl's fp32 B operand (at element w_off of its buffer)
         w = Operand(w_lm, w_off, C)
         for r0, rows in self.chunks:
@@ -105,7 +105,7 @@ class LmHeadLoss:
                 # dW[V, C] += dlogitsᵀ @ hidden[r0:r0+rows]
                 gemm_gpu(ctx, self.logits, hidden, dw_lm, V, C, rows, trans_a=True,
                          accumulate=True, b_off=r0 * C, c_off=dw_off)
-        red = ctx.pipeline("resident_cross_entropy", "reduce", "urwwww", overrides={"WG": _WG})
+        red = ctx.pipeline("cross_entropy", "reduce", "urwwww", overrides={"WG": _WG})
         ctx.dispatch(red, [ctx.uniform("IIIIIf", 0, N, V, T, 0, 0.0), labels, self.logits,
                            self.losses, self.counted, self.stats], (1,))
         return self.stats

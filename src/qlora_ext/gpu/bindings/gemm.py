@@ -1,11 +1,11 @@
-"""fp32 GEMM of the GPU device (shaders/resident_gemm.wgsl) for the transposed-A products
+"""fp32 GEMM of the GPU device (shaders/small_gemm.wgsl) for the transposed-A products
 (the LM head's dW, the rank-r LoRA products):
 C[M, N] (+)= alpha * op(A)[M, K] @ op(B)[K, N]."""
 from __future__ import annotations
 
 from ..runtime import MAX_GROUPS, GpuContext, GpuTensor, grid_2d
 
-# (TM, TN, TK) of resident_gemm.wgsl: a workgroup of (TN/4, TM/4) threads owns a TM x TN
+# (TM, TN, TK) of small_gemm.wgsl: a workgroup of (TN/4, TM/4) threads owns a TM x TN
 # block of C and stages TK-deep slices.  64 x 64 for the general case (LM head dW).
 _GENERAL = (64, 64, 16)
 # The rank-r LoRA products have one side of C = r <= 64 (u, du: [tokens, r]; dB: [out, r];
@@ -13,7 +13,7 @@ _GENERAL = (64, 64, 16)
 # so the tile's short side follows r (next power of two >= 4) and its long side takes the
 # threads (_SKINNY_THREADS per workgroup), K staged _SKINNY_TK at a time; their grids are
 # small, so K is split finer (_SKINNY_SPLIT: target workgroups, min K per split).  Chosen by
-# the sweep in bench/bench_resident_gemm.py on an H100 (2026-11-26, r = 16, all 7 projections
+# the sweep in bench/bench_small_gemm.py on an H100 (2026-11-26, r = 16, all 7 projections
 # of both Qwen3 shapes): 16 x 256, TK 8, (1024, 64) -> 45 ms (0.6B) and 103 ms (4B) per step,
 # against 70 and 238 ms with 64 x 64 tiles and (256, 256) (still only 0.5-0.8 TB/s: the
 # kernel's scalar loads; a dedicated skinny kernel tried on 2026-11-26 measured slower).
@@ -24,13 +24,13 @@ _SKINNY_SPLIT = (1024, 64)
 
 
 def tiles_for(ctx: GpuContext, M: int, N: int) -> tuple:
-    """(TM, TN, TK) for C[M, N]; tuning.fp32_gemm_tiles (QLORA_EXT_RESIDENT_GEMM_TILES)
+    """(TM, TN, TK) for C[M, N]; tuning.fp32_gemm_tiles (QLORA_EXT_SMALL_GEMM_TILES)
     forces one (benchmarks)."""
     if ctx.tuning.fp32_gemm_tiles is not None:
         try:
             return check_tiles(ctx, *ctx.tuning.fp32_gemm_tiles)
         except ValueError as e:
-            raise ValueError(f"QLORA_EXT_RESIDENT_GEMM_TILES: {e}") from None
+            raise ValueError(f"QLORA_EXT_SMALL_GEMM_TILES: {e}") from None
     short = min(M, N)
     if short > _SKINNY_MAX or max(M, N) <= _SKINNY_MAX:
         return _GENERAL
@@ -64,7 +64,7 @@ def check_tiles(ctx: GpuContext, tm: int, tn: int, tk: int) -> tuple:
     smem = 4 * tk * (tm + tn)
     if (tm % 4 or tn % 4 or tk < 1 or threads > int(ctx.limits["max-compute-invocations-per-workgroup"])
             or smem > int(ctx.limits["max-compute-workgroup-storage-size"])):
-        raise ValueError(f"resident_gemm tiles TM={tm} TN={tn} TK={tk}: need TM, TN multiples of 4, "
+        raise ValueError(f"small_gemm tiles TM={tm} TN={tn} TK={tk}: need TM, TN multiples of 4, "
                          f"{threads} threads and {smem} B of workgroup memory within the device's limits")
     return tm, tn, tk
 
@@ -89,7 +89,7 @@ def gemm_gpu(ctx: GpuContext, a: GpuTensor, b: GpuTensor, c: GpuTensor, M: int, 
     splits = split_count(gx * gy, K, *(split or ()))
     ov = {"TM": tm, "TN": tn, "TK": tk}
     if splits == 1:
-        pipe = ctx.pipeline("resident_gemm", "gemm", "urrww", overrides=ov)
+        pipe = ctx.pipeline("small_gemm", "gemm", "urrww", overrides=ov)
         par = ctx.uniform("IIIIIIfIIIIII", M, N, K, int(trans_a), int(trans_b), int(accumulate),
                           float(alpha), a_off, b_off, c_off, K, 1, 0)
         ctx.dispatch(pipe, [par, a, b, c, c], (gx, gy))
@@ -100,11 +100,11 @@ def gemm_gpu(ctx: GpuContext, a: GpuTensor, b: GpuTensor, c: GpuTensor, M: int, 
     chunk = -(-per // tk) * tk
     splits = -(-K // chunk)
     part = _scratch(ctx, splits * M * N)
-    pipe = ctx.pipeline("resident_gemm", "gemm", "urrww", overrides=ov)
+    pipe = ctx.pipeline("small_gemm", "gemm", "urrww", overrides=ov)
     par = ctx.uniform("IIIIIIfIIIIII", M, N, K, int(trans_a), int(trans_b), 0, float(alpha),
                       a_off, b_off, 0, chunk, splits, 0)
     ctx.dispatch(pipe, [par, a, b, part, c], (gx, gy, splits))
-    red = ctx.pipeline("resident_gemm", "reduce_splits", "urrww", overrides=ov)
+    red = ctx.pipeline("small_gemm", "reduce_splits", "urrww", overrides=ov)
     par = ctx.uniform("IIIIIIfIIIIII", M, N, K, 0, 0, int(accumulate), 1.0, 0, 0, 0, chunk, splits, c_off)
     ctx.dispatch(red, [par, a, b, part, c], grid_2d((M * N + 255) // 256))
     return c

@@ -26,7 +26,7 @@ def rmsnorm_forward_gpu(ctx: GpuContext, x: GpuTensor, weight: GpuTensor, eps: f
     N, C = x.shape
     y = ctx.empty((N, C)) if y is None else y
     rstd = ctx.empty((N,)) if rstd is None else rstd
-    pipe = ctx.pipeline("resident_rmsnorm", "forward", "urrww", overrides={"WG": _RMS_WG})
+    pipe = ctx.pipeline("rmsnorm", "forward", "urrww", overrides={"WG": _RMS_WG})
     ctx.dispatch(pipe, [ctx.uniform("IIfI", N, C, eps, 0), x, weight, y, rstd], grid_2d(N))
     return y, rstd
 
@@ -39,7 +39,7 @@ def rmsnorm_backward_gpu(ctx: GpuContext, x: GpuTensor, weight: GpuTensor, rstd:
         if accumulate:
             raise ValueError("rmsnorm_backward_gpu: accumulate=True needs dx")
         dx = ctx.empty((N, C))
-    pipe = ctx.pipeline("resident_rmsnorm", "backward", "urrwwr", overrides={"WG": _RMS_WG})
+    pipe = ctx.pipeline("rmsnorm", "backward", "urrwwr", overrides={"WG": _RMS_WG})
     ctx.dispatch(pipe, [ctx.uniform("IIfI", N, C, 0.0, int(accumulate)), x, weight, dx, rstd, dy],
                  grid_2d(N))
     return dx
@@ -57,7 +57,7 @@ def rope_apply_gpu(ctx: GpuContext, x: GpuTensor, positions: GpuTensor, cos: Gpu
     B, T, H, D = x.shape
     half = D // 2
     n = B * T * H * half
-    pipe = ctx.pipeline("resident_rope", "apply", "uwrrr", overrides={"WG": _ROPE_WG})
+    pipe = ctx.pipeline("rope", "apply", "uwrrr", overrides={"WG": _ROPE_WG})
     ctx.dispatch(pipe, [ctx.uniform("IIIIf", n, H, half, cos.shape[0], float(sign)),
                         x, positions, cos, sin], _elementwise_groups(n, _ROPE_WG))
     return x
@@ -76,7 +76,7 @@ def embedding_gather_gpu(ctx: GpuContext, ids: GpuTensor, table: GpuTensor,
     (N,), (V, C) = ids.shape, table.shape
     out = ctx.empty((N, C)) if out is None else out
     n = N * C
-    pipe = ctx.pipeline("resident_embedding", "gather", "urrw", overrides={"WG": _EW_WG})
+    pipe = ctx.pipeline("embedding", "gather", "urrw", overrides={"WG": _EW_WG})
     ctx.dispatch(pipe, [ctx.uniform("III", n, C, V), ids, table, out], _elementwise_groups(n, _EW_WG))
     return out
 
@@ -88,7 +88,7 @@ def add_gpu(ctx: GpuContext, dst: GpuTensor, src: GpuTensor, alpha: float = 1.0)
     if dst.size != src.size:
         raise ValueError(f"add_gpu: dst has shape {dst.shape}, src {src.shape}")
     n = dst.size
-    pipe = ctx.pipeline("resident_add", "axpy", "uwr", overrides={"WG": _EW_WG})
+    pipe = ctx.pipeline("add", "axpy", "uwr", overrides={"WG": _EW_WG})
     ctx.dispatch(pipe, [ctx.uniform("IfI", n, float(alpha), 1), dst, src], _elementwise_groups(n, _EW_WG))
     return dst
 
@@ -99,6 +99,6 @@ def bias_add_gpu(ctx: GpuContext, y: GpuTensor, bias: GpuTensor) -> GpuTensor:
     if C == 0 or y.size % C:
         raise ValueError(f"bias_add_gpu: y of shape {y.shape} is not rows of the bias size {C}")
     n = y.size
-    pipe = ctx.pipeline("resident_add", "bias_rows", "uwr", overrides={"WG": _EW_WG})
+    pipe = ctx.pipeline("add", "bias_rows", "uwr", overrides={"WG": _EW_WG})
     ctx.dispatch(pipe, [ctx.uniform("IfI", n, 1.0, C), y, bias], _elementwise_groups(n, _EW_WG))
     return y

@@ -1,6 +1,6 @@
 """Base projection weights of the GPU device: uploaded once (NF4 codes + absmax, or fp32)
 and dequantized on the GPU into a reusable fp32 scratch buffer before the GEMM.
-Shader: shaders/resident_nf4.wgsl."""
+Shader: shaders/nf4.wgsl."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -115,7 +115,7 @@ class WeightScratch:
             raise ValueError(f"WeightScratch: a {w.shape} weight needs {n} elements, the scratch holds "
                              f"{0 if self.buf is None else self.buf.size}")
         buf = self.buf.view(w.shape)
-        pipe = ctx.pipeline("resident_nf4", "dequant", "urrrw", overrides={"WG": _WG})
+        pipe = ctx.pipeline("nf4", "dequant", "urrrw", overrides={"WG": _WG})
         ctx.dispatch(pipe, [ctx.uniform("II", n, w.blocksize), w.packed, w.absmax, self.code, buf],
                      grid_2d((n + _WG - 1) // _WG))
         return buf

@@ -288,7 +288,7 @@ class GpuContext:
             except Exception as e:
                 raise GpuError(f"{self.describe()}: pipeline {name}.wgsl:{entry} with {dict(over_t)} "
                                f"failed: {e}") from e
-            p = self._pipelines[key] = (pipe, bgl, name.removeprefix("resident_") + "." + entry)
+            p = self._pipelines[key] = (pipe, bgl, name + "." + entry)
         return p
 
     def uniform(self, fmt: str, *values):

@@ -1,4 +1,4 @@
-// NF4 dequantization into an fp32 scratch weight (GPU-resident mode, ahead of the fp32 GEMM):
+// NF4 dequantization into an fp32 scratch weight (the gpu placement, ahead of the fp32 GEMM):
 //   w[e] = code[nibble(e)] * absmax[e / blocksize],  e = 0 .. n-1 (row-major over [out, in])
 // packed: the NF4 bytes (element 2i in the HIGH nibble of byte i, bitsandbytes order) read as
 // little-endian u32 words (the host pads to a multiple of 4 bytes); absmax: f32 per block

@@ -1,4 +1,4 @@
-// Chunked cross-entropy of the LM head (GPU-resident mode), HF conventions: the label of
+// Chunked cross-entropy of the LM head (the gpu placement), HF conventions: the label of
 // token t is labels[t + 1] of the same sequence (the shift happens here), the last token of
 // each sequence and labels equal to -100 (or outside [0, V)) are not counted.
 //   logits: [R, V] f32, one chunk of rows g = row0 .. row0 + R - 1 of the [N = B*T, V] logits

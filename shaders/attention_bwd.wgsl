@@ -1,5 +1,5 @@
-// Causal GQA flash attention, backward (GPU-resident mode), register-tiled like
-// resident_attention_fwd (same prepended consts: HEAD_DIM, BR, BC, TM, TN, DK4, VK, TILE_V4),
+// Causal GQA flash attention, backward (the gpu placement), register-tiled like
+// attention_fwd (same prepended consts: HEAD_DIM, BR, BC, TM, TN, DK4, VK, TILE_V4),
 // recomputing probabilities from the forward's lse; the T x T matrix never exists.
 //   q, o, do, dq: [B, T, Hq, D]; k, v, dk, dv: [B, T, Hkv, D]; lse, delta: [B, Hq, T];
 //   mask: [B, T] u32 (1 = attend), read only when has_mask = 1; starts: [B, T] i32 (packed
@@ -19,7 +19,7 @@
 //                                                  where that gives too few workgroups, for ONE
 //                                                  query head, writing per-query-head partials
 //                                                  [B, T, Hq, D] that
-//                                                  resident_attention_group_sum adds up in head
+//                                                  attention_group_sum adds up in head
 //                                                  order: no atomics, deterministic either way)
 // Each score-like tile (S, dP; or their transposes in dkdv) is a GEMM over D with chunks of
 // DK4 vec4s staged in workgroup memory, TM x TN per thread (thread (ty, tx): rows ty*TM + i,
@@ -30,7 +30,7 @@
 // current one, so that global-load latency hides behind it.
 // Splitting dq from dk/dv avoids float atomics at the price of computing P twice.
 
-// Params and the tile constants: resident_attention_common.
+// Params and the tile constants: attention_common.
 
 // tensors named by the fetch helpers
 const SRC_Q: u32 = 0u;
@@ -59,7 +59,7 @@ fn key_ok(b: u32, j: u32) -> bool {
 }
 
 // The i-th vec4 of source src (SRC_Q, SRC_K, SRC_V, SRC_DO): fetch4 in
-// resident_attention_common reads the tensors through it.
+// attention_common reads the tensors through it.
 fn load4(src: u32, i: u32) -> vec4<f32> {
     switch src {
         case 0u: { return q[i]; }
@@ -69,7 +69,7 @@ fn load4(src: u32, i: u32) -> vec4<f32> {
     }
 }
 
-//!include resident_attention_common
+//!include attention_common
 
 // Rows r0 + ty*TM + i (< T) of out (head h of H heads) = acc * mul.
 fn write_rows(acc: ptr<function, Acc>, which: u32, b: u32, h: u32, nh: u32, r0: u32, mul: f32,

@@ -1,4 +1,4 @@
-// fp32 GEMM of the GPU-resident mode (LM head and its backward, where the weight is not NF4):
+// fp32 GEMM of the GPU device (LM head and its backward, where the weight is not NF4):
 //   C[M, N] = alpha * op(A) @ op(B) + (accumulate ? C : 0)
 //   op(A) is [M, K]: A stored [M, K] (trans_a = 0) or [K, M] (trans_a = 1);
 //   op(B) is [K, N]: B stored [K, N] (trans_b = 0) or [N, K] (trans_b = 1);

@@ -1,4 +1,4 @@
-// Squared L2 norm of the flat LoRA gradient, for global-norm clipping in the resident mode:
+// Squared L2 norm of the flat LoRA gradient, for global-norm clipping on the GPU:
 //   partial[w] = sum over this workgroup's elements of (g[i] * scale)^2
 // g: [n] f32; partial: [num_workgroups] f32.  Workgroup w takes the contiguous slice
 // [w * per, (w + 1) * per), per = ceil(n / num_workgroups); each thread sums every WG-th

@@ -1,4 +1,4 @@
-// Causal GQA flash attention, forward (GPU-resident mode), register-tiled.
+// Causal GQA flash attention, forward (the gpu placement), register-tiled.
 //   q, o: [B, T, Hq, D] f32; k, v: [B, T, Hkv, D] f32; lse: [B, Hq, T] f32;
 //   mask: [B, T] u32 key padding mask (1 = attend, 0 = padding), read only when has_mask = 1;
 //   starts: [B, T] i32 packed documents: the first position of each position's document,
@@ -28,7 +28,7 @@
 // Output o = acc / l, lse = m + log(l); a row without any visible key gets o = 0 and
 // lse = -inf (backward then gives it zero gradients).
 
-// Params and the tile constants: resident_attention_common.
+// Params and the tile constants: attention_common.
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
@@ -53,7 +53,7 @@ const SRC_DO: u32 = 3u;   // the backward's dO; never used here (fetch4 is share
 // Below any finite score; exp(NEG_BIG - s) is 0 without inf - inf arithmetic.
 const NEG_BIG: f32 = -3.0e38;
 
-// The i-th vec4 of source src (SRC_Q, SRC_K, SRC_V): fetch4 in resident_attention_common
+// The i-th vec4 of source src (SRC_Q, SRC_K, SRC_V): fetch4 in attention_common
 // reads the tensors through it.
 fn load4(src: u32, i: u32) -> vec4<f32> {
     switch src {
@@ -63,7 +63,7 @@ fn load4(src: u32, i: u32) -> vec4<f32> {
     }
 }
 
-//!include resident_attention_common
+//!include attention_common
 
 @compute @workgroup_size(NT)
 fn forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,

@@ -1,4 +1,4 @@
-"""The GEMMs of the GPU-resident training step at their exact shapes (M = B·T = 4096 token rows),
+"""The GEMMs of the gpu placement's training step at their exact shapes (M = B·T = 4096 token rows),
 timed per kernel with GPU timestamp queries through the GpuContext (what the engine records),
 for a list of tile settings:
 
@@ -6,15 +6,15 @@ for a list of tile settings:
             projections forward (N = out, K = in, LoRA B as extra K tiles) and backward dx (N = in,
             K = out, LoRA A), and the fp32 LM head (logits: N = V, K = H; dhidden: N = H, K = V) at the
             engine's chunk rows (2048 at H = 1024, 1024 at H = 2560).
-  --lora    shaders/resident_gemm.wgsl via gemm_gpu: the rank-r products per projection
+  --lora    shaders/small_gemm.wgsl via gemm_gpu: the rank-r products per projection
             u = s·x Aᵀ, dB += dyᵀ u, du = s·dy B, dA += duᵀ x, over skinny tiles and split-K
             settings; (64, 64, 16)/(256, 256) is the choice before this sweep.
 
-    python bench/bench_resident_gemm.py --fused --lora --shapes qwen3-0.6b,qwen3-4b --json out.json
+    python bench/bench_small_gemm.py --fused --lora --shapes qwen3-0.6b,qwen3-4b --json out.json
 
 Each row: the kernel's GPU seconds (median of `reps` dispatches), TFLOP/s and, for --lora, the
 bytes of its big operand over the time (GB/s).  The rows marked "current" are the choices in
-the code as it stands.  pytest-benchmark: `pytest bench/bench_resident_gemm.py --benchmark-only`
+the code as it stands.  pytest-benchmark: `pytest bench/bench_small_gemm.py --benchmark-only`
 times the LoRA products' current choice at a shape shrunk to lavapipe.
 
 Measured 2026-11-26 on an NVIDIA H100 80GB HBM3 (Vulkan, wgpu 0.32, trusted shaders):
@@ -47,7 +47,7 @@ MODELS = {"qwen3-0.6b": (1024, 3072, 16, 8, 128, 2048, 151936, 4096, 28),
 FUSED_SWEEP = [(16, 16, 8, 8, 8), (16, 16, 4, 8, 8), (16, 16, 8, 8, 16), (16, 16, 4, 8, 16), (16, 8, 8, 8, 16),
                (8, 16, 8, 8, 16), (16, 16, 8, 16, 8), (16, 16, 16, 8, 8), (8, 8, 8, 8, 16), (32, 8, 4, 8, 16),
                (16, 16, 4, 4, 16), (16, 16, 8, 4, 8), (8, 16, 8, 8, 8), (16, 8, 8, 8, 8), (8, 8, 8, 8, 8)]
-# (short side, long side, TK) of resident_gemm tiles for the rank side; (target groups, min K per split).
+# (short side, long side, TK) of small_gemm tiles for the rank side; (target groups, min K per split).
 # (64, 64, 16) with (256, 256) is the choice before this sweep.
 LORA_TILES = [(64, 64, 16), (16, 64, 16), (16, 128, 16), (16, 256, 16), (16, 64, 32), (16, 128, 32), (16, 256, 8),
               (32, 128, 16), (8, 256, 16)]
@@ -180,7 +180,7 @@ def sweep_lora(ctx, model, reps, log, json_path, r=16):
                 calls = lora_calls(ctx, M, inn, out, r, bufs, tiles, split)
                 for op, (rec, flop, nbytes) in calls.items():
                     ks = kernel_seconds(ctx, rec, reps)
-                    s = sum(v for k, v in ks.items() if k.startswith("gemm."))
+                    s = sum(v for k, v in ks.items() if k.startswith("small_gemm."))
                     row = {"kind": "lora", "model": model, "proj": pname, "in": inn, "out": out, "op": op,
                            "config": label, "s": s, "kernels": ks, "tflops": flop / s / 1e12,
                            "gbps": nbytes / s / 1e9}

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 
-def resident_context():
+def gpu_context():
     """A GpuContext on the first adapter (lavapipe in CI), or skip with the reason."""
     from qlora_ext.gpu.runtime import shared_context, unavailable_reason
 

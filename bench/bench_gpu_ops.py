@@ -1,4 +1,4 @@
-"""GPU-resident kernels: causal GQA flash attention forward + backward and the LM head with
+"""GPU kernels: causal GQA flash attention forward + backward and the LM head with
 chunked cross-entropy (forward + backward), each against PyTorch on the same machine in the
 same run (SDPA / F.cross_entropy; on CUDA when torch sees a GPU, else on the CPU cores).
 Also the whole training step of the gpu placement (GpuModel + Trainer) against the CPU Model's
@@ -7,8 +7,8 @@ Rates: TFLOP/s (attention: FlashAttention's count, causal = half of 4*B*H*T^2*D 
 pair, backward = 2.5x forward) and tokens/s (LM head, train step).
 Default sizes are small so that CI runs this on lavapipe as a test; the attention target
 shape (Qwen3: Hq 32, Hkv 8, D 128) runs with
-  QLORA_EXT_RESIDENT_BENCH="B=1,T=1024,HQ=32,HKV=8,D=128,C=2560,V=151936" \
-  PYTHONPATH=src pytest bench/bench_resident.py --benchmark-enable --benchmark-only
+  QLORA_EXT_GPU_BENCH="B=1,T=1024,HQ=32,HKV=8,D=128,C=2560,V=151936" \
+  PYTHONPATH=src pytest bench/bench_gpu_ops.py --benchmark-enable --benchmark-only
 Attention tiles can be swept with QLORA_EXT_ATTN_TILES="br,bc,tm,tn[,dk4]" (default 64,64,4,4
 with the largest D chunk that fits workgroup memory: 8 vec4s on NVIDIA, 4 on lavapipe); the
 projection GEMM (gemm_f32.wgsl) takes the QLORA_EXT_GEMM_TILES* settings (qlora_ext.gpu.runtime.Tuning).
@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_resident_gemm import wait_gpu  # noqa: E402
+from bench_small_gemm import wait_gpu  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -32,11 +32,11 @@ _DEFAULT = {"B": 1, "T": 64, "HQ": 4, "HKV": 2, "D": 32, "C": 64, "V": 1000, "DO
 
 def _sizes():
     s = dict(_DEFAULT)
-    spec = os.environ.get("QLORA_EXT_RESIDENT_BENCH", "")
+    spec = os.environ.get("QLORA_EXT_GPU_BENCH", "")
     for item in filter(None, spec.split(",")):
         key, _, val = item.partition("=")
         if key.strip().upper() not in s:
-            raise ValueError(f"QLORA_EXT_RESIDENT_BENCH: unknown key {key!r} (expected {sorted(s)})")
+            raise ValueError(f"QLORA_EXT_GPU_BENCH: unknown key {key!r} (expected {sorted(s)})")
         s[key.strip().upper()] = int(val)
     return s
 
@@ -82,7 +82,7 @@ def _attn_inputs():
             g.standard_normal((B, T, HQ, D)).astype(np.float32))
 
 
-@pytest.mark.benchmark(group="resident-attention-fwd-bwd")
+@pytest.mark.benchmark(group="gpu-attention-fwd-bwd")
 @pytest.mark.parametrize("packed", [False, True], ids=["one-document", "packed"])
 def test_attention_fwd_bwd_gpu(benchmark, ctx, packed):
     from qlora_ext.gpu.bindings.attention import attention_backward_gpu, attention_forward_gpu
@@ -107,7 +107,7 @@ def test_attention_fwd_bwd_gpu(benchmark, ctx, packed):
     benchmark.extra_info.update(adapter=ctx.adapter.info.get("device", ""), packed=packed, **S)
 
 
-@pytest.mark.benchmark(group="resident-attention-fwd-bwd")
+@pytest.mark.benchmark(group="gpu-attention-fwd-bwd")
 def test_attention_fwd_bwd_torch_sdpa(benchmark):
     torch = pytest.importorskip("torch")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -136,7 +136,7 @@ def _head_inputs():
     return N, hidden, w, labels
 
 
-@pytest.mark.benchmark(group="resident-lm-head-ce")
+@pytest.mark.benchmark(group="gpu-lm-head-ce")
 def test_lm_head_ce_gpu(benchmark, ctx):
     from qlora_ext.gpu.bindings.cross_entropy import LmHeadLoss
 
@@ -154,7 +154,7 @@ def test_lm_head_ce_gpu(benchmark, ctx):
     benchmark.extra_info.update(chunk_rows=head.R, adapter=ctx.adapter.info.get("device", ""), **S)
 
 
-@pytest.mark.benchmark(group="resident-lm-head-ce")
+@pytest.mark.benchmark(group="gpu-lm-head-ce")
 def test_lm_head_ce_torch(benchmark):
     torch = pytest.importorskip("torch")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -182,7 +182,7 @@ def test_lm_head_ce_torch(benchmark):
 # through QLORA_EXT_RESIDENT_MODEL, e.g. a Qwen3-0.6B shape:
 #   QLORA_EXT_RESIDENT_MODEL="hidden_size=1024,intermediate_size=3072,num_hidden_layers=28,
 #     num_attention_heads=16,num_key_value_heads=8,head_dim=128,vocab_size=151936,
-#     max_position_embeddings=4096" QLORA_EXT_RESIDENT_BENCH="B=4,T=1024"
+#     max_position_embeddings=4096" QLORA_EXT_GPU_BENCH="B=4,T=1024"
 def _model_overrides():
     out = {}
     for item in filter(None, os.environ.get("QLORA_EXT_RESIDENT_MODEL", "").replace("\n", "").split(",")):
@@ -201,7 +201,7 @@ def step_model(tmp_path_factory):
     from qlora_ext.api import load_model
     from qlora_ext.model.lora import LoraConfig
 
-    path = make_tiny_checkpoint(tmp_path_factory.mktemp("resident_step"), model_type="qwen3",
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("gpu_step"), model_type="qwen3",
                                 **_model_overrides())
     model = load_model(path, lora=LoraConfig(r=16, alpha=32), quantize="nf4", device="cpu")
     g = np.random.default_rng(0)
@@ -209,10 +209,10 @@ def step_model(tmp_path_factory):
     return model, ids
 
 
-@pytest.mark.benchmark(group="resident-train-step")
-def test_train_step_resident_gpu(benchmark, ctx, step_model):
+@pytest.mark.benchmark(group="gpu-train-step")
+def test_train_step_gpu(benchmark, ctx, step_model):
     from qlora_ext.train.trainer import TrainConfig, Trainer
-    from gpu_resident_support import gpu_twin
+    from gpu_support import gpu_twin
 
     model, ids = step_model
     gpu = gpu_twin(model, ctx)
@@ -225,7 +225,7 @@ def test_train_step_resident_gpu(benchmark, ctx, step_model):
                                 gpu_bytes=gpu.memory_report(ids.shape), **S)
 
 
-@pytest.mark.benchmark(group="resident-train-step")
+@pytest.mark.benchmark(group="gpu-train-step")
 def test_train_step_cpu_model_reference(benchmark, step_model):
     from qlora_ext.train.optim import AdamW
 

@@ -9,14 +9,14 @@ import sys
 import numpy as np
 import pytest
 
-from gpu_resident_support import rel_err, resident_context
+from gpu_support import rel_err, gpu_context
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
 def ctx():
-    return resident_context()
+    return gpu_context()
 
 
 @pytest.fixture(scope="module")

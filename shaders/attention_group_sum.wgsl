@@ -1,4 +1,4 @@
-// GQA: the dkdv entry of resident_attention_bwd writes dk, dv per query head; this adds the
+// GQA: the dkdv entry of attention_bwd writes dk, dv per query head; this adds the
 // G = Hq / Hkv heads of each kv head in head order (deterministic, no atomics).
 //   part_k, part_v: [B, T, Hq, D] f32 -> dk, dv: [B, T, Hkv, D] f32.
 // One thread per output element, grid_2d over ceil(B*T*Hkv*D / 256) workgroups.

@@ -1,4 +1,4 @@
-// RMSNorm forward and backward for the GPU-resident layer (HF order of operations):
+// RMSNorm forward and backward for the GPU layer (HF order of operations):
 //   rstd[n] = 1 / sqrt(mean_c(x[n,c]^2) + eps),  y[n,c] = w[c] * (x[n,c] * rstd[n])
 // x, y, dy, dx: [N, C] row-major f32; w: [C]; rstd: [N].  Per-head q/k norm is the same
 // kernel on x viewed as [N*H, D].

@@ -1,19 +1,19 @@
 """The gpu placement's per-shape GEMM tiles (kernels.StepGemmTiles): the choice per shape, and
-the NF4 GEMM with the LoRA epilogue (kernels.gemm on the resident weights) under
+the NF4 GEMM with the LoRA epilogue (kernels.gemm on the weights kept on the GPU) under
 each tile setting that fits the adapter, against float64 numpy."""
 import dataclasses
 
 import numpy as np
 import pytest
 
-from gpu_resident_support import rel_err, resident_context
+from gpu_support import rel_err, gpu_context
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
 def ctx():
-    return resident_context()
+    return gpu_context()
 
 
 def test_step_gemm_tiles_choice(ctx, monkeypatch):

@@ -1,5 +1,5 @@
-// Helpers of the resident attention kernels, included by resident_attention_fwd.wgsl and
-// resident_attention_bwd.wgsl (an include line naming this file): staging, scores and
+// Helpers of the GPU attention kernels, included by attention_fwd.wgsl and
+// attention_bwd.wgsl (an include line naming this file): staging, scores and
 // accumulation.  They use names each including shader defines: the bindings q, k, v,
 // starts, the uniform p, the consts and workgroup arrays declared above the include line.
 

@@ -3,14 +3,14 @@ reference that builds the full T x T matrix (the kernels never do)."""
 import numpy as np
 import pytest
 
-from gpu_resident_support import rel_err, resident_context
+from gpu_support import rel_err, gpu_context
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
 def ctx():
-    return resident_context()
+    return gpu_context()
 
 
 def _reference(q, k, v, mask, do):
@@ -155,7 +155,7 @@ def test_attention_tile_override_that_does_not_fit(ctx, monkeypatch):
 @pytest.mark.parametrize("split", [False, True])
 def test_attention_gqa_dkdv_modes(ctx, monkeypatch, split):
     """GQA dk/dv: the per-kv-head loop over the group (False) and one workgroup per query head
-    with partials summed by resident_attention_group_sum (True) both match the reference."""
+    with partials summed by attention_group_sum (True) both match the reference."""
     import dataclasses
 
     monkeypatch.setattr(ctx, "tuning", dataclasses.replace(ctx.tuning, attn_head_split=split))

@@ -5,14 +5,14 @@ import math
 import numpy as np
 import pytest
 
-from gpu_resident_support import rel_err, resident_context
+from gpu_support import rel_err, gpu_context
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
 def ctx():
-    return resident_context()
+    return gpu_context()
 
 
 def _reference(p, grads, lr, betas, eps, wd):

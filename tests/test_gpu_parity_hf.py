@@ -6,7 +6,7 @@ from functools import partial
 
 import pytest
 
-from gpu_resident_support import gpu_twin, resident_context
+from gpu_support import gpu_twin, gpu_context
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -27,12 +27,12 @@ _batch = partial(batch_with_padding, vocab=V)
 
 @pytest.fixture(scope="module")
 def ctx():
-    return resident_context()
+    return gpu_context()
 
 
 @pytest.mark.parametrize("quantize", [None, "nf4"])
 @pytest.mark.parametrize("model_type", ["qwen3", "qwen2", "llama"])
-def test_resident_parity_logits_loss_grads(ctx, tmp_path, model_type, quantize):
+def test_gpu_parity_logits_loss_grads(ctx, tmp_path, model_type, quantize):
 
     path = make_tiny_checkpoint(tmp_path / "ckpt", model_type=model_type, seed=3, vocab_size=V)
     model = load_model(path, lora=LoraConfig(r=4, alpha=8), quantize=quantize, device="cpu")
@@ -41,7 +41,7 @@ def test_resident_parity_logits_loss_grads(ctx, tmp_path, model_type, quantize):
     _check(gpu_twin(model, ctx), pm, *_batch(0))
 
 
-def test_resident_parity_left_padding_double_quant_rslora(ctx):
+def test_gpu_parity_left_padding_double_quant_rslora(ctx):
 
     hf = tiny_hf_model("qwen3", seed=4)
     model = Model(state_from_hf(hf, quantize="nf4", double_quant=True), LoraConfig(r=3, alpha=5, use_rslora=True))
@@ -49,7 +49,7 @@ def test_resident_parity_left_padding_double_quant_rslora(ctx):
     _check(gpu_twin(model, ctx, weights="streamed"), peft_twin(hf, model), *_batch(1, pad_right=False))
 
 
-def test_resident_parity_subset_targets_checkpointing_lm_head(ctx):
+def test_gpu_parity_subset_targets_checkpointing_lm_head(ctx):
 
     hf = tiny_hf_model("llama", seed=5, tie=True)
     model = Model(state_from_hf(hf), LoraConfig(r=2, alpha=4, target_modules=("q", "v", "down")),
@@ -69,7 +69,7 @@ def test_gpu_placement_from_load_model_parity(ctx, tmp_path):
 
 
 @pytest.mark.parametrize("quantize", [None, "nf4"])
-def test_resident_parity_llama_attention_bias(ctx, tmp_path, quantize):
+def test_gpu_parity_llama_attention_bias(ctx, tmp_path, quantize):
     """Llama with attention_bias=True: HF puts a frozen bias on q, k, v and o."""
 
     path = make_tiny_checkpoint(tmp_path / "ckpt", model_type="llama", seed=11, vocab_size=V, attention_bias=True)

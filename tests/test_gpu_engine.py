@@ -4,7 +4,7 @@ padding; gradient checkpointing), and a few AdamW steps against the CPU trainer'
 import numpy as np
 import pytest
 
-from gpu_resident_support import gpu_train_step, gpu_twin, rel_err, resident_context
+from gpu_support import gpu_train_step, gpu_twin, rel_err, gpu_context
 from qlora_ext.train.trainer import TrainConfig
 from qlora_ext.train.update import GpuAdamW
 
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(scope="module")
 def ctx():
-    return resident_context()
+    return gpu_context()
 
 
 def _model(tmp_path, model_type, quantize, r=4, train_lm_head=False):
@@ -56,7 +56,7 @@ def _compare(model, engine, ids, labels, mask=None, tol=2e-5):
     ("llama", None, False, "dequant"), ("qwen2", "nf4", False, "fused"), ("llama", "nf4", True, "fused")])
 def test_engine_matches_cpu_model(ctx, tmp_path, model_type, quantize, train_head, gemm):
     """qwen3: q/k norm; llama: tied embeddings (untied when the head trains); qwen2: biases;
-    both GEMM paths (gemm.wgsl's fused NF4 GEMM, and dequant + resident_gemm)."""
+    both GEMM paths (gemm.wgsl's fused NF4 GEMM, and dequant + small_gemm)."""
 
     model = _model(tmp_path, model_type, quantize, train_lm_head=train_head)
     engine = gpu_twin(model, ctx, gemm=gemm)
@@ -201,7 +201,7 @@ def test_engine_kernel_times_in_profiler(ctx, tmp_path):
     finally:
         PROFILER.stop()
     assert "attention_bwd.dq" in PROFILER.table() and any(sp.device == "gpu" for sp in PROFILER.spans)
-    for k in ("attention_fwd.forward", "attention_bwd.dkdv", "gemm.gemm", "gemm_f32.main", "nf4.dequant",
+    for k in ("attention_fwd.forward", "attention_bwd.dkdv", "small_gemm.gemm", "gemm_f32.main", "nf4.dequant",
               "cross_entropy.rows", "adamw.step", "rope.apply", "rmsnorm.backward"):
         assert k in times and times[k][0] > 0 and times[k][1] >= 1, k
     assert times["attention_fwd.forward"][1] == model.config.num_hidden_layers

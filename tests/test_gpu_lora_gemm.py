@@ -1,5 +1,5 @@
 """The rank-r LoRA products of the GPU device (engine.py _linear_forward/_linear_backward)
-through resident_gemm with its skinny tiles and split K, against float64 numpy:
+through small_gemm with its skinny tiles and split K, against float64 numpy:
   u  = scale · x Aᵀ      [N, r]   (K = in)
   dB += dyᵀ u            [out, r] (K = N)
   du = scale · dy B      [N, r]   (K = out)
@@ -9,14 +9,14 @@ flat gradient buffer, as in the engine."""
 import numpy as np
 import pytest
 
-from gpu_resident_support import rel_err, resident_context
+from gpu_support import rel_err, gpu_context
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
 def ctx():
-    return resident_context()
+    return gpu_context()
 
 
 def _products(ctx, x, dy, A, B, scale, g0, a_off, b_off, ga_off, gb_off, **kw):
