@@ -38,12 +38,7 @@ const SRC_K: u32 = 1u;
 const SRC_V: u32 = 2u;
 const SRC_DO: u32 = 3u;
 
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> k: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> v: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read> mask: array<u32>;
-@group(0) @binding(5) var<storage, read> starts: array<i32>;
+// bindings 0-5 (p, q, k, v, mask, starts): attention_common
 @group(0) @binding(6) var<storage, read> d_o: array<vec4<f32>>;
 @group(0) @binding(7) var<storage, read> lse: array<f32>;
 @group(0) @binding(8) var<storage, read_write> delta: array<f32>;  // prep writes; dq, dkdv read

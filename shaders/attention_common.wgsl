@@ -1,10 +1,10 @@
 // Helpers of the GPU attention kernels, included by attention_fwd.wgsl and
-// attention_bwd.wgsl (an include line naming this file): staging, scores and
-// accumulation.  They use names each including shader defines: the bindings q, k, v,
-// starts, the uniform p, the consts and workgroup arrays declared above the include line.
+// attention_bwd.wgsl (an include line naming this file): the shared bindings 0-5, staging,
+// scores and accumulation.  They use names each including shader defines: the consts and
+// workgroup arrays declared above the include line, and the shader's own bindings from 6 on.
 
-// Module-scope declarations may come in any order in WGSL: the bindings above the include
-// line use these.
+// Module-scope declarations may come in any order in WGSL: the shaders' code above the
+// include line uses these.
 struct Params {
     batch: u32,
     t: u32,
@@ -22,6 +22,13 @@ const NT: u32 = NX * NY;
 const DV4: u32 = (DP4 + NX - 1u) / NX;   // O vec4 columns per thread
 const CS: u32 = DK4 + 1u;                // staged chunk row stride (vec4s)
 const PS: u32 = BC / 4u + 1u;            // P row stride (vec4s)
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> k: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> v: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> mask: array<u32>;   // key padding (p.has_mask)
+@group(0) @binding(5) var<storage, read> starts: array<i32>; // document starts (SEGMENTS)
 
 // The first key row t may see: its document's start (SEGMENTS), else 0; t past T: 0.
 fn row_start(b: u32, t: u32) -> u32 {

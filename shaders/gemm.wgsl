@@ -74,6 +74,8 @@ override L_LOADS: u32 = (BN * BK / 4u + NT - 1u) / NT;   // a LoRA tile of L, in
 @group(0) @binding(5) var<storage, read> ll: array<f32>;
 @group(0) @binding(6) var<storage, read_write> c: array<vec4<f32>>;
 
+//!include gemm_tiles
+
 var<workgroup> As: array<vec4<f32>, 2u * BK * BM / 4u>;   // [2][BK][BM]
 var<workgroup> Bs: array<vec4<f32>, 2u * BK * BN / 4u>;   // [2][BK][BN]
 var<workgroup> lut: array<f32, 16>;
@@ -98,12 +100,6 @@ fn nf4_elem(row: u32, col: u32) -> f32 {
 // The 8 elements of an NF4 word: element j in byte j/2, high nibble first
 fn nf4_word(w: u32, s: f32, j: u32) -> f32 {
     return lut[(w >> ((j >> 1u) * 8u + select(0u, 4u, (j & 1u) == 0u))) & 15u] * s;
-}
-
-// element (k, m) of A buffer `buf` ([k][m] layout)
-fn store_a(buf: u32, k: u32, m: u32, v: f32) {
-    let i = (buf * BK + k) * BM + m;
-    As[i >> 2u][i & 3u] = v;
 }
 
 // element (k, n) of B buffer `buf` ([k][n] layout)
@@ -142,55 +138,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     for (var t = 0u; t <= ntiles; t++) {
         // -- fetch K tile t into registers (t == ntiles: nothing left to fetch) ---------------
         if (t >= ntm && t < ntiles) {
-            // LoRA tile: A from T [M, R], B from L, k = (t - ntm) * BK + ...
-            let kl0 = (t - ntm) * BK;
-            for (var i = 0u; i < A_LOADS; i++) {
-                let idx = li + i * NT;
-                let m = idx % BM;
-                let k = kl0 + (idx / BM) * 4u;
-                let row = m0 + m;
-                var v = vec4<f32>(0.0);
-                if (idx < BM * BK / 4u && row < M) {
-                    for (var j = 0u; j < 4u; j++) {
-                        if (k + j < P.R) { v[j] = lt[P.t_off + row * P.ldt + k + j]; }
-                    }
-                }
-                ra[i] = v;
-            }
-            for (var i = 0u; i < L_LOADS; i++) {
-                let idx = li + i * NT;
-                let kr = idx / (BN / 4u);
-                let row = kl0 + kr;
-                let n = n0 + (idx % (BN / 4u)) * 4u;
-                var v = vec4<f32>(0.0);
-                if (idx < BN * BK / 4u && row < P.R) {
-                    for (var j = 0u; j < 4u; j++) {
-                        if (n + j < N) {
-                            if (LORA == 1u) { v[j] = ll[(n + j) * P.R + row]; } else { v[j] = ll[row * N + n + j]; }
-                        }
-                    }
-                }
-                rb[i] = v;
-            }
+            fetch_lora(&ra, &rb, (t - ntm) * BK, m0, n0, li);   // LoRA tile: A from T, B from L
         } else if (t < ntiles) {
             let kf = t * BK;   // first k of the fetched tile
-            for (var i = 0u; i < A_LOADS; i++) {
-                let idx = li + i * NT;
-                let row = m0 + idx % BM;
-                let k = kf + (idx / BM) * 4u;
-                var v = vec4<f32>(0.0);
-                if (idx < BM * BK / 4u && row < M) {
-                    let base = P.a_off + row * P.lda + k;
-                    if (A_VEC) {
-                        if (k < K) { v = a[base >> 2u]; }
-                    } else {
-                        for (var j = 0u; j < 4u; j++) {
-                            if (k + j < K) { v[j] = a_at(base + j); }
-                        }
-                    }
-                }
-                ra[i] = v;
-            }
+            fetch_a(&ra, kf, m0, li);
             for (var i = 0u; i < B_LOADS; i++) {
                 let idx = li + i * NT;
                 var v = vec4<f32>(0.0);
@@ -258,14 +209,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         if (t < ntiles) {
             let k0 = t * BK;
             let nxt = t & 1u;
-            for (var i = 0u; i < A_LOADS; i++) {
-                let idx = li + i * NT;
-                if (idx < BM * BK / 4u) {
-                    let m = idx % BM;
-                    let kq = idx / BM;
-                    for (var j = 0u; j < 4u; j++) { store_a(nxt, kq * 4u + j, m, ra[i][j]); }
-                }
-            }
+            store_a_tile(&ra, nxt, li);
             if (t >= ntm) {
                 for (var i = 0u; i < L_LOADS; i++) {
                     let idx = li + i * NT;
@@ -315,30 +259,5 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         workgroupBarrier();
     }
 
-    // -- epilogue: accumulate, store (static accumulator indices only) ---------------------------
-    for (var r = 0u; r < TM4; r++) {
-        for (var i = 0u; i < 4u; i++) {
-            let row = m0 + r * WGY * 4u + ty * 4u + i;
-            for (var q = 0u; q < TN4; q++) {
-                let col = n0 + q * WGX * 4u + tx * 4u;
-                if (row < M && col < N) {
-                    var v = acc[(r * 4u + i) * TN4 + q];
-                    let base = P.c_off + row * P.ldc + col;
-                    if (C_VEC) {
-                        if (ACCUM) { v += c[base >> 2u]; }
-                        c[base >> 2u] = v;
-                    } else {
-                        for (var e = 0u; e < 4u; e++) {
-                            if (col + e < N) {
-                                let ci = base + e;
-                                var o = v[e];
-                                if (ACCUM) { o += c[ci >> 2u][ci & 3u]; }
-                                c[ci >> 2u][ci & 3u] = o;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
+    store_c(&acc, m0, n0, tx, ty, P.c_off);
 }

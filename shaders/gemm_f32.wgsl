@@ -57,6 +57,7 @@ override TM4: u32 = TM / 4u;
 override TN4: u32 = TN / 4u;
 override A_LOADS: u32 = (BM * BK / 4u + NT - 1u) / NT;   // per-thread vec4 loads of a K tile
 override B_LOADS: u32 = (BN * BK / 4u + NT - 1u) / NT;
+override L_LOADS: u32 = B_LOADS;   // a LoRA tile of L (gemm_tiles.wgsl)
 
 @group(0) @binding(0) var<uniform> P: Params;
 @group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
@@ -64,6 +65,8 @@ override B_LOADS: u32 = (BN * BK / 4u + NT - 1u) / NT;
 @group(0) @binding(3) var<storage, read> lt: array<f32>;
 @group(0) @binding(4) var<storage, read> ll: array<f32>;
 @group(0) @binding(5) var<storage, read_write> c: array<vec4<f32>>;
+
+//!include gemm_tiles
 
 var<workgroup> As: array<vec4<f32>, 2u * BK * BM / 4u>;   // [2][BK][BM]
 var<workgroup> Bs: array<vec4<f32>, 2u * BK * BN / 4u>;   // [2][BK][BN]
@@ -143,53 +146,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     for (var t = t0; t <= t1; t++) {
         // -- fetch K tile t into registers (t == t1: nothing left to fetch) -------------------
         if (t >= ntm && t < t1) {
-            // LoRA tile: A from T [M, R], B from L, k = (t - ntm) * BK + ...
-            let kl0 = (t - ntm) * BK;
-            for (var i = 0u; i < A_LOADS; i++) {
-                let idx = li + i * NT;
-                let k = kl0 + (idx / BM) * 4u;
-                let row = m0 + idx % BM;
-                var v = vec4<f32>(0.0);
-                if (idx < BM * BK / 4u && row < M) {
-                    for (var j = 0u; j < 4u; j++) {
-                        if (k + j < P.R) { v[j] = lt[P.t_off + row * P.ldt + k + j]; }
-                    }
-                }
-                ra[i] = v;
-            }
-            for (var i = 0u; i < B_LOADS; i++) {
-                let idx = li + i * NT;
-                let row = kl0 + idx / (BN / 4u);
-                let n = n0 + (idx % (BN / 4u)) * 4u;
-                var v = vec4<f32>(0.0);
-                if (idx < BN * BK / 4u && row < P.R) {
-                    for (var j = 0u; j < 4u; j++) {
-                        if (n + j < N) {
-                            if (LORA == 1u) { v[j] = ll[(n + j) * P.R + row]; } else { v[j] = ll[row * N + n + j]; }
-                        }
-                    }
-                }
-                rb[i] = v;
-            }
+            fetch_lora(&ra, &rb, (t - ntm) * BK, m0, n0, li);   // LoRA tile: A from T, B from L
         } else if (t < t1) {
             let kf = t * BK;
-            for (var i = 0u; i < A_LOADS; i++) {
-                let idx = li + i * NT;
-                let row = m0 + idx % BM;
-                let k = kf + (idx / BM) * 4u;
-                var v = vec4<f32>(0.0);
-                if (idx < BM * BK / 4u && row < M) {
-                    let base = P.a_off + row * P.lda + k;
-                    if (A_VEC) {
-                        if (k < K) { v = a[base >> 2u]; }
-                    } else {
-                        for (var j = 0u; j < 4u; j++) {
-                            if (k + j < K) { v[j] = a_at(base + j); }
-                        }
-                    }
-                }
-                ra[i] = v;
-            }
+            fetch_a(&ra, kf, m0, li);
             for (var i = 0u; i < B_LOADS; i++) {
                 let idx = li + i * NT;
                 var v = vec4<f32>(0.0);
@@ -248,17 +208,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         // -- store the fetched tile t into buffer t & 1 ---------------------------------------
         if (t < t1) {
             let nxt = t & 1u;
-            for (var i = 0u; i < A_LOADS; i++) {
-                let idx = li + i * NT;
-                if (idx < BM * BK / 4u) {
-                    let m = idx % BM;
-                    let kq = idx / BM;
-                    for (var j = 0u; j < 4u; j++) {
-                        let e = (nxt * BK + kq * 4u + j) * BM + m;
-                        As[e >> 2u][e & 3u] = ra[i][j];
-                    }
-                }
-            }
+            store_a_tile(&ra, nxt, li);
             for (var i = 0u; i < B_LOADS; i++) {
                 let idx = li + i * NT;
                 if (idx < BN * BK / 4u) {
@@ -279,32 +229,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     }
 
     // -- epilogue: accumulate, store (static accumulator indices only) ---------------------------
-    let coff = P.c_off + wid.z * P.pstride;
-    for (var r = 0u; r < TM4; r++) {
-        for (var i = 0u; i < 4u; i++) {
-            let row = m0 + r * WGY * 4u + ty * 4u + i;
-            for (var q = 0u; q < TN4; q++) {
-                let col = n0 + q * WGX * 4u + tx * 4u;
-                if (row < M && col < N) {
-                    var v = acc[(r * 4u + i) * TN4 + q];
-                    let base = coff + row * P.ldc + col;
-                    if (C_VEC) {
-                        if (ACCUM) { v += c[base >> 2u]; }
-                        c[base >> 2u] = v;
-                    } else {
-                        for (var e = 0u; e < 4u; e++) {
-                            if (col + e < N) {
-                                let ci = base + e;
-                                var o = v[e];
-                                if (ACCUM) { o += c[ci >> 2u][ci & 3u]; }
-                                c[ci >> 2u][ci & 3u] = o;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
+    store_c(&acc, m0, n0, tx, ty, P.c_off + wid.z * P.pstride);
 }
 
 // C[row, col] (+)= sum over z of part[z * pstride + row * N + col] (part bound as `a`), one

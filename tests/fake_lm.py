@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qlora_ext.model.packing import mask_cross_document_targets
 from qlora_ext.train.checkpoint import read_safetensors, write_safetensors
 
 SPECIALS = {"<|bos|>": 256, "<|eos|>": 257, "<|pad|>": 258, "<|im_start|>": 259, "<|im_end|>": 260}
@@ -87,7 +88,9 @@ class FakeLM:
         return self.params
 
     @staticmethod
-    def count_tokens(labels):
+    def count_tokens(labels, segment_ids=None):
+        if segment_ids is not None:   # packed rows: no target across a document boundary
+            labels = mask_cross_document_targets(np.asarray(labels), np.asarray(segment_ids))
         return int((np.asarray(labels)[:, 1:] != -100).sum())
 
     def _terms(self, input_ids, labels):
@@ -101,8 +104,10 @@ class FakeLM:
         loss = (lse - logits[np.arange(len(y)), y]).sum()
         return x, y, logits, lse, loss
 
-    def loss_and_grads(self, input_ids, labels, attention_mask=None, reduction="mean"):
+    def loss_and_grads(self, input_ids, labels, attention_mask=None, reduction="mean", segment_ids=None):
         self.calls += 1
+        if segment_ids is not None:   # a bigram model: packing only drops the cross-document targets
+            labels = mask_cross_document_targets(np.asarray(labels), np.asarray(segment_ids))
         x, y, logits, lse, loss = self._terms(input_ids, labels)
         p = np.exp(logits - lse[:, None])
         p[np.arange(len(y)), y] -= 1.0
