@@ -20,19 +20,9 @@ import time
 
 import numpy as np
 import pytest
+from bench_support import smollm2_path
 
 SEQ_LEN, BATCH, STEPS, ROUNDS = 256, 4, 12, 3
-
-
-def _model_path():
-    if os.environ.get("QLORA_EXT_BENCH_MODEL"):
-        return os.environ["QLORA_EXT_BENCH_MODEL"]
-    try:
-        from qlora_ext.model.loading import resolve_model_path
-
-        return resolve_model_path("smollm2-135m")
-    except (ImportError, OSError) as e:
-        pytest.skip(f"SmolLM2-135M unavailable: {e}")
 
 
 def _steps(trainer, loader, steps: int) -> tuple:
@@ -54,7 +44,7 @@ def test_real_tokens_grouped_against_padded(benchmark):
     from qlora_ext.train.data import DataLoader, load_data, parse_data_spec
 
     device = os.environ.get("QLORA_EXT_BENCH_DEVICE", "cpu")
-    model = qx.load_model(_model_path(), lora=qx.LoraConfig(r=16, alpha=32), quantize="nf4", device=device,
+    model = qx.load_model(smollm2_path(), lora=qx.LoraConfig(r=16, alpha=32), quantize="nf4", device=device,
                           batch_shape=(BATCH, SEQ_LEN))
     tok = model.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

@@ -11,20 +11,10 @@ import os
 
 import numpy as np
 import pytest
+from bench_support import smollm2_path
 
 SEQ = int(os.environ.get("QLORA_EXT_BENCH_SEQ", 256))
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def _smollm2_path():
-    if os.environ.get("QLORA_EXT_BENCH_MODEL"):
-        return os.environ["QLORA_EXT_BENCH_MODEL"]
-    try:
-        from qlora_ext.model.loading import resolve_model_path
-
-        return resolve_model_path("smollm2-135m")
-    except (ImportError, OSError) as e:
-        pytest.skip(f"SmolLM2-135M unavailable: {e}")
 
 
 def _ids(vocab, benchmark, seed=0):
@@ -44,7 +34,7 @@ def _rate(benchmark, ids):
 def test_train_step_qlora_ext(benchmark, compute_dtype):
     import qlora_ext as qx
 
-    path = _smollm2_path()
+    path = smollm2_path()
     model = qx.load_model(path, lora=qx.LoraConfig(r=16, alpha=32, compute_dtype=compute_dtype),
                           quantize="nf4", device="cpu")
     trainer = qx.Trainer(model, qx.TrainConfig(lr=2e-4))
@@ -61,7 +51,7 @@ def hf_dir(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("peft")
     pytest.importorskip("bitsandbytes")
-    path = _smollm2_path()
+    path = smollm2_path()
     if os.path.isdir(path):
         return path
     pytest.importorskip("gguf")

@@ -1,5 +1,6 @@
 """Shared pieces of the GPU placement tests: the wgpu context (skip with a reason when no adapter
-exists) and the error measure used against float64 references."""
+exists), the attention tests' random inputs and the error measure used against float64
+references."""
 import numpy as np
 import pytest
 
@@ -12,6 +13,16 @@ def gpu_context():
     if reason:
         pytest.skip(reason)
     return shared_context()
+
+
+def attention_inputs(seed, B, T, Hq, Hkv, D):
+    """Seeded float32 q [B, T, Hq, D], k, v [B, T, Hkv, D] and an output gradient do."""
+    g = np.random.default_rng(seed)
+    q = g.standard_normal((B, T, Hq, D)).astype(np.float32)
+    k = g.standard_normal((B, T, Hkv, D)).astype(np.float32)
+    v = g.standard_normal((B, T, Hkv, D)).astype(np.float32)
+    do = g.standard_normal((B, T, Hq, D)).astype(np.float32)
+    return q, k, v, do
 
 
 def rel_err(got, ref, scale=None) -> float:

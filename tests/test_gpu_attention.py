@@ -3,7 +3,7 @@ reference that builds the full T x T matrix (the kernels never do)."""
 import numpy as np
 import pytest
 
-from gpu_support import rel_err, gpu_context
+from gpu_support import attention_inputs, gpu_context, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -43,15 +43,6 @@ def _reference(q, k, v, mask, do):
     return o, lse, dq, dk, dv
 
 
-def _inputs(seed, B, T, Hq, Hkv, D):
-    g = np.random.default_rng(seed)
-    q = g.standard_normal((B, T, Hq, D)).astype(np.float32)
-    k = g.standard_normal((B, T, Hkv, D)).astype(np.float32)
-    v = g.standard_normal((B, T, Hkv, D)).astype(np.float32)
-    do = g.standard_normal((B, T, Hq, D)).astype(np.float32)
-    return q, k, v, do
-
-
 def _check(ctx, q, k, v, do, mask, tol=1e-5):
     from gpu_numpy_forms import attention_backward, attention_forward
 
@@ -84,7 +75,7 @@ def _check(ctx, q, k, v, do, mask, tol=1e-5):
     (1, 5, 1, 1, 256),
 ])
 def test_attention_forward_backward(ctx, B, T, Hq, Hkv, D):
-    q, k, v, do = _inputs(B * 1000 + T * 10 + D, B, T, Hq, Hkv, D)
+    q, k, v, do = attention_inputs(B * 1000 + T * 10 + D, B, T, Hq, Hkv, D)
     _check(ctx, q, k, v, do, None)
 
 
@@ -92,7 +83,7 @@ def test_attention_key_padding_mask(ctx):
     """Left padding on one sequence (its first query sees no key: o = 0, lse = -inf, zero
     gradients) and holes in the other."""
     B, T, Hq, Hkv, D = 2, 29, 4, 2, 16
-    q, k, v, do = _inputs(7, B, T, Hq, Hkv, D)
+    q, k, v, do = attention_inputs(7, B, T, Hq, Hkv, D)
     mask = np.ones((B, T), np.int64)
     mask[0, :5] = 0
     mask[1, [3, 10, 11, 28]] = 0
@@ -102,7 +93,7 @@ def test_attention_key_padding_mask(ctx):
 def test_attention_large_scores(ctx):
     """Scores of a few hundred: the online softmax must rescale, not overflow."""
     B, T, Hq, Hkv, D = 1, 23, 2, 1, 16
-    q, k, v, do = _inputs(11, B, T, Hq, Hkv, D)
+    q, k, v, do = attention_inputs(11, B, T, Hq, Hkv, D)
     q *= 12.0
     k *= 12.0
     # Probabilities exp(s - lse) carry the absolute rounding of the scores (|s| up to ~500):
@@ -114,10 +105,10 @@ def test_attention_large_scores(ctx):
 def test_attention_bad_input(ctx):
     from gpu_numpy_forms import attention_forward
 
-    q, k, v, _ = _inputs(1, 1, 4, 3, 2, 8)
+    q, k, v, _ = attention_inputs(1, 1, 4, 3, 2, 8)
     with pytest.raises(ValueError, match="Hq=3"):
         attention_forward(q, k, v, ctx=ctx)
-    q, k, v, _ = _inputs(1, 1, 4, 4, 2, 8)
+    q, k, v, _ = attention_inputs(1, 1, 4, 4, 2, 8)
     with pytest.raises(ValueError, match="v:"):
         attention_forward(q, k, v[:, :, :1], ctx=ctx)
     with pytest.raises(ValueError, match="mask"):
@@ -134,7 +125,7 @@ def test_attention_tile_override(ctx, monkeypatch, tiles):
     from qlora_ext.gpu.runtime import Tuning
 
     monkeypatch.setattr(ctx, "tuning", Tuning.from_env({"QLORA_EXT_ATTN_TILES": tiles}))
-    q, k, v, do = _inputs(13, 1, 41, 4, 2, 20)
+    q, k, v, do = attention_inputs(13, 1, 41, 4, 2, 20)
     mask = np.ones((1, 41), np.int64)
     mask[0, [0, 17, 40]] = 0
     _check(ctx, q, k, v, do, mask)
@@ -147,7 +138,7 @@ def test_attention_tile_override_that_does_not_fit(ctx, monkeypatch):
     from qlora_ext.gpu.runtime import Tuning
 
     monkeypatch.setattr(ctx, "tuning", Tuning.from_env({"QLORA_EXT_ATTN_TILES": "256,256,1,1"}))
-    q, k, v, _ = _inputs(1, 1, 4, 2, 2, 16)
+    q, k, v, _ = attention_inputs(1, 1, 4, 2, 2, 16)
     with pytest.raises(ValueError, match="QLORA_EXT_ATTN_TILES"):
         attention_forward(q, k, v, ctx=ctx)
 
@@ -159,7 +150,7 @@ def test_attention_gqa_dkdv_modes(ctx, monkeypatch, split):
     import dataclasses
 
     monkeypatch.setattr(ctx, "tuning", dataclasses.replace(ctx.tuning, attn_head_split=split))
-    q, k, v, do = _inputs(17, 2, 67, 6, 2, 12)
+    q, k, v, do = attention_inputs(17, 2, 67, 6, 2, 12)
     mask = np.ones((2, 67), np.int64)
     mask[1, :3] = 0
     _check(ctx, q, k, v, do, mask)
@@ -168,7 +159,7 @@ def test_attention_gqa_dkdv_modes(ctx, monkeypatch, split):
 def test_attention_head_dim_limit(ctx):
     from gpu_numpy_forms import attention_forward
 
-    q, k, v, _ = _inputs(1, 1, 3, 1, 1, 257)
+    q, k, v, _ = attention_inputs(1, 1, 3, 1, 1, 257)
     with pytest.raises(ValueError, match="D=257"):
         attention_forward(q, k, v, ctx=ctx)
 
@@ -178,7 +169,7 @@ def test_attention_backward_deterministic(ctx):
     GQA per-head partials are summed in head order."""
     from gpu_numpy_forms import attention_backward, attention_forward
 
-    q, k, v, do = _inputs(5, 2, 70, 4, 1, 16)
+    q, k, v, do = attention_inputs(5, 2, 70, 4, 1, 16)
     o, lse = attention_forward(q, k, v, ctx=ctx)
     first = attention_backward(q, k, v, o, lse, do, ctx=ctx)
     for _ in range(2):

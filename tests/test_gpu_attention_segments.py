@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from gpu_support import rel_err, gpu_context
+from gpu_support import attention_inputs, gpu_context, rel_err
 from test_attention_segments import ref_packed, segments_of
 
 pytestmark = pytest.mark.gpu
@@ -20,15 +20,6 @@ TOL = 1e-5
 @pytest.fixture(scope="module")
 def ctx():
     return gpu_context()
-
-
-def _inputs(seed, B, T, Hq, Hkv, D):
-    g = np.random.default_rng(seed)
-    q = g.standard_normal((B, T, Hq, D)).astype(np.float32)
-    k = g.standard_normal((B, T, Hkv, D)).astype(np.float32)
-    v = g.standard_normal((B, T, Hkv, D)).astype(np.float32)
-    do = g.standard_normal((B, T, Hq, D)).astype(np.float32)
-    return q, k, v, do
 
 
 def _grad_errs(got, want, q, k, v, do):
@@ -52,7 +43,7 @@ def check_packed(ctx, rows, Hq, Hkv, D, mask=None, seed=0):
 
     T = sum(rows[0])
     seg = np.stack([segments_of(ls) for ls in rows])
-    q, k, v, do = _inputs(seed, len(rows), T, Hq, Hkv, D)
+    q, k, v, do = attention_inputs(seed, len(rows), T, Hq, Hkv, D)
     o, lse = attention_forward(q, k, v, mask=mask, ctx=ctx, segments=seg)
     dq, dk, dv = attention_backward(q, k, v, o, lse, do, mask=mask, ctx=ctx, segments=seg)
     r_o, r_lse, r_dq, r_dk, r_dv = ref_packed(q, k, v, do, seg, mask)
@@ -126,7 +117,7 @@ def test_one_document_is_plain_causal(ctx):
     same order; only which pipeline variant runs differs)."""
     from gpu_numpy_forms import attention_backward, attention_forward
 
-    q, k, v, do = _inputs(3, 2, 139, 4, 2, 16)
+    q, k, v, do = attention_inputs(3, 2, 139, 4, 2, 16)
     seg = np.full((2, 139), 7, np.int32)
     plain = attention_forward(q, k, v, ctx=ctx)
     packed = attention_forward(q, k, v, ctx=ctx, segments=seg)
@@ -168,7 +159,7 @@ def test_gpu_device_uploads_segments(ctx, tmp_path):
     B, T = 2, 45
     d = Model.dims_of(model.state, B, T)
     seg = np.stack([segments_of([20, 1, 24]), segments_of([3, 42])])
-    q, k, v, do = _inputs(9, B, T, d.Hq, d.Hkv, d.D)
+    q, k, v, do = attention_inputs(9, B, T, d.Hq, d.Hkv, d.D)
     up = ctx.upload
     gq, gk, gv, gdo = up(q), up(k), up(v), up(do)
     ids = np.zeros((B, T), np.int64)

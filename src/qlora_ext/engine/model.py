@@ -215,9 +215,8 @@ class Model:
         pos = np.arange(T, dtype=np.int64) if positions is None else positions
         drop = float(self.lora_config.dropout) if training else 0.0
         dev = self.device if device is None else device
-        extra = {} if segments is None else {"segments": segments}
         acts, s = dev.begin(d, pos, mask, ids, labels, keep=keep, dropout=drop, seed=self.seed,
-                            step=self.step if training else None, **extra)
+                            step=self.step if training else None, segments=segments)
         return d, acts, s
 
     def _packing(self, ids, labels, position_ids, segment_ids) -> tuple:
