@@ -63,9 +63,12 @@ def parse_variants(text: str):
     return out
 
 
-def step_shapes(model: str):
-    """[(name, M, N, K, b_t, nf4, lora)] of one training step, repeats removed."""
+def step_shapes(model: str, rows: int | None = None):
+    """[(name, M, N, K, b_t, nf4, lora)] of one training step, repeats removed; rows: the
+    step's token rows (None: the model's 4 x 1024), the LM head's chunk at most that."""
     H, F, hq, hkv, d, chunk, V, M, _ = MODELS[model]
+    if rows:
+        M, chunk = rows, min(chunk, rows)
     seen, out = set(), []
     for name, inn, out_f in projections(model):
         for case in ((f"{name}.fwd", M, out_f, inn, True, True, 1), (f"{name}.dx", M, inn, out_f, False, True, 2)):
@@ -133,6 +136,8 @@ def main(argv=None):
     ap.add_argument("--shapes", default="qwen3-0.6b,qwen3-4b")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS)
     ap.add_argument("--only", default=None, help="comma-separated GEMM names (q.fwd,lm.logits,...)")
+    ap.add_argument("--rows", default=None,
+                    help="comma-separated token-row counts M of the step (default: the model's 4 x 1024)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-cublas", action="store_true")
     ap.add_argument("--json", default=None)
@@ -151,11 +156,12 @@ def main(argv=None):
     log = [{"adapter": ctx.info, "trusted": ctx.trusted, "variants": a.variants}]
     print(ctx.info, "trusted", ctx.trusted, flush=True)
     rng = np.random.default_rng(0)
-    for model in a.shapes.split(","):
-        cases = [c for c in step_shapes(model) if not a.only or c[0] in a.only.split(",")]
+    for model, rows in ((m, r) for m in a.shapes.split(",")
+                        for r in ([int(x) for x in a.rows.split(",")] if a.rows else [None])):
+        cases = [c for c in step_shapes(model, rows) if not a.only or c[0] in a.only.split(",")]
         big = max(max(M * K, M * N) for _, M, N, K, *_ in cases)
         thin = max([M * N for _, M, N, *_ in cases if -(-M // 128) * -(-N // 128) < FULL_GRID] + [1])
-        bufs = (fill(ctx, big, rng), ctx.empty((big,)), fill(ctx, MODELS[model][7] * RANK, rng, 0.1),
+        bufs = (fill(ctx, big, rng), ctx.empty((big,)), fill(ctx, max(MODELS[model][7], rows or 0) * RANK, rng, 0.1),
                 fill(ctx, RANK * 151936, rng, 0.01), ctx.empty((max_splits * thin,)),
                 WeightScratch(ctx, [(o, i) for _, i, o in projections(model)]))
         for case in cases:
@@ -221,11 +227,12 @@ def test_gemm_ceiling_smoke(tmp_path):
     if unavailable_reason():
         pytest.skip(unavailable_reason())
     out = tmp_path / "log.json"
-    main(["--shapes", "tiny", "--only", "q.fwd,down.dx,lm.dhidden", "--reps", "1", "--no-cublas",
+    main(["--shapes", "tiny", "--rows", "131", "--only", "q.fwd,down.dx,lm.dhidden", "--reps", "1", "--no-cublas",
           "--json", str(out), "--variants", "current;a=8,8,4,4,8;r=8,8,4,4,16,unroll=0;s=8,8,4,4,8,splits=3;t=16,8,8,8,16,splits=4;b=16,8,8,8,8;"
           "nf4:n=8,8,4,4,8"])
     log = json.loads(out.read_text())
     assert [e["gemm"] for e in log[1:]] == ["q.fwd", "down.dx", "lm.dhidden"]
+    assert [e["M"] for e in log[1:]] == [131, 131, 64]
     assert [len([r for r in e["rows"] if r.get("tflops", 0) > 0]) for e in log[1:]] == [7, 7, 6]
     assert all(e["dequant_s"] > 0 for e in log[1:3]) and log[3]["dequant_s"] is None
     for e in log[1:]:

@@ -43,6 +43,7 @@ from qlora_ext.gpu.runtime import GpuContext, shared_context, unavailable_reason
 # layers); "tiny" is a smoke test of this script on a software adapter
 MODELS = {"qwen3-0.6b": (1024, 3072, 16, 8, 128, 2048, 151936, 4096, 28),
           "qwen3-4b": (2560, 9728, 32, 8, 128, 1024, 151936, 4096, 36),
+          "smollm2-135m": (576, 1536, 9, 3, 64, 2048, 49152, 4096, 30),
           "tiny": (64, 96, 4, 2, 16, 64, 1000, 257, 2)}
 FUSED_SWEEP = [(16, 16, 8, 8, 8), (16, 16, 4, 8, 8), (16, 16, 8, 8, 16), (16, 16, 4, 8, 16), (16, 8, 8, 8, 16),
                (8, 16, 8, 8, 16), (16, 16, 8, 16, 8), (16, 16, 16, 8, 8), (8, 8, 8, 8, 16), (32, 8, 4, 8, 16),

@@ -332,27 +332,32 @@ def test_gemm_f32_forms_awkward_shapes(ctx, form, M, N, K, b_t, lora_accum):
     assert rel(ctx.to_numpy(c), ref) <= 2e-6
 
 
-def test_gemm_f32_split_needs_room(ctx):
-    """Split K with a scratch smaller than splits·M·N (or none) runs unsplit: same result as
-    no split, scratch untouched; a split result equals the unsplit one to rounding."""
+def test_gemm_f32_split_scratch(ctx, monkeypatch):
+    """Split K keeps its partials in the caller's scratch when it holds splits·M·N, else in the
+    context's split scratch (the caller's left untouched), the same sums either way; partials
+    over SPLIT_SCRATCH_FLOATS without room run unsplit (the bits of no split)."""
     from qlora_ext.gpu import kernels as Kk
     from qlora_ext.gpu.kernels import Operand
 
     g = np.random.default_rng(23)
     M, N, K = 19, 29, 301
     A, B = g.standard_normal((M, K)).astype(np.float32), g.standard_normal((K, N)).astype(np.float32)
-    outs = []
-    for splits, room in ((1, 0), (3, 3 * M * N - 1), (3, 3 * M * N)):
+
+    def run(splits, room):
         tiles = Kk.GemmTiles(8, 8, 4, 4, 8, splits=splits).check(ctx)
         scratch = ctx.upload(np.full(max(room, 1), 7.0, np.float32))
         c = ctx.empty((M, N))
         Kk.gemm(ctx, M, N, K, Operand(ctx.upload(A)), Operand(ctx.upload(B)), Operand(c), b_t=False, tiles=tiles,
                 scratch=scratch)
-        outs.append(ctx.to_numpy(c))
-        if splits > 1 and room < splits * M * N:
+        if room < splits * M * N:
             assert np.all(ctx.to_numpy(scratch) == 7.0)
-    assert np.array_equal(outs[0], outs[1])
-    assert rel(outs[2], A.astype(np.float64) @ B) <= 2e-6 and not np.array_equal(outs[2], 7.0)
+        return ctx.to_numpy(c)
+
+    unsplit, own, shared = run(1, 0), run(3, 3 * M * N), run(3, 3 * M * N - 1)
+    assert rel(own, A.astype(np.float64) @ B) <= 2e-6 and not np.array_equal(own, unsplit)
+    assert np.array_equal(shared, own)
+    monkeypatch.setattr(Kk, "SPLIT_SCRATCH_FLOATS", 3 * M * N - 1)
+    assert np.array_equal(run(3, 3 * M * N - 1), unsplit)
 
 
 def test_gemm_f32_unrolled_needs_bk_8_or_16(ctx):

@@ -206,15 +206,15 @@ def test_gemm_fp32_offsets_on_tensors(ctx, b_t, M, N, K, a_off, b_off, c_off):
 @pytest.mark.parametrize("room", [0, 1])
 def test_lm_head_dhidden_split_k_through_scratch(ctx, room):
     """The step's tile rule on (as on a real GPU): dhidden (K = vocab, a thin grid) splits K
-    into the scratch the caller lends when it holds the partials (room 1), else runs unsplit
-    (room 0); both give float64's loss gradients, over several row chunks."""
+    into the scratch the caller lends when it holds the partials (room 1), else into the
+    context's (room 0); both give float64's loss gradients, over several row chunks."""
     from qlora_ext.gpu import kernels
     from qlora_ext.gpu.bindings.cross_entropy import LmHeadLoss
     from qlora_ext.gpu.runtime import GpuContext
 
     own = GpuContext(ctx.adapter)
     ch = kernels.step_gemm_tiles(own)
-    for t in (ch.F32_BIG, ch.F32_THIN):
+    for t in (ch.F32_BIG, ch.F32_THIN, ch.F32_SPLIT):
         try:
             t.check(own)
         except ValueError as e:
@@ -226,8 +226,9 @@ def test_lm_head_dhidden_split_k_through_scratch(ctx, room):
     w = (g.standard_normal((V, C)) / np.sqrt(C)).astype(np.float32)
     labels = g.integers(0, V, size=(B, T))
     head = LmHeadLoss(own, B * T, C, V, chunk_rows=16)
-    splits = ch.F32_THIN.splits
     rows = max(k for _, k in head.chunks)
+    splits = ch(rows, C, V, False).splits
+    assert splits > 1
     assert len(head.chunks) > 1 and all(k == rows for _, k in head.chunks)
     scratch = own.upload(np.full(splits * rows * C - (1 - room), 3.0, np.float32))
     dh = own.empty((B * T, C))

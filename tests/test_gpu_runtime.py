@@ -46,11 +46,11 @@ def test_tuning_from_env_reads_every_knob(tmp_path):
                          "QLORA_EXT_ATTN_TILES": "32,32,4,4,2", "QLORA_EXT_ATTN_HEAD_SPLIT": "0",
                          "QLORA_EXT_WGSL_TRUSTED": "1", "QLORA_EXT_WGSL_DEBUG": "1",
                          "QLORA_EXT_SHADERS": str(tmp_path), "QLORA_EXT_GPU_MEMORY_GIB": "1.5",
-                         "QLORA_EXT_COPY_THREADS": "3"})
+                         "QLORA_EXT_COPY_THREADS": "3", "QLORA_EXT_NATIVE_RECORDING": "0"})
     assert (t.gemm_tiles, t.gemm_tiles_small, t.gemm_min_groups) == ((16, 16, 8, 8, 16), (8, 8, 4, 4, 8), 100)
     assert (t.fp32_gemm_tiles, t.attn_tiles, t.attn_head_split) == ((64, 64, 16), (32, 32, 4, 4, 2), False)
     assert (t.trusted, t.wgsl_debug, t.shader_dir, t.gpu_memory_gib) == (True, True, str(tmp_path), 1.5)
-    assert t.copy_threads == 3
+    assert t.copy_threads == 3 and not t.native_recording and Tuning().native_recording
     assert t.gemm_overridden and not Tuning(fp32_gemm_tiles=(64, 64, 16)).gemm_overridden
     assert Tuning.from_env({"QLORA_EXT_WGSL_DEBUG": "0", "QLORA_EXT_ATTN_TILES": ""}) == Tuning()
 
@@ -60,7 +60,7 @@ def test_tuning_from_env_reads_every_knob(tmp_path):
     ("QLORA_EXT_GEMM_MIN_GROUPS", "0"), ("QLORA_EXT_SMALL_GEMM_TILES", "64,64"),
     ("QLORA_EXT_ATTN_TILES", "16,3,8"), ("QLORA_EXT_ATTN_TILES", "16,16,3,4"), ("QLORA_EXT_ATTN_TILES", "16,18,2,2"),
     ("QLORA_EXT_ATTN_TILES", "a,b,c,d"), ("QLORA_EXT_ATTN_HEAD_SPLIT", "yes"), ("QLORA_EXT_WGSL_TRUSTED", "2"),
-    ("QLORA_EXT_SHADERS", "/nonexistent/qlora-ext-shaders"), ("QLORA_EXT_GPU_MEMORY_GIB", "lots"),
+    ("QLORA_EXT_NATIVE_RECORDING", "on"), ("QLORA_EXT_SHADERS", "/nonexistent/qlora-ext-shaders"), ("QLORA_EXT_GPU_MEMORY_GIB", "lots"),
     ("QLORA_EXT_GPU_MEMORY_GIB", "-1"), ("QLORA_EXT_COPY_THREADS", "0")])
 def test_tuning_bad_value_names_the_variable(var, value):
     from qlora_ext.gpu.runtime import Tuning
@@ -107,6 +107,33 @@ def test_gpu_errors_are_oserrors_naming_adapter_and_size(ctx):
         ctx.dispatch(pipe, [ctx.uniform("IfI", 1, 1.0, 1), ctx.empty((4,)), ctx.empty((4,))], (ctx.max_groups + 1,))
     with pytest.raises(ValueError, match="tiles"):
         GemmTiles(8, 8, 3, 4, 8).check(ctx)
+
+
+@gpu
+@pytest.mark.parametrize("native", [True, False])
+def test_dispatches_recorded_natively_or_through_wgpu_py(native):
+    """Both recorders run the same commands: a chain of dependent dispatches (each reads the
+    last one's output, through whole buffers and bound ranges) gives float64's result, with
+    and without a timed pass per dispatch."""
+    from qlora_ext.gpu.runtime import GpuContext
+    from qlora_ext.gpu.runtime.recording import _public
+
+    base = gpu_context()
+    c = GpuContext(base.adapter, tuning=dataclasses.replace(base.tuning, native_recording=native))
+    assert (c._record is _public) == (not native)
+    n = 37
+    x0 = np.random.default_rng(5).standard_normal(n).astype(np.float32)
+    pipe = c.pipeline("add", "axpy", "uwr", overrides={"WG": 64})
+    for timed in (False, True) if c.has_timestamps else (False,):
+        c.enable_timing(timed)
+        y, x = c.upload(x0), c.upload(x0)
+        for i in range(5):      # y += 0.5 * x, then x's range gets y: 5 dependent steps
+            src = x if i % 2 else (x.buffer, 0, x.buffer.size)
+            c.dispatch(pipe, [c.uniform("IfI", n, 0.5, 0), y, src], (1,))
+            c.copy(y.buffer, 0, x.buffer, 0, 4 * n)
+        want = x0.astype(np.float64) * 1.5 ** 5
+        assert np.allclose(c.to_numpy(y), want, rtol=1e-6)
+    c.enable_timing(False)
 
 
 @gpu

@@ -27,6 +27,10 @@ def test_step_gemm_tiles_choice(ctx, monkeypatch):
     assert ch(1024, 2560, 151936, False) == StepGemmTiles.F32_THIN  # 4B dhidden: 160 groups
     assert ch(2048, 1024, 151936, False) == StepGemmTiles.F32_THIN  # 0.6B dhidden: 128 groups
     assert ch(2048, 1024, 151936, True) == StepGemmTiles.SMALL
+    # few token rows (SmolLM2-135M at 256 / 1024 rows): K split to reach SPLIT_GRID workgroups
+    for M, N, splits in ((256, 576, 8), (256, 49152 // 100, 8), (1024, 576, 4), (1024, 1536, 2), (1, 1, 8)):
+        assert ch(M, N, 576, False) == dataclasses.replace(StepGemmTiles.F32_SPLIT, splits=splits), (M, N)
+        assert ch(M, N, 576, True) == StepGemmTiles.SMALL
     for M, N in ((4096, 1024), (4096, 9728), (4096, 2560), (1600, 2048)):
         assert ch(M, N, 1024, True) == StepGemmTiles.BIG, (M, N)
         assert ch(M, N, 1024, False) == StepGemmTiles.F32_BIG, (M, N)

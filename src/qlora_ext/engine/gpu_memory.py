@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..gpu.kernels import SPLIT_SCRATCH_FLOATS
 from ..gpu.runtime import GpuTensor
 from ..model.lora import LoraConfig, LoraPair, LoraWeights
 from ..model.generate import group_rows
@@ -68,7 +69,8 @@ def estimate_bytes(ctx, state, lora_config, B: int, T: int, recompute_layers: in
     attention backward's per-query-head dk/dv partials (allocated on the first backward that
     splits heads: counted whenever Hq != Hkv); and beside them, generation of GENERATE_ROWS
     prompts of T positions (train's eval, in groups as model.generate makes them): the KV
-    cache, the prefill's and the decoding step's buffers."""
+    cache, the prefill's and the decoding step's buffers; and the context's split-K scratch
+    of the GEMMs of few token rows (kernels.SPLIT_SCRATCH_FLOATS)."""
     from .gpu_device import GpuDevice
     from .model import Model, RopeCache, default_kernels
 
@@ -87,4 +89,4 @@ def estimate_bytes(ctx, state, lora_config, B: int, T: int, recompute_layers: in
     cfg = state.config
     Hq, Hkv, D = int(cfg.num_attention_heads), int(cfg.num_key_value_heads), int(cfg.head_dim)
     partials = 2 * buffer_bytes(4 * B * T * Hq * D) if Hq != Hkv else 0
-    return counting.allocated_bytes + partials
+    return counting.allocated_bytes + partials + buffer_bytes(4 * SPLIT_SCRATCH_FLOATS)

@@ -5,7 +5,7 @@ tile choices.  Each function records ONE kernel into the context's pending encod
 stride) with the shapes stated per function."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .runtime import GpuTensor, grid_2d
 
@@ -131,6 +131,12 @@ class StepGemmTiles:
     - grids of fewer than THIN_GRID 128 x 128 tiles (dhidden: K = vocab): 64 x 128 tiles with
       BK 16 and K split 4 ways where the caller's scratch holds the partials (32.4 at 4B,
       where the projections' weight scratch does; unsplit at 0.6B: 32.7).
+    - grids of fewer than SPLIT_GRID 64 x 128 tiles (few token rows: every projection of a
+      SmolLM2-135M step at 256 or 1024 rows, bench/results/h200_s1204b_gemm_small_rows.json):
+      BK 8 and K split 2, 4 or 8 ways, the fewest that reach SPLIT_GRID workgroups; within
+      0.93 of the best of 20 settings at each shape, and 1.5-4x the unsplit tiles (e.g. q at
+      256 rows: 6.2 against 2.1 TFLOP/s, the reduction included), whose few workgroups each
+      walk all of K.
     Software adapters (lavapipe's 32 KiB of workgroup memory) and the gemm tile knobs of
     Tuning keep TileChooser."""
 
@@ -138,7 +144,10 @@ class StepGemmTiles:
     SMALL = GemmTiles(16, 16, 4, 8, 8)
     F32_BIG = GemmTiles(16, 8, 8, 8, 8)
     F32_THIN = GemmTiles(16, 8, 8, 8, 16, splits=4)
+    F32_SPLIT = GemmTiles(16, 8, 8, 8, 8)
     THIN_GRID = 200
+    SPLIT_GRID = 256
+    MAX_SPLITS = 8
 
     def __init__(self, ctx):
         self.fallback = TileChooser(ctx)
@@ -157,7 +166,15 @@ class StepGemmTiles:
         thin = -(-M // 128) * -(-N // 128) < self.THIN_GRID
         if nf4:
             return self.SMALL if thin else self.BIG
-        return self.F32_THIN if thin else self.F32_BIG
+        if not thin:
+            return self.F32_BIG
+        grid = -(-M // self.F32_SPLIT.bm) * -(-N // self.F32_SPLIT.bn)
+        if grid >= self.SPLIT_GRID:
+            return self.F32_THIN
+        splits = 2
+        while grid * splits < self.SPLIT_GRID and splits < self.MAX_SPLITS:
+            splits *= 2
+        return replace(self.F32_SPLIT, splits=splits)
 
 
 def step_gemm_tiles(ctx) -> StepGemmTiles:
@@ -214,7 +231,8 @@ def gemm(ctx, M: int, N: int, K: int, a: Operand, b, c: Operand, b_t: bool, lora
     LoRA scale must already be in T or L.
     tiles: GemmTiles, a chooser (M, N, K) -> GemmTiles, or None (the context's StepGemmTiles).
     scratch: f32 GpuTensor for the partial products of split K (tiles.splits > 1, fp32 B):
-    splits·M·N elements; without it (or too small) K is not split."""
+    splits·M·N elements; without it (or too small) the context's split scratch holds them if
+    they fit in SPLIT_SCRATCH_FLOATS, else K is not split."""
     nf4 = isinstance(b, Nf4B)
     tiles = step_gemm_tiles(ctx) if tiles is None else tiles
     tiles = tiles if isinstance(tiles, GemmTiles) else tiles(M, N, K, nf4)
@@ -247,6 +265,9 @@ def gemm(ctx, M: int, N: int, K: int, a: Operand, b, c: Operand, b_t: bool, lora
 
 
 GEMM_F32_KINDS = "urrrrw"
+# The most split-K partials a GEMM without its own scratch keeps in the context's (16 MiB):
+# StepGemmTiles' K splits of small grids need at most 2·SPLIT_GRID 64 x 128 tiles of them.
+SPLIT_SCRATCH_FLOATS = 2 * StepGemmTiles.SPLIT_GRID * 64 * 128
 
 
 def _gemm_f32(ctx, M, N, K, a, b, c, b_t, lda, ldc, a_vec, mode, lfields, bufs_l, accumulate, tiles, grid,
@@ -260,7 +281,8 @@ def _gemm_f32(ctx, M, N, K, a, b, c, b_t, lda, ldc, a_vec, mode, lfields, bufs_l
     ntiles = -(-K // tiles.bk) + (-(-lfields[0] // tiles.bk) if mode else 0)
     splits = min(tiles.splits, ntiles)
     if splits > 1 and (scratch is None or scratch.size < splits * M * N):
-        splits = 1
+        scratch = ctx.split_scratch(splits * M * N) if splits * M * N <= SPLIT_SCRATCH_FLOATS else None
+        splits = splits if scratch is not None else 1
     tps = -(-ntiles // splits)
     splits = -(-ntiles // tps)
     base = dict(tiles.constants(), UNROLL=bool(tiles.unroll), B_T=bool(b_t), A_VEC=a_vec, B_VEC=bool(b_vec),

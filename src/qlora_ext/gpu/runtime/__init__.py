@@ -2,6 +2,7 @@
     tuning.py    Tuning: every knob, read from the environment once and validated
     adapter.py   adapters (choice, software detection), GpuError, the wgpu version check
     shaders.py   the shader loader (`//!include`, override folder, debug listing, trusted modules)
+    recording.py one dispatch into a compute pass (wgpu-native directly where available)
     context.py   GpuContext (device, limits, caches, tensors and pooled buffers, recording),
                  GpuTensor, shared_context
     transfer.py  staged uploads and readbacks (a pool of mapped buffers, threaded host copies)

@@ -18,6 +18,7 @@ import numpy as np
 
 from .adapter import GpuError, adapter_summary, default_adapter, import_wgpu
 from .shaders import compile_module
+from .recording import dispatch_recorder
 from .timing import PassTimer
 from .transfer import PendingRead, StagingPool, default_copy_threads, read_staged, upload_staged
 from .tuning import Tuning
@@ -104,8 +105,10 @@ class GpuContext:
         self._groups_of = {}   # id(buffer) -> keys of the groups that bind it
         self._free = {}        # (size, usage) -> pooled buffers
         self._dummies = []
+        self._split_scratch = None
         self._objects = {}     # cached(): per-context objects of the kernels' modules
         self._encoder = self._pass = self._timing = None
+        self._record = dispatch_recorder(self.tuning.native_recording)
         self.staging_pool = StagingPool(self)
         self.copy_threads = self.tuning.copy_threads or default_copy_threads()
         # Held around every use of the context by code that drives it from several threads
@@ -234,6 +237,14 @@ class GpuContext:
             obj = self._objects[key] = make()
         return obj
 
+    def split_scratch(self, n: int) -> GpuTensor:
+        """A grow-only f32 scratch of at least n elements for split-K partial products (one per
+        context: the dispatches that write and reduce them are ordered by the queue)."""
+        t = self._split_scratch
+        if t is None or t.size < n:
+            t = self._split_scratch = self.empty((n,))
+        return t
+
     def staging(self, nbytes: int, write: bool, what: str):
         """A MAP_WRITE (upload) or MAP_READ (readback) buffer of at least nbytes."""
         u = self.wgpu.BufferUsage
@@ -320,12 +331,21 @@ class GpuContext:
         if nbytes:
             self.encoder().copy_buffer_to_buffer(src, src_off, dst, dst_off, (nbytes + 3) // 4 * 4)
 
-    def _bind_group(self, bgl, bufs):
-        key = (id(bgl),) + tuple((id(b), o, n) for b, o, n in bufs)
+    def _bind_group(self, bgl, buffers):
+        """The cached group binding `buffers` (as dispatch() takes them) to bgl.  Keyed by the
+        buffers' ids (and ranges where given) without resolving them first: a step looks up
+        thousands of groups, and nearly all of them are found."""
+        key = [id(bgl)]
+        for b in buffers:
+            t = type(b)
+            key.append(id(b.buffer) if t is GpuTensor else (id(b[0]), b[1], b[2]) if t is tuple else id(b))
+        key = tuple(key)
         bg = self._bind_groups.get(key)
         if bg is not None:
             self._bind_groups.move_to_end(key)
             return bg
+        bufs = [(b.buffer, 0, b.buffer.size) if isinstance(b, GpuTensor) else
+                (b if isinstance(b, tuple) else (b, 0, b.size)) for b in buffers]
         bg = self._bind_groups[key] = self.device.create_bind_group(layout=bgl, entries=[
             {"binding": i, "resource": {"buffer": b, "offset": o, "size": n}} for i, (b, o, n) in enumerate(bufs)])
         for b, _, _ in bufs:
@@ -346,29 +366,25 @@ class GpuContext:
         """Record one dispatch: `buffers` bound at 0.. in order (a GpuTensor, a wgpu buffer, or
         (buffer, byte offset, byte size) for a range), `groups` (x[, y[, z]]) workgroups."""
         pipe, bgl, label = pipeline
-        g = (tuple(int(x) for x in groups) + (1, 1))[:3]
-        if max(g) > self.max_groups:
-            raise GpuError(f"{self.describe()}: dispatch {label} of {g} workgroups: at most "
+        n = len(groups)
+        gx, gy, gz = int(groups[0]), int(groups[1]) if n > 1 else 1, int(groups[2]) if n > 2 else 1
+        if max(gx, gy, gz) > self.max_groups:
+            raise GpuError(f"{self.describe()}: dispatch {label} of {(gx, gy, gz)} workgroups: at most "
                            f"{self.max_groups} per dimension")
-        if min(g) == 0:
+        if not (gx and gy and gz):
             return
-        bufs = [(b.buffer, 0, b.buffer.size) if isinstance(b, GpuTensor) else
-                (b if isinstance(b, tuple) else (b, 0, b.size)) for b in buffers]
-        bg = self._bind_group(bgl, bufs)
+        bg = self._bind_group(bgl, buffers)
         if self._timing is not None:
             # one pass per dispatch: timestamps are taken at pass boundaries
             cp = self._timing.begin_pass(self, label)
-        else:
-            # consecutive dispatches share a pass (wgpu orders their storage accesses; a pass
-            # per dispatch costs host time per kernel)
-            if self._pass is None:
-                self._pass = self.encoder().begin_compute_pass()
-            cp = self._pass
-        cp.set_pipeline(pipe)
-        cp.set_bind_group(0, bg)
-        cp.dispatch_workgroups(*g)
-        if self._timing is not None:
+            self._record(cp, pipe, bg, gx, gy, gz)
             cp.end()
+            return
+        # consecutive dispatches share a pass (wgpu orders their storage accesses; a pass per
+        # dispatch costs host time per kernel)
+        if self._pass is None:
+            self._pass = self.encoder().begin_compute_pass()
+        self._record(self._pass, pipe, bg, gx, gy, gz)
 
     def submit(self) -> None:
         self._end_pass()

@@ -12,6 +12,8 @@ value is used, and their messages name the variable too.
     QLORA_EXT_ATTN_HEAD_SPLIT=0|1             GQA dk/dv: per-kv-head loop (0) or per query head (1)
     QLORA_EXT_WGSL_TRUSTED=0|1                shader modules without naga's runtime bounds checks
                                               (default: on for hardware GPUs, off for CPU adapters)
+    QLORA_EXT_NATIVE_RECORDING=0|1           record dispatches through wgpu-native directly (default 1;
+                                              0: through wgpu-py's public methods, recording.py)
     QLORA_EXT_WGSL_DEBUG=1                    on a shader compile error, print the WGSL with line
                                               numbers to stderr
     QLORA_EXT_SHADERS=DIR                     load shaders/<name>.wgsl from DIR first
@@ -42,6 +44,7 @@ class Tuning:
     attn_tiles: tuple | None = None          # (br, bc, tm, tn) or (br, bc, tm, tn, dk4)
     attn_head_split: bool | None = None
     trusted: bool | None = None
+    native_recording: bool = True
     wgsl_debug: bool = False
     shader_dir: str | None = None
     gpu_memory_gib: float | None = None
@@ -82,7 +85,8 @@ class Tuning:
             v = get(var)
             if v is not None:
                 kw[field] = _ints(var, v, (1,))[0]
-        for var, field in (("QLORA_EXT_ATTN_HEAD_SPLIT", "attn_head_split"), ("QLORA_EXT_WGSL_TRUSTED", "trusted")):
+        for var, field in (("QLORA_EXT_ATTN_HEAD_SPLIT", "attn_head_split"), ("QLORA_EXT_WGSL_TRUSTED", "trusted"),
+                           ("QLORA_EXT_NATIVE_RECORDING", "native_recording")):
             v = get(var)
             if v is not None:
                 if v not in ("0", "1"):
