@@ -100,7 +100,8 @@ def random_state(shape: str, seed=0):
     return ModelState(cfg, embed, np.ones(cfg.hidden_size, np.float32), None, layers, source=f"random {shape}")
 
 
-def run_qlora_ext(mode, state, batch, seq, steps, checkpointing, profile=False, lanes=None, trace_dir=None):
+def run_qlora_ext(mode, state, batch, seq, steps, checkpointing, profile=False, lanes=None, trace_dir=None,
+                  gemm=None):
     import qlora_ext as qx
     from qlora_ext.device import adapter_info
     from qlora_ext.engine.gpu_model import GpuModel, SplitModel
@@ -109,13 +110,13 @@ def run_qlora_ext(mode, state, batch, seq, steps, checkpointing, profile=False, 
     rng = np.random.default_rng(1)
     ids = rng.integers(0, state.config.vocab_size, (batch, seq))
     result = {"mode": mode, "adapter": adapter_info(), "batch": batch, "seq": seq,
-              "gradient_checkpointing": checkpointing}
+              "gradient_checkpointing": checkpointing, **({"gemm": gemm} if gemm else {})}
     with GpuMemoryPoller() as mem:
         # What load_model(placement=...) builds, driven by the Trainer as `qlora-ext train` does
         # (clipping at 1.0: one squared-norm readback per update).
         cls = GpuModel if mode == "gpu" else SplitModel
         model = cls(state, lora, gradient_checkpointing=checkpointing,
-                    **({"lanes": lanes} if mode == "split" else {}))
+                    **({"lanes": lanes} if mode == "split" else {"gemm": gemm}))
         if mode == "split":
             result["lanes"] = min(model.lanes, batch)
         trainer = qx.Trainer(model, qx.TrainConfig(lr=2e-4))
@@ -224,6 +225,8 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true", help="print the profiler's phase table for the qlora_ext placements")
     ap.add_argument("--lanes", type=int, help="split: micro-batches in flight at once (default: the model's, 2)")
     ap.add_argument("--trace-dir", help="with --profile: write a Perfetto trace per qlora_ext mode here")
+    ap.add_argument("--gemm", choices=["fused", "dequant"],
+                    help="gpu: the projections' GEMM (default: the placement's choice)")
     a = ap.parse_args(argv)
     state = None
     for mode in a.modes.split(","):
@@ -235,7 +238,7 @@ def main(argv=None):
                 if state is None:
                     state = random_state(a.shape)
                 res = run_qlora_ext(mode, state, a.batch, a.seq, a.steps, a.checkpointing, a.profile, a.lanes,
-                                    a.trace_dir)
+                                    a.trace_dir, a.gemm)
         except Exception as e:  # one failing mode must not lose the others' figures
             res = {"mode": mode, "error": f"{type(e).__name__}: {e}"}
         res.update(shape=a.shape, wall_s=time.perf_counter() - t0)
