@@ -1,17 +1,28 @@
-// fp32 GEMM of the GPU device (LM head and its backward, where the weight is not NF4):
+// fp32 GEMM of the GPU device for the products whose weight is not NF4 (the LM head's dW,
+// the rank-r LoRA products):
 //   C[M, N] = alpha * op(A) @ op(B) + (accumulate ? C : 0)
 //   op(A) is [M, K]: A stored [M, K] (trans_a = 0) or [K, M] (trans_a = 1);
 //   op(B) is [K, N]: B stored [K, N] (trans_b = 0) or [N, K] (trans_b = 1);
 // all row-major f32, starting at element offsets a_off, b_off, c_off of their buffers (so a
-// chunk of rows is addressed without binding a sub-range).
-// Workgroup (TN/4, TM/4) threads computes a TM x TN block of C, 4 x 4 outputs per thread,
-// staging TK-deep slices of op(A) and op(B) in workgroup memory; grid
-// (ceil(N / TN), ceil(M / TM), splits).  Out-of-range elements load as 0 and are not stored.
-// Split K (entry `gemm`, splits > 1; the skinny LoRA products: N or M = rank r, K = tokens):
+// chunk of rows is addressed without binding a sub-range).  Out-of-range elements load as 0
+// and are not stored.
+//
+// Entry `gemm` (shapes with both sides of C over 64): workgroup (TN/4, TM/4) threads computes
+// a TM x TN block of C, 4 x 4 outputs per thread, staging TK-deep slices of op(A) and op(B)
+// in workgroup memory; grid (ceil(N / TN), ceil(M / TM), splits).  Split K (splits > 1):
 // workgroup z takes k in [z * k_chunk, (z + 1) * k_chunk) and stores its partial product at
 // c_off + z * M * N (a scratch [splits, M, N], never accumulated); entry `reduce_splits` then
 // sums the partials into C (+ C when accumulate), one thread per element.
-
+//
+// Entry `skinny` (one side of C short: the rank-r products; one dispatch, no scratch):
+// workgroup ((SL/4) * (SS/4) * SP) threads computes an SL x SS block of C, grid
+// (ceil(M / SL), ceil(N / SS)).  Each 4 x 4 micro-tile of the block has SP threads ("slices")
+// that split K among themselves: slice s sums k = s, s + SP, s + 2 SP, ... in ascending
+// order (SK-deep steps staged in workgroup memory), then the slices' sums are added in a
+// fixed tree (s + SP/2 into s, then SP/4, ...).  An element's result thus depends on K, SP
+// and its operands only, never on M, N or the tile sizes: the same token row gives the same
+// bits whatever rows share the call.  With c_trans = 1, element (i, j) of C is stored at
+// c_off + j * M + i (the host swaps the operands to make a short M the short N).
 struct Params {
     m: u32,
     n: u32,
@@ -26,6 +37,7 @@ struct Params {
     k_chunk: u32,    // K per split (= K without splitting)
     splits: u32,     // reduce_splits: number of partials
     dst_off: u32,    // reduce_splits: where C starts in `dst`
+    c_trans: u32,    // skinny: C stored transposed
 }
 
 override TM: u32 = 64u;
@@ -38,8 +50,17 @@ override TK: u32 = 16u;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
 @group(0) @binding(4) var<storage, read_write> dst: array<f32>;  // reduce_splits only
 
+override SL: u32 = 16u;     // skinny: rows of C per workgroup, a multiple of 4
+override SS: u32 = 16u;     // skinny: columns of C per workgroup, a multiple of 4
+override SP: u32 = 16u;     // skinny: K slices per micro-tile, a power of two
+override SK: u32 = 32u;     // skinny: k staged per step, a multiple of SP
+override SMEM: u32 = 512u;  // skinny: vec4s of workgroup memory, >= SK (SL + SS) / 4 and >= SP/2 (SL/4) (SS/4) 4
+
 var<workgroup> a_s: array<f32, TK * TM>;   // [TK][TM]
 var<workgroup> b_s: array<f32, TK * TN>;   // [TK][TN]
+// skinny: the staged op(A) [SK][SL/4] then op(B) [SK][SS/4] (vec4 over rows / columns); after
+// the k loop the slices' partial micro-tiles
+var<workgroup> sk_s: array<vec4<f32>, SMEM>;
 
 fn load_a(row: u32, kk: u32, kend: u32) -> f32 {
     if (row >= p.m || kk >= kend) {
@@ -147,4 +168,105 @@ fn reduce_splits(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
         s = s + dst[p.dst_off + i];
     }
     dst[p.dst_off + i] = s;
+}
+
+@compute @workgroup_size((SL / 4u) * (SS / 4u) * SP)
+fn skinny(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let rq = SL / 4u;             // row quads of the block
+    let cq = SS / 4u;             // column quads
+    let tiles = rq * cq;          // micro-tiles
+    let nthreads = tiles * SP;
+    let g = li % tiles;           // consecutive threads: micro-tiles of one slice
+    let slice = li / tiles;
+    let gr = g / cq;
+    let gc = g % cq;
+    let row0 = wid.x * SL;
+    let col0 = wid.y * SS;
+    let b_base = SK * rq;
+    var acc: array<vec4<f32>, 4>;
+    for (var r = 0u; r < 4u; r = r + 1u) {
+        acc[r] = vec4<f32>(0.0);
+    }
+    for (var k0 = 0u; k0 < p.k; k0 = k0 + SK) {
+        for (var e = li; e < SK * rq; e = e + nthreads) {
+            // consecutive threads along the stored operand's contiguous index (coalesced)
+            var kk: u32;
+            var q: u32;
+            if (p.trans_a != 0u) {
+                kk = e / rq;
+                q = e % rq;
+            } else {
+                kk = e % SK;
+                q = e / SK;
+            }
+            let row = row0 + 4u * q;
+            sk_s[kk * rq + q] = vec4<f32>(load_a(row, k0 + kk, p.k), load_a(row + 1u, k0 + kk, p.k),
+                                          load_a(row + 2u, k0 + kk, p.k), load_a(row + 3u, k0 + kk, p.k));
+        }
+        for (var e = li; e < SK * cq; e = e + nthreads) {
+            var kk: u32;
+            var q: u32;
+            if (p.trans_b != 0u) {
+                kk = e % SK;
+                q = e / SK;
+            } else {
+                kk = e / cq;
+                q = e % cq;
+            }
+            let col = col0 + 4u * q;
+            sk_s[b_base + kk * cq + q] = vec4<f32>(load_b(k0 + kk, col, p.k), load_b(k0 + kk, col + 1u, p.k),
+                                                   load_b(k0 + kk, col + 2u, p.k), load_b(k0 + kk, col + 3u, p.k));
+        }
+        workgroupBarrier();
+        // only k < K: a padded step adds no (+0) terms, so the sum does not depend on SK
+        let kn = min(SK, p.k - k0);
+        for (var kk = slice; kk < kn; kk = kk + SP) {
+            let av = sk_s[kk * rq + gr];
+            let bv = sk_s[b_base + kk * cq + gc];
+            for (var r = 0u; r < 4u; r = r + 1u) {
+                acc[r] = acc[r] + av[r] * bv;
+            }
+        }
+        workgroupBarrier();
+    }
+    // slices [h, 2h) hand their sums to [0, h), h = SP/2, SP/4, ..., 1
+    for (var h = SP / 2u; h > 0u; h = h / 2u) {
+        if (slice >= h && slice < 2u * h) {
+            let base = ((slice - h) * tiles + g) * 4u;
+            for (var r = 0u; r < 4u; r = r + 1u) {
+                sk_s[base + r] = acc[r];
+            }
+        }
+        workgroupBarrier();
+        if (slice < h) {
+            let base = (slice * tiles + g) * 4u;
+            for (var r = 0u; r < 4u; r = r + 1u) {
+                acc[r] = acc[r] + sk_s[base + r];
+            }
+        }
+        workgroupBarrier();
+    }
+    if (slice != 0u) {
+        return;
+    }
+    for (var r = 0u; r < 4u; r = r + 1u) {
+        let row = row0 + gr * 4u + r;
+        if (row >= p.m) {
+            continue;
+        }
+        for (var cc = 0u; cc < 4u; cc = cc + 1u) {
+            let col = col0 + gc * 4u + cc;
+            if (col < p.n) {
+                var idx = p.c_off + row * p.n + col;
+                if (p.c_trans != 0u) {
+                    idx = p.c_off + col * p.m + row;
+                }
+                var val = p.alpha * acc[r][cc];
+                if (p.accumulate != 0u) {
+                    val = val + c[idx];
+                }
+                c[idx] = val;
+            }
+        }
+    }
 }

@@ -201,7 +201,7 @@ def test_engine_kernel_times_in_profiler(ctx, tmp_path):
     finally:
         PROFILER.stop()
     assert "attention_bwd.dq" in PROFILER.table() and any(sp.device == "gpu" for sp in PROFILER.spans)
-    for k in ("attention_fwd.forward", "attention_bwd.dkdv", "small_gemm.gemm", "gemm_f32.main", "nf4.dequant",
+    for k in ("attention_fwd.forward", "attention_bwd.dkdv", "small_gemm.skinny", "gemm_f32.main", "nf4.dequant",
               "cross_entropy.rows", "adamw.step", "rope.apply", "rmsnorm.backward"):
         assert k in times and times[k][0] > 0 and times[k][1] >= 1, k
     assert times["attention_fwd.forward"][1] == model.config.num_hidden_layers

@@ -1,11 +1,15 @@
-"""The rank-r LoRA products of the GPU device (engine.py _linear_forward/_linear_backward)
-through small_gemm with its skinny tiles and split K, against float64 numpy:
+"""The rank-r LoRA products of the GPU device (gpu_device.py linear_forward/linear_backward)
+through gemm_gpu against float64 numpy:
   u  = scale · x Aᵀ      [N, r]   (K = in)
   dB += dyᵀ u            [out, r] (K = N)
   du = scale · dy B      [N, r]   (K = out)
   dA += duᵀ x            [r, in]  (K = N)
 A [r, in] and B [out, r] sit at offsets in a flat parameter buffer, dA and dB at offsets in a
-flat gradient buffer, as in the engine."""
+flat gradient buffer, as in the engine.  A side of C <= 64 takes small_gemm.wgsl's `skinny`
+(one dispatch); forced tiles / split take `gemm` with split K and its summing pass.
+
+Tolerance of the shape grid: a float32 sum's error scales with the sum of |terms|, so each
+element's error is measured against alpha (|op(A)| @ |op(B)|) + |C0| of that element."""
 import numpy as np
 import pytest
 
@@ -67,13 +71,101 @@ def test_lora_products_match_float64(ctx, N, inn, out, r):
     assert np.array_equal(grads[untouched], g0[untouched])
 
 
-def test_skinny_tiles_follow_the_rank(ctx):
-    """The short side of C = r gets a tile side of its own (not the general 64 x 64)."""
-    from qlora_ext.gpu.bindings.gemm import _GENERAL, tiles_for
+# (product, tokens, r, in/out): the four products at awkward sizes (ones, primes, non-multiples
+# of the 4 x 4 micro-tile and of the 64-column tile, K from 1 to 1031 either way); the engine's
+# operand layouts, alpha, accumulate and unaligned offsets
+_SHAPES = [("u", 1, 16, 1000), ("u", 2, 3, 131), ("u", 61, 64, 5), ("u", 257, 17, 64), ("u", 1031, 1, 131),
+           ("dB", 1, 3, 1000), ("dB", 7, 16, 1), ("dB", 257, 64, 131), ("dB", 1031, 17, 5),
+           ("du", 7, 17, 1000), ("du", 1031, 3, 64), ("du", 61, 1, 1),
+           ("dA", 2, 64, 64), ("dA", 61, 17, 1000), ("dA", 257, 1, 5), ("dA", 1031, 16, 131)]
 
-    assert tiles_for(ctx, 4096, 16)[1] == 16 and tiles_for(ctx, 16, 3072)[0] == 16
-    assert tiles_for(ctx, 4096, 3)[1] == 4 and tiles_for(ctx, 64, 2048)[0] == 64
-    assert tiles_for(ctx, 4096, 2048) == _GENERAL and tiles_for(ctx, 40, 50) == _GENERAL
+
+def _problem(kind, n_tok, r, dim, rng):
+    """gemm_gpu's arguments (M, N, K, trans_a, trans_b, alpha, accumulate) and the stored A and
+    B of one product; dim is in (u, dA) or out (dB, du)."""
+    big = rng.standard_normal((n_tok, dim)).astype(np.float32)     # x or dy
+    small = rng.standard_normal((n_tok, r)).astype(np.float32)     # u or du
+    w = rng.standard_normal((r, dim) if kind == "u" else (dim, r)).astype(np.float32)  # A or B
+    return {"u": ((n_tok, r, dim, False, True, 0.75, False), big, w),
+            "dB": ((dim, r, n_tok, True, False, 1.0, True), big, small),
+            "du": ((n_tok, r, dim, False, False, 0.75, False), big, w),
+            "dA": ((r, dim, n_tok, True, False, 1.0, True), small, big)}[kind]
+
+
+@pytest.mark.parametrize("kind,n_tok,r,dim", _SHAPES)
+def test_skinny_products_match_float64(ctx, kind, n_tok, r, dim):
+    from qlora_ext.gpu.bindings.gemm import gemm_gpu
+
+    rng = np.random.default_rng(n_tok * 7 + r * 3 + dim)
+    (M, N, K, ta, tb, alpha, acc), A, B = _problem(kind, n_tok, r, dim, rng)
+    a_off, b_off, c_off = 3, 5, 7
+    c0 = rng.standard_normal(c_off + M * N + 2).astype(np.float32)
+    ag = ctx.upload(np.concatenate([np.ones(a_off, np.float32), A.ravel()]))
+    bg = ctx.upload(np.concatenate([np.ones(b_off, np.float32), B.ravel()]))
+    cg = ctx.upload(c0)
+    gemm_gpu(ctx, ag, bg, cg, M, N, K, trans_a=ta, trans_b=tb, alpha=alpha, accumulate=acc,
+             a_off=a_off, b_off=b_off, c_off=c_off)
+    got = ctx.to_numpy(cg)
+    opa = (A.T if ta else A).astype(np.float64)
+    opb = (B.T if tb else B).astype(np.float64)
+    before = c0[c_off:c_off + M * N].reshape(M, N).astype(np.float64)
+    ref = alpha * opa @ opb + (before if acc else 0.0)
+    bound = alpha * np.abs(opa) @ np.abs(opb) + (np.abs(before) if acc else 0.0)
+    err = np.abs(got[c_off:c_off + M * N].reshape(M, N) - ref) / bound
+    # fp32 sums of up to 1031 terms in slices and a tree: measured below 2e-7 of the |terms|
+    assert err.max() <= 1e-6, err.max()
+    assert np.array_equal(got[:c_off], c0[:c_off]) and np.array_equal(got[c_off + M * N:], c0[c_off + M * N:])
+
+
+@pytest.mark.parametrize("r,row_stable", [(16, False), (3, False), (80, True)])
+def test_skinny_rows_do_not_depend_on_the_row_count(ctx, r, row_stable):
+    """u = s · x Aᵀ of a token row has the same bits whatever rows share the call (the split
+    placement's lanes rely on it), and a run repeated gives the same bits.  r 80 takes the
+    skinny kernel only with row_stable, and with 64 rows or fewer it runs as C transposed."""
+    from qlora_ext.gpu.bindings.gemm import gemm_gpu
+
+    rng = np.random.default_rng(r)
+    inn = 1000
+    x = rng.standard_normal((1031, inn)).astype(np.float32)
+    A = rng.standard_normal((r, inn)).astype(np.float32)
+    xg, ag = ctx.upload(x), ctx.upload(A)
+
+    def u(rows, first=0):
+        out = ctx.empty((rows, r))
+        gemm_gpu(ctx, xg, ag, out, rows, r, inn, trans_b=True, alpha=0.5, a_off=first * inn, row_stable=row_stable)
+        return ctx.to_numpy(out).view(np.uint32)
+
+    full = u(1031)
+    assert np.array_equal(full, u(1031))
+    for rows, first in ((1, 0), (2, 500), (7, 3), (61, 900), (257, 11)):
+        assert np.array_equal(u(rows, first), full[first:first + rows]), (rows, first)
+    ref = 0.5 * x.astype(np.float64) @ A.T.astype(np.float64)
+    assert rel_err(full.view(np.float32), ref) <= 2e-6
+
+
+def test_lora_products_one_dispatch_each(ctx, monkeypatch):
+    """The four rank-r products record one dispatch each (no split-K summing pass); a shape
+    with both sides of C over 64 (the LM head's dW) still splits K where its grid is small."""
+    from qlora_ext.gpu.bindings.gemm import gemm_gpu
+
+    entries = []
+    real = ctx.dispatch
+    monkeypatch.setattr(ctx, "dispatch", lambda pipe, *a, **k: (entries.append(pipe[2]), real(pipe, *a, **k)))
+    N, inn, out, r = 1031, 300, 270, 16
+    g = np.random.default_rng(1)
+    x = g.standard_normal((N, inn)).astype(np.float32)
+    dy = g.standard_normal((N, out)).astype(np.float32)
+    A = g.standard_normal((r, inn)).astype(np.float32)
+    B = g.standard_normal((out, r)).astype(np.float32)
+    g0 = np.zeros(r * inn + out * r, np.float32)
+    _products(ctx, x, dy, A, B, 0.5, g0, 0, r * inn, 0, r * inn)
+    assert entries == ["small_gemm.skinny"] * 4
+    entries.clear()
+    gemm_gpu(ctx, ctx.upload(dy), ctx.upload(x), ctx.empty((out, inn)), out, inn, N, trans_a=True)
+    assert entries == ["small_gemm.gemm", "small_gemm.reduce_splits"]
+    with pytest.raises(ValueError, match="row_stable"):
+        gemm_gpu(ctx, ctx.upload(x), ctx.upload(A), ctx.empty((N, r)), N, r, inn, trans_b=True, row_stable=True,
+                 tiles=(64, 64, 16))
 
 
 @pytest.mark.parametrize("tiles,split", [((64, 64, 16), (256, 256)), ((128, 16, 16), (1024, 16)),

@@ -28,7 +28,7 @@ from ..gpu.kernels import Operand
 from ..gpu.decode import MAX_TOP_K, decode_attention_gpu, kv_store_gpu, topk_gpu
 from ..gpu.bindings.attention import attention_backward_gpu, attention_forward_gpu
 from ..gpu.bindings.cross_entropy import LmHeadLoss
-from ..gpu.bindings.gemm import gemm_gpu, row_stable_options
+from ..gpu.bindings.gemm import gemm_gpu
 from ..gpu.bindings.layer_ops import (add_gpu, bias_add_gpu, embedding_gather_gpu, rmsnorm_backward_gpu,
                                       rmsnorm_forward_gpu, rope_apply_gpu)
 from ..gpu.bindings.weights import GpuWeight, StreamedLayers, WeightScratch, upload_weight
@@ -333,7 +333,7 @@ class GpuDevice:
         lo = self.params.lora(l, proj)
         if lo is not None:
             gemm_gpu(ctx, self._dropped(l, proj, x), self.values, u, N, lo.r, inn, trans_b=True, alpha=lo.scale,
-                     b_off=lo.a_off, **self._rows(lo.r))
+                     b_off=lo.a_off, row_stable=self.row_stable)
         if y is None:
             return
         lora = None if lo is None else (Operand(u), lo.r, Operand(self.values, lo.b_off), 1)
@@ -350,7 +350,8 @@ class GpuDevice:
         du = self.cur.dlora.view((N, lo.r)) if lo is not None else None
         if lo is not None:
             self._grad_add(dy, u, out, lo.r, N, lo.b_off)
-            gemm_gpu(ctx, dy, self.values, du, N, lo.r, out, alpha=lo.scale, b_off=lo.b_off, **self._rows(lo.r))
+            gemm_gpu(ctx, dy, self.values, du, N, lo.r, out, alpha=lo.scale, b_off=lo.b_off,
+                     row_stable=self.row_stable)
             xa = self._dropped(l, proj, x)   # recomputed from x: the same mask as forward
             self._grad_add(du, xa, lo.r, inn, N, lo.a_off)
         if dx is None:
@@ -364,10 +365,6 @@ class GpuDevice:
             self._apply_dropout(l, proj, t, dx, add=True)
         else:
             self._base_backward(N, inn, out, dy, pr, dx, accumulate, lo, du)
-
-    def _rows(self, r: int) -> dict:
-        """gemm_gpu options of a rank-r product over token rows ([N, r] out, or in as A)."""
-        return row_stable_options(self.ctx, r) if self.row_stable else {}
 
     def _grad_add(self, a, b, M: int, N: int, rows: int, c_off: int) -> None:
         """grads[c_off:][M, N] += aᵀ b summed over `rows` token rows: one product, or with

@@ -9,8 +9,8 @@ on the GPU, and its transfers wait outside the context's lock (split_device.py).
 
 The result is the bits of one pass, for any lane count:
 - every token row's forward and backward is computed alike whatever rows share a call (the
-  rows are independent; dropout masks are drawn per global row; the GpuDevice's row_stable
-  keeps the GEMMs' K splits from depending on the row count);
+  rows are independent; dropout masks are drawn per global row; with the GpuDevice's
+  row_stable the rank-r products sum each row's K in an order fixed by K alone);
 - the gradients sum over rows: they add one batch row at a time into the one gradient buffer,
   and the lanes take turns (Turns) at each op that adds into it, so the rows add in order;
 - the loss is summed on the host from the per-token losses of every lane, in row order."""

@@ -5,57 +5,54 @@ from __future__ import annotations
 
 from ..runtime import MAX_GROUPS, GpuContext, GpuTensor, grid_2d
 
-# (TM, TN, TK) of small_gemm.wgsl: a workgroup of (TN/4, TM/4) threads owns a TM x TN
-# block of C and stages TK-deep slices.  64 x 64 for the general case (LM head dW).
+# (TM, TN, TK) of small_gemm.wgsl's `gemm`: a workgroup of (TN/4, TM/4) threads owns a TM x TN
+# block of C and stages TK-deep slices.  The products with both sides of C over _SKINNY_MAX
+# (the LM head's dW) take it, with K split over workgroups where the grid is small.
 _GENERAL = (64, 64, 16)
-# The rank-r LoRA products have one side of C = r <= 64 (u, du: [tokens, r]; dB: [out, r];
-# dA: [r, in]).  A 64 x 64 tile there computes 64 / r times the needed columns (4x at r = 16),
-# so the tile's short side follows r (next power of two >= 4) and its long side takes the
-# threads (_SKINNY_THREADS per workgroup), K staged _SKINNY_TK at a time; their grids are
-# small, so K is split finer (_SKINNY_SPLIT: target workgroups, min K per split).  Chosen by
-# the sweep in bench/bench_small_gemm.py on an H100 (2026-11-26, r = 16, all 7 projections
-# of both Qwen3 shapes): 16 x 256, TK 8, (1024, 64) -> 45 ms (0.6B) and 103 ms (4B) per step,
-# against 70 and 238 ms with 64 x 64 tiles and (256, 256) (still only 0.5-0.8 TB/s: the
-# kernel's scalar loads; a dedicated skinny kernel tried on 2026-11-26 measured slower).
+# Products with a side of C <= _SKINNY_MAX (the rank-r LoRA products: u, du [tokens, r],
+# dB [out, r], dA [r, in]) take `skinny`: one dispatch, K split among a workgroup's threads.
+# A 64 x 64 tile would compute 64 / r times the needed columns there, and split K over
+# workgroups needs a second, summing dispatch.
 _SKINNY_MAX = 64
 _SKINNY_THREADS = 256
-_SKINNY_TK = 8
-_SKINNY_SPLIT = (1024, 64)
+_SKINNY_MAX_SLICES = 16   # K slices per micro-tile; each takes >= _SKINNY_MIN_K_SLICE of K
+_SKINNY_MIN_K_SLICE = 16
+_SKINNY_MAX_ROWS = 64
+_SKINNY_MAX_STAGE = 128   # k staged per step, at most
 
 
 def tiles_for(ctx: GpuContext, M: int, N: int) -> tuple:
-    """(TM, TN, TK) for C[M, N]; tuning.fp32_gemm_tiles (QLORA_EXT_SMALL_GEMM_TILES)
+    """(TM, TN, TK) of `gemm` for C[M, N]; tuning.fp32_gemm_tiles (QLORA_EXT_SMALL_GEMM_TILES)
     forces one (benchmarks)."""
     if ctx.tuning.fp32_gemm_tiles is not None:
         try:
             return check_tiles(ctx, *ctx.tuning.fp32_gemm_tiles)
         except ValueError as e:
             raise ValueError(f"QLORA_EXT_SMALL_GEMM_TILES: {e}") from None
-    short = min(M, N)
-    if short > _SKINNY_MAX or max(M, N) <= _SKINNY_MAX:
-        return _GENERAL
-    s = 4
-    while s < short:
-        s *= 2
-    long_ = min(256, 16 * _SKINNY_THREADS // s)   # (s/4) * (long/4) threads
-    tk = _SKINNY_TK
+    return _GENERAL
+
+
+def skinny_slices(K: int) -> int:
+    """SP of `skinny`: K slices per micro-tile, a function of K alone (so an element's
+    summation order, and its bits, depend on K and its operands only)."""
+    sp = 1
+    while sp < _SKINNY_MAX_SLICES and 2 * sp * _SKINNY_MIN_K_SLICE <= K:
+        sp *= 2
+    return sp
+
+
+def skinny_tiles(ctx: GpuContext, M: int, N: int, K: int) -> dict:
+    """`skinny`'s overrides for C[M, N] with N the short side: SS covers N (up to 64 columns),
+    SL the most rows (<= 64, within the threads) that still leave _TARGET_GROUPS workgroups."""
+    sp = skinny_slices(K)
+    ss = min(_SKINNY_MAX, 4 * -(-N // 4))
+    tiles = _SKINNY_THREADS // sp            # micro-tiles per workgroup, >= 16 >= ss / 4
+    sl_max = min(_SKINNY_MAX_ROWS, 4 * (tiles // (ss // 4)))
+    sl = 4 * max(1, min(sl_max // 4, M // (4 * _TARGET_GROUPS)))
     lim = int(ctx.limits.get("max-compute-workgroup-storage-size", 16384))
-    while tk > 4 and 4 * tk * (s + long_) > lim:
-        tk //= 2
-    return (long_, s, tk) if N == short else (s, long_, tk)
-
-
-# Row-stable rank-r products (row_stable_options) take their tiles as for this many rows.
-_STABLE_ROWS = 1 << 16
-
-
-def row_stable_options(ctx: GpuContext, r: int) -> dict:
-    """gemm_gpu options (tiles, split) for a product with token rows on one side and r on the
-    other ([rows, K] @ [K, r]) under which each row's result does not depend on the row count:
-    the tiles as for many rows, K split as finely as _SKINNY_SPLIT allows whatever the grid (a
-    row's sum is the fixed-order sum of its K chunks; which chunks depends on the split and
-    TK only).  Many rows take these values anyway."""
-    return {"tiles": tiles_for(ctx, _STABLE_ROWS, r), "split": (1 << 30, _SKINNY_SPLIT[1])}
+    sk = sp * max(1, min(_SKINNY_MAX_STAGE, lim // (4 * (sl + ss))) // sp)
+    smem = max(sk * (sl + ss) // 4, sp // 2 * (sl // 4) * (ss // 4) * 4)
+    return {"SL": sl, "SS": ss, "SP": sp, "SK": sk, "SMEM": smem}
 
 
 def check_tiles(ctx: GpuContext, tm: int, tn: int, tk: int) -> tuple:
@@ -72,26 +69,31 @@ def check_tiles(ctx: GpuContext, tm: int, tn: int, tk: int) -> tuple:
 def gemm_gpu(ctx: GpuContext, a: GpuTensor, b: GpuTensor, c: GpuTensor, M: int, N: int, K: int,
              trans_a: bool = False, trans_b: bool = False, alpha: float = 1.0,
              accumulate: bool = False, a_off: int = 0, b_off: int = 0, c_off: int = 0,
-             tiles: tuple | None = None, split: tuple | None = None) -> GpuTensor:
+             tiles: tuple | None = None, split: tuple | None = None, row_stable: bool = False) -> GpuTensor:
     """Record C[M, N] (+)= alpha * op(A) @ op(B); A is [M, K] ([K, M] with trans_a), B is
     [K, N] ([N, K] with trans_b), each starting at an element offset of its buffer.
-    tiles (TM, TN, TK) and split (target groups, min K per split) replace the per-shape
-    choice (benchmarks)."""
+    A side of C <= 64 takes `skinny` (one dispatch), other shapes `gemm` with split K.
+    tiles (TM, TN, TK) and split (target groups, min K per split) force `gemm` with them
+    (benchmarks); row_stable forces `skinny` at any shape: each element's bits then depend on
+    K and its operands only, not on M or N (the split placement's lanes)."""
     for name, t, off, need in (("a", a, a_off, M * K), ("b", b, b_off, K * N), ("c", c, c_off, M * N)):
         if off + need > t.size:
             raise ValueError(f"gemm_gpu: {name} holds {t.size} elements, needs {off + need}")
+    forced = tiles is not None or split is not None
+    if row_stable and forced:
+        raise ValueError("gemm_gpu: row_stable takes the skinny kernel, tiles/split the general one")
+    if row_stable or (not forced and min(M, N) <= _SKINNY_MAX):
+        return _skinny(ctx, a, b, c, M, N, K, trans_a, trans_b, alpha, accumulate, a_off, b_off, c_off)
     tm, tn, tk = tiles_for(ctx, M, N) if tiles is None else check_tiles(ctx, *tiles)
     gx, gy = (N + tn - 1) // tn, (M + tm - 1) // tm
     if gy > MAX_GROUPS:
         raise ValueError(f"gemm_gpu: M={M} exceeds {MAX_GROUPS * tm} rows per call")
-    if split is None and min(tm, tn) < _GENERAL[0] and min(M, N) <= _SKINNY_MAX:
-        split = _SKINNY_SPLIT
     splits = split_count(gx * gy, K, *(split or ()))
     ov = {"TM": tm, "TN": tn, "TK": tk}
+    pipe = ctx.pipeline("small_gemm", "gemm", "urrww", overrides=ov)
     if splits == 1:
-        pipe = ctx.pipeline("small_gemm", "gemm", "urrww", overrides=ov)
-        par = ctx.uniform("IIIIIIfIIIIII", M, N, K, int(trans_a), int(trans_b), int(accumulate),
-                          float(alpha), a_off, b_off, c_off, K, 1, 0)
+        par = ctx.uniform("IIIIIIfIIIIIII", M, N, K, int(trans_a), int(trans_b), int(accumulate),
+                          float(alpha), a_off, b_off, c_off, K, 1, 0, 0)
         ctx.dispatch(pipe, [par, a, b, c, c], (gx, gy))
         return c
     # Split K: partial products into a scratch [splits, M, N], then one summing pass into C
@@ -100,13 +102,30 @@ def gemm_gpu(ctx: GpuContext, a: GpuTensor, b: GpuTensor, c: GpuTensor, M: int, 
     chunk = -(-per // tk) * tk
     splits = -(-K // chunk)
     part = _scratch(ctx, splits * M * N)
-    pipe = ctx.pipeline("small_gemm", "gemm", "urrww", overrides=ov)
-    par = ctx.uniform("IIIIIIfIIIIII", M, N, K, int(trans_a), int(trans_b), 0, float(alpha),
-                      a_off, b_off, 0, chunk, splits, 0)
+    par = ctx.uniform("IIIIIIfIIIIIII", M, N, K, int(trans_a), int(trans_b), 0, float(alpha),
+                      a_off, b_off, 0, chunk, splits, 0, 0)
     ctx.dispatch(pipe, [par, a, b, part, c], (gx, gy, splits))
     red = ctx.pipeline("small_gemm", "reduce_splits", "urrww", overrides=ov)
-    par = ctx.uniform("IIIIIIfIIIIII", M, N, K, 0, 0, int(accumulate), 1.0, 0, 0, 0, chunk, splits, c_off)
+    par = ctx.uniform("IIIIIIfIIIIIII", M, N, K, 0, 0, int(accumulate), 1.0, 0, 0, 0, chunk, splits, c_off, 0)
     ctx.dispatch(red, [par, a, b, part, c], grid_2d((M * N + 255) // 256))
+    return c
+
+
+def _skinny(ctx, a, b, c, M, N, K, trans_a, trans_b, alpha, accumulate, a_off, b_off, c_off) -> GpuTensor:
+    """C[M, N] through `skinny`, its short side as the kernel's columns: a short M (with N
+    long) is computed as C^T = op(B)^T op(A)^T and stored transposed."""
+    c_trans = M <= _SKINNY_MAX < N
+    if c_trans:
+        a, b, M, N, a_off, b_off = b, a, N, M, b_off, a_off
+        trans_a, trans_b = not trans_b, not trans_a
+    ov = skinny_tiles(ctx, M, N, K)
+    grid = (-(-M // ov["SL"]), -(-N // ov["SS"]))
+    if max(grid) > MAX_GROUPS:
+        raise ValueError(f"gemm_gpu: C[{M}, {N}] needs a grid {grid} over the {MAX_GROUPS} limit")
+    pipe = ctx.pipeline("small_gemm", "skinny", "urrw", overrides=ov)
+    par = ctx.uniform("IIIIIIfIIIIIII", M, N, K, int(trans_a), int(trans_b), int(accumulate), float(alpha),
+                      a_off, b_off, c_off, K, 1, 0, int(c_trans))
+    ctx.dispatch(pipe, [par, a, b, c], grid)
     return c
 
 

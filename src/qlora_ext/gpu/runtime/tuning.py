@@ -7,7 +7,7 @@ value is used, and their messages name the variable too.
     QLORA_EXT_GEMM_TILES=wgx,wgy,tm,tn,bk     gemm.wgsl / gemm_f32.wgsl tiles of the large GEMMs (benchmarks)
     QLORA_EXT_GEMM_TILES_SMALL=wgx,wgy,tm,tn,bk   their tiles of GEMMs with small grids
     QLORA_EXT_GEMM_MIN_GROUPS=n               grids below n workgroups take the small tiles
-    QLORA_EXT_SMALL_GEMM_TILES=tm,tn,tk    small_gemm.wgsl tiles of every fp32 product
+    QLORA_EXT_SMALL_GEMM_TILES=tm,tn,tk    small_gemm.wgsl `gemm` tiles (fp32 products with both sides > 64)
     QLORA_EXT_ATTN_TILES=br,bc,tm,tn[,dk4]    the attention kernels' register tiling
     QLORA_EXT_ATTN_HEAD_SPLIT=0|1             GQA dk/dv: per-kv-head loop (0) or per query head (1)
     QLORA_EXT_WGSL_TRUSTED=0|1                shader modules without naga's runtime bounds checks
