@@ -72,12 +72,13 @@ def test_lora_products_match_float64(ctx, N, inn, out, r):
 
 
 # (product, tokens, r, in/out): the four products at awkward sizes (ones, primes, non-multiples
-# of the 4 x 4 micro-tile and of the 64-column tile, K from 1 to 1031 either way); the engine's
+# of the 4 x 4 micro-tile and of the 64-column tile, K from 1 to 8209 either way); the engine's
 # operand layouts, alpha, accumulate and unaligned offsets
 _SHAPES = [("u", 1, 16, 1000), ("u", 2, 3, 131), ("u", 61, 64, 5), ("u", 257, 17, 64), ("u", 1031, 1, 131),
            ("dB", 1, 3, 1000), ("dB", 7, 16, 1), ("dB", 257, 64, 131), ("dB", 1031, 17, 5),
            ("du", 7, 17, 1000), ("du", 1031, 3, 64), ("du", 61, 1, 1),
-           ("dA", 2, 64, 64), ("dA", 61, 17, 1000), ("dA", 257, 1, 5), ("dA", 1031, 16, 131)]
+           ("dA", 2, 64, 64), ("dA", 61, 17, 1000), ("dA", 257, 1, 5), ("dA", 1031, 16, 131),
+           ("dA", 8209, 5, 37)]   # K = 8209: the most K slices (256) and their longest tree
 
 
 def _problem(kind, n_tok, r, dim, rng):
@@ -112,7 +113,7 @@ def test_skinny_products_match_float64(ctx, kind, n_tok, r, dim):
     ref = alpha * opa @ opb + (before if acc else 0.0)
     bound = alpha * np.abs(opa) @ np.abs(opb) + (np.abs(before) if acc else 0.0)
     err = np.abs(got[c_off:c_off + M * N].reshape(M, N) - ref) / bound
-    # fp32 sums of up to 1031 terms in slices and a tree: measured below 2e-7 of the |terms|
+    # fp32 sums of up to 8209 terms in slices and a tree: measured below 2e-7 of the |terms|
     assert err.max() <= 1e-6, err.max()
     assert np.array_equal(got[:c_off], c0[:c_off]) and np.array_equal(got[c_off + M * N:], c0[c_off + M * N:])
 

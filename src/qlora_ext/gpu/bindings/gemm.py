@@ -12,13 +12,15 @@ _GENERAL = (64, 64, 16)
 # Products with a side of C <= _SKINNY_MAX (the rank-r LoRA products: u, du [tokens, r],
 # dB [out, r], dA [r, in]) take `skinny`: one dispatch, K split among a workgroup's threads.
 # A 64 x 64 tile would compute 64 / r times the needed columns there, and split K over
-# workgroups needs a second, summing dispatch.
+# workgroups needs a second, summing dispatch.  These products read each element of their big
+# operand once for r FMAs: memory-bound, so the threads in flight set the speed, and they are
+# (micro-tiles of C) x (K slices): the slices take as much of K as leaves each >= 16 deep, up to
+# a quarter of a workgroup (at 4 x 1024 tokens, r = 16: 256 K = tokens slices for dA, dB, 64 for
+# u, du, ~256K threads either way).
 _SKINNY_MAX = 64
-_SKINNY_THREADS = 256
-_SKINNY_MAX_SLICES = 16   # K slices per micro-tile; each takes >= _SKINNY_MIN_K_SLICE of K
+_SKINNY_MAX_THREADS = 1024
 _SKINNY_MIN_K_SLICE = 16
 _SKINNY_MAX_ROWS = 64
-_SKINNY_MAX_STAGE = 128   # k staged per step, at most
 
 
 def tiles_for(ctx: GpuContext, M: int, N: int) -> tuple:
@@ -32,25 +34,40 @@ def tiles_for(ctx: GpuContext, M: int, N: int) -> tuple:
     return _GENERAL
 
 
-def skinny_slices(K: int) -> int:
-    """SP of `skinny`: K slices per micro-tile, a function of K alone (so an element's
-    summation order, and its bits, depend on K and its operands only)."""
+def skinny_threads(ctx: GpuContext) -> int:
+    """Threads per `skinny` workgroup at most: the device's limit, and the slices' reduction
+    (32 bytes of workgroup memory a thread) within its workgroup memory."""
+    lim = min(_SKINNY_MAX_THREADS, int(ctx.limits["max-compute-invocations-per-workgroup"]),
+              int(ctx.limits["max-compute-workgroup-storage-size"]) // 32)
+    t = 4
+    while 2 * t <= lim:
+        t *= 2
+    return t
+
+
+def skinny_slices(K: int, threads: int) -> int:
+    """SP of `skinny`: K slices per micro-tile, a function of K and the device alone (so an
+    element's summation order, and its bits, do not depend on M, N or the tiles)."""
     sp = 1
-    while sp < _SKINNY_MAX_SLICES and 2 * sp * _SKINNY_MIN_K_SLICE <= K:
+    while 2 * sp <= threads // 4 and 2 * sp * _SKINNY_MIN_K_SLICE <= K:
         sp *= 2
     return sp
 
 
 def skinny_tiles(ctx: GpuContext, M: int, N: int, K: int) -> dict:
-    """`skinny`'s overrides for C[M, N] with N the short side: SS covers N (up to 64 columns),
-    SL the most rows (<= 64, within the threads) that still leave _TARGET_GROUPS workgroups."""
-    sp = skinny_slices(K)
-    ss = min(_SKINNY_MAX, 4 * -(-N // 4))
-    tiles = _SKINNY_THREADS // sp            # micro-tiles per workgroup, >= 16 >= ss / 4
-    sl_max = min(_SKINNY_MAX_ROWS, 4 * (tiles // (ss // 4)))
-    sl = 4 * max(1, min(sl_max // 4, M // (4 * _TARGET_GROUPS)))
-    lim = int(ctx.limits.get("max-compute-workgroup-storage-size", 16384))
-    sk = sp * max(1, min(_SKINNY_MAX_STAGE, lim // (4 * (sl + ss))) // sp)
+    """`skinny`'s overrides for C[M, N] with N the short side: SS the most of N (<= 64 columns)
+    that the threads allow, SL the most rows (<= 64) that still leave _TARGET_GROUPS
+    workgroups (more rows per workgroup re-read less of the short operand; the threads in
+    flight are the same)."""
+    threads = skinny_threads(ctx)
+    sp = skinny_slices(K, threads)
+    tiles = threads // sp                    # micro-tiles per workgroup, >= 4
+    ss = 4 * min(-(-N // 4), _SKINNY_MAX // 4, tiles)
+    rq_max = min(_SKINNY_MAX_ROWS // 4, tiles // (ss // 4))
+    sl = 4 * max(1, min(rq_max, M // (4 * _TARGET_GROUPS)))
+    lim = int(ctx.limits["max-compute-workgroup-storage-size"])
+    # k staged per step: a multiple of SP (at least SP, which always fits: <= 32 bytes a thread)
+    sk = sp * max(1, min(128, lim // (4 * (sl + ss))) // sp)
     smem = max(sk * (sl + ss) // 4, sp // 2 * (sl // 4) * (ss // 4) * 4)
     return {"SL": sl, "SS": ss, "SP": sp, "SK": sk, "SMEM": smem}
 
