@@ -28,7 +28,11 @@
 // column side, staged VK rows at a time.
 // Each thread fetches the next staged piece into registers before the arithmetic on the
 // current one, so that global-load latency hides behind it.
-// Splitting dq from dk/dv avoids float atomics at the price of computing P twice.
+// Splitting dq from dk/dv avoids float atomics.  STORED_DS = 1 (prepended const) pays for it
+// with memory instead of arithmetic: dkdv, run first, writes every dS tile it forms to ds_t
+// [B, Hq, T (keys), T (queries)], and dq reads them back (masked again by visibility: tiles
+// dkdv skips are never written) instead of recomputing S and dP.  STORED_DS = 0: dq
+// recomputes P (the T x T matrix never exists).
 
 // Params and the tile constants: attention_common.
 
@@ -44,6 +48,7 @@ const SRC_DO: u32 = 3u;
 @group(0) @binding(8) var<storage, read_write> delta: array<f32>;  // prep writes; dq, dkdv read
 @group(0) @binding(9) var<storage, read_write> out0: array<f32>;   // prep: o (read); dq: dq; dkdv: dk
 @group(0) @binding(10) var<storage, read_write> out1: array<f32>;  // dkdv: dv
+@group(0) @binding(11) var<storage, read_write> ds_t: array<f32>;  // STORED_DS: dkdv writes, dq reads
 
 // Row-side chunk [BR][CS] then column-side chunk [BC][CS]; or VK rows [VK][DP4].
 var<workgroup> tile_s: array<vec4<f32>, TILE_V4>;
@@ -150,6 +155,13 @@ fn dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<
     var acc = zero_acc();
     let kend = min(p.t, q0 + BR);
     for (var k0 = block_start(b, q0); k0 < kend; k0 = k0 + BC) {
+        if (STORED_DS != 0u) {
+            let first = fetch_rows(b, SRC_K, hk, k0, li);
+            workgroupBarrier();   // every thread done reading the last block's dS
+            load_ds(b, h, q0, k0, li);
+            accumulate(&acc, b, SRC_K, hk, k0, first, li);
+            continue;
+        }
         let s = scores(b, SRC_Q, h, q0, p.scale, SRC_K, hk, k0, 1.0, li);
         let dp = scores(b, SRC_DO, h, q0, 1.0, SRC_V, hk, k0, 1.0, li);
         let first = fetch_rows(b, SRC_K, hk, k0, li);
@@ -169,6 +181,39 @@ fn dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<
         accumulate(&acc, b, SRC_K, hk, k0, first, li);
     }
     write_rows(&acc, 0u, b, h, p.hq, q0, p.scale, li);
+}
+
+// p_s [BR queries][BC keys] = dS of queries q0.., keys k0.. of head h, read from ds_t
+// (consecutive threads read consecutive queries of one key row) and zero where the key is
+// invisible to the query: dkdv wrote every visible entry, and tiles it skipped hold
+// whatever the buffer held.
+fn load_ds(b: u32, h: u32, q0: u32, k0: u32, li: u32) {
+    for (var e = li; e < BR * BC; e = e + NT) {
+        let r = e % BR;
+        let c = e / BR;
+        let qi = q0 + r;
+        let kj = k0 + c;
+        var val = 0.0;
+        if (qi < p.t && key_ok(b, kj) && kj <= qi && kj >= row_start(b, qi)) {
+            val = ds_t[((b * p.hq + h) * p.t + kj) * p.t + qi];
+        }
+        p_s[r * PS + c / 4u][c % 4u] = val;
+    }
+}
+
+// dkdv's dS^T tile (keys j0 + ty*TM + i, queries i0 + tx + NX*j) into ds_t.
+fn store_ds(t: Tile, b: u32, h: u32, j0: u32, i0: u32, li: u32) {
+    let tx = li % NX;
+    let ty = li / NX;
+    for (var i = 0u; i < TM; i = i + 1u) {
+        let kj = j0 + ty * TM + i;
+        for (var j = 0u; j < TN; j = j + 1u) {
+            let qi = i0 + tx + NX * j;
+            if (kj < p.t && qi < p.t) {
+                ds_t[((b * p.hq + h) * p.t + kj) * p.t + qi] = t[i][j];
+            }
+        }
+    }
 }
 
 // Key rows j0 .. j0 + BR of kv head hk against the queries of its query heads.
@@ -235,6 +280,9 @@ fn dkdv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             let first_q = fetch_rows(b, SRC_Q, h, i0, li);
             workgroupBarrier();   // every thread done reading P before dS replaces it
             stage(dst, li);
+            if (STORED_DS != 0u) {
+                store_ds(dst, b, h, j0, i0, li);
+            }
             accumulate(&dk, b, SRC_Q, h, i0, first_q, li);
         }
     }

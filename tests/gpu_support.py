@@ -60,3 +60,21 @@ def gpu_train_step(update, ids, labels) -> float:
     update.scaled_norm(1.0 / n)
     update.step(update.optimizer.lr, None)
     return loss_sum / n
+
+
+def poison_scratch(ctx, n: int) -> None:
+    """Fill the context's scratch (at least n floats) with NaN: kernels that keep partials there
+    must not read what they did not write."""
+    t = ctx.scratch(n)
+    ctx.write(t, np.full(t.size, np.nan, np.float32))
+
+
+@pytest.fixture(params=[True, False], ids=["stored-dS", "recomputed-P"])
+def attention_ds_mode(request, monkeypatch):
+    """Both attention backward forms: dq from the dS that dk/dv stored, and dq recomputing P
+    (tuning.attn_stored_ds on the shared context)."""
+    import dataclasses
+
+    ctx = gpu_context()
+    monkeypatch.setattr(ctx, "tuning", dataclasses.replace(ctx.tuning, attn_stored_ds=request.param))
+    return request.param

@@ -1,9 +1,11 @@
 """GPU causal GQA flash attention, forward and backward, against a float64 numpy
 reference that builds the full T x T matrix (the kernels never do)."""
+import dataclasses
+
 import numpy as np
 import pytest
 
-from gpu_support import attention_inputs, gpu_context, rel_err
+from gpu_support import attention_ds_mode, attention_inputs, gpu_context, poison_scratch, rel_err  # noqa: F401
 
 pytestmark = pytest.mark.gpu
 
@@ -74,8 +76,10 @@ def _check(ctx, q, k, v, do, mask, tol=1e-5):
     (1, 9, 2, 2, 6),
     (1, 5, 1, 1, 256),
 ])
-def test_attention_forward_backward(ctx, B, T, Hq, Hkv, D):
+def test_attention_forward_backward(ctx, attention_ds_mode, B, T, Hq, Hkv, D):
     q, k, v, do = attention_inputs(B * 1000 + T * 10 + D, B, T, Hq, Hkv, D)
+    if attention_ds_mode:   # dq must read only the dS entries dk/dv wrote
+        poison_scratch(ctx, B * Hq * T * T)
     _check(ctx, q, k, v, do, None)
 
 
@@ -119,12 +123,13 @@ def test_attention_bad_input(ctx):
 # the fallbacks, non-square blocks and thread tiles, a TN that is not a power of two, DK4 = 1.
 @pytest.mark.parametrize("tiles", ["64,64,4,4,2", "32,32,4,4", "16,16,2,2", "16,32,4,2,1",
                                    "32,8,8,1", "8,12,2,3"])
-def test_attention_tile_override(ctx, monkeypatch, tiles):
+def test_attention_tile_override(ctx, attention_ds_mode, monkeypatch, tiles):
     """QLORA_EXT_ATTN_TILES (tuning on real GPUs) changes the tiling, not the results; T = 41
     is no multiple of any block, with a padding mask and GQA."""
     from qlora_ext.gpu.runtime import Tuning
 
-    monkeypatch.setattr(ctx, "tuning", Tuning.from_env({"QLORA_EXT_ATTN_TILES": tiles}))
+    monkeypatch.setattr(ctx, "tuning", dataclasses.replace(
+        ctx.tuning, attn_tiles=Tuning.from_env({"QLORA_EXT_ATTN_TILES": tiles}).attn_tiles))
     q, k, v, do = attention_inputs(13, 1, 41, 4, 2, 20)
     mask = np.ones((1, 41), np.int64)
     mask[0, [0, 17, 40]] = 0
@@ -144,7 +149,7 @@ def test_attention_tile_override_that_does_not_fit(ctx, monkeypatch):
 
 
 @pytest.mark.parametrize("split", [False, True])
-def test_attention_gqa_dkdv_modes(ctx, monkeypatch, split):
+def test_attention_gqa_dkdv_modes(ctx, attention_ds_mode, monkeypatch, split):
     """GQA dk/dv: the per-kv-head loop over the group (False) and one workgroup per query head
     with partials summed by attention_group_sum (True) both match the reference."""
     import dataclasses

@@ -44,6 +44,7 @@ def test_tuning_from_env_reads_every_knob(tmp_path):
     t = Tuning.from_env({"QLORA_EXT_GEMM_TILES": "16,16,8,8,16", "QLORA_EXT_GEMM_TILES_SMALL": " 8,8,4,4,8 ",
                          "QLORA_EXT_GEMM_MIN_GROUPS": "100", "QLORA_EXT_SMALL_GEMM_TILES": "64,64,16",
                          "QLORA_EXT_ATTN_TILES": "32,32,4,4,2", "QLORA_EXT_ATTN_HEAD_SPLIT": "0",
+                         "QLORA_EXT_ATTN_STORED_DS": "0",
                          "QLORA_EXT_WGSL_TRUSTED": "1", "QLORA_EXT_WGSL_DEBUG": "1",
                          "QLORA_EXT_SHADERS": str(tmp_path), "QLORA_EXT_GPU_MEMORY_GIB": "1.5",
                          "QLORA_EXT_COPY_THREADS": "3", "QLORA_EXT_NATIVE_RECORDING": "0"})
@@ -51,6 +52,7 @@ def test_tuning_from_env_reads_every_knob(tmp_path):
     assert (t.fp32_gemm_tiles, t.attn_tiles, t.attn_head_split) == ((64, 64, 16), (32, 32, 4, 4, 2), False)
     assert (t.trusted, t.wgsl_debug, t.shader_dir, t.gpu_memory_gib) == (True, True, str(tmp_path), 1.5)
     assert t.copy_threads == 3 and not t.native_recording and Tuning().native_recording
+    assert t.attn_stored_ds is False and Tuning().attn_stored_ds is None
     assert t.gemm_overridden and not Tuning(fp32_gemm_tiles=(64, 64, 16)).gemm_overridden
     assert Tuning.from_env({"QLORA_EXT_WGSL_DEBUG": "0", "QLORA_EXT_ATTN_TILES": ""}) == Tuning()
 
@@ -60,7 +62,7 @@ def test_tuning_from_env_reads_every_knob(tmp_path):
     ("QLORA_EXT_GEMM_MIN_GROUPS", "0"), ("QLORA_EXT_SMALL_GEMM_TILES", "64,64"),
     ("QLORA_EXT_ATTN_TILES", "16,3,8"), ("QLORA_EXT_ATTN_TILES", "16,16,3,4"), ("QLORA_EXT_ATTN_TILES", "16,18,2,2"),
     ("QLORA_EXT_ATTN_TILES", "a,b,c,d"), ("QLORA_EXT_ATTN_HEAD_SPLIT", "yes"), ("QLORA_EXT_WGSL_TRUSTED", "2"),
-    ("QLORA_EXT_NATIVE_RECORDING", "on"), ("QLORA_EXT_SHADERS", "/nonexistent/qlora-ext-shaders"), ("QLORA_EXT_GPU_MEMORY_GIB", "lots"),
+    ("QLORA_EXT_NATIVE_RECORDING", "on"), ("QLORA_EXT_ATTN_STORED_DS", "2"), ("QLORA_EXT_SHADERS", "/nonexistent/qlora-ext-shaders"), ("QLORA_EXT_GPU_MEMORY_GIB", "lots"),
     ("QLORA_EXT_GPU_MEMORY_GIB", "-1"), ("QLORA_EXT_COPY_THREADS", "0")])
 def test_tuning_bad_value_names_the_variable(var, value):
     from qlora_ext.gpu.runtime import Tuning

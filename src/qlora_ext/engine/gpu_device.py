@@ -24,9 +24,9 @@ from contextlib import nullcontext
 import numpy as np
 
 from ..gpu import kernels
-from ..gpu.kernels import Operand
+from ..gpu.kernels import SPLIT_SCRATCH_FLOATS, Operand
 from ..gpu.decode import MAX_TOP_K, decode_attention_gpu, kv_store_gpu, topk_gpu
-from ..gpu.bindings.attention import attention_backward_gpu, attention_forward_gpu
+from ..gpu.bindings.attention import attention_backward_gpu, attention_forward_gpu, stored_ds_floats
 from ..gpu.bindings.cross_entropy import LmHeadLoss
 from ..gpu.bindings.gemm import gemm_gpu
 from ..gpu.bindings.layer_ops import (add_gpu, bias_add_gpu, embedding_gather_gpu, rmsnorm_backward_gpu,
@@ -65,6 +65,9 @@ class _StepGpu:
         self.starts = ctx.empty((d.B, d.T), "i32")   # packed rows: each position's document start
         self.delta = ctx.empty((d.B, d.Hq, d.T))
         self.dlora = ctx.empty((N, max(max_rank, 1)))     # scale · dy B of one projection
+        # the context's scratch, grown once here to what this shape's ops use in it: the
+        # GEMMs' split-K partials and the attention backward's dS
+        ctx.scratch(max(SPLIT_SCRATCH_FLOATS, stored_ds_floats(ctx, d.B, d.T, d.Hq)))
         self.head = None     # LmHeadLoss, made by the first loss (generation never needs it)
         self.drop = self.drop_keys = None    # LoRA dropout's buffers, made by its first step
 

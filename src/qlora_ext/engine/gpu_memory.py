@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..gpu.kernels import SPLIT_SCRATCH_FLOATS
 from ..gpu.runtime import GpuTensor
 from ..model.lora import LoraConfig, LoraPair, LoraWeights
 from ..model.generate import group_rows
@@ -28,6 +27,8 @@ class CountingContext:
     def __init__(self, ctx):
         self._real = ctx
         self.allocated_bytes = 0
+        held = getattr(ctx, "_scratch", None)
+        self._scratch_n = 0 if held is None else held.size
 
     def __getattr__(self, name):
         return getattr(self._real, name)
@@ -38,6 +39,13 @@ class CountingContext:
         return GpuTensor(None, shape, dtype)
 
     zeros = empty
+
+    def scratch(self, n: int) -> GpuTensor:
+        """GpuContext.scratch: grows (a new buffer) only past what the real context holds."""
+        if n > self._scratch_n:
+            self._scratch_n = n
+            return self.empty((n,))
+        return GpuTensor(None, (n,))
 
     def upload(self, a, dtype: str | None = None) -> GpuTensor:
         a = np.asarray(a)
@@ -69,8 +77,7 @@ def estimate_bytes(ctx, state, lora_config, B: int, T: int, recompute_layers: in
     attention backward's per-query-head dk/dv partials (allocated on the first backward that
     splits heads: counted whenever Hq != Hkv); and beside them, generation of GENERATE_ROWS
     prompts of T positions (train's eval, in groups as model.generate makes them): the KV
-    cache, the prefill's and the decoding step's buffers; and the context's split-K scratch
-    of the GEMMs of few token rows (kernels.SPLIT_SCRATCH_FLOATS)."""
+    cache, the prefill's and the decoding step's buffers."""
     from .gpu_device import GpuDevice
     from .model import Model, RopeCache, default_kernels
 
@@ -89,4 +96,4 @@ def estimate_bytes(ctx, state, lora_config, B: int, T: int, recompute_layers: in
     cfg = state.config
     Hq, Hkv, D = int(cfg.num_attention_heads), int(cfg.num_key_value_heads), int(cfg.head_dim)
     partials = 2 * buffer_bytes(4 * B * T * Hq * D) if Hq != Hkv else 0
-    return counting.allocated_bytes + partials + buffer_bytes(4 * SPLIT_SCRATCH_FLOATS)
+    return counting.allocated_bytes + partials

@@ -231,7 +231,7 @@ def gemm(ctx, M: int, N: int, K: int, a: Operand, b, c: Operand, b_t: bool, lora
     LoRA scale must already be in T or L.
     tiles: GemmTiles, a chooser (M, N, K) -> GemmTiles, or None (the context's StepGemmTiles).
     scratch: f32 GpuTensor for the partial products of split K (tiles.splits > 1, fp32 B):
-    splits·M·N elements; without it (or too small) the context's split scratch holds them if
+    splits·M·N elements; without it (or too small) the context's scratch holds them if
     they fit in SPLIT_SCRATCH_FLOATS, else K is not split."""
     nf4 = isinstance(b, Nf4B)
     tiles = step_gemm_tiles(ctx) if tiles is None else tiles
@@ -281,7 +281,7 @@ def _gemm_f32(ctx, M, N, K, a, b, c, b_t, lda, ldc, a_vec, mode, lfields, bufs_l
     ntiles = -(-K // tiles.bk) + (-(-lfields[0] // tiles.bk) if mode else 0)
     splits = min(tiles.splits, ntiles)
     if splits > 1 and (scratch is None or scratch.size < splits * M * N):
-        scratch = ctx.split_scratch(splits * M * N) if splits * M * N <= SPLIT_SCRATCH_FLOATS else None
+        scratch = ctx.scratch(splits * M * N) if splits * M * N <= SPLIT_SCRATCH_FLOATS else None
         splits = splits if scratch is not None else 1
     tps = -(-ntiles // splits)
     splits = -(-ntiles // tps)

@@ -97,6 +97,21 @@ def _head_split(ctx, B, T, Hq, Hkv, br):
     return B * Hkv * ((T + br - 1) // br) <= _HEAD_SPLIT_MAX
 
 
+# The backward keeps dS (B*Hq*T*T floats, in the context's scratch) for dq when it takes at most
+# this many bytes and fits one binding: dq then reads it instead of recomputing S and dP.
+_STORED_DS_MAX_BYTES = 1 << 31
+
+
+def stored_ds_floats(ctx: GpuContext, B: int, T: int, Hq: int) -> int:
+    """Floats of dS the backward keeps for dq (0: it recomputes P instead).
+    tuning.attn_stored_ds (QLORA_EXT_ATTN_STORED_DS=0|1) forces the choice (tests, tuning)."""
+    n = B * Hq * T * T
+    on = ctx.tuning.attn_stored_ds
+    if on is None:
+        on = 4 * n <= min(_STORED_DS_MAX_BYTES, ctx.max_binding)
+    return n if on else 0
+
+
 def _consts_for(ctx: GpuContext, D: int, starts: GpuTensor | None):
     return dict(_consts(ctx, D), SEGMENTS=int(starts is not None))
 
@@ -129,7 +144,8 @@ def attention_backward_gpu(ctx: GpuContext, q: GpuTensor, k: GpuTensor, v: GpuTe
                            dk: GpuTensor | None = None, dv: GpuTensor | None = None,
                            delta: GpuTensor | None = None, starts: GpuTensor | None = None):
     """Gradients of attention_forward_gpu: do [B, T, Hq, D] -> (dq, dk, dv), written (not
-    accumulated).  delta [B, Hq, T] is scratch (given to reuse it); starts as the forward's."""
+    accumulated).  delta [B, Hq, T] is scratch (given to reuse it); starts as the forward's.
+    dS goes through the context's scratch where stored_ds_floats allows."""
     B, T, Hq, Hkv, D = _dims(q, k)
     dq = ctx.empty(q.shape) if dq is None else dq
     dk = ctx.empty(k.shape) if dk is None else dk
@@ -137,27 +153,32 @@ def attention_backward_gpu(ctx: GpuContext, q: GpuTensor, k: GpuTensor, v: GpuTe
     delta = ctx.empty((B, Hq, T)) if delta is None else delta
     m = q if mask is None else mask
     st = q if starts is None else starts
-    c = _consts_for(ctx, D, starts)
+    n_ds = stored_ds_floats(ctx, B, T, Hq)
+    c = dict(_consts_for(ctx, D, starts), STORED_DS=int(n_ds > 0))
     br, nt = c["BR"], (c["BR"] // c["TM"]) * (c["BC"] // c["TN"])
     split = _head_split(ctx, B, T, Hq, Hkv, br)
     par = _params(ctx, B, T, Hq, Hkv, D, mask is not None, split)
-    kinds = "urrrrrrrwww"
+    ds = ctx.scratch(n_ds) if n_ds else ctx.dummy()
+    kinds = "urrrrrrrwwww"
 
     def pipe(entry):
         return ctx.pipeline("attention_bwd", entry, kinds, consts=c)
 
     rowblocks = (T + br - 1) // br
-    ctx.dispatch(pipe("prep"), [par, q, k, v, m, st, do, lse, delta, o, dq],
+    ctx.dispatch(pipe("prep"), [par, q, k, v, m, st, do, lse, delta, o, dq, ds],
                  grid_2d((B * Hq * T + nt - 1) // nt))
-    ctx.dispatch(pipe("dq"), [par, q, k, v, m, st, do, lse, delta, dq, dk], (rowblocks, Hq, B))
+    if not n_ds:
+        ctx.dispatch(pipe("dq"), [par, q, k, v, m, st, do, lse, delta, dq, dk, ds], (rowblocks, Hq, B))
     if not split:
-        ctx.dispatch(pipe("dkdv"), [par, q, k, v, m, st, do, lse, delta, dk, dv], (rowblocks, Hkv, B))
+        ctx.dispatch(pipe("dkdv"), [par, q, k, v, m, st, do, lse, delta, dk, dv, ds], (rowblocks, Hkv, B))
     else:
         # per-query-head partials [B, T, Hq, D], summed in head order
         pk, pv = _group_partials(ctx, q.shape)
-        ctx.dispatch(pipe("dkdv"), [par, q, k, v, m, st, do, lse, delta, pk, pv], (rowblocks, Hq, B))
+        ctx.dispatch(pipe("dkdv"), [par, q, k, v, m, st, do, lse, delta, pk, pv, ds], (rowblocks, Hq, B))
         n = B * T * Hkv * D
         sp = ctx.uniform("IIII", n, Hkv, Hq // Hkv, D)
         ctx.dispatch(ctx.pipeline("attention_group_sum", "group_sum", "urrww"),
                      [sp, pk, pv, dk, dv], grid_2d((n + 255) // 256))
+    if n_ds:   # dkdv wrote dS
+        ctx.dispatch(pipe("dq"), [par, q, k, v, m, st, do, lse, delta, dq, dk, ds], (rowblocks, Hq, B))
     return dq, dk, dv

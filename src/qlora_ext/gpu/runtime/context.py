@@ -105,7 +105,7 @@ class GpuContext:
         self._groups_of = {}   # id(buffer) -> keys of the groups that bind it
         self._free = {}        # (size, usage) -> pooled buffers
         self._dummies = []
-        self._split_scratch = None
+        self._scratch = None
         self._objects = {}     # cached(): per-context objects of the kernels' modules
         self._encoder = self._pass = self._timing = None
         self._record = dispatch_recorder(self.tuning.native_recording)
@@ -237,12 +237,13 @@ class GpuContext:
             obj = self._objects[key] = make()
         return obj
 
-    def split_scratch(self, n: int) -> GpuTensor:
-        """A grow-only f32 scratch of at least n elements for split-K partial products (one per
-        context: the dispatches that write and reduce them are ordered by the queue)."""
-        t = self._split_scratch
+    def scratch(self, n: int) -> GpuTensor:
+        """A grow-only f32 scratch of at least n elements for what one op writes and reads back
+        before the next op starts (split-K partial products, the attention backward's dS):
+        one per context, as the queue orders the dispatches that use it."""
+        t = self._scratch
         if t is None or t.size < n:
-            t = self._split_scratch = self.empty((n,))
+            t = self._scratch = self.empty((n,))
         return t
 
     def staging(self, nbytes: int, write: bool, what: str):

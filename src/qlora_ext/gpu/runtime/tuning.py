@@ -10,6 +10,8 @@ value is used, and their messages name the variable too.
     QLORA_EXT_SMALL_GEMM_TILES=tm,tn,tk    small_gemm.wgsl `gemm` tiles (fp32 products with both sides > 64)
     QLORA_EXT_ATTN_TILES=br,bc,tm,tn[,dk4]    the attention kernels' register tiling
     QLORA_EXT_ATTN_HEAD_SPLIT=0|1             GQA dk/dv: per-kv-head loop (0) or per query head (1)
+    QLORA_EXT_ATTN_STORED_DS=0|1              attention backward: dq recomputes P (0) or reads the dS
+                                              that dk/dv stored (1; default: where it fits 2 GiB)
     QLORA_EXT_WGSL_TRUSTED=0|1                shader modules without naga's runtime bounds checks
                                               (default: on for hardware GPUs, off for CPU adapters)
     QLORA_EXT_NATIVE_RECORDING=0|1           record dispatches through wgpu-native directly (default 1;
@@ -43,6 +45,7 @@ class Tuning:
     fp32_gemm_tiles: tuple | None = None     # (tm, tn, tk)
     attn_tiles: tuple | None = None          # (br, bc, tm, tn) or (br, bc, tm, tn, dk4)
     attn_head_split: bool | None = None
+    attn_stored_ds: bool | None = None
     trusted: bool | None = None
     native_recording: bool = True
     wgsl_debug: bool = False
@@ -85,7 +88,8 @@ class Tuning:
             v = get(var)
             if v is not None:
                 kw[field] = _ints(var, v, (1,))[0]
-        for var, field in (("QLORA_EXT_ATTN_HEAD_SPLIT", "attn_head_split"), ("QLORA_EXT_WGSL_TRUSTED", "trusted"),
+        for var, field in (("QLORA_EXT_ATTN_HEAD_SPLIT", "attn_head_split"),
+                           ("QLORA_EXT_ATTN_STORED_DS", "attn_stored_ds"), ("QLORA_EXT_WGSL_TRUSTED", "trusted"),
                            ("QLORA_EXT_NATIVE_RECORDING", "native_recording")):
             v = get(var)
             if v is not None:
