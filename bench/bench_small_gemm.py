@@ -8,8 +8,8 @@ for a list of tile settings:
             engine's chunk rows (2048 at H = 1024, 1024 at H = 2560).
   --lora    shaders/small_gemm.wgsl via gemm_gpu: the rank-r products per projection
             u = s·x Aᵀ, dB += dyᵀ u, du = s·dy B, dA += duᵀ x: gemm_gpu's choice ("current":
-            the one-dispatch `skinny` entry) against forced `gemm` tiles with split K and its
-            summing pass (LORA_TILES x LORA_SPLITS).
+            the one-dispatch `skinny` entry), `skinny` at other limits (SKINNY_LIMITS), and
+            forced `gemm` tiles with split K and its summing pass (LORA_SPLIT_K) as references.
 
     python bench/bench_small_gemm.py --fused --lora --shapes qwen3-0.6b,qwen3-4b --json out.json
 
@@ -50,11 +50,12 @@ MODELS = {"qwen3-0.6b": (1024, 3072, 16, 8, 128, 2048, 151936, 4096, 28),
 FUSED_SWEEP = [(16, 16, 8, 8, 8), (16, 16, 4, 8, 8), (16, 16, 8, 8, 16), (16, 16, 4, 8, 16), (16, 8, 8, 8, 16),
                (8, 16, 8, 8, 16), (16, 16, 8, 16, 8), (16, 16, 16, 8, 8), (8, 8, 8, 8, 16), (32, 8, 4, 8, 16),
                (16, 16, 4, 4, 16), (16, 16, 8, 4, 8), (8, 16, 8, 8, 8), (16, 8, 8, 8, 8), (8, 8, 8, 8, 8)]
-# (short side, long side, TK) of forced `gemm` tiles for the rank side; (target groups, min K per
-# split): the split-K path the `skinny` entry replaces for these products.
-LORA_TILES = [(64, 64, 16), (16, 64, 16), (16, 128, 16), (16, 256, 16), (16, 64, 32), (16, 128, 32), (16, 256, 8),
-              (32, 128, 16), (8, 256, 16)]
-LORA_SPLITS = [(256, 256), (512, 128), (1024, 64), (2048, 64), (4096, 32)]
+# `skinny` limits (threads per workgroup, min K per slice) to sweep
+SKINNY_LIMITS = [(1024, 16), (1024, 32), (1024, 64), (512, 16), (256, 16), (256, 64)]
+# References: (short side, long side, TK) of forced `gemm` tiles for the rank side with (target
+# groups, min K per split): the split-K path `skinny` replaces for these products (the first was
+# its best setting in the H100 sweep)
+LORA_SPLIT_K = [((16, 256, 8), (1024, 64)), ((64, 64, 16), (256, 256))]
 
 
 def projections(model):
@@ -139,9 +140,10 @@ def sweep_fused(ctx, model, tiles_list, reps, log, json_path):
                 json.dump(log, f)
 
 
-def lora_calls(ctx, M, inn, out, r, bufs, tiles, split):
-    """The engine's four rank-r products for one projection (engine.py _linear_*), as
-    {name: (record, flop, big-operand bytes)}."""
+def lora_calls(ctx, M, inn, out, r, bufs, tiles=None, split=None, skinny=None):
+    """The engine's four rank-r products for one projection (gpu_device.py linear_*), as
+    {name: (record, flop, big-operand bytes)}; tiles / split force `gemm`, skinny `skinny`'s
+    limits."""
     x, dy, p, g, u, du = bufs
     a_off, b_off = 0, r * inn + 60
 
@@ -151,7 +153,7 @@ def lora_calls(ctx, M, inn, out, r, bufs, tiles, split):
         s, l, tk = tiles
         return (l, s, tk) if N <= Mc else (s, l, tk)
 
-    kw = lambda Mc, N: dict(tiles=pick(Mc, N), split=split)  # noqa: E731
+    kw = lambda Mc, N: dict(tiles=pick(Mc, N), split=split, skinny=skinny)  # noqa: E731
     return {
         "u": (lambda: gemm_gpu(ctx, x, p, u, M, r, inn, trans_b=True, alpha=2.0, b_off=a_off, **kw(M, r)),
               2.0 * M * r * inn, 4 * M * inn),
@@ -170,7 +172,8 @@ def sweep_lora(ctx, model, reps, log, json_path, r=16):
     big = max(F, hq * d, H)
     bufs = (fill(ctx, M * big, rng), fill(ctx, M * big, rng), fill(ctx, 2 * r * big + 64, rng, 0.01),
             ctx.zeros((2 * r * big + 64,)), ctx.empty((M, r)), ctx.empty((M, r)))
-    configs = [("current", None, None)] + [(f"{t}/{s}", t, s) for t in LORA_TILES for s in LORA_SPLITS]
+    configs = ([("current", {})] + [(f"skinny {lim}", {"skinny": lim}) for lim in SKINNY_LIMITS]
+               + [(f"gemm {t}/{s}", {"tiles": t, "split": s}) for t, s in LORA_SPLIT_K])
     totals = {}
     seen = set()
     for pname, inn, out in projections(model):
@@ -178,9 +181,9 @@ def sweep_lora(ctx, model, reps, log, json_path, r=16):
             continue
         count = sum(1 for _, i, o in projections(model) if (i, o) == (inn, out))
         seen.add((inn, out))
-        for label, tiles, split in configs:
+        for label, opts in configs:
             try:
-                calls = lora_calls(ctx, M, inn, out, r, bufs, tiles, split)
+                calls = lora_calls(ctx, M, inn, out, r, bufs, **opts)
                 for op, (rec, flop, nbytes) in calls.items():
                     ks = kernel_seconds(ctx, rec, reps)
                     s = sum(v for k, v in ks.items() if k.startswith("small_gemm."))
@@ -194,7 +197,8 @@ def sweep_lora(ctx, model, reps, log, json_path, r=16):
         cur = [x for x in log if x.get("kind") == "lora" and x["model"] == model and x["proj"] == pname
                and x["config"] == "current"]
         print(f"{model} {pname:5s} in={inn} out={out} current: " + "  ".join(
-            f"{x['op']} {x['s'] * 1e6:.1f} us {x['gbps']:.0f} GB/s" for x in cur), flush=True)
+            f"{x['op']} {x['s'] * 1e6:.1f} us {x['gbps']:.0f} GB/s {x['tflops']:.2f} TFLOP/s" for x in cur),
+              flush=True)
         if json_path:
             with open(json_path, "w") as f:
                 json.dump(log, f)
@@ -252,20 +256,20 @@ def test_lora_products_rate(benchmark):
     bufs = (fill(ctx, M * big, rng), fill(ctx, M * big, rng), fill(ctx, 2 * r * big + 64, rng, 0.01),
             ctx.zeros((2 * r * big + 64,)), ctx.empty((M, r)), ctx.empty((M, r)))
 
-    def run(tiles, split):
+    def run(tiles=None, split=None):
         t0 = time.perf_counter()
         for rec, _, _ in lora_calls(ctx, M, inn, out, r, bufs, tiles, split).values():
             rec()
         wait_gpu(ctx)
         return time.perf_counter() - t0
 
-    calls = lora_calls(ctx, M, inn, out, r, bufs, None, None).values()
+    calls = lora_calls(ctx, M, inn, out, r, bufs).values()
     flop = sum(f for _, f, _ in calls)
     nbytes = sum(b for _, _, b in calls)
-    split_k = ((16, 256, 8), (1024, 64))
-    run(None, None)
+    split_k = LORA_SPLIT_K[0]
+    run()
     run(*split_k)
-    s = benchmark.pedantic(lambda: run(None, None), rounds=5, warmup_rounds=1)
+    s = benchmark.pedantic(run, rounds=5, warmup_rounds=1)
     ref = min(run(*split_k) for _ in range(3))
     x = rng.standard_normal((M, inn), dtype=np.float32)
     dy = rng.standard_normal((M, out), dtype=np.float32)

@@ -169,11 +169,13 @@ def test_lora_products_one_dispatch_each(ctx, monkeypatch):
                  tiles=(64, 64, 16))
 
 
-@pytest.mark.parametrize("tiles,split", [((64, 64, 16), (256, 256)), ((128, 16, 16), (1024, 16)),
-                                         ((16, 128, 8), (64, 64)), ((256, 4, 16), (4, 512))])
-def test_lora_products_any_tiles_deterministic(ctx, tiles, split):
-    """Every tile / split setting the sweep tries gives the float64 result, and the same bits
-    twice (split K reduces its partials in a fixed order: resume is bit-exact)."""
+@pytest.mark.parametrize("kw", [dict(tiles=(64, 64, 16), split=(256, 256)), dict(tiles=(128, 16, 16), split=(1024, 16)),
+                                dict(tiles=(16, 128, 8), split=(64, 64)), dict(tiles=(256, 4, 16), split=(4, 512)),
+                                dict(skinny=(256, 64)), dict(skinny=(8, 1)), dict(skinny=(1024, 2))])
+def test_lora_products_any_tiles_deterministic(ctx, kw):
+    """Every `gemm` tile / split setting and `skinny` limit the benchmark sweeps gives the
+    float64 result, and the same bits twice (split K and the K slices are summed in a fixed
+    order: resume is bit-exact)."""
     N, inn, out, r = 263, 45, 38, 16
     g = np.random.default_rng(7)
     x = g.standard_normal((N, inn)).astype(np.float32)
@@ -181,7 +183,6 @@ def test_lora_products_any_tiles_deterministic(ctx, tiles, split):
     A = g.standard_normal((r, inn)).astype(np.float32)
     B = g.standard_normal((out, r)).astype(np.float32)
     g0 = np.zeros(r * inn + out * r, np.float32)
-    kw = dict(tiles=tiles, split=split)
     first = _products(ctx, x, dy, A, B, 0.5, g0, 0, r * inn, 0, r * inn, **kw)
     again = _products(ctx, x, dy, A, B, 0.5, g0, 0, r * inn, 0, r * inn, **kw)
     for f, s in zip(first, again):

@@ -34,10 +34,10 @@ def tiles_for(ctx: GpuContext, M: int, N: int) -> tuple:
     return _GENERAL
 
 
-def skinny_threads(ctx: GpuContext) -> int:
-    """Threads per `skinny` workgroup at most: the device's limit, and the slices' reduction
-    (32 bytes of workgroup memory a thread) within its workgroup memory."""
-    lim = min(_SKINNY_MAX_THREADS, int(ctx.limits["max-compute-invocations-per-workgroup"]),
+def skinny_threads(ctx: GpuContext, cap: int = _SKINNY_MAX_THREADS) -> int:
+    """Threads per `skinny` workgroup at most: cap, the device's limit, and the slices'
+    reduction (32 bytes of workgroup memory a thread) within its workgroup memory."""
+    lim = min(cap, int(ctx.limits["max-compute-invocations-per-workgroup"]),
               int(ctx.limits["max-compute-workgroup-storage-size"]) // 32)
     t = 4
     while 2 * t <= lim:
@@ -45,22 +45,26 @@ def skinny_threads(ctx: GpuContext) -> int:
     return t
 
 
-def skinny_slices(K: int, threads: int) -> int:
+def skinny_slices(K: int, threads: int, min_k: int = _SKINNY_MIN_K_SLICE) -> int:
     """SP of `skinny`: K slices per micro-tile, a function of K and the device alone (so an
     element's summation order, and its bits, do not depend on M, N or the tiles)."""
     sp = 1
-    while 2 * sp <= threads // 4 and 2 * sp * _SKINNY_MIN_K_SLICE <= K:
+    while 2 * sp <= threads // 4 and 2 * sp * min_k <= K:
         sp *= 2
     return sp
 
 
-def skinny_tiles(ctx: GpuContext, M: int, N: int, K: int) -> dict:
+def skinny_tiles(ctx: GpuContext, M: int, N: int, K: int, limits: tuple | None = None) -> dict:
     """`skinny`'s overrides for C[M, N] with N the short side: SS the most of N (<= 64 columns)
     that the threads allow, SL the most rows (<= 64) that still leave _TARGET_GROUPS
     workgroups (more rows per workgroup re-read less of the short operand; the threads in
-    flight are the same)."""
-    threads = skinny_threads(ctx)
-    sp = skinny_slices(K, threads)
+    flight are the same).  limits (threads per workgroup, min K per slice) replace
+    (_SKINNY_MAX_THREADS, _SKINNY_MIN_K_SLICE) (benchmarks)."""
+    cap, min_k = limits or (_SKINNY_MAX_THREADS, _SKINNY_MIN_K_SLICE)
+    if cap < 4 or min_k < 1:
+        raise ValueError(f"skinny limits {limits}: need >= 4 threads and >= 1 k per slice")
+    threads = skinny_threads(ctx, cap)
+    sp = skinny_slices(K, threads, min_k)
     tiles = threads // sp                    # micro-tiles per workgroup, >= 4
     ss = 4 * min(-(-N // 4), _SKINNY_MAX // 4, tiles)
     rq_max = min(_SKINNY_MAX_ROWS // 4, tiles // (ss // 4))
@@ -86,21 +90,23 @@ def check_tiles(ctx: GpuContext, tm: int, tn: int, tk: int) -> tuple:
 def gemm_gpu(ctx: GpuContext, a: GpuTensor, b: GpuTensor, c: GpuTensor, M: int, N: int, K: int,
              trans_a: bool = False, trans_b: bool = False, alpha: float = 1.0,
              accumulate: bool = False, a_off: int = 0, b_off: int = 0, c_off: int = 0,
-             tiles: tuple | None = None, split: tuple | None = None, row_stable: bool = False) -> GpuTensor:
+             tiles: tuple | None = None, split: tuple | None = None, row_stable: bool = False,
+             skinny: tuple | None = None) -> GpuTensor:
     """Record C[M, N] (+)= alpha * op(A) @ op(B); A is [M, K] ([K, M] with trans_a), B is
     [K, N] ([N, K] with trans_b), each starting at an element offset of its buffer.
     A side of C <= 64 takes `skinny` (one dispatch), other shapes `gemm` with split K.
     tiles (TM, TN, TK) and split (target groups, min K per split) force `gemm` with them
     (benchmarks); row_stable forces `skinny` at any shape: each element's bits then depend on
-    K and its operands only, not on M or N (the split placement's lanes)."""
+    K and its operands only, not on M or N (the split placement's lanes).  skinny (threads per
+    workgroup, min K per slice) forces `skinny` with these limits (benchmarks)."""
     for name, t, off, need in (("a", a, a_off, M * K), ("b", b, b_off, K * N), ("c", c, c_off, M * N)):
         if off + need > t.size:
             raise ValueError(f"gemm_gpu: {name} holds {t.size} elements, needs {off + need}")
     forced = tiles is not None or split is not None
-    if row_stable and forced:
-        raise ValueError("gemm_gpu: row_stable takes the skinny kernel, tiles/split the general one")
-    if row_stable or (not forced and min(M, N) <= _SKINNY_MAX):
-        return _skinny(ctx, a, b, c, M, N, K, trans_a, trans_b, alpha, accumulate, a_off, b_off, c_off)
+    if (row_stable or skinny is not None) and forced:
+        raise ValueError("gemm_gpu: row_stable / skinny take the skinny kernel, tiles / split the general one")
+    if row_stable or skinny is not None or (not forced and min(M, N) <= _SKINNY_MAX):
+        return _skinny(ctx, a, b, c, M, N, K, trans_a, trans_b, alpha, accumulate, a_off, b_off, c_off, skinny)
     tm, tn, tk = tiles_for(ctx, M, N) if tiles is None else check_tiles(ctx, *tiles)
     gx, gy = (N + tn - 1) // tn, (M + tm - 1) // tm
     if gy > MAX_GROUPS:
@@ -128,14 +134,14 @@ def gemm_gpu(ctx: GpuContext, a: GpuTensor, b: GpuTensor, c: GpuTensor, M: int, 
     return c
 
 
-def _skinny(ctx, a, b, c, M, N, K, trans_a, trans_b, alpha, accumulate, a_off, b_off, c_off) -> GpuTensor:
+def _skinny(ctx, a, b, c, M, N, K, trans_a, trans_b, alpha, accumulate, a_off, b_off, c_off, limits) -> GpuTensor:
     """C[M, N] through `skinny`, its short side as the kernel's columns: a short M (with N
     long) is computed as C^T = op(B)^T op(A)^T and stored transposed."""
     c_trans = M <= _SKINNY_MAX < N
     if c_trans:
         a, b, M, N, a_off, b_off = b, a, N, M, b_off, a_off
         trans_a, trans_b = not trans_b, not trans_a
-    ov = skinny_tiles(ctx, M, N, K)
+    ov = skinny_tiles(ctx, M, N, K, limits)
     grid = (-(-M // ov["SL"]), -(-N // ov["SS"]))
     if max(grid) > MAX_GROUPS:
         raise ValueError(f"gemm_gpu: C[{M}, {N}] needs a grid {grid} over the {MAX_GROUPS} limit")
