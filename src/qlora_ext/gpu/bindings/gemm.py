@@ -124,7 +124,7 @@ def gemm_gpu(ctx: GpuContext, a: GpuTensor, b: GpuTensor, c: GpuTensor, M: int, 
     per = -(-K // splits)
     chunk = -(-per // tk) * tk
     splits = -(-K // chunk)
-    part = _scratch(ctx, splits * M * N)
+    part = ctx.scratch(splits * M * N)
     par = ctx.uniform("IIIIIIfIIIIIII", M, N, K, int(trans_a), int(trans_b), 0, float(alpha),
                       a_off, b_off, 0, chunk, splits, 0, 0)
     ctx.dispatch(pipe, [par, a, b, part, c], (gx, gy, splits))
@@ -163,11 +163,3 @@ def split_count(groups: int, K: int, target: int = _TARGET_GROUPS, min_k: int = 
         return 1
     return max(1, min(-(-target // groups), K // min_k))
 
-
-def _scratch(ctx: GpuContext, n: int) -> GpuTensor:
-    """A grow-only f32 scratch of at least n elements, one per context (split-K partials;
-    the dispatches that use it are ordered by the queue)."""
-    t = getattr(ctx, "_gemm_split_scratch", None)
-    if t is None or t.size < n:
-        t = ctx._gemm_split_scratch = ctx.empty((n,))
-    return t
