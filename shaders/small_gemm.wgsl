@@ -170,6 +170,26 @@ fn reduce_splits(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     dst[p.dst_off + i] = s;
 }
 
+// skinny: C[row, col..col+3] = alpha * v (+ C), the columns and row that lie in C
+fn skinny_store(row: u32, col: u32, v: vec4<f32>) {
+    if (row >= p.m) {
+        return;
+    }
+    for (var cc = 0u; cc < 4u; cc = cc + 1u) {
+        if (col + cc < p.n) {
+            var idx = p.c_off + row * p.n + col + cc;
+            if (p.c_trans != 0u) {
+                idx = p.c_off + (col + cc) * p.m + row;
+            }
+            var val = p.alpha * v[cc];
+            if (p.accumulate != 0u) {
+                val = val + c[idx];
+            }
+            c[idx] = val;
+        }
+    }
+}
+
 @compute @workgroup_size((SL / 4u) * (SS / 4u) * SP)
 fn skinny(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let rq = SL / 4u;             // row quads of the block
@@ -183,10 +203,11 @@ fn skinny(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index
     let row0 = wid.x * SL;
     let col0 = wid.y * SS;
     let b_base = SK * rq;
-    var acc: array<vec4<f32>, 4>;
-    for (var r = 0u; r < 4u; r = r + 1u) {
-        acc[r] = vec4<f32>(0.0);
-    }
+    // rows 0..3 of the thread's micro-tile, named (not an indexed array) so they stay in registers
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
     for (var k0 = 0u; k0 < p.k; k0 = k0 + SK) {
         for (var e = li; e < SK * rq; e = e + nthreads) {
             // consecutive threads along the stored operand's contiguous index (coalesced)
@@ -223,9 +244,10 @@ fn skinny(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index
         for (var kk = slice; kk < kn; kk = kk + SP) {
             let av = sk_s[kk * rq + gr];
             let bv = sk_s[b_base + kk * cq + gc];
-            for (var r = 0u; r < 4u; r = r + 1u) {
-                acc[r] = acc[r] + av[r] * bv;
-            }
+            acc0 = acc0 + av.x * bv;
+            acc1 = acc1 + av.y * bv;
+            acc2 = acc2 + av.z * bv;
+            acc3 = acc3 + av.w * bv;
         }
         workgroupBarrier();
     }
@@ -233,40 +255,28 @@ fn skinny(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index
     for (var h = SP / 2u; h > 0u; h = h / 2u) {
         if (slice >= h && slice < 2u * h) {
             let base = ((slice - h) * tiles + g) * 4u;
-            for (var r = 0u; r < 4u; r = r + 1u) {
-                sk_s[base + r] = acc[r];
-            }
+            sk_s[base] = acc0;
+            sk_s[base + 1u] = acc1;
+            sk_s[base + 2u] = acc2;
+            sk_s[base + 3u] = acc3;
         }
         workgroupBarrier();
         if (slice < h) {
             let base = (slice * tiles + g) * 4u;
-            for (var r = 0u; r < 4u; r = r + 1u) {
-                acc[r] = acc[r] + sk_s[base + r];
-            }
+            acc0 = acc0 + sk_s[base];
+            acc1 = acc1 + sk_s[base + 1u];
+            acc2 = acc2 + sk_s[base + 2u];
+            acc3 = acc3 + sk_s[base + 3u];
         }
         workgroupBarrier();
     }
     if (slice != 0u) {
         return;
     }
-    for (var r = 0u; r < 4u; r = r + 1u) {
-        let row = row0 + gr * 4u + r;
-        if (row >= p.m) {
-            continue;
-        }
-        for (var cc = 0u; cc < 4u; cc = cc + 1u) {
-            let col = col0 + gc * 4u + cc;
-            if (col < p.n) {
-                var idx = p.c_off + row * p.n + col;
-                if (p.c_trans != 0u) {
-                    idx = p.c_off + col * p.m + row;
-                }
-                var val = p.alpha * acc[r][cc];
-                if (p.accumulate != 0u) {
-                    val = val + c[idx];
-                }
-                c[idx] = val;
-            }
-        }
-    }
+    let row = row0 + gr * 4u;
+    let col = col0 + gc * 4u;
+    skinny_store(row, col, acc0);
+    skinny_store(row + 1u, col, acc1);
+    skinny_store(row + 2u, col, acc2);
+    skinny_store(row + 3u, col, acc3);
 }
