@@ -159,6 +159,8 @@ class GpuDevice:
         self.streamed = StreamedLayers(ctx, state.layers, PROJECTIONS) if weights == WEIGHTS_STREAMED else None
         self.rope_cache = rope
         self._tab_src = None
+        self._tab_version = 0      # counts RoPE table uploads (new buffers each)
+        self._replays: dict = {}   # replayable(): captured runs by key and device state
         self.params = params
         self.values = up(params.values)
         self.grads = ctx.zeros((params.size,))
@@ -189,7 +191,31 @@ class GpuDevice:
         return t.view(shape)
 
     def copy(self, src, dst) -> None:
-        self.ctx.encoder().copy_buffer_to_buffer(src.buffer, 0, dst.buffer, 0, src.nbytes)
+        self.ctx.copy(src.buffer, 0, dst.buffer, 0, src.nbytes)
+
+    def replayable(self, key, run) -> None:
+        """run() (a layer's ops, engine/program.py), or where it ran before with the same key
+        (the program's buffers) and device state, the replay of the dispatches it recorded
+        then (GpuContext.replay): the same work without the ops' Python.  The state is all the
+        ops read besides their arguments: the batch shape, whether there is padding, packing
+        or dropout, the RoPE tables and the context's scratch (their buffers), the rows'
+        offset and row_stable.  Runs that write or read (streamed weights) never replay."""
+        if not self.ctx.tuning.replay:
+            run()
+            return
+        full = (key, self.dims, self.mask is None, self.starts is None, self._drop_on, self.dropout_p,
+                self._tab_version, self.ctx.scratch_version, self.row0, self.row_stable)
+        got = self._replays.get(full)
+        if got is not None:
+            self.ctx.replay(got)
+            return
+        self.ctx.begin_capture()
+        try:
+            run()
+        finally:
+            got = self.ctx.end_capture()
+        if got is not None:
+            self._replays[full] = got
 
     def step_inputs(self, d) -> _StepGpu:
         """The batch shape d's input buffers and kernel scratch (made once per shape)."""
@@ -237,10 +263,10 @@ class GpuDevice:
             raise ValueError("lanes need the weights on the GPU (streamed slots hold one layer at a time)")
         ln = copy.copy(self)
         if kept is None:
-            ln._steps, ln._inputs, ln.step_bytes, ln._decode_rows = {}, {}, {}, {}
+            ln._steps, ln._inputs, ln.step_bytes, ln._decode_rows, ln._replays = {}, {}, {}, {}, {}
         else:
-            ln._steps, ln._inputs, ln.step_bytes, ln._decode_rows = (kept._steps, kept._inputs, kept.step_bytes,
-                                                                     kept._decode_rows)
+            ln._steps, ln._inputs, ln.step_bytes, ln._decode_rows, ln._replays = (
+                kept._steps, kept._inputs, kept.step_bytes, kept._decode_rows, kept._replays)
         return ln
 
     def layer_weights(self, l: int) -> _LayerGpu:
@@ -308,6 +334,7 @@ class GpuDevice:
         if tab is not self._tab_src:
             self._tab_src = tab
             self.cos, self.sin = self.ctx.upload(tab.cos), self.ctx.upload(tab.sin)
+            self._tab_version += 1
 
     # ---- LoRA linear -------------------------------------------------------------------------
     def _drop_index(self, l, proj):

@@ -89,6 +89,17 @@ def layer_backward(dev, l: int, a, dy, dx, s) -> None:
         dev.rmsnorm_backward(a.x, w.ln1, a.rstd1, dh, dx, True)
 
 
+def _replayed(dev, key: tuple, run) -> None:
+    """run(), through the device's replay of earlier runs with the same key where it has one
+    (GpuDevice.replayable; None or absent: the device has none).  key names the buffers run()
+    uses (they live as long as the batch shape's buffers do)."""
+    rep = getattr(dev, "replayable", None)
+    if rep is None:
+        run()
+    else:
+        rep(key, run)
+
+
 def forward_layers(dev, acts: list, s, keep: bool) -> None:
     """Embedded s.x through every layer, then the final norm into s.xf / s.rstdf.  keep: save
     what backward reads (the LayerActs of each layer that keeps them, the input of each of the
@@ -99,7 +110,7 @@ def forward_layers(dev, acts: list, s, keep: bool) -> None:
         a = acts[act_slot(l, R) if keep else 0]
         if l < R:
             dev.copy(x, s.inputs[l])
-        layer_forward(dev, l, a, s, x, x)
+        _replayed(dev, ("forward", l, id(a), id(s), id(x)), lambda: layer_forward(dev, l, a, s, x, x))
         dev.layer_done()
     dev.rmsnorm_forward(x, dev.final_norm, s.xf, s.rstdf)
 
@@ -111,10 +122,14 @@ def backward_layers(dev, acts: list, s) -> None:
     dev.rmsnorm_backward(s.x, dev.final_norm, s.rstdf, s.dh, dy, False)
     for l in reversed(range(dev.layers)):
         a = acts[act_slot(l, R)]
-        if l < R:
-            # recompute this layer's activations from its saved input; its output is not
-            # read, so the down projection's GEMM is skipped
-            layer_forward(dev, l, a, s, s.inputs[l], None)
-        layer_backward(dev, l, a, dy, dx if l > 0 else None, s)
+
+        def run(l=l, a=a, dy=dy, dx=dx):
+            if l < R:
+                # recompute this layer's activations from its saved input; its output is not
+                # read, so the down projection's GEMM is skipped
+                layer_forward(dev, l, a, s, s.inputs[l], None)
+            layer_backward(dev, l, a, dy, dx if l > 0 else None, s)
+
+        _replayed(dev, ("backward", l, R, id(a), id(s), id(dy), id(dx)), run)
         dev.layer_done()
         dy, dx = dx, dy

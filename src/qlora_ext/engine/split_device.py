@@ -97,6 +97,10 @@ class SplitDevice:
         # turn while lanes run (engine/lanes.py), else nothing
         self.grad_turn = nullcontext
 
+    # A layer's ops run on both devices here: the GPU device's replay of captured dispatches
+    # (engine/program.py's _replayed) would leave out the CPU's.
+    replayable = None
+
     @property
     def pad_multiple(self) -> int:
         return max(self.cpu.pad_multiple, self.gpu.pad_multiple)

@@ -106,8 +106,10 @@ class GpuContext:
         self._free = {}        # (size, usage) -> pooled buffers
         self._dummies = []
         self._scratch = None
+        self.scratch_version = 0    # counts the scratch's growths (a new buffer each)
         self._objects = {}     # cached(): per-context objects of the kernels' modules
         self._encoder = self._pass = self._timing = None
+        self._captured, self._capture_ok = None, False     # begin_capture / end_capture
         self._record = dispatch_recorder(self.tuning.native_recording)
         self.staging_pool = StagingPool(self)
         self.copy_threads = self.tuning.copy_threads or default_copy_threads()
@@ -168,6 +170,7 @@ class GpuContext:
         offset (a multiple of 4), with the same ordering and staging."""
         if not raw.size:
             return
+        self._capture_ok = False     # a capture's replay would not write these bytes
         if raw.size >= self.tuning.staging_min_bytes:
             upload_staged(self, buf, offset, raw, self.copy_threads)
         else:
@@ -176,7 +179,7 @@ class GpuContext:
             self.queue.write_buffer(buf, offset, raw)
 
     def to_numpy(self, t: GpuTensor) -> np.ndarray:
-        self.submit()
+        self.submit()     # (ends a capture's replayability, as every read does)
         if t.size == 0:
             return np.zeros(t.shape, _DTYPES[t.dtype])
         raw = self.queue.read_buffer(t.buffer, 0, t.nbytes)
@@ -197,6 +200,7 @@ class GpuContext:
             raise ValueError(f"read_into: out {out.dtype} {out.shape} does not hold a tensor "
                              f"{t.dtype} {t.shape} (C-contiguous)")
         raw = out.reshape(-1).view(np.uint8)
+        self._capture_ok = False
         if t.nbytes < self.tuning.staging_min_bytes:
             if t.size:
                 out.reshape(-1)[...] = self.to_numpy(t).reshape(-1)
@@ -244,6 +248,7 @@ class GpuContext:
         t = self._scratch
         if t is None or t.size < n:
             t = self._scratch = self.empty((n,))
+            self.scratch_version += 1
         return t
 
     def staging(self, nbytes: int, write: bool, what: str):
@@ -316,7 +321,12 @@ class GpuContext:
 
     # ---- recording ------------------------------------------------------------------------
     def encoder(self):
-        """The pending command encoder, for copies and clears (ends an open compute pass)."""
+        """The pending command encoder, for copies and clears (ends an open compute pass).
+        What callers record on it directly is not captured: it ends a capture's replayability."""
+        self._capture_ok = False
+        return self._enc()
+
+    def _enc(self):
         self._end_pass()
         if self._encoder is None:
             self._encoder = self.device.create_command_encoder()
@@ -330,7 +340,9 @@ class GpuContext:
     def copy(self, src, src_off: int, dst, dst_off: int, nbytes: int) -> None:
         """Record a buffer copy of nbytes (rounded up to 4)."""
         if nbytes:
-            self.encoder().copy_buffer_to_buffer(src, src_off, dst, dst_off, (nbytes + 3) // 4 * 4)
+            if self._captured is not None:
+                self._captured.append((None, src, src_off, dst, dst_off, nbytes))
+            self._enc().copy_buffer_to_buffer(src, src_off, dst, dst_off, (nbytes + 3) // 4 * 4)
 
     def _bind_group(self, bgl, buffers):
         """The cached group binding `buffers` (as dispatch() takes them) to bgl.  Keyed by the
@@ -375,6 +387,11 @@ class GpuContext:
         if not (gx and gy and gz):
             return
         bg = self._bind_group(bgl, buffers)
+        if self._captured is not None:
+            self._captured.append((pipe, bg, gx, gy, gz, label))
+        self._emit(pipe, bg, gx, gy, gz, label)
+
+    def _emit(self, pipe, bg, gx, gy, gz, label) -> None:
         if self._timing is not None:
             # one pass per dispatch: timestamps are taken at pass boundaries
             cp = self._timing.begin_pass(self, label)
@@ -384,10 +401,37 @@ class GpuContext:
         # consecutive dispatches share a pass (wgpu orders their storage accesses; a pass per
         # dispatch costs host time per kernel)
         if self._pass is None:
-            self._pass = self.encoder().begin_compute_pass()
+            self._pass = self._enc().begin_compute_pass()
         self._record(self._pass, pipe, bg, gx, gy, gz)
 
+    # ---- capture and replay ----------------------------------------------------------------
+    # A training step records the same dispatches every step of a batch shape (GPU objects are
+    # cached by content, so even the uniform blocks repeat), and recording them through the
+    # ops' Python costs several times what wgpu takes.  A run of ops captured once replays as
+    # its (pipeline, bind group, grid) list; the caller keys it by everything the ops read.
+    def begin_capture(self) -> None:
+        """Capture the dispatches and copies recorded from now until end_capture()."""
+        self._captured, self._capture_ok = [], True
+
+    def end_capture(self):
+        """What was recorded since begin_capture(), for replay(); None when anything else was
+        (a write or read, a submit, a clear or a copy made through encoder()): a run whose
+        effect is not only its dispatches and copies cannot be replayed."""
+        got, ok = self._captured, self._capture_ok
+        self._captured = None
+        return got if ok else None
+
+    def replay(self, captured) -> None:
+        """Record a captured run again: the same dispatches and copies, in order."""
+        for act in captured:
+            if act[0] is None:
+                _, src, src_off, dst, dst_off, nbytes = act
+                self.copy(src, src_off, dst, dst_off, nbytes)
+            else:
+                self._emit(*act)
+
     def submit(self) -> None:
+        self._capture_ok = False
         self._end_pass()
         if self._encoder is not None:
             enc, self._encoder = self._encoder, None

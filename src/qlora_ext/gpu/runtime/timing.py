@@ -30,7 +30,7 @@ class PassTimer:
             self.collect(ctx)
         i = len(self.labels)
         self.labels.append(label)
-        return ctx.encoder().begin_compute_pass(timestamp_writes={
+        return ctx._enc().begin_compute_pass(timestamp_writes={
             "query_set": self.qs, "beginning_of_pass_write_index": 2 * i,
             "end_of_pass_write_index": 2 * i + 1})
 

@@ -14,6 +14,8 @@ value is used, and their messages name the variable too.
                                               that dk/dv stored (1; default: where it fits 2 GiB)
     QLORA_EXT_WGSL_TRUSTED=0|1                shader modules without naga's runtime bounds checks
                                               (default: on for hardware GPUs, off for CPU adapters)
+    QLORA_EXT_REPLAY=0|1                      replay each layer's captured dispatches on later steps of the
+                                              same shape (default 1; 0: record every op every step)
     QLORA_EXT_NATIVE_RECORDING=0|1           record dispatches through wgpu-native directly (default 1;
                                               0: through wgpu-py's public methods, recording.py)
     QLORA_EXT_WGSL_DEBUG=1                    on a shader compile error, print the WGSL with line
@@ -48,6 +50,7 @@ class Tuning:
     attn_stored_ds: bool | None = None
     trusted: bool | None = None
     native_recording: bool = True
+    replay: bool = True
     wgsl_debug: bool = False
     shader_dir: str | None = None
     gpu_memory_gib: float | None = None
@@ -90,7 +93,7 @@ class Tuning:
                 kw[field] = _ints(var, v, (1,))[0]
         for var, field in (("QLORA_EXT_ATTN_HEAD_SPLIT", "attn_head_split"),
                            ("QLORA_EXT_ATTN_STORED_DS", "attn_stored_ds"), ("QLORA_EXT_WGSL_TRUSTED", "trusted"),
-                           ("QLORA_EXT_NATIVE_RECORDING", "native_recording")):
+                           ("QLORA_EXT_NATIVE_RECORDING", "native_recording"), ("QLORA_EXT_REPLAY", "replay")):
             v = get(var)
             if v is not None:
                 if v not in ("0", "1"):
