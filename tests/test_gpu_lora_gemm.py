@@ -78,7 +78,7 @@ _SHAPES = [("u", 1, 16, 1000), ("u", 2, 3, 131), ("u", 61, 64, 5), ("u", 257, 17
            ("dB", 1, 3, 1000), ("dB", 7, 16, 1), ("dB", 257, 64, 131), ("dB", 1031, 17, 5),
            ("du", 7, 17, 1000), ("du", 1031, 3, 64), ("du", 61, 1, 1),
            ("dA", 2, 64, 64), ("dA", 61, 17, 1000), ("dA", 257, 1, 5), ("dA", 1031, 16, 131),
-           ("dA", 8209, 5, 37)]   # K = 8209: the most K slices (256) and their longest tree
+           ("dA", 8209, 5, 37)]   # K = 8209: the most K slices and their longest tree
 
 
 def _problem(kind, n_tok, r, dim, rng):

@@ -14,12 +14,14 @@ _GENERAL = (64, 64, 16)
 # A 64 x 64 tile would compute 64 / r times the needed columns there, and split K over
 # workgroups needs a second, summing dispatch.  These products read each element of their big
 # operand once for r FMAs: memory-bound, so the threads in flight set the speed, and they are
-# (micro-tiles of C) x (K slices): the slices take as much of K as leaves each >= 16 deep, up to
-# a quarter of a workgroup (at 4 x 1024 tokens, r = 16: 256 K = tokens slices for dA, dB, 64 for
-# u, du, ~256K threads either way).
+# (micro-tiles of C) x (K slices): the slices take as much of K as leaves each >= 64 deep, up to
+# a quarter of a workgroup.  On an H200 (bench_small_gemm.py --lora, bench/results/
+# h200_s1204b_lora.log) the 28 layers' products of a Qwen3-0.6B step at 4 x 1024 took 42.7 ms
+# with slices >= 64 deep against 75.0 ms >= 16 (more, shorter slices: more summing), and 41.7
+# with split K over workgroups plus its summing dispatch; all of them far below bandwidth.
 _SKINNY_MAX = 64
 _SKINNY_MAX_THREADS = 1024
-_SKINNY_MIN_K_SLICE = 16
+_SKINNY_MIN_K_SLICE = 64
 _SKINNY_MAX_ROWS = 64
 
 
