@@ -93,9 +93,16 @@ def _problem(kind, n_tok, r, dim, rng):
             "dA": ((r, dim, n_tok, True, False, 1.0, True), small, big)}[kind]
 
 
+@pytest.mark.parametrize("path", ["skinny", "split"])
 @pytest.mark.parametrize("kind,n_tok,r,dim", _SHAPES)
-def test_skinny_products_match_float64(ctx, kind, n_tok, r, dim):
+def test_rank_r_products_match_float64(ctx, monkeypatch, path, kind, n_tok, r, dim):
+    """Both paths of the rank-r products: `skinny` (small ones) and `gemm` tiles with split K
+    (the large ones: here every size, with the threshold at 0)."""
+    from qlora_ext.gpu.bindings import gemm as G
     from qlora_ext.gpu.bindings.gemm import gemm_gpu
+
+    if path == "split":
+        monkeypatch.setattr(G, "_SKINNY_MAX_ELEMS", 0)
 
     rng = np.random.default_rng(n_tok * 7 + r * 3 + dim)
     (M, N, K, ta, tb, alpha, acc), A, B = _problem(kind, n_tok, r, dim, rng)
@@ -113,8 +120,9 @@ def test_skinny_products_match_float64(ctx, kind, n_tok, r, dim):
     ref = alpha * opa @ opb + (before if acc else 0.0)
     bound = alpha * np.abs(opa) @ np.abs(opb) + (np.abs(before) if acc else 0.0)
     err = np.abs(got[c_off:c_off + M * N].reshape(M, N) - ref) / bound
-    # fp32 sums of up to 8209 terms in slices and a tree: measured below 2e-7 of the |terms|
-    assert err.max() <= 1e-6, err.max()
+    # fp32 sums of up to 8209 terms in slices and a tree (skinny: measured below 2e-7 of the
+    # |terms|), or in K chunks of sequential sums and their sequential total (split)
+    assert err.max() <= (1e-6 if path == "skinny" else 1e-5), err.max()
     assert np.array_equal(got[:c_off], c0[:c_off]) and np.array_equal(got[c_off + M * N:], c0[c_off + M * N:])
 
 
@@ -145,8 +153,11 @@ def test_skinny_rows_do_not_depend_on_the_row_count(ctx, r, row_stable):
 
 
 def test_lora_products_one_dispatch_each(ctx, monkeypatch):
-    """The four rank-r products record one dispatch each (no split-K summing pass); a shape
-    with both sides of C over 64 (the LM head's dW) still splits K where its grid is small."""
+    """The four rank-r products record one dispatch each (no split-K summing pass) up to
+    _SKINNY_MAX_ELEMS elements of their big operand, and above it split K over `gemm`
+    workgroups; a shape with both sides of C over 64 (the LM head's dW) splits K where its grid
+    is small."""
+    from qlora_ext.gpu.bindings import gemm as G
     from qlora_ext.gpu.bindings.gemm import gemm_gpu
 
     entries = []
@@ -161,6 +172,12 @@ def test_lora_products_one_dispatch_each(ctx, monkeypatch):
     g0 = np.zeros(r * inn + out * r, np.float32)
     _products(ctx, x, dy, A, B, 0.5, g0, 0, r * inn, 0, r * inn)
     assert entries == ["small_gemm.skinny"] * 4
+    entries.clear()
+    monkeypatch.setattr(G, "_SKINNY_MAX_ELEMS", N * min(inn, out) - 1)   # every product is over it
+    _products(ctx, x, dy, A, B, 0.5, g0, 0, r * inn, 0, r * inn)
+    assert entries == ["small_gemm.gemm", "small_gemm.reduce_splits"] * 4
+    monkeypatch.undo()
+    monkeypatch.setattr(ctx, "dispatch", lambda pipe, *a, **k: (entries.append(pipe[2]), real(pipe, *a, **k)))
     entries.clear()
     gemm_gpu(ctx, ctx.upload(dy), ctx.upload(x), ctx.empty((out, inn)), out, inn, N, trans_a=True)
     assert entries == ["small_gemm.gemm", "small_gemm.reduce_splits"]
