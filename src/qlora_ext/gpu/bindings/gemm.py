@@ -27,7 +27,7 @@ _SKINNY_MAX_ROWS = 64
 # product of a 4 x 1024-token step) run faster as `gemm` tiles of the short side by 256 with
 # split K (_RANK_TK deep stages; _RANK_SPLIT: target workgroups, min K per split) and its summing
 # pass: 98.5 against 151.6 ms for the LoRA products of a Qwen3-4B step on an H200, 41.7
-# against 42.7 at 0.6B (h200_s1204b_lora*.log).  Below it (the few-token steps of real
+# against 42.7 at 0.6B (h200_s1204b_lora*.log, h200_s1204b_lora4b.log).  Below it (the few-token steps of real
 # batches, where the step pays per dispatch) `skinny` takes them in one dispatch.
 _SKINNY_MAX_ELEMS = 1 << 21
 _RANK_TK = 8
