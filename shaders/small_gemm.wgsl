@@ -62,6 +62,16 @@ var<workgroup> b_s: array<f32, TK * TN>;   // [TK][TN]
 // the k loop the slices' partial micro-tiles
 var<workgroup> sk_s: array<vec4<f32>, SMEM>;
 
+// (k, index) of element e of a staged [depth][count] block: where the stored operand runs along
+// k (along_k), consecutive threads take consecutive k, else consecutive indices; either way
+// they read consecutive addresses (coalesced).
+fn staged(e: u32, count: u32, depth: u32, along_k: bool) -> vec2<u32> {
+    if (along_k) {
+        return vec2<u32>(e % depth, e / depth);
+    }
+    return vec2<u32>(e / count, e % count);
+}
+
 fn load_a(row: u32, kk: u32, kend: u32) -> f32 {
     if (row >= p.m || kk >= kend) {
         return 0.0;
@@ -96,30 +106,12 @@ fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     let kend = min(p.k, kbeg + p.k_chunk);
     for (var k0 = kbeg; k0 < kend; k0 = k0 + TK) {
         for (var e = li; e < TK * TM; e = e + nthreads) {
-            // Consecutive threads take consecutive k for A stored [M, K] (coalesced reads),
-            // consecutive rows when A is stored [K, M].
-            var kk: u32;
-            var mm: u32;
-            if (p.trans_a != 0u) {
-                kk = e / TM;
-                mm = e % TM;
-            } else {
-                kk = e % TK;
-                mm = e / TK;
-            }
-            a_s[kk * TM + mm] = load_a(row0 + mm, k0 + kk, kend);
+            let at = staged(e, TM, TK, p.trans_a == 0u);
+            a_s[at.x * TM + at.y] = load_a(row0 + at.y, k0 + at.x, kend);
         }
         for (var e = li; e < TK * TN; e = e + nthreads) {
-            var kk: u32;
-            var nn: u32;
-            if (p.trans_b != 0u) {
-                kk = e % TK;
-                nn = e / TK;
-            } else {
-                kk = e / TN;
-                nn = e % TN;
-            }
-            b_s[kk * TN + nn] = load_b(k0 + kk, col0 + nn, kend);
+            let at = staged(e, TN, TK, p.trans_b != 0u);
+            b_s[at.x * TN + at.y] = load_b(k0 + at.x, col0 + at.y, kend);
         }
         workgroupBarrier();
         for (var kk = 0u; kk < TK; kk = kk + 1u) {
@@ -210,33 +202,18 @@ fn skinny(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index
     var acc3 = vec4<f32>(0.0);
     for (var k0 = 0u; k0 < p.k; k0 = k0 + SK) {
         for (var e = li; e < SK * rq; e = e + nthreads) {
-            // consecutive threads along the stored operand's contiguous index (coalesced)
-            var kk: u32;
-            var q: u32;
-            if (p.trans_a != 0u) {
-                kk = e / rq;
-                q = e % rq;
-            } else {
-                kk = e % SK;
-                q = e / SK;
-            }
-            let row = row0 + 4u * q;
-            sk_s[kk * rq + q] = vec4<f32>(load_a(row, k0 + kk, p.k), load_a(row + 1u, k0 + kk, p.k),
-                                          load_a(row + 2u, k0 + kk, p.k), load_a(row + 3u, k0 + kk, p.k));
+            let at = staged(e, rq, SK, p.trans_a == 0u);
+            let kk = k0 + at.x;
+            let row = row0 + 4u * at.y;
+            sk_s[at.x * rq + at.y] = vec4<f32>(load_a(row, kk, p.k), load_a(row + 1u, kk, p.k),
+                                               load_a(row + 2u, kk, p.k), load_a(row + 3u, kk, p.k));
         }
         for (var e = li; e < SK * cq; e = e + nthreads) {
-            var kk: u32;
-            var q: u32;
-            if (p.trans_b != 0u) {
-                kk = e % SK;
-                q = e / SK;
-            } else {
-                kk = e / cq;
-                q = e % cq;
-            }
-            let col = col0 + 4u * q;
-            sk_s[b_base + kk * cq + q] = vec4<f32>(load_b(k0 + kk, col, p.k), load_b(k0 + kk, col + 1u, p.k),
-                                                   load_b(k0 + kk, col + 2u, p.k), load_b(k0 + kk, col + 3u, p.k));
+            let at = staged(e, cq, SK, p.trans_b != 0u);
+            let kk = k0 + at.x;
+            let col = col0 + 4u * at.y;
+            sk_s[b_base + at.x * cq + at.y] = vec4<f32>(load_b(kk, col, p.k), load_b(kk, col + 1u, p.k),
+                                                        load_b(kk, col + 2u, p.k), load_b(kk, col + 3u, p.k));
         }
         workgroupBarrier();
         // only k < K: a padded step adds no (+0) terms, so the sum does not depend on SK

@@ -23,6 +23,16 @@ def ctx():
     return gpu_context()
 
 
+def _operands(seed, N, inn, out, r):
+    """Random x [N, in], dy [N, out], A [r, in], B [out, r] and a zero gradient buffer."""
+    g = np.random.default_rng(seed)
+    x = g.standard_normal((N, inn)).astype(np.float32)
+    dy = g.standard_normal((N, out)).astype(np.float32)
+    A = g.standard_normal((r, inn)).astype(np.float32)
+    B = g.standard_normal((out, r)).astype(np.float32)
+    return x, dy, A, B, np.zeros(r * inn + out * r, np.float32)
+
+
 def _products(ctx, x, dy, A, B, scale, g0, a_off, b_off, ga_off, gb_off, **kw):
     from qlora_ext.gpu.bindings.gemm import gemm_gpu
 
@@ -44,11 +54,8 @@ def _products(ctx, x, dy, A, B, scale, g0, a_off, b_off, ga_off, gb_off, **kw):
 @pytest.mark.parametrize("N,inn,out,r", [(131, 37, 53, 1), (257, 101, 67, 3), (131, 70, 263, 16),
                                          (67, 45, 29, 64), (1031, 37, 19, 16)])
 def test_lora_products_match_float64(ctx, N, inn, out, r):
-    g = np.random.default_rng(N + inn + out + r)
-    x = g.standard_normal((N, inn)).astype(np.float32)
-    dy = g.standard_normal((N, out)).astype(np.float32)
-    A = g.standard_normal((r, inn)).astype(np.float32)
-    B = g.standard_normal((out, r)).astype(np.float32)
+    x, dy, A, B, _ = _operands(N + inn + out + r, N, inn, out, r)
+    g = np.random.default_rng(N * inn)
     scale = 2.0 / r
     a_off, b_off = 5, 7 + r * inn          # unaligned element offsets
     ga_off, gb_off = 3, 3 + r * inn + 2
@@ -164,20 +171,14 @@ def test_lora_products_one_dispatch_each(ctx, monkeypatch):
     real = ctx.dispatch
     monkeypatch.setattr(ctx, "dispatch", lambda pipe, *a, **k: (entries.append(pipe[2]), real(pipe, *a, **k)))
     N, inn, out, r = 1031, 300, 270, 16
-    g = np.random.default_rng(1)
-    x = g.standard_normal((N, inn)).astype(np.float32)
-    dy = g.standard_normal((N, out)).astype(np.float32)
-    A = g.standard_normal((r, inn)).astype(np.float32)
-    B = g.standard_normal((out, r)).astype(np.float32)
-    g0 = np.zeros(r * inn + out * r, np.float32)
+    x, dy, A, B, g0 = _operands(1, N, inn, out, r)
     _products(ctx, x, dy, A, B, 0.5, g0, 0, r * inn, 0, r * inn)
     assert entries == ["small_gemm.skinny"] * 4
     entries.clear()
-    monkeypatch.setattr(G, "_SKINNY_MAX_ELEMS", N * min(inn, out) - 1)   # every product is over it
-    _products(ctx, x, dy, A, B, 0.5, g0, 0, r * inn, 0, r * inn)
+    with monkeypatch.context() as m:
+        m.setattr(G, "_SKINNY_MAX_ELEMS", N * min(inn, out) - 1)   # every product is over it
+        _products(ctx, x, dy, A, B, 0.5, g0, 0, r * inn, 0, r * inn)
     assert entries == ["small_gemm.gemm", "small_gemm.reduce_splits"] * 4
-    monkeypatch.undo()
-    monkeypatch.setattr(ctx, "dispatch", lambda pipe, *a, **k: (entries.append(pipe[2]), real(pipe, *a, **k)))
     entries.clear()
     gemm_gpu(ctx, ctx.upload(dy), ctx.upload(x), ctx.empty((out, inn)), out, inn, N, trans_a=True)
     assert entries == ["small_gemm.gemm", "small_gemm.reduce_splits"]
@@ -194,12 +195,7 @@ def test_lora_products_any_tiles_deterministic(ctx, kw):
     float64 result, and the same bits twice (split K and the K slices are summed in a fixed
     order: resume is bit-exact)."""
     N, inn, out, r = 263, 45, 38, 16
-    g = np.random.default_rng(7)
-    x = g.standard_normal((N, inn)).astype(np.float32)
-    dy = g.standard_normal((N, out)).astype(np.float32)
-    A = g.standard_normal((r, inn)).astype(np.float32)
-    B = g.standard_normal((out, r)).astype(np.float32)
-    g0 = np.zeros(r * inn + out * r, np.float32)
+    x, dy, A, B, g0 = _operands(7, N, inn, out, r)
     first = _products(ctx, x, dy, A, B, 0.5, g0, 0, r * inn, 0, r * inn, **kw)
     again = _products(ctx, x, dy, A, B, 0.5, g0, 0, r * inn, 0, r * inn, **kw)
     for f, s in zip(first, again):
