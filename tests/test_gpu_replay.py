@@ -111,3 +111,31 @@ def test_split_placement_does_not_replay():
     from qlora_ext.engine.split_device import SplitDevice
 
     assert SplitDevice.replayable is None
+
+
+def test_replay_follows_a_loaded_adapter_of_another_alpha(ctx, ckpt, monkeypatch, tmp_path):
+    """The LoRA scale is baked into the recorded work: loading an adapter of the same layout
+    but another alpha after some steps gives the loss of a model without replay."""
+    import json
+
+    from qlora_ext.api import load_model
+    from qlora_ext.model.lora import LoraConfig
+    from qlora_ext.train.trainer import TrainConfig, Trainer
+
+    ids = np.random.default_rng(3).integers(0, 101, size=(2, 9))
+    losses = {}
+    for replay in (False, True):
+        monkeypatch.setattr(ctx, "tuning", dataclasses.replace(ctx.tuning, replay=replay))
+        model = load_model(ckpt, placement="gpu", device="gpu", lora=LoraConfig(r=4, alpha=8))
+        trainer = Trainer(model, TrainConfig(lr=1e-2))
+        for _ in range(3):
+            trainer.step(ids, ids)
+        before = [float(model.loss(ids, ids)) for _ in range(2)]   # captured, then replayed
+        out = tmp_path / f"adapter{int(replay)}"
+        model.save_adapter(out)
+        cfg = json.loads((out / "adapter_config.json").read_text())
+        cfg["lora_alpha"] = 32
+        (out / "adapter_config.json").write_text(json.dumps(cfg))
+        model.load_adapter(out)
+        losses[replay] = before + [float(model.loss(ids, ids)) for _ in range(2)]
+    assert losses[True] == losses[False] and losses[True][2] != losses[True][0]

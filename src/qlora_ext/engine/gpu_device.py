@@ -199,12 +199,15 @@ class GpuDevice:
         then (GpuContext.replay): the same work without the ops' Python.  The state is all the
         ops read besides their arguments: the batch shape, whether there is padding, packing
         or dropout, the RoPE tables and the context's scratch (their buffers), the rows'
-        offset and row_stable.  Runs that write or read (streamed weights) never replay."""
-        if not self.ctx.tuning.replay:
+        offset and row_stable, the LoRA slots and scales (params.version) and the GPU knobs
+        (tuning).  Runs that write or read (streamed weights) never replay."""
+        tuning = self.ctx.tuning
+        if not tuning.replay:
             run()
             return
         full = (key, self.dims, self.mask is None, self.starts is None, self._drop_on, self.dropout_p,
-                self._tab_version, self.ctx.scratch_version, self.row0, self.row_stable)
+                self._tab_version, self.ctx.scratch_version, self.row0, self.row_stable, self.params.version,
+                tuning)
         got = self._replays.get(full)
         if got is not None:
             self.ctx.replay(got)

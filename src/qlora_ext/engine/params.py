@@ -5,6 +5,7 @@ sub-ranges of one buffer), so moving weights, gradients and AdamW moments betwee
 one copy.  The padding stays zero under every update."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,6 +13,8 @@ import numpy as np
 from ..model.lora import LM_HEAD_NAME, PROJECTIONS, LoraWeights, peft_name
 
 PARAM_ALIGN = 64
+# FlatParams.version: unique across objects, so a cache keyed by it never meets a recycled value
+_VERSIONS = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,9 @@ class FlatParams:
                                              self.offsets[peft_name(l, proj, "B")][0], int(r), int(inn),
                                              int(pair.B.shape[0]), float(pair.scale))
         self.head_off = self.offsets[LM_HEAD_NAME][0] if LM_HEAD_NAME in self.offsets else None
+        # changes whenever the slots do (a new object, refresh_scales): what the GPU device's
+        # replay of captured layers keys on, as the scales are baked into recorded work
+        self.version = next(_VERSIONS)
 
     def _view(self, flat, name):
         off, shape = self.offsets[name]
@@ -73,6 +79,7 @@ class FlatParams:
         for key, slot in self.slots.items():
             pair = self.lora_weights.pairs[key]
             self.slots[key] = LoraSlot(slot.a_off, slot.b_off, slot.r, slot.inn, slot.out, float(pair.scale))
+        self.version = next(_VERSIONS)
 
     # ---- per-projection access (the devices' linear ops) -----------------------------------
     def lora(self, l: int, proj: str) -> LoraSlot | None:
