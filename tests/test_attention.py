@@ -7,6 +7,8 @@ import pytest
 
 from qlora_ext.cpu import kernels as K
 
+from gpu_support import attention_inputs, rel_err
+
 RTOL = 1e-5
 
 
@@ -51,20 +53,6 @@ def ref_attention(q, k, v, mask=None, dout=None, chunk=256):
     return (out, lse, dq, dk, dv) if grads else (out, lse)
 
 
-def rel_err(a, ref, scale=None):
-    scale = np.abs(ref).max() if scale is None else scale
-    return np.abs(a.astype(np.float64) - ref).max() / max(scale, 1e-30)
-
-
-def inputs(B, T, Hq, Hkv, D, seed=0):
-    rng = np.random.default_rng(seed)
-    q = rng.standard_normal((B, T, Hq, D)).astype(np.float32)
-    k = rng.standard_normal((B, T, Hkv, D)).astype(np.float32)
-    v = rng.standard_normal((B, T, Hkv, D)).astype(np.float32)
-    do = rng.standard_normal((B, T, Hq, D)).astype(np.float32)
-    return q, k, v, do
-
-
 def check(q, k, v, do, mask=None, threads=2, rtol=RTOL):
     out, lse = K.attention_forward(q, k, v, mask=mask, threads=threads)
     dq, dk, dv = K.attention_backward(q, k, v, out, lse, do, mask=mask, threads=threads)
@@ -99,13 +87,13 @@ SHAPES = [  # B, T, Hq, Hkv, D
 
 @pytest.mark.parametrize("B,T,Hq,Hkv,D", SHAPES)
 def test_attention_matches_reference(simd_level, B, T, Hq, Hkv, D):
-    check(*inputs(B, T, Hq, Hkv, D, seed=T * 7 + D))
+    check(*attention_inputs(T * 7 + D, B, T, Hq, Hkv, D))
 
 
 @pytest.mark.parametrize("kind", ["right", "left", "random"])
 def test_attention_padding_mask(simd_level, kind):
     B, T, Hq, Hkv, D = 3, 71, 4, 2, 32
-    q, k, v, do = inputs(B, T, Hq, Hkv, D, seed=11)
+    q, k, v, do = attention_inputs(11, B, T, Hq, Hkv, D)
     lengths = np.array([71, 50, 3])
     idx = np.arange(T)[None, :]
     if kind == "right":
@@ -124,7 +112,7 @@ def test_attention_padding_mask(simd_level, kind):
 
 @pytest.fixture(scope="module")
 def case_4097():
-    args = inputs(1, 4097, 2, 1, 32, seed=4097)
+    args = attention_inputs(4097, 1, 4097, 2, 1, 32)
     return args, ref_attention(*args[:3], None, args[3], chunk=1024)
 
 
@@ -139,7 +127,7 @@ def test_attention_4097_every_path(simd_level, case_4097):
 
 def test_attention_threads_agree():
     """Results do not depend on the thread count (deterministic training steps)."""
-    q, k, v, do = inputs(2, 150, 4, 2, 64, seed=3)
+    q, k, v, do = attention_inputs(3, 2, 150, 4, 2, 64)
     o1, l1 = K.attention_forward(q, k, v, threads=1)
     o2, l2 = K.attention_forward(q, k, v, threads=2)
     np.testing.assert_array_equal(o1, o2)
@@ -149,7 +137,7 @@ def test_attention_threads_agree():
         for a, b in zip(g1, K.attention_backward(q, k, v, o1, l1, do, threads=threads)):
             np.testing.assert_array_equal(a, b)
     # one kv head, more threads than cores: threads wait for each other's dq shares
-    q, k, v, do = inputs(1, 1000, 2, 1, 32, seed=4)
+    q, k, v, do = attention_inputs(4, 1, 1000, 2, 1, 32)
     o, lse = K.attention_forward(q, k, v, threads=1)
     g1 = K.attention_backward(q, k, v, o, lse, do, threads=1)
     for threads in (4, 8):
@@ -184,7 +172,7 @@ def test_attention_16k_tokens():
     """A 16k-token sequence runs in O(T * D) memory; spot-check against float64: out, lse and
     dq of some query rows, dk and dv of the last keys (which only the last queries see)."""
     T, D = 16384, 16
-    q, k, v, do = inputs(1, T, 2, 1, D, seed=16)
+    q, k, v, do = attention_inputs(16, 1, T, 2, 1, D)
     out, lse = K.attention_forward(q, k, v)
     dq, dk, dv = K.attention_backward(q, k, v, out, lse, do)
     rows = np.array([1, 4095, 9001, T - 1])
@@ -222,7 +210,7 @@ def test_attention_16k_tokens():
 @pytest.mark.parametrize("B,T,Hq,Hkv,D", [(2, 37, 8, 2, 64), (1, 130, 4, 4, 128)])
 def test_attention_matches_torch_sdpa(B, T, Hq, Hkv, D):
     torch = pytest.importorskip("torch")
-    q, k, v, do = inputs(B, T, Hq, Hkv, D, seed=21)
+    q, k, v, do = attention_inputs(21, B, T, Hq, Hkv, D)
     g = Hq // Hkv
     qt, kt, vt = (torch.from_numpy(a).double().transpose(1, 2).requires_grad_(True) for a in (q, k, v))
     ot = torch.nn.functional.scaled_dot_product_attention(
@@ -236,7 +224,7 @@ def test_attention_matches_torch_sdpa(B, T, Hq, Hkv, D):
 
 
 def test_attention_bad_input():
-    q, k, v, do = inputs(1, 8, 4, 2, 16)
+    q, k, v, do = attention_inputs(0, 1, 8, 4, 2, 16)
     out, lse = K.attention_forward(q, k, v)
     with pytest.raises(ValueError, match="float32"):
         K.attention_forward(q.astype(np.float64), k, v)

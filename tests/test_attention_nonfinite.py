@@ -9,7 +9,8 @@ import pytest
 
 import qlora_ext
 from qlora_ext.cpu import kernels as K
-from test_attention import inputs, ref_attention, rel_err
+from gpu_support import attention_inputs, rel_err
+from test_attention import ref_attention
 
 BAD = (np.nan, np.inf, -np.inf)
 
@@ -51,7 +52,7 @@ CASES = [  # B, T, Hq, Hkv, D, where
 @pytest.mark.parametrize("bad", BAD, ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 def test_non_finite_q_or_k_poisons_exactly_its_rows(simd_level, B, T, Hq, Hkv, D, where, bad, masked):
-    q, k, v, do = inputs(B, T, Hq, Hkv, D, seed=T + D)
+    q, k, v, do = attention_inputs(T + D, B, T, Hq, Hkv, D)
     rng = np.random.default_rng(T * 7 + D)
     mask = None
     if masked:
@@ -97,7 +98,7 @@ def test_lone_key_with_an_infinite_score_is_nan_not_zero(simd_level):
 
 
 def test_nan_lse_gives_nan_gradients(simd_level):
-    q, k, v, do = inputs(1, 40, 2, 1, 16, seed=1)
+    q, k, v, do = attention_inputs(1, 1, 40, 2, 1, 16)
     out, lse = K.attention_forward(q, k, v)
     lse[0, 1, 20] = np.nan
     dq, dk, dv = K.attention_backward(q, k, v, out, lse, do)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from qlora_ext.cpu import kernels as K
-from test_attention import RTOL, inputs, ref_attention, rel_err
+from gpu_support import attention_inputs, rel_err
+from test_attention import RTOL, ref_attention
 
 
 def segments_of(lengths):
@@ -33,7 +34,7 @@ def ref_packed(q, k, v, do, seg_rows, mask=None):
 def check_packed(lengths_rows, Hq, Hkv, D, mask=None, threads=2, seed=0):
     T = sum(lengths_rows[0])
     seg = np.stack([segments_of(ls) for ls in lengths_rows])
-    q, k, v, do = inputs(len(lengths_rows), T, Hq, Hkv, D, seed)
+    q, k, v, do = attention_inputs(seed, len(lengths_rows), T, Hq, Hkv, D)
     out, lse = K.attention_forward(q, k, v, mask=mask, threads=threads, segments=seg)
     dq, dk, dv = K.attention_backward(q, k, v, out, lse, do, mask=mask, threads=threads,
                                       segments=seg)
@@ -90,7 +91,7 @@ def test_segments_thread_counts_agree():
 
 
 def test_one_segment_is_plain_causal():
-    q, k, v, do = inputs(2, 139, 4, 2, 32)
+    q, k, v, do = attention_inputs(0, 2, 139, 4, 2, 32)
     seg = np.zeros((2, 139), np.int32)
     plain = K.attention_forward(q, k, v)
     packed = K.attention_forward(q, k, v, segments=seg)
@@ -99,7 +100,7 @@ def test_one_segment_is_plain_causal():
 
 
 def test_segments_bad_input():
-    q, k, v, _ = inputs(1, 5, 2, 1, 8)
+    q, k, v, _ = attention_inputs(0, 1, 5, 2, 1, 8)
     with pytest.raises(ValueError, match="segments"):
         K.attention_forward(q, k, v, segments=np.zeros((1, 4), np.int32))
     with pytest.raises(ValueError, match="segments"):

@@ -1,11 +1,12 @@
-"""GPU causal GQA flash attention, forward and backward, against a float64 numpy
-reference that builds the full T x T matrix (the kernels never do)."""
+"""GPU causal GQA flash attention, forward and backward, against the CPU tests' float64 numpy
+reference (test_attention.ref_attention, which forms the score rows the kernels never keep)."""
 import dataclasses
 
 import numpy as np
 import pytest
 
 from gpu_support import attention_ds_mode, attention_inputs, gpu_context, poison_scratch, rel_err  # noqa: F401
+from test_attention import ref_attention
 
 pytestmark = pytest.mark.gpu
 
@@ -15,40 +16,10 @@ def ctx():
     return gpu_context()
 
 
-def _reference(q, k, v, mask, do):
-    """float64 (o, lse, dq, dk, dv); rows with no visible key: o = 0, lse = -inf."""
-    q, k, v, do = (a.astype(np.float64) for a in (q, k, v, do))
-    B, T, Hq, D = q.shape
-    Hkv = k.shape[2]
-    G = Hq // Hkv
-    kk, vv = np.repeat(k, G, axis=2), np.repeat(v, G, axis=2)  # head h -> kv head h // G
-    scale = 1.0 / np.sqrt(D)
-    s = np.einsum("bihd,bjhd->bhij", q, kk) * scale
-    vis = np.broadcast_to(np.tril(np.ones((T, T), bool)), (B, Hq, T, T))
-    if mask is not None:
-        vis = vis & (mask[:, None, None, :] != 0)
-    m = np.where(vis, s, -np.inf).max(axis=-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    e = np.where(vis, np.exp(np.where(vis, s, 0.0) - m), 0.0)
-    l = e.sum(axis=-1, keepdims=True)
-    P = e / np.where(l > 0, l, 1.0)
-    o = np.einsum("bhij,bjhd->bihd", P, vv)
-    lse = np.where(l[..., 0] > 0, np.log(np.where(l[..., 0] > 0, l[..., 0], 1.0)) + m[..., 0], -np.inf)
-    dP = np.einsum("bihd,bjhd->bhij", do, vv)
-    delta = np.einsum("bihd,bihd->bhi", do, o)[..., None]
-    dS = P * (dP - delta)
-    dq = np.einsum("bhij,bjhd->bihd", dS, kk) * scale
-    dk_full = np.einsum("bhij,bihd->bjhd", dS, q) * scale
-    dv_full = np.einsum("bhij,bihd->bjhd", P, do)
-    dk = dk_full.reshape(B, T, Hkv, G, D).sum(axis=3)
-    dv = dv_full.reshape(B, T, Hkv, G, D).sum(axis=3)
-    return o, lse, dq, dk, dv
-
-
 def _check(ctx, q, k, v, do, mask, tol=1e-5):
     from gpu_numpy_forms import attention_backward, attention_forward
 
-    o_ref, lse_ref, dq_ref, dk_ref, dv_ref = _reference(q, k, v, mask, do)
+    o_ref, lse_ref, dq_ref, dk_ref, dv_ref = ref_attention(q, k, v, mask, do)
     o, lse = attention_forward(q, k, v, mask=mask, ctx=ctx)
     assert rel_err(o, o_ref) <= tol
     fin = np.isfinite(lse_ref)
