@@ -111,7 +111,7 @@ def run_shape(ctx, case, variants, reps, rng, bufs):
         fb = Operand(wf, 0, w.shape[1])
         if label == "current":
             # as the step: the LM head's split K goes through the weight scratch (idle then)
-            used = kernels.step_gemm_tiles(ctx)(M, N, K, False)
+            used = kernels.step_gemm_tiles(ctx)(M, N, K, False, b_t)
             rec = lambda: kernels.gemm(ctx, M, N, K, Operand(a_buf), Operand(scratch.fp32(w), 0, w.shape[1]),  # noqa: E731
                                        Operand(c_buf), b_t=b_t, lora=lora, scratch=None if nf4 else scratch.buf)
         elif label.startswith("nf4:"):
@@ -194,7 +194,7 @@ def table(path: str) -> str:
     for e in json.load(open(path))[1:]:
         M, N, K = e["M"], e["N"], e["K"]
         flop = 2.0 * M * N * K
-        t = chooser(M, N, K, False)
+        t = chooser(M, N, K, False, e["b_t"])
         key = ([t.wgx, t.wgy, t.tm, t.tn, t.bk], t.unroll, t.splits)
         rows = [r for r in e["rows"] if "s" in r]
         same = [r for r in rows if (r["tiles"], r["unroll"], r["splits"]) == key

@@ -31,9 +31,9 @@
 // projections 10-20% slower on an H200 (bench/bench_gemm_ceiling.py, BENCHMARKS.md).
 // Threads keep the row-major order of local_invocation_id: a warp spanning 8 × 4 threads
 // (fewer distinct addresses per shared-memory read) ran 15-25% slower on an H200.
-// Loads: thread idx takes tile row (m or n) idx % BM (BN) and k group idx / BM (BN), so the
-// scalar stores of the transposed tiles go to consecutive addresses across a warp (no bank
-// conflicts); B stored [K, N] is stored as whole vec4s.
+// Loads: A as gemm_tiles.wgsl says (a warp reads runs of BK floats along k); B stored [N, K]
+// likewise (thread idx takes row idx / KW and code word idx % KW of it); B stored [K, N] is
+// read with lanes along n and stored as whole vec4s.
 // The *_VEC constants select vec4 (A, C) / whole-word (B) loads and stores; the host sets
 // them only when strides, offsets and extents are multiples of 4 (8).
 
@@ -59,6 +59,7 @@ override ACCUM: bool = false;
 override BM: u32 = WGY * TM;
 override BN: u32 = WGX * TN;
 override NT: u32 = WGX * WGY;
+override KW: u32 = BK / 8u;     // code words (8 elements each) in a tile row of B stored [N, K]
 override TM4: u32 = TM / 4u;
 override TN4: u32 = TN / 4u;
 // per-thread loads of one K tile: A in vec4s, B in 8-element words
@@ -148,7 +149,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
                 // one word = 8 elements along the stored row
                 var row: u32; var col: u32; var ok: bool;
                 if (B_T) {
-                    row = n0 + idx % BN; col = kf + (idx / BN) * 8u;
+                    row = n0 + idx / KW; col = kf + (idx % KW) * 8u;
                     ok = idx < BN * BK / 8u && row < N;
                 } else {
                     row = kf + idx / (BN / 8u); col = n0 + (idx % (BN / 8u)) * 8u;
@@ -225,8 +226,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
                     let s = rb[i].y;
                     if (B_T) {
                         // word of stored row n0 + nb, k from k0 + kb: eight rows of Bs
-                        let nb = idx % BN;
-                        let kb = (idx / BN) * 8u;
+                        let nb = idx / KW;
+                        let kb = (idx % KW) * 8u;
                         let ok = n0 + nb < N;
                         for (var j = 0u; j < 8u; j++) {
                             var v = 0.0;

@@ -25,9 +25,8 @@
 // UNROLL: the BK k steps of a tile are written out (ksteps8, constant offsets) instead of looped
 // over: the NVIDIA driver keeps a loop over an override bound rolled, and on an H200 the same
 // BK 8 tiles ran 15-25 TFLOP/s rolled and 23-32 written out (BENCHMARKS.md).  BK 8 or 16 only.
-// Loads: thread idx takes tile row (m or n) idx % BM (BN) and k group idx / BM (BN), so the
-// scalar stores of the transposed tiles go to consecutive addresses across a warp; B stored
-// [K, N] is copied as whole vec4s.  The *_VEC constants select vec4 loads and stores; the host
+// Loads: A and B stored [N, K] as gemm_tiles.wgsl says (a warp reads runs of BK floats along
+// k); B stored [K, N] is copied as whole vec4s, lanes along n.  The *_VEC constants select vec4 loads and stores; the host
 // sets them only when strides, offsets and extents are multiples of 4.
 
 struct Params {
@@ -154,8 +153,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
                 let idx = li + i * NT;
                 var v = vec4<f32>(0.0);
                 if (B_T) {
-                    let row = n0 + idx % BN;
-                    let k = kf + (idx / BN) * 4u;
+                    let row = n0 + idx / KQ;
+                    let k = kf + (idx % KQ) * 4u;
                     if (idx < BN * BK / 4u && row < N) {
                         let base = P.b_off + row * P.ldb + k;
                         if (B_VEC) {
@@ -213,8 +212,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
                 let idx = li + i * NT;
                 if (idx < BN * BK / 4u) {
                     if (B_T && t < ntm) {
-                        let n = idx % BN;
-                        let kq = idx / BN;
+                        let n = idx / KQ;
+                        let kq = idx % KQ;
                         for (var j = 0u; j < 4u; j++) {
                             let e = (nxt * BK + kq * 4u + j) * BN + n;
                             Bs[e >> 2u][e & 3u] = rb[i][j];

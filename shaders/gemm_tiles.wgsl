@@ -4,14 +4,21 @@
 // t_off), the bindings a, lt, ll, c, the workgroup array As, a_at(), and the overrides BM, BN,
 // BK, NT, WGX, WGY, TM4, TN4, A_LOADS, L_LOADS, LORA, A_VEC, C_VEC, ACCUM.  ra / rb are the
 // thread's prefetch registers of one K tile (at most 8 vec4s each).
+//
+// Loads of a row-major operand with k along its rows (A, and B stored [N, K]): thread idx takes
+// tile row idx / KQ and k group idx % KQ, so the lanes of a warp read whole runs of BK
+// consecutive floats of each row.  (Lanes along the rows, one vec4 per row, touched 32 cache
+// lines per warp load: on an H200 the L1 traffic, not the FMAs, then bounded the GEMM.)
+
+override KQ: u32 = BK / 4u;   // vec4 k groups in a tile row
 
 // LoRA K tile from k = kl0 of the rank: A from T [M, R], B from L (LORA 1: [N, R]; 2: [R, N])
 fn fetch_lora(ra: ptr<function, array<vec4<f32>, 8>>, rb: ptr<function, array<vec4<f32>, 8>>,
               kl0: u32, m0: u32, n0: u32, li: u32) {
     for (var i = 0u; i < A_LOADS; i++) {
         let idx = li + i * NT;
-        let k = kl0 + (idx / BM) * 4u;
-        let row = m0 + idx % BM;
+        let k = kl0 + (idx % KQ) * 4u;
+        let row = m0 + idx / KQ;
         var v = vec4<f32>(0.0);
         if (idx < BM * BK / 4u && row < P.M) {
             for (var j = 0u; j < 4u; j++) {
@@ -36,12 +43,12 @@ fn fetch_lora(ra: ptr<function, array<vec4<f32>, 8>>, rb: ptr<function, array<ve
     }
 }
 
-// A's K tile from k = kf: thread idx takes row idx % BM, k group idx / BM
+// A's K tile from k = kf: thread idx takes row idx / KQ, k group idx % KQ
 fn fetch_a(ra: ptr<function, array<vec4<f32>, 8>>, kf: u32, m0: u32, li: u32) {
     for (var i = 0u; i < A_LOADS; i++) {
         let idx = li + i * NT;
-        let row = m0 + idx % BM;
-        let k = kf + (idx / BM) * 4u;
+        let row = m0 + idx / KQ;
+        let k = kf + (idx % KQ) * 4u;
         var v = vec4<f32>(0.0);
         if (idx < BM * BK / 4u && row < P.M) {
             let base = P.a_off + row * P.lda + k;
@@ -62,8 +69,8 @@ fn store_a_tile(ra: ptr<function, array<vec4<f32>, 8>>, nxt: u32, li: u32) {
     for (var i = 0u; i < A_LOADS; i++) {
         let idx = li + i * NT;
         if (idx < BM * BK / 4u) {
-            let m = idx % BM;
-            let kq = idx / BM;
+            let m = idx / KQ;
+            let kq = idx % KQ;
             for (var j = 0u; j < 4u; j++) {
                 let e = (nxt * BK + kq * 4u + j) * BM + m;
                 As[e >> 2u][e & 3u] = (*ra)[i][j];

@@ -23,7 +23,8 @@ def test_step_gemm_tiles_choice(ctx, monkeypatch):
     if ctx.info["software"]:
         assert not ch.own and ch(4096, 1024) == ch.fallback(4096, 1024)
     ch.own = True   # the rule itself, as on a real GPU
-    assert ch(2048, 151936, 1024, False) == StepGemmTiles.F32_BIG   # logits
+    assert ch(2048, 151936, 1024, False, True) == StepGemmTiles.F32_BIG_BT   # logits (x · Wᵀ)
+    assert ch(2048, 151936, 1024, False) == StepGemmTiles.F32_BIG        # B stored [K, N]
     assert ch(1024, 2560, 151936, False) == StepGemmTiles.F32_THIN  # 4B dhidden: 160 groups
     assert ch(2048, 1024, 151936, False) == StepGemmTiles.F32_THIN  # 0.6B dhidden: 128 groups
     assert ch(2048, 1024, 151936, True) == StepGemmTiles.SMALL
@@ -34,6 +35,8 @@ def test_step_gemm_tiles_choice(ctx, monkeypatch):
     for M, N in ((4096, 1024), (4096, 9728), (4096, 2560), (1600, 2048)):
         assert ch(M, N, 1024, True) == StepGemmTiles.BIG, (M, N)
         assert ch(M, N, 1024, False) == StepGemmTiles.F32_BIG, (M, N)
+        assert ch(M, N, 1024, False, True) == StepGemmTiles.F32_BIG_BT, (M, N)
+        assert ch(M, N, 1024, True, True) == StepGemmTiles.BIG, (M, N)
     monkeypatch.setattr(ctx, "tuning", dataclasses.replace(ctx.tuning, gemm_tiles=(8, 8, 4, 4, 8)))
     assert not StepGemmTiles(ctx).own                             # benchmarks' override wins
 

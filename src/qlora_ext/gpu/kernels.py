@@ -105,7 +105,7 @@ class TileChooser:
         self.small = small.check(ctx)
         self.min_groups = ctx.tuning.gemm_min_groups or int(min_groups)
 
-    def __call__(self, M: int, N: int, K: int = 0, nf4: bool = True) -> GemmTiles:
+    def __call__(self, M: int, N: int, K: int = 0, nf4: bool = True, b_t: bool = False) -> GemmTiles:
         groups = -(-M // self.big.bm) * -(-N // self.big.bn)
         return self.big if groups >= self.min_groups else self.small
 
@@ -124,10 +124,11 @@ class StepGemmTiles:
     - grids of fewer than 200 128 x 128 tiles: 64 x 128 tiles, 4 x 8 per thread (16,16,4,8,8).
     fp32 B (shaders/gemm_f32.wgsl: the dequantized projections and the LM head), from the same
     script (bench/results/h200_gemm_f32_sweep2.json):
-    - 64 x 128 tiles of 128 threads, 8 x 8 per thread, BK 8, k loop written out (16,8,8,8,8):
-      27.5-33.9 TFLOP/s on every projection GEMM and the logits, the best or within 1-2 of the
-      best of 22 settings at each shape (128 x 128 or 128 x 256 tiles won forward GEMMs of N
-      1024-3072 by up to 1.6 and lost up to 7 at K = 2560-9728).
+    - B stored [K, N] (dx = dy · W): 64 x 128 tiles of 128 threads, 8 x 8 per thread, BK 8, k
+      loop written out (16,8,8,8,8): 32.7-33.9 TFLOP/s, the best of 5 settings at each shape
+      but 4B o.dx (34.6 at 128 x 128) (bench/results/h200_s1204c_gemm_coalesced_*.json).
+    - B stored [N, K] (x · Wᵀ, the logits): 128 x 128 tiles of 256 threads (16,16,8,8,8):
+      31.8-34.4 TFLOP/s against 29.4-31.2 for 64 x 128, the best at every shape.
     - grids of fewer than THIN_GRID 128 x 128 tiles (dhidden: K = vocab): 64 x 128 tiles with
       BK 16 and K split 4 ways where the caller's scratch holds the partials (32.4 at 4B,
       where the projections' weight scratch does; unsplit at 0.6B: 32.7).
@@ -143,6 +144,7 @@ class StepGemmTiles:
     BIG = GemmTiles(16, 16, 8, 8, 16)
     SMALL = GemmTiles(16, 16, 4, 8, 8)
     F32_BIG = GemmTiles(16, 8, 8, 8, 8)
+    F32_BIG_BT = GemmTiles(16, 16, 8, 8, 8)
     F32_THIN = GemmTiles(16, 8, 8, 8, 16, splits=4)
     F32_SPLIT = GemmTiles(16, 8, 8, 8, 8)
     THIN_GRID = 200
@@ -154,20 +156,20 @@ class StepGemmTiles:
         own = not ctx.software and not ctx.tuning.gemm_overridden
         if own:
             try:
-                for t in (self.BIG, self.SMALL, self.F32_BIG, self.F32_THIN):
+                for t in (self.BIG, self.SMALL, self.F32_BIG, self.F32_BIG_BT, self.F32_THIN):
                     t.check(ctx)
             except ValueError:
                 own = False
         self.own = own
 
-    def __call__(self, M: int, N: int, K: int = 0, nf4: bool = True) -> GemmTiles:
+    def __call__(self, M: int, N: int, K: int = 0, nf4: bool = True, b_t: bool = False) -> GemmTiles:
         if not self.own:
             return self.fallback(M, N)
         thin = -(-M // 128) * -(-N // 128) < self.THIN_GRID
         if nf4:
             return self.SMALL if thin else self.BIG
         if not thin:
-            return self.F32_BIG
+            return self.F32_BIG_BT if b_t else self.F32_BIG
         grid = -(-M // self.F32_SPLIT.bm) * -(-N // self.F32_SPLIT.bn)
         if grid >= self.SPLIT_GRID:
             return self.F32_THIN
@@ -229,13 +231,13 @@ def gemm(ctx, M: int, N: int, K: int, a: Operand, b, c: Operand, b_t: bool, lora
     lora: None or (T: Operand [M, R], R, L: Operand, mode) with mode 1: L stored [N, R] (LoRA
     B, forward), 2: [R, N] (LoRA A, backward); L.off must be a multiple of PARAM_ALIGN; the
     LoRA scale must already be in T or L.
-    tiles: GemmTiles, a chooser (M, N, K) -> GemmTiles, or None (the context's StepGemmTiles).
+    tiles: GemmTiles, a chooser (M, N, K, nf4, b_t) -> GemmTiles, or None (the context's StepGemmTiles).
     scratch: f32 GpuTensor for the partial products of split K (tiles.splits > 1, fp32 B):
     splits·M·N elements; without it (or too small) the context's scratch holds them if
     they fit in SPLIT_SCRATCH_FLOATS, else K is not split."""
     nf4 = isinstance(b, Nf4B)
     tiles = step_gemm_tiles(ctx) if tiles is None else tiles
-    tiles = tiles if isinstance(tiles, GemmTiles) else tiles(M, N, K, nf4)
+    tiles = tiles if isinstance(tiles, GemmTiles) else tiles(M, N, K, nf4, b_t)
     lda, ldc = a.ld or K, c.ld or N
     _check_span("a", a, M, K, lda)
     _check_span("c", c, M, N, ldc)
