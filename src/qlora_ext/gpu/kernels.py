@@ -125,8 +125,9 @@ class StepGemmTiles:
     fp32 B (shaders/gemm_f32.wgsl: the dequantized projections and the LM head), from the same
     script (bench/results/h200_gemm_f32_sweep2.json):
     - B stored [K, N] (dx = dy · W): 64 x 128 tiles of 128 threads, 8 x 8 per thread, BK 8, k
-      loop written out (16,8,8,8,8): 32.7-33.9 TFLOP/s, the best of 5 settings at each shape
-      but 4B o.dx (34.6 at 128 x 128) (bench/results/h200_s1204c_gemm_coalesced_*.json).
+      loop written out (16,8,8,8,8): 32.1-33.9 TFLOP/s. 128 x 128 tiles ran 0.5-1.0 faster at
+      the 0.6B dx shapes and up to 4.7 slower at the 4B ones (o.dx: 0.7 faster), BK 16 slower
+      everywhere (bench/results/h200_s1204c_gemm_coalesced_*.json).
     - B stored [N, K] (x · Wᵀ, the logits): 128 x 128 tiles of 256 threads (16,16,8,8,8):
       31.8-34.4 TFLOP/s against 29.4-31.2 for 64 x 128, the best at every shape.
     - grids of fewer than THIN_GRID 128 x 128 tiles (dhidden: K = vocab): 64 x 128 tiles with
