@@ -55,7 +55,9 @@ SKINNY_LIMITS = [(1024, 16), (1024, 32), (1024, 64), (512, 16), (256, 16), (256,
 # References: (short side, long side, TK) of forced `gemm` tiles for the rank side with (target
 # groups, min K per split): the split-K path `skinny` replaces for these products (the first was
 # its best setting in the H100 sweep)
-LORA_SPLIT_K = [((16, 256, 8), (1024, 64)), ((64, 64, 16), (256, 256))]
+LORA_SPLIT_K = [((16, 256, 8), (1024, 64)), ((64, 64, 16), (256, 256)), ((16, 256, 16), (1024, 64)),
+                ((16, 256, 32), (1024, 64)), ((16, 256, 16), (512, 128)), ((16, 128, 16), (1024, 64)),
+                ((16, 256, 8), (2048, 32))]
 
 
 def projections(model):

@@ -9,7 +9,9 @@
 //
 // Entry `gemm` (shapes with both sides of C over 64): workgroup (TN/4, TM/4) threads computes
 // a TM x TN block of C, 4 x 4 outputs per thread, staging TK-deep slices of op(A) and op(B)
-// in workgroup memory; grid (ceil(N / TN), ceil(M / TM), splits).  Split K (splits > 1):
+// in workgroup memory; grid (ceil(N / TN), ceil(M / TM), splits).  The next slice is loaded
+// into registers (as vec4s where aligned) while the current one is multiplied: the rank-r
+// products, which read each element once for r FMAs, are bound by the loads in flight.  Split K (splits > 1):
 // workgroup z takes k in [z * k_chunk, (z + 1) * k_chunk) and stores its partial product at
 // c_off + z * M * N (a scratch [splits, M, N], never accumulated); entry `reduce_splits` then
 // sums the partials into C (+ C when accumulate), one thread per element.
@@ -42,11 +44,13 @@ struct Params {
 
 override TM: u32 = 64u;
 override TN: u32 = 64u;
-override TK: u32 = 16u;
+override TK: u32 = 16u;     // a multiple of 4, at most 2 * min(TM, TN) (8 vec4 loads a thread)
+override A_VEC: bool = false;   // `gemm`: read op(A) as whole vec4s along its stored rows (the
+override B_VEC: bool = false;   // host sets these where that run's extent and offset are multiples of 4)
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a: array<f32>;
-@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;   // read as floats or whole vec4s
+@group(0) @binding(2) var<storage, read> b: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
 @group(0) @binding(4) var<storage, read_write> dst: array<f32>;  // reduce_splits only
 
@@ -72,30 +76,125 @@ fn staged(e: u32, count: u32, depth: u32, along_k: bool) -> vec2<u32> {
     return vec2<u32>(e / count, e % count);
 }
 
+fn a_index(row: u32, kk: u32) -> u32 {
+    return select(p.a_off + row * p.k + kk, p.a_off + kk * p.m + row, p.trans_a != 0u);
+}
+
+fn b_index(kk: u32, col: u32) -> u32 {
+    return select(p.b_off + kk * p.n + col, p.b_off + col * p.k + kk, p.trans_b != 0u);
+}
+
 fn load_a(row: u32, kk: u32, kend: u32) -> f32 {
     if (row >= p.m || kk >= kend) {
         return 0.0;
     }
-    if (p.trans_a != 0u) {
-        return a[p.a_off + kk * p.m + row];
-    }
-    return a[p.a_off + row * p.k + kk];
+    let i = a_index(row, kk);
+    return a[i >> 2u][i & 3u];
 }
 
 fn load_b(kk: u32, col: u32, kend: u32) -> f32 {
     if (col >= p.n || kk >= kend) {
         return 0.0;
     }
-    if (p.trans_b != 0u) {
-        return b[p.b_off + col * p.k + kk];
+    let i = b_index(kk, col);
+    return b[i >> 2u][i & 3u];
+}
+
+// `gemm` staging: vec4 group g of a [depth][count] slice is elements 4g .. 4g + 3 of it in
+// staged() order, four consecutive addresses of the stored operand.  They are fetched into
+// registers (one vec4 load with A_VEC / B_VEC, else four checked loads) a slice ahead of
+// the arithmetic, then stored to workgroup memory.
+const MAX_STAGED: u32 = 8u;
+
+fn fetch_a_slice(ra: ptr<function, array<vec4<f32>, MAX_STAGED>>, row0: u32, k0: u32, kend: u32, li: u32) {
+    let nthreads = (TN / 4u) * (TM / 4u);
+    for (var u = 0u; u < MAX_STAGED; u = u + 1u) {
+        let g = li + u * nthreads;
+        if (g >= TK * TM / 4u) {
+            break;
+        }
+        let at = staged(4u * g, TM, TK, p.trans_a == 0u);
+        let row = row0 + at.y;
+        let kk = k0 + at.x;
+        if (A_VEC) {
+            var v = vec4<f32>(0.0);
+            if (row < p.m && kk < kend) {
+                v = a[a_index(row, kk) >> 2u];
+            }
+            (*ra)[u] = v;
+        } else if (p.trans_a == 0u) {
+            (*ra)[u] = vec4<f32>(load_a(row, kk, kend), load_a(row, kk + 1u, kend),
+                                 load_a(row, kk + 2u, kend), load_a(row, kk + 3u, kend));
+        } else {
+            (*ra)[u] = vec4<f32>(load_a(row, kk, kend), load_a(row + 1u, kk, kend),
+                                 load_a(row + 2u, kk, kend), load_a(row + 3u, kk, kend));
+        }
     }
-    return b[p.b_off + kk * p.n + col];
+}
+
+fn fetch_b_slice(rb: ptr<function, array<vec4<f32>, MAX_STAGED>>, col0: u32, k0: u32, kend: u32, li: u32) {
+    let nthreads = (TN / 4u) * (TM / 4u);
+    for (var u = 0u; u < MAX_STAGED; u = u + 1u) {
+        let g = li + u * nthreads;
+        if (g >= TK * TN / 4u) {
+            break;
+        }
+        let at = staged(4u * g, TN, TK, p.trans_b != 0u);
+        let col = col0 + at.y;
+        let kk = k0 + at.x;
+        if (B_VEC) {
+            var v = vec4<f32>(0.0);
+            if (col < p.n && kk < kend) {
+                v = b[b_index(kk, col) >> 2u];
+            }
+            (*rb)[u] = v;
+        } else if (p.trans_b != 0u) {
+            (*rb)[u] = vec4<f32>(load_b(kk, col, kend), load_b(kk + 1u, col, kend),
+                                 load_b(kk + 2u, col, kend), load_b(kk + 3u, col, kend));
+        } else {
+            (*rb)[u] = vec4<f32>(load_b(kk, col, kend), load_b(kk, col + 1u, kend),
+                                 load_b(kk, col + 2u, kend), load_b(kk, col + 3u, kend));
+        }
+    }
+}
+
+// the fetched slices into a_s [TK][TM] and b_s [TK][TN]
+fn store_slices(ra: ptr<function, array<vec4<f32>, MAX_STAGED>>, rb: ptr<function, array<vec4<f32>, MAX_STAGED>>,
+                li: u32) {
+    let nthreads = (TN / 4u) * (TM / 4u);
+    for (var u = 0u; u < MAX_STAGED; u = u + 1u) {
+        let g = li + u * nthreads;
+        if (g >= TK * TM / 4u) {
+            break;
+        }
+        let at = staged(4u * g, TM, TK, p.trans_a == 0u);
+        for (var j = 0u; j < 4u; j = j + 1u) {
+            if (p.trans_a == 0u) {
+                a_s[(at.x + j) * TM + at.y] = (*ra)[u][j];
+            } else {
+                a_s[at.x * TM + at.y + j] = (*ra)[u][j];
+            }
+        }
+    }
+    for (var u = 0u; u < MAX_STAGED; u = u + 1u) {
+        let g = li + u * nthreads;
+        if (g >= TK * TN / 4u) {
+            break;
+        }
+        let at = staged(4u * g, TN, TK, p.trans_b != 0u);
+        for (var j = 0u; j < 4u; j = j + 1u) {
+            if (p.trans_b != 0u) {
+                b_s[(at.x + j) * TN + at.y] = (*rb)[u][j];
+            } else {
+                b_s[at.x * TN + at.y + j] = (*rb)[u][j];
+            }
+        }
+    }
 }
 
 @compute @workgroup_size(TN / 4u, TM / 4u)
 fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
         @builtin(local_invocation_index) li: u32) {
-    let nthreads = (TN / 4u) * (TM / 4u);
     let row0 = wid.y * TM;
     let col0 = wid.x * TN;
     var acc: array<vec4<f32>, 4>;
@@ -104,16 +203,18 @@ fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     }
     let kbeg = wid.z * p.k_chunk;
     let kend = min(p.k, kbeg + p.k_chunk);
+    var ra: array<vec4<f32>, MAX_STAGED>;
+    var rb: array<vec4<f32>, MAX_STAGED>;
+    fetch_a_slice(&ra, row0, kbeg, kend, li);
+    fetch_b_slice(&rb, col0, kbeg, kend, li);
     for (var k0 = kbeg; k0 < kend; k0 = k0 + TK) {
-        for (var e = li; e < TK * TM; e = e + nthreads) {
-            let at = staged(e, TM, TK, p.trans_a == 0u);
-            a_s[at.x * TM + at.y] = load_a(row0 + at.y, k0 + at.x, kend);
-        }
-        for (var e = li; e < TK * TN; e = e + nthreads) {
-            let at = staged(e, TN, TK, p.trans_b != 0u);
-            b_s[at.x * TN + at.y] = load_b(k0 + at.x, col0 + at.y, kend);
-        }
+        store_slices(&ra, &rb, li);
         workgroupBarrier();
+        if (k0 + TK < kend) {
+            // the next slice's loads are in flight during this slice's FMAs
+            fetch_a_slice(&ra, row0, k0 + TK, kend, li);
+            fetch_b_slice(&rb, col0, k0 + TK, kend, li);
+        }
         for (var kk = 0u; kk < TK; kk = kk + 1u) {
             let bv = vec4<f32>(b_s[kk * TN + lid.x * 4u], b_s[kk * TN + lid.x * 4u + 1u],
                                b_s[kk * TN + lid.x * 4u + 2u], b_s[kk * TN + lid.x * 4u + 3u]);

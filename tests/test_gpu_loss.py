@@ -12,7 +12,7 @@ def ctx():
     return gpu_context()
 
 
-@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (7, 13, 5), (67, 3, 131), (65, 129, 17)])
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (7, 13, 5), (67, 3, 131), (65, 129, 17), (68, 132, 100)])
 @pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False), (True, True)])
 def test_gemm(ctx, M, N, K, trans_a, trans_b):
     from gpu_numpy_forms import gemm

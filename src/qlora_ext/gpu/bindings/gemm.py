@@ -101,13 +101,16 @@ def skinny_tiles(ctx: GpuContext, M: int, N: int, K: int, limits: tuple | None =
 
 
 def check_tiles(ctx: GpuContext, tm: int, tn: int, tk: int) -> tuple:
-    """TM, TN multiples of 4; the workgroup's threads and workgroup memory within the limits."""
+    """TM, TN multiples of 4; TK a multiple of 4 of at most 2·min(TM, TN) (each thread stages at
+    most 8 vec4s of a slice); the workgroup's threads and workgroup memory within the limits."""
     threads = (tm // 4) * (tn // 4)
     smem = 4 * tk * (tm + tn)
-    if (tm % 4 or tn % 4 or tk < 1 or threads > int(ctx.limits["max-compute-invocations-per-workgroup"])
+    if (tm % 4 or tn % 4 or tk < 4 or tk % 4 or tk > 2 * min(tm, tn)
+            or threads > int(ctx.limits["max-compute-invocations-per-workgroup"])
             or smem > int(ctx.limits["max-compute-workgroup-storage-size"])):
-        raise ValueError(f"small_gemm tiles TM={tm} TN={tn} TK={tk}: need TM, TN multiples of 4, "
-                         f"{threads} threads and {smem} B of workgroup memory within the device's limits")
+        raise ValueError(f"small_gemm tiles TM={tm} TN={tn} TK={tk}: need TM, TN multiples of 4, TK a multiple "
+                         f"of 4 up to 2·min(TM, TN), {threads} threads and {smem} B of workgroup memory within "
+                         "the device's limits")
     return tm, tn, tk
 
 
@@ -140,7 +143,10 @@ def gemm_gpu(ctx: GpuContext, a: GpuTensor, b: GpuTensor, c: GpuTensor, M: int, 
     if gy > MAX_GROUPS:
         raise ValueError(f"gemm_gpu: M={M} exceeds {MAX_GROUPS * tm} rows per call")
     splits = split_count(gx * gy, K, *(split or ()))
-    ov = {"TM": tm, "TN": tn, "TK": tk}
+    # vec4 loads along each operand's stored rows where they start and run in whole vec4s
+    a_vec = a_off % 4 == 0 and (M if trans_a else K) % 4 == 0
+    b_vec = b_off % 4 == 0 and (K if trans_b else N) % 4 == 0
+    ov = {"TM": tm, "TN": tn, "TK": tk, "A_VEC": a_vec, "B_VEC": b_vec}
     pipe = ctx.pipeline("small_gemm", "gemm", "urrww", overrides=ov)
     if splits == 1:
         par = ctx.uniform("IIIIIIfIIIIIII", M, N, K, int(trans_a), int(trans_b), int(accumulate),
