@@ -242,9 +242,10 @@ _RATE_SHAPES = {"gpu": (4096, 1024, 2048, 16), "cpu": (512, 256, 384, 16)}
 
 
 def test_lora_products_rate(benchmark):
-    """The four rank-r products with gemm_gpu's choice (`skinny`, one dispatch each), against
-    `gemm` with split K at its best sweep setting (16 x 256 tiles, TK 8, split (1024, 64)) and
-    numpy float32 in the same run; GB/s counts each product's big operand once."""
+    """The four rank-r products with gemm_gpu's choice (on a GPU at this size: `gemm` tiles with
+    TK 16 and split (512, 128)), against `gemm` with the sweep's first setting (16 x 256 tiles,
+    TK 8, split (1024, 64)) and numpy float32 in the same run; GB/s counts each product's big
+    operand once."""
     import time
 
     import pytest

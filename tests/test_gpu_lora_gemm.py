@@ -208,3 +208,15 @@ def test_lora_products_any_tiles_deterministic(ctx, kw):
     assert rel_err(first[2][:r * inn].reshape(r, inn), du_ref.T @ x) <= 2e-6
     assert rel_err(first[2][r * inn:].reshape(out, r), dy.astype(np.float64).T @ u_ref) <= 2e-6
 
+
+
+def test_rank_r_tiles_fit_the_kernel(ctx):
+    """tiles_for's rank-r tiles pass check_tiles at every rank (TK at most 2·min(TM, TN): a
+    deeper slice than the threads can stage once gave wrong products at rank 1)."""
+    from qlora_ext.gpu.bindings.gemm import check_tiles, tiles_for
+
+    for short in range(1, 65):
+        for M, N in ((4096, short), (short, 4096)):
+            tm, tn, tk = tiles_for(ctx, M, N)
+            assert check_tiles(ctx, tm, tn, tk) == (tm, tn, tk)
+            assert min(tm, tn) >= short

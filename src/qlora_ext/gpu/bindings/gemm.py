@@ -25,13 +25,14 @@ _SKINNY_MIN_K_SLICE = 64
 _SKINNY_MAX_ROWS = 64
 # Large rank-r products (more than _SKINNY_MAX_ELEMS elements in their big operand, e.g. every
 # product of a 4 x 1024-token step) run faster as `gemm` tiles of the short side by 256 with
-# split K (_RANK_TK deep stages; _RANK_SPLIT: target workgroups, min K per split) and its summing
-# pass: 98.5 against 151.6 ms for the LoRA products of a Qwen3-4B step on an H200, 41.7
-# against 42.7 at 0.6B (h200_s1204b_lora*.log, h200_s1204b_lora4b.log).  Below it (the few-token steps of real
-# batches, where the step pays per dispatch) `skinny` takes them in one dispatch.
+# split K (_RANK_TK deep slices; _RANK_SPLIT: target workgroups, min K per split) and its summing
+# pass: on an H200 the 28 layers' products of a Qwen3-0.6B step took 28.1 ms with TK 16 and
+# split (512, 128), 31.6 with TK 8 and (1024, 64), 35.9 with TK 32, and `skinny` 42.8
+# (bench_small_gemm.py --lora, bench/results/h200_s1204c_lora_*.json).  Below it (the few-token
+# steps of real batches, where the step pays per dispatch) `skinny` takes them in one dispatch.
 _SKINNY_MAX_ELEMS = 1 << 21
-_RANK_TK = 8
-_RANK_SPLIT = (1024, 64)
+_RANK_TK = 16
+_RANK_SPLIT = (512, 128)
 
 
 def tiles_for(ctx: GpuContext, M: int, N: int) -> tuple:
@@ -51,7 +52,7 @@ def tiles_for(ctx: GpuContext, M: int, N: int) -> tuple:
     while s < short:
         s *= 2
     long_ = min(256, 16 * 256 // s)
-    tk = _RANK_TK
+    tk = min(_RANK_TK, 2 * s)   # each thread stages at most 8 vec4s of a slice (check_tiles)
     lim = int(ctx.limits.get("max-compute-workgroup-storage-size", 16384))
     while tk > 4 and 4 * tk * (s + long_) > lim:
         tk //= 2
