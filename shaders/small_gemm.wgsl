@@ -47,6 +47,12 @@ override TN: u32 = 64u;
 override TK: u32 = 16u;     // a multiple of 4, at most 2 * min(TM, TN) (8 vec4 loads a thread)
 override A_VEC: bool = false;   // `gemm`: read op(A) as whole vec4s along its stored rows (the
 override B_VEC: bool = false;   // host sets these where that run's extent and offset are multiples of 4)
+// vec4s of an A / B slice each thread stages, ceil(TK·TM/4 / threads) and ceil(TK·TN/4 /
+// threads), set by the host (constant loop bounds: the driver keeps only these registers of
+// the MAX_STAGED-long arrays).  Declared up here: declared after `const MAX_STAGED` and the
+// functions, they made naga 29's override processing panic at pipeline creation.
+override SA: u32 = 1u;
+override SB: u32 = 1u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;   // read as floats or whole vec4s
@@ -108,10 +114,10 @@ const MAX_STAGED: u32 = 8u;
 
 fn fetch_a_slice(ra: ptr<function, array<vec4<f32>, MAX_STAGED>>, row0: u32, k0: u32, kend: u32, li: u32) {
     let nthreads = (TN / 4u) * (TM / 4u);
-    for (var u = 0u; u < MAX_STAGED; u = u + 1u) {
+    for (var u = 0u; u < SA; u = u + 1u) {
         let g = li + u * nthreads;
         if (g >= TK * TM / 4u) {
-            break;
+            continue;
         }
         let at = staged(4u * g, TM, TK, p.trans_a == 0u);
         let row = row0 + at.y;
@@ -134,10 +140,10 @@ fn fetch_a_slice(ra: ptr<function, array<vec4<f32>, MAX_STAGED>>, row0: u32, k0:
 
 fn fetch_b_slice(rb: ptr<function, array<vec4<f32>, MAX_STAGED>>, col0: u32, k0: u32, kend: u32, li: u32) {
     let nthreads = (TN / 4u) * (TM / 4u);
-    for (var u = 0u; u < MAX_STAGED; u = u + 1u) {
+    for (var u = 0u; u < SB; u = u + 1u) {
         let g = li + u * nthreads;
         if (g >= TK * TN / 4u) {
-            break;
+            continue;
         }
         let at = staged(4u * g, TN, TK, p.trans_b != 0u);
         let col = col0 + at.y;
@@ -162,10 +168,10 @@ fn fetch_b_slice(rb: ptr<function, array<vec4<f32>, MAX_STAGED>>, col0: u32, k0:
 fn store_slices(ra: ptr<function, array<vec4<f32>, MAX_STAGED>>, rb: ptr<function, array<vec4<f32>, MAX_STAGED>>,
                 li: u32) {
     let nthreads = (TN / 4u) * (TM / 4u);
-    for (var u = 0u; u < MAX_STAGED; u = u + 1u) {
+    for (var u = 0u; u < SA; u = u + 1u) {
         let g = li + u * nthreads;
         if (g >= TK * TM / 4u) {
-            break;
+            continue;
         }
         let at = staged(4u * g, TM, TK, p.trans_a == 0u);
         for (var j = 0u; j < 4u; j = j + 1u) {
@@ -176,10 +182,10 @@ fn store_slices(ra: ptr<function, array<vec4<f32>, MAX_STAGED>>, rb: ptr<functio
             }
         }
     }
-    for (var u = 0u; u < MAX_STAGED; u = u + 1u) {
+    for (var u = 0u; u < SB; u = u + 1u) {
         let g = li + u * nthreads;
         if (g >= TK * TN / 4u) {
-            break;
+            continue;
         }
         let at = staged(4u * g, TN, TK, p.trans_b != 0u);
         for (var j = 0u; j < 4u; j = j + 1u) {

@@ -147,7 +147,9 @@ def gemm_gpu(ctx: GpuContext, a: GpuTensor, b: GpuTensor, c: GpuTensor, M: int, 
     # vec4 loads along each operand's stored rows where they start and run in whole vec4s
     a_vec = a_off % 4 == 0 and (M if trans_a else K) % 4 == 0
     b_vec = b_off % 4 == 0 and (K if trans_b else N) % 4 == 0
-    ov = {"TM": tm, "TN": tn, "TK": tk, "A_VEC": a_vec, "B_VEC": b_vec}
+    threads = (tm // 4) * (tn // 4)
+    ov = {"TM": tm, "TN": tn, "TK": tk, "A_VEC": a_vec, "B_VEC": b_vec,
+          "SA": -(-tk * tm // 4 // threads), "SB": -(-tk * tn // 4 // threads)}
     pipe = ctx.pipeline("small_gemm", "gemm", "urrww", overrides=ov)
     if splits == 1:
         par = ctx.uniform("IIIIIIfIIIIIII", M, N, K, int(trans_a), int(trans_b), int(accumulate),
