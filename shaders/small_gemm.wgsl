@@ -106,93 +106,90 @@ fn load_b(kk: u32, col: u32, kend: u32) -> f32 {
     return b[i >> 2u][i & 3u];
 }
 
-// `gemm` staging: vec4 group g of a [depth][count] slice is elements 4g .. 4g + 3 of it in
-// staged() order, four consecutive addresses of the stored operand.  They are fetched into
-// registers (one vec4 load with A_VEC / B_VEC, else four checked loads) a slice ahead of
-// the arithmetic, then stored to workgroup memory.
+// `gemm` staging.  Operand side 0 is op(A), its slice [TK][TM] in a_s; side 1 is op(B), [TK][TN]
+// in b_s.  Vec4 group g of a slice is elements 4g .. 4g + 3 of it in staged() order, four
+// consecutive addresses of the stored operand.  They are fetched into registers (one vec4
+// load with A_VEC / B_VEC, else four checked loads) a slice ahead of the arithmetic, then
+// stored to workgroup memory.  Each call passes side as a literal, so the selects on it fold.
 const MAX_STAGED: u32 = 8u;
 
-fn fetch_a_slice(ra: ptr<function, array<vec4<f32>, MAX_STAGED>>, row0: u32, k0: u32, kend: u32, li: u32) {
-    let nthreads = (TN / 4u) * (TM / 4u);
-    for (var u = 0u; u < SA; u = u + 1u) {
-        let g = li + u * nthreads;
-        if (g >= TK * TM / 4u) {
+// (slice columns, whether the stored operand runs along k, vec4 groups per thread) of a side
+fn slice_shape(side: u32) -> vec3<u32> {
+    if (side == 0u) {
+        return vec3<u32>(TM, u32(p.trans_a == 0u), SA);
+    }
+    return vec3<u32>(TN, u32(p.trans_b != 0u), SB);
+}
+
+// (k, idx, 1 if it exists) of the thread's u-th group of a side's slice
+fn slice_group(side: u32, u: u32, li: u32) -> vec3<u32> {
+    let sh = slice_shape(side);
+    let g = li + u * ((TN / 4u) * (TM / 4u));
+    let at = staged(4u * g, sh.x, TK, sh.y != 0u);
+    return vec3<u32>(at, u32(g < TK * sh.x / 4u));
+}
+
+// element (kk, idx) of a side: idx is op(A)'s row or op(B)'s column
+fn load_op(side: u32, idx: u32, kk: u32, kend: u32) -> f32 {
+    if (side == 0u) {
+        return load_a(idx, kk, kend);
+    }
+    return load_b(kk, idx, kend);
+}
+
+// the vec4 of a side's stored operand holding element (kk, idx) first (the caller checks
+// that its group is whole vec4s: A_VEC / B_VEC)
+fn load_op4(side: u32, idx: u32, kk: u32, kend: u32) -> vec4<f32> {
+    if (side == 0u) {
+        if (idx < p.m && kk < kend) {
+            return a[a_index(idx, kk) >> 2u];
+        }
+    } else if (idx < p.n && kk < kend) {
+        return b[b_index(kk, idx) >> 2u];
+    }
+    return vec4<f32>(0.0);
+}
+
+// the thread's groups of a side's slice at k0 (idx0: the tile's first row or column)
+fn fetch_slice(r: ptr<function, array<vec4<f32>, MAX_STAGED>>, side: u32, idx0: u32, k0: u32, kend: u32,
+               li: u32) {
+    let sh = slice_shape(side);
+    let along_k = sh.y != 0u;
+    for (var u = 0u; u < sh.z; u = u + 1u) {
+        let at = slice_group(side, u, li);
+        if (at.z == 0u) {
             continue;
         }
-        let at = staged(4u * g, TM, TK, p.trans_a == 0u);
-        let row = row0 + at.y;
+        let idx = idx0 + at.y;
         let kk = k0 + at.x;
-        if (A_VEC) {
-            var v = vec4<f32>(0.0);
-            if (row < p.m && kk < kend) {
-                v = a[a_index(row, kk) >> 2u];
-            }
-            (*ra)[u] = v;
-        } else if (p.trans_a == 0u) {
-            (*ra)[u] = vec4<f32>(load_a(row, kk, kend), load_a(row, kk + 1u, kend),
-                                 load_a(row, kk + 2u, kend), load_a(row, kk + 3u, kend));
+        if (select(A_VEC, B_VEC, side == 1u)) {
+            (*r)[u] = load_op4(side, idx, kk, kend);
         } else {
-            (*ra)[u] = vec4<f32>(load_a(row, kk, kend), load_a(row + 1u, kk, kend),
-                                 load_a(row + 2u, kk, kend), load_a(row + 3u, kk, kend));
+            // the four consecutive addresses: along k, or along the rows / columns
+            let dk = select(0u, 1u, along_k);
+            let di = 1u - dk;
+            (*r)[u] = vec4<f32>(load_op(side, idx, kk, kend), load_op(side, idx + di, kk + dk, kend),
+                                load_op(side, idx + 2u * di, kk + 2u * dk, kend),
+                                load_op(side, idx + 3u * di, kk + 3u * dk, kend));
         }
     }
 }
 
-fn fetch_b_slice(rb: ptr<function, array<vec4<f32>, MAX_STAGED>>, col0: u32, k0: u32, kend: u32, li: u32) {
-    let nthreads = (TN / 4u) * (TM / 4u);
-    for (var u = 0u; u < SB; u = u + 1u) {
-        let g = li + u * nthreads;
-        if (g >= TK * TN / 4u) {
+// the fetched groups of a side into its workgroup slice
+fn store_slice(r: ptr<function, array<vec4<f32>, MAX_STAGED>>, side: u32, li: u32) {
+    let sh = slice_shape(side);
+    let along_k = sh.y != 0u;
+    for (var u = 0u; u < sh.z; u = u + 1u) {
+        let at = slice_group(side, u, li);
+        if (at.z == 0u) {
             continue;
         }
-        let at = staged(4u * g, TN, TK, p.trans_b != 0u);
-        let col = col0 + at.y;
-        let kk = k0 + at.x;
-        if (B_VEC) {
-            var v = vec4<f32>(0.0);
-            if (col < p.n && kk < kend) {
-                v = b[b_index(kk, col) >> 2u];
-            }
-            (*rb)[u] = v;
-        } else if (p.trans_b != 0u) {
-            (*rb)[u] = vec4<f32>(load_b(kk, col, kend), load_b(kk + 1u, col, kend),
-                                 load_b(kk + 2u, col, kend), load_b(kk + 3u, col, kend));
-        } else {
-            (*rb)[u] = vec4<f32>(load_b(kk, col, kend), load_b(kk, col + 1u, kend),
-                                 load_b(kk, col + 2u, kend), load_b(kk, col + 3u, kend));
-        }
-    }
-}
-
-// the fetched slices into a_s [TK][TM] and b_s [TK][TN]
-fn store_slices(ra: ptr<function, array<vec4<f32>, MAX_STAGED>>, rb: ptr<function, array<vec4<f32>, MAX_STAGED>>,
-                li: u32) {
-    let nthreads = (TN / 4u) * (TM / 4u);
-    for (var u = 0u; u < SA; u = u + 1u) {
-        let g = li + u * nthreads;
-        if (g >= TK * TM / 4u) {
-            continue;
-        }
-        let at = staged(4u * g, TM, TK, p.trans_a == 0u);
         for (var j = 0u; j < 4u; j = j + 1u) {
-            if (p.trans_a == 0u) {
-                a_s[(at.x + j) * TM + at.y] = (*ra)[u][j];
+            let e = select(at.x * sh.x + at.y + j, (at.x + j) * sh.x + at.y, along_k);
+            if (side == 0u) {
+                a_s[e] = (*r)[u][j];
             } else {
-                a_s[at.x * TM + at.y + j] = (*ra)[u][j];
-            }
-        }
-    }
-    for (var u = 0u; u < SB; u = u + 1u) {
-        let g = li + u * nthreads;
-        if (g >= TK * TN / 4u) {
-            continue;
-        }
-        let at = staged(4u * g, TN, TK, p.trans_b != 0u);
-        for (var j = 0u; j < 4u; j = j + 1u) {
-            if (p.trans_b != 0u) {
-                b_s[(at.x + j) * TN + at.y] = (*rb)[u][j];
-            } else {
-                b_s[at.x * TN + at.y + j] = (*rb)[u][j];
+                b_s[e] = (*r)[u][j];
             }
         }
     }
@@ -211,15 +208,16 @@ fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     let kend = min(p.k, kbeg + p.k_chunk);
     var ra: array<vec4<f32>, MAX_STAGED>;
     var rb: array<vec4<f32>, MAX_STAGED>;
-    fetch_a_slice(&ra, row0, kbeg, kend, li);
-    fetch_b_slice(&rb, col0, kbeg, kend, li);
+    fetch_slice(&ra, 0u, row0, kbeg, kend, li);
+    fetch_slice(&rb, 1u, col0, kbeg, kend, li);
     for (var k0 = kbeg; k0 < kend; k0 = k0 + TK) {
-        store_slices(&ra, &rb, li);
+        store_slice(&ra, 0u, li);
+        store_slice(&rb, 1u, li);
         workgroupBarrier();
         if (k0 + TK < kend) {
             // the next slice's loads are in flight during this slice's FMAs
-            fetch_a_slice(&ra, row0, k0 + TK, kend, li);
-            fetch_b_slice(&rb, col0, k0 + TK, kend, li);
+            fetch_slice(&ra, 0u, row0, k0 + TK, kend, li);
+            fetch_slice(&rb, 1u, col0, k0 + TK, kend, li);
         }
         for (var kk = 0u; kk < TK; kk = kk + 1u) {
             let bv = vec4<f32>(b_s[kk * TN + lid.x * 4u], b_s[kk * TN + lid.x * 4u + 1u],

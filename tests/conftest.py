@@ -43,3 +43,12 @@ def gpu_ctx():
         return GpuContext()
     except GpuError as e:
         pytest.skip(f"wgpu adapter unusable: {e}")
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    """The GPU tests' shared GpuContext (gpu_support.gpu_context: skips, with the reason, where
+    wgpu has no adapter); a module may define its own."""
+    from gpu_support import gpu_context
+
+    return gpu_context()

@@ -5,14 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from gpu_support import rel_err, gpu_context
+from gpu_support import rel_err
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def ctx():
-    return gpu_context()
 
 
 def _reference(p, grads, lr, betas, eps, wd):

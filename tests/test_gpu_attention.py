@@ -5,15 +5,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from gpu_support import attention_ds_mode, attention_inputs, gpu_context, poison_scratch, rel_err  # noqa: F401
+from gpu_support import attention_ds_mode, attention_inputs, poison_scratch, rel_err  # noqa: F401
 from test_attention import ref_attention
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def ctx():
-    return gpu_context()
 
 
 def _check(ctx, q, k, v, do, mask, tol=1e-5):

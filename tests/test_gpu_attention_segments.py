@@ -9,17 +9,12 @@ import dataclasses
 import numpy as np
 import pytest
 
-from gpu_support import attention_ds_mode, attention_inputs, gpu_context, poison_scratch, rel_err  # noqa: F401
+from gpu_support import attention_ds_mode, attention_inputs, poison_scratch, rel_err  # noqa: F401
 from test_attention_segments import ref_packed, segments_of
 
 pytestmark = pytest.mark.gpu
 
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def ctx():
-    return gpu_context()
 
 
 def _grad_errs(got, want, q, k, v, do):

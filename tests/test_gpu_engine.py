@@ -4,16 +4,11 @@ padding; gradient checkpointing), and a few AdamW steps against the CPU trainer'
 import numpy as np
 import pytest
 
-from gpu_support import gpu_train_step, gpu_twin, rel_err, gpu_context
+from gpu_support import gpu_train_step, gpu_twin, rel_err
 from qlora_ext.train.trainer import TrainConfig
 from qlora_ext.train.update import GpuAdamW
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def ctx():
-    return gpu_context()
 
 
 def _model(tmp_path, model_type, quantize, r=4, train_lm_head=False):

@@ -5,18 +5,13 @@ import numpy as np
 import pytest
 from model_factory import make_tiny_checkpoint
 
-from gpu_support import gpu_twin, rel_err, gpu_context
+from gpu_support import gpu_twin, rel_err
 
 from qlora_ext.api import load_model
 from qlora_ext.model.generate import Sampling, top_candidates
 from qlora_ext.model.lora import LoraConfig
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def ctx():
-    return gpu_context()
 
 
 def _decode_reference(q, kc, vc, valid, length):

@@ -3,14 +3,9 @@ float64 numpy references on awkward sizes (1, primes, non-multiples of the workg
 import numpy as np
 import pytest
 
-from gpu_support import rel_err, gpu_context
+from gpu_support import rel_err
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def ctx():
-    return gpu_context()
 
 
 def _rng(seed):

@@ -13,14 +13,9 @@ element's error is measured against alpha (|op(A)| @ |op(B)|) + |C0| of that ele
 import numpy as np
 import pytest
 
-from gpu_support import rel_err, gpu_context
+from gpu_support import rel_err
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def ctx():
-    return gpu_context()
 
 
 def _operands(seed, N, inn, out, r):

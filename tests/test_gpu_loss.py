@@ -2,14 +2,9 @@
 import numpy as np
 import pytest
 
-from gpu_support import rel_err, gpu_context
+from gpu_support import rel_err
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def ctx():
-    return gpu_context()
 
 
 @pytest.mark.parametrize("M,N,K", [(1, 1, 1), (7, 13, 5), (67, 3, 131), (65, 129, 17), (68, 132, 100)])

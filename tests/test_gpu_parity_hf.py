@@ -6,7 +6,7 @@ from functools import partial
 
 import pytest
 
-from gpu_support import gpu_twin, gpu_context
+from gpu_support import gpu_twin
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -23,11 +23,6 @@ from qlora_ext.engine.model import Model  # noqa: E402
 pytestmark = pytest.mark.gpu
 V = 97
 _batch = partial(batch_with_padding, vocab=V)
-
-
-@pytest.fixture(scope="module")
-def ctx():
-    return gpu_context()
 
 
 @pytest.mark.parametrize("quantize", [None, "nf4"])

@@ -9,14 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from gpu_support import rel_err, gpu_context
+from gpu_support import rel_err
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def ctx():
-    return gpu_context()
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from gpu_support import gpu_context
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def ctx():
-    return gpu_context()
 
 
 @pytest.fixture(scope="module")

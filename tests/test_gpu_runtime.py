@@ -20,11 +20,6 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "qlora_ext"
 _STAGE = 1024  # bytes: a tiny staging piece, so that small arrays take several pieces
 
 
-@pytest.fixture(scope="module")
-def ctx():
-    return gpu_context()
-
-
 @pytest.fixture
 def small_staging(ctx, monkeypatch):
     """Every transfer staged, in pieces of 1 KiB, from an empty pool."""

@@ -6,14 +6,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from gpu_support import rel_err, gpu_context
+from gpu_support import rel_err
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def ctx():
-    return gpu_context()
 
 
 def test_step_gemm_tiles_choice(ctx, monkeypatch):

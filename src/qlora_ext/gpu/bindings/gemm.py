@@ -165,7 +165,7 @@ def gemm_gpu(ctx: GpuContext, a: GpuTensor, b: GpuTensor, c: GpuTensor, M: int, 
     par = ctx.uniform("IIIIIIfIIIIIII", M, N, K, int(trans_a), int(trans_b), 0, float(alpha),
                       a_off, b_off, 0, chunk, splits, 0, 0)
     ctx.dispatch(pipe, [par, a, b, part, c], (gx, gy, splits))
-    red = ctx.pipeline("small_gemm", "reduce_splits", "urrww", overrides=ov)
+    red = ctx.pipeline("small_gemm", "reduce_splits", "urrww")   # reads none of the tiles' overrides
     par = ctx.uniform("IIIIIIfIIIIIII", M, N, K, 0, 0, int(accumulate), 1.0, 0, 0, 0, chunk, splits, c_off, 0)
     ctx.dispatch(red, [par, a, b, part, c], grid_2d((M * N + 255) // 256))
     return c
