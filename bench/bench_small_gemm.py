@@ -7,9 +7,9 @@ for a list of tile settings:
             K = out, LoRA A), and the fp32 LM head (logits: N = V, K = H; dhidden: N = H, K = V) at the
             engine's chunk rows (2048 at H = 1024, 1024 at H = 2560).
   --lora    shaders/small_gemm.wgsl via gemm_gpu: the rank-r products per projection
-            u = s·x Aᵀ, dB += dyᵀ u, du = s·dy B, dA += duᵀ x: gemm_gpu's choice ("current":
-            the one-dispatch `skinny` entry), `skinny` at other limits (SKINNY_LIMITS), and
-            forced `gemm` tiles with split K and its summing pass (LORA_SPLIT_K) as references.
+            u = s·x Aᵀ, dB += dyᵀ u, du = s·dy B, dA += duᵀ x: gemm_gpu's choice ("current"),
+            the one-dispatch `skinny` entry forced, and forced `gemm` tiles with split K and its
+            summing pass (LORA_SPLIT_K) as references.
 
     python bench/bench_small_gemm.py --fused --lora --shapes qwen3-0.6b,qwen3-4b --json out.json
 
@@ -50,8 +50,6 @@ MODELS = {"qwen3-0.6b": (1024, 3072, 16, 8, 128, 2048, 151936, 4096, 28),
 FUSED_SWEEP = [(16, 16, 8, 8, 8), (16, 16, 4, 8, 8), (16, 16, 8, 8, 16), (16, 16, 4, 8, 16), (16, 8, 8, 8, 16),
                (8, 16, 8, 8, 16), (16, 16, 8, 16, 8), (16, 16, 16, 8, 8), (8, 8, 8, 8, 16), (32, 8, 4, 8, 16),
                (16, 16, 4, 4, 16), (16, 16, 8, 4, 8), (8, 16, 8, 8, 8), (16, 8, 8, 8, 8), (8, 8, 8, 8, 8)]
-# `skinny` limits (threads per workgroup, min K per slice) to sweep
-SKINNY_LIMITS = [(1024, 16), (1024, 32), (1024, 64), (512, 16), (256, 16), (256, 64)]
 # References: (short side, long side, TK) of forced `gemm` tiles for the rank side with (target
 # groups, min K per split): the split-K path `skinny` replaces for these products (the first was
 # its best setting in the H100 sweep)
@@ -142,10 +140,9 @@ def sweep_fused(ctx, model, tiles_list, reps, log, json_path):
                 json.dump(log, f)
 
 
-def lora_calls(ctx, M, inn, out, r, bufs, tiles=None, split=None, skinny=None):
+def lora_calls(ctx, M, inn, out, r, bufs, tiles=None, split=None, skinny=False):
     """The engine's four rank-r products for one projection (gpu_device.py linear_*), as
-    {name: (record, flop, big-operand bytes)}; tiles / split force `gemm`, skinny `skinny`'s
-    limits."""
+    {name: (record, flop, big-operand bytes)}; tiles / split force `gemm`, skinny `skinny`."""
     x, dy, p, g, u, du = bufs
     a_off, b_off = 0, r * inn + 60
 
@@ -168,13 +165,14 @@ def lora_calls(ctx, M, inn, out, r, bufs, tiles=None, split=None, skinny=None):
     }
 
 
-def sweep_lora(ctx, model, reps, log, json_path, r=16):
+def sweep_lora(ctx, model, reps, log, json_path, r=16, rows=None):
     H, F, hq, hkv, d, _, _, M, layers = MODELS[model]
+    M = rows or M
     rng = np.random.default_rng(1)
     big = max(F, hq * d, H)
     bufs = (fill(ctx, M * big, rng), fill(ctx, M * big, rng), fill(ctx, 2 * r * big + 64, rng, 0.01),
             ctx.zeros((2 * r * big + 64,)), ctx.empty((M, r)), ctx.empty((M, r)))
-    configs = ([("current", {})] + [(f"skinny {lim}", {"skinny": lim}) for lim in SKINNY_LIMITS]
+    configs = ([("current", {}), ("skinny", {"skinny": True})]
                + [(f"gemm {t}/{s}", {"tiles": t, "split": s}) for t, s in LORA_SPLIT_K])
     totals = {}
     seen = set()
@@ -189,25 +187,25 @@ def sweep_lora(ctx, model, reps, log, json_path, r=16):
                 for op, (rec, flop, nbytes) in calls.items():
                     ks = kernel_seconds(ctx, rec, reps)
                     s = sum(v for k, v in ks.items() if k.startswith("small_gemm."))
-                    row = {"kind": "lora", "model": model, "proj": pname, "in": inn, "out": out, "op": op,
+                    row = {"kind": "lora", "model": model, "M": M, "proj": pname, "in": inn, "out": out, "op": op,
                            "config": label, "s": s, "kernels": ks, "tflops": flop / s / 1e12,
                            "gbps": nbytes / s / 1e9}
                     log.append(row)
                     totals[label] = totals.get(label, 0.0) + count * s
             except ValueError as e:
                 print(f"skip {label}: {e}")
-        cur = [x for x in log if x.get("kind") == "lora" and x["model"] == model and x["proj"] == pname
+        cur = [x for x in log if x.get("kind") == "lora" and x["model"] == model and x["M"] == M and x["proj"] == pname
                and x["config"] == "current"]
-        print(f"{model} {pname:5s} in={inn} out={out} current: " + "  ".join(
+        print(f"{model} M={M} {pname:5s} in={inn} out={out} current: " + "  ".join(
             f"{x['op']} {x['s'] * 1e6:.1f} us {x['gbps']:.0f} GB/s {x['tflops']:.2f} TFLOP/s" for x in cur),
               flush=True)
         if json_path:
             with open(json_path, "w") as f:
                 json.dump(log, f)
     ranked = sorted(totals.items(), key=lambda kv: kv[1])
-    print(f"{model}: LoRA products per step (x{layers} layers), current {totals['current'] * layers * 1e3:.1f} ms; "
+    print(f"{model} M={M}: LoRA products per step (x{layers} layers), current {totals['current'] * layers * 1e3:.1f} ms; "
           "best: " + "  ".join(f"{k} {v * layers * 1e3:.1f} ms" for k, v in ranked[:6]), flush=True)
-    log.append({"kind": "lora_total", "model": model, "ms_per_step": {k: v * layers * 1e3 for k, v in ranked}})
+    log.append({"kind": "lora_total", "model": model, "M": M, "ms_per_step": {k: v * layers * 1e3 for k, v in ranked}})
 
 
 def main(argv=None):
@@ -217,6 +215,7 @@ def main(argv=None):
     ap.add_argument("--shapes", default="qwen3-0.6b,qwen3-4b")
     ap.add_argument("--tiles", default=None, help="--fused configs 'wgx,wgy,tm,tn,bk;...' (default: FUSED_SWEEP)")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--rows", default=None, help="--lora: token rows, comma-separated (default: each shape's 4096)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     ctx = GpuContext()
@@ -227,7 +226,8 @@ def main(argv=None):
     tiles_list = ([tuple(int(v) for v in s.split(",")) for s in a.tiles.split(";")] if a.tiles else FUSED_SWEEP)
     for model in a.shapes.split(","):
         if a.lora:
-            sweep_lora(ctx, model, a.reps, log, a.json)
+            for rows in (a.rows.split(",") if a.rows else [None]):
+                sweep_lora(ctx, model, a.reps, log, a.json, rows=int(rows) if rows else None)
         if a.fused:
             sweep_fused(ctx, model, tiles_list, a.reps, log, a.json)
     if a.json:

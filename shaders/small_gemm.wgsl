@@ -16,15 +16,19 @@
 // c_off + z * M * N (a scratch [splits, M, N], never accumulated); entry `reduce_splits` then
 // sums the partials into C (+ C when accumulate), one thread per element.
 //
-// Entry `skinny` (one side of C short: the rank-r products; one dispatch, no scratch):
-// workgroup ((SL/4) * (SS/4) * SP) threads computes an SL x SS block of C, grid
-// (ceil(M / SL), ceil(N / SS)).  Each 4 x 4 micro-tile of the block has SP threads ("slices")
-// that split K among themselves: slice s sums k = s, s + SP, s + 2 SP, ... in ascending
-// order (SK-deep steps staged in workgroup memory), then the slices' sums are added in a
-// fixed tree (s + SP/2 into s, then SP/4, ...).  An element's result thus depends on K, SP
-// and its operands only, never on M, N or the tile sizes: the same token row gives the same
-// bits whatever rows share the call.  With c_trans = 1, element (i, j) of C is stored at
-// c_off + j * M + i (the host swaps the operands to make a short M the short N).
+// Entry `skinny` (one side of C short: the rank-r products; one dispatch, no scratch): a
+// workgroup of 256 threads computes SKINNY_ROWS rows by 4·RC4 columns of C, grid
+// (ceil(M / SKINNY_ROWS), ceil(N / (4·RC4))), as rows × lk k lanes (rows·lk = 256).  Lane ik
+// of a row sums k = ik, ik + lk, ... in ascending order for all its columns at once, four k a
+// round with the round's loads issued before its FMAs (these products read each element of A
+// once for r FMAs: the loads in flight set their speed); the workgroup then adds its lanes'
+// sums in a fixed order.  KFAST (op(A) stored [M, K]): 4 rows × 64 lanes, a warp reading 32
+// consecutive k of a row; else 8 rows × 32 lanes, a warp reading 8 consecutive rows (one
+// 32-byte sector) at each of 4 k.  An element's result depends on K, KFAST and its operands
+// only, never on M, N or the grid: the same token row gives the same bits whatever rows share
+// the call.  With c_trans = 1, element
+// (i, j) of C is stored at c_off + j * M + i (the host swaps the operands to make a short M the
+// short N).
 struct Params {
     m: u32,
     n: u32,
@@ -60,17 +64,16 @@ override SB: u32 = 1u;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
 @group(0) @binding(4) var<storage, read_write> dst: array<f32>;  // reduce_splits only
 
-override SL: u32 = 16u;     // skinny: rows of C per workgroup, a multiple of 4
-override SS: u32 = 16u;     // skinny: columns of C per workgroup, a multiple of 4
-override SP: u32 = 16u;     // skinny: K slices per micro-tile, a power of two
-override SK: u32 = 32u;     // skinny: k staged per step, a multiple of SP
-override SMEM: u32 = 512u;  // skinny: vec4s of workgroup memory, >= SK (SL + SS) / 4 and >= SP/2 (SL/4) (SS/4) 4
+override RC4: u32 = 4u;       // skinny: vec4 column groups of C per workgroup (1 to 4)
+override KFAST: bool = true;  // skinny: op(A) stored [M, K] (a warp along k)
+override S_VEC: bool = false; // skinny: op(B)'s column groups as vec4s (B stored [K, N], aligned)
+override SKINNY_ROWS: u32 = 8u;                  // skinny: rows of C per workgroup (4 or 8)
+override SKINNY_LANES: u32 = 256u / SKINNY_ROWS;  // skinny: k lanes per row
 
 var<workgroup> a_s: array<f32, TK * TM>;   // [TK][TM]
 var<workgroup> b_s: array<f32, TK * TN>;   // [TK][TN]
-// skinny: the staged op(A) [SK][SL/4] then op(B) [SK][SS/4] (vec4 over rows / columns); after
-// the k loop the slices' partial micro-tiles
-var<workgroup> sk_s: array<vec4<f32>, SMEM>;
+// skinny: the lanes' sums, [RC4][SKINNY_LANES][SKINNY_ROWS]
+var<workgroup> sk_s: array<vec4<f32>, 256u * RC4>;
 
 // (k, index) of element e of a staged [depth][count] block: where the stored operand runs along
 // k (along_k), consecutive threads take consecutive k, else consecutive indices; either way
@@ -95,6 +98,12 @@ fn load_a(row: u32, kk: u32, kend: u32) -> f32 {
         return 0.0;
     }
     let i = a_index(row, kk);
+    return a[i >> 2u][i & 3u];
+}
+
+// skinny: A[row, kk] of a row and k inside op(A) (KFAST: A stored [M, K])
+fn a_at_row(row: u32, kk: u32) -> f32 {
+    let i = p.a_off + select(kk * p.m + row, row * p.k + kk, KFAST);
     return a[i >> 2u][i & 3u];
 }
 
@@ -287,78 +296,82 @@ fn skinny_store(row: u32, col: u32, v: vec4<f32>) {
     }
 }
 
-@compute @workgroup_size((SL / 4u) * (SS / 4u) * SP)
+// skinny: op(B)[k, col .. col + 3].  Branch-free (the loads of a round stay in flight
+// together): a column past N reads column N - 1, and only its own column of the sums, never
+// stored, sees it.
+fn skinny_b(kk: u32, col: u32) -> vec4<f32> {
+    if (S_VEC) {
+        return b[b_index(kk, min(col, p.n - 4u)) >> 2u];
+    }
+    let last = p.n - 1u;
+    var v: vec4<f32>;
+    for (var j = 0u; j < 4u; j = j + 1u) {
+        let i = b_index(kk, min(col + j, last));
+        v[j] = b[i >> 2u][i & 3u];
+    }
+    return v;
+}
+
+@compute @workgroup_size(256)
 fn skinny(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let rq = SL / 4u;             // row quads of the block
-    let cq = SS / 4u;             // column quads
-    let tiles = rq * cq;          // micro-tiles
-    let nthreads = tiles * SP;
-    let g = li % tiles;           // consecutive threads: micro-tiles of one slice
-    let slice = li / tiles;
-    let gr = g / cq;
-    let gc = g % cq;
-    let row0 = wid.x * SL;
-    let col0 = wid.y * SS;
-    let b_base = SK * rq;
-    // rows 0..3 of the thread's micro-tile, named (not an indexed array) so they stay in registers
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0);
-    var acc3 = vec4<f32>(0.0);
-    for (var k0 = 0u; k0 < p.k; k0 = k0 + SK) {
-        for (var e = li; e < SK * rq; e = e + nthreads) {
-            let at = staged(e, rq, SK, p.trans_a == 0u);
-            let kk = k0 + at.x;
-            let row = row0 + 4u * at.y;
-            sk_s[at.x * rq + at.y] = vec4<f32>(load_a(row, kk, p.k), load_a(row + 1u, kk, p.k),
-                                               load_a(row + 2u, kk, p.k), load_a(row + 3u, kk, p.k));
-        }
-        for (var e = li; e < SK * cq; e = e + nthreads) {
-            let at = staged(e, cq, SK, p.trans_b != 0u);
-            let kk = k0 + at.x;
-            let col = col0 + 4u * at.y;
-            sk_s[b_base + at.x * cq + at.y] = vec4<f32>(load_b(kk, col, p.k), load_b(kk, col + 1u, p.k),
-                                                        load_b(kk, col + 2u, p.k), load_b(kk, col + 3u, p.k));
-        }
-        workgroupBarrier();
-        // only k < K: a padded step adds no (+0) terms, so the sum does not depend on SK
-        let kn = min(SK, p.k - k0);
-        for (var kk = slice; kk < kn; kk = kk + SP) {
-            let av = sk_s[kk * rq + gr];
-            let bv = sk_s[b_base + kk * cq + gc];
-            acc0 = acc0 + av.x * bv;
-            acc1 = acc1 + av.y * bv;
-            acc2 = acc2 + av.z * bv;
-            acc3 = acc3 + av.w * bv;
-        }
-        workgroupBarrier();
+    let ik = select(li / SKINNY_ROWS, li % SKINNY_LANES, KFAST);
+    let ix = select(li % SKINNY_ROWS, li / SKINNY_LANES, KFAST);
+    let row = wid.x * SKINNY_ROWS + ix;
+    let col0 = wid.y * RC4 * 4u;
+    let lk = SKINNY_LANES;
+    var acc: array<vec4<f32>, 4>;
+    for (var q = 0u; q < 4u; q = q + 1u) {
+        acc[q] = vec4<f32>(0.0);
     }
-    // slices [h, 2h) hand their sums to [0, h), h = SP/2, SP/4, ..., 1
-    for (var h = SP / 2u; h > 0u; h = h / 2u) {
-        if (slice >= h && slice < 2u * h) {
-            let base = ((slice - h) * tiles + g) * 4u;
-            sk_s[base] = acc0;
-            sk_s[base + 1u] = acc1;
-            sk_s[base + 2u] = acc2;
-            sk_s[base + 3u] = acc3;
+    if (row < p.m) {
+        var kk = ik;
+        for (; kk + 3u * lk < p.k; kk = kk + 4u * lk) {
+            // a round: every load first, then the FMAs in k order
+            let v = vec4<f32>(a_at_row(row, kk), a_at_row(row, kk + lk), a_at_row(row, kk + 2u * lk),
+                              a_at_row(row, kk + 3u * lk));
+            var sv: array<vec4<f32>, 16>;
+            for (var j = 0u; j < 4u; j = j + 1u) {
+                for (var q = 0u; q < RC4; q = q + 1u) {
+                    sv[j * 4u + q] = skinny_b(kk + j * lk, col0 + 4u * q);
+                }
+            }
+            for (var j = 0u; j < 4u; j = j + 1u) {
+                for (var q = 0u; q < RC4; q = q + 1u) {
+                    acc[q] = fma(vec4<f32>(v[j]), sv[j * 4u + q], acc[q]);
+                }
+            }
         }
-        workgroupBarrier();
-        if (slice < h) {
-            let base = (slice * tiles + g) * 4u;
-            acc0 = acc0 + sk_s[base];
-            acc1 = acc1 + sk_s[base + 1u];
-            acc2 = acc2 + sk_s[base + 2u];
-            acc3 = acc3 + sk_s[base + 3u];
+        for (; kk < p.k; kk = kk + lk) {
+            let v = a_at_row(row, kk);
+            for (var q = 0u; q < RC4; q = q + 1u) {
+                acc[q] = fma(vec4<f32>(v), skinny_b(kk, col0 + 4u * q), acc[q]);
+            }
         }
-        workgroupBarrier();
     }
-    if (slice != 0u) {
-        return;
+    // the lanes' sums at [q][ik][ix], added in a fixed order: each run of 8 lanes in lane
+    // order into its first lane, then the runs' sums in run order (two short dependent chains,
+    // one barrier between them)
+    for (var q = 0u; q < RC4; q = q + 1u) {
+        sk_s[(q * lk + ik) * SKINNY_ROWS + ix] = acc[q];
     }
-    let row = row0 + gr * 4u;
-    let col = col0 + gc * 4u;
-    skinny_store(row, col, acc0);
-    skinny_store(row + 1u, col, acc1);
-    skinny_store(row + 2u, col, acc2);
-    skinny_store(row + 3u, col, acc3);
+    workgroupBarrier();
+    let runs = lk / 8u;
+    if (li < RC4 * runs * SKINNY_ROWS) {
+        let e = ((li / SKINNY_ROWS) * 8u) * SKINNY_ROWS + li % SKINNY_ROWS;   // (q, run, row) -> lane 8·run
+        var t = sk_s[e];
+        for (var j = 1u; j < 8u; j = j + 1u) {
+            t = t + sk_s[e + j * SKINNY_ROWS];
+        }
+        sk_s[e] = t;
+    }
+    workgroupBarrier();
+    if (li < RC4 * SKINNY_ROWS) {
+        let q = li / SKINNY_ROWS;
+        let ox = li % SKINNY_ROWS;
+        var t = sk_s[q * lk * SKINNY_ROWS + ox];
+        for (var j = 1u; j < runs; j = j + 1u) {
+            t = t + sk_s[(q * lk + 8u * j) * SKINNY_ROWS + ox];
+        }
+        skinny_store(wid.x * SKINNY_ROWS + ox, col0 + 4u * q, t);
+    }
 }

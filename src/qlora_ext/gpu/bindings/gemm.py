@@ -10,26 +10,21 @@ from ..runtime import MAX_GROUPS, GpuContext, GpuTensor, grid_2d
 # (the LM head's dW) take it, with K split over workgroups where the grid is small.
 _GENERAL = (64, 64, 16)
 # Products with a side of C <= _SKINNY_MAX (the rank-r LoRA products: u, du [tokens, r],
-# dB [out, r], dA [r, in]) take `skinny`: one dispatch, K split among a workgroup's threads.
-# A 64 x 64 tile would compute 64 / r times the needed columns there, and split K over
-# workgroups needs a second, summing dispatch.  These products read each element of their big
-# operand once for r FMAs: memory-bound, so the threads in flight set the speed, and they are
-# (micro-tiles of C) x (K slices): the slices take as much of K as leaves each >= 64 deep, up to
-# a quarter of a workgroup.  On an H200 (bench_small_gemm.py --lora, bench/results/
-# h200_s1204b_lora.log) the 28 layers' products of a Qwen3-0.6B step at 4 x 1024 took 42.7 ms
-# with slices >= 64 deep against 75.0 ms >= 16 (more, shorter slices: more summing), and 41.7
-# with split K over workgroups plus its summing dispatch; all of them far below bandwidth.
+# dB [out, r], dA [r, in]) take `skinny`: one dispatch, K split among a workgroup's lanes.  A
+# 64 x 64 tile would compute 64 / r times the needed columns there, and split K over workgroups
+# needs a second, summing dispatch.  These products read each element of their big operand
+# once for r FMAs: memory-bound, so the loads in flight set their speed.  On an H200
+# (bench_small_gemm.py --lora --shapes smollm2-135m --rows 256,1024, bench/results/
+# h200_s1204d_lora_skinny.json) the 30 layers' products took 7.5 / 10.0 ms a step at 256 /
+# 1024 token rows, against 13.4 / 14.4 for the best split-K `gemm` setting.
 _SKINNY_MAX = 64
-_SKINNY_MAX_THREADS = 1024
-_SKINNY_MIN_K_SLICE = 64
-_SKINNY_MAX_ROWS = 64
 # Large rank-r products (more than _SKINNY_MAX_ELEMS elements in their big operand, e.g. every
 # product of a 4 x 1024-token step) run faster as `gemm` tiles of the short side by 256 with
 # split K (_RANK_TK deep slices; _RANK_SPLIT: target workgroups, min K per split) and its summing
 # pass: on an H200 the 28 layers' products of a Qwen3-0.6B step took 28.1 ms with TK 16 and
-# split (512, 128), 31.6 with TK 8 and (1024, 64), 35.9 with TK 32, and `skinny` 42.8
-# (bench_small_gemm.py --lora, bench/results/h200_s1204c_lora_*.json).  Below it (the few-token
-# steps of real batches, where the step pays per dispatch) `skinny` takes them in one dispatch.
+# split (512, 128), 31.6 with TK 8 and (1024, 64), 35.9 with TK 32 (bench_small_gemm.py
+# --lora, bench/results/h200_s1204c_lora_*.json).  Below it (the few-token steps of real
+# batches, where the step pays per dispatch) `skinny` takes them in one dispatch.
 _SKINNY_MAX_ELEMS = 1 << 21
 _RANK_TK = 16
 _RANK_SPLIT = (512, 128)
@@ -59,46 +54,14 @@ def tiles_for(ctx: GpuContext, M: int, N: int) -> tuple:
     return (long_, s, tk) if N == short else (s, long_, tk)
 
 
-def skinny_threads(ctx: GpuContext, cap: int = _SKINNY_MAX_THREADS) -> int:
-    """Threads per `skinny` workgroup at most: cap, the device's limit, and the slices'
-    reduction (32 bytes of workgroup memory a thread) within its workgroup memory."""
-    lim = min(cap, int(ctx.limits["max-compute-invocations-per-workgroup"]),
-              int(ctx.limits["max-compute-workgroup-storage-size"]) // 32)
-    t = 4
-    while 2 * t <= lim:
-        t *= 2
-    return t
-
-
-def skinny_slices(K: int, threads: int, min_k: int = _SKINNY_MIN_K_SLICE) -> int:
-    """SP of `skinny`: K slices per micro-tile, a function of K and the device alone (so an
-    element's summation order, and its bits, do not depend on M, N or the tiles)."""
-    sp = 1
-    while 2 * sp <= threads // 4 and 2 * sp * min_k <= K:
-        sp *= 2
-    return sp
-
-
-def skinny_tiles(ctx: GpuContext, M: int, N: int, K: int, limits: tuple | None = None) -> dict:
-    """`skinny`'s overrides for C[M, N] with N the short side: SS the most of N (<= 64 columns)
-    that the threads allow, SL the most rows (<= 64) that still leave _TARGET_GROUPS
-    workgroups (more rows per workgroup re-read less of the short operand; the threads in
-    flight are the same).  limits (threads per workgroup, min K per slice) replace
-    (_SKINNY_MAX_THREADS, _SKINNY_MIN_K_SLICE) (benchmarks)."""
-    cap, min_k = limits or (_SKINNY_MAX_THREADS, _SKINNY_MIN_K_SLICE)
-    if cap < 4 or min_k < 1:
-        raise ValueError(f"skinny limits {limits}: need >= 4 threads and >= 1 k per slice")
-    threads = skinny_threads(ctx, cap)
-    sp = skinny_slices(K, threads, min_k)
-    tiles = threads // sp                    # micro-tiles per workgroup, >= 4
-    ss = 4 * min(-(-N // 4), _SKINNY_MAX // 4, tiles)
-    rq_max = min(_SKINNY_MAX_ROWS // 4, tiles // (ss // 4))
-    sl = 4 * max(1, min(rq_max, M // (4 * _TARGET_GROUPS)))
-    lim = int(ctx.limits["max-compute-workgroup-storage-size"])
-    # k staged per step: a multiple of SP (at least SP, which always fits: <= 32 bytes a thread)
-    sk = sp * max(1, min(128, lim // (4 * (sl + ss))) // sp)
-    smem = max(sk * (sl + ss) // 4, sp // 2 * (sl // 4) * (ss // 4) * 4)
-    return {"SL": sl, "SS": ss, "SP": sp, "SK": sk, "SMEM": smem}
+def skinny_overrides(N: int, trans_a: bool, trans_b: bool, b_off: int) -> dict:
+    """`skinny`'s overrides for C[M, N] with N the short side: its columns in vec4 groups (at
+    most 4 a workgroup); where A's rows run along k, warps along k and 4 rows a workgroup (K
+    spread over 64 lanes: the few-token products have few rows), else 8 rows (a sector of
+    each k); vec4 loads of op(B)'s columns where B is stored [K, N] with N and b_off multiples
+    of 4."""
+    return {"RC4": min(4, -(-N // 4)), "KFAST": not trans_a, "SKINNY_ROWS": 8 if trans_a else 4,
+            "S_VEC": not trans_b and N % 4 == 0 and b_off % 4 == 0}
 
 
 def check_tiles(ctx: GpuContext, tm: int, tn: int, tk: int) -> tuple:
@@ -119,24 +82,24 @@ def gemm_gpu(ctx: GpuContext, a: GpuTensor, b: GpuTensor, c: GpuTensor, M: int, 
              trans_a: bool = False, trans_b: bool = False, alpha: float = 1.0,
              accumulate: bool = False, a_off: int = 0, b_off: int = 0, c_off: int = 0,
              tiles: tuple | None = None, split: tuple | None = None, row_stable: bool = False,
-             skinny: tuple | None = None) -> GpuTensor:
+             skinny: bool = False) -> GpuTensor:
     """Record C[M, N] (+)= alpha * op(A) @ op(B); A is [M, K] ([K, M] with trans_a), B is
     [K, N] ([N, K] with trans_b), each starting at an element offset of its buffer.
     A side of C <= 64 takes `skinny` (one dispatch) up to _SKINNY_MAX_ELEMS elements of the big
     operand, other shapes `gemm` with split K.
     tiles (TM, TN, TK) and split (target groups, min K per split) force `gemm` with them
     (benchmarks); row_stable forces `skinny` at any shape: each element's bits then depend on
-    K and its operands only, not on M or N (the split placement's lanes).  skinny (threads per
-    workgroup, min K per slice) forces `skinny` with these limits (benchmarks)."""
+    K and its operands only, not on M or N (the split placement's lanes).  skinny forces
+    `skinny` (benchmarks)."""
     for name, t, off, need in (("a", a, a_off, M * K), ("b", b, b_off, K * N), ("c", c, c_off, M * N)):
         if off + need > t.size:
             raise ValueError(f"gemm_gpu: {name} holds {t.size} elements, needs {off + need}")
     forced = tiles is not None or split is not None
-    if (row_stable or skinny is not None) and forced:
+    if (row_stable or skinny) and forced:
         raise ValueError("gemm_gpu: row_stable / skinny take the skinny kernel, tiles / split the general one")
     rank_r = min(M, N) <= _SKINNY_MAX
-    if row_stable or skinny is not None or (not forced and rank_r and max(M, N) * K <= _SKINNY_MAX_ELEMS):
-        return _skinny(ctx, a, b, c, M, N, K, trans_a, trans_b, alpha, accumulate, a_off, b_off, c_off, skinny)
+    if row_stable or skinny or (not forced and rank_r and max(M, N) * K <= _SKINNY_MAX_ELEMS):
+        return _skinny(ctx, a, b, c, M, N, K, trans_a, trans_b, alpha, accumulate, a_off, b_off, c_off)
     if rank_r and split is None and tiles is None:
         split = _RANK_SPLIT
     tm, tn, tk = tiles_for(ctx, M, N) if tiles is None else check_tiles(ctx, *tiles)
@@ -171,15 +134,15 @@ def gemm_gpu(ctx: GpuContext, a: GpuTensor, b: GpuTensor, c: GpuTensor, M: int, 
     return c
 
 
-def _skinny(ctx, a, b, c, M, N, K, trans_a, trans_b, alpha, accumulate, a_off, b_off, c_off, limits) -> GpuTensor:
+def _skinny(ctx, a, b, c, M, N, K, trans_a, trans_b, alpha, accumulate, a_off, b_off, c_off) -> GpuTensor:
     """C[M, N] through `skinny`, its short side as the kernel's columns: a short M (with N
     long) is computed as C^T = op(B)^T op(A)^T and stored transposed."""
     c_trans = M <= _SKINNY_MAX < N
     if c_trans:
         a, b, M, N, a_off, b_off = b, a, N, M, b_off, a_off
         trans_a, trans_b = not trans_b, not trans_a
-    ov = skinny_tiles(ctx, M, N, K, limits)
-    grid = (-(-M // ov["SL"]), -(-N // ov["SS"]))
+    ov = skinny_overrides(N, trans_a, trans_b, b_off)
+    grid = (-(-M // ov["SKINNY_ROWS"]), -(-N // (4 * ov["RC4"])))
     if max(grid) > MAX_GROUPS:
         raise ValueError(f"gemm_gpu: C[{M}, {N}] needs a grid {grid} over the {MAX_GROUPS} limit")
     pipe = ctx.pipeline("small_gemm", "skinny", "urrw", overrides=ov)
