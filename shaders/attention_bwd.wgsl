@@ -154,11 +154,19 @@ fn dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<
     }
     var acc = zero_acc();
     let kend = min(p.t, q0 + BR);
-    for (var k0 = block_start(b, q0); k0 < kend; k0 = k0 + BC) {
+    let kbeg = block_start(b, q0);
+    var dsr: DsBlock;
+    if (STORED_DS != 0u) {
+        dsr = fetch_ds(b, h, q0, kbeg, li);
+    }
+    for (var k0 = kbeg; k0 < kend; k0 = k0 + BC) {
         if (STORED_DS != 0u) {
             let first = fetch_rows(b, SRC_K, hk, k0, li);
             workgroupBarrier();   // every thread done reading the last block's dS
-            load_ds(b, h, q0, k0, li);
+            stage_ds(dsr, li);
+            if (k0 + BC < kend) {
+                dsr = fetch_ds(b, h, q0, k0 + BC, li);   // in flight during this block's products
+            }
             accumulate(&acc, b, SRC_K, hk, k0, first, li);
             continue;
         }
@@ -183,21 +191,34 @@ fn dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<
     write_rows(&acc, 0u, b, h, p.hq, q0, p.scale, li);
 }
 
-// p_s [BR queries][BC keys] = dS of queries q0.., keys k0.. of head h, read from ds_t
-// (consecutive threads read consecutive queries of one key row) and zero where the key is
-// invisible to the query: dkdv wrote every visible entry, and tiles it skipped hold
-// whatever the buffer held.
-fn load_ds(b: u32, h: u32, q0: u32, k0: u32, li: u32) {
-    for (var e = li; e < BR * BC; e = e + NT) {
-        let r = e % BR;
+// The thread's share of the dS block of queries q0.., keys k0.. of head h, read from ds_t
+// (element e = li + NT·u: query q0 + e % BR, key k0 + e / BR; consecutive threads read
+// consecutive queries of one key row) and zero where the key is invisible to the query: dkdv
+// wrote every visible entry, and tiles it skipped hold whatever the buffer held.  The ds_t
+// load is unconditional (an invisible element reads element 0) so that all of a block's loads
+// are in flight at once.
+const NDS: u32 = BR * BC / NT;   // = TM * TN
+alias DsBlock = array<f32, NDS>;
+
+fn fetch_ds(b: u32, h: u32, q0: u32, k0: u32, li: u32) -> DsBlock {
+    var r: DsBlock;
+    for (var u = 0u; u < NDS; u = u + 1u) {
+        let e = li + u * NT;
+        let qi = q0 + e % BR;
+        let kj = k0 + e / BR;
+        let vis = qi < p.t && key_ok(b, kj) && kj <= qi && kj >= row_start(b, qi);
+        let at = select(0u, ((b * p.hq + h) * p.t + kj) * p.t + qi, vis);
+        r[u] = select(0.0, ds_t[at], vis);
+    }
+    return r;
+}
+
+// a fetched dS block into p_s [BR queries][BC keys]
+fn stage_ds(r: DsBlock, li: u32) {
+    for (var u = 0u; u < NDS; u = u + 1u) {
+        let e = li + u * NT;
         let c = e / BR;
-        let qi = q0 + r;
-        let kj = k0 + c;
-        var val = 0.0;
-        if (qi < p.t && key_ok(b, kj) && kj <= qi && kj >= row_start(b, qi)) {
-            val = ds_t[((b * p.hq + h) * p.t + kj) * p.t + qi];
-        }
-        p_s[r * PS + c / 4u][c % 4u] = val;
+        p_s[(e % BR) * PS + c / 4u][c % 4u] = r[u];
     }
 }
 
