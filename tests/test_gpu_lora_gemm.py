@@ -80,7 +80,7 @@ _SHAPES = [("u", 1, 16, 1000), ("u", 2, 3, 131), ("u", 61, 64, 5), ("u", 257, 17
            ("dB", 1, 3, 1000), ("dB", 7, 16, 1), ("dB", 257, 64, 131), ("dB", 1031, 17, 5),
            ("du", 7, 17, 1000), ("du", 1031, 3, 64), ("du", 61, 1, 1),
            ("dA", 2, 64, 64), ("dA", 61, 17, 1000), ("dA", 257, 1, 5), ("dA", 1031, 16, 131),
-           ("dA", 8209, 5, 37)]   # K = 8209: the most K slices and their longest tree
+           ("dA", 8209, 5, 37)]   # K = 8209: skinny's longest lanes (257 k each)
 
 
 def _problem(kind, n_tok, r, dim, rng):
@@ -124,8 +124,8 @@ def test_rank_r_products_match_float64(ctx, monkeypatch, path, kind, n_tok, r, d
     ref = alpha * opa @ opb + (before if acc else 0.0)
     bound = alpha * np.abs(opa) @ np.abs(opb) + (np.abs(before) if acc else 0.0)
     err = np.abs(got[c_off:c_off + M * N].reshape(M, N) - ref) / bound
-    # fp32 sums of up to 8209 terms in lanes and their sequential total (skinny), or in K chunks
-    # of sequential sums and their sequential total (split)
+    # fp32 sums of up to 8209 terms in lanes and the lanes' sums in two fixed runs (skinny), or
+    # in K chunks of sequential sums and their sequential total (split)
     assert err.max() <= (1e-6 if path == "skinny" else 1e-5), err.max()
     assert np.array_equal(got[:c_off], c0[:c_off]) and np.array_equal(got[c_off + M * N:], c0[c_off + M * N:])
 
