@@ -26,8 +26,9 @@
 // over: the NVIDIA driver keeps a loop over an override bound rolled, and on an H200 the same
 // BK 8 tiles ran 15-25 TFLOP/s rolled and 23-32 written out (BENCHMARKS.md).  BK 8 or 16 only.
 // Loads: A and B stored [N, K] as gemm_tiles.wgsl says (a warp reads runs of BK floats along
-// k); B stored [K, N] is copied as whole vec4s, lanes along n.  The *_VEC constants select vec4 loads and stores; the host
-// sets them only when strides, offsets and extents are multiples of 4.
+// k); B stored [K, N] is copied as whole vec4s, lanes along n.  The *_VEC constants select
+// vec4 loads and stores; the host sets them only when strides, offsets and extents are
+// multiples of 4.
 
 struct Params {
     M: u32, N: u32, K: u32, lda: u32,

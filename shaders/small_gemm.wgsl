@@ -11,10 +11,10 @@
 // a TM x TN block of C, 4 x 4 outputs per thread, staging TK-deep slices of op(A) and op(B)
 // in workgroup memory; grid (ceil(N / TN), ceil(M / TM), splits).  The next slice is loaded
 // into registers (as vec4s where aligned) while the current one is multiplied: the rank-r
-// products, which read each element once for r FMAs, are bound by the loads in flight.  Split K (splits > 1):
-// workgroup z takes k in [z * k_chunk, (z + 1) * k_chunk) and stores its partial product at
-// c_off + z * M * N (a scratch [splits, M, N], never accumulated); entry `reduce_splits` then
-// sums the partials into C (+ C when accumulate), one thread per element.
+// products, which read each element once for r FMAs, are bound by the loads in flight.
+// Split K (splits > 1): workgroup z takes k in [z * k_chunk, (z + 1) * k_chunk) and stores its
+// partial product at c_off + z * M * N (a scratch [splits, M, N], never accumulated); entry
+// `reduce_splits` then sums the partials into C (+ C when accumulate), one thread per element.
 //
 // Entry `skinny` (one side of C short: the rank-r products; one dispatch, no scratch): a
 // workgroup of 256 threads computes SKINNY_ROWS rows by 4·RC4 columns of C, grid
@@ -26,9 +26,8 @@
 // consecutive k of a row; else 8 rows × 32 lanes, a warp reading 8 consecutive rows (one
 // 32-byte sector) at each of 4 k.  An element's result depends on K, KFAST and its operands
 // only, never on M, N or the grid: the same token row gives the same bits whatever rows share
-// the call.  With c_trans = 1, element
-// (i, j) of C is stored at c_off + j * M + i (the host swaps the operands to make a short M the
-// short N).
+// the call.  With c_trans = 1, element (i, j) of C is stored at c_off + j * M + i (the host
+// swaps the operands to make a short M the short N).
 struct Params {
     m: u32,
     n: u32,
@@ -85,8 +84,13 @@ fn staged(e: u32, count: u32, depth: u32, along_k: bool) -> vec2<u32> {
     return vec2<u32>(e / count, e % count);
 }
 
+// element (row, kk) of op(A): A stored [M, K] (stored_mk) or [K, M]
+fn a_index_of(row: u32, kk: u32, stored_mk: bool) -> u32 {
+    return p.a_off + select(kk * p.m + row, row * p.k + kk, stored_mk);
+}
+
 fn a_index(row: u32, kk: u32) -> u32 {
-    return select(p.a_off + row * p.k + kk, p.a_off + kk * p.m + row, p.trans_a != 0u);
+    return a_index_of(row, kk, p.trans_a == 0u);
 }
 
 fn b_index(kk: u32, col: u32) -> u32 {
@@ -101,9 +105,9 @@ fn load_a(row: u32, kk: u32, kend: u32) -> f32 {
     return a[i >> 2u][i & 3u];
 }
 
-// skinny: A[row, kk] of a row and k inside op(A) (KFAST: A stored [M, K])
+// skinny: op(A)[row, kk] of a row and k inside op(A), the layout from the constant KFAST
 fn a_at_row(row: u32, kk: u32) -> f32 {
-    let i = p.a_off + select(kk * p.m + row, row * p.k + kk, KFAST);
+    let i = a_index_of(row, kk, KFAST);
     return a[i >> 2u][i & 3u];
 }
 
