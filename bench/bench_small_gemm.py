@@ -6,10 +6,11 @@ for a list of tile settings:
             projections forward (N = out, K = in, LoRA B as extra K tiles) and backward dx (N = in,
             K = out, LoRA A), and the fp32 LM head (logits: N = V, K = H; dhidden: N = H, K = V) at the
             engine's chunk rows (2048 at H = 1024, 1024 at H = 2560).
-  --lora    shaders/small_gemm.wgsl via gemm_gpu: the rank-r products per projection
-            u = s·x Aᵀ, dB += dyᵀ u, du = s·dy B, dA += duᵀ x: gemm_gpu's choice ("current"),
-            the one-dispatch `skinny` entry forced, and forced `gemm` tiles with split K and its
-            summing pass (LORA_SPLIT_K) as references.
+  --lora    the rank-r products per projection via gemm_gpu, u = s·x Aᵀ, dB += dyᵀ u,
+            du = s·dy B, dA += duᵀ x: gemm_gpu's choice ("current": small_gemm.wgsl's `skinny`
+            at few rows, rank_gemm.wgsl above gemm._SKINNY_MAX_ELEMS), `skinny` forced, and
+            forced small_gemm.wgsl `gemm` tiles with split K and its summing pass (LORA_SPLIT_K)
+            as references.
 
     python bench/bench_small_gemm.py --fused --lora --shapes qwen3-0.6b,qwen3-4b --json out.json
 
@@ -186,7 +187,7 @@ def sweep_lora(ctx, model, reps, log, json_path, r=16, rows=None):
                 calls = lora_calls(ctx, M, inn, out, r, bufs, **opts)
                 for op, (rec, flop, nbytes) in calls.items():
                     ks = kernel_seconds(ctx, rec, reps)
-                    s = sum(v for k, v in ks.items() if k.startswith("small_gemm."))
+                    s = sum(v for k, v in ks.items() if k.startswith(("small_gemm.", "rank_gemm.")))
                     row = {"kind": "lora", "model": model, "M": M, "proj": pname, "in": inn, "out": out, "op": op,
                            "config": label, "s": s, "kernels": ks, "tflops": flop / s / 1e12,
                            "gbps": nbytes / s / 1e9}
@@ -242,10 +243,9 @@ _RATE_SHAPES = {"gpu": (4096, 1024, 2048, 16), "cpu": (512, 256, 384, 16)}
 
 
 def test_lora_products_rate(benchmark):
-    """The four rank-r products with gemm_gpu's choice (on a GPU at this size: `gemm` tiles with
-    TK 16 and split (512, 128)), against `gemm` with the sweep's first setting (16 x 256 tiles,
-    TK 8, split (1024, 64)) and numpy float32 in the same run; GB/s counts each product's big
-    operand once."""
+    """The four rank-r products with gemm_gpu's choice (on a GPU at this size: rank_gemm.wgsl),
+    against `gemm` with the sweep's first setting (16 x 256 tiles, TK 8, split (1024, 64)) and
+    numpy float32 in the same run; GB/s counts each product's big operand once."""
     import time
 
     import pytest

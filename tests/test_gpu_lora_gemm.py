@@ -6,7 +6,8 @@ through gemm_gpu against float64 numpy:
   dA += duᵀ x            [r, in]  (K = N)
 A [r, in] and B [out, r] sit at offsets in a flat parameter buffer, dA and dB at offsets in a
 flat gradient buffer, as in the engine.  A side of C <= 64 takes small_gemm.wgsl's `skinny`
-(one dispatch); forced tiles / split take `gemm` with split K and its summing pass.
+(one dispatch) up to gemm._SKINNY_MAX_ELEMS elements of the big operand and rank_gemm.wgsl
+above it; forced tiles / split take `gemm` with split K and its summing pass.
 
 Tolerance of the shape grid: a float32 sum's error scales with the sum of |terms|, so each
 element's error is measured against alpha (|op(A)| @ |op(B)|) + |C0| of that element."""
@@ -80,7 +81,8 @@ _SHAPES = [("u", 1, 16, 1000), ("u", 2, 3, 131), ("u", 61, 64, 5), ("u", 257, 17
            ("dB", 1, 3, 1000), ("dB", 7, 16, 1), ("dB", 257, 64, 131), ("dB", 1031, 17, 5),
            ("du", 7, 17, 1000), ("du", 1031, 3, 64), ("du", 61, 1, 1),
            ("dA", 2, 64, 64), ("dA", 61, 17, 1000), ("dA", 257, 1, 5), ("dA", 1031, 16, 131),
-           ("dA", 8209, 5, 37)]   # K = 8209: skinny's longest lanes (257 k each)
+           ("dA", 8209, 5, 37),   # K = 8209: skinny's longest lanes (257 k each); cols split 4 ways
+           ("du", 61, 16, 8209)]  # K = 8209: rows' 65 K chunks, the last one 17 k
 
 
 def _problem(kind, n_tok, r, dim, rng):
@@ -96,16 +98,16 @@ def _problem(kind, n_tok, r, dim, rng):
 
 
 @pytest.mark.parametrize("offs", [(3, 5, 7), (0, 4, 8)])
-@pytest.mark.parametrize("path", ["skinny", "split"])
+@pytest.mark.parametrize("path", ["skinny", "rank"])
 @pytest.mark.parametrize("kind,n_tok,r,dim", _SHAPES)
 def test_rank_r_products_match_float64(ctx, monkeypatch, path, kind, n_tok, r, dim, offs):
-    """Both paths of the rank-r products: `skinny` (small ones) and `gemm` tiles with split K
-    (the large ones: here every size, with the threshold at 0); offsets that are multiples of
-    4 let `gemm` read the operands whose rows run in whole vec4s as vec4s."""
+    """Both paths of the rank-r products: `skinny` (small ones) and rank_gemm.wgsl (the large
+    ones: here every size, with the threshold at 0); offsets that are multiples of 4 let the
+    kernels read the operands whose rows run in whole vec4s as vec4s."""
     from qlora_ext.gpu.bindings import gemm as G
     from qlora_ext.gpu.bindings.gemm import gemm_gpu
 
-    if path == "split":
+    if path == "rank":
         monkeypatch.setattr(G, "_SKINNY_MAX_ELEMS", 0)
 
     rng = np.random.default_rng(n_tok * 7 + r * 3 + dim)
@@ -124,9 +126,9 @@ def test_rank_r_products_match_float64(ctx, monkeypatch, path, kind, n_tok, r, d
     ref = alpha * opa @ opb + (before if acc else 0.0)
     bound = alpha * np.abs(opa) @ np.abs(opb) + (np.abs(before) if acc else 0.0)
     err = np.abs(got[c_off:c_off + M * N].reshape(M, N) - ref) / bound
-    # fp32 sums of up to 8209 terms in lanes and the lanes' sums in two fixed runs (skinny), or
-    # in K chunks of sequential sums and their sequential total (split)
-    assert err.max() <= (1e-6 if path == "skinny" else 1e-5), err.max()
+    # fp32 sums of up to 8209 terms in lanes and the lanes' sums in fixed runs (skinny, rows),
+    # or in warps' and K splits' sequential sums and their sequential totals (cols)
+    assert err.max() <= 1e-6, err.max()
     assert np.array_equal(got[:c_off], c0[:c_off]) and np.array_equal(got[c_off + M * N:], c0[c_off + M * N:])
 
 
@@ -158,9 +160,10 @@ def test_skinny_rows_do_not_depend_on_the_row_count(ctx, r, row_stable):
 
 def test_lora_products_one_dispatch_each(ctx, monkeypatch):
     """The four rank-r products record one dispatch each (no split-K summing pass) up to
-    _SKINNY_MAX_ELEMS elements of their big operand, and above it split K over `gemm`
-    workgroups; a shape with both sides of C over 64 (the LM head's dW) splits K where its grid
-    is small."""
+    _SKINNY_MAX_ELEMS elements of their big operand; above it rank_gemm.wgsl's `rows` (u, du)
+    and `cols` (dB, dA, K split with a summing pass where its grid is small); the layout
+    rank_gemm lacks (both operands transposed) and a shape with both sides of C over 64 (the
+    LM head's dW) take `gemm`, K split where the grid is small."""
     from qlora_ext.gpu.bindings import gemm as G
     from qlora_ext.gpu.bindings.gemm import gemm_gpu
 
@@ -175,13 +178,52 @@ def test_lora_products_one_dispatch_each(ctx, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(G, "_SKINNY_MAX_ELEMS", N * min(inn, out) - 1)   # every product is over it
         _products(ctx, x, dy, A, B, 0.5, g0, 0, r * inn, 0, r * inn)
-    assert entries == ["small_gemm.gemm", "small_gemm.reduce_splits"] * 4
+        assert entries == ["rank_gemm.rows", "rank_gemm.cols", "small_gemm.reduce_splits",
+                           "rank_gemm.rows", "rank_gemm.cols", "small_gemm.reduce_splits"]
+        entries.clear()
+        # C[in, r] = op(A) op(B) with A = x stored [N, in] and B stored [r, N]: both transposed
+        got = ctx.empty((inn, r))
+        gemm_gpu(ctx, ctx.upload(x), ctx.upload(np.ascontiguousarray(x[:, :r].T)), got, inn, r, N,
+                 trans_a=True, trans_b=True)
+        assert entries[0] == "small_gemm.gemm"
+        ref = x.astype(np.float64).T @ x[:, :r].astype(np.float64)
+        assert rel_err(ctx.to_numpy(got), ref) <= 2e-6
     entries.clear()
     gemm_gpu(ctx, ctx.upload(dy), ctx.upload(x), ctx.empty((out, inn)), out, inn, N, trans_a=True)
     assert entries == ["small_gemm.gemm", "small_gemm.reduce_splits"]
     with pytest.raises(ValueError, match="row_stable"):
         gemm_gpu(ctx, ctx.upload(x), ctx.upload(A), ctx.empty((N, r)), N, r, inn, trans_b=True, row_stable=True,
                  tiles=(64, 64, 16))
+
+
+def test_rank_rows_do_not_depend_on_the_row_count(ctx, monkeypatch):
+    """rank_gemm.wgsl's `rows` (u = s · x Aᵀ over many tokens): a token row's bits do not depend
+    on which rows share the call, and a run repeated gives the same bits."""
+    from qlora_ext.gpu.bindings import gemm as G
+    from qlora_ext.gpu.bindings.gemm import gemm_gpu
+
+    monkeypatch.setattr(G, "_SKINNY_MAX_ELEMS", 0)
+    rng = np.random.default_rng(5)
+    inn, r = 1000, 16
+    x = rng.standard_normal((1031, inn)).astype(np.float32)
+    A = rng.standard_normal((r, inn)).astype(np.float32)
+    xg, ag = ctx.upload(x), ctx.upload(A)
+    entries = []
+    real = ctx.dispatch
+    monkeypatch.setattr(ctx, "dispatch", lambda pipe, *a, **k: (entries.append(pipe[2]), real(pipe, *a, **k)))
+
+    def u(rows, first=0):
+        out = ctx.empty((rows, r))
+        gemm_gpu(ctx, xg, ag, out, rows, r, inn, trans_b=True, alpha=0.5, a_off=first * inn)
+        return ctx.to_numpy(out).view(np.uint32)
+
+    full = u(1031)
+    assert np.array_equal(full, u(1031))
+    for rows, first in ((65, 0), (97, 500), (257, 11), (700, 331)):
+        assert np.array_equal(u(rows, first), full[first:first + rows]), (rows, first)
+    assert set(entries) == {"rank_gemm.rows"}
+    ref = 0.5 * x.astype(np.float64) @ A.T.astype(np.float64)
+    assert rel_err(full.view(np.float32), ref) <= 2e-6
 
 
 @pytest.mark.parametrize("kw", [dict(tiles=(64, 64, 16), split=(256, 256)), dict(tiles=(128, 16, 16), split=(1024, 16)),

@@ -1,5 +1,5 @@
-"""fp32 GEMM of the GPU device (shaders/small_gemm.wgsl) for the transposed-A products
-(the LM head's dW, the rank-r LoRA products):
+"""fp32 GEMM of the GPU device (shaders/small_gemm.wgsl, shaders/rank_gemm.wgsl) for the
+transposed-A products (the LM head's dW, the rank-r LoRA products):
 C[M, N] (+)= alpha * op(A)[M, K] @ op(B)[K, N]."""
 from __future__ import annotations
 
@@ -19,13 +19,18 @@ _GENERAL = (64, 64, 16)
 # 1024 token rows, against 13.4 / 14.4 for the best split-K `gemm` setting.
 _SKINNY_MAX = 64
 # Large rank-r products (more than _SKINNY_MAX_ELEMS elements in their big operand, e.g. every
-# product of a 4 x 1024-token step) run faster as `gemm` tiles of the short side by 256 with
-# split K (_RANK_TK deep slices; _RANK_SPLIT: target workgroups, min K per split) and its summing
-# pass: on an H200 the 28 layers' products of a Qwen3-0.6B step took 28.1 ms with TK 16 and
-# split (512, 128), 31.6 with TK 8 and (1024, 64), 35.9 with TK 32 (bench_small_gemm.py
-# --lora, bench/results/h200_s1204c_lora_*.json).  Below it (the few-token steps of real
-# batches, where the step pays per dispatch) `skinny` takes them in one dispatch.
+# product of a 4 x 1024-token step) take rank_gemm.wgsl (`rows` where op(A) runs along k:
+# u, du; `cols` where it runs along the token rows: dA, dB), many rows a workgroup with the
+# small operand reused from workgroup memory or L1.  On an H200 at a Qwen3-0.6B step's shapes
+# (bench/results/h200_s1204e_rank_variants.log) the four products of a projection took
+# 90 / 119 / 118 us (q / gate / down) against 124 / 177 / 174 for the best split-K `gemm`
+# setting below.  Below the threshold (the few-token steps of real batches, where the step
+# pays per dispatch) `skinny` takes them in one dispatch.
 _SKINNY_MAX_ELEMS = 1 << 21
+# Rank-r products in the layout rank_gemm.wgsl lacks (op(A) and op(B) both transposed) take
+# `gemm` tiles of the short side by 256 with split K (_RANK_TK deep slices; _RANK_SPLIT:
+# target workgroups, min K per split): the best setting of that path in the H200 sweep
+# (bench_small_gemm.py --lora, bench/results/h200_s1204c_lora_*.json).
 _RANK_TK = 16
 _RANK_SPLIT = (512, 128)
 
@@ -86,7 +91,7 @@ def gemm_gpu(ctx: GpuContext, a: GpuTensor, b: GpuTensor, c: GpuTensor, M: int, 
     """Record C[M, N] (+)= alpha * op(A) @ op(B); A is [M, K] ([K, M] with trans_a), B is
     [K, N] ([N, K] with trans_b), each starting at an element offset of its buffer.
     A side of C <= 64 takes `skinny` (one dispatch) up to _SKINNY_MAX_ELEMS elements of the big
-    operand, other shapes `gemm` with split K.
+    operand and rank_gemm.wgsl above it, other shapes `gemm` with split K.
     tiles (TM, TN, TK) and split (target groups, min K per split) force `gemm` with them
     (benchmarks); row_stable forces `skinny` at any shape: each element's bits then depend on
     K and its operands only, not on M or N (the split placement's lanes).  skinny forces
@@ -100,6 +105,8 @@ def gemm_gpu(ctx: GpuContext, a: GpuTensor, b: GpuTensor, c: GpuTensor, M: int, 
     rank_r = min(M, N) <= _SKINNY_MAX
     if row_stable or skinny or (not forced and rank_r and max(M, N) * K <= _SKINNY_MAX_ELEMS):
         return _skinny(ctx, a, b, c, M, N, K, trans_a, trans_b, alpha, accumulate, a_off, b_off, c_off)
+    if not forced and rank_r and _rank_entry(M, N, trans_a, trans_b) is not None:
+        return _rank(ctx, a, b, c, M, N, K, trans_a, trans_b, alpha, accumulate, a_off, b_off, c_off)
     if rank_r and split is None and tiles is None:
         split = _RANK_SPLIT
     tm, tn, tk = tiles_for(ctx, M, N) if tiles is None else check_tiles(ctx, *tiles)
@@ -149,6 +156,60 @@ def _skinny(ctx, a, b, c, M, N, K, trans_a, trans_b, alpha, accumulate, a_off, b
     par = ctx.uniform("IIIIIIfIIIIIII", M, N, K, int(trans_a), int(trans_b), int(accumulate), float(alpha),
                       a_off, b_off, c_off, K, 1, 0, int(c_trans))
     ctx.dispatch(pipe, [par, a, b, c], grid)
+    return c
+
+
+def _rank_entry(M: int, N: int, trans_a: bool, trans_b: bool) -> str | None:
+    """rank_gemm.wgsl's entry for a rank-r product (None: neither fits its layouts), after the
+    short side is made C's columns as _rank does: `rows` where op(A) is stored [M, K], `cols`
+    where it is stored [K, M] and op(B) [K, N]."""
+    if M <= _SKINNY_MAX < N:
+        trans_a, trans_b = not trans_b, not trans_a
+    if not trans_a:
+        return "rows"
+    return None if trans_b else "cols"
+
+
+def _rank(ctx, a, b, c, M, N, K, trans_a, trans_b, alpha, accumulate, a_off, b_off, c_off) -> GpuTensor:
+    """C[M, N] through rank_gemm.wgsl (its header says how), the short side as C's columns (a
+    short M is computed as C^T, stored transposed); `cols` splits K over workgroups where its
+    grid is small and sums the partials with small_gemm.wgsl's reduce_splits."""
+    c_trans = M <= _SKINNY_MAX < N
+    if c_trans:
+        a, b, M, N, a_off, b_off = b, a, N, M, b_off, a_off
+        trans_a, trans_b = not trans_b, not trans_a
+    entry = "cols" if trans_a else "rows"
+    # 8 columns of C a workgroup (4 where N <= 4), rank 16 in two column groups: 16 ran 10-30%
+    # slower on an H200 (bench/results/h200_s1204e_rank_variants.log).  `rows` stages op(B) in
+    # 128-k chunks, 256 at 4 columns (each thread stages at least one vec4 of a chunk).
+    cw = 4 if N <= 4 else 8
+    consts = {"CW": cw, "KQ": 2 if cw == 4 else 1}
+    a_vec = a_off % 4 == 0 and (M if trans_a else K) % 4 == 0
+    b_vec = b_off % 4 == 0 and (K if trans_b else N) % 4 == 0
+    pipe = ctx.pipeline("rank_gemm", entry, "urrw", consts=consts,
+                        overrides={"A_VEC": a_vec, "B_VEC": b_vec, "B_T": bool(trans_b)})
+    gy = -(-N // cw)
+    if entry == "rows":
+        gx = -(-M // 32)
+        splits, chunk = 1, K
+    else:
+        gx = -(-M // 128)
+        splits = split_count(gx * gy, K)
+        chunk = -(-K // (32 * splits)) * 32      # a whole number of the warps' rounds
+        splits = -(-K // chunk)
+    if max(gx, gy) > MAX_GROUPS:
+        raise ValueError(f"gemm_gpu: C[{M}, {N}] needs a grid ({gx}, {gy}) over the {MAX_GROUPS} limit")
+    fmt = "IIIIfIIIIIII"
+    if splits == 1:
+        par = ctx.uniform(fmt, M, N, K, int(accumulate), float(alpha), a_off, b_off, c_off, int(c_trans), K, 0, 0)
+        ctx.dispatch(pipe, [par, a, b, c], (gx, gy))
+        return c
+    part = ctx.scratch(splits * M * N)
+    par = ctx.uniform(fmt, M, N, K, 0, float(alpha), a_off, b_off, 0, int(c_trans), chunk, 0, 0)
+    ctx.dispatch(pipe, [par, a, b, part], (gx, gy, splits))
+    red = ctx.pipeline("small_gemm", "reduce_splits", "urrww")
+    par = ctx.uniform("IIIIIIfIIIIIII", M, N, K, 0, 0, int(accumulate), 1.0, 0, 0, 0, chunk, splits, c_off, 0)
+    ctx.dispatch(red, [par, a, b, part, c], grid_2d((M * N + 255) // 256))
     return c
 
 
