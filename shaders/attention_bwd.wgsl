@@ -173,15 +173,15 @@ fn dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<
         let s = scores(b, SRC_Q, h, q0, p.scale, SRC_K, hk, k0, 1.0, li);
         let dp = scores(b, SRC_DO, h, q0, 1.0, SRC_V, hk, k0, 1.0, li);
         let first = fetch_rows(b, SRC_K, hk, k0, li);
-        var ds = zero_tile();   // (naga does not re-zero loop-body vars per iteration)
+        // dS, 0 where the key is invisible to the query (selected, not branched on)
+        var ds: Tile;
         for (var j = 0u; j < TN; j = j + 1u) {
             let kj = k0 + tx + NX * j;
             let ok = key_ok(b, kj);
             for (var i = 0u; i < TM; i = i + 1u) {
                 let qi = q0 + ty * TM + i;
-                if (ok && kj <= qi && kj >= first_key[i] && qi < p.t) {
-                    ds[i][j] = exp(s[i][j] - l_r[i]) * (dp[i][j] - d_r[i]);
-                }
+                let vis = ok && kj <= qi && kj >= first_key[i] && qi < p.t;
+                ds[i][j] = select(0.0, exp(s[i][j] - l_r[i]) * (dp[i][j] - d_r[i]), vis);
             }
         }
         // p_s was last read before the barriers inside scores()
@@ -273,27 +273,33 @@ fn dkdv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             if (row_start(b, i0) > jlast) {
                 break;
             }
+            // The thread's queries' lse, delta and first visible key, loaded before the scores
+            // so that their latency hides behind them; unconditional (a query past T reads row
+            // T - 1, and no entry of it is visible).
+            var lq: array<f32, TN>;
+            var dl: array<f32, TN>;
+            var fk: array<u32, TN>;
+            for (var j = 0u; j < TN; j = j + 1u) {
+                let qc = min(i0 + tx + NX * j, p.t - 1u);
+                lq[j] = lse[(b * p.hq + h) * p.t + qc];
+                dl[j] = delta[(b * p.hq + h) * p.t + qc];
+                fk[j] = row_start(b, qc);
+            }
             let st = scores(b, SRC_K, hk, j0, 1.0, SRC_Q, h, i0, p.scale, li);   // S^T: [keys][queries]
             let dpt = scores(b, SRC_V, hk, j0, 1.0, SRC_DO, h, i0, 1.0, li);    // dP^T
             let first_do = fetch_rows(b, SRC_DO, h, i0, li);
-            var pt = zero_tile();
-            var dst = zero_tile();
+            // P^T and dS^T, 0 where the key is invisible to the query (selected, not branched
+            // on; a query that sees any key has a finite lse)
+            var pt: Tile;
+            var dst: Tile;
             for (var j = 0u; j < TN; j = j + 1u) {
                 let qi = i0 + tx + NX * j;
-                if (qi >= p.t) {
-                    continue;
-                }
-                // A query that sees any key has a finite lse.
-                let lq = lse[(b * p.hq + h) * p.t + qi];
-                let dl = delta[(b * p.hq + h) * p.t + qi];
-                let first_key = row_start(b, qi);
                 for (var i = 0u; i < TM; i = i + 1u) {
                     let kj = j0 + ty * TM + i;
-                    if (rok[i] && kj <= qi && kj >= first_key) {
-                        let pij = exp(st[i][j] - lq);
-                        pt[i][j] = pij;
-                        dst[i][j] = pij * (dpt[i][j] - dl);
-                    }
+                    let vis = qi < p.t && rok[i] && kj <= qi && kj >= fk[j];
+                    let pij = select(0.0, exp(st[i][j] - lq[j]), vis);
+                    pt[i][j] = pij;
+                    dst[i][j] = select(0.0, pij * (dpt[i][j] - dl[j]), vis);
                 }
             }
             stage(pt, li);
