@@ -101,14 +101,14 @@ fn forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
         for (var i = 0u; i < TM; i = i + 1u) {
             var mx = NEG_BIG;
             for (var j = 0u; j < TN; j = j + 1u) {
-                mx = select(mx, max(mx, s[i][j]), vis[i][j]);
+                if (vis[i][j]) {
+                    mx = max(mx, s[i][j]);
+                }
             }
             red_s[(ty * TM + i) * NX + tx] = mx;
         }
         workgroupBarrier();
-        // P, 0 where invisible: selected, not branched on (adding those zeros to ls leaves its
-        // bits as they are)
-        var pt: Tile;
+        var pt = zero_tile();   // (naga does not re-zero loop-body vars per iteration)
         for (var i = 0u; i < TM; i = i + 1u) {
             let r = ty * TM + i;
             var mt = m[i];
@@ -119,9 +119,10 @@ fn forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
             m[i] = mt;
             var ls = 0.0;
             for (var j = 0u; j < TN; j = j + 1u) {
-                let e = select(0.0, exp(s[i][j] - mt), vis[i][j]);
-                pt[i][j] = e;
-                ls = ls + e;
+                if (vis[i][j]) {
+                    pt[i][j] = exp(s[i][j] - mt);
+                    ls = ls + pt[i][j];
+                }
             }
             lp[i] = lp[i] * corr + ls;
             for (var j4 = 0u; j4 < DV4; j4 = j4 + 1u) {
