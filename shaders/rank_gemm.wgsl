@@ -9,9 +9,8 @@
 // is stored at c_off + j·M + i.  Out-of-range elements load as 0 and are not stored.
 // Compile-time consts (the host prepends them): CW (4 or 8) and KQ (rows: 1 or 2).  The code
 // that touches the accumulators is written out with constant indices: a loop there stays
-// rolled in the NVIDIA driver, which then keeps the whole accumulator array in memory (on an
-// H200, CW 16 through loops ran 2-4x slower than the split-K `gemm` path; written out, CW 8
-// runs 1.3-1.7x faster than it).
+// rolled in the NVIDIA driver, which then keeps the whole accumulator array in memory
+// (BENCHMARKS.md, the fifth H200 session of 2026-12-04).
 //
 // Entry `rows` (A stored [M, K]: u = x Aᵀ, du = dy B): a workgroup of 8 warps owns 32 rows of
 // C, 4 a warp; lane l of a warp reads k groups 4·(32·q + l) .. + 3 (q < KQ) of each K chunk of
@@ -76,6 +75,7 @@ fn a_run(i: u32, valid: u32, vec: bool) -> vec4<f32> {
     return v;
 }
 
+// a_run for op(B)'s binding (WGSL functions cannot take a storage binding as an argument)
 fn b_run(i: u32, valid: u32, vec: bool) -> vec4<f32> {
     let n = 4u * arrayLength(&b);
     if (vec) {
