@@ -257,3 +257,27 @@ def test_rank_r_tiles_fit_the_kernel(ctx):
             tm, tn, tk = tiles_for(ctx, M, N)
             assert check_tiles(ctx, tm, tn, tk) == (tm, tn, tk)
             assert min(tm, tn) >= short
+
+
+@pytest.mark.parametrize("M,N,K,ta,tb,entry", [(16, 300, 257, False, True, "rank_gemm.rows"),
+                                               (5, 131, 1000, True, True, "rank_gemm.rows"),
+                                               (16, 300, 257, True, False, "rank_gemm.cols"),
+                                               (3, 77, 129, False, False, "small_gemm.gemm")])
+def test_rank_products_with_a_short_m(ctx, monkeypatch, M, N, K, ta, tb, entry):
+    """A short M (with N long) runs as C transposed: rank_gemm's `rows` or `cols` by the swapped
+    operands' layout, stored transposed, or `gemm` for the layout rank_gemm lacks."""
+    from qlora_ext.gpu.bindings import gemm as G
+    from qlora_ext.gpu.bindings.gemm import gemm_gpu
+
+    monkeypatch.setattr(G, "_SKINNY_MAX_ELEMS", 0)
+    entries = []
+    real = ctx.dispatch
+    monkeypatch.setattr(ctx, "dispatch", lambda pipe, *a, **k: (entries.append(pipe[2]), real(pipe, *a, **k)))
+    rng = np.random.default_rng(M * N + K)
+    A = rng.standard_normal((K, M) if ta else (M, K)).astype(np.float32)
+    B = rng.standard_normal((N, K) if tb else (K, N)).astype(np.float32)
+    c = ctx.empty((M, N))
+    gemm_gpu(ctx, ctx.upload(A), ctx.upload(B), c, M, N, K, trans_a=ta, trans_b=tb, alpha=0.5)
+    assert entries[0] == entry
+    ref = 0.5 * (A.T if ta else A).astype(np.float64) @ (B.T if tb else B).astype(np.float64)
+    assert rel_err(ctx.to_numpy(c), ref) <= 2e-6
