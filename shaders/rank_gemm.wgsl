@@ -7,7 +7,7 @@
 //
 // all row-major f32 from element offsets a_off, b_off, c_off; with c_trans, element (i, j) of C
 // is stored at c_off + j·M + i.  Out-of-range elements load as 0 and are not stored.
-// Compile-time consts (the host prepends them): CW (4 or 8) and KQ (rows: 1 or 2).  The code
+// Compile-time const (the host prepends it): CW, 4 or 8.  The code
 // that touches the accumulators is written out with constant indices: a loop there stays
 // rolled in the NVIDIA driver, which then keeps the whole accumulator array in memory
 // (BENCHMARKS.md, the fifth H200 session of 2026-12-04).
@@ -46,10 +46,10 @@ override B_T: bool = false;    // rows: B stored [N, K] (u = x Aᵀ); else [K, N
 @group(0) @binding(2) var<storage, read> b: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
 
+const KQ: u32 = 8u / CW;          // rows: 128-k groups of a K chunk (CW 4: 2)
 const KC4: u32 = 32u * KQ;        // rows: vec4 k groups of a chunk
-const SBUF: u32 = CW * KC4;       // rows: vec4s of one staged chunk of op(B)
+const SBUF: u32 = CW * KC4;       // rows: vec4s of one staged chunk of op(B): 256, one a thread
 const RP: u32 = CW / 4u;          // rows: columns of C a pass of the lanes' sums (1 or 2)
-const SG: u32 = SBUF / 256u;      // rows: vec4 groups of op(B) a thread stages (the host keeps CW·KQ >= 8)
 
 // rows: op(B)'s chunks, two buffers of [CW][KC4] vec4s along k; reused for the lanes' sums
 var<workgroup> s_s: array<vec4<f32>, 2u * SBUF>;
@@ -118,36 +118,29 @@ fn rows_fetch_x(xr: ptr<function, array<vec4<f32>, 8>>, r0: u32, k0: u32, lane: 
     }
 }
 
-// the thread's SG groups of op(B)'s chunk from k0 for columns col0 ..: with B_T a group is 4 k
-// of one column (kq = g % KC4, column g / KC4: consecutive threads read along a stored row),
-// else 4 columns of one k (column group g % (CW / 4), k g / (CW / 4))
-fn rows_fetch_s(sr: ptr<function, array<vec4<f32>, 8>>, col0: u32, k0: u32, li: u32) {
-    for (var u = 0u; u < SG; u++) {
-        let g = li + u * 256u;
-        if (B_T) {
-            let col = col0 + g / KC4;
-            let k = k0 + 4u * (g % KC4);
-            (*sr)[u] = b_run(p.b_off + col * p.k + k, select(0u, avail(k, p.k), col < p.n), B_VEC);
-        } else {
-            let col = col0 + 4u * (g % (CW / 4u));
-            let k = k0 + g / (CW / 4u);
-            (*sr)[u] = b_run(p.b_off + k * p.n + col, select(0u, avail(col, p.n), k < p.k), B_VEC);
-        }
+// thread li's vec4 of op(B)'s chunk from k0 for columns col0 ..: with B_T 4 k of one column
+// (kq = li % KC4, column li / KC4: consecutive threads read along a stored row), else 4
+// columns of one k (column group li % (CW / 4), k li / (CW / 4))
+fn rows_fetch_s(col0: u32, k0: u32, li: u32) -> vec4<f32> {
+    if (B_T) {
+        let col = col0 + li / KC4;
+        let k = k0 + 4u * (li % KC4);
+        return b_run(p.b_off + col * p.k + k, select(0u, avail(k, p.k), col < p.n), B_VEC);
     }
+    let col = col0 + 4u * (li % (CW / 4u));
+    let k = k0 + li / (CW / 4u);
+    return b_run(p.b_off + k * p.n + col, select(0u, avail(col, p.n), k < p.k), B_VEC);
 }
 
-fn rows_store_s(sr: ptr<function, array<vec4<f32>, 8>>, buf: u32, li: u32) {
-    for (var u = 0u; u < SG; u++) {
-        let g = li + u * 256u;
-        if (B_T) {
-            s_s[buf * SBUF + g] = (*sr)[u];
-        } else {
-            let cq = g % (CW / 4u);
-            let k = g / (CW / 4u);
-            for (var e = 0u; e < 4u; e++) {
-                s_s[buf * SBUF + (4u * cq + e) * KC4 + k / 4u][k % 4u] = (*sr)[u][e];
-            }
-        }
+fn rows_store_s(sv: vec4<f32>, buf: u32, li: u32) {
+    if (B_T) {
+        s_s[buf * SBUF + li] = sv;
+        return;
+    }
+    let cq = li % (CW / 4u);
+    let k = li / (CW / 4u);
+    for (var e = 0u; e < 4u; e++) {
+        s_s[buf * SBUF + (4u * cq + e) * KC4 + k / 4u][k % 4u] = sv[e];
     }
 }
 
@@ -169,16 +162,15 @@ fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var acc: array<vec4<f32>, 8>;   // [j]: column col0 + j, rows r0 .. r0 + 3 (zero-initialized)
     var xr: array<vec4<f32>, 8>;
     var xn: array<vec4<f32>, 8>;
-    var sr: array<vec4<f32>, 8>;
     rows_fetch_x(&xr, r0, 0u, lane);
-    rows_fetch_s(&sr, col0, 0u, li);
-    rows_store_s(&sr, 0u, li);
+    rows_store_s(rows_fetch_s(col0, 0u, li), 0u, li);
+    var sn = vec4<f32>(0.0);
     workgroupBarrier();
     for (var ch = 0u; ch < nch; ch++) {
         let more = ch + 1u < nch;
         if (more) {
             rows_fetch_x(&xn, r0, (ch + 1u) * 128u * KQ, lane);
-            rows_fetch_s(&sr, col0, (ch + 1u) * 128u * KQ, li);
+            sn = rows_fetch_s(col0, (ch + 1u) * 128u * KQ, li);
         }
         let base = (ch & 1u) * SBUF;
         for (var q = 0u; q < KQ; q++) {
@@ -199,7 +191,7 @@ fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             if (CW > 4u) { rows_fma(&acc, 7u, s_s[base + 7u * KC4 + 32u * q + lane], &xt); }
         }
         if (more) {
-            rows_store_s(&sr, (ch + 1u) & 1u, li);
+            rows_store_s(sn, (ch + 1u) & 1u, li);
             xr = xn;
         }
         workgroupBarrier();

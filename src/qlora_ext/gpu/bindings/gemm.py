@@ -180,10 +180,9 @@ def _rank(ctx, a, b, c, M, N, K, trans_a, trans_b, alpha, accumulate, a_off, b_o
         trans_a, trans_b = not trans_b, not trans_a
     entry = "cols" if trans_a else "rows"
     # 8 columns of C a workgroup (4 where N <= 4), rank 16 in two column groups: 16 ran 10-30%
-    # slower on an H200 (bench/results/h200_s1204e_rank_variants.log).  `rows` stages op(B) in
-    # 128-k chunks, 256 at 4 columns (each thread stages at least one vec4 of a chunk).
+    # slower on an H200 (bench/results/h200_s1204e_rank_variants.log)
     cw = 4 if N <= 4 else 8
-    consts = {"CW": cw, "KQ": 2 if cw == 4 else 1}
+    consts = {"CW": cw}
     a_vec = a_off % 4 == 0 and (M if trans_a else K) % 4 == 0
     b_vec = b_off % 4 == 0 and (K if trans_b else N) % 4 == 0
     pipe = ctx.pipeline("rank_gemm", entry, "urrw", consts=consts,
