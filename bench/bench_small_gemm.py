@@ -52,8 +52,8 @@ FUSED_SWEEP = [(16, 16, 8, 8, 8), (16, 16, 4, 8, 8), (16, 16, 8, 8, 16), (16, 16
                (8, 16, 8, 8, 16), (16, 16, 8, 16, 8), (16, 16, 16, 8, 8), (8, 8, 8, 8, 16), (32, 8, 4, 8, 16),
                (16, 16, 4, 4, 16), (16, 16, 8, 4, 8), (8, 16, 8, 8, 8), (16, 8, 8, 8, 8), (8, 8, 8, 8, 8)]
 # References: (short side, long side, TK) of forced `gemm` tiles for the rank side with (target
-# groups, min K per split): the split-K path `skinny` replaces for these products (the first was
-# its best setting in the H100 sweep)
+# groups, min K per split): the split-K path that `skinny` (few rows) and rank_gemm.wgsl (many)
+# replace for these products (the first was its best setting in the H100 sweep)
 LORA_SPLIT_K = [((16, 256, 8), (1024, 64)), ((64, 64, 16), (256, 256)), ((16, 256, 16), (1024, 64)),
                 ((16, 256, 32), (1024, 64)), ((16, 256, 16), (512, 128)), ((16, 128, 16), (1024, 64)),
                 ((16, 256, 8), (2048, 32))]

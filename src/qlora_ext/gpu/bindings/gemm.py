@@ -105,8 +105,9 @@ def gemm_gpu(ctx: GpuContext, a: GpuTensor, b: GpuTensor, c: GpuTensor, M: int, 
     rank_r = min(M, N) <= _SKINNY_MAX
     if row_stable or skinny or (not forced and rank_r and max(M, N) * K <= _SKINNY_MAX_ELEMS):
         return _skinny(ctx, a, b, c, M, N, K, trans_a, trans_b, alpha, accumulate, a_off, b_off, c_off)
-    if not forced and rank_r and _rank_entry(M, N, trans_a, trans_b) is not None:
-        return _rank(ctx, a, b, c, M, N, K, trans_a, trans_b, alpha, accumulate, a_off, b_off, c_off)
+    if not forced and rank_r and _rank(ctx, a, b, c, M, N, K, trans_a, trans_b, alpha, accumulate, a_off, b_off,
+                                       c_off):
+        return c
     if rank_r and split is None and tiles is None:
         split = _RANK_SPLIT
     tm, tn, tk = tiles_for(ctx, M, N) if tiles is None else check_tiles(ctx, *tiles)
@@ -135,19 +136,33 @@ def gemm_gpu(ctx: GpuContext, a: GpuTensor, b: GpuTensor, c: GpuTensor, M: int, 
     par = ctx.uniform("IIIIIIfIIIIIII", M, N, K, int(trans_a), int(trans_b), 0, float(alpha),
                       a_off, b_off, 0, chunk, splits, 0, 0)
     ctx.dispatch(pipe, [par, a, b, part, c], (gx, gy, splits))
-    red = ctx.pipeline("small_gemm", "reduce_splits", "urrww")   # reads none of the tiles' overrides
-    par = ctx.uniform("IIIIIIfIIIIIII", M, N, K, 0, 0, int(accumulate), 1.0, 0, 0, 0, chunk, splits, c_off, 0)
-    ctx.dispatch(red, [par, a, b, part, c], grid_2d((M * N + 255) // 256))
+    _sum_splits(ctx, a, b, part, c, M, N, K, chunk, splits, accumulate, c_off)
     return c
 
 
-def _skinny(ctx, a, b, c, M, N, K, trans_a, trans_b, alpha, accumulate, a_off, b_off, c_off) -> GpuTensor:
-    """C[M, N] through `skinny`, its short side as the kernel's columns: a short M (with N
-    long) is computed as C^T = op(B)^T op(A)^T and stored transposed."""
+def _sum_splits(ctx, a, b, part, c, M, N, K, chunk, splits, accumulate, c_off) -> None:
+    """C (+)= the sum of the `splits` partials [splits, M·N] in `part`, in split order
+    (small_gemm.wgsl's reduce_splits; a and b are bound, not read)."""
+    red = ctx.pipeline("small_gemm", "reduce_splits", "urrww")   # reads none of the tiles' overrides
+    par = ctx.uniform("IIIIIIfIIIIIII", M, N, K, 0, 0, int(accumulate), 1.0, 0, 0, 0, chunk, splits, c_off, 0)
+    ctx.dispatch(red, [par, a, b, part, c], grid_2d((M * N + 255) // 256))
+
+
+def _short_side_as_columns(a, b, M, N, a_off, b_off, trans_a, trans_b) -> tuple:
+    """(a, b, M, N, a_off, b_off, trans_a, trans_b, c_trans) of the product whose columns are
+    C's short side: a short M (with N long) is computed as C^T = op(B)^T op(A)^T and stored
+    transposed (c_trans)."""
     c_trans = M <= _SKINNY_MAX < N
     if c_trans:
         a, b, M, N, a_off, b_off = b, a, N, M, b_off, a_off
         trans_a, trans_b = not trans_b, not trans_a
+    return a, b, M, N, a_off, b_off, trans_a, trans_b, c_trans
+
+
+def _skinny(ctx, a, b, c, M, N, K, trans_a, trans_b, alpha, accumulate, a_off, b_off, c_off) -> GpuTensor:
+    """C[M, N] through `skinny`, its short side as the kernel's columns (_short_side_as_columns)."""
+    a, b, M, N, a_off, b_off, trans_a, trans_b, c_trans = _short_side_as_columns(a, b, M, N, a_off, b_off,
+                                                                                 trans_a, trans_b)
     ov = skinny_overrides(N, trans_a, trans_b, b_off)
     grid = (-(-M // ov["SKINNY_ROWS"]), -(-N // (4 * ov["RC4"])))
     if max(grid) > MAX_GROUPS:
@@ -159,25 +174,16 @@ def _skinny(ctx, a, b, c, M, N, K, trans_a, trans_b, alpha, accumulate, a_off, b
     return c
 
 
-def _rank_entry(M: int, N: int, trans_a: bool, trans_b: bool) -> str | None:
-    """rank_gemm.wgsl's entry for a rank-r product (None: neither fits its layouts), after the
-    short side is made C's columns as _rank does: `rows` where op(A) is stored [M, K], `cols`
-    where it is stored [K, M] and op(B) [K, N]."""
-    if M <= _SKINNY_MAX < N:
-        trans_a, trans_b = not trans_b, not trans_a
-    if not trans_a:
-        return "rows"
-    return None if trans_b else "cols"
-
-
-def _rank(ctx, a, b, c, M, N, K, trans_a, trans_b, alpha, accumulate, a_off, b_off, c_off) -> GpuTensor:
-    """C[M, N] through rank_gemm.wgsl (its header says how), the short side as C's columns (a
-    short M is computed as C^T, stored transposed); `cols` splits K over workgroups where its
-    grid is small and sums the partials with small_gemm.wgsl's reduce_splits."""
-    c_trans = M <= _SKINNY_MAX < N
-    if c_trans:
-        a, b, M, N, a_off, b_off = b, a, N, M, b_off, a_off
-        trans_a, trans_b = not trans_b, not trans_a
+def _rank(ctx, a, b, c, M, N, K, trans_a, trans_b, alpha, accumulate, a_off, b_off, c_off) -> bool:
+    """Record C[M, N] through rank_gemm.wgsl (its header says how), its short side as the
+    kernel's columns (_short_side_as_columns): `rows` where op(A) is then stored [M, K], `cols`
+    where it is stored [K, M] and op(B) [K, N]; False (nothing recorded) for the layout with
+    both transposed.  `cols` splits K over workgroups where its grid is small and sums the
+    partials with small_gemm.wgsl's reduce_splits."""
+    a, b, M, N, a_off, b_off, trans_a, trans_b, c_trans = _short_side_as_columns(a, b, M, N, a_off, b_off,
+                                                                                 trans_a, trans_b)
+    if trans_a and trans_b:
+        return False
     entry = "cols" if trans_a else "rows"
     # 8 columns of C a workgroup (4 where N <= 4), rank 16 in two column groups: 16 ran 10-30%
     # slower on an H200 (bench/results/h200_s1204e_rank_variants.log)
@@ -202,14 +208,12 @@ def _rank(ctx, a, b, c, M, N, K, trans_a, trans_b, alpha, accumulate, a_off, b_o
     if splits == 1:
         par = ctx.uniform(fmt, M, N, K, int(accumulate), float(alpha), a_off, b_off, c_off, int(c_trans), K, 0, 0)
         ctx.dispatch(pipe, [par, a, b, c], (gx, gy))
-        return c
+        return True
     part = ctx.scratch(splits * M * N)
     par = ctx.uniform(fmt, M, N, K, 0, float(alpha), a_off, b_off, 0, int(c_trans), chunk, 0, 0)
     ctx.dispatch(pipe, [par, a, b, part], (gx, gy, splits))
-    red = ctx.pipeline("small_gemm", "reduce_splits", "urrww")
-    par = ctx.uniform("IIIIIIfIIIIIII", M, N, K, 0, 0, int(accumulate), 1.0, 0, 0, 0, chunk, splits, c_off, 0)
-    ctx.dispatch(red, [par, a, b, part, c], grid_2d((M * N + 255) // 256))
-    return c
+    _sum_splits(ctx, a, b, part, c, M, N, K, chunk, splits, accumulate, c_off)
+    return True
 
 
 # Fewer workgroups than this leave a large GPU mostly idle: split K to reach it.
