@@ -2,11 +2,17 @@
 //   rstd[n] = 1 / sqrt(mean_c(x[n,c]^2) + eps),  y[n,c] = w[c] * (x[n,c] * rstd[n])
 // x, y, dy, dx: [N, C] row-major f32; w: [C]; rstd: [N].  Per-head q/k norm is the same
 // kernel on x viewed as [N*H, D].
-// forward / backward: one workgroup per row (rows = wid.x + wid.y * num_workgroups.x so that
-// N may exceed 65,535), WG threads stride over C and reduce in workgroup memory.
+// forward / backward: TPR threads per row, WG / TPR rows per workgroup (row = (wid.x + wid.y *
+// num_workgroups.x) * (WG / TPR) + li / TPR, so that N may exceed 65,535 workgroups' worth).
+// Thread lane l of a row takes units l, l + TPR, ... (a unit is a vec4 where C % 4 == 0, VEC,
+// else one element; a vec4's squares in x, y, z, w order) 8 at a time, sums each 8 as a tree,
+// then the row's TPR sums are added as a tree in workgroup memory: a fixed order, so results
+// do not depend on N.  The host sizes
+// TPR to the row (layer_ops._rms_tpr): one workgroup a row with a tree over 128 threads ran
+// the 0.6B step's norms at ~1.3 TB/s on an H200, most of it barriers on the 128-wide q/k rows.
 // dweight: one thread per column, summing dy * x * rstd over all rows (the norm weights are
 // frozen in QLoRA; this is here for completeness of the backward).
-// WG must be a power of two.
+// WG and TPR must be powers of two, TPR <= WG.  Buffers are whole vec4s (GpuContext.empty).
 
 struct Params {
     n_rows: u32,
@@ -15,50 +21,152 @@ struct Params {
     accumulate: u32,  // backward: 1 -> dx += result (dweight += result), 0 -> overwrite
 }
 
-override WG: u32 = 128u;
+override WG: u32 = 256u;
+override TPR: u32 = 32u;
+override VEC: bool = false;
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> w: array<f32>;
-@group(0) @binding(3) var<storage, read_write> y: array<f32>;     // forward: y; backward: dx
-@group(0) @binding(4) var<storage, read_write> rstd: array<f32>;  // forward writes, backward reads
-@group(0) @binding(5) var<storage, read> dy: array<f32>;          // backward only
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> w: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> y: array<vec4<f32>>;  // forward: y; backward: dx
+@group(0) @binding(4) var<storage, read_write> rstd: array<f32>;     // forward writes, backward reads
+@group(0) @binding(5) var<storage, read> dy: array<vec4<f32>>;       // backward only
 
 var<workgroup> red: array<f32, WG>;
 
-fn reduce_sum(li: u32, v: f32) -> f32 {
+// Unit u of a row from element `base`: a vec4 (VEC) or one element in .x (the rest 0)
+fn unit_of_x(base: u32, u: u32) -> vec4<f32> {
+    if (VEC) { return x[base / 4u + u]; }
+    let e = base + u;
+    return vec4<f32>(x[e >> 2u][e & 3u], 0.0, 0.0, 0.0);
+}
+
+fn unit_of_dy(base: u32, u: u32) -> vec4<f32> {
+    if (VEC) { return dy[base / 4u + u]; }
+    let e = base + u;
+    return vec4<f32>(dy[e >> 2u][e & 3u], 0.0, 0.0, 0.0);
+}
+
+fn unit_of_y(base: u32, u: u32) -> vec4<f32> {
+    if (VEC) { return y[base / 4u + u]; }
+    let e = base + u;
+    return vec4<f32>(y[e >> 2u][e & 3u], 0.0, 0.0, 0.0);
+}
+
+fn unit_of_w(u: u32) -> vec4<f32> {
+    if (VEC) { return w[u]; }
+    return vec4<f32>(w[u >> 2u][u & 3u], 0.0, 0.0, 0.0);
+}
+
+fn store_y(base: u32, u: u32, v: vec4<f32>) {
+    if (VEC) {
+        y[base / 4u + u] = v;
+        return;
+    }
+    let e = base + u;
+    y[e >> 2u][e & 3u] = v.x;
+}
+
+// The sum of v over the TPR lanes of li's row, in a fixed tree order; every thread of the
+// workgroup calls it (barriers).
+fn row_sum(li: u32, v: f32) -> f32 {
     red[li] = v;
     workgroupBarrier();
-    for (var k = WG / 2u; k > 0u; k = k >> 1u) {
-        if (li < k) {
+    let lane = li % TPR;
+    for (var k = TPR / 2u; k > 0u; k = k >> 1u) {
+        if (lane < k) {
             red[li] = red[li] + red[li + k];
         }
         workgroupBarrier();
     }
-    let s = red[0];
-    // Everyone has read red[0] before it is reused by the next reduction.
+    let s = red[li - lane];
+    // Everyone has read its row's sum before red is reused by the next reduction.
     workgroupBarrier();
     return s;
+}
+
+fn squares(v: vec4<f32>) -> f32 {
+    return ((v.x * v.x + v.y * v.y) + v.z * v.z) + v.w * v.w;
+}
+
+fn hsum(t: vec4<f32>) -> f32 {
+    return ((t.x + t.y) + t.z) + t.w;
+}
+
+// Units are taken 8 at a time per thread (u, u + TPR, ..., u + 7 TPR), written out so that
+// their loads are in flight together (a loop over them stays rolled in the NVIDIA driver, and
+// each load then waits for the one before).  Units past the row load its last unit, and the
+// select or the store's guard drops them.
+fn sq_at(base: u32, u: u32, units: u32) -> f32 {
+    return select(0.0, squares(unit_of_x(base, min(u, units - 1u))), u < units);
+}
+
+fn wdx_at(base: u32, u: u32, units: u32) -> f32 {
+    let c = min(u, units - 1u);
+    return select(0.0, hsum(unit_of_w(c) * unit_of_dy(base, c) * unit_of_x(base, c)), u < units);
+}
+
+fn y_at(base: u32, u: u32, units: u32, r: f32) -> vec4<f32> {
+    let c = min(u, units - 1u);
+    return unit_of_w(c) * (unit_of_x(base, c) * r);
+}
+
+fn dx_at(base: u32, u: u32, units: u32, r: f32, k: f32) -> vec4<f32> {
+    let c = min(u, units - 1u);
+    var g = r * unit_of_w(c) * unit_of_dy(base, c) - unit_of_x(base, c) * k;
+    if (p.accumulate != 0u) {
+        g = g + unit_of_y(base, c);
+    }
+    return g;
+}
+
+fn store_at(base: u32, u: u32, units: u32, v: vec4<f32>) {
+    if (u < units) {
+        store_y(base, u, v);
+    }
 }
 
 @compute @workgroup_size(WG)
 fn forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
            @builtin(local_invocation_index) li: u32) {
-    let row = wid.x + wid.y * nwg.x;
-    if (row >= p.n_rows) {
+    let row = (wid.x + wid.y * nwg.x) * (WG / TPR) + li / TPR;
+    let lane = li % TPR;
+    let ok = row < p.n_rows;
+    let units = select(p.c, p.c / 4u, VEC);
+    let base = row * p.c;
+    let T = TPR;
+    var s = 0.0;
+    if (ok) {
+        for (var u = lane; u < units; u = u + 8u * T) {
+            s = s + (((sq_at(base, u, units) + sq_at(base, u + T, units))
+                      + (sq_at(base, u + 2u * T, units) + sq_at(base, u + 3u * T, units)))
+                     + ((sq_at(base, u + 4u * T, units) + sq_at(base, u + 5u * T, units))
+                        + (sq_at(base, u + 6u * T, units) + sq_at(base, u + 7u * T, units))));
+        }
+    }
+    let r = 1.0 / sqrt(row_sum(li, s) / f32(p.c) + p.eps);
+    if (!ok) {
         return;
     }
-    let base = row * p.c;
-    var s = 0.0;
-    for (var i = li; i < p.c; i = i + WG) {
-        let v = x[base + i];
-        s = s + v * v;
+    for (var u = lane; u < units; u = u + 8u * T) {
+        let y0 = y_at(base, u, units, r);
+        let y1 = y_at(base, u + T, units, r);
+        let y2 = y_at(base, u + 2u * T, units, r);
+        let y3 = y_at(base, u + 3u * T, units, r);
+        let y4 = y_at(base, u + 4u * T, units, r);
+        let y5 = y_at(base, u + 5u * T, units, r);
+        let y6 = y_at(base, u + 6u * T, units, r);
+        let y7 = y_at(base, u + 7u * T, units, r);
+        store_at(base, u, units, y0);
+        store_at(base, u + T, units, y1);
+        store_at(base, u + 2u * T, units, y2);
+        store_at(base, u + 3u * T, units, y3);
+        store_at(base, u + 4u * T, units, y4);
+        store_at(base, u + 5u * T, units, y5);
+        store_at(base, u + 6u * T, units, y6);
+        store_at(base, u + 7u * T, units, y7);
     }
-    let r = 1.0 / sqrt(reduce_sum(li, s) / f32(p.c) + p.eps);
-    for (var i = li; i < p.c; i = i + WG) {
-        y[base + i] = w[i] * (x[base + i] * r);
-    }
-    if (li == 0u) {
+    if (lane == 0u) {
         rstd[row] = r;
     }
 }
@@ -67,23 +175,44 @@ fn forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
 @compute @workgroup_size(WG)
 fn backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
             @builtin(local_invocation_index) li: u32) {
-    let row = wid.x + wid.y * nwg.x;
-    if (row >= p.n_rows) {
+    let row = (wid.x + wid.y * nwg.x) * (WG / TPR) + li / TPR;
+    let lane = li % TPR;
+    let ok = row < p.n_rows;
+    let units = select(p.c, p.c / 4u, VEC);
+    let base = row * p.c;
+    let T = TPR;
+    var r = 0.0;
+    var s = 0.0;
+    if (ok) {
+        r = rstd[row];
+        for (var u = lane; u < units; u = u + 8u * T) {
+            s = s + (((wdx_at(base, u, units) + wdx_at(base, u + T, units))
+                      + (wdx_at(base, u + 2u * T, units) + wdx_at(base, u + 3u * T, units)))
+                     + ((wdx_at(base, u + 4u * T, units) + wdx_at(base, u + 5u * T, units))
+                        + (wdx_at(base, u + 6u * T, units) + wdx_at(base, u + 7u * T, units))));
+        }
+    }
+    let k = row_sum(li, s) * r * r * r / f32(p.c);
+    if (!ok) {
         return;
     }
-    let base = row * p.c;
-    let r = rstd[row];
-    var s = 0.0;
-    for (var i = li; i < p.c; i = i + WG) {
-        s = s + w[i] * dy[base + i] * x[base + i];
-    }
-    let k = reduce_sum(li, s) * r * r * r / f32(p.c);
-    for (var i = li; i < p.c; i = i + WG) {
-        var g = r * w[i] * dy[base + i] - x[base + i] * k;
-        if (p.accumulate != 0u) {
-            g = g + y[base + i];
-        }
-        y[base + i] = g;
+    for (var u = lane; u < units; u = u + 8u * T) {
+        let g0 = dx_at(base, u, units, r, k);
+        let g1 = dx_at(base, u + T, units, r, k);
+        let g2 = dx_at(base, u + 2u * T, units, r, k);
+        let g3 = dx_at(base, u + 3u * T, units, r, k);
+        let g4 = dx_at(base, u + 4u * T, units, r, k);
+        let g5 = dx_at(base, u + 5u * T, units, r, k);
+        let g6 = dx_at(base, u + 6u * T, units, r, k);
+        let g7 = dx_at(base, u + 7u * T, units, r, k);
+        store_at(base, u, units, g0);
+        store_at(base, u + T, units, g1);
+        store_at(base, u + 2u * T, units, g2);
+        store_at(base, u + 3u * T, units, g3);
+        store_at(base, u + 4u * T, units, g4);
+        store_at(base, u + 5u * T, units, g5);
+        store_at(base, u + 6u * T, units, g6);
+        store_at(base, u + 7u * T, units, g7);
     }
 }
 
@@ -96,10 +225,11 @@ fn dweight(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     var s = 0.0;
     for (var n = 0u; n < p.n_rows; n = n + 1u) {
-        s = s + dy[n * p.c + c] * x[n * p.c + c] * rstd[n];
+        let e = n * p.c + c;
+        s = s + dy[e >> 2u][e & 3u] * x[e >> 2u][e & 3u] * rstd[n];
     }
     if (p.accumulate != 0u) {
-        s = s + y[c];
+        s = s + y[c >> 2u][c & 3u];
     }
-    y[c] = s;
+    y[c >> 2u][c & 3u] = s;
 }

@@ -144,18 +144,25 @@ def test_engine_dropout_drops_what_the_cpu_model_drops(ctx, tmp_path, gemm, chec
     assert abs(engine.loss(ids, labels) - model.loss(ids, labels)) <= 2e-5 * abs(loss)
 
 
-@pytest.mark.parametrize("shape,blocksize", [((3, 5), 64), ((7, 33), 32), ((1, 1), 64)])
+@pytest.mark.parametrize("shape,blocksize", [((3, 5), 64), ((7, 33), 32), ((1, 1), 64), ((37, 131), 128),
+                                             ((64, 96), 64), ((5, 13), 256)])
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_nf4_dequant_bit_equal_to_cpu(ctx, shape, blocksize, double_quant):
     """The NF4 dequant shader gives the CPU dequantizer's floats bit for bit (odd element
-    counts: a half-used last byte and a packed length not a multiple of 4)."""
+    counts: a half-used last byte and word, a packed length not a multiple of 4; blocks that
+    end inside a word), and leaves the rest of a longer scratch as it was."""
     from qlora_ext.gpu.bindings.weights import WeightScratch, upload_weight
     from qlora_ext.nf4 import dequantize_nf4, quantize_nf4
 
     w = np.random.default_rng(shape[1]).standard_normal(shape).astype(np.float32)
     t = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
-    got = ctx.to_numpy(WeightScratch(ctx, [t.shape]).fp32(upload_weight(ctx, t)))
-    np.testing.assert_array_equal(got, dequantize_nf4(t))
+    n = w.size
+    scratch = WeightScratch(ctx, [(shape[0] + 1, shape[1] + 3)])
+    ctx.write(scratch.buf, np.full(scratch.buf.shape, 7.0, np.float32))
+    scratch.fp32(upload_weight(ctx, t))
+    got = ctx.to_numpy(scratch.buf)
+    np.testing.assert_array_equal(got[:n].reshape(shape), dequantize_nf4(t))
+    assert np.all(got[n:] == 7.0)
 
 
 def _timed_step(ctx, model, ids, labels):

@@ -30,7 +30,8 @@ def _rms_bwd_ref(x, w, dy, eps):
     return dx, dw
 
 
-@pytest.mark.parametrize("N,C", [(1, 1), (1, 7), (5, 13), (3, 129), (17, 300), (2, 1031)])
+@pytest.mark.parametrize("N,C", [(1, 1), (1, 7), (5, 13), (3, 129), (17, 300), (2, 1031), (1, 4), (37, 128),
+                                 (9, 1024), (3, 2052), (2, 8196)])
 def test_rmsnorm_forward_backward(ctx, N, C):
     from gpu_numpy_forms import rmsnorm_backward, rmsnorm_forward
 
@@ -103,7 +104,8 @@ def _rope_ref(x, pos, tables, sign):
     return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
 
 
-@pytest.mark.parametrize("B,T,H,D", [(1, 1, 1, 2), (2, 7, 3, 10), (1, 13, 2, 66), (3, 5, 5, 128)])
+@pytest.mark.parametrize("B,T,H,D", [(1, 1, 1, 2), (2, 7, 3, 10), (1, 13, 2, 66), (3, 5, 5, 128), (1, 3, 1, 8),
+                                     (2, 9, 3, 24), (1, 5, 2, 256)])
 @pytest.mark.parametrize("scaling", [None, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                              "high_freq_factor": 4.0,
                                              "original_max_position_embeddings": 16}])
@@ -188,11 +190,25 @@ def test_residual_add(ctx, n):
 def test_residual_add_2d_grid(ctx):
     """More than 65,535 workgroups: the linear id spans a 2-D grid."""
     from gpu_numpy_forms import residual_add
+    from qlora_ext.gpu.bindings.layer_ops import _EW_WG
 
-    n = 64 * 65535 + 77
+    n = 4 * _EW_WG * 65535 + 77   # a thread per vec4
     x = np.arange(n, dtype=np.float32) % 1000
     r = np.ones(n, np.float32)
     np.testing.assert_array_equal(residual_add(x, r, ctx=ctx), x + 1)
+
+
+@pytest.mark.parametrize("n", [1, 6, 1031])
+def test_residual_add_stops_at_n(ctx, n):
+    """dst at the front of a longer buffer: the values past n (inside the last vec4 and after
+    it) stay as they were."""
+    from qlora_ext.gpu.bindings.layer_ops import add_gpu
+
+    big = ctx.upload(np.full(n + 9, 5.0, np.float32))
+    add_gpu(ctx, big.view((n,)), ctx.upload(np.ones(n, np.float32)))
+    got = ctx.to_numpy(big)
+    np.testing.assert_array_equal(got[:n], 6.0)
+    np.testing.assert_array_equal(got[n:], 5.0)
 
 
 @pytest.mark.parametrize("N,C", [(1, 1), (5, 7), (13, 67)])

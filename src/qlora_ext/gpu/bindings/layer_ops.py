@@ -17,7 +17,20 @@ def _elementwise_groups(n: int, wg: int) -> tuple:
 
 # ---- RMSNorm --------------------------------------------------------------------------------
 
-_RMS_WG = 128
+_RMS_WG = 256
+_RMS_UNITS_PER_THREAD = 8
+
+
+def _rms_layout(C: int) -> tuple:
+    """(overrides, rows per workgroup) of rmsnorm.wgsl for rows of C: vec4 units where C % 4 == 0,
+    and the fewest threads per row (a power of two) that leave each about 8 units: short rows
+    (per-head q/k norm, D 128) then share a workgroup, and a row's tree is short."""
+    vec = C % 4 == 0
+    units = C // 4 if vec else C
+    tpr = 1
+    while tpr < _RMS_WG and tpr * _RMS_UNITS_PER_THREAD < units:
+        tpr *= 2
+    return {"WG": _RMS_WG, "TPR": tpr, "VEC": vec}, _RMS_WG // tpr
 
 
 def rmsnorm_forward_gpu(ctx: GpuContext, x: GpuTensor, weight: GpuTensor, eps: float,
@@ -26,8 +39,9 @@ def rmsnorm_forward_gpu(ctx: GpuContext, x: GpuTensor, weight: GpuTensor, eps: f
     N, C = x.shape
     y = ctx.empty((N, C)) if y is None else y
     rstd = ctx.empty((N,)) if rstd is None else rstd
-    pipe = ctx.pipeline("rmsnorm", "forward", "urrww", overrides={"WG": _RMS_WG})
-    ctx.dispatch(pipe, [ctx.uniform("IIfI", N, C, eps, 0), x, weight, y, rstd], grid_2d(N))
+    over, rows = _rms_layout(C)
+    pipe = ctx.pipeline("rmsnorm", "forward", "urrww", overrides=over)
+    ctx.dispatch(pipe, [ctx.uniform("IIfI", N, C, eps, 0), x, weight, y, rstd], grid_2d(-(-N // rows)))
     return y, rstd
 
 
@@ -39,9 +53,10 @@ def rmsnorm_backward_gpu(ctx: GpuContext, x: GpuTensor, weight: GpuTensor, rstd:
         if accumulate:
             raise ValueError("rmsnorm_backward_gpu: accumulate=True needs dx")
         dx = ctx.empty((N, C))
-    pipe = ctx.pipeline("rmsnorm", "backward", "urrwwr", overrides={"WG": _RMS_WG})
+    over, rows = _rms_layout(C)
+    pipe = ctx.pipeline("rmsnorm", "backward", "urrwwr", overrides=over)
     ctx.dispatch(pipe, [ctx.uniform("IIfI", N, C, 0.0, int(accumulate)), x, weight, dx, rstd, dy],
-                 grid_2d(N))
+                 grid_2d(-(-N // rows)))
     return dx
 
 
@@ -57,9 +72,10 @@ def rope_apply_gpu(ctx: GpuContext, x: GpuTensor, positions: GpuTensor, cos: Gpu
     B, T, H, D = x.shape
     half = D // 2
     n = B * T * H * half
-    pipe = ctx.pipeline("rope", "apply", "uwrrr", overrides={"WG": _ROPE_WG})
+    vec = half % 4 == 0   # a thread rotates 4 pairs as vec4s
+    pipe = ctx.pipeline("rope", "apply", "uwrrr", overrides={"WG": _ROPE_WG, "VEC": vec})
     ctx.dispatch(pipe, [ctx.uniform("IIIIf", n, H, half, cos.shape[0], float(sign)),
-                        x, positions, cos, sin], _elementwise_groups(n, _ROPE_WG))
+                        x, positions, cos, sin], _elementwise_groups(n // 4 if vec else n, _ROPE_WG))
     return x
 
 
@@ -89,7 +105,8 @@ def add_gpu(ctx: GpuContext, dst: GpuTensor, src: GpuTensor, alpha: float = 1.0)
         raise ValueError(f"add_gpu: dst has shape {dst.shape}, src {src.shape}")
     n = dst.size
     pipe = ctx.pipeline("add", "axpy", "uwr", overrides={"WG": _EW_WG})
-    ctx.dispatch(pipe, [ctx.uniform("IfI", n, float(alpha), 1), dst, src], _elementwise_groups(n, _EW_WG))
+    # a thread per vec4
+    ctx.dispatch(pipe, [ctx.uniform("IfI", n, float(alpha), 1), dst, src], _elementwise_groups(-(-n // 4), _EW_WG))
     return dst
 
 

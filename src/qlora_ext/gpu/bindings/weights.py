@@ -114,8 +114,11 @@ class WeightScratch:
         if self.buf is None or self.buf.size < n:
             raise ValueError(f"WeightScratch: a {w.shape} weight needs {n} elements, the scratch holds "
                              f"{0 if self.buf is None else self.buf.size}")
+        if w.blocksize % 8:
+            raise ValueError(f"WeightScratch: blocksize {w.blocksize}: the dequant shader takes blocks of whole "
+                             "packed words (a multiple of 8 elements)")
         buf = self.buf.view(w.shape)
         pipe = ctx.pipeline("nf4", "dequant", "urrrw", overrides={"WG": _WG})
         ctx.dispatch(pipe, [ctx.uniform("II", n, w.blocksize), w.packed, w.absmax, self.code, buf],
-                     grid_2d((n + _WG - 1) // _WG))
+                     grid_2d((n + 8 * _WG - 1) // (8 * _WG)))   # a thread per packed word (8 elements)
         return buf
