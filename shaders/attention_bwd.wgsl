@@ -98,34 +98,48 @@ fn write_rows(acc: ptr<function, Acc>, which: u32, b: u32, h: u32, nh: u32, r0: 
     }
 }
 
-// delta[b, h, t] = sum_d do[b,t,h,d] * o[b,t,h,d]; o is bound at out0.  One thread per row,
-// grid_2d over ceil(B*Hq*T / NT) workgroups.  Summed in vec4 order as scores() sums do . v:
-// where o equals a single v (one visible key), dP - delta is exactly 0, as it is
-// mathematically.
+// delta[b, h, t] = sum_d do[b,t,h,d] * o[b,t,h,d]; o is bound at out0.  PREP_ROWS rows per
+// workgroup, PL lanes a row: lane l forms the vec4 products dot(do, o) of vec4s l, l + PL, ...
+// (consecutive lanes read consecutive vec4s of the row), then lane 0 sums the row's DP4
+// products in vec4 order, as scores() sums do . v: where o equals a single v (one visible
+// key), dP - delta is exactly 0, as it is mathematically.  grid_2d over
+// ceil(B*Hq*T / PREP_ROWS) workgroups; r = (b * Hq + h) * T + t.
+const PL: u32 = min(32u, NT);
+const PREP_ROWS: u32 = NT / PL;
+var<workgroup> dots_s: array<f32, PREP_ROWS * DP4>;
+
 @compute @workgroup_size(NT)
 fn prep(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) li: u32) {
-    let r = (wid.x + wid.y * nwg.x) * NT + li;   // r = (b * Hq + h) * T + t
-    if (r >= p.batch * p.hq * p.t) {
-        return;
-    }
+    let lane = li % PL;
+    let slot = li / PL;
+    let r = (wid.x + wid.y * nwg.x) * PREP_ROWS + slot;
+    let ok = slot < PREP_ROWS && r < p.batch * p.hq * p.t;
     let t = r % p.t;
     let bh = r / p.t;
     let h = bh % p.hq;
     let b = bh / p.hq;
     let base = ((b * p.t + t) * p.hq + h) * HEAD_DIM;
-    var s = 0.0;
-    for (var c4 = 0u; c4 < DP4; c4 = c4 + 1u) {
-        var y = vec4<f32>(0.0);
-        for (var u = 0u; u < 4u; u = u + 1u) {
-            let d = c4 * 4u + u;
-            if (d < HEAD_DIM) {
-                y[u] = out0[base + d];
+    if (ok) {
+        for (var c4 = lane; c4 < DP4; c4 = c4 + PL) {
+            var y = vec4<f32>(0.0);
+            for (var u = 0u; u < 4u; u = u + 1u) {
+                let d = c4 * 4u + u;
+                if (d < HEAD_DIM) {
+                    y[u] = out0[base + d];
+                }
             }
+            dots_s[slot * DP4 + c4] = dot(fetch4(SRC_DO, b, t, h, c4), y);
         }
-        s = s + dot(fetch4(SRC_DO, b, t, h, c4), y);
     }
-    delta[r] = s;
+    workgroupBarrier();
+    if (ok && lane == 0u) {
+        var s = 0.0;
+        for (var c4 = 0u; c4 < DP4; c4 = c4 + 1u) {
+            s = s + dots_s[slot * DP4 + c4];
+        }
+        delta[r] = s;
+    }
 }
 
 // Grid (ceil(T / BR), Hq, B); writes dq (bound at out0).

@@ -166,7 +166,7 @@ def attention_backward_gpu(ctx: GpuContext, q: GpuTensor, k: GpuTensor, v: GpuTe
 
     rowblocks = (T + br - 1) // br
     ctx.dispatch(pipe("prep"), [par, q, k, v, m, st, do, lse, delta, o, dq, ds],
-                 grid_2d((B * Hq * T + nt - 1) // nt))
+                 grid_2d(-(-B * Hq * T // (nt // min(32, nt)))))   # min(32, NT) lanes a row
     if not n_ds:
         ctx.dispatch(pipe("dq"), [par, q, k, v, m, st, do, lse, delta, dq, dk, ds], (rowblocks, Hq, B))
     if not split:
