@@ -5,8 +5,8 @@
 //           (never whole); overwritten with dlogits = grad_scale * (softmax - onehot(target))
 //           (zeros for rows not counted) when want_grad = 1;
 //   labels: [N] i32 (flattened [B, T]);  losses: [N] f32, counted: [N] u32 (per-row outputs).
-// Entry `rows`: one workgroup per chunk row (2-D grid), WG threads stride over V (max, sum of
-// exp, then the gradient pass).  Entry `reduce`: one workgroup sums losses and counted over
+// Entry `rows`: one workgroup per chunk row (2-D grid), WG threads stride over V (the max and
+// sum of exp in one pass, then the gradient pass).  Entry `reduce`: one workgroup sums losses and counted over
 // all N rows into stats = [loss_sum, count] (as f32).
 
 struct Params {
@@ -59,16 +59,21 @@ fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         }
         return;
     }
-    var mx = -3.0e38;
-    for (var j = li; j < p.vocab; j = j + WG) {
-        mx = max(mx, logits[base + j]);
-    }
-    mx = reduce_max(li, mx);
+    // One pass for the max and the sum of exp (online: a thread's sum is rescaled when its
+    // max grows), then the threads' sums rescaled to the row max and added.
+    var m = -3.0e38;
     var s = 0.0;
     for (var j = li; j < p.vocab; j = j + WG) {
-        s = s + exp(logits[base + j] - mx);
+        let v = logits[base + j];
+        if (v > m) {
+            s = s * exp(m - v) + 1.0;
+            m = v;
+        } else {
+            s = s + exp(v - m);
+        }
     }
-    let lse = mx + log(reduce_sum(li, s));
+    let mx = reduce_max(li, m);
+    let lse = mx + log(reduce_sum(li, s * exp(m - mx)));
     let tgt = u32(tgt_i);
     if (li == 0u) {
         losses[g] = lse - logits[base + tgt];
