@@ -5,9 +5,8 @@
 // (double quant already dequantized by the host); code: the 16 NF4 values, f32.
 // One thread per packed word: its 8 elements (4 bytes) as two vec4 stores, all of one block
 // (blocksizes are powers of two from 32, as nf4.py checks); the 16 code values from workgroup
-// memory; elements at or past n are not written (the scratch may be longer than the weight).  Linear word id over (wid.x + wid.y * num_workgroups.x) * WG
-// + lane.  A thread per element reading its byte ran the 0.6B step's dequantization at about
-// 0.7 TB/s on an H200 (BENCHMARKS.md).
+// memory; elements at or past n are not written (the scratch may be longer than the weight).
+// Linear word id over (wid.x + wid.y * num_workgroups.x) * WG + lane.
 // The product is the same single f32 multiply as the CPU dequantizer, so results are bit-equal.
 
 struct Params {

@@ -7,9 +7,8 @@
 // Thread lane l of a row takes units l, l + TPR, ... (a unit is a vec4 where C % 4 == 0, VEC,
 // else one element; a vec4's squares in x, y, z, w order) 8 at a time, sums each 8 as a tree,
 // then the row's TPR sums are added as a tree in workgroup memory: a fixed order, so results
-// do not depend on N.  The host sizes
-// TPR to the row (layer_ops._rms_tpr): one workgroup a row with a tree over 128 threads ran
-// the 0.6B step's norms at ~1.3 TB/s on an H200, most of it barriers on the 128-wide q/k rows.
+// do not depend on N.  The host sizes TPR to the row (layer_ops._rms_layout), so that short
+// rows (per-head q/k norm, D 128) share a workgroup and their trees stay short.
 // dweight: one thread per column, summing dy * x * rstd over all rows (the norm weights are
 // frozen in QLoRA; this is here for completeness of the backward).
 // WG and TPR must be powers of two, TPR <= WG.  Buffers are whole vec4s (GpuContext.empty).

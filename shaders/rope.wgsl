@@ -4,8 +4,7 @@
 // pos = positions[b*T + t] (i32).  sign = +1 forward, -1 backward (the transpose rotation).
 // One thread per 4 rotated pairs (pairs i .. i + 3 of one head, i a multiple of 4) where
 // D / 2 % 4 == 0 (VEC: x1, x2, cos and sin move as vec4s), else per pair; linear id over
-// (wid.x + wid.y * num_workgroups.x) * WG + lane.  (A thread per pair, scalar, ran the 0.6B
-// step's rotations at ~1.3 TB/s on an H200.)  Buffers are whole vec4s (GpuContext.empty).
+// (wid.x + wid.y * num_workgroups.x) * WG + lane.  Buffers are whole vec4s (GpuContext.empty).
 // A position outside [0, P) leaves its pairs untouched (the host wrapper rejects those).
 
 struct Params {
