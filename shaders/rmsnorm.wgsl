@@ -125,6 +125,20 @@ fn store_at(base: u32, u: u32, units: u32, v: vec4<f32>) {
     }
 }
 
+// Stores the outputs v of units u, u + TPR, ..., u + 7 TPR.  The callers form all 8 first
+// (their loads in flight together), then store.
+fn store8(base: u32, u: u32, units: u32, v: array<vec4<f32>, 8>) {
+    let T = TPR;
+    store_at(base, u, units, v[0]);
+    store_at(base, u + T, units, v[1]);
+    store_at(base, u + 2u * T, units, v[2]);
+    store_at(base, u + 3u * T, units, v[3]);
+    store_at(base, u + 4u * T, units, v[4]);
+    store_at(base, u + 5u * T, units, v[5]);
+    store_at(base, u + 6u * T, units, v[6]);
+    store_at(base, u + 7u * T, units, v[7]);
+}
+
 @compute @workgroup_size(WG)
 fn forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
            @builtin(local_invocation_index) li: u32) {
@@ -148,22 +162,10 @@ fn forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
         return;
     }
     for (var u = lane; u < units; u = u + 8u * T) {
-        let y0 = y_at(base, u, units, r);
-        let y1 = y_at(base, u + T, units, r);
-        let y2 = y_at(base, u + 2u * T, units, r);
-        let y3 = y_at(base, u + 3u * T, units, r);
-        let y4 = y_at(base, u + 4u * T, units, r);
-        let y5 = y_at(base, u + 5u * T, units, r);
-        let y6 = y_at(base, u + 6u * T, units, r);
-        let y7 = y_at(base, u + 7u * T, units, r);
-        store_at(base, u, units, y0);
-        store_at(base, u + T, units, y1);
-        store_at(base, u + 2u * T, units, y2);
-        store_at(base, u + 3u * T, units, y3);
-        store_at(base, u + 4u * T, units, y4);
-        store_at(base, u + 5u * T, units, y5);
-        store_at(base, u + 6u * T, units, y6);
-        store_at(base, u + 7u * T, units, y7);
+        store8(base, u, units, array<vec4<f32>, 8>(
+            y_at(base, u, units, r), y_at(base, u + T, units, r), y_at(base, u + 2u * T, units, r),
+            y_at(base, u + 3u * T, units, r), y_at(base, u + 4u * T, units, r),
+            y_at(base, u + 5u * T, units, r), y_at(base, u + 6u * T, units, r), y_at(base, u + 7u * T, units, r)));
     }
     if (lane == 0u) {
         rstd[row] = r;
@@ -196,22 +198,11 @@ fn backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
         return;
     }
     for (var u = lane; u < units; u = u + 8u * T) {
-        let g0 = dx_at(base, u, units, r, k);
-        let g1 = dx_at(base, u + T, units, r, k);
-        let g2 = dx_at(base, u + 2u * T, units, r, k);
-        let g3 = dx_at(base, u + 3u * T, units, r, k);
-        let g4 = dx_at(base, u + 4u * T, units, r, k);
-        let g5 = dx_at(base, u + 5u * T, units, r, k);
-        let g6 = dx_at(base, u + 6u * T, units, r, k);
-        let g7 = dx_at(base, u + 7u * T, units, r, k);
-        store_at(base, u, units, g0);
-        store_at(base, u + T, units, g1);
-        store_at(base, u + 2u * T, units, g2);
-        store_at(base, u + 3u * T, units, g3);
-        store_at(base, u + 4u * T, units, g4);
-        store_at(base, u + 5u * T, units, g5);
-        store_at(base, u + 6u * T, units, g6);
-        store_at(base, u + 7u * T, units, g7);
+        store8(base, u, units, array<vec4<f32>, 8>(
+            dx_at(base, u, units, r, k), dx_at(base, u + T, units, r, k), dx_at(base, u + 2u * T, units, r, k),
+            dx_at(base, u + 3u * T, units, r, k), dx_at(base, u + 4u * T, units, r, k),
+            dx_at(base, u + 5u * T, units, r, k), dx_at(base, u + 6u * T, units, r, k),
+            dx_at(base, u + 7u * T, units, r, k)));
     }
 }
 
