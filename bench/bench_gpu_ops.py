@@ -24,34 +24,19 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_small_gemm import wait_gpu  # noqa: E402
+from bench_support import gpu_context, sizes_from_env  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
 _DEFAULT = {"B": 1, "T": 64, "HQ": 4, "HKV": 2, "D": 32, "C": 64, "V": 1000, "DOC": 13}
 
 
-def _sizes():
-    s = dict(_DEFAULT)
-    spec = os.environ.get("QLORA_EXT_GPU_BENCH", "")
-    for item in filter(None, spec.split(",")):
-        key, _, val = item.partition("=")
-        if key.strip().upper() not in s:
-            raise ValueError(f"QLORA_EXT_GPU_BENCH: unknown key {key!r} (expected {sorted(s)})")
-        s[key.strip().upper()] = int(val)
-    return s
-
-
-S = _sizes()
+S = sizes_from_env("QLORA_EXT_GPU_BENCH", _DEFAULT)
 
 
 @pytest.fixture(scope="module")
 def ctx():
-    from qlora_ext.gpu.runtime import shared_context, unavailable_reason
-
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    return shared_context()
+    return gpu_context()
 
 
 def _rate(benchmark, **rates):

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_small_gemm import wait_gpu  # noqa: E402
+from bench_small_gemm import kernel_seconds, wait_gpu  # noqa: E402
+from bench_support import gpu_context, sizes_from_env  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -23,42 +24,24 @@ _DEFAULT = {"N": 64, "C": 96, "H": 4, "D": 32, "OUT": 96, "IN": 64}
 _REPS = 20   # dispatches a round: one submit and wait for all of them
 
 
-def _sizes():
-    s = dict(_DEFAULT)
-    for item in filter(None, os.environ.get("QLORA_EXT_ROWWISE_BENCH", "").split(",")):
-        key, _, val = item.partition("=")
-        if key.strip().upper() not in s:
-            raise ValueError(f"QLORA_EXT_ROWWISE_BENCH: unknown key {key!r} (expected {sorted(s)})")
-        s[key.strip().upper()] = int(val)
-    return s
-
-
-S = _sizes()
+S = sizes_from_env("QLORA_EXT_ROWWISE_BENCH", _DEFAULT)
 SHAPES = {"hidden": (S["N"], S["C"]), "q-heads": (S["N"] * S["H"], S["D"])}
 
 
 @pytest.fixture(scope="module")
 def ctx():
-    from qlora_ext.gpu.runtime import shared_context, unavailable_reason
-
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    return shared_context()
+    return gpu_context()
 
 
 def _rate(benchmark, nbytes: float, ctx=None, step=None):
     """extra_info GB_per_s: bytes over the median wall time of a round (host recording included,
     which at these sizes can cost more than the GPU work); with ctx (and an adapter with timestamp
-    queries), gpu_GB_per_s: bytes over the GPU time of one more round's dispatches."""
+    queries), gpu_GB_per_s: bytes over the median GPU time of a round's dispatches (3 more rounds)."""
     if benchmark.stats is None:
         return
     benchmark.extra_info["GB_per_s"] = nbytes * _REPS / benchmark.stats.stats.median / 1e9
     if ctx is not None and ctx.has_timestamps:
-        ctx.enable_timing(True)
-        step()
-        gpu_s = sum(sec for sec, _ in ctx.kernel_times().values())
-        ctx.enable_timing(False)
+        gpu_s = sum(kernel_seconds(ctx, step, 3).values())
         benchmark.extra_info["gpu_GB_per_s"] = nbytes * _REPS / gpu_s / 1e9
 
 

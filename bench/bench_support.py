@@ -1,4 +1,4 @@
-"""Shared pieces of the CPU benchmarks."""
+"""Shared pieces of the benchmarks."""
 import os
 
 import pytest
@@ -15,3 +15,25 @@ def smollm2_path() -> str:
         return resolve_model_path("smollm2-135m")
     except (ImportError, OSError) as e:
         pytest.skip(f"SmolLM2-135M unavailable: {e}")
+
+
+def sizes_from_env(var: str, defaults: dict) -> dict:
+    """defaults updated from the environment variable var ("KEY=int,KEY=int", keys as in
+    defaults, any case); an unknown key is a ValueError naming the known ones."""
+    s = dict(defaults)
+    for item in filter(None, os.environ.get(var, "").split(",")):
+        key, _, val = item.partition("=")
+        if key.strip().upper() not in s:
+            raise ValueError(f"{var}: unknown key {key!r} (expected {sorted(s)})")
+        s[key.strip().upper()] = int(val)
+    return s
+
+
+def gpu_context():
+    """The shared GpuContext, or skip the benchmark where no GPU adapter is usable."""
+    from qlora_ext.gpu.runtime import shared_context, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    return shared_context()
