@@ -6,9 +6,10 @@
 // num_workgroups.x) * (WG / TPR) + li / TPR, so that N may exceed 65,535 workgroups' worth).
 // Thread lane l of a row takes units l, l + TPR, ... (a unit is a vec4 where C % 4 == 0, VEC,
 // else one element; a vec4's squares in x, y, z, w order) 8 at a time, sums each 8 as a tree,
-// then the row's TPR sums are added as a tree in workgroup memory: a fixed order, so results
-// do not depend on N.  The host sizes TPR to the row (layer_ops._rms_layout), so that short
-// rows (per-head q/k norm, D 128) share a workgroup and their trees stay short.
+// then the row's TPR sums are added as a tree in workgroup memory (workgroup_reduce's
+// segment_sum): a fixed order, so results do not depend on N.  The host sizes TPR to the row
+// (layer_ops._rms_layout), so that short rows (per-head q/k norm, D 128) share a workgroup
+// and their trees stay short.
 // dweight: one thread per column, summing dy * x * rstd over all rows (the norm weights are
 // frozen in QLoRA; this is here for completeness of the backward).
 // WG and TPR must be powers of two, TPR <= WG.  Buffers are whole vec4s (GpuContext.empty).
@@ -31,7 +32,7 @@ override VEC: bool = false;
 @group(0) @binding(4) var<storage, read_write> rstd: array<f32>;     // forward writes, backward reads
 @group(0) @binding(5) var<storage, read> dy: array<vec4<f32>>;       // backward only
 
-var<workgroup> red: array<f32, WG>;
+//!include workgroup_reduce
 
 // Unit u of a row from element `base`: a vec4 (VEC) or one element in .x (the rest 0)
 fn unit_of_x(base: u32, u: u32) -> vec4<f32> {
@@ -64,24 +65,6 @@ fn store_y(base: u32, u: u32, v: vec4<f32>) {
     }
     let e = base + u;
     y[e >> 2u][e & 3u] = v.x;
-}
-
-// The sum of v over the TPR lanes of li's row, in a fixed tree order; every thread of the
-// workgroup calls it (barriers).
-fn row_sum(li: u32, v: f32) -> f32 {
-    red[li] = v;
-    workgroupBarrier();
-    let lane = li % TPR;
-    for (var k = TPR / 2u; k > 0u; k = k >> 1u) {
-        if (lane < k) {
-            red[li] = red[li] + red[li + k];
-        }
-        workgroupBarrier();
-    }
-    let s = red[li - lane];
-    // Everyone has read its row's sum before red is reused by the next reduction.
-    workgroupBarrier();
-    return s;
 }
 
 fn squares(v: vec4<f32>) -> f32 {
@@ -157,7 +140,7 @@ fn forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
                         + (sq_at(base, u + 6u * T, units) + sq_at(base, u + 7u * T, units))));
         }
     }
-    let r = 1.0 / sqrt(row_sum(li, s) / f32(p.c) + p.eps);
+    let r = 1.0 / sqrt(segment_sum(li, s, TPR) / f32(p.c) + p.eps);
     if (!ok) {
         return;
     }
@@ -193,7 +176,7 @@ fn backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
                         + (wdx_at(base, u + 6u * T, units) + wdx_at(base, u + 7u * T, units))));
         }
     }
-    let k = row_sum(li, s) * r * r * r / f32(p.c);
+    let k = segment_sum(li, s, TPR) * r * r * r / f32(p.c);
     if (!ok) {
         return;
     }

@@ -20,15 +20,22 @@ fn reduce_max(li: u32, v: f32) -> f32 {
 }
 
 fn reduce_sum(li: u32, v: f32) -> f32 {
+    return segment_sum(li, v, WG);
+}
+
+// The sum of v over li's segment: the `width` consecutive threads (a power of two dividing
+// WG) from li - li % width, as a tree in a fixed order; each thread gets its segment's sum.
+fn segment_sum(li: u32, v: f32, width: u32) -> f32 {
     red[li] = v;
     workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
-        if (li < s) {
+    let lane = li % width;
+    for (var s = width / 2u; s > 0u; s = s >> 1u) {
+        if (lane < s) {
             red[li] = red[li] + red[li + s];
         }
         workgroupBarrier();
     }
-    let r = red[0];
+    let r = red[li - lane];
     workgroupBarrier();
     return r;
 }

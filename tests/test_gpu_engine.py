@@ -144,6 +144,19 @@ def test_engine_dropout_drops_what_the_cpu_model_drops(ctx, tmp_path, gemm, chec
     assert abs(engine.loss(ids, labels) - model.loss(ids, labels)) <= 2e-5 * abs(loss)
 
 
+@pytest.mark.parametrize("blocksize", [48, 16, 8192])
+def test_upload_checks_a_hand_built_nf4_blocksize(ctx, blocksize):
+    """The dequant shader reads a packed word per thread, all of one block: the upload refuses a
+    hand-built tensor whose blocksize nf4.py would refuse."""
+    from qlora_ext.gpu.bindings.weights import upload_weight
+    from qlora_ext.nf4 import quantize_nf4
+
+    t = quantize_nf4(np.ones((4, 64), np.float32))
+    t.blocksize = blocksize
+    with pytest.raises(ValueError, match="blocksize"):
+        upload_weight(ctx, t)
+
+
 @pytest.mark.parametrize("shape,blocksize", [((3, 5), 64), ((7, 33), 32), ((1, 1), 64), ((37, 131), 128),
                                              ((64, 96), 64), ((5, 13), 256)])
 @pytest.mark.parametrize("double_quant", [False, True])

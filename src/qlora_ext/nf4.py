@@ -174,7 +174,7 @@ def dequantize_nf4(t: NF4Tensor, out: np.ndarray | None = None, threads: int | N
     """float32 array of t.shape.  `out`, if given, must be float32, C-contiguous, t.shape."""
     if not isinstance(t, NF4Tensor):
         raise ValueError(f"dequantize_nf4 expects an NF4Tensor, got {type(t).__name__}")
-    _check_tensor(t)
+    check_tensor(t)
     if out is None:
         out = np.empty(t.shape, dtype=np.float32)
     else:
@@ -193,7 +193,7 @@ def dequantize_nf4(t: NF4Tensor, out: np.ndarray | None = None, threads: int | N
     return out
 
 
-def _check_tensor(t: NF4Tensor) -> None:
+def check_tensor(t: NF4Tensor) -> None:
     """Every field's type and size against the others, in Python integers (no overflow),
     before a kernel or numpy allocation sees them: an NF4Tensor can be built by hand."""
     _check_blocksize(t.blocksize)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...nf4 import NF4_CODE, NF4Tensor
+from ...nf4 import NF4_CODE, NF4Tensor, check_tensor
 from ..kernels import Nf4B, Operand
 from ..runtime import GpuContext, GpuTensor, grid_2d
 
@@ -36,6 +36,7 @@ def host_arrays(w) -> dict:
     """What goes up for one projection: {"packed": u32 words, "absmax": f32} for an NF4Tensor
     (double quant: its dequantized absmax), {"fp32": f32 [out, in]} for a float array."""
     if isinstance(w, NF4Tensor):
+        check_tensor(w)   # a hand-built tensor too: the shaders take its sizes and blocksize on trust
         raw = np.ascontiguousarray(w.packed, dtype=np.uint8)
         if raw.size % 4:   # whole u32 words (a copy only for the rare odd sizes)
             raw = np.concatenate([raw, np.zeros(-raw.size % 4, np.uint8)])
@@ -114,9 +115,6 @@ class WeightScratch:
         if self.buf is None or self.buf.size < n:
             raise ValueError(f"WeightScratch: a {w.shape} weight needs {n} elements, the scratch holds "
                              f"{0 if self.buf is None else self.buf.size}")
-        if w.blocksize % 8:
-            raise ValueError(f"WeightScratch: blocksize {w.blocksize}: the dequant shader takes blocks of whole "
-                             "packed words (a multiple of 8 elements)")
         buf = self.buf.view(w.shape)
         pipe = ctx.pipeline("nf4", "dequant", "urrrw", overrides={"WG": _WG})
         ctx.dispatch(pipe, [ctx.uniform("II", n, w.blocksize), w.packed, w.absmax, self.code, buf],
