@@ -9,8 +9,11 @@
 //                                                                 ONE_OUT (dg and du interleaved
 //                                                                 in one buffer, as dgu [M, 2I])
 //   outputs row stride ld_out; dh [M, I] contiguous from dh_off.
-// Grid: x over columns (WG threads each), y over rows (the host dispatches at most 65535 rows
-// at a time, with the offsets advanced).
+// Grid: x over column groups (WG threads each), y over rows (the host dispatches at most 65535
+// rows at a time, with the offsets advanced).  A thread takes 4 columns as one vec4 where VEC
+// (the host sets it when I, the strides and the offsets are multiples of 4), else one column.
+// The vec4 arithmetic is the scalar one per lane: both give the same bits.  Buffers are whole
+// vec4s.
 
 struct Params {
     M: u32, I: u32, ld_in: u32, g_off: u32,
@@ -20,39 +23,68 @@ struct Params {
 
 override WG: u32 = 256u;
 override ONE_OUT: bool = false;
+override VEC: bool = false;
 
 @group(0) @binding(0) var<uniform> P: Params;
-@group(0) @binding(1) var<storage, read> g: array<f32>;
-@group(0) @binding(2) var<storage, read> u: array<f32>;
-@group(0) @binding(3) var<storage, read_write> out0: array<f32>;
-@group(0) @binding(4) var<storage, read_write> out1: array<f32>;
-@group(0) @binding(5) var<storage, read> dh: array<f32>;
+@group(0) @binding(1) var<storage, read> g: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> u: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> out0: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> out1: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read> dh: array<vec4<f32>>;
+
+fn silu_mul(gv: vec4<f32>, uv: vec4<f32>) -> vec4<f32> {
+    let sig = 1.0 / (1.0 + exp(-gv));
+    return gv * sig * uv;
+}
+
+// (dg, du) of gate gv, up uv, output gradient d
+fn silu_mul_grad(gv: vec4<f32>, uv: vec4<f32>, d: vec4<f32>) -> array<vec4<f32>, 2> {
+    let sig = 1.0 / (1.0 + exp(-gv));
+    return array<vec4<f32>, 2>(d * uv * sig * (1.0 + gv * (1.0 - sig)), d * gv * sig);
+}
 
 @compute @workgroup_size(WG)
 fn forward(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let col = gid.x;
     let row = gid.y;
+    if (VEC) {
+        let col = gid.x * 4u;
+        if (col >= P.I || row >= P.M) { return; }
+        let i = P.g_off + row * P.ld_in + col;
+        let j = P.u_off + row * P.ld_in + col;
+        out0[(P.o0_off + row * P.ld_out + col) >> 2u] = silu_mul(g[i >> 2u], u[j >> 2u]);
+        return;
+    }
+    let col = gid.x;
     if (col >= P.I || row >= P.M) { return; }
-    let gv = g[P.g_off + row * P.ld_in + col];
-    let uv = u[P.u_off + row * P.ld_in + col];
-    let sig = 1.0 / (1.0 + exp(-gv));
-    out0[P.o0_off + row * P.ld_out + col] = gv * sig * uv;
+    let i = P.g_off + row * P.ld_in + col;
+    let j = P.u_off + row * P.ld_in + col;
+    let o = P.o0_off + row * P.ld_out + col;
+    out0[o >> 2u][o & 3u] = silu_mul(vec4<f32>(g[i >> 2u][i & 3u]), vec4<f32>(u[j >> 2u][j & 3u])).x;
 }
 
 @compute @workgroup_size(WG)
 fn backward(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let col = gid.x;
     let row = gid.y;
-    if (col >= P.I || row >= P.M) { return; }
-    let gv = g[P.g_off + row * P.ld_in + col];
-    let uv = u[P.u_off + row * P.ld_in + col];
-    let d = dh[P.dh_off + row * P.I + col];
-    let sig = 1.0 / (1.0 + exp(-gv));
-    out0[P.o0_off + row * P.ld_out + col] = d * uv * sig * (1.0 + gv * (1.0 - sig));
-    let du = d * gv * sig;
-    if (ONE_OUT) {
-        out0[P.o1_off + row * P.ld_out + col] = du;
-    } else {
-        out1[P.o1_off + row * P.ld_out + col] = du;
+    if (VEC) {
+        let col = gid.x * 4u;
+        if (col >= P.I || row >= P.M) { return; }
+        let i = P.g_off + row * P.ld_in + col;
+        let j = P.u_off + row * P.ld_in + col;
+        let r = silu_mul_grad(g[i >> 2u], u[j >> 2u], dh[(P.dh_off + row * P.I + col) >> 2u]);
+        out0[(P.o0_off + row * P.ld_out + col) >> 2u] = r[0];
+        let o1 = (P.o1_off + row * P.ld_out + col) >> 2u;
+        if (ONE_OUT) { out0[o1] = r[1]; } else { out1[o1] = r[1]; }
+        return;
     }
+    let col = gid.x;
+    if (col >= P.I || row >= P.M) { return; }
+    let i = P.g_off + row * P.ld_in + col;
+    let j = P.u_off + row * P.ld_in + col;
+    let e = P.dh_off + row * P.I + col;
+    let r = silu_mul_grad(vec4<f32>(g[i >> 2u][i & 3u]), vec4<f32>(u[j >> 2u][j & 3u]),
+                          vec4<f32>(dh[e >> 2u][e & 3u]));
+    let o0 = P.o0_off + row * P.ld_out + col;
+    out0[o0 >> 2u][o0 & 3u] = r[0].x;
+    let o1 = P.o1_off + row * P.ld_out + col;
+    if (ONE_OUT) { out0[o1 >> 2u][o1 & 3u] = r[1].x; } else { out1[o1 >> 2u][o1 & 3u] = r[1].x; }
 }

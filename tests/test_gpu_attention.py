@@ -150,3 +150,23 @@ def test_attention_backward_deterministic(ctx):
     o2, lse2 = attention_forward(q, k, v, ctx=ctx)
     np.testing.assert_array_equal(o, o2)
     np.testing.assert_array_equal(lse, lse2)
+
+
+@pytest.mark.parametrize("D", [6, 128])
+def test_attention_single_visible_key_gives_zero_dq(ctx, attention_ds_mode, D):
+    """A query that sees one key has P = 1 and o = v of that key, so dS = dP - delta = 0
+    exactly and its dq row is exactly zero: delta (prep) must sum do . o in the order the
+    score tiles sum do . v.  Rows: the first of each sequence, and batch 0's row 4 after
+    four padded keys."""
+    from gpu_numpy_forms import attention_backward, attention_forward
+
+    B, T = 2, 9
+    q, k, v, do = attention_inputs(23 + D, B, T, 2, 1, D)
+    mask = np.ones((B, T), np.int64)
+    mask[0, :4] = 0
+    o, lse = attention_forward(q, k, v, mask=mask, ctx=ctx)
+    dq, _, _ = attention_backward(q, k, v, o, lse, do, mask=mask, ctx=ctx)
+    for b, t in [(0, 4), (1, 0)]:
+        np.testing.assert_array_equal(o[b, t], np.repeat(v[b, t], 2, axis=0))
+        np.testing.assert_array_equal(dq[b, t], 0.0)
+    assert np.abs(dq[1, 1:]).min() > 0.0

@@ -142,7 +142,8 @@ def test_rope_positions_1d_and_checks(ctx):
 
 # ---- SwiGLU ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (11, 65), (5, 131)])
+# widths not a multiple of 4 take a column a thread, the others (4, 132) a vec4 a thread
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (11, 65), (5, 131), (1, 4), (7, 132)])
 def test_swiglu_forward_backward(ctx, shape):
     from gpu_numpy_forms import swiglu_backward, swiglu_forward
 
@@ -159,6 +160,38 @@ def test_swiglu_forward_backward(ctx, shape):
     assert rel_err(dg, d64 * u64 * s * (1 + g64 * (1 - s))) <= 1e-5
     assert rel_err(du, d64 * g64 * s) <= 1e-5
     assert np.all(np.isfinite(dg))
+
+
+@pytest.mark.parametrize("I", [8, 36])
+def test_swiglu_vec4_and_scalar_paths_agree_bitwise(ctx, I):
+    """The gate and up halves of one gu [M, 2I] buffer, dg and du into the halves of one dgu
+    (the split placement's layout).  Starting at element 0 the kernel takes vec4s; the same
+    values one column further in (row stride 2I + 1) take a column a thread; both paths give
+    the same bits."""
+    from qlora_ext.gpu import kernels
+    from qlora_ext.gpu.kernels import Operand
+
+    M = 5
+    g_ = _rng(I)
+    gu = (g_.standard_normal((M, 2 * I)) * 3).astype(np.float32)
+    dh = g_.standard_normal((M, I)).astype(np.float32)
+    got = []
+    for off in (0, 1):
+        ld = 2 * I + off
+        buf = ctx.upload(np.concatenate([np.zeros((M, off), np.float32), gu], axis=1))
+        h, dgu = ctx.zeros((M, ld)), ctx.zeros((M, ld))
+        g_op, u_op = Operand(buf, off, ld), Operand(buf, off + I, ld)
+        kernels.swiglu_forward(ctx, M, I, g_op, u_op, Operand(h, off, ld))
+        kernels.swiglu_backward(ctx, M, I, g_op, u_op, ctx.upload(dh), Operand(dgu, off, ld),
+                                Operand(dgu, off + I, ld))
+        got.append((ctx.to_numpy(h)[:, off:], ctx.to_numpy(dgu)[:, off:]))
+    g64, u64, d64 = gu[:, :I].astype(np.float64), gu[:, I:].astype(np.float64), dh.astype(np.float64)
+    s = 1.0 / (1.0 + np.exp(-g64))
+    assert rel_err(got[0][0][:, :I], g64 * s * u64) <= 1e-5
+    assert rel_err(got[0][1][:, :I], d64 * u64 * s * (1 + g64 * (1 - s))) <= 1e-5
+    assert rel_err(got[0][1][:, I:], d64 * g64 * s) <= 1e-5
+    np.testing.assert_array_equal(got[0][0][:, :I], got[1][0][:, :I])
+    np.testing.assert_array_equal(got[0][1], got[1][1])
 
 
 # ---- embedding and residual -----------------------------------------------------------------

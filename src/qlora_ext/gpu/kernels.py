@@ -323,12 +323,14 @@ def _swiglu(ctx, entry: str, M: int, I: int, g: Operand, u: Operand, out0: Opera
     one_out = out1 is None or _raw(out1.buf) is _raw(out0.buf)
     o1 = ctx.dummy(1) if out1 is None else _raw(out1.buf)
     du_off = 0 if out1 is None else out1.off
-    pipe = ctx.pipeline("swiglu", entry, "urrwwr", overrides={"WG": _EW_WG, "ONE_OUT": one_out})
+    vec = all(x % 4 == 0 for x in (I, ld_in, ld_out, g.off, u.off, out0.off, du_off))   # dh: from 0
+    pipe = ctx.pipeline("swiglu", entry, "urrwwr", overrides={"WG": _EW_WG, "ONE_OUT": one_out, "VEC": vec})
+    cols = -(-I // 4) if vec else I
     for r0, rows in _row_blocks(ctx, M):
         par = ctx.uniform("9I", rows, I, ld_in, g.off + r0 * ld_in, u.off + r0 * ld_in, ld_out,
                           out0.off + r0 * ld_out, du_off + r0 * ld_out, r0 * I)
         ctx.dispatch(pipe, [par, _raw(g.buf), _raw(u.buf), _raw(out0.buf), ctx.dummy(1) if one_out else o1,
-                            _raw(g.buf) if dh is None else _raw(dh)], ((I + _EW_WG - 1) // _EW_WG, rows))
+                            _raw(g.buf) if dh is None else _raw(dh)], ((cols + _EW_WG - 1) // _EW_WG, rows))
 
 
 def swiglu_forward(ctx, M: int, I: int, g: Operand, u: Operand, h: Operand) -> None:
