@@ -99,33 +99,15 @@ fn write_rows(acc: ptr<function, Acc>, which: u32, b: u32, h: u32, nh: u32, r0: 
 }
 
 // delta[b, h, t] = sum_d do[b,t,h,d] * o[b,t,h,d]; o is bound at out0.  PREP_ROWS rows per
-// workgroup, PL lanes a row.  Lane 0 of a row sums with one fma per dimension in order
-// d = 0, 1, ..., as scores() sums do . v: where o equals a single v (one visible key),
-// dP - delta is exactly 0, as it is mathematically.  The rows come in chunks of PL vec4s:
-// each lane fetches one vec4 of do and of o of the next chunk (a warp reads runs of PL
-// vec4s) before lane 0 sums the staged one.  grid_2d over ceil(B*Hq*T / PREP_ROWS)
-// workgroups; r = (b * Hq + h) * T + t.
-const PL: u32 = min(4u, NT);
+// workgroup, PL lanes a row: the lanes stage the row's do and o vec4s (consecutive lanes read
+// consecutive vec4s), then lane 0 sums them with one fma per dimension in order d = 0, 1, ...,
+// as scores() sums do . v: where o equals a single v (one visible key), dP - delta is
+// exactly 0, as it is mathematically.  grid_2d over ceil(B*Hq*T / PREP_ROWS) workgroups;
+// r = (b * Hq + h) * T + t.
+const PL: u32 = min(32u, NT);
 const PREP_ROWS: u32 = NT / PL;
-var<workgroup> do_s: array<vec4<f32>, NT>;   // [PREP_ROWS][PL]
-var<workgroup> o_s: array<vec4<f32>, NT>;
-
-// vec4 c4 of row (b, t, h) of do and of o (out0), zero past D
-fn prep_pair(b: u32, t: u32, h: u32, c4: u32) -> array<vec4<f32>, 2> {
-    var x = vec4<f32>(0.0);
-    var y = vec4<f32>(0.0);
-    if (c4 < DP4) {
-        x = fetch4(SRC_DO, b, t, h, c4);
-        let base = ((b * p.t + t) * p.hq + h) * HEAD_DIM;
-        for (var u = 0u; u < 4u; u = u + 1u) {
-            let d = c4 * 4u + u;
-            if (d < HEAD_DIM) {
-                y[u] = out0[base + d];
-            }
-        }
-    }
-    return array<vec4<f32>, 2>(x, y);
-}
+var<workgroup> do_s: array<vec4<f32>, PREP_ROWS * DP4>;
+var<workgroup> o_s: array<vec4<f32>, PREP_ROWS * DP4>;
 
 @compute @workgroup_size(NT)
 fn prep(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -138,30 +120,30 @@ fn prep(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let bh = r / p.t;
     let h = bh % p.hq;
     let b = bh / p.hq;
-    var pre = array<vec4<f32>, 2>(vec4<f32>(0.0), vec4<f32>(0.0));
+    let base = ((b * p.t + t) * p.hq + h) * HEAD_DIM;
     if (ok) {
-        pre = prep_pair(b, t, h, lane);
-    }
-    var s = 0.0;
-    for (var c0 = 0u; c0 < DP4; c0 = c0 + PL) {
-        workgroupBarrier();
-        do_s[li] = pre[0];
-        o_s[li] = pre[1];
-        workgroupBarrier();
-        if (ok && c0 + PL < DP4) {
-            pre = prep_pair(b, t, h, c0 + PL + lane);
-        }
-        if (lane == 0u) {
-            for (var c = 0u; c < PL; c = c + 1u) {
-                let x = do_s[li + c];
-                let y = o_s[li + c];
-                for (var u = 0u; u < 4u; u = u + 1u) {
-                    s = fma(x[u], y[u], s);
+        for (var c4 = lane; c4 < DP4; c4 = c4 + PL) {
+            var y = vec4<f32>(0.0);
+            for (var u = 0u; u < 4u; u = u + 1u) {
+                let d = c4 * 4u + u;
+                if (d < HEAD_DIM) {
+                    y[u] = out0[base + d];
                 }
             }
+            do_s[slot * DP4 + c4] = fetch4(SRC_DO, b, t, h, c4);
+            o_s[slot * DP4 + c4] = y;
         }
     }
+    workgroupBarrier();
     if (ok && lane == 0u) {
+        var s = 0.0;
+        for (var c4 = 0u; c4 < DP4; c4 = c4 + 1u) {
+            let x = do_s[slot * DP4 + c4];
+            let y = o_s[slot * DP4 + c4];
+            for (var u = 0u; u < 4u; u = u + 1u) {
+                s = fma(x[u], y[u], s);
+            }
+        }
         delta[r] = s;
     }
 }
