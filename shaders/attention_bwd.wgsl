@@ -104,7 +104,7 @@ fn write_rows(acc: ptr<function, Acc>, which: u32, b: u32, h: u32, nh: u32, r0: 
 // as scores() sums do . v: where o equals a single v (one visible key), dP - delta is
 // exactly 0, as it is mathematically.  grid_2d over ceil(B*Hq*T / PREP_ROWS) workgroups;
 // r = (b * Hq + h) * T + t.
-const PL: u32 = min(32u, NT);
+const PL: u32 = NT / max(1u, min(NT, 512u / DP4));
 const PREP_ROWS: u32 = NT / PL;
 var<workgroup> do_s: array<vec4<f32>, PREP_ROWS * DP4>;
 var<workgroup> o_s: array<vec4<f32>, PREP_ROWS * DP4>;
