@@ -49,6 +49,7 @@ override B_VEC: bool = false;
 override C_VEC: bool = false;
 override LORA: u32 = 0u;
 override ACCUM: bool = false;
+override GROUP_M: u32 = 0u;     // 0: workgroup (x, y) takes C tile (n, m) = (x, y); else tile_of()
 
 override BM: u32 = WGY * TM;
 override BN: u32 = WGX * TN;
@@ -120,14 +121,30 @@ fn ksteps8(acc: ptr<function, array<vec4<f32>, 32>>, ai: u32, bi: u32, sa: u32, 
     outer(acc, &fa, &fb);
 }
 
+// The C tile of workgroup wid: (M tile, N tile) = (wid.y, wid.x); with GROUP_M > 0 the
+// workgroups in launch order (x fastest) walk runs of GROUP_M M tiles down each N tile
+// column, so that the workgroups in flight share the B tiles they read (a grid many N tiles
+// wide, the LM head's logits, otherwise streams all of B once per M tile).
+fn tile_of(wid: vec3<u32>, nwg: vec3<u32>) -> vec2<u32> {
+    if (GROUP_M == 0u) {
+        return vec2<u32>(wid.y, wid.x);
+    }
+    let lin = wid.y * nwg.x + wid.x;
+    let span = GROUP_M * nwg.x;
+    let first = (lin / span) * GROUP_M;
+    let gm = min(nwg.y - first, GROUP_M);
+    return vec2<u32>(first + (lin % span) % gm, (lin % span) / gm);
+}
+
 @compute @workgroup_size(WGX, WGY)
-fn main(@builtin(workgroup_id) wid: vec3<u32>,
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_id) lid: vec3<u32>,
         @builtin(local_invocation_index) li: u32) {
     let tx = lid.x;
     let ty = lid.y;
-    let m0 = wid.y * BM;
-    let n0 = wid.x * BN;
+    let tile = tile_of(wid, nwg);
+    let m0 = tile.x * BM;
+    let n0 = tile.y * BN;
     let M = P.M;
     let N = P.N;
     let K = P.K;

@@ -368,3 +368,24 @@ def test_gemm_f32_unrolled_needs_bk_8_or_16(ctx):
     with pytest.raises(ValueError, match="BK 8 or 16"):
         Kk.gemm(ctx, 4, 4, 4, Operand(t), Operand(t), Operand(ctx.empty((4, 4))), b_t=True,
                 tiles=Kk.GemmTiles(8, 8, 4, 4, 24))
+
+
+@pytest.mark.parametrize("b_t", [True, False])
+def test_gemm_f32_wide_grid_grouped_order(ctx, b_t):
+    """A grid at least kernels.WIDE_GRID N tiles wide takes its C tiles in runs of GROUP_M M
+    tiles (gemm_f32.wgsl's tile_of): 18 M tiles (a full run and a short one) by 513 N tiles,
+    every tile written once, against float64."""
+    from qlora_ext.gpu import kernels as Kk
+    from qlora_ext.gpu.kernels import Operand
+
+    tiles = Kk.GemmTiles(8, 8, 4, 4, 8).check(ctx)
+    M, N, K = (Kk.GROUP_M + 1) * tiles.bm + 3, (Kk.WIDE_GRID + 1) * tiles.bn - 5, 3
+    g = np.random.default_rng(7)
+    A = g.standard_normal((M, K)).astype(np.float32)
+    B = g.standard_normal((N, K) if b_t else (K, N)).astype(np.float32)
+    c = ctx.upload(np.full((M, N), np.nan, np.float32))
+    Kk.gemm(ctx, M, N, K, Operand(ctx.upload(A)), Operand(ctx.upload(B)), Operand(c), b_t=b_t, tiles=tiles)
+    ref = A.astype(np.float64) @ (B.T if b_t else B).astype(np.float64)
+    got = ctx.to_numpy(c).reshape(M, N)
+    assert np.isfinite(got).all()
+    assert rel(got, ref) <= 2e-6

@@ -209,7 +209,7 @@ def test_lm_head_dhidden_split_k_through_scratch(ctx, room):
 
     own = GpuContext(ctx.adapter)
     ch = kernels.step_gemm_tiles(own)
-    for t in (ch.F32_BIG, ch.F32_BIG_BT, ch.F32_THIN, ch.F32_SPLIT):
+    for t in (ch.F32_64, ch.F32_128, ch.F32_THIN, ch.F32_SPLIT):
         try:
             t.check(own)
         except ValueError as e:

@@ -18,8 +18,8 @@ def test_step_gemm_tiles_choice(ctx, monkeypatch):
     if ctx.info["software"]:
         assert not ch.own and ch(4096, 1024) == ch.fallback(4096, 1024)
     ch.own = True   # the rule itself, as on a real GPU
-    assert ch(2048, 151936, 1024, False, True) == StepGemmTiles.F32_BIG_BT   # logits (x · Wᵀ)
-    assert ch(2048, 151936, 1024, False) == StepGemmTiles.F32_BIG        # B stored [K, N]
+    assert ch(2048, 151936, 1024, False, True) == StepGemmTiles.F32_128   # logits (x · Wᵀ)
+    assert ch(2048, 151936, 1024, False) == StepGemmTiles.F32_64        # B stored [K, N], N wide
     assert ch(1024, 2560, 151936, False) == StepGemmTiles.F32_THIN  # 4B dhidden: 160 groups
     assert ch(2048, 1024, 151936, False) == StepGemmTiles.F32_THIN  # 0.6B dhidden: 128 groups
     assert ch(2048, 1024, 151936, True) == StepGemmTiles.SMALL
@@ -29,9 +29,14 @@ def test_step_gemm_tiles_choice(ctx, monkeypatch):
         assert ch(M, N, 576, True) == StepGemmTiles.SMALL
     for M, N in ((4096, 1024), (4096, 9728), (4096, 2560), (1600, 2048)):
         assert ch(M, N, 1024, True) == StepGemmTiles.BIG, (M, N)
-        assert ch(M, N, 1024, False) == StepGemmTiles.F32_BIG, (M, N)
-        assert ch(M, N, 1024, False, True) == StepGemmTiles.F32_BIG_BT, (M, N)
+        assert ch(M, N, 1024, False, True) == StepGemmTiles.F32_128, (M, N)
         assert ch(M, N, 1024, True, True) == StepGemmTiles.BIG, (M, N)
+    # dx = dy · W (B stored [K, N]): 128 x 128 up to K 3072 and N 4096 (Qwen3-0.6B's dx
+    # shapes, 4B's o.dx and k.dx), 64 x 128 past either (4B's q, gate and down dx)
+    for N, K in ((1024, 2048), (1024, 1024), (2048, 1024), (1024, 3072), (3072, 1024), (4096, 2560), (2560, 1024)):
+        assert ch(4096, N, K, False) == StepGemmTiles.F32_128, (N, K)
+    for N, K in ((2560, 4096), (2560, 9728), (9728, 2560), (4097, 1024), (1024, 3073)):
+        assert ch(4096, N, K, False) == StepGemmTiles.F32_64, (N, K)
     monkeypatch.setattr(ctx, "tuning", dataclasses.replace(ctx.tuning, gemm_tiles=(8, 8, 4, 4, 8)))
     assert not StepGemmTiles(ctx).own                             # benchmarks' override wins
 

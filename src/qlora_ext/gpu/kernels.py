@@ -125,9 +125,11 @@ class StepGemmTiles:
     fp32 B (shaders/gemm_f32.wgsl: the dequantized projections and the LM head), from the same
     script (bench/results/h200_gemm_f32_sweep2.json):
     - B stored [K, N] (dx = dy · W): 64 x 128 tiles of 128 threads, 8 x 8 per thread, BK 8, k
-      loop written out (16,8,8,8,8): 32.1-33.9 TFLOP/s. 128 x 128 tiles ran 0.5-1.0 faster at
-      the 0.6B dx shapes and up to 4.7 slower at the 4B ones (o.dx: 0.7 faster), BK 16 slower
-      everywhere (bench/results/h200_s1204c_gemm_coalesced_*.json).
+      loop written out (16,8,8,8,8): 32.1-33.9 TFLOP/s; BK 16 slower everywhere.  Where K <=
+      DX_WIDE_K and N <= DX_WIDE_N, 128 x 128 tiles of 256 threads (16,16,8,8,8): 2-5% faster
+      at every Qwen3-0.6B dx shape (K, N of 1024-3072), and at the 4B o.dx (N 4096, K 2560);
+      4-13% slower at the 4B dx shapes with K 4096 or 9728 or N 9728, a tie at N 2560, K 1024
+      (bench/results/h200_s1204c_gemm_coalesced_*.json, h200_s1204g_gemm_tiles.json).
     - B stored [N, K] (x · Wᵀ, the logits): 128 x 128 tiles of 256 threads (16,16,8,8,8):
       31.8-34.4 TFLOP/s against 29.4-31.2 for 64 x 128, the best at every shape.
     - grids of fewer than THIN_GRID 128 x 128 tiles (dhidden: K = vocab): 64 x 128 tiles with
@@ -144,9 +146,11 @@ class StepGemmTiles:
 
     BIG = GemmTiles(16, 16, 8, 8, 16)
     SMALL = GemmTiles(16, 16, 4, 8, 8)
-    F32_BIG = GemmTiles(16, 8, 8, 8, 8)
-    F32_BIG_BT = GemmTiles(16, 16, 8, 8, 8)
+    F32_64 = GemmTiles(16, 8, 8, 8, 8)
+    F32_128 = GemmTiles(16, 16, 8, 8, 8)
     F32_THIN = GemmTiles(16, 8, 8, 8, 16, splits=4)
+    DX_WIDE_K = 3072
+    DX_WIDE_N = 4096
     F32_SPLIT = GemmTiles(16, 8, 8, 8, 8)
     THIN_GRID = 200
     SPLIT_GRID = 256
@@ -157,7 +161,7 @@ class StepGemmTiles:
         own = not ctx.software and not ctx.tuning.gemm_overridden
         if own:
             try:
-                for t in (self.BIG, self.SMALL, self.F32_BIG, self.F32_BIG_BT, self.F32_THIN):
+                for t in (self.BIG, self.SMALL, self.F32_64, self.F32_128, self.F32_THIN):
                     t.check(ctx)
             except ValueError:
                 own = False
@@ -170,7 +174,8 @@ class StepGemmTiles:
         if nf4:
             return self.SMALL if thin else self.BIG
         if not thin:
-            return self.F32_BIG_BT if b_t else self.F32_BIG
+            wide = b_t or (K <= self.DX_WIDE_K and N <= self.DX_WIDE_N)
+            return self.F32_128 if wide else self.F32_64
         grid = -(-M // self.F32_SPLIT.bm) * -(-N // self.F32_SPLIT.bn)
         if grid >= self.SPLIT_GRID:
             return self.F32_THIN
@@ -268,6 +273,13 @@ def gemm(ctx, M: int, N: int, K: int, a: Operand, b, c: Operand, b_t: bool, lora
 
 
 GEMM_F32_KINDS = "urrrrw"
+# gemm_f32.wgsl's workgroup order for grids at least WIDE_GRID N tiles wide (the LM head's
+# logits: N = vocab): runs of GROUP_M M tiles down each N tile column, so that the workgroups
+# in flight share B's tiles.  On an H200 the Qwen3-0.6B logits (2048 x 151936 x 1024) ran
+# 34.2 -> 35.1 TFLOP/s; the projections' grids (at most 76 N tiles) ran up to 4% slower with
+# it (BENCHMARKS.md), so they keep the plain order.
+WIDE_GRID = 512
+GROUP_M = 16
 # The most split-K partials a GEMM without its own scratch keeps in the context's (16 MiB):
 # StepGemmTiles' K splits of small grids need at most 2·SPLIT_GRID 64 x 128 tiles of them.
 SPLIT_SCRATCH_FLOATS = 2 * StepGemmTiles.SPLIT_GRID * 64 * 128
@@ -289,7 +301,7 @@ def _gemm_f32(ctx, M, N, K, a, b, c, b_t, lda, ldc, a_vec, mode, lfields, bufs_l
     tps = -(-ntiles // splits)
     splits = -(-ntiles // tps)
     base = dict(tiles.constants(), UNROLL=bool(tiles.unroll), B_T=bool(b_t), A_VEC=a_vec, B_VEC=bool(b_vec),
-                LORA=mode)
+                LORA=mode, GROUP_M=GROUP_M if grid[0] >= WIDE_GRID else 0)
     c_vec = c.off % 4 == 0 and ldc % 4 == 0 and N % 4 == 0
     ab = [_raw(a.buf), _raw(b.buf)] + bufs_l
     if splits == 1:
