@@ -43,48 +43,62 @@ fn silu_mul_grad(gv: vec4<f32>, uv: vec4<f32>, d: vec4<f32>) -> array<vec4<f32>,
     return array<vec4<f32>, 2>(d * uv * sig * (1.0 + gv * (1.0 - sig)), d * gv * sig);
 }
 
+// Element indices of (row, col) in g, u, dh and the two outputs
+struct At { g: u32, u: u32, dh: u32, o0: u32, o1: u32 }
+
+fn at(row: u32, col: u32) -> At {
+    return At(P.g_off + row * P.ld_in + col, P.u_off + row * P.ld_in + col, P.dh_off + row * P.I + col,
+              P.o0_off + row * P.ld_out + col, P.o1_off + row * P.ld_out + col);
+}
+
+// The value(s) at element i: with VEC the vec4 from i (a multiple of 4), else element i in
+// every lane (the arithmetic runs on lane x only).  WGSL cannot pass a binding to a function,
+// hence one reader per binding.
+fn g4(i: u32) -> vec4<f32> {
+    if (VEC) { return g[i >> 2u]; }
+    return vec4<f32>(g[i >> 2u][i & 3u]);
+}
+
+fn u4(i: u32) -> vec4<f32> {
+    if (VEC) { return u[i >> 2u]; }
+    return vec4<f32>(u[i >> 2u][i & 3u]);
+}
+
+fn dh4(i: u32) -> vec4<f32> {
+    if (VEC) { return dh[i >> 2u]; }
+    return vec4<f32>(dh[i >> 2u][i & 3u]);
+}
+
+fn put0(i: u32, v: vec4<f32>) {
+    if (VEC) { out0[i >> 2u] = v; } else { out0[i >> 2u][i & 3u] = v.x; }
+}
+
+fn put1(i: u32, v: vec4<f32>) {
+    if (ONE_OUT) {
+        put0(i, v);
+    } else if (VEC) {
+        out1[i >> 2u] = v;
+    } else {
+        out1[i >> 2u][i & 3u] = v.x;
+    }
+}
+
 @compute @workgroup_size(WG)
 fn forward(@builtin(global_invocation_id) gid: vec3<u32>) {
     let row = gid.y;
-    if (VEC) {
-        let col = gid.x * 4u;
-        if (col >= P.I || row >= P.M) { return; }
-        let i = P.g_off + row * P.ld_in + col;
-        let j = P.u_off + row * P.ld_in + col;
-        out0[(P.o0_off + row * P.ld_out + col) >> 2u] = silu_mul(g[i >> 2u], u[j >> 2u]);
-        return;
-    }
-    let col = gid.x;
+    let col = select(gid.x, gid.x * 4u, VEC);
     if (col >= P.I || row >= P.M) { return; }
-    let i = P.g_off + row * P.ld_in + col;
-    let j = P.u_off + row * P.ld_in + col;
-    let o = P.o0_off + row * P.ld_out + col;
-    out0[o >> 2u][o & 3u] = silu_mul(vec4<f32>(g[i >> 2u][i & 3u]), vec4<f32>(u[j >> 2u][j & 3u])).x;
+    let e = at(row, col);
+    put0(e.o0, silu_mul(g4(e.g), u4(e.u)));
 }
 
 @compute @workgroup_size(WG)
 fn backward(@builtin(global_invocation_id) gid: vec3<u32>) {
     let row = gid.y;
-    if (VEC) {
-        let col = gid.x * 4u;
-        if (col >= P.I || row >= P.M) { return; }
-        let i = P.g_off + row * P.ld_in + col;
-        let j = P.u_off + row * P.ld_in + col;
-        let r = silu_mul_grad(g[i >> 2u], u[j >> 2u], dh[(P.dh_off + row * P.I + col) >> 2u]);
-        out0[(P.o0_off + row * P.ld_out + col) >> 2u] = r[0];
-        let o1 = (P.o1_off + row * P.ld_out + col) >> 2u;
-        if (ONE_OUT) { out0[o1] = r[1]; } else { out1[o1] = r[1]; }
-        return;
-    }
-    let col = gid.x;
+    let col = select(gid.x, gid.x * 4u, VEC);
     if (col >= P.I || row >= P.M) { return; }
-    let i = P.g_off + row * P.ld_in + col;
-    let j = P.u_off + row * P.ld_in + col;
-    let e = P.dh_off + row * P.I + col;
-    let r = silu_mul_grad(vec4<f32>(g[i >> 2u][i & 3u]), vec4<f32>(u[j >> 2u][j & 3u]),
-                          vec4<f32>(dh[e >> 2u][e & 3u]));
-    let o0 = P.o0_off + row * P.ld_out + col;
-    out0[o0 >> 2u][o0 & 3u] = r[0].x;
-    let o1 = P.o1_off + row * P.ld_out + col;
-    if (ONE_OUT) { out0[o1 >> 2u][o1 & 3u] = r[1].x; } else { out1[o1 >> 2u][o1 & 3u] = r[1].x; }
+    let e = at(row, col);
+    let r = silu_mul_grad(g4(e.g), u4(e.u), dh4(e.dh));
+    put0(e.o0, r[0]);
+    put1(e.o1, r[1]);
 }
