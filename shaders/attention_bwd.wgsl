@@ -103,7 +103,8 @@ fn write_rows(acc: ptr<function, Acc>, which: u32, b: u32, h: u32, nh: u32, r0: 
 // consecutive vec4s), then lane 0 sums them with one fma per dimension in order d = 0, 1, ...,
 // as scores() sums do . v: where o equals a single v (one visible key), dP - delta is
 // exactly 0, as it is mathematically.  grid_2d over ceil(B*Hq*T / PREP_ROWS) workgroups;
-// r = (b * Hq + h) * T + t.
+// r = (b * Hq + h) * T + t.  PREP_ROWS fills 16 KiB of staging (512 vec4s: 16 rows at D 128);
+// more rows a workgroup means more of the lane-0 sums at once.
 const PL: u32 = NT / max(1u, min(NT, 512u / DP4));
 const PREP_ROWS: u32 = NT / PL;
 var<workgroup> do_s: array<vec4<f32>, PREP_ROWS * DP4>;
