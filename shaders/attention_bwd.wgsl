@@ -1,6 +1,6 @@
 // Causal GQA flash attention, backward (the gpu placement), register-tiled like
-// attention_fwd (same prepended consts: HEAD_DIM, BR, BC, TM, TN, DK4, VK, TILE_V4),
-// recomputing probabilities from the forward's lse; the T x T matrix never exists.
+// attention_fwd (same prepended consts: HEAD_DIM, BR, BC, TM, TN, DK4, VK, TILE_V4; PREP_LANES
+// for `prep`), recomputing probabilities from the forward's lse; the T x T matrix never exists.
 //   q, o, do, dq: [B, T, Hq, D]; k, v, dk, dv: [B, T, Hkv, D]; lse, delta: [B, Hq, T];
 //   mask: [B, T] u32 (1 = attend), read only when has_mask = 1; starts: [B, T] i32 (packed
 //   documents: each position's document start), read only when SEGMENTS = 1.
@@ -103,9 +103,9 @@ fn write_rows(acc: ptr<function, Acc>, which: u32, b: u32, h: u32, nh: u32, r0: 
 // consecutive vec4s), then lane 0 sums them with one fma per dimension in order d = 0, 1, ...,
 // as scores() sums do . v: where o equals a single v (one visible key), dP - delta is
 // exactly 0, as it is mathematically.  grid_2d over ceil(B*Hq*T / PREP_ROWS) workgroups;
-// r = (b * Hq + h) * T + t.  PREP_ROWS fills 16 KiB of staging (512 vec4s: 16 rows at D 128);
-// more rows a workgroup means more of the lane-0 sums at once.
-const PL: u32 = NT / max(1u, min(NT, 512u / DP4));
+// r = (b * Hq + h) * T + t.  PL = PREP_LANES, prepended by the host (attention.py's
+// _prep_lanes: 16 rows a workgroup at D 128).
+const PL: u32 = PREP_LANES;
 const PREP_ROWS: u32 = NT / PL;
 var<workgroup> do_s: array<vec4<f32>, PREP_ROWS * DP4>;
 var<workgroup> o_s: array<vec4<f32>, PREP_ROWS * DP4>;

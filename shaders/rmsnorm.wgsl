@@ -109,7 +109,9 @@ fn store_at(base: u32, u: u32, units: u32, v: vec4<f32>) {
 }
 
 // Stores the outputs v of units u, u + TPR, ..., u + 7 TPR.  The callers form all 8 first
-// (their loads in flight together), then store.
+// (their loads in flight together), then store.  forward and backward spell out their own
+// 8-unit sums and outputs: a helper shared by both would use dy (binding 5) statically, and
+// the forward's pipeline has no dy.
 fn store8(base: u32, u: u32, units: u32, v: array<vec4<f32>, 8>) {
     let T = TPR;
     store_at(base, u, units, v[0]);

@@ -162,8 +162,8 @@ def test_upload_checks_a_hand_built_nf4_blocksize(ctx, blocksize):
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_nf4_dequant_bit_equal_to_cpu(ctx, shape, blocksize, double_quant):
     """The NF4 dequant shader gives the CPU dequantizer's floats bit for bit (odd element
-    counts: a half-used last byte and word, a packed length not a multiple of 4; blocks that
-    end inside a word), and leaves the rest of a longer scratch as it was."""
+    counts: a half-used last byte and word, a packed length not a multiple of 4; a last block
+    shorter than the others), and leaves the rest of a longer scratch as it was."""
     from qlora_ext.gpu.bindings.weights import WeightScratch, upload_weight
     from qlora_ext.nf4 import dequantize_nf4, quantize_nf4
 

@@ -45,8 +45,16 @@ def _tiling(ctx: GpuContext, D: int, br: int, bc: int, tm: int, tn: int, dk4: in
         nbytes = 16 * (tile_v4 + br * (bc // 4 + 1)) + 4 * br * nx
         if nbytes <= mem:
             return {"HEAD_DIM": D, "BR": br, "BC": bc, "TM": tm, "TN": tn, "DK4": cand,
-                    "VK": vk, "TILE_V4": tile_v4}
+                    "VK": vk, "TILE_V4": tile_v4, "PREP_LANES": _prep_lanes(nx * ny, dp4, mem)}
     return None
+
+
+def _prep_lanes(nt: int, dp4: int, mem: int) -> int:
+    """Lanes a row of attention_bwd.wgsl's `prep` (its rows a workgroup: nt // lanes): as many
+    rows as keep the do and o staging ([rows][DP4] vec4s each) within 16 KiB and the adapter's
+    workgroup memory; more rows a workgroup, more of the lane-0 sums at once."""
+    rows = max(1, min(nt, 512 // dp4, mem // (32 * dp4)))
+    return -(-nt // rows)
 
 
 def _consts(ctx: GpuContext, D: int):
@@ -165,8 +173,9 @@ def attention_backward_gpu(ctx: GpuContext, q: GpuTensor, k: GpuTensor, v: GpuTe
         return ctx.pipeline("attention_bwd", entry, kinds, consts=c)
 
     rowblocks = (T + br - 1) // br
+    prep_rows = nt // c["PREP_LANES"]
     ctx.dispatch(pipe("prep"), [par, q, k, v, m, st, do, lse, delta, o, dq, ds],
-                 grid_2d(-(-B * Hq * T // (nt // min(32, nt)))))   # min(32, NT) lanes a row
+                 grid_2d(-(-B * Hq * T // prep_rows)))
     if not n_ds:
         ctx.dispatch(pipe("dq"), [par, q, k, v, m, st, do, lse, delta, dq, dk, ds], (rowblocks, Hq, B))
     if not split:
